@@ -1,0 +1,188 @@
+"""The ``wysiwyc`` command line: parse → load config → call one stage function → print its summary.
+
+Heavy modules (torch, boto3, pycocotools) are imported inside the commands, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="wysiwyc: train Explainers for frozen image classifiers and run them over image corpora.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+ingest_app = typer.Typer(help="Read a data source into WebDataset shards + manifest (local dir or s3://).",
+                         no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+
+class OnError(str, Enum):
+    skip = "skip"
+    fail = "fail"
+
+
+ConfigOpt = Annotated[Optional[str], typer.Option("-c", "--config", help="YAML config file (see configs/).")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. data.image_size=64.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")]
+OutOpt = Annotated[str, typer.Option("--out", help="Output prefix: a local directory or s3://bucket/prefix.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Split name (shards are SPLIT-000000.tar).")]
+ShardSizeOpt = Annotated[Optional[int], typer.Option("--shard-size", help="Samples per shard (default 1000).")]
+OnErrorOpt = Annotated[Optional[OnError], typer.Option(
+    "--on-error", help="skip: record bad inputs in the manifest and go on; fail: stop, publish nothing.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a split that the output already holds.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Encoding processes (default: all cores).")]
+
+
+def _print_summary(title: str, summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, default=str))
+        return
+    print(title)
+    width = max(len(k) for k in summary) if summary else 0
+    for key, value in summary.items():
+        if value is None or value == [] or value == {}:
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(f"  {key.ljust(width)}  {value}")
+
+
+def _run(title: str, as_json: bool, stage: Callable[[], dict]) -> None:
+    """Run a stage; print its summary, or a clear error and exit non-zero."""
+    from pipeline.errors import WysiwycError
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = stage()
+    except WysiwycError as exc:
+        from pipeline.storage import redact
+
+        message = redact(str(exc))
+        if as_json:
+            print(json.dumps({"error": message}))
+        print(f"error: {message}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    _print_summary(title, summary, as_json)
+
+
+def _load(config: str | None, overrides: list[str] | None, **flags):
+    """The config from ``-c`` and overrides, with explicit command-line flags applied last."""
+    from pipeline.config import load_config
+
+    extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    return load_config(config, list(overrides or []) + extra)
+
+
+def _ingest(kind: str, make_reader, split: str, out: str, config, overrides, shard_size, on_error,
+            overwrite, workers, as_json) -> None:
+    def stage() -> dict:
+        from pipeline.data.ingest import ingest
+
+        cfg = _load(config, overrides, **{
+            "ingest.shard_size": shard_size, "ingest.on_error": on_error.value if on_error else None,
+            "ingest.overwrite": True if overwrite else None, "ingest.workers": workers})
+        opts = cfg.storage.options()
+        return ingest(make_reader(cfg, opts), out, split, cfg.ingest, opts, progress=True)
+
+    _run(f"ingest {kind}: done", as_json, stage)
+
+
+@ingest_app.command("voc")
+def ingest_voc(
+    source: Annotated[str, typer.Option("--source", help="VOCdevkit/VOC2007 folder or its parent.")],
+    split: SplitOpt, out: OutOpt,
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class list (default: the 20 VOC classes).")] = None,
+    difficult: Annotated[bool, typer.Option("--difficult/--no-difficult", help="Count difficult objects as labels.")] = True,
+    shard_size: ShardSizeOpt = None, on_error: OnErrorOpt = None, overwrite: OverwriteOpt = False,
+    workers: WorkersOpt = None, config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+) -> None:
+    """PASCAL VOC (2007 layout): JPEGs, XML labels, SegmentationClass PNGs when present."""
+    def make_reader(cfg, opts):
+        from pipeline.data.voc import VOCReader
+
+        names = [c.strip() for c in classes.split(",")] if classes else cfg.data.classes
+        return VOCReader(source, split, classes=names, use_difficult=difficult)
+
+    _ingest("voc", make_reader, split, out, config, overrides, shard_size, on_error, overwrite, workers, json_)
+
+
+@ingest_app.command("coco")
+def ingest_coco(
+    annotations: Annotated[str, typer.Option("--annotations", help="COCO instances JSON.")],
+    images: Annotated[str, typer.Option("--images", help="Folder of the images the JSON names.")],
+    split: SplitOpt, out: OutOpt,
+    drop_empty: Annotated[bool, typer.Option(help="Drop images without annotations.")] = False,
+    shard_size: ShardSizeOpt = None, on_error: OnErrorOpt = None, overwrite: OverwriteOpt = False,
+    workers: WorkersOpt = None, config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+) -> None:
+    """MS-COCO instances (2014/2017): labels and rasterised class-index maps (pycocotools)."""
+    def make_reader(cfg, opts):
+        from pipeline.data.coco import COCOReader
+
+        return COCOReader(annotations, images, split, drop_empty=drop_empty)
+
+    _ingest("coco", make_reader, split, out, config, overrides, shard_size, on_error, overwrite, workers, json_)
+
+
+@ingest_app.command("synthetic")
+def ingest_synthetic(
+    num_images: Annotated[int, typer.Option("--num-images", help="How many images.")],
+    seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same images).")],
+    split: SplitOpt, out: OutOpt,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Side in pixels (default data.image_size).")] = None,
+    shard_size: ShardSizeOpt = None, on_error: OnErrorOpt = None, overwrite: OverwriteOpt = False,
+    workers: WorkersOpt = None, config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+) -> None:
+    """Synthetic multi-label shapes on clutter with exact per-pixel ground truth."""
+    def make_reader(cfg, opts):
+        from pipeline.data.synthetic import SyntheticReader
+
+        return SyntheticReader(num_images, seed, split, image_size=image_size or cfg.data.image_size)
+
+    _ingest("synthetic", make_reader, split, out, config, overrides, shard_size, on_error, overwrite, workers,
+            json_)
+
+
+@ingest_app.command("images")
+def ingest_images(
+    source: Annotated[str, typer.Option("--source", help="Prefix of .jpg/.jpeg/.png files (local or s3://).")],
+    out: OutOpt,
+    split: Annotated[str, typer.Option("--split", help="Split name.")] = "images",
+    shard_size: ShardSizeOpt = None, on_error: OnErrorOpt = None, overwrite: OverwriteOpt = False,
+    workers: WorkersOpt = None, config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+) -> None:
+    """Unlabelled images under a prefix (the input of batch attribution)."""
+    def make_reader(cfg, opts):
+        from pipeline.data.images import ImageFolderReader
+
+        return ImageFolderReader(source, opts=opts)
+
+    _ingest("images", make_reader, split, out, config, overrides, shard_size, on_error, overwrite, workers, json_)
+
+
+@app.command()
+def quickstart(
+    workdir: Annotated[str, typer.Option("--workdir", help="Where everything is written.")] = "runs/quickstart",
+    json_: JsonOpt = False,
+) -> None:
+    """The main job on the embedded defaults (no services): synthetic data → shards."""
+    def stage() -> dict:
+        from pipeline.quickstart import run_quickstart
+
+        return run_quickstart(workdir)
+
+    _run("quickstart: done", json_, stage)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Validated configuration: pydantic models loaded from YAML, with dotted ``key.sub=value`` overrides.
+
+One :class:`Config` holds every section; a command uses the sections it needs. Every model forbids
+unknown keys, so a typo is an error that names the key, the file it came from and the accepted keys,
+instead of a silently ignored setting. Secrets (storage keys) are ``SecretStr``: they never appear in
+a dumped config, an error message or an MLflow param.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from pipeline.errors import WysiwycError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """Object storage; every field left empty falls back to the standard ``AWS_*`` environment."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+
+    def options(self):
+        """The :class:`pipeline.storage.S3Options` these settings describe."""
+        from pipeline.storage import S3Options
+
+        def reveal(secret: SecretStr | None) -> str | None:
+            return secret.get_secret_value() if secret is not None else None
+
+        return S3Options(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            access_key_id=reveal(self.access_key_id),
+            secret_access_key=reveal(self.secret_access_key),
+        )
+
+
+class DataConfig(_Section):
+    """Where the shards are and how training reads them."""
+
+    train: str | None = Field(None, description="split prefix (…/train) or manifest URL")
+    val: str | None = None
+    test: str | None = None
+    classes: list[str] | None = None
+    image_size: int = Field(224, gt=0)
+    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    shuffle_buffer: int = Field(1000, ge=0)
+    flip: bool = Field(True, description="random horizontal flip of image and segmentation")
+
+
+class IngestConfig(_Section):
+    """How ``wysiwyc ingest`` writes shards."""
+
+    shard_size: int = Field(1000, gt=0, description="samples per shard at most")
+    shard_max_bytes: int = Field(256 * 2**20, gt=0, description="bytes per shard at most")
+    on_error: Literal["skip", "fail"] = "skip"
+    overwrite: bool = False
+    workers: int | None = Field(None, ge=1, description="encoding processes (default: all cores)")
+
+
+class ExplanandumConfig(_Section):
+    """The frozen classifier being explained."""
+
+    arch: Literal["vgg16", "resnet50", "resnet18", "small_cnn"] = "small_cnn"
+    checkpoint: str | None = None
+    pretrained_backbone: str | None = Field(None, description="path/URL of a torchvision state dict")
+
+
+class ExplainerConfig(_Section):
+    """The segmentation network that produces the masks."""
+
+    arch: Literal["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact"] = "compact"
+    checkpoint: str | None = Field(None, description="checkpoint URI or models:/NAME@alias")
+    backbone_weights: str | None = Field(None, description="torchvision backbone state dict (DeepLab archs)")
+    encoder_from_explanandum: bool = Field(
+        True, description="compact arch: start the encoder from a small_cnn Explanandum's conv blocks")
+
+
+class LossConfig(_Section):
+    """λ weights and area bounds, named as in the paper's code (defaults: VOC, VGG-16)."""
+
+    entropy_regularizer: float = Field(1.0, ge=0)
+    mask_variation_regularizer: float = Field(1.0, ge=0)
+    mask_area_constraint_regularizer: float = Field(1.0, ge=0)
+    mask_total_area_regularizer: float = Field(0.1, ge=0)
+    ncmask_total_area_regularizer: float = Field(0.3, ge=0)
+    class_mask_min_area: float = Field(0.05, ge=0, le=1)
+    class_mask_max_area: float = Field(0.3, ge=0, le=1)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainerConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(16, ge=1, description="per worker")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="mixed precision on GPU (off on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on GPU")
+    patience: int | None = Field(None, ge=1, description="early stopping: epochs without val improvement")
+    min_delta: float = Field(0.0, ge=0, description="early stopping: smallest val-loss improvement")
+    storage: str = Field("runs/checkpoints", description="checkpoint root (local dir or s3://)")
+    run_name: str | None = None
+    seed: int = 0
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite file in the run dir)")
+    experiment: str = "wysiwyc"
+
+
+class Config(_Section):
+    """Every section; commands read the ones they need."""
+
+    data: DataConfig = DataConfig()
+    storage: StorageConfig = StorageConfig()
+    ingest: IngestConfig = IngestConfig()
+    explanandum: ExplanandumConfig = ExplanandumConfig()
+    explainer: ExplainerConfig = ExplainerConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output: str = "runs/output"
+
+
+_SECRET_FIELDS = ("access_key_id", "secret_access_key")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=1e-3"`` → ``(["a", "b"], 0.001)``; the value is read as YAML (lists, numbers, bools)."""
+    if "=" not in text:
+        raise WysiwycError(f"override {text!r} is not of the form key.sub=value (e.g. optim.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise WysiwycError(f"override {text!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-5" as a string; keep numbers numeric
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(ch in value for ch in ".eE") else int(value)
+        except ValueError:
+            pass
+    return path, value
+
+
+def _set_path(tree: dict, path: list[str], value: Any, sources: dict, source: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+    sources[".".join(path)] = source
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _explain(err: dict, sources: dict, default_source: str) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    source = next((sources[k] for k in (dotted, *(".".join(loc[:i]) for i in range(len(loc), 0, -1))) if k in sources),
+                  default_source)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        accepted = ", ".join(parent.model_fields) if parent else "?"
+        where = ".".join(loc[:-1]) or "the top level"
+        return f"{source}: unknown key '{dotted}'; accepted keys under {where}: {accepted}"
+    if err["type"] == "missing":
+        return f"{source}: key '{dotted}' is required but missing"
+    shown = "" if loc[-1] in _SECRET_FIELDS else f" (got {err.get('input')!r})"
+    return f"{source}: key '{dotted}': {err['msg']}{shown}"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                model: type[BaseModel] = Config) -> BaseModel:
+    """Load a YAML config file (optional) and apply dotted overrides, validating everything.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults.
+        overrides: ``key.sub=value`` strings, applied in order after the file.
+        model: the pydantic model to validate against.
+
+    Raises:
+        WysiwycError: naming the key, where it came from (file or command line) and what is accepted.
+    """
+    tree: dict = {}
+    sources: dict[str, str] = {}
+    source = str(path) if path is not None else "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise WysiwycError(f"config file {p} does not exist (see configs/ for the presets)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise WysiwycError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise WysiwycError(f"config file {p} must hold a mapping of sections, not {type(loaded).__name__}")
+        tree = loaded
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        _set_path(tree, key_path, value, sources, f"command-line override {text.split('=', 1)[0]}=…")
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        problems = [_explain(e, sources, source) for e in exc.errors()]
+        raise WysiwycError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML; secrets appear as ``'**********'``."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

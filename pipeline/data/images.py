@@ -1,0 +1,243 @@
+"""Unlabelled images under a prefix (local folder, ``file://`` or ``s3://``), and image verification.
+
+:class:`ImageFolderReader` turns every image under a prefix into a :class:`Sample` with no labels, for
+batch attribution of a corpus. The listing goes through :mod:`pipeline.storage`, so a local folder and
+an object-store prefix behave the same.
+
+:func:`inspect_image` is the one place that decides whether bytes are a usable image; the VOC and
+COCO readers use it too. It decodes the whole image (``Image.load()``), which is what catches a
+truncated JPEG: ``Image.open`` alone reads only the header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipeline.data.classes import resolve_classes
+from pipeline.data.sample import Reader, Sample, safe_key
+from pipeline.errors import InputError, WysiwycError
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+
+# PIL format name → Sample.ext for the formats whose bytes are kept as they are (MPO is a JPEG with
+# extra frames that phones write; its first frame is an ordinary JPEG any decoder reads)
+_KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What :func:`inspect_image` found: the bytes to store, their encoding and the stored pixel size."""
+
+    data: bytes
+    ext: str
+    width: int
+    height: int
+
+
+def inspect_image(data: bytes, source: str) -> ImageInfo:
+    """Decode ``data`` fully and describe it; raise InputError naming ``source`` when it is unusable.
+
+    JPEG and PNG bytes are kept as they are. Any other format PIL reads (a ``.jpg`` that is really a
+    WebP, a BMP …) is re-encoded losslessly as PNG. Width and height are the stored pixel size; an EXIF
+    orientation tag is not applied.
+
+    Args:
+        data: the encoded image.
+        source: the file or URI the bytes came from (for the error message).
+
+    Returns:
+        The bytes to store with their extension and size.
+
+    Raises:
+        InputError: empty, truncated, not an image, or too large to decode safely.
+    """
+    from PIL import Image
+
+    if not data:
+        raise InputError(f"{source}: empty file (0 bytes); re-copy it or remove it")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or ""
+            im.load()  # decodes every pixel: a truncated file fails here, not at open
+            width, height = im.size
+            ext = _KEPT_FORMATS.get(fmt)
+            if ext is None:
+                rgb = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+                buf = io.BytesIO()
+                rgb.save(buf, format="PNG")
+                data, ext = buf.getvalue(), "png"
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{source}: image too large to decode safely ({exc})") from exc
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError … for bad bytes
+        reason = str(exc) or type(exc).__name__
+        if "truncat" in reason.lower():
+            reason = f"truncated file ({reason})"
+        elif isinstance(exc, Image.UnidentifiedImageError):
+            reason = "not an image (PIL cannot identify it)"
+        raise InputError(f"{source}: {reason}; re-copy the file or remove it") from exc
+    if width < 1 or height < 1:
+        raise InputError(f"{source}: image has no pixels ({width}x{height})")
+    return ImageInfo(data=data, ext=ext, width=width, height=height)
+
+
+def _relative(url: str, prefix: str) -> str | None:
+    """The path of ``url`` below ``prefix`` with ``/`` separators, or None when it is not below it."""
+    from pipeline import storage
+
+    if storage.is_s3(url) or storage.is_s3(prefix):
+        base = prefix.rstrip("/")
+        return url[len(base) + 1 :] if url.startswith(base + "/") else None
+    # local: compare filesystem paths (listings spell them differently: ~, ./x, file:// with %20)
+    try:
+        here, root = storage.to_local_path(url), storage.to_local_path(prefix)
+    except WysiwycError:
+        return None
+    rel = os.path.relpath(os.path.abspath(here), os.path.abspath(root))
+    if rel == "." or rel == ".." or rel.startswith(".." + os.sep):
+        return None
+    return rel.replace(os.sep, "/")
+
+
+def _keys_for(rel_paths: Sequence[str]) -> list[str]:
+    """A unique sample key per relative path: ``safe_key(path)``, plus a short hash where two collide."""
+    keys = [safe_key(rel) for rel in rel_paths]
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return [
+        f"{key}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}" if counts[key] > 1 else key
+        for key, rel in zip(keys, rel_paths)
+    ]
+
+
+class ImageFolderReader(Reader):
+    """Every image under a prefix, unlabelled (``labels == []``), for attribution of a corpus.
+
+    Items are the image URLs under ``source_url`` whose names end in one of ``suffixes``
+    (case-insensitive), sorted. The key is ``safe_key`` of the path relative to the prefix
+    (``cats/a.jpg`` → ``cats_a_jpg``); when two paths sanitise to the same key, both get an 8-hex-digit
+    hash of their path appended. The source is the full URI with credentials redacted.
+
+    Args:
+        source_url: a local folder, ``file://`` URL or ``s3://bucket/prefix``.
+        opts: :class:`pipeline.storage.S3Options` for ``s3://`` (None: the ``AWS_*`` environment).
+        suffixes: file name endings to keep.
+        classes: class names recorded with the samples (default: none).
+    """
+
+    name = "images"
+
+    def __init__(
+        self,
+        source_url: str,
+        opts=None,
+        suffixes: Sequence[str] = IMAGE_SUFFIXES,
+        classes: Sequence[str] | None = None,
+    ):
+        from pipeline import storage
+
+        self.source_url = str(source_url)
+        self.opts = opts
+        self.suffixes = tuple(s.lower() if s.startswith(".") else "." + s.lower() for s in suffixes)
+        if not self.suffixes:
+            raise WysiwycError("images: no file suffixes given; pass e.g. suffixes=('.jpg', '.png')")
+        self.classes = [] if classes is None else resolve_classes(classes, [])
+        self.source = storage.redact(self.source_url)
+        self._items: list[tuple[str, str]] | None = None
+
+    def __getstate__(self):
+        # workers get one item per task: do not ship the whole listing with every task
+        state = dict(self.__dict__)
+        state["_items"] = None
+        return state
+
+    def items(self) -> list[tuple[str, str]]:
+        """``(key, url)`` of every image under the prefix, sorted by URL.
+
+        Raises:
+            WysiwycError: the prefix cannot be listed or holds no image.
+        """
+        if self._items is None:
+            self._items = self._list()
+        return list(self._items)
+
+    def _list(self) -> list[tuple[str, str]]:
+        from pipeline import storage
+
+        try:
+            urls = list(storage.list_prefix(self.source_url, self.opts))
+        except WysiwycError:
+            raise
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise WysiwycError(
+                f"images: {self.source} does not exist or is not a folder; check --source"
+            ) from exc
+        found: list[tuple[str, str]] = []
+        others = 0
+        for url in urls:
+            rel = _relative(url, self.source_url)
+            if rel is None:
+                continue
+            if posixpath.basename(rel).lower().endswith(self.suffixes):
+                found.append((rel, url))
+            else:
+                others += 1
+        if not found:
+            what = f"{others} other file(s) but" if others else "nothing:"
+            raise WysiwycError(
+                f"images: {self.source} holds {what} no image ending in {'/'.join(self.suffixes)}; "
+                "check --source (a folder or s3:// prefix of .jpg/.png images)"
+            )
+        found.sort(key=lambda pair: pair[1])
+        keys = _keys_for([rel for rel, _ in found])
+        return [(key, url) for key, (_, url) in zip(keys, found)]
+
+    def describe(self, item) -> tuple[str, str]:
+        from pipeline import storage
+
+        key, url = item
+        return key, storage.redact(url)
+
+    def load(self, item) -> Sample:
+        from pipeline import storage
+
+        key, url = item
+        source = storage.redact(url)
+        try:
+            data = storage.read_bytes(url, self.opts)
+        except InputError:
+            raise
+        except (FileNotFoundError, IsADirectoryError) as exc:  # storage.NotFound is one too
+            raise InputError(f"{source}: gone since the listing, or not a file ({exc})") from exc
+        except WysiwycError:
+            raise  # a configuration problem (credentials, endpoint): every item would fail the same way
+        except PermissionError as exc:
+            raise InputError(f"{source}: cannot read ({exc})") from exc
+        except Exception as exc:
+            if _is_missing_object(exc):
+                raise InputError(f"{source}: object disappeared after listing ({exc})") from exc
+            raise
+        info = inspect_image(data, source)
+        return Sample(
+            key=key,
+            image=info.data,
+            ext=info.ext,
+            labels=[],
+            width=info.width,
+            height=info.height,
+            source=source,
+        )
+
+
+def _is_missing_object(exc: Exception) -> bool:
+    """True for a botocore error that means "no such object" (deleted between listing and reading)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str(response.get("Error", {}).get("Code", ""))
+    return code in {"NoSuchKey", "404", "NotFound"}

@@ -1,0 +1,146 @@
+"""The ingest stage: a reader → WebDataset shards + manifest, encoded in parallel worker processes."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+from tqdm import tqdm
+
+from pipeline import storage
+from pipeline.config import IngestConfig
+from pipeline.data import shards
+from pipeline.data.sample import Reader, Sample, Skipped
+from pipeline.errors import WysiwycError
+
+log = logging.getLogger(__name__)
+
+_worker_reader: Reader | None = None
+
+
+def _init_worker(reader: Reader) -> None:
+    global _worker_reader
+    _worker_reader = reader
+
+
+def _load_chunk(items: list) -> list[Sample | Skipped]:
+    return [_worker_reader.load_or_skip(item) for item in items]
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def load_all(reader: Reader, items: list, workers: int, chunk: int = 16) -> Iterator[Sample | Skipped]:
+    """``reader.load_or_skip`` over ``items`` in order, on ``workers`` processes with bounded look-ahead."""
+    if workers <= 1:
+        for item in items:
+            yield reader.load_or_skip(item)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold boto3 threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(reader,)) as pool:
+        pending: deque = deque()
+        for part in _chunks(items, chunk):
+            pending.append(pool.submit(_load_chunk, part))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None,
+           progress: bool = True) -> dict:
+    """Write ``reader``'s samples as ``{split}-NNNNNN.tar`` shards + ``{split}.manifest.json`` under ``out``.
+
+    Args:
+        reader: the source (VOC, COCO, synthetic, images).
+        out: output prefix, a local directory or ``s3://bucket/prefix``.
+        split: split name used in the shard and manifest names.
+        config: shard size, error policy, overwrite, workers.
+        opts: object-storage options.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The summary: ``manifest``, ``output``, ``num_samples``, ``skipped``, ``shards``, ``digest``,
+        ``images_per_second`` …
+
+    Raises:
+        WysiwycError: the output already holds this split (without ``overwrite``), the source is empty,
+            no sample is usable, or an input is bad and ``on_error`` is ``fail``; nothing is published then.
+    """
+    started = time.perf_counter()
+    manifest_url = storage.join(out, split + shards.MANIFEST_SUFFIX)
+    had_manifest = storage.exists(manifest_url, opts)
+    if had_manifest and not config.overwrite:
+        raise WysiwycError(f"{storage.redact(out)} already holds split '{split}' ({split}{shards.MANIFEST_SUFFIX}): "
+                           f"pass --overwrite to replace it, or choose another --out")
+    items = reader.items()
+    if not items:
+        raise WysiwycError(f"{reader.source}: split '{split}' is empty: nothing to ingest")
+    if had_manifest:  # un-commit the old split first: a reader never mixes old and new shards
+        storage.delete(manifest_url, opts)
+    stale = set(shards.existing_shards(out, split, opts))
+    if stale and not had_manifest:
+        log.warning("%s: %d shard(s) of an unfinished ingest of '%s' will be replaced",
+                    storage.redact(out), len(stale), split)
+
+    workers = config.workers or os.cpu_count() or 1
+    writer = shards.ShardWriter(out, split, config.shard_size, config.shard_max_bytes, opts)
+    skipped: list[Skipped] = []
+    has_seg = False
+    bar = tqdm(total=len(items), desc=f"ingest {reader.name} {split}", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for result in load_all(reader, items, workers):
+            bar.update(1)
+            if isinstance(result, Skipped):
+                if config.on_error == "fail":
+                    raise WysiwycError(f"ingest {reader.name}: {result.source}: {result.reason} "
+                                       f"(--on-error fail: nothing was published)")
+                skipped.append(result)
+                bar.set_postfix(skipped=len(skipped))
+                continue
+            has_seg = has_seg or result.seg is not None
+            writer.write(result)
+        published = writer.close()
+    except BaseException:
+        writer.unpublish()
+        raise
+    finally:
+        bar.close()
+    if not published:
+        first = f"; first: {skipped[0].source}: {skipped[0].reason}" if skipped else ""
+        raise WysiwycError(f"ingest {reader.name}: none of the {len(items)} inputs of {reader.source} "
+                           f"was usable{first}")
+
+    source = {"kind": reader.name, "path": storage.redact(reader.source)}
+    manifest = shards.build_manifest(split, published, reader.classes, source, skipped, has_seg)
+    seconds = time.perf_counter() - started
+    manifest["seconds"] = round(seconds, 3)
+    shards.write_manifest(out, split, manifest, opts)
+    current = {storage.join(out, s["name"]) for s in published}
+    for url in stale - current:  # leftovers of a larger earlier split
+        storage.delete(url, opts)
+
+    return {
+        "manifest": storage.redact(manifest_url),
+        "output": storage.redact(out),
+        "split": split,
+        "source": source["path"],
+        "num_samples": manifest["num_samples"],
+        "skipped": len(skipped),
+        "first_skipped": skipped[0].as_dict() if skipped else None,
+        "shards": len(published),
+        "digest": manifest["digest"],
+        "classes": len(reader.classes),
+        "has_segmentation": has_seg,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(len(items) / max(seconds, 1e-9), 1),
+    }

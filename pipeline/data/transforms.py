@@ -1,0 +1,67 @@
+"""Decoding a shard sample into training tensors: resize, flip (image and segmentation together), normalise."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VOID = 255
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of (…, 3, H, W) images in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images - mean) / std
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize`, clamped to [0, 1] (for pictures)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def image_to_tensor(image: Image.Image, size: int, flip: bool = False) -> torch.Tensor:
+    """RGB ``size``×``size`` float tensor (3, size, size), ImageNet-normalised."""
+    image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if flip:
+        array = array[:, ::-1]
+    return normalize(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
+
+
+def seg_to_tensor(seg: np.ndarray, size: int, flip: bool = False) -> torch.Tensor:
+    """Class-index map resized by nearest neighbour (labels never blend), as a (size, size) long tensor."""
+    resized = np.array(Image.fromarray(seg.astype(np.uint8)).resize((size, size), Image.NEAREST))
+    if flip:
+        resized = resized[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(resized)).long()
+
+
+def decode_sample(raw: dict, *, image_size: int, num_classes: int, flip: bool = False) -> dict:
+    """A shard sample (``{"__key__", "jpg"|"png", "json", "seg.png"?}``) → training tensors.
+
+    Returns:
+        ``{"key", "image" (3,S,S) float, "labels" (C,) float multi-hot, "seg" (S,S) long}``; ``seg``
+        is all void (255) when the sample has no segmentation.
+    """
+    meta = json.loads(raw["json"])
+    data = raw.get("jpg") or raw.get("png")
+    with Image.open(io.BytesIO(data)) as im:
+        image = image_to_tensor(im, image_size, flip)
+    labels = torch.zeros(num_classes)
+    if meta["labels"]:
+        labels[torch.tensor(meta["labels"])] = 1.0
+    if "seg.png" in raw:
+        with Image.open(io.BytesIO(raw["seg.png"])) as im:
+            seg = seg_to_tensor(np.array(im), image_size, flip)
+    else:
+        seg = torch.full((image_size, image_size), VOID, dtype=torch.long)
+    return {"key": raw["__key__"], "image": image, "labels": labels, "seg": seg}

@@ -1,0 +1,264 @@
+"""The paper's evaluation metrics, vectorised over a batch of images (pure torch, no I/O).
+
+Inputs, per image: a mask (B, H, W) in [0, 1] (per image, the masks of its ground-truth classes merged
+by pixel-wise max), the ground-truth foreground (B, H, W) bool and ``valid`` (B, H, W) bool = not void.
+Void pixels (VOC's 255) are left out of every sum: they are neither object nor background.
+
+Definitions follow the paper's code (stevenstalder/NN-Explainer,
+``src/evaluation/eval_utils/assessment_metrics.py``), restricted to valid pixels:
+
+- ``d_f1_25``/``d_f1_50``/``d_f1_75``: F1 of the foreground with the mask binarised at mask > t,
+  P = tp/(tp+fp+1e-10), R = tp/(tp+fn+1e-10), F1 = 2PR/(P+R+1e-10); ``d_f1`` their mean.
+- ``c_f1``: the same with soft counts tp = Σ m·g, fp = Σ m·(1−g), fn = Σ (1−m)·g.
+- ``acc``: soft accuracy (Σ m·g + Σ (1−m)(1−g)) / #valid.
+- ``d_iou``: mean over t = 0.1…0.9 of |(m > t) ∧ g| / (|(m > t) ∨ g| + 1e-15).
+- ``c_iou``: Σ min(m, g) / (Σ max(m, g) + 1e-15).
+- ``auc``: ROC-AUC of the mask as a score for foreground (rank formula, ties counted ½, as sklearn).
+- ``object_coverage``: mean mask over object pixels (the paper's ``mask_coverage``, = 1 − Σ relu(g−m)/Σ g).
+- ``background_coverage``: mean mask over background pixels (the paper's ``background_coverage``,
+  = Σ relu(m−g)/Σ(1−g): the share of the background the mask wrongly keeps — lower is better).
+- ``saliency``: log(max(area, 0.05)) − log(p), see :func:`saliency`.
+
+Undefined values are NaN (and :class:`MetricAccumulator` skips NaN): every metric of an image with no
+valid pixel; ``auc`` without foreground or without background; ``object_coverage`` without
+foreground; ``background_coverage`` without background (the paper's code returned 0 for the two
+coverages there, which biases the means; ours leaves such images out of that mean).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+F1_THRESHOLDS = (0.25, 0.5, 0.75)
+IOU_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
+VOID = 255
+
+
+def foreground_and_valid(seg: torch.Tensor, void_value: int = VOID) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a class-index map (0 background, k+1 class k, 255 void): foreground and valid, (B, H, W) bool."""
+    valid = seg != void_value
+    return (seg > 0) & valid, valid
+
+
+def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+    precision = tp / (tp + fp + 1e-10)
+    recall = tp / (tp + fn + 1e-10)
+    return 2 * precision * recall / (precision + recall + 1e-10)
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-image ROC-AUC (B,) of ``scores`` (B, H, W) for ``positive`` pixels, over valid pixels only.
+
+    AUC = (R⁺ − P(P+1)/2) / (P·N), R⁺ the sum of the (tie-averaged, 1-based) ranks of the positive
+    pixels among the valid ones; NaN when an image has no positive or no negative valid pixel.
+    """
+    B = scores.shape[0]
+    s = scores.reshape(B, -1).double()
+    pos = (positive & valid).reshape(B, -1)
+    val = valid.reshape(B, -1)
+    s = torch.where(val, s, torch.full_like(s, math.inf))  # void sorts above every valid score
+    ordered = s.sort(dim=1).values
+    below = torch.searchsorted(ordered, s, side="left")  # valid values strictly smaller
+    upto = torch.searchsorted(ordered, s, side="right")  # valid values smaller or equal
+    ranks = (below + upto + 1).double() / 2.0
+    n_pos = pos.sum(dim=1).double()
+    n_neg = (val & ~pos).sum(dim=1).double()
+    r_pos = (ranks * pos).sum(dim=1)
+    auc = (r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    auc = torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, math.nan))
+    return auc.to(scores.dtype if scores.is_floating_point() else torch.float32)
+
+
+def segmentation_scores(mask: torch.Tensor, foreground: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every mask-vs-ground-truth metric of the paper, one value per image.
+
+    Args:
+        mask: (B, H, W) in [0, 1].
+        foreground: (B, H, W) bool, ground-truth object pixels.
+        valid: (B, H, W) bool, pixels that count (not void); all pixels when None.
+
+    Returns:
+        ``d_f1_25``, ``d_f1_50``, ``d_f1_75``, ``d_f1``, ``c_f1``, ``acc``, ``d_iou``, ``c_iou``,
+        ``auc``, ``object_coverage``, ``background_coverage``: tensors (B,) (NaN where undefined).
+    """
+    m = mask.float()
+    if valid is None:
+        valid = torch.ones_like(foreground, dtype=torch.bool)
+    v = valid.float()
+    g = (foreground & valid).float()
+    dims = (1, 2)
+    n_valid = v.sum(dims)
+    n_fg = g.sum(dims)
+    n_bg = n_valid - n_fg
+
+    scores: dict[str, torch.Tensor] = {}
+    # discrete F1 at 0.25 / 0.5 / 0.75
+    f1s = []
+    for t in F1_THRESHOLDS:
+        b = (m > t).float() * v
+        tp = (b * g).sum(dims)
+        f1s.append(_f1(tp, b.sum(dims) - tp, n_fg - tp))
+        scores[f"d_f1_{int(round(t * 100))}"] = f1s[-1]
+    scores["d_f1"] = torch.stack(f1s).mean(0)
+    # continuous F1 and soft accuracy
+    mv = m * v
+    tp = (mv * g).sum(dims)
+    fp = mv.sum(dims) - tp
+    fn = n_fg - tp
+    tn = n_bg - fp
+    scores["c_f1"] = _f1(tp, fp, fn)
+    scores["acc"] = (tp + tn) / n_valid
+    # discrete IoU (mean over 0.1…0.9) and continuous IoU
+    ious = []
+    for t in IOU_THRESHOLDS:
+        b = (m > t) & valid
+        inter = (b & foreground).float().sum(dims)
+        union = (b | (foreground & valid)).float().sum(dims)
+        ious.append(inter / (union + 1e-15))
+    scores["d_iou"] = torch.stack(ious).mean(0)
+    scores["c_iou"] = (torch.minimum(m, g) * v).sum(dims) / ((torch.maximum(m, g) * v).sum(dims) + 1e-15)
+    scores["auc"] = roc_auc(m, foreground, valid)
+    # coverages: mean mask over object pixels / over background pixels
+    nan = torch.full_like(n_fg, math.nan)
+    scores["object_coverage"] = torch.where(n_fg > 0, tp / n_fg.clamp(min=1), nan)
+    scores["background_coverage"] = torch.where(n_bg > 0, fp / n_bg.clamp(min=1), nan)
+
+    no_valid = n_valid == 0
+    return {k: torch.where(no_valid, nan, val) for k, val in scores.items()}
+
+
+def saliency(mask: torch.Tensor, probs_masked: torch.Tensor, labels: torch.Tensor, class_prob: str = "mean") -> torch.Tensor:
+    """Saliency metric (Dabkowski & Gal): log(max(area, 0.05)) − log p(classes | m ⊙ x), per image.
+
+    ``area`` is the mean of the mask over *all* pixels (the share of the image shown to the
+    classifier, void included). ``p`` is the Explanandum's **sigmoid** probability of the image's
+    ground-truth classes on the masked image: by default their mean (in [0, 1] like the single class
+    probability of the original metric); ``"sum"`` is the paper's code (a sum of softmax
+    probabilities there), ``"product"`` the joint probability under independent sigmoids. ``p`` is
+    clamped at 1e-12. Lower is better. NaN for images without a label.
+
+    Args:
+        mask: (B, H, W) in [0, 1].
+        probs_masked: (B, C) sigmoid probabilities of the Explanandum on m ⊙ x.
+        labels: (B, C) multi-hot ground truth.
+        class_prob: ``mean`` | ``sum`` | ``product``.
+    """
+    present = (labels > 0.5 if labels.dtype != torch.bool else labels).float()
+    area = mask.float().flatten(1).mean(1).clamp(min=0.05)
+    p = probs_masked.float()
+    n = present.sum(1)
+    if class_prob == "mean":
+        pc = (p * present).sum(1) / n.clamp(min=1)
+    elif class_prob == "sum":
+        pc = (p * present).sum(1)
+    elif class_prob == "product":
+        pc = torch.where(present.bool(), p, torch.ones_like(p)).prod(1)
+    else:
+        raise ValueError(f"class_prob must be mean, sum or product, got {class_prob!r}")
+    out = area.log() - pc.clamp(min=1e-12).log()
+    return torch.where(n > 0, out, torch.full_like(out, math.nan))
+
+
+class MetricAccumulator:
+    """Sums per-image metric values over batches; ``compute`` gives the mean of each (NaN skipped)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, scores: Mapping[str, torch.Tensor]) -> None:
+        """Add per-image values (tensors of shape (B,) or scalars); NaN/inf values are not counted."""
+        for key, value in scores.items():
+            t = torch.as_tensor(value).detach().double().flatten()
+            ok = torch.isfinite(t)
+            self.sums[key] = self.sums.get(key, 0.0) + float(t[ok].sum())
+            self.counts[key] = self.counts.get(key, 0) + int(ok.sum())
+
+    def merge(self, other: MetricAccumulator) -> None:
+        """Add another accumulator's sums (e.g. from another worker)."""
+        for key, total in other.sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + total
+            self.counts[key] = self.counts.get(key, 0) + other.counts[key]
+
+    def compute(self) -> dict[str, float]:
+        """The mean of every metric over the images where it was defined (NaN if none)."""
+        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else math.nan) for k in self.sums}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Class specificity
+
+
+def class_specificity_sums(
+    prob_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    per_class_masks: torch.Tensor,
+    chunk_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts behind the class-specificity matrix, for one batch.
+
+    For every (image i, present class c) the image is masked with class c's mask (x_i ⊙ M_{i,c}) and
+    classified; ``sums[r, c]`` adds p_r for every class r present in image i, ``counts[r, c]`` counts
+    those images. All pairs go through ``prob_fn`` in chunks of ``chunk_size`` images.
+
+    Args:
+        prob_fn: images (N, 3, H, W) → the Explanandum's **sigmoid** probabilities (N, C).
+        images: (B, 3, H, W), normalised as the Explanandum expects.
+        labels: (B, C) multi-hot.
+        per_class_masks: (B, C, H, W) in [0, 1] (only the present classes' masks are used).
+
+    Returns:
+        (sums, counts), both (C, C) float64, indexed [r, c].
+    """
+    present = labels > 0.5 if labels.dtype != torch.bool else labels
+    C = present.shape[1]
+    sums = torch.zeros(C, C, dtype=torch.float64)
+    counts = torch.zeros(C, C, dtype=torch.float64)
+    i_idx, c_idx = present.nonzero(as_tuple=True)
+    for start in range(0, i_idx.numel(), chunk_size):
+        i = i_idx[start : start + chunk_size]
+        c = c_idx[start : start + chunk_size]
+        masked = images[i] * per_class_masks[i, c].unsqueeze(1)  # x_i ⊙ M_{i,c}
+        with torch.no_grad():
+            p = prob_fn(masked).detach().double().cpu()  # (P, C)
+        rows = present[i].double().cpu()  # which r are in image i
+        sums.index_add_(1, c.cpu(), (p * rows).T)
+        counts.index_add_(1, c.cpu(), rows.T)
+    return sums, counts
+
+
+class ClassSpecificityAccumulator:
+    """Accumulates M[r][c] = mean over images containing r and c of p_r(x ⊙ M_c) over batches."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+
+    def update(self, prob_fn, images, labels, per_class_masks, chunk_size: int = 32) -> None:
+        s, n = class_specificity_sums(prob_fn, images, labels, per_class_masks, chunk_size=chunk_size)
+        self.sums += s
+        self.counts += n
+
+    def matrix(self) -> torch.Tensor:
+        """M (C, C) indexed [r, c]; NaN where no image held both r and c."""
+        return torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), torch.full_like(self.sums, math.nan))
+
+
+def class_specificity_matrix(
+    prob_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    per_class_masks: torch.Tensor,
+    chunk_size: int = 32,
+) -> torch.Tensor:
+    """M[r][c] (C, C) over the given images: the mean, over images containing both r and c, of the
+    Explanandum's sigmoid probability of r on the image masked with class c's mask (NaN where no such
+    image). High on the diagonal, low off it, for class-specific masks. Use
+    :class:`ClassSpecificityAccumulator` to accumulate over batches."""
+    acc = ClassSpecificityAccumulator(labels.shape[1])
+    acc.update(prob_fn, images, labels, per_class_masks, chunk_size=chunk_size)
+    return acc.matrix()

@@ -1,0 +1,150 @@
+"""The Explainer's training objective (Stalder et al. 2022) and the classifier's.
+
+L_E = L_c + λ_e·L_e + λ_tv·L_tv + λ_a·L_a + λ_m·mean(m) + λ_n·mean(n), with
+
+- L_c  = BCEWithLogits(F(m ⊙ x), y)                     (cross-entropy for single-label data)
+- L_e  = −mean entropy of softmax(F((1 − m) ⊙ x))
+- L_tv = TV(m) + TV(n)
+- L_a  = Σ over present classes c of the sorted-area penalty of sigmoid(S_c), averaged over the batch.
+
+Normalisations follow the paper's code (stevenstalder/NN-Explainer, ``src/utils/loss.py``) so that
+its λ values carry over:
+
+- Entropy: the mean is over batch *and* classes of −p log p, i.e. L_e = −(1/C)·mean_b H(p_b), p
+  clamped at 1e-16 before the log. With 20 classes L_e lies in [−log(20)/20, 0] ≈ [−0.15, 0].
+- TV: TV(z) = (1/(B·H·W))·Σ_{b,i,j} (|z[i,j] − z[i,j+1]| + |z[i,j] − z[i+1,j]|), the sum over
+  *every* pixel, where the neighbour past the last column/row is the reflected one (z[i,W] = z[i,W−2],
+  z[H,j] = z[H−2,j]) — the paper's 3×3 difference convolution with reflect padding. The last
+  column's and row's differences therefore count twice.
+- Area: for one present class, the sigmoid mask is flattened and sorted descending (s_0 ≥ s_1 ≥ …);
+  penalty = mean over k of relu(1[k < ⌊a_min·HW⌋] − s_k) + relu(s_k − 1[k < ⌊a_max·HW⌋]); summed over
+  the image's present classes, then averaged over the batch (images with no label contribute 0).
+
+``weights`` is any object with the paper's attribute names (``entropy_regularizer`` λ_e,
+``mask_variation_regularizer`` λ_tv, ``mask_area_constraint_regularizer`` λ_a,
+``mask_total_area_regularizer`` λ_m, ``ncmask_total_area_regularizer`` λ_n, ``class_mask_min_area``,
+``class_mask_max_area``), e.g. ``pipeline.config.LossConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.method.masks import target_and_nontarget_masks
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, single_label: bool = False) -> torch.Tensor:
+    """BCEWithLogits(logits, y) for multi-hot y; cross-entropy with argmax(y) when ``single_label``."""
+    if single_label:
+        return F.cross_entropy(logits, y.float().argmax(dim=1))
+    return F.binary_cross_entropy_with_logits(logits, y.float())
+
+
+def classifier_loss(logits: torch.Tensor, y: torch.Tensor, single_label: bool = False) -> torch.Tensor:
+    """The Explanandum's fine-tuning loss: BCE with logits against multi-hot labels (paper)."""
+    return classification_loss(logits, y, single_label=single_label)
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """L_e = −mean over (b, c) of −p log p, p = softmax(logits) (minimising it maximises entropy)."""
+    p = F.softmax(logits, dim=-1).clamp(min=1e-16)
+    return (p * p.log()).mean()  # = −mean(−p log p)
+
+
+def total_variation(z: torch.Tensor) -> torch.Tensor:
+    """TV(z) for masks (B, H, W) (H, W ≥ 2): mean over all pixels of |Δ_right| + |Δ_down|, the
+    neighbour past the border reflected (the paper's reflect-padded difference convolution)."""
+    dx = (z[..., :, :-1] - z[..., :, 1:]).abs()  # (B, H, W-1)
+    dy = (z[..., :-1, :] - z[..., 1:, :]).abs()  # (B, H-1, W)
+    # last column: |z[i,W-1] − z[i,W-2]| = dx[..., -1]; last row likewise dy[..., -1, :]
+    total = dx.sum() + dx[..., -1].sum() + dy.sum() + dy[..., -1, :].sum()
+    return total / z.numel()
+
+
+def area_template(num_pixels: int, area: float, device=None, dtype=None) -> torch.Tensor:
+    """1[k < ⌊area·HW⌋] for k = 0…HW−1: the ideal sorted mask of a given area fraction."""
+    ones = int(num_pixels * area)
+    return (torch.arange(num_pixels, device=device) < ones).to(dtype or torch.float32)
+
+
+def class_mask_area_loss(S: torch.Tensor, y: torch.Tensor, min_area: float, max_area: float) -> torch.Tensor:
+    """L_a: sorted-area penalty of every present class's mask, summed per image, mean over the batch.
+
+    Vectorised: the present (b, c) pairs are gathered into one (P, HW) tensor and sorted together.
+    """
+    if not 0.0 <= min_area <= max_area <= 1.0:
+        raise ValueError(f"need 0 <= class_mask_min_area <= class_mask_max_area <= 1, got {min_area}, {max_area}")
+    B, C, H, W = S.shape
+    present = y > 0.5 if y.dtype != torch.bool else y
+    b_idx, c_idx = present.nonzero(as_tuple=True)
+    if b_idx.numel() == 0:
+        return S.sum() * 0.0  # keep the graph (and the device/dtype)
+    s = torch.sigmoid(S[b_idx, c_idx].flatten(1)).sort(dim=1, descending=True).values  # (P, HW)
+    t_min = area_template(H * W, min_area, S.device, s.dtype)
+    t_max = area_template(H * W, max_area, S.device, s.dtype)
+    # relu(1[k < a_min·HW] − s_k) + relu(s_k − 1[k < a_max·HW]), averaged over pixels
+    per_mask = (F.relu(t_min - s) + F.relu(s - t_max)).mean(dim=1)  # (P,)
+    per_image = torch.zeros(B, device=S.device, dtype=s.dtype).index_add(0, b_idx, per_mask)
+    return per_image.mean()
+
+
+def explainer_loss(
+    explanandum: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    S: torch.Tensor,
+    weights: Any,
+    single_label: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The Explainer's loss L_E, every term separately.
+
+    The Explanandum F must already be frozen and in eval mode (``freeze_explanandum``); gradients flow
+    through it to the mask only.
+
+    Args:
+        explanandum: F, mapping an image batch to logits (B, C).
+        x: ImageNet-normalised images (B, 3, H, W) (so m ⊙ x shows the mean colour where m = 0).
+        y: multi-hot labels (B, C).
+        S: Explainer logits (B, C, H, W).
+        weights: object with the paper's λ names (see the module docstring).
+        single_label: use cross-entropy for L_c (single-label data sets).
+
+    Returns:
+        ``classification`` (L_c), ``entropy`` (L_e), ``tv`` (L_tv), ``area_constraint`` (L_a),
+        ``mask_area`` (mean m), ``ncmask_area`` (mean n) — all unweighted scalars — and ``total``
+        (L_E, weighted, the one to backpropagate); plus ``m``, ``n`` (B, H, W), ``logits_masked`` =
+        F(m ⊙ x) and ``logits_inverted`` = F((1 − m) ⊙ x) (B, C), for accuracy/F1 logging.
+    """
+    m, n = target_and_nontarget_masks(S, y)
+    logits_masked = explanandum(m.unsqueeze(1) * x)
+    logits_inverted = explanandum((1.0 - m).unsqueeze(1) * x)
+
+    terms = {
+        "classification": classification_loss(logits_masked, y, single_label=single_label),
+        "entropy": entropy_loss(logits_inverted),
+        "tv": total_variation(m) + total_variation(n),
+        "area_constraint": class_mask_area_loss(
+            S, y, float(weights.class_mask_min_area), float(weights.class_mask_max_area)
+        ),
+        "mask_area": m.mean(),
+        "ncmask_area": n.mean(),
+    }
+    total = (
+        terms["classification"]
+        + weights.entropy_regularizer * terms["entropy"]
+        + weights.mask_variation_regularizer * terms["tv"]
+        + weights.mask_area_constraint_regularizer * terms["area_constraint"]
+        + weights.mask_total_area_regularizer * terms["mask_area"]
+        + weights.ncmask_total_area_regularizer * terms["ncmask_area"]
+    )
+    return {
+        **terms,
+        "total": total,
+        "m": m,
+        "n": n,
+        "logits_masked": logits_masked,
+        "logits_inverted": logits_inverted,
+    }

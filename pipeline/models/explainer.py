@@ -1,0 +1,196 @@
+"""Explainers: segmentation nets giving per-class mask logits S = E(x) of shape (B, C, H, W).
+
+Architectures (``arch``):
+
+- ``deeplabv3_resnet50``: the paper's Explainer, torchvision DeepLabv3-ResNet50 without the aux head,
+  C outputs, upsampled to the input size. The ResNet-50 backbone may start from a torchvision ImageNet
+  state dict given as a file (the paper's backbone was ImageNet-pretrained).
+- ``deeplabv3_mobilenet_v3_large``: the same with a MobileNetV3-Large backbone (about 7× cheaper).
+- ``compact``: a small U-Net for CPUs that decodes at **full input resolution** (half-resolution
+  logits gave blobby masks that spill between neighbouring objects). Its encoder has exactly the
+  blocks of the ``small_cnn`` Explanandum and can start from that classifier's trained conv layers
+  (``encoder_from=``), the CPU-sized stand-in for the paper's pretrained backbone.
+
+Every Explainer's ``forward`` returns a plain logits tensor (B, C, H, W) at the input's H × W.
+
+Training note: torchvision's DeepLab heads contain a BatchNorm after global pooling, so in train mode
+they need a batch of at least 2 images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import WysiwycError
+from pipeline.models.explanandum import (
+    SMALL_CNN_CHANNELS,
+    SmallCNN,
+    StateSource,
+    conv_block,
+    read_state_dict,
+)
+
+ARCHS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact")
+
+_BACKBONE_OF = {"deeplabv3_resnet50": "resnet50", "deeplabv3_mobilenet_v3_large": "mobilenet_v3_large"}
+_HOWTO = (
+    "set explainer.backbone_weights to a local path or s3:// URL of a torchvision {net} state dict; "
+    "download it once on a machine with network, e.g. "
+    "`python -c \"import torch, torchvision; torch.save(torchvision.models.{net}(weights='DEFAULT')"
+    ".state_dict(), '{net}_imagenet.pth')\"`. Weights are never downloaded at run time."
+)
+
+
+class TorchvisionSegmentationExplainer(nn.Module):
+    """A torchvision segmentation model whose forward returns the ``out`` logits as a plain tensor."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]  # torchvision already upsamples to the input size
+
+
+class CompactExplainer(nn.Module):
+    """U-Net-like Explainer: ``SmallCNN`` encoder, decoder back to the full input resolution.
+
+    Encoder: ``blocks[i]`` (conv-BN-ReLU ×2) at 1/2^i resolution, max-pooling between blocks, exactly
+    as ``SmallCNN`` so its weights load one to one. Decoder: at each level, bilinear upsampling to
+    the skip's size, concatenation with the skip, conv-BN-ReLU ×2; a 1×1 conv gives C logits at full
+    resolution. Any H × W works (upsampling goes to the skip's exact size).
+    """
+
+    def __init__(self, num_classes: int, channels: tuple[int, ...] = SMALL_CNN_CHANNELS, in_channels: int = 3):
+        super().__init__()
+        self.channels = tuple(int(c) for c in channels)
+        ins = (in_channels,) + self.channels[:-1]
+        self.blocks = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, self.channels))
+        self.pool = nn.MaxPool2d(2)
+        # decoder[j] merges level (n-1-j) upsampled with skip level (n-2-j)
+        n = len(self.channels)
+        self.decoder = nn.ModuleList(
+            conv_block(self.channels[i + 1] + self.channels[i], self.channels[i]) for i in reversed(range(n - 1))
+        )
+        self.head = nn.Conv2d(self.channels[0], num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i > 0:
+                x = self.pool(x)
+            x = block(x)
+            skips.append(x)
+        z = skips.pop()
+        for dec in self.decoder:
+            skip = skips.pop()
+            z = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            z = dec(torch.cat([z, skip], dim=1))
+        return self.head(z)
+
+    def load_encoder_from(self, classifier: nn.Module) -> None:
+        """Copy the conv blocks of a ``small_cnn`` Explanandum into this encoder (values only: the
+        copy learns even when the classifier is frozen)."""
+        blocks = getattr(classifier, "blocks", None)
+        if not isinstance(classifier, SmallCNN) or blocks is None:
+            raise WysiwycError(
+                f"explainer: encoder_from must be a small_cnn Explanandum, got {type(classifier).__name__}"
+            )
+        if tuple(classifier.channels) != self.channels:
+            raise WysiwycError(
+                f"explainer: encoder_from has channels {classifier.channels}, the compact Explainer {self.channels}"
+            )
+        self.blocks.load_state_dict(blocks.state_dict())
+
+
+def build_explainer(
+    arch: str,
+    num_classes: int,
+    backbone_weights: StateSource | None = None,
+    encoder_from: nn.Module | None = None,
+    weights: StateSource | None = None,
+) -> nn.Module:
+    """Build an Explainer whose forward maps (B, 3, H, W) to per-class logits (B, C, H, W).
+
+    Args:
+        arch: ``deeplabv3_resnet50``, ``deeplabv3_mobilenet_v3_large`` or ``compact``.
+        num_classes: C, one mask per class of the Explanandum.
+        backbone_weights: for the DeepLab archs, a torchvision ImageNet state dict of the backbone
+            (``resnet50`` / ``mobilenet_v3_large``) as a path/URL, bytes, mapping or loader callable.
+        encoder_from: for ``compact``, a ``small_cnn`` Explanandum whose conv blocks initialise the
+            encoder (its channels define the Explainer's).
+        weights: the whole Explainer's state dict (a trained checkpoint), same forms as above.
+
+    Raises:
+        WysiwycError: unknown arch, an option the arch does not take, or weights that do not fit.
+    """
+    arch = str(arch).lower()
+    if arch not in ARCHS:
+        raise WysiwycError(f"explainer.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if num_classes < 1:
+        raise WysiwycError(f"explainer: num_classes must be at least 1, got {num_classes}")
+
+    if arch == "compact":
+        if backbone_weights is not None:
+            raise WysiwycError(
+                "explainer.backbone_weights: the compact Explainer has no ImageNet backbone; "
+                "use encoder_from (the small_cnn classifier) instead"
+            )
+        channels = tuple(encoder_from.channels) if isinstance(encoder_from, SmallCNN) else SMALL_CNN_CHANNELS
+        model: nn.Module = CompactExplainer(num_classes, channels=channels)
+        if encoder_from is not None:
+            model.load_encoder_from(encoder_from)
+    else:
+        if encoder_from is not None:
+            raise WysiwycError(f"explainer: encoder_from is only for the compact Explainer, not {arch}")
+        model = _build_deeplab(arch, num_classes, backbone_weights)
+    model.wysiwyc_arch = arch
+
+    if weights is not None:
+        state = read_state_dict(weights, what=f"explainer weights ({arch})")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise WysiwycError(
+                f"explainer.checkpoint: the state dict does not fit a {arch} with {num_classes} classes ({str(e).splitlines()[0][:300]})"
+            ) from e
+    return model
+
+
+def _build_deeplab(arch: str, num_classes: int, backbone_weights: StateSource | None) -> nn.Module:
+    from torchvision.models import segmentation
+
+    # weights=None and weights_backbone=None: torchvision must never download anything here
+    net = getattr(segmentation, arch)(weights=None, weights_backbone=None, aux_loss=False, num_classes=num_classes)
+    if backbone_weights is not None:
+        net_name = _BACKBONE_OF[arch]
+        howto = _HOWTO.format(net=net_name)
+        if backbone_weights is True or isinstance(backbone_weights, str) and backbone_weights in ("imagenet", "torchvision", ""):
+            raise WysiwycError(f"explainer: ImageNet weights for the {net_name} backbone were asked for without a file; {howto}")
+        state = read_state_dict(backbone_weights, what=f"explainer.backbone_weights ({net_name})", howto=howto)
+        _load_backbone(net.backbone, net_name, state, howto)
+    return TorchvisionSegmentationExplainer(net)
+
+
+def _load_backbone(backbone: nn.Module, net_name: str, state: Mapping[str, torch.Tensor], howto: str) -> None:
+    """Load a torchvision classification state dict into DeepLab's IntermediateLayerGetter backbone."""
+    if net_name == "resnet50":
+        wanted = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    else:  # mobilenet_v3_large: the backbone is ``features`` (keys "features.N..." → "N...")
+        wanted = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in wanted]
+    unexpected = [k for k in wanted if k not in own]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise WysiwycError(f"explainer.backbone_weights: not a torchvision {net_name} state dict ({detail}); {howto}")
+    try:
+        backbone.load_state_dict(wanted)
+    except RuntimeError as e:  # shapes differ
+        raise WysiwycError(
+            f"explainer.backbone_weights: not a torchvision {net_name} state dict ({str(e).splitlines()[0][:300]}); {howto}"
+        ) from e

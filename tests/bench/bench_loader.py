@@ -1,0 +1,123 @@
+"""Loader benchmark: decoded, resized (224 px) training samples per second.
+
+Three ways to feed the same images to a training loop, measured side by side in one run:
+
+1. shards in SeaweedFS (S3) through the training reader (``ShardDataset``);
+2. the per-file way a VOC ``Dataset`` works, against the same SeaweedFS bucket: one JPEG object and
+   one XML object fetched per sample;
+3. for reference, the same per-file ``Dataset`` on a local VOC folder.
+
+Run: ``make bench`` or ``.venv/bin/python tests/bench/bench_loader.py [--images N] [--workers W]``.
+Starts its own SeaweedFS on 127.0.0.1 with generated credentials and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pipeline import storage  # noqa: E402
+from pipeline.config import IngestConfig  # noqa: E402
+from pipeline.data import shards  # noqa: E402
+from pipeline.data.classes import SYNTHETIC_CLASSES  # noqa: E402
+from pipeline.data.ingest import ingest  # noqa: E402
+from pipeline.data.synthetic import write_voc_folder  # noqa: E402
+from pipeline.data.transforms import image_to_tensor  # noqa: E402
+from pipeline.data.voc import VOCReader  # noqa: E402
+from pipeline.stack import SeaweedFS  # noqa: E402
+
+SIZE = 224
+
+
+class PerFileVOC(torch.utils.data.Dataset):
+    """The classic VOC ``Dataset``: per sample, read ``JPEGImages/ID.jpg`` and ``Annotations/ID.xml``."""
+
+    def __init__(self, root: str, ids: list[str], opts=None):
+        self.root, self.ids, self.opts = root, ids, opts
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        key = self.ids[index]
+        jpg = storage.read_bytes(storage.join(self.root, "JPEGImages", f"{key}.jpg"), self.opts)
+        xml = ET.fromstring(storage.read_bytes(storage.join(self.root, "Annotations", f"{key}.xml"), self.opts))
+        labels = torch.zeros(len(SYNTHETIC_CLASSES))
+        for obj in xml.iter("object"):
+            labels[SYNTHETIC_CLASSES.index(obj.findtext("name").strip())] = 1
+        with Image.open(io.BytesIO(jpg)) as im:
+            image = image_to_tensor(im, SIZE)
+        return {"key": key, "image": image, "labels": labels}
+
+
+def measure(loader, expected: int) -> float:
+    """Samples per second over one full pass (the first batch included: start-up is part of the cost)."""
+    started, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch["key"])
+    seconds = time.perf_counter() - started
+    assert count == expected, f"read {count} samples, expected {expected}"
+    return count / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--image-px", type=int, default=400, help="side of the source JPEGs (VOC: ~500×375)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory(prefix="wysiwyc-bench-") as tmp, SeaweedFS(Path(tmp) / "s3") as s3:
+        opts = s3.opts
+        os.environ.update(s3.env)  # DataLoader workers inherit the endpoint and keys
+        bucket = s3.make_bucket("bench")
+        voc = Path(tmp) / "VOCdevkit" / "VOC2007"
+        print(f"writing {args.images} VOC-format images ({args.image_px} px) ...", file=sys.stderr)
+        write_voc_folder(voc, num_images=args.images, seed=0, size=args.image_px)
+        ids = (voc / "ImageSets/Main/train.txt").read_text().split()
+        for sub in ("JPEGImages", "Annotations"):
+            for path in sorted((voc / sub).iterdir()):
+                storage.upload_file(path, f"s3://{bucket}/VOC2007/{sub}/{path.name}", opts)
+        ingest(VOCReader(str(voc), "train", classes=SYNTHETIC_CLASSES), f"s3://{bucket}/shards", "train",
+               IngestConfig(shard_size=50), opts, progress=False)
+
+        def shard_loader():
+            ds = shards.ShardDataset(f"s3://{bucket}/shards/train", image_size=SIZE, train=True, flip=False,
+                                     shuffle_buffer=100, opts=opts)
+            return shards.make_loader(ds, args.batch_size, args.workers)
+
+        def per_file_loader(root, shard_opts):
+            return torch.utils.data.DataLoader(PerFileVOC(root, ids, shard_opts), batch_size=args.batch_size,
+                                               shuffle=True, num_workers=args.workers)
+
+        rates: dict[str, list[float]] = {"shards_s3": [], "per_object_s3": [], "per_file_local": []}
+        for _ in range(args.repeats):  # interleaved, so drift hits all three alike
+            rates["shards_s3"].append(measure(shard_loader(), len(ids)))
+            rates["per_object_s3"].append(measure(per_file_loader(f"s3://{bucket}/VOC2007", opts), len(ids)))
+            rates["per_file_local"].append(measure(per_file_loader(str(voc), None), len(ids)))
+
+    best = {name: max(values) for name, values in rates.items()}
+    print(f"\nloader benchmark: {len(ids)} images of {args.image_px} px → {SIZE} px, batch {args.batch_size}, "
+          f"{args.workers} DataLoader workers, best of {args.repeats}")
+    for name, value in best.items():
+        print(f"  {name:16s} {value:8.1f} samples/s   (runs: {', '.join(f'{v:.1f}' for v in rates[name])})")
+    print(f"  ratio shards_s3 / per_object_s3  = {best['shards_s3'] / best['per_object_s3']:.2f}x")
+    print(f"  ratio shards_s3 / per_file_local = {best['shards_s3'] / best['per_file_local']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

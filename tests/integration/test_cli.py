@@ -1,0 +1,71 @@
+"""The command line as schedulers call it: help, --json summaries, exit codes, no heavy imports for help."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "pipeline.cli"]
+
+
+def wysiwyc(*args, check=True):
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
+    return proc
+
+
+def test_help_lists_the_stages():
+    out = wysiwyc("--help").stdout
+    for stage in ("ingest", "quickstart"):
+        assert stage in out
+    out = wysiwyc("ingest", "--help").stdout
+    for source in ("voc", "coco", "synthetic", "images"):
+        assert source in out
+
+
+def test_ingest_help_imports_no_heavy_module():
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom pipeline.cli import app\n"
+            "r = CliRunner().invoke(app, ['ingest', 'voc', '--help'])\nassert r.exit_code == 0, r.output\n"
+            "print(sorted(m for m in ('torch', 'boto3', 'pycocotools', 'webdataset', 'mlflow', 'ray') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_ingest_synthetic_json_summary_has_the_contract_keys(tmp_path):
+    out = tmp_path / "shards"
+    proc = wysiwyc("ingest", "synthetic", "--num-images", "12", "--seed", "1", "--split", "train",
+                   "--out", str(out), "--shard-size", "5", "--image-size", "32", "--workers", "1", "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["num_samples"] == 12 and summary["skipped"] == 0 and summary["shards"] == 3
+    assert summary["manifest"] == str(out / "train.manifest.json")
+    assert summary["output"] == str(out)
+    assert json.loads((out / "train.manifest.json").read_text())["digest"] == summary["digest"]
+
+
+def test_human_summary_and_config_overrides(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ingest:\n  shard_size: 4\ndata:\n  image_size: 24\n")
+    proc = wysiwyc("ingest", "synthetic", "--num-images", "8", "--seed", "2", "--split", "val",
+                   "--out", str(tmp_path / "o"), "-c", str(cfg), "ingest.workers=1")
+    assert "ingest synthetic: done" in proc.stdout
+    assert "num_samples" in proc.stdout and " 8" in proc.stdout
+    manifest = json.loads((tmp_path / "o" / "val.manifest.json").read_text())
+    assert [s["num_samples"] for s in manifest["shards"]] == [4, 4]
+
+
+def test_bad_input_exits_non_zero_with_a_message_naming_it(tmp_path):
+    proc = wysiwyc("ingest", "voc", "--source", str(tmp_path / "missing"), "--split", "train",
+                   "--out", str(tmp_path / "o"), "--json", check=False)
+    assert proc.returncode == 2
+    assert str(tmp_path / "missing") in proc.stderr
+    assert "error" in json.loads(proc.stdout)
+
+
+def test_bad_override_exits_non_zero_naming_the_key(tmp_path):
+    proc = wysiwyc("ingest", "synthetic", "--num-images", "2", "--seed", "0", "--split", "train",
+                   "--out", str(tmp_path), "ingest.shardsize=3", check=False)
+    assert proc.returncode == 2
+    assert "ingest.shardsize" in proc.stderr and "shard_size" in proc.stderr

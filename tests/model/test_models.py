@@ -1,0 +1,190 @@
+"""Explananda and Explainers (pipeline.models): shapes, weights from files only, freezing."""
+
+import copy
+import io
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import pipeline
+from pipeline.errors import WysiwycError
+from pipeline.models.explainer import build_explainer
+from pipeline.models.explanandum import (
+    build_explanandum,
+    classifier_trainable_parameters,
+    freeze_explanandum,
+    is_eval_locked,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def vgg16():
+    return build_explanandum("vgg16", 7)  # 134M parameters: build it once
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "resnet50", "vgg16"])
+def test_every_explanandum_gives_one_logit_per_class(arch, request):
+    model = request.getfixturevalue("vgg16") if arch == "vgg16" else build_explanandum(arch, 7)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert model.wysiwyc_arch == arch
+
+
+@pytest.mark.parametrize(
+    "arch,batch,size",
+    [("compact", 2, 40), ("compact", 1, 37), ("deeplabv3_mobilenet_v3_large", 1, 64), ("deeplabv3_resnet50", 1, 64)],
+)
+def test_every_explainer_gives_per_class_logits_at_the_input_size(arch, batch, size):
+    model = build_explainer(arch, 4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(batch, 3, size, size + 3))
+    assert isinstance(out, torch.Tensor) and out.shape == (batch, 4, size, size + 3)
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "resnet50"])
+@pytest.mark.parametrize("ask", [True, "imagenet"])
+def test_pretrained_backbone_without_a_file_says_how_to_provide_one(arch, ask):
+    with pytest.raises(WysiwycError, match=rf"explanandum.pretrained_backbone.*torchvision {arch} state dict.*download it once"):
+        build_explanandum(arch, 3, pretrained_backbone=ask)
+
+
+def test_missing_backbone_file_says_how_to_provide_one(tmp_path):
+    with pytest.raises(WysiwycError, match=r"file not found.*set explanandum.pretrained_backbone to a local path or s3://"):
+        build_explanandum("resnet18", 3, pretrained_backbone=tmp_path / "nope.pth")
+
+
+def test_explainer_backbone_without_a_file_says_how_to_provide_one():
+    with pytest.raises(WysiwycError, match=r"explainer.backbone_weights.*resnet50"):
+        build_explainer("deeplabv3_resnet50", 3, backbone_weights=True)
+
+
+def test_imagenet_backbone_loads_from_a_state_dict_file_and_the_head_stays_new(tmp_path):
+    torch.manual_seed(1)
+    imagenet = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = build_explanandum("resnet18", 3, pretrained_backbone=str(path))
+    torch.testing.assert_close(model.conv1.weight, imagenet.conv1.weight)
+    torch.testing.assert_close(model.layer4[1].bn2.running_var, imagenet.layer4[1].bn2.running_var)
+    assert model.fc.out_features == 3
+    # the same file also works as bytes, a file:// URL and a loader callable
+    for source in (path.read_bytes(), f"file://{path}", lambda: io.BytesIO(path.read_bytes())):
+        other = build_explanandum("resnet18", 3, pretrained_backbone=source)
+        torch.testing.assert_close(other.conv1.weight, imagenet.conv1.weight)
+
+
+def test_a_state_dict_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save(build_explanandum("small_cnn", 3).state_dict(), path)
+    with pytest.raises(WysiwycError, match="not a torchvision resnet18 state dict"):
+        build_explanandum("resnet18", 3, pretrained_backbone=path)
+    with pytest.raises(WysiwycError, match="does not fit a small_cnn with 4 classes"):
+        build_explanandum("small_cnn", 4, weights=path)
+
+
+def test_explanandum_weights_round_trip_through_a_checkpoint_file(tmp_path):
+    torch.manual_seed(2)
+    trained = build_explanandum("small_cnn", 3)
+    path = tmp_path / "classifier.pt"
+    torch.save({"model": trained.state_dict(), "epoch": 3}, path)
+    loaded = build_explanandum("small_cnn", 3, weights=path)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_non_local_urls_are_read_through_pipeline_storage(monkeypatch):
+    state = build_explanandum("small_cnn", 2).state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    opened = []
+
+    def open_read(url, opts=None):
+        opened.append(url)
+        return io.BytesIO(buffer.getvalue())
+
+    fake = types.SimpleNamespace(open_read=open_read)
+    monkeypatch.setattr(pipeline, "storage", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "pipeline.storage", fake)
+    loaded = build_explanandum("small_cnn", 2, weights="s3://bucket/ckpt/classifier.pt")
+    assert opened == ["s3://bucket/ckpt/classifier.pt"]
+    assert torch.equal(loaded.fc.weight, state["fc.weight"])
+
+
+def test_explainer_backbone_loads_from_a_torchvision_mobilenet_state_dict(tmp_path):
+    torch.manual_seed(3)
+    imagenet = torchvision.models.mobilenet_v3_large(weights=None)
+    path = tmp_path / "mobilenet.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = build_explainer("deeplabv3_mobilenet_v3_large", 3, backbone_weights=path)
+    torch.testing.assert_close(model.net.backbone["0"][0].weight, imagenet.features[0][0].weight)
+
+
+def test_compact_explainer_encoder_starts_from_the_small_cnn_and_learns_even_if_it_is_frozen():
+    torch.manual_seed(4)
+    classifier = freeze_explanandum(build_explanandum("small_cnn", 3))
+    explainer = build_explainer("compact", 3, encoder_from=classifier)
+    for i, block in enumerate(classifier.blocks):
+        for key, value in block.state_dict().items():
+            assert torch.equal(explainer.blocks[i].state_dict()[key], value)
+    assert all(p.requires_grad for p in explainer.parameters())
+    explainer.train()
+    assert explainer.blocks[0][1].training
+    with pytest.raises(WysiwycError, match="only for the compact"):
+        build_explainer("deeplabv3_mobilenet_v3_large", 3, encoder_from=classifier)
+
+
+def test_freeze_keeps_eval_mode_through_train_calls_copies_and_pickling():
+    model = freeze_explanandum(build_explanandum("small_cnn", 3))
+    parent = nn.Sequential(model, nn.Dropout())
+    parent.train()
+    model.train()
+    model.blocks[0].train(True)
+    assert not any(m.training for m in model.modules())
+    assert parent[1].training
+    assert all(not p.requires_grad for p in model.parameters())
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        clone.train()
+        assert is_eval_locked(clone)
+        assert not any(m.training for m in clone.modules())
+
+
+def test_classifier_fine_tune_trains_only_the_new_head_and_keeps_the_backbone_in_eval():
+    resnet = build_explanandum("resnet18", 3)
+    assert classifier_trainable_parameters(resnet) == list(resnet.fc.parameters())
+    assert [n for n, p in resnet.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    resnet.train()
+    assert not resnet.bn1.training and not resnet.layer1[0].bn1.training
+    assert resnet.fc.training
+    small = build_explanandum("small_cnn", 3)
+    assert len(classifier_trainable_parameters(small)) == len(list(small.parameters()))
+
+
+def test_vgg16_head_is_the_papers_three_layer_head(vgg16):
+    model = vgg16
+    linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(25088, 4096), (4096, 4096), (4096, 7)]
+    assert sum(isinstance(m, nn.Dropout) for m in model.classifier) == 2
+    assert classifier_trainable_parameters(model) == list(model.classifier.parameters())
+    assert not any(p.requires_grad for p in model.features.parameters())
+
+
+def test_unknown_arch_is_a_clear_error():
+    with pytest.raises(WysiwycError, match="unknown architecture 'alexnet'"):
+        build_explanandum("alexnet", 3)
+    with pytest.raises(WysiwycError, match="unknown architecture"):
+        build_explainer("unet", 3)
+
+
+def test_vgg16_takes_only_the_features_from_an_imagenet_state_dict(vgg16):
+    imagenet = {f"features.{k}": v + 1.0 for k, v in vgg16.features.state_dict().items()}
+    imagenet["classifier.6.weight"] = torch.zeros(1000, 4096)  # the ImageNet head is ignored
+    model = build_explanandum("vgg16", 7, pretrained_backbone=lambda: imagenet)
+    torch.testing.assert_close(model.features[0].weight, imagenet["features.0.weight"])
+    assert model.classifier[6].out_features == 7
