@@ -20,6 +20,8 @@ app = typer.Typer(
 ingest_app = typer.Typer(help="Read a data source into WebDataset shards + manifest (local dir or s3://).",
                          no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
+train_app = typer.Typer(help="Train the classifier (Explanandum) or an Explainer for it.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 
 class OnError(str, Enum):
@@ -164,6 +166,39 @@ def ingest_images(
         return ImageFolderReader(source, opts=opts)
 
     _ingest("images", make_reader, split, out, config, overrides, shard_size, on_error, overwrite, workers, json_)
+
+
+def _train(kind: str, config: str | None, overrides: list[str] | None, as_json: bool) -> None:
+    def stage() -> dict:
+        from pipeline.train import trainer
+
+        cfg = _load(config, overrides)
+        return trainer.train_classifier(cfg) if kind == "classifier" else trainer.train_explainer(cfg)
+
+    _run(f"train {kind}: done", as_json, stage)
+
+
+@train_app.command("classifier")
+def train_classifier(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False) -> None:
+    """Train the Explanandum (multi-label BCE) on data.train; prints the best checkpoint URI."""
+    _train("classifier", config, overrides, json_)
+
+
+@train_app.command("explainer")
+def train_explainer(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False) -> None:
+    """Train an Explainer for the frozen explanandum.checkpoint; prints the best checkpoint URI."""
+    _train("explainer", config, overrides, json_)
+
+
+@app.command()
+def evaluate(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False) -> None:
+    """The paper's metrics for explainer.checkpoint against Grad-CAM, RISE and constant masks on data.test."""
+    def stage() -> dict:
+        from pipeline.evaluate.evaluate import evaluate as run_evaluate
+
+        return run_evaluate(_load(config, overrides))
+
+    _run("evaluate: done", json_, stage)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from pipeline.errors import WysiwycError
 
@@ -119,6 +119,34 @@ class TrainerConfig(_Section):
     seed: int = 0
 
 
+EVALUATE_METHODS = ("explainer", "grad_cam", "rise", "zeros", "half", "ones", "ideal")
+
+
+class EvaluateConfig(_Section):
+    """``wysiwyc evaluate``: the paper's metrics for an Explainer against the baselines."""
+
+    methods: list[str] = Field(default_factory=lambda: list(EVALUATE_METHODS),
+                               description=f"methods to evaluate, from: {', '.join(EVALUATE_METHODS)}")
+    max_images: int | None = Field(None, ge=1, description="evaluate the first N test images (default: all)")
+    batch_size: int = Field(16, ge=1, description="test images per batch")
+    rise_masks: int = Field(8000, ge=1, description="RISE: random masks N (paper: 8000)")
+    rise_grid: int = Field(7, ge=2, description="RISE: grid cells per side (paper: 7)")
+    rise_p: float = Field(0.5, gt=0, le=1, description="RISE: probability a cell is kept (paper: 0.5)")
+    rise_batch_size: int = Field(64, ge=1, description="RISE: masked images per forward pass")
+    overlay_images: int = Field(8, ge=0, description="rows of overlays.png (first N test images)")
+    seed: int = Field(0, ge=0, description="RISE masks")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value):
+        unknown = [m for m in value if m not in EVALUATE_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(EVALUATE_METHODS)}")
+        if not value:
+            raise ValueError(f"give at least one method from {', '.join(EVALUATE_METHODS)}")
+        return [m for m in EVALUATE_METHODS if m in value]  # canonical order, no duplicates
+
+
 class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite file in the run dir)")
     experiment: str = "wysiwyc"
@@ -136,6 +164,7 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
     tracking: TrackingConfig = TrackingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     output: str = "runs/output"
 
 

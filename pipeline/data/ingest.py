@@ -10,13 +10,12 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-from tqdm import tqdm
-
 from pipeline import storage
 from pipeline.config import IngestConfig
 from pipeline.data import shards
 from pipeline.data.sample import Reader, Sample, Skipped
 from pipeline.errors import WysiwycError
+from pipeline.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +94,7 @@ def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None
     writer = shards.ShardWriter(out, split, config.shard_size, config.shard_max_bytes, opts)
     skipped: list[Skipped] = []
     has_seg = False
-    bar = tqdm(total=len(items), desc=f"ingest {reader.name} {split}", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(len(items), f"ingest {reader.name} {split}", "img", enabled=progress)
     try:
         for result in load_all(reader, items, workers):
             bar.update(1)

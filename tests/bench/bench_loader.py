@@ -7,7 +7,13 @@ Three ways to feed the same images to a training loop, measured side by side in 
    one XML object fetched per sample;
 3. for reference, the same per-file ``Dataset`` on a local VOC folder.
 
-Run: ``make bench`` or ``.venv/bin/python tests/bench/bench_loader.py [--images N] [--workers W]``.
+The same images (VOC-sized synthetic JPEGs, 500x375 by default), the same decode and resize
+(``pipeline.data.transforms.image_to_tensor``), the same batch size and DataLoader worker count on all
+three; a few samples are checked to come out identical. The samples are classification samples (image +
+labels from the XML), as the per-file ``Dataset`` reads no masks; the shards hold no masks either.
+
+Run: ``make bench`` or ``.venv/bin/python tests/bench/bench_loader.py [--images N] [--image-size WxH]
+[--workers W] [--batch-size B] [--repeats R]``.
 Starts its own SeaweedFS on 127.0.0.1 with generated credentials and stops it at the end.
 """
 
@@ -16,12 +22,14 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import PIL
 import torch
 from PIL import Image
 
@@ -71,32 +79,63 @@ def measure(loader, expected: int) -> float:
     return count / seconds
 
 
+def check_same_samples(shard_spec: str, per_file: PerFileVOC, opts, n: int = 8) -> int:
+    """The first ``n`` shard samples (no shuffle, no flip) equal the per-file ones: same images, same decode."""
+    ds = shards.ShardDataset(shard_spec, image_size=SIZE, train=False, flip=False, opts=opts,
+                             classes=list(SYNTHETIC_CLASSES))
+    index = {key: i for i, key in enumerate(per_file.ids)}
+    checked = 0
+    for sample in ds:
+        other = per_file[index[sample["key"]]]
+        assert torch.equal(sample["image"], other["image"]), f"{sample['key']}: images differ"
+        assert torch.equal(sample["labels"], other["labels"]), f"{sample['key']}: labels differ"
+        checked += 1
+        if checked == n:
+            break
+    return checked
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height or width)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--image-px", type=int, default=400, help="side of the source JPEGs (VOC: ~500×375)")
+    parser.add_argument("--image-size", type=parse_size, default=(500, 375), metavar="WxH",
+                        help="size of the source JPEGs (default 500x375, as most VOC images)")
+    parser.add_argument("--shard-size", type=int, default=50, help="samples per shard")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    width, height = args.image_size
 
     with tempfile.TemporaryDirectory(prefix="wysiwyc-bench-") as tmp, SeaweedFS(Path(tmp) / "s3") as s3:
         opts = s3.opts
         os.environ.update(s3.env)  # DataLoader workers inherit the endpoint and keys
         bucket = s3.make_bucket("bench")
         voc = Path(tmp) / "VOCdevkit" / "VOC2007"
-        print(f"writing {args.images} VOC-format images ({args.image_px} px) ...", file=sys.stderr)
-        write_voc_folder(voc, num_images=args.images, seed=0, size=args.image_px)
+        print(f"writing {args.images} VOC-format images ({width}x{height}) ...", file=sys.stderr)
+        write_voc_folder(voc, num_images=args.images, seed=0, size=(width, height))
         ids = (voc / "ImageSets/Main/train.txt").read_text().split()
+        jpeg_bytes = [(voc / "JPEGImages" / f"{key}.jpg").stat().st_size for key in ids]
+        xml_bytes = [(voc / "Annotations" / f"{key}.xml").stat().st_size for key in ids]
         for sub in ("JPEGImages", "Annotations"):
             for path in sorted((voc / sub).iterdir()):
                 storage.upload_file(path, f"s3://{bucket}/VOC2007/{sub}/{path.name}", opts)
-        ingest(VOCReader(str(voc), "train", classes=SYNTHETIC_CLASSES), f"s3://{bucket}/shards", "train",
-               IngestConfig(shard_size=50), opts, progress=False)
+        # classification samples (image + labels) on both sides: the per-file Dataset reads no masks,
+        # so the shards hold none either (the reader then yields an all-void seg, which it still pays for)
+        ingest(VOCReader(str(voc), "train", classes=SYNTHETIC_CLASSES, segmentation="off"),
+               f"s3://{bucket}/shards", "train", IngestConfig(shard_size=args.shard_size), opts, progress=False)
+        shard_spec = f"s3://{bucket}/shards/train"
+        listed = shards.read_manifest(shard_spec, opts)["shards"]
+        checked = check_same_samples(shard_spec, PerFileVOC(f"s3://{bucket}/VOC2007", ids, opts), opts)
 
         def shard_loader():
-            ds = shards.ShardDataset(f"s3://{bucket}/shards/train", image_size=SIZE, train=True, flip=False,
+            ds = shards.ShardDataset(shard_spec, image_size=SIZE, train=True, flip=False,
                                      shuffle_buffer=100, opts=opts)
             return shards.make_loader(ds, args.batch_size, args.workers)
 
@@ -105,17 +144,30 @@ def main() -> None:
                                                shuffle=True, num_workers=args.workers)
 
         rates: dict[str, list[float]] = {"shards_s3": [], "per_object_s3": [], "per_file_local": []}
+        load_before = os.getloadavg()
         for _ in range(args.repeats):  # interleaved, so drift hits all three alike
             rates["shards_s3"].append(measure(shard_loader(), len(ids)))
             rates["per_object_s3"].append(measure(per_file_loader(f"s3://{bucket}/VOC2007", opts), len(ids)))
             rates["per_file_local"].append(measure(per_file_loader(str(voc), None), len(ids)))
+        load_after = os.getloadavg()
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     best = {name: max(values) for name, values in rates.items()}
-    print(f"\nloader benchmark: {len(ids)} images of {args.image_px} px → {SIZE} px, batch {args.batch_size}, "
-          f"{args.workers} DataLoader workers, best of {args.repeats}")
+    print(f"\nloader benchmark: decoded, resized ({SIZE} px) training samples per second")
+    print(f"  machine: {cores} usable cores (os.cpu_count {os.cpu_count()}), load average "
+          f"{load_before[0]:.2f} before / {load_after[0]:.2f} after the timed runs; SeaweedFS weed mini on "
+          f"the same machine (127.0.0.1); torch {torch.__version__} ({torch.get_num_threads()} thread), "
+          f"Pillow {PIL.__version__}, Python {sys.version.split()[0]}")
+    print(f"  data: {len(ids)} images, {width}x{height} JPEG (mean {statistics.mean(jpeg_bytes) / 1024:.1f} KiB) + "
+          f"VOC XML (mean {statistics.mean(xml_bytes) / 1024:.1f} KiB); {len(listed)} shards of "
+          f"≤{args.shard_size} samples (mean {statistics.mean(s['bytes'] for s in listed) / 2**20:.2f} MiB); "
+          f"{2 * len(ids)} objects for the per-object reads")
+    print(f"  loader: batch {args.batch_size}, {args.workers} DataLoader workers, same decode/resize "
+          f"(image_to_tensor) on all paths, {checked} samples checked equal across paths; best of "
+          f"{args.repeats} interleaved passes (start-up included)")
     for name, value in best.items():
         print(f"  {name:16s} {value:8.1f} samples/s   (runs: {', '.join(f'{v:.1f}' for v in rates[name])})")
-    print(f"  ratio shards_s3 / per_object_s3  = {best['shards_s3'] / best['per_object_s3']:.2f}x")
+    print(f"  ratio shards_s3 / per_object_s3  = {best['shards_s3'] / best['per_object_s3']:.2f}x   (goal ≥ 2x)")
     print(f"  ratio shards_s3 / per_file_local = {best['shards_s3'] / best['per_file_local']:.2f}x")
 
 

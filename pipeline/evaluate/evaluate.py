@@ -1,0 +1,441 @@
+"""The ``evaluate`` stage: the paper's metrics for an Explainer against the baselines, with a report.
+
+Inputs: an Explainer checkpoint (``explainer.checkpoint``), the Explanandum it explains (the one its
+checkpoint records, or ``explanandum.checkpoint``; its sha256 must match the record) and a split with
+segmentation (``data.test``). For every method (``explainer``, ``grad_cam``, ``rise``, ``zeros``,
+``half``, ``ones``, ``ideal``) and every image with at least one ground-truth class:
+
+- per-class masks for **all** classes are produced and timed (the Explainer: one forward pass;
+  Grad-CAM: one backward pass per class; RISE: one set of masked forward passes for all classes),
+  which gives ``masks_per_second`` measured in the same run for every method (scoring excluded,
+  the first batch left out as warm-up when there are more);
+- the masks of the image's ground-truth classes are merged by pixel-wise max and scored against the
+  ground-truth foreground (:func:`~pipeline.evaluate.metrics.segmentation_scores`, void ignored) and
+  with the saliency metric (the Explanandum's sigmoid probabilities on m ⊙ x);
+- for methods with per-class masks (Explainer, Grad-CAM, RISE) the class-specificity matrix
+  M[r][c] = mean p_r(x ⊙ M_c) over images holding both r and c.
+
+Images without any ground-truth class have no mask to evaluate and are left out (counted in the
+summary's ``skipped_unlabelled``).
+
+Outputs under ``output`` (a local directory or ``s3://`` prefix): ``metrics.json``, ``metrics.md``,
+``f1_vs_threshold.png``, ``class_specificity_<method>.png``, ``overlays.png`` and the resolved
+``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.config import EVALUATE_METHODS, EvaluateConfig, dump_config
+from pipeline.errors import WysiwycError
+
+log = logging.getLogger(__name__)
+
+METHODS = EVALUATE_METHODS
+PER_CLASS_METHODS = ("explainer", "grad_cam", "rise")  # the ones with a class-specificity matrix
+OVERLAY_METHODS = ("explainer", "grad_cam", "rise")  # merged-mask columns of overlays.png
+F1_CURVE_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95
+
+# metrics.py key → metrics.json key
+METRIC_NAMES = {
+    "d_f1": "mean_f1",
+    "c_f1": "cont_f1",
+    "acc": "accuracy",
+    "d_iou": "discrete_iou",
+    "c_iou": "cont_iou",
+    "auc": "auc",
+    "saliency": "saliency",
+    "background_coverage": "background_coverage",
+    "object_coverage": "object_coverage",
+}
+METRIC_KEYS = (*METRIC_NAMES.values(), "masks_per_second")
+
+_REGISTRY_PREFIX = "models:/"
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Models:
+    """The Explainer, its Explanandum and what the run records about them."""
+
+    explainer: nn.Module
+    explanandum: nn.Module
+    classes: list[str]
+    image_size: int
+    explainer_uri: str
+    explainer_sha256: str
+    explanandum_uri: str
+    explanandum_sha256: str
+
+
+def _refuse_registry(uri: str, key: str) -> None:
+    if str(uri).startswith(_REGISTRY_PREFIX):
+        raise WysiwycError(f"{key}={uri}: registry URIs come with the registry stage; give a checkpoint URI "
+                           f"(a local path or s3://…) for now")
+
+
+def load_models(config, opts=None) -> Models:
+    """The Explainer of ``explainer.checkpoint`` and the Explanandum it was trained to explain.
+
+    The Explanandum is ``explanandum.checkpoint`` when set, else the one the Explainer checkpoint
+    records (``ckpt["explanandum"]["uri"]``); its sha256 must equal the recorded one.
+
+    Raises:
+        WysiwycError: no checkpoint given, a ``models:/`` URI, a classifier that is not the recorded
+            one, or class lists that differ.
+    """
+    from pipeline.train.checkpoint import load_classifier, load_explainer
+
+    uri = config.explainer.checkpoint
+    if not uri:
+        raise WysiwycError("evaluate: set explainer.checkpoint to the Explainer checkpoint to evaluate "
+                           "(a local path or s3://…), e.g. the `checkpoint` printed by `wysiwyc train explainer`")
+    _refuse_registry(uri, "explainer.checkpoint")
+    explainer, ckpt, explainer_sha = load_explainer(uri, opts)
+
+    record = ckpt.get("explanandum") or {}
+    explanandum_uri = config.explanandum.checkpoint or record.get("uri")
+    if not explanandum_uri:
+        raise WysiwycError(f"evaluate: the Explainer checkpoint {storage.redact(uri)} does not record its "
+                           f"Explanandum; set explanandum.checkpoint to the classifier it explains")
+    _refuse_registry(explanandum_uri, "explanandum.checkpoint")
+    explanandum, cls_ckpt, explanandum_sha = load_classifier(explanandum_uri, opts)
+    expected = record.get("sha256")
+    if expected and explanandum_sha != expected:
+        raise WysiwycError(
+            f"evaluate: the Explanandum {storage.redact(explanandum_uri)} (sha256 {explanandum_sha[:16]}…) is not "
+            f"the classifier the Explainer {storage.redact(uri)} was trained to explain (recorded: "
+            f"{storage.redact(str(record.get('uri')))}, sha256 {expected[:16]}…); the file was changed or "
+            f"replaced: point explanandum.checkpoint at the recorded classifier, or evaluate an Explainer "
+            f"trained for this one")
+    if not expected:
+        log.warning("evaluate: %s records no Explanandum sha256; cannot verify %s", storage.redact(uri),
+                    storage.redact(explanandum_uri))
+    classes = list(ckpt["classes"])
+    if list(cls_ckpt["classes"]) != classes:
+        raise WysiwycError(f"evaluate: the Explainer {storage.redact(uri)} has classes {classes} but the "
+                           f"Explanandum {storage.redact(explanandum_uri)} has {list(cls_ckpt['classes'])}")
+    # the checkpoint's size unless data.image_size was given explicitly
+    if "image_size" in config.data.model_fields_set or not ckpt.get("image_size"):
+        image_size = int(config.data.image_size)
+    else:
+        image_size = int(ckpt["image_size"])
+    if ckpt.get("image_size") and int(ckpt["image_size"]) != image_size:
+        log.warning("evaluate: evaluating at %d px, the Explainer was trained at %d px", image_size,
+                    int(ckpt["image_size"]))
+    return Models(explainer=explainer.eval(), explanandum=explanandum, classes=classes, image_size=image_size,
+                  explainer_uri=uri, explainer_sha256=explainer_sha, explanandum_uri=explanandum_uri,
+                  explanandum_sha256=explanandum_sha)
+
+
+def open_test_split(config, classes: list[str], image_size: int, opts=None):
+    """The test split (``data.test``) as a :class:`ShardDataset`; it must have segmentation."""
+    from pipeline.data.shards import ShardDataset, read_manifest
+
+    spec = config.data.test
+    if not spec:
+        raise WysiwycError("evaluate: set data.test to a split with segmentation (OUT/split or its manifest URL), "
+                           "e.g. one written by `wysiwyc ingest synthetic --split test`")
+    manifest = read_manifest(spec, opts)
+    if not manifest.get("has_segmentation"):
+        raise WysiwycError(f"evaluate: {storage.redact(manifest['url'])} has no segmentation (has_segmentation: "
+                           f"false); evaluation compares masks with ground-truth segmentation: use a split "
+                           f"ingested with segmentation (VOC SegmentationClass, COCO, synthetic)")
+    if list(manifest["classes"]) != list(classes):
+        raise WysiwycError(f"evaluate: {storage.redact(manifest['url'])} has classes {manifest['classes']} but "
+                           f"the Explainer and Explanandum have {classes}")
+    return ShardDataset(spec, image_size=image_size, train=False, opts=opts, classes=config.data.classes)
+
+
+# ------------------------------------------------------------------------------------ the math
+
+
+def merge_present(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, the masks of its ground-truth classes merged by pixel-wise max: (B, C, H, W) → (B, H, W).
+
+    Absent classes count as 0 (masks are in [0, 1]); an image without a class gets an all-zero mask.
+    """
+    present = (labels > 0.5 if labels.dtype != torch.bool else labels).to(maps.dtype)
+    return (maps * present[:, :, None, None]).amax(dim=1)
+
+
+def f1_at_thresholds(mask: torch.Tensor, foreground: torch.Tensor, valid: torch.Tensor,
+                     thresholds=F1_CURVE_THRESHOLDS) -> torch.Tensor:
+    """Discrete F1 per image and threshold (B, T), exactly as ``d_f1_*`` of ``segmentation_scores``
+    (mask > t over valid pixels; ε = 1e-10); NaN for an image without a valid pixel."""
+    t = torch.as_tensor(thresholds, dtype=mask.dtype, device=mask.device)
+    v = valid.float()
+    g = (foreground & valid).float()
+    b = (mask.float().unsqueeze(0) > t[:, None, None, None]).float() * v  # (T, B, H, W)
+    tp = (b * g).sum((2, 3))
+    fp = b.sum((2, 3)) - tp
+    fn = g.sum((1, 2)) - tp
+    precision = tp / (tp + fp + 1e-10)
+    recall = tp / (tp + fn + 1e-10)
+    f1 = 2 * precision * recall / (precision + recall + 1e-10)
+    f1 = torch.where(v.sum((1, 2)) > 0, f1, torch.full_like(f1, math.nan))
+    return f1.T  # (B, T)
+
+
+@dataclass
+class _MethodResult:
+    """What one method accumulates over the run."""
+
+    scores: object  # MetricAccumulator
+    specificity: object | None  # ClassSpecificityAccumulator
+    f1_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(F1_CURVE_THRESHOLDS), dtype=torch.float64))
+    f1_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(len(F1_CURVE_THRESHOLDS), dtype=torch.float64))
+    timings: list[tuple[float, int]] = field(default_factory=list)  # (seconds, masks) per batch
+
+    def add_f1(self, f1: torch.Tensor) -> None:
+        f1 = f1.detach().double().cpu()
+        ok = torch.isfinite(f1)
+        self.f1_sums += torch.where(ok, f1, torch.zeros_like(f1)).sum(0)
+        self.f1_counts += ok.sum(0)
+
+    def masks_per_second(self) -> float:
+        """Masks per second over the run; the first batch (warm-up: allocations, kernel selection)
+        is left out when there are more."""
+        timed = self.timings[1:] if len(self.timings) > 1 else self.timings
+        seconds = sum(t for t, _ in timed)
+        return sum(n for _, n in timed) / seconds if seconds > 0 else math.inf
+
+    def f1_curve(self) -> list[float]:
+        return [float(s / n) if n else math.nan for s, n in zip(self.f1_sums.tolist(), self.f1_counts.tolist())]
+
+
+def _mask_maker(name: str, models: Models, options: EvaluateConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``make(x, seg) -> (B, C, H, W)`` per-class masks of every class for method ``name``."""
+    from pipeline.evaluate import baselines
+    from pipeline.method.masks import class_masks
+
+    all_classes = list(range(len(models.classes)))
+    if name == "explainer":
+        def make(x, seg):
+            with torch.no_grad():
+                return class_masks(models.explainer(x))  # one forward pass, every class
+    elif name == "grad_cam":
+        def make(x, seg):  # needs gradients (w.r.t. the activations): no no_grad here
+            return baselines.gradcam(models.explanandum, x, all_classes)
+    elif name == "rise":
+        def make(x, seg):
+            return baselines.rise(models.explanandum, x, all_classes, num_masks=options.rise_masks,
+                                  grid_size=options.rise_grid, p=options.rise_p, seed=options.seed,
+                                  batch_size=options.rise_batch_size)
+    elif name in ("zeros", "half", "ones"):
+        method = baselines.constant({"zeros": 0.0, "half": 0.5, "ones": 1.0}[name])
+
+        def make(x, seg):
+            return method(models.explanandum, x, all_classes)
+    elif name == "ideal":
+        def make(x, seg):
+            return baselines.ideal(models.explanandum, x, all_classes, seg=seg)
+    else:  # EvaluateConfig validates the names
+        raise WysiwycError(f"evaluate: unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return make
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _jsonable(value):
+    """NaN/inf → None (JSON null), recursively; tensors and numpy numbers → Python numbers."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _jsonable(value.item())
+    return value
+
+
+# ----------------------------------------------------------------------------------- the stage
+
+
+def evaluate(config, progress: bool = True) -> dict:
+    """Evaluate an Explainer against the baselines on a test split; write metrics, report and plots.
+
+    Args:
+        config: the resolved :class:`pipeline.config.Config` (``explainer.checkpoint``, ``data.test``,
+            ``output``, the ``evaluate`` section, ``trainer.use_gpu``, ``storage``).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The summary: ``metrics`` (URI of metrics.json), ``report`` (URI of metrics.md), ``output``,
+        ``num_images``, ``skipped_unlabelled``, ``figures``, ``explainer``, ``explanandum``,
+        ``explanandum_sha256``, ``test``, ``device``, ``seconds`` and ``table``
+        (``{method: {"cont_iou", "mean_f1"}}``).
+
+    Raises:
+        WysiwycError: missing or registry checkpoints, an Explanandum that is not the recorded one, a
+            test split without segmentation or with other classes, or no labelled test image.
+    """
+    from pipeline.data.shards import make_loader
+    from pipeline.data.transforms import denormalize
+    from pipeline.evaluate import report
+    from pipeline.evaluate.metrics import (
+        ClassSpecificityAccumulator,
+        MetricAccumulator,
+        foreground_and_valid,
+        saliency,
+        segmentation_scores,
+    )
+    from pipeline.progress import progress as progress_bar
+
+    started = time.perf_counter()
+    options = config.evaluate
+    opts = config.storage.options()
+    models = load_models(config, opts)
+    dataset = open_test_split(config, models.classes, models.image_size, opts)
+    loader = make_loader(dataset, options.batch_size, min(config.data.loader_workers, len(dataset.urls)))
+
+    use_gpu = bool(config.trainer.use_gpu) and torch.cuda.is_available()
+    if config.trainer.use_gpu and not use_gpu:
+        log.warning("evaluate: trainer.use_gpu is set but CUDA is not available; running on the CPU")
+    device = torch.device("cuda" if use_gpu else "cpu")
+    models.explainer.to(device)
+    models.explanandum.to(device)
+    C = len(models.classes)
+
+    def probs(images: torch.Tensor) -> torch.Tensor:  # the Explanandum's sigmoid probabilities
+        with torch.no_grad():
+            return torch.sigmoid(models.explanandum(images))
+
+    makers = {name: _mask_maker(name, models, options) for name in options.methods}
+    results = {name: _MethodResult(MetricAccumulator(),
+                                   ClassSpecificityAccumulator(C) if name in PER_CLASS_METHODS else None)
+               for name in options.methods}
+    overlay_rows: list[dict] = []
+    total = dataset.manifest["num_samples"]
+    if options.max_images is not None:
+        total = min(total, options.max_images)
+    num_images = skipped = seen = 0
+
+    bar = progress_bar(total, "evaluate", unit="img", enabled=progress)
+    try:
+        for batch in loader:
+            if seen >= total:
+                break
+            take = min(batch["image"].shape[0], total - seen)
+            seen += take
+            bar.update(take)
+            labels = batch["labels"][:take]
+            keep = labels.sum(1) > 0  # an image without a class has no mask to evaluate
+            skipped += int((~keep).sum())
+            if not keep.any():
+                continue
+            x = batch["image"][:take][keep].to(device)
+            y = labels[keep].to(device)
+            seg = batch["seg"][:take][keep].to(device)
+            keys = [k for k, kept in zip(batch["key"][:take], keep.tolist()) if kept]
+            foreground, valid = foreground_and_valid(seg)
+            B = x.shape[0]
+            num_images += B
+
+            want_rows = max(0, options.overlay_images - len(overlay_rows))
+            new_rows = [{"key": keys[i], "image": denormalize(x[i].float().cpu()).permute(1, 2, 0).numpy(),
+                         "seg": seg[i].cpu().numpy(), "labels": y[i].nonzero().flatten().tolist(),
+                         "class_masks": {}, "merged": {}} for i in range(min(B, want_rows))]
+
+            for name in options.methods:
+                result = results[name]
+                # per-class masks of every class, timed (scoring below is not)
+                _sync(device)
+                tic = time.perf_counter()
+                maps = makers[name](x, seg)
+                _sync(device)
+                result.timings.append((time.perf_counter() - tic, B * C))
+
+                with torch.no_grad():
+                    maps = maps.float()
+                    merged = merge_present(maps, y)  # (B, H, W)
+                    scores = segmentation_scores(merged, foreground, valid)
+                    scores["saliency"] = saliency(merged, probs(merged.unsqueeze(1) * x), y)  # m ⊙ x
+                    result.scores.update(scores)
+                    result.add_f1(f1_at_thresholds(merged, foreground, valid))
+                    if result.specificity is not None:
+                        result.specificity.update(probs, x, y, maps, chunk_size=max(32, options.batch_size))
+                for i, row in enumerate(new_rows):
+                    if name == "explainer":
+                        row["class_masks"] = {k: maps[i, k].cpu().numpy() for k in row["labels"]}
+                    if name in OVERLAY_METHODS:
+                        row["merged"][name] = merged[i].cpu().numpy()
+                del maps, merged
+            overlay_rows.extend(new_rows)
+            if "explainer" in results:
+                running = results["explainer"].scores.compute()
+                bar.set_postfix(cont_iou=f"{running.get('c_iou', math.nan):.3f}",
+                                mean_f1=f"{running.get('d_f1', math.nan):.3f}")
+    finally:
+        bar.close()
+    if num_images == 0:
+        raise WysiwycError(f"evaluate: no test image of {storage.redact(dataset.manifest['url'])} has a "
+                           f"ground-truth class ({skipped} without one): nothing to evaluate")
+
+    # ------------------------------------------------------------------ metrics.json
+    methods_out: dict[str, dict] = {}
+    specificity_out: dict[str, dict] = {}
+    curves: dict[str, dict] = {}
+    for name, result in results.items():
+        means = result.scores.compute()
+        row = {out: means.get(key, math.nan) for key, out in METRIC_NAMES.items()}
+        row["masks_per_second"] = result.masks_per_second()
+        methods_out[name] = row
+        curves[name] = {"thresholds": list(F1_CURVE_THRESHOLDS), "f1": result.f1_curve()}
+        if result.specificity is not None:
+            specificity_out[name] = {"classes": list(models.classes),
+                                     "matrix": result.specificity.matrix().tolist()}
+    metrics = _jsonable({"methods": methods_out, "class_specificity": specificity_out, "num_images": num_images,
+                         "f1_curve": curves})
+
+    # ------------------------------------------------------------------ files
+    out = config.output
+    written: dict[str, str] = {}
+
+    def put(name: str, data: bytes) -> None:
+        url = storage.join(out, name)
+        storage.write_bytes(url, data, opts)
+        written[name] = url
+
+    put("metrics.json", json.dumps(metrics, indent=1, allow_nan=False).encode())
+    title = f"Evaluation of {storage.redact(models.explainer_uri)}"
+    put("metrics.md", report.metrics_markdown(metrics["methods"], metrics["class_specificity"], num_images,
+                                              title=title).encode())
+    put("f1_vs_threshold.png", report.f1_curve_png(metrics["f1_curve"]))
+    for name, spec in metrics["class_specificity"].items():
+        put(f"class_specificity_{name}.png", report.class_specificity_png(spec["matrix"], spec["classes"], name))
+    put("overlays.png", report.overlays_png(overlay_rows, models.classes))
+    put("config.yaml", dump_config(config).encode())
+
+    return {
+        "metrics": storage.redact(written["metrics.json"]),
+        "report": storage.redact(written["metrics.md"]),
+        "output": storage.redact(out),
+        "num_images": num_images,
+        "skipped_unlabelled": skipped,
+        "figures": [storage.redact(u) for n, u in written.items() if n.endswith(".png")],
+        "explainer": storage.redact(models.explainer_uri),
+        "explanandum": storage.redact(models.explanandum_uri),
+        "explanandum_sha256": models.explanandum_sha256,
+        "test": storage.redact(dataset.manifest["url"]),
+        "device": device.type,
+        "seconds": round(time.perf_counter() - started, 3),
+        "table": {name: {"cont_iou": row["cont_iou"], "mean_f1": row["mean_f1"]}
+                  for name, row in metrics["methods"].items()},
+    }

@@ -1,0 +1,267 @@
+"""Tables and pictures of an evaluation run: pure functions from arrays/dicts to Markdown or PNG bytes.
+
+Nothing here reads or writes files; :mod:`pipeline.evaluate.evaluate` stores what these return.
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global state), so
+they work on headless machines and in worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+# metrics.json names of the metrics (in table order), how they read in a table, and which way is better
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("mean_f1", "mean F1", "↑"),
+    ("cont_f1", "cont. F1", "↑"),
+    ("accuracy", "accuracy", "↑"),
+    ("discrete_iou", "discr. IoU", "↑"),
+    ("cont_iou", "cont. IoU", "↑"),
+    ("auc", "AUC", "↑"),
+    ("saliency", "saliency", "↓"),
+    ("background_coverage", "bg. cov.", "↓"),
+    ("object_coverage", "obj. cov.", "↑"),
+    ("masks_per_second", "masks/s", "↑"),
+)
+
+# how methods are called in titles and tables
+METHOD_TITLES = {
+    "explainer": "Explainer",
+    "grad_cam": "Grad-CAM",
+    "rise": "RISE",
+    "zeros": "const. 0",
+    "half": "const. 0.5",
+    "ones": "const. 1",
+    "ideal": "ideal",
+}
+
+_MASK_CMAP = "jet"
+_MASK_ALPHA = 0.5
+
+
+def _title(method: str) -> str:
+    return METHOD_TITLES.get(method, method)
+
+
+def _fmt(value: float | None, key: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if key == "masks_per_second":
+        return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def specificity_gap(matrix: Sequence[Sequence[float | None]] | np.ndarray) -> float:
+    """Mean of the diagonal − mean of the off-diagonal cells of a class-specificity matrix (NaN/None
+    cells, where no image held both classes, are left out); NaN when either part is empty.
+    Large for class-specific masks: a class's mask keeps that class and hides the others."""
+    m = np.array([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=np.float64)
+    if m.size == 0:
+        return math.nan
+    diag_mask = np.eye(m.shape[0], dtype=bool)
+    diag, off = m[diag_mask], m[~diag_mask]
+    diag, off = diag[np.isfinite(diag)], off[np.isfinite(off)]
+    if diag.size == 0 or off.size == 0:
+        return math.nan
+    return float(diag.mean() - off.mean())
+
+
+def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
+                     class_specificity: Mapping[str, Mapping] | None = None,
+                     num_images: int | None = None, title: str = "Evaluation") -> str:
+    """A Markdown report: methods × metrics (arrows say which way is better) and the specificity gap.
+
+    Args:
+        methods: ``{method: {metric: value}}`` as in metrics.json (None/NaN shown as "–").
+        class_specificity: ``{method: {"classes", "matrix"}}`` for the methods with per-class masks.
+        num_images: images the metrics average over.
+        title: the heading.
+    """
+    class_specificity = class_specificity or {}
+    lines = [f"# {title}", ""]
+    if num_images is not None:
+        lines += [f"{num_images} test images; per image, the masks of its ground-truth classes merged by "
+                  f"pixel-wise max and compared with the ground-truth foreground (void pixels ignored).", ""]
+    header = ["method"] + [f"{label} {arrow}" for _, label, arrow in METRICS] + ["spec. gap ↑"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for method, values in methods.items():
+        cells = [_title(method)] + [_fmt(values.get(key), key) for key, _, _ in METRICS]
+        spec = class_specificity.get(method)
+        cells.append(_fmt(specificity_gap(spec["matrix"])) if spec else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "mean F1: discrete F1 averaged over thresholds 0.25/0.5/0.75; discr. IoU: averaged over 0.1…0.9; "
+        "saliency: log max(area, 0.05) − log p(classes | mask ⊙ x) (lower is better); bg./obj. cov.: mean "
+        "mask over background / object pixels; masks/s: per-class masks produced per second "
+        "(all classes of every image, scoring excluded).",
+    ]
+    if class_specificity:
+        lines += ["", "## Class specificity", "",
+                  "M[r][c] = mean sigmoid probability of class r on the image masked with the mask of class c, "
+                  "over the test images holding both; spec. gap = mean diagonal − mean off-diagonal.", "",
+                  "| method | mean diagonal | mean off-diagonal | gap |", "|---|---:|---:|---:|"]
+        for method, spec in class_specificity.items():
+            m = np.array([[math.nan if v is None else v for v in row] for row in spec["matrix"]], dtype=float)
+            eye = np.eye(m.shape[0], dtype=bool)
+            diag, off = m[eye], m[~eye]
+            d = float(np.nanmean(diag)) if np.isfinite(diag).any() else math.nan
+            o = float(np.nanmean(off)) if np.isfinite(off).any() else math.nan
+            lines.append(f"| {_title(method)} | {_fmt(d)} | {_fmt(o)} | {_fmt(specificity_gap(m))} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- figures
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", facecolor="white")
+    return buf.getvalue()
+
+
+def f1_curve_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]],
+                 title: str = "F1 vs threshold") -> bytes:
+    """Discrete F1 of the merged masks against the binarisation threshold, one line per method.
+
+    Args:
+        curves: ``{method: {"thresholds": [...], "f1": [...]}}``.
+    """
+    fig = _new_figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    styles = {"zeros": ":", "half": ":", "ones": ":", "ideal": "--"}
+    for method, curve in curves.items():
+        t = np.asarray(curve["thresholds"], dtype=float)
+        f1 = np.array([math.nan if v is None else v for v in curve["f1"]], dtype=float)
+        ax.plot(t, f1, styles.get(method, "-"), marker="o" if method in ("explainer", "grad_cam", "rise") else None,
+                markersize=3, linewidth=2.2 if method == "explainer" else 1.4, label=_title(method))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("threshold t (mask > t is object)")
+    ax.set_ylabel("mean F1 over images")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def class_specificity_png(matrix: Sequence[Sequence[float | None]] | np.ndarray, classes: Sequence[str],
+                          method: str = "explainer") -> bytes:
+    """Annotated heatmap of the class-specificity matrix M[r][c] (rows: probability of class r; columns:
+    the mask of class c). Cells without an image holding both classes are grey and marked "–"."""
+    m = np.array([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    C = len(classes)
+    side = min(max(3.5, 0.45 * C + 2.0), 24.0)
+    fig = _new_figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    shown = np.ma.masked_invalid(m)
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].with_extremes(bad="#d9d9d9")
+    im = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="sigmoid probability of row class")
+    ax.set_xticks(range(C))
+    ax.set_yticks(range(C))
+    fontsize = 8 if C <= 20 else 6 if C <= 40 else 4
+    ax.set_xticklabels(classes, rotation=60, ha="right", rotation_mode="anchor", fontsize=fontsize)
+    ax.set_yticklabels(classes, fontsize=fontsize)
+    ax.set_xlabel("mask of class c")
+    ax.set_ylabel("probability of class r")
+    if C <= 25:  # numbers stay readable
+        for r in range(C):
+            for c in range(C):
+                v = m[r, c]
+                text = "–" if not math.isfinite(v) else f"{v:.2f}"
+                colour = "black" if (not math.isfinite(v) or v > 0.6) else "white"
+                ax.text(c, r, text, ha="center", va="center", fontsize=max(fontsize - 1, 4), color=colour)
+    gap = specificity_gap(m)
+    ax.set_title(f"Class specificity — {_title(method)}" + (f" (gap {gap:.2f})" if math.isfinite(gap) else ""))
+    return _png(fig)
+
+
+def segmentation_rgb(seg: np.ndarray, num_classes: int) -> np.ndarray:
+    """Colour a class-index map (0 background, k+1 class k, 255 void): black background, white void,
+    one tab20 colour per class. Returns (H, W, 3) float in [0, 1]."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"](np.arange(max(num_classes, 1)) % 20)[:, :3]
+    out = np.zeros((*seg.shape, 3), dtype=np.float64)
+    for k in range(num_classes):
+        out[seg == k + 1] = palette[k]
+    out[seg == 255] = 1.0
+    return out
+
+
+def class_colour(k: int) -> tuple[float, float, float]:
+    """The colour of class ``k`` in :func:`segmentation_rgb`."""
+    from matplotlib import colormaps
+
+    return tuple(colormaps["tab20"](k % 20)[:3])
+
+
+def overlays_png(rows: Sequence[Mapping], classes: Sequence[str], max_class_columns: int = 4) -> bytes:
+    """Grid of masks over test images.
+
+    Columns: the image, its ground truth, the Explainer's per-class masks of the image's classes
+    (as many columns as the row with most classes needs, at most ``max_class_columns``), then one
+    merged mask per method in ``row["merged"]`` (e.g. Explainer, Grad-CAM, RISE).
+
+    Args:
+        rows: per image ``{"key", "image" (H,W,3) in [0,1], "seg" (H,W) int, "labels" [class idx],
+            "class_masks" {class idx: (H,W)} (the Explainer's; may be empty), "merged" {method: (H,W)}}``.
+        classes: class names.
+    """
+    if not rows:
+        fig = _new_figure(4, 1)
+        fig.text(0.5, 0.5, "no images", ha="center", va="center")
+        return _png(fig)
+    n_cls = min(max((len(r.get("class_masks", {})) for r in rows), default=0), max_class_columns)
+    merged_methods = list(rows[0].get("merged", {}).keys())
+    ncols = 2 + n_cls + len(merged_methods)
+    cell = 1.9
+    fig = _new_figure(cell * ncols + 0.8, cell * len(rows) + 0.3)
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    mappable = None
+    for i, row in enumerate(rows):
+        image = np.asarray(row["image"], dtype=np.float64)
+        names = ", ".join(classes[k] for k in row["labels"])
+        cells = axes[i]
+        for ax in cells:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        cells[0].imshow(image)
+        cells[0].set_title(str(row.get("key", "")), fontsize=7)
+        cells[1].imshow(segmentation_rgb(np.asarray(row["seg"]), len(classes)), interpolation="nearest")
+        cells[1].set_title("ground truth: " + names if len(names) < 28 else names, fontsize=7)
+        for j, (k, mask) in enumerate(list(row.get("class_masks", {}).items())[:n_cls]):
+            ax = cells[2 + j]
+            ax.imshow(image)
+            mappable = ax.imshow(np.asarray(mask), cmap=_MASK_CMAP, alpha=_MASK_ALPHA, vmin=0, vmax=1)
+            ax.set_title(f"Explainer: {classes[k]}", fontsize=7)
+            for spine in ax.spines.values():  # frame in the class colour, as in the ground truth
+                spine.set_visible(True)
+                spine.set_color(class_colour(k))
+                spine.set_linewidth(2)
+        for j, method in enumerate(merged_methods):
+            ax = cells[2 + n_cls + j]
+            ax.imshow(image)
+            mappable = ax.imshow(np.asarray(row["merged"][method]), cmap=_MASK_CMAP, alpha=_MASK_ALPHA, vmin=0, vmax=1)
+            ax.set_title(f"{_title(method)} (merged)", fontsize=7)
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.015, pad=0.01, label="mask value")
+    return _png(fig)

@@ -1,0 +1,186 @@
+"""One home for the training math: per-batch losses and the epoch loops, for classifier and Explainer.
+
+The single-process trainer and the Ray Train workers call the same functions; the only things that
+differ between them (DDP wrapping, device, where checkpoints go) are passed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.method.losses import classifier_loss, explainer_loss
+
+# a batch → (loss to backpropagate, {name: (sum over the batch, count)} for logging)
+LossFn = Callable[[dict], tuple[torch.Tensor, dict[str, tuple[float, float]]]]
+
+
+@dataclass
+class StepContext:
+    """Where and how steps run: device, mixed precision, gradient accumulation."""
+
+    device: torch.device = torch.device("cpu")
+    amp_dtype: torch.dtype | None = None  # bf16 / fp16 on GPU; None = full precision
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    grad_accum: int = 1
+    channels_last: bool = False
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, batch: dict) -> dict:
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if key == "image" and self.channels_last:
+                    value = value.contiguous(memory_format=torch.channels_last)
+            out[key] = value
+        return out
+
+
+class Stats:
+    """Running sums for epoch metrics: means of per-sample values, and micro-F1 from tp/fp/fn counts."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, values: dict[str, tuple[float, float]]) -> None:
+        for key, (total, count) in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(total)
+            self.counts[key] = self.counts.get(key, 0.0) + float(count)
+
+    def tensor(self, keys: list[str]) -> torch.Tensor:
+        """Sums and counts as one tensor, for an all-reduce across ranks."""
+        return torch.tensor([self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0.0) for k in keys],
+                            dtype=torch.float64)
+
+    def load_tensor(self, keys: list[str], values: torch.Tensor) -> None:
+        n = len(keys)
+        self.sums = {k: float(values[i]) for i, k in enumerate(keys)}
+        self.counts = {k: float(values[n + i]) for i, k in enumerate(keys)}
+
+    def compute(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] and not k.startswith("_")}
+        if "_tp" in self.sums:  # micro-F1 of multi-label predictions
+            tp, fp, fn = self.sums["_tp"], self.sums["_fp"], self.sums["_fn"]
+            out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1e-12)
+        return out
+
+
+def _f1_counts(logits: torch.Tensor, y: torch.Tensor, threshold: float = 0.5) -> dict:
+    predicted = torch.sigmoid(logits.float()) >= threshold
+    truth = y > 0.5
+    return {
+        "_tp": (float((predicted & truth).sum()), 1.0),
+        "_fp": (float((predicted & ~truth).sum()), 1.0),
+        "_fn": (float((~predicted & truth).sum()), 1.0),
+        "accuracy": (float((predicted == truth).all(dim=1).sum()), float(len(y))),
+    }
+
+
+def classifier_loss_fn(model: nn.Module, ctx: StepContext) -> LossFn:
+    """BCE of the classifier on the batch; logs loss, exact-match accuracy and micro-F1."""
+    def compute(batch: dict):
+        with ctx.autocast():
+            logits = model(batch["image"])
+        loss = classifier_loss(logits.float(), batch["labels"])
+        n = float(len(batch["labels"]))
+        return loss, {"loss": (float(loss.detach()) * n, n), **_f1_counts(logits.detach(), batch["labels"])}
+
+    return compute
+
+
+def explainer_loss_fn(explainer: nn.Module, explanandum: nn.Module, weights, ctx: StepContext) -> LossFn:
+    """L_E of the Explainer on the batch; logs every term, masked-image accuracy/F1 and mask areas."""
+    def compute(batch: dict):
+        x, y = batch["image"], batch["labels"]
+        with ctx.autocast():
+            S = explainer(x)
+            out = explainer_loss(explanandum, x, y, S.float(), weights)
+        n = float(len(y))
+        logged = {name: (float(out[name].detach()) * n, n)
+                  for name in ("total", "classification", "entropy", "tv", "area_constraint", "mask_area",
+                               "ncmask_area")}
+        logged["loss"] = logged.pop("total")
+        # the masked image should keep the classes, the inverted one should lose them
+        p_inv = torch.sigmoid(out["logits_inverted"].detach().float())
+        present = y > 0.5
+        logged["inverted_true_class_prob"] = (float((p_inv * present).sum()), float(present.sum()))
+        logged.update(_f1_counts(out["logits_masked"].detach(), y))
+        return out["total"], logged
+
+    return compute
+
+
+def train_one_epoch(loss_fn: LossFn, modules: Iterable[nn.Module], params: list[nn.Parameter],
+                    loader: Iterable[dict], optimizer: torch.optim.Optimizer, ctx: StepContext, *,
+                    max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None,
+                    start_step: int = 0) -> tuple[Stats, int, dict]:
+    """One pass over ``loader``: forward, backward, an optimizer step every ``ctx.grad_accum`` batches.
+
+    Args:
+        loss_fn: from :func:`classifier_loss_fn` / :func:`explainer_loss_fn`.
+        modules: the trained modules, put in train mode (a frozen Explanandum stays in eval mode).
+        params: the parameters the optimizer updates (gradient clipping, zeroing).
+        loader: batches of ``{"image", "labels", "seg", "key"}``.
+        optimizer: the optimizer over ``params``.
+        ctx: device, AMP, accumulation.
+        max_steps: stop when the global step count reaches this.
+        on_step: called as ``on_step(global_step, step_metrics)`` after each optimizer step.
+        start_step: global step at the start (for resumed runs).
+
+    Returns:
+        ``(stats, global_step, timing)``; ``timing`` has ``images``, ``seconds``, ``data_seconds``.
+    """
+    for module in modules:
+        module.train()
+    stats, step, micro = Stats(), start_step, 0
+    images, data_seconds = 0, 0.0
+    started = tick = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for batch in loader:
+        data_seconds += time.perf_counter() - tick
+        batch = ctx.to_device(batch)
+        loss, logged = loss_fn(batch)
+        loss = loss / ctx.grad_accum
+        (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+        stats.add(logged)
+        images += len(batch["labels"])
+        micro += 1
+        if micro % ctx.grad_accum == 0:
+            if ctx.scaler:
+                ctx.scaler.step(optimizer)
+                ctx.scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if on_step is not None:
+                on_step(step, {k: v[0] / v[1] for k, v in logged.items() if v[1] and not k.startswith("_")})
+            if max_steps is not None and step >= max_steps:
+                break
+        tick = time.perf_counter()
+    seconds = time.perf_counter() - started
+    return stats, step, {"images": images, "seconds": seconds, "data_seconds": data_seconds}
+
+
+@torch.no_grad()
+def evaluate_epoch(loss_fn: LossFn, modules: Iterable[nn.Module], loader: Iterable[dict],
+                   ctx: StepContext) -> Stats:
+    """The same losses and metrics over ``loader`` in eval mode, without gradients."""
+    for module in modules:
+        module.eval()
+    stats = Stats()
+    for batch in loader:
+        _, logged = loss_fn(ctx.to_device(batch))
+        stats.add(logged)
+    return stats

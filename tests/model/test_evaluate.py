@@ -1,0 +1,286 @@
+"""The evaluate stage (pipeline.evaluate.evaluate) on tiny synthetic shards and untrained models.
+
+One evaluation run (module fixture) on 24 synthetic 32-px images with a freshly built ``small_cnn``
+Explanandum and ``compact`` Explainer; the tests read what it wrote. Untrained models say nothing
+about quality, but the contract (keys, shapes, files), the reference methods (ideal = perfect,
+zeros = nothing) and the refusals do not depend on training.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import Config, EvaluateConfig, IngestConfig
+from pipeline.data.ingest import ingest
+from pipeline.data.shards import ShardDataset
+from pipeline.data.synthetic import SyntheticReader
+from pipeline.errors import WysiwycError
+from pipeline.evaluate import report
+from pipeline.evaluate.evaluate import (
+    METHODS,
+    f1_at_thresholds,
+    merge_present,
+)
+from pipeline.evaluate.evaluate import evaluate as run_evaluate
+from pipeline.evaluate.metrics import foreground_and_valid, segmentation_scores
+from pipeline.models.explainer import build_explainer
+from pipeline.models.explanandum import build_explanandum
+from pipeline.train.checkpoint import save_checkpoint
+
+torch.set_num_threads(1)
+
+SIZE = 32
+NUM_IMAGES = 24
+CONTRACT_METRICS = {"mean_f1", "cont_f1", "accuracy", "discrete_iou", "cont_iou", "auc", "saliency",
+                    "background_coverage", "object_coverage", "masks_per_second"}
+
+def _config(workdir, **overrides) -> Config:
+    tree = {
+        "data": {"test": str(workdir / "data" / "test"), "loader_workers": 0},
+        "explainer": {"checkpoint": str(workdir / "explainer.pt")},
+        "output": str(workdir / "out"),
+        "evaluate": {"rise_masks": 48, "rise_batch_size": 48, "batch_size": 8, "overlay_images": 4},
+    }
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return Config.model_validate(tree)
+
+
+def _classifier_state(classes, seed):
+    torch.manual_seed(seed)
+    model = build_explanandum("small_cnn", len(classes))
+    return {"kind": "classifier", "arch": "small_cnn", "classes": classes, "image_size": SIZE,
+            "model": model.state_dict(), "epoch": 0, "step": 0, "config": {}, "metrics": {}}
+
+
+def _explainer_state(classes, explanandum_uri, explanandum_sha):
+    torch.manual_seed(1)
+    model = build_explainer("compact", len(classes))
+    return {"kind": "explainer", "arch": "compact", "classes": classes, "image_size": SIZE,
+            "model": model.state_dict(), "epoch": 0, "step": 0, "config": {}, "metrics": {},
+            "explanandum": {"uri": explanandum_uri, "sha256": explanandum_sha, "arch": "small_cnn"}}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    reader = SyntheticReader(NUM_IMAGES, seed=3, split="test", image_size=SIZE)
+    ingest(reader, str(root / "data"), "test", IngestConfig(workers=1, shard_size=12), progress=False)
+    plain = SyntheticReader(6, seed=3, split="plain", image_size=SIZE, segmentation=False)
+    ingest(plain, str(root / "data"), "plain", IngestConfig(workers=1, shard_size=6), progress=False)
+    classes = list(reader.classes)
+    classifier = str(root / "classifier.pt")
+    sha = save_checkpoint(_classifier_state(classes, seed=0), classifier)
+    save_checkpoint(_explainer_state(classes, classifier, sha), str(root / "explainer.pt"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(workdir):
+    summary = run_evaluate(_config(workdir), progress=False)
+    metrics = json.loads((workdir / "out" / "metrics.json").read_text())
+    return summary, metrics
+
+
+def _test_labels(workdir) -> torch.Tensor:
+    ds = ShardDataset(str(workdir / "data" / "test"), image_size=SIZE, train=False)
+    return torch.stack([s["labels"] for s in ds])
+
+
+def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
+    _, metrics = run
+    assert set(metrics) == {"methods", "class_specificity", "num_images", "f1_curve"}
+    assert list(metrics["methods"]) == list(METHODS)
+    for method, values in metrics["methods"].items():
+        assert set(values) == CONTRACT_METRICS, method
+        assert values["masks_per_second"] > 0, method
+    assert set(metrics["class_specificity"]) == {"explainer", "grad_cam", "rise"}
+    for curve in metrics["f1_curve"].values():
+        assert curve["thresholds"] == pytest.approx([0.05 * k for k in range(1, 20)])
+        assert len(curve["f1"]) == 19
+
+
+def test_every_labelled_test_image_is_evaluated(run, workdir):
+    summary, metrics = run
+    labelled = int((_test_labels(workdir).sum(1) > 0).sum())
+    assert metrics["num_images"] == summary["num_images"] == labelled
+    assert summary["skipped_unlabelled"] == NUM_IMAGES - labelled
+
+
+def test_ideal_mask_scores_perfectly_and_zero_mask_scores_nothing(run):
+    _, metrics = run
+    ideal, zeros, ones = (metrics["methods"][m] for m in ("ideal", "zeros", "ones"))
+    assert ideal["cont_iou"] == 1.0
+    assert ideal["mean_f1"] == pytest.approx(1.0, abs=1e-6)
+    assert ideal["discrete_iou"] == pytest.approx(1.0, abs=1e-6)
+    assert ideal["auc"] == pytest.approx(1.0, abs=1e-6)
+    assert ideal["background_coverage"] == 0.0 and ideal["object_coverage"] == 1.0
+    assert zeros["cont_iou"] == 0.0 and zeros["mean_f1"] == pytest.approx(0.0, abs=1e-6)
+    # the all-ones mask keeps the whole image: object and background coverage are both 1
+    assert ones["object_coverage"] == 1.0 and ones["background_coverage"] == 1.0
+    # the ideal F1 curve is 1 at every threshold, the zero mask's 0
+    assert metrics["f1_curve"]["ideal"]["f1"] == pytest.approx([1.0] * 19, abs=1e-6)
+    assert metrics["f1_curve"]["zeros"]["f1"] == pytest.approx([0.0] * 19, abs=1e-6)
+
+
+def test_class_specificity_is_c_by_c_with_null_only_where_no_image_has_both_classes(run, workdir):
+    _, metrics = run
+    labels = _test_labels(workdir)
+    labels = labels[labels.sum(1) > 0]
+    together = (labels.T @ labels) > 0  # [r, c]: some image holds both r and c
+    C = labels.shape[1]
+    for method, spec in metrics["class_specificity"].items():
+        assert len(spec["classes"]) == C
+        matrix = spec["matrix"]
+        assert len(matrix) == C and all(len(row) == C for row in matrix), method
+        for r in range(C):
+            for c in range(C):
+                if together[r, c]:
+                    assert matrix[r][c] is not None and 0.0 <= matrix[r][c] <= 1.0, (method, r, c)
+                else:
+                    assert matrix[r][c] is None, (method, r, c)
+
+
+def test_pictures_are_written_and_open_at_a_reasonable_size(run, workdir):
+    summary, _ = run
+    out = workdir / "out"
+    names = ["f1_vs_threshold.png", "overlays.png"] + [f"class_specificity_{m}.png" for m in ("explainer", "grad_cam", "rise")]
+    for name in names:
+        with Image.open(out / name) as im:
+            im.verify()
+        with Image.open(out / name) as im:
+            assert im.format == "PNG"
+            assert 200 <= im.width <= 4000 and 200 <= im.height <= 4000, (name, im.size)
+    assert sorted(summary["figures"]) == sorted(str(out / n) for n in names)
+    # overlays: 4 rows of image, ground truth, per-class columns, 3 merged columns: wider than tall
+    with Image.open(out / "overlays.png") as im:
+        assert im.width > im.height * 0.9
+
+
+def test_summary_has_the_contract_keys_and_a_markdown_table(run, workdir):
+    summary, metrics = run
+    out = workdir / "out"
+    assert summary["metrics"] == str(out / "metrics.json")
+    assert summary["report"] == str(out / "metrics.md")
+    assert summary["output"] == str(out)
+    assert set(summary["table"]) == set(METHODS)
+    assert summary["table"]["ideal"] == {"cont_iou": 1.0, "mean_f1": metrics["methods"]["ideal"]["mean_f1"]}
+    text = (out / "metrics.md").read_text()
+    for title in ("Explainer", "Grad-CAM", "RISE", "ideal"):
+        assert f"| {title} |" in text
+    assert "spec. gap" in text and "## Class specificity" in text
+    assert (out / "config.yaml").is_file()
+
+
+def test_selected_methods_only_and_max_images_with_loader_workers(workdir):
+    config = _config(workdir, output=str(workdir / "out-few"), evaluate__methods=["ideal", "zeros"],
+                     evaluate__max_images=5, evaluate__overlay_images=2, data__loader_workers=2)
+    summary = run_evaluate(config, progress=False)
+    metrics = json.loads((workdir / "out-few" / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["zeros", "ideal"]
+    assert metrics["class_specificity"] == {}
+    assert summary["num_images"] + summary["skipped_unlabelled"] == 5
+
+
+def test_a_tampered_explanandum_is_refused(workdir, tmp_path):
+    classes = list(SyntheticReader(1, seed=0, split="x").classes)
+    classifier = tmp_path / "classifier.pt"
+    shutil.copy(workdir / "classifier.pt", classifier)
+    sha = save_checkpoint(_classifier_state(classes, seed=0), str(classifier))
+    save_checkpoint(_explainer_state(classes, str(classifier), sha), str(tmp_path / "explainer.pt"))
+    save_checkpoint(_classifier_state(classes, seed=7), str(classifier))  # replaced after training
+    config = _config(workdir, explainer__checkpoint=str(tmp_path / "explainer.pt"), output=str(tmp_path / "out"))
+    with pytest.raises(WysiwycError, match=r"Explanandum .*classifier.pt.* is not the classifier the Explainer"):
+        run_evaluate(config, progress=False)
+    # the same with explanandum.checkpoint pointing at another classifier
+    other = tmp_path / "other.pt"
+    save_checkpoint(_classifier_state(classes, seed=9), str(other))
+    config = _config(workdir, explanandum__checkpoint=str(other), output=str(tmp_path / "out"))
+    with pytest.raises(WysiwycError, match=r"sha256 .* recorded"):
+        run_evaluate(config, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_split_without_segmentation_is_refused(workdir, tmp_path):
+    config = _config(workdir, data__test=str(workdir / "data" / "plain"), output=str(tmp_path / "out"))
+    with pytest.raises(WysiwycError, match=r"plain.manifest.json has no segmentation"):
+        run_evaluate(config, progress=False)
+
+
+def test_registry_uris_wait_for_the_registry_stage(workdir):
+    config = _config(workdir, explainer__checkpoint="models:/wysiwyc@champion")
+    with pytest.raises(WysiwycError, match="registry URIs come with the registry stage"):
+        run_evaluate(config, progress=False)
+
+
+def test_unknown_method_is_a_config_error():
+    with pytest.raises(ValueError, match="unknown method.*grad_cam"):
+        EvaluateConfig(methods=["explainer", "gradcam"])
+
+
+@pytest.mark.s3
+def test_checkpoints_shards_and_outputs_on_s3(s3_server, s3_bucket, workdir):
+    base, opts = f"s3://{s3_bucket}/eval", s3_server.opts
+    reader = SyntheticReader(6, seed=3, split="test", image_size=SIZE)
+    ingest(reader, f"{base}/data", "test", IngestConfig(workers=1, shard_size=6), opts=opts, progress=False)
+    classes = list(reader.classes)
+    sha = save_checkpoint(_classifier_state(classes, seed=0), f"{base}/classifier.pt", opts)
+    save_checkpoint(_explainer_state(classes, f"{base}/classifier.pt", sha), f"{base}/explainer.pt", opts)
+    config = _config(workdir, data__test=f"{base}/data/test", explainer__checkpoint=f"{base}/explainer.pt",
+                     output=f"{base}/out", evaluate__methods=["explainer", "ideal"],
+                     storage__endpoint_url=s3_server.endpoint, storage__region=s3_server.region,
+                     storage__access_key_id=s3_server.access_key, storage__secret_access_key=s3_server.secret_key)
+    summary = run_evaluate(config, progress=False)
+    assert summary["metrics"] == f"{base}/out/metrics.json" and summary["output"] == f"{base}/out"
+    metrics = json.loads(storage.read_bytes(summary["metrics"], opts))
+    assert metrics["num_images"] == summary["num_images"] > 0
+    assert metrics["methods"]["ideal"]["cont_iou"] == 1.0
+    for name in ("metrics.md", "f1_vs_threshold.png", "overlays.png", "class_specificity_explainer.png"):
+        assert storage.exists(f"{base}/out/{name}", opts), name
+    written_config = storage.read_text(f"{base}/out/config.yaml", opts)
+    assert s3_server.secret_key not in written_config and s3_server.secret_key not in json.dumps(summary)
+
+
+# ------------------------------------------------------------------------ helpers, by hand
+
+
+def test_f1_curve_matches_the_discrete_f1_of_segmentation_scores():
+    torch.manual_seed(0)
+    seg = torch.randint(0, 3, (3, 8, 8))
+    seg[0, :2] = 255
+    fg, valid = foreground_and_valid(seg)
+    mask = torch.rand(3, 8, 8)
+    curve = f1_at_thresholds(mask, fg, valid, thresholds=(0.25, 0.5, 0.75))
+    scores = segmentation_scores(mask, fg, valid)
+    for j, key in enumerate(("d_f1_25", "d_f1_50", "d_f1_75")):
+        torch.testing.assert_close(curve[:, j], scores[key])
+
+
+def test_merge_present_is_the_pixelwise_max_over_the_image_classes():
+    maps = torch.tensor([[[[0.2]], [[0.9]], [[0.5]]], [[[0.7]], [[0.1]], [[0.3]]]])  # (2, 3, 1, 1)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    assert merge_present(maps, labels).flatten().tolist() == pytest.approx([0.5, 0.0])
+
+
+def test_specificity_gap_ignores_cells_without_images():
+    matrix = [[0.9, 0.1, None], [0.3, 0.7, None], [None, None, None]]
+    assert report.specificity_gap(matrix) == pytest.approx(0.8 - 0.2)
+    assert math.isnan(report.specificity_gap([[None]]))
+
+
+def test_specificity_heatmap_is_a_png():
+    data = report.class_specificity_png([[0.9, None], [0.2, 0.8]], ["a", "b"], "explainer")
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.width > 200

@@ -1,0 +1,105 @@
+"""Training stages on CPU: the loss goes down, checkpoints are plain and resumable, bad input is clear."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.config import IngestConfig, load_config
+from pipeline.data.ingest import ingest
+from pipeline.data.synthetic import SyntheticReader
+from pipeline.errors import WysiwycError
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.trainer import fit, run_name
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for split, n, seed in (("train", 96, 0), ("val", 32, 1)):
+        ingest(SyntheticReader(n, seed, split, image_size=SIZE), str(root), split,
+               IngestConfig(workers=1, shard_size=16), progress=False)
+    return root
+
+
+def config(data, tmp_path, *extra):
+    return load_config(None, [f"data.train={data}/train", f"data.val={data}/val", f"data.image_size={SIZE}",
+                              "data.loader_workers=0", "data.shuffle_buffer=32", "trainer.batch_size=16",
+                              f"trainer.storage={tmp_path}/ckpt", "optim.lr=0.003", *extra])
+
+
+def test_classifier_training_lowers_the_loss_and_writes_a_plain_checkpoint(data, tmp_path):
+    torch.manual_seed(0)
+    summary = fit("classifier", config(data, tmp_path, "trainer.epochs=4", "trainer.run_name=clf"), progress=False)
+    history = json.loads((tmp_path / "ckpt" / "clf" / "history.json").read_text())
+    assert len(history) == 4 and summary["epochs"] == 4 and summary["steps"] == 4 * 6
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    state, _ = ckpt.load_checkpoint(summary["checkpoint"])  # weights_only load
+    assert state["kind"] == "classifier" and state["arch"] == "small_cnn" and state["classes"][0] == "circle"
+    assert set(state) >= {"model", "optimizer", "epoch", "step", "config", "metrics"}
+
+
+def test_explainer_training_lowers_the_loss_and_leaves_the_explanandum_untouched(data, tmp_path):
+    clf = fit("classifier", config(data, tmp_path, "trainer.epochs=1", "trainer.run_name=clf"), progress=False)
+    before = ckpt.load_checkpoint(clf["checkpoint"])[0]["model"]
+    summary = fit("explainer", config(data, tmp_path, "trainer.epochs=3", "trainer.run_name=exp",
+                                      f"explanandum.checkpoint={clf['checkpoint']}"), progress=False)
+    history = json.loads((tmp_path / "ckpt" / "exp" / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert {"train_classification", "train_entropy", "train_tv", "train_area_constraint", "train_mask_area",
+            "train_ncmask_area", "val_loss", "val_f1"} <= set(history[-1])
+    state, _ = ckpt.load_checkpoint(summary["checkpoint"])
+    assert state["kind"] == "explainer" and state["explanandum"]["sha256"] == ckpt.load_checkpoint(clf["checkpoint"])[1]
+    after = ckpt.load_checkpoint(clf["checkpoint"])[0]["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats included
+
+
+def test_relaunching_the_same_run_resumes_from_the_last_epoch(data, tmp_path):
+    first = fit("classifier", config(data, tmp_path, "trainer.epochs=2", "trainer.run_name=r"), progress=False)
+    assert first["resumed_from_epoch"] is None
+    state1, _ = ckpt.load_checkpoint(str(tmp_path / "ckpt" / "r" / "last.pt"))
+    second = fit("classifier", config(data, tmp_path, "trainer.epochs=3", "trainer.run_name=r"), progress=False)
+    assert second["resumed_from_epoch"] == 2 and second["epochs"] == 3
+    assert second["steps"] == first["steps"] + 6  # one more epoch of 96/16 steps, not three
+    history = json.loads((tmp_path / "ckpt" / "r" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert state1["optimizer"]["state"]  # Adam moments were saved and restored
+
+
+def test_run_name_is_deterministic_for_the_same_config(data, tmp_path):
+    a, b = config(data, tmp_path), config(data, tmp_path)
+    assert run_name("classifier", a) == run_name("classifier", b)
+    assert run_name("classifier", a) != run_name("classifier", config(data, tmp_path, "optim.lr=0.01"))
+
+
+def test_early_stopping_stops_when_validation_stops_improving(data, tmp_path):
+    summary = fit("classifier", config(data, tmp_path, "trainer.epochs=30", "trainer.patience=1",
+                                       "trainer.min_delta=10", "trainer.run_name=es"), progress=False)
+    assert summary["stopped_early"] and summary["epochs"] == 2
+
+
+def test_explainer_without_explanandum_or_with_wrong_checkpoint_is_clear(data, tmp_path):
+    with pytest.raises(WysiwycError, match="explanandum.checkpoint is not set"):
+        fit("explainer", config(data, tmp_path), progress=False)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WysiwycError, match="not a loadable wysiwyc checkpoint"):
+        fit("explainer", config(data, tmp_path, f"explanandum.checkpoint={bad}"), progress=False)
+    with pytest.raises(WysiwycError, match="does not exist"):
+        fit("explainer", config(data, tmp_path, f"explanandum.checkpoint={tmp_path}/none.pt"), progress=False)
+
+
+class Evil:
+    """A pickle gadget: unpickling it calls print (a stand-in for arbitrary code)."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": ckpt.FORMAT, "kind": "classifier", "x": Evil()}, path)
+    with pytest.raises(WysiwycError, match="not a loadable"):
+        ckpt.load_checkpoint(str(path))
