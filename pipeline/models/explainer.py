@@ -31,6 +31,7 @@ from pipeline.models.explanandum import (
     SmallCNN,
     StateSource,
     conv_block,
+    load_weights,
     read_state_dict,
 )
 
@@ -151,13 +152,7 @@ def build_explainer(
     model.wysiwyc_arch = arch
 
     if weights is not None:
-        state = read_state_dict(weights, what=f"explainer weights ({arch})")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise WysiwycError(
-                f"explainer.checkpoint: the state dict does not fit a {arch} with {num_classes} classes ({str(e).splitlines()[0][:300]})"
-            ) from e
+        load_weights(model, weights, "explainer", num_classes)
     return model
 
 

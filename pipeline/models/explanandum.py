@@ -153,15 +153,21 @@ def build_explanandum(
     model.wysiwyc_arch = arch
 
     if weights is not None:
-        state = read_state_dict(weights, what=f"explanandum weights ({arch})")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise WysiwycError(
-                f"explanandum.checkpoint: the state dict does not fit a {arch} with {num_classes} classes "
-                f"({_first_line(e)}); check explanandum.arch and the class list"
-            ) from e
+        load_weights(model, weights, "explanandum", num_classes)
     return model
+
+
+def load_weights(model: nn.Module, weights: StateSource, role: str, num_classes: int) -> None:
+    """Load a whole trained model's state dict; a mismatch names ``{role}.checkpoint`` and the arch."""
+    arch = getattr(model, "wysiwyc_arch", type(model).__name__)
+    state = read_state_dict(weights, what=f"{role} weights ({arch})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise WysiwycError(
+            f"{role}.checkpoint: the state dict does not fit a {arch} with {num_classes} classes "
+            f"({_first_line(e)}); check {role}.arch and the class list"
+        ) from e
 
 
 def _build_torchvision(arch: str, num_classes: int, pretrained_backbone: StateSource | bool | None) -> nn.Module:
