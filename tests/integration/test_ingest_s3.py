@@ -155,3 +155,30 @@ def test_prefix_with_shards_is_refused_unless_overwrite(s3_server, s3_bucket, cl
     proc = wysiwyc(cli_env, *args, check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     wysiwyc(cli_env, *args, "--overwrite")
+
+
+def test_images_prefix_on_s3_to_shards_keeps_sources_and_skips_bad_objects(s3_server, s3_bucket, cli_env):
+    import io
+
+    def jpeg(color, size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, color).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    corpus = f"s3://{s3_bucket}/corpus"
+    storage.write_bytes(f"{corpus}/a/one.jpg", jpeg("red", (40, 30)), s3_server.opts)
+    storage.write_bytes(f"{corpus}/a/two.JPEG", jpeg("blue", (20, 20)), s3_server.opts)
+    storage.write_bytes(f"{corpus}/b/three.png", jpeg("green", (10, 12)), s3_server.opts)  # JPEG bytes, .png name
+    storage.write_bytes(f"{corpus}/b/empty.jpg", b"", s3_server.opts)
+    storage.write_bytes(f"{corpus}/b/notes.txt", b"not an image", s3_server.opts)
+    out = f"s3://{s3_bucket}/corpus-shards"
+    proc = wysiwyc(cli_env, "ingest", "images", "--source", corpus + "/", "--out", out, "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["num_samples"] == 3 and summary["skipped"] == 1
+    manifest = shards.read_manifest(f"{out}/images", s3_server.opts)
+    assert manifest["skipped"][0]["source"] == f"{corpus}/b/empty.jpg"
+    metas = [json.loads(files["json"]) for files in raw_members(f"{out}/images", s3_server.opts).values()]
+    assert sorted(m["source"] for m in metas) == [f"{corpus}/a/one.jpg", f"{corpus}/a/two.JPEG",
+                                                  f"{corpus}/b/three.png"]
+    assert {(m["width"], m["height"]) for m in metas} == {(40, 30), (20, 20), (10, 12)}
+    assert all(m["labels"] == [] for m in metas)
