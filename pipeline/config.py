@@ -104,8 +104,16 @@ class OptimConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    num_workers: int = Field(1, ge=1)
+    backend: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray Train TorchTrainer (DDP, checkpoints via ray.train.report, FailureConfig); "
+                           "local: the same worker loop in this process (no Ray start-up; tests, laptops)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray: logical CPUs each worker reserves")
+    max_failures: int = Field(2, ge=-1, description="Ray: worker-group restarts from the latest checkpoint "
+                                                     "(-1: unlimited)")
+    keep_checkpoints: int = Field(2, ge=1, description="Ray: best k checkpoints kept (by validation loss); the "
+                                                        "latest is always kept too")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(16, ge=1, description="per worker")
@@ -148,8 +156,11 @@ class EvaluateConfig(_Section):
 
 
 class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="log the run to MLflow (rank 0)")
     uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite file in the run dir)")
     experiment: str = "wysiwyc"
+    overlay_images: int = Field(6, ge=0, description="Explainer: fixed validation images in the per-epoch "
+                                                     "mask overlay artifact")
 
 
 class Config(_Section):

@@ -1,17 +1,21 @@
 """The training stages: ``train_classifier(config)`` and ``train_explainer(config)``.
 
-:func:`fit` is the loop a worker runs: data, model, optimizer, epochs of :mod:`pipeline.train.steps`,
-validation, early stopping, checkpoints and resume. It runs in one process here; the distributed
-trainer runs the same function in each Ray Train worker.
+:func:`worker_loop` is the one training loop: data split by rank, model (DDP when there are several
+ranks), optimizer, epochs of :mod:`pipeline.train.steps`, metrics all-reduced across ranks,
+validation, early stopping, checkpoints, resume and MLflow tracking on rank 0. *Where* checkpoints go
+and where a resume comes from is the job of a run object passed in:
 
-Run layout under ``trainer.storage``::
+* ``trainer.backend=ray`` (default): :mod:`pipeline.train.distributed` runs the loop in every Ray Train
+  worker of a ``TorchTrainer``; checkpoints go through ``ray.train.report`` into
+  ``trainer.storage/RUN/checkpoint_*`` (best k by validation loss, the latest always kept), resume
+  comes from ``ray.train.get_checkpoint()``, a failed worker group restarts (``FailureConfig``).
+* ``trainer.backend=local``: :func:`fit` runs the same loop in this process, with :class:`LocalRun`
+  keeping ``RUN/last.pt`` (resume point) and ``RUN/best.pt`` — no Ray start-up (~20 s), for tests
+  and laptops.
 
-    RUN/last.pt     the latest epoch's checkpoint (resume point)
-    RUN/best.pt     the best checkpoint by validation loss (training loss without a val split)
-    RUN/history.json, RUN/config.yaml
-
-``RUN`` is ``trainer.run_name`` or a name derived from the config, so launching the same config again
-resumes the same run from ``last.pt`` (same epoch, step and optimizer state).
+Both write ``RUN/history.json`` and ``RUN/config.yaml``. ``RUN`` is ``trainer.run_name`` or a name
+derived from the config, so launching the same config again resumes the same run (same epoch, step,
+optimizer state and MLflow run).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pipeline.data.shards import ShardDataset, make_loader, read_manifest
 from pipeline.errors import WysiwycError
 from pipeline.progress import progress as progress_bar
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import tracking
 from pipeline.train.steps import StepContext, Stats, classifier_loss_fn, evaluate_epoch, explainer_loss_fn, \
     train_one_epoch
 
@@ -115,43 +120,148 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
 
 
 class LocalRun:
-    """Checkpoints, history and resume of one run under ``trainer.storage/RUN`` (single process)."""
+    """Checkpoints, history and resume of one run under ``trainer.storage/RUN`` (one process)."""
 
-    def __init__(self, config: Config, name: str):
+    def __init__(self, config: Config, name: str, rank: int = 0, world: int = 1):
         self.root = storage.join(config.trainer.storage, name)
         self.opts = config.storage.options()
-        self.name = name
+        self.name, self.rank, self.world = name, rank, world
 
     def url(self, file: str) -> str:
         return storage.join(self.root, file)
 
     def latest(self) -> dict | None:
+        """The checkpoint to resume from, or None for a fresh run."""
         if not storage.exists(self.url("last.pt"), self.opts):
             return None
         state, _ = ckpt.load_checkpoint(self.url("last.pt"), self.opts)
         return state
 
-    def save(self, state: dict, best: bool) -> None:
-        ckpt.save_checkpoint(state, self.url("last.pt"), self.opts)
-        if best:
-            ckpt.save_checkpoint(state, self.url("best.pt"), self.opts)
+    def commit(self, state: dict | None, metrics: dict, best: bool) -> None:
+        """End of an epoch: ``state`` is the checkpoint (rank 0) or None (other ranks)."""
+        if state is not None:
+            ckpt.save_checkpoint(state, self.url("last.pt"), self.opts)
+            if best:
+                ckpt.save_checkpoint(state, self.url("best.pt"), self.opts)
 
     def write(self, file: str, text: str) -> None:
         storage.write_bytes(self.url(file), text.encode(), self.opts)
 
 
-def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
-    """Train a classifier or an Explainer on ``data.train`` (validating on ``data.val``); resumable.
+# ---------------------------------------------------------------- collectives (no-ops on one rank)
+
+
+def _distributed(world: int) -> bool:
+    import torch.distributed as dist
+
+    return world > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_stats(stats: Stats, world: int) -> Stats:
+    """Sums and counts of every rank (so epoch metrics cover all ranks' samples)."""
+    if not _distributed(world):
+        return stats
+    import torch.distributed as dist
+
+    keys = sorted(stats.sums)
+    values = stats.tensor(keys)
+    dist.all_reduce(values)
+    stats.load_tensor(keys, values)
+    return stats
+
+
+def _all_reduce_timing(timing: dict, world: int) -> dict:
+    """Images summed over ranks; wall and data-wait seconds of the slowest / average rank."""
+    if not _distributed(world):
+        return timing
+    import torch.distributed as dist
+
+    total = torch.tensor([float(timing["images"]), timing["data_seconds"]], dtype=torch.float64)
+    slowest = torch.tensor([timing["seconds"]], dtype=torch.float64)
+    dist.all_reduce(total)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return {"images": int(total[0]), "data_seconds": float(total[1]) / world, "seconds": float(slowest[0])}
+
+
+def _even_batches(loader, world: int):
+    """Batches while *every* rank still has one (ranks can hold different sample counts: DDP needs
+    the same number of steps on each rank, or the gradient all-reduce waits forever)."""
+    if not _distributed(world):
+        yield from loader
+        return
+    import torch.distributed as dist
+
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        flag = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not int(flag):
+            return
+        yield batch
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _fixed_images(config: Config, classes: list[str], n: int) -> dict | None:
+    """The first ``n`` validation (else training) images, unshuffled: the per-epoch overlay's rows."""
+    if n <= 0:
+        return None
+    spec = config.data.val or config.data.train
+    dataset = ShardDataset(spec, image_size=config.data.image_size, train=False, rank=0, world_size=1,
+                           opts=config.storage.options(), classes=classes)
+    samples = []
+    for sample in dataset:
+        samples.append(sample)
+        if len(samples) >= n:
+            break
+    return torch.utils.data.default_collate(samples) if samples else None
+
+
+@torch.no_grad()
+def _overlay_png(model: nn.Module, batch: dict, classes: list[str], ctx: StepContext) -> bytes:
+    """Mask overlay grid of the Explainer on ``batch`` (image, ground truth, per-class masks, merged)."""
+    from pipeline.data.transforms import denormalize
+    from pipeline.evaluate.report import overlays_png
+    from pipeline.method.masks import class_masks
+
+    model.eval()
+    batch = ctx.to_device(batch)
+    with ctx.autocast():
+        maps = class_masks(model(batch["image"]).float())
+    rows = []
+    for i in range(len(batch["labels"])):
+        labels = batch["labels"][i].nonzero().flatten().tolist()
+        merged = maps[i, labels].amax(dim=0) if labels else torch.zeros_like(maps[i, 0])
+        rows.append({"key": batch["key"][i], "image": denormalize(batch["image"][i].float().cpu()).permute(1, 2, 0).numpy(),
+                     "seg": batch["seg"][i].cpu().numpy(), "labels": labels,
+                     "class_masks": {k: maps[i, k].cpu().numpy() for k in labels},
+                     "merged": {"explainer": merged.cpu().numpy()}})
+    return overlays_png(rows, classes)
+
+
+def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = None,
+                progress: bool = True) -> dict:
+    """Train a classifier or an Explainer on ``data.train`` (validating on ``data.val``) as one rank.
+
+    Args:
+        kind: ``"classifier"`` or ``"explainer"``.
+        config: the resolved config (paths absolute when several processes share it).
+        run: :class:`LocalRun` or :class:`pipeline.train.distributed.RayRun`: ``name``, ``rank``,
+            ``world``, ``latest()`` (checkpoint to resume or None), ``commit(state, metrics, best)``
+            (called by every rank each epoch; ``state`` only on rank 0), ``write(file, text)``.
+        where: MLflow URI and experiment (:func:`pipeline.train.tracking.resolve`); None: no tracking.
+        progress: show a progress bar (rank 0).
 
     Returns:
-        The summary: ``checkpoint`` (best), ``run_name``, ``metrics`` (history.json URI), ``epochs``,
-        the final train/val metrics and throughput.
+        The summary: ``run_name``, ``mlflow_run_id``, ``epochs``, ``steps``, ``stopped_early``,
+        ``resumed_from_epoch``, ``best_loss``, ``final`` (last epoch's metrics), ``seconds``.
     """
+    rank, world, name = run.rank, run.world, run.name
     seed_everything(config.trainer.seed + rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = _device(config)
-    name = run_name(kind, config)
-    run = LocalRun(config, name)
     train_ds, val_ds = _datasets(config, rank, world)
     classes = train_ds.classes
     model, params, make_loss, extra = _build(kind, config, classes, device)
@@ -159,9 +269,8 @@ def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    loss_fn = make_loss(model, ctx)
 
-    history, epoch0, step, best_loss, stale = [], 0, 0, math.inf, 0
+    history, epoch0, step, best_loss, stale, mlflow_run_id = [], 0, 0, math.inf, 0, None
     resumed = run.latest()
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -171,8 +280,31 @@ def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool
         epoch0, step = resumed["epoch"] + 1, resumed["step"]
         history = json.loads(resumed["history"])
         best_loss, stale = resumed["best_loss"], resumed["stale_epochs"]
-        log.info("resuming %s from epoch %d, step %d", name, epoch0, step)
-    run.write("config.yaml", dump_config(config))
+        mlflow_run_id = resumed.get("mlflow_run_id") or None
+        log.info("rank %d: resuming %s from epoch %d, step %d", rank, name, epoch0, step)
+
+    # DDP averages gradients across ranks (gloo on CPU, NCCL on GPU: the process group is Ray's)
+    trained = model
+    if _distributed(world):
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = make_loss(trained, ctx)
+
+    tracker = None
+    fixed = None
+    if rank == 0:
+        run.write("config.yaml", dump_config(config))
+        if where is not None:
+            tracker = tracking.Tracker(where, name, mlflow_run_id)
+            mlflow_run_id = tracker.run_id
+            tracker.log_params({**tracking.flatten(ckpt.public_config(config)), "run.kind": kind,
+                                "run.world_size": str(world)})
+            tracker.log_input(train_ds.manifest, "training")
+            if val_ds is not None:
+                tracker.log_input(val_ds.manifest, "validation")
+            tracker.log_bytes(dump_config(config).encode(), "config.yaml")
+            if kind == "explainer":
+                fixed = _fixed_images(config, classes, config.tracking.overlay_images)
 
     workers = config.data.loader_workers
     train_loader = make_loader(train_ds, config.trainer.batch_size, min(workers, len(train_ds.urls) // world))
@@ -181,52 +313,70 @@ def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool
     total = read_manifest(config.data.train, config.storage.options())["num_samples"]
     started = time.perf_counter()
     stopped_early = False
-    for epoch in range(epoch0, config.trainer.epochs):
-        if config.trainer.max_steps is not None and step >= config.trainer.max_steps:
-            break
-        train_ds.set_epoch(epoch)
-        bar = progress_bar(math.ceil(total / world / config.trainer.batch_size),
-                           f"{kind} epoch {epoch + 1}/{config.trainer.epochs}", "batch", enabled=progress and rank == 0)
+    status = "FAILED"
+    try:
+        for epoch in range(epoch0, config.trainer.epochs):
+            if config.trainer.max_steps is not None and step >= config.trainer.max_steps:
+                break
+            train_ds.set_epoch(epoch)
+            bar = progress_bar(math.ceil(total / world / config.trainer.batch_size),
+                               f"{kind} epoch {epoch + 1}/{config.trainer.epochs}", "batch",
+                               enabled=progress and rank == 0)
 
-        def on_step(global_step: int, metrics: dict) -> None:
-            bar.update(ctx.grad_accum)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            def on_step(global_step: int, metrics: dict) -> None:
+                bar.update(ctx.grad_accum)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if tracker is not None:  # rank 0's own batch: every loss term, per step
+                    tracker.log_step(global_step, metrics)
 
-        stats, step, timing = train_one_epoch(loss_fn, [model], params, train_loader, optimizer, ctx,
-                                              max_steps=config.trainer.max_steps, on_step=on_step, start_step=step)
-        bar.close()
-        record = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v for k, v in stats.compute().items()},
-                  "images_per_second": timing["images"] / max(timing["seconds"], 1e-9),
-                  "data_wait_share": timing["data_seconds"] / max(timing["seconds"], 1e-9)}
-        if val_loader is not None:
-            record.update({f"val_{k}": v for k, v in evaluate_epoch(loss_fn, [model], val_loader, ctx).compute().items()})
-        monitored = record.get("val_loss", record["train_loss"])
-        improved = monitored < best_loss - config.trainer.min_delta
-        best_loss, stale = (monitored, 0) if improved else (best_loss, stale + 1)
-        history.append(record)
-        log.info("%s epoch %d: %s", kind, epoch + 1,
-                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
-        if rank == 0:
-            state = {"kind": kind, "classes": classes, "image_size": config.data.image_size,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": ctx.scaler.state_dict() if ctx.scaler else {}, "epoch": epoch, "step": step,
-                     "config": ckpt.public_config(config), "metrics": record, "history": json.dumps(history),
-                     "best_loss": best_loss, "stale_epochs": stale, **extra}
-            run.save(state, best=improved)
-            run.write("history.json", json.dumps(history, indent=1))
-        if config.trainer.patience is not None and stale >= config.trainer.patience:
-            stopped_early = True
-            log.info("early stop: no improvement of %s for %d epochs", "val_loss" if val_loader is not None else "train_loss",
-                     stale)
-            break
+            stats, step, timing = train_one_epoch(loss_fn, [trained], params, _even_batches(train_loader, world),
+                                                  optimizer, ctx, max_steps=config.trainer.max_steps,
+                                                  on_step=on_step, start_step=step)
+            bar.close()
+            stats, timing = _all_reduce_stats(stats, world), _all_reduce_timing(timing, world)
+            record = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v for k, v in stats.compute().items()},
+                      "images_per_second": timing["images"] / max(timing["seconds"], 1e-9),
+                      "data_wait_share": timing["data_seconds"] / max(timing["seconds"], 1e-9)}
+            if val_loader is not None:
+                val = _all_reduce_stats(evaluate_epoch(loss_fn, [trained], val_loader, ctx), world)
+                record.update({f"val_{k}": v for k, v in val.compute().items()})
+            monitored = record.get("val_loss", record["train_loss"])
+            improved = monitored < best_loss - config.trainer.min_delta
+            best_loss, stale = (monitored, 0) if improved else (best_loss, stale + 1)
+            history.append(record)
+            log.info("%s epoch %d: %s", kind, epoch + 1,
+                     ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+            state = None
+            if rank == 0:
+                if tracker is not None:
+                    tracker.log_epoch(step, record)
+                    if fixed is not None:
+                        tracker.log_bytes(_overlay_png(model, fixed, classes, ctx),
+                                          f"overlays/epoch_{epoch + 1:03d}.png")
+                state = {"kind": kind, "classes": classes, "image_size": config.data.image_size,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": ctx.scaler.state_dict() if ctx.scaler else {}, "epoch": epoch, "step": step,
+                         "config": ckpt.public_config(config), "metrics": record, "history": json.dumps(history),
+                         "best_loss": best_loss, "stale_epochs": stale, "mlflow_run_id": mlflow_run_id or "",
+                         **extra}
+                run.write("history.json", json.dumps(history, indent=1))
+            run.commit(state, {**record, "monitored_loss": monitored}, improved)
+            if config.trainer.patience is not None and stale >= config.trainer.patience:
+                stopped_early = True
+                log.info("early stop: no improvement of %s for %d epochs",
+                         "val_loss" if val_loader is not None else "train_loss", stale)
+                break
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            tracker.end(status)
 
     if not history:
         raise WysiwycError(f"run {name} trained no epoch (trainer.epochs={config.trainer.epochs} already done?)")
     final = history[-1]
     return {
-        "checkpoint": storage.redact(run.url("best.pt")),
         "run_name": name,
-        "metrics": storage.redact(run.url("history.json")),
+        "mlflow_run_id": mlflow_run_id,
         "epochs": final["epoch"],
         "steps": final["step"],
         "stopped_early": stopped_early,
@@ -237,11 +387,37 @@ def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool
     }
 
 
+def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
+    """The worker loop in this process (``trainer.backend=local``); resumable from ``RUN/last.pt``.
+
+    Returns:
+        The summary of :func:`worker_loop` plus ``checkpoint`` (best) and ``metrics`` (history.json URI).
+    """
+    name = run_name(kind, config)
+    run = LocalRun(config, name, rank, world)
+    where = tracking.resolve(config, name) if rank == 0 else None
+    summary = worker_loop(kind, config, run, where, progress)
+    best = storage.redact(run.url("best.pt"))
+    tracking.finish(where, summary["mlflow_run_id"], best)
+    return {"checkpoint": best, "metrics": storage.redact(run.url("history.json")), **summary}
+
+
+def _train(kind: str, config: Config) -> dict:
+    if config.trainer.backend == "local":
+        if config.trainer.num_workers > 1:
+            log.warning("trainer.backend=local trains in one process: trainer.num_workers=%d is ignored",
+                        config.trainer.num_workers)
+        return fit(kind, config)
+    from pipeline.train.distributed import fit_ray
+
+    return fit_ray(kind, config)
+
+
 def train_classifier(config: Config) -> dict:
     """Stage: fine-tune / train the Explanandum with BCE on ``data.train``."""
-    return fit("classifier", config)
+    return _train("classifier", config)
 
 
 def train_explainer(config: Config) -> dict:
     """Stage: train an Explainer for the frozen Explanandum ``explanandum.checkpoint``."""
-    return fit("explainer", config)
+    return _train("explainer", config)

@@ -27,7 +27,8 @@ def data(tmp_path_factory):
 def config(data, tmp_path, *extra):
     return load_config(None, [f"data.train={data}/train", f"data.val={data}/val", f"data.image_size={SIZE}",
                               "data.loader_workers=0", "data.shuffle_buffer=32", "trainer.batch_size=16",
-                              f"trainer.storage={tmp_path}/ckpt", "optim.lr=0.003", *extra])
+                              f"trainer.storage={tmp_path}/ckpt", "optim.lr=0.003", "trainer.backend=local",
+                              "tracking.enabled=false", *extra])
 
 
 def test_classifier_training_lowers_the_loss_and_writes_a_plain_checkpoint(data, tmp_path):
@@ -66,6 +67,21 @@ def test_relaunching_the_same_run_resumes_from_the_last_epoch(data, tmp_path):
     history = json.loads((tmp_path / "ckpt" / "r" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert state1["optimizer"]["state"]  # Adam moments were saved and restored
+
+
+def test_local_run_is_tracked_in_an_sqlite_mlflow_store_in_the_run_dir(data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    summary = fit("classifier", config(data, tmp_path, "trainer.run_name=tracked", "tracking.enabled=true",
+                                       "trainer.max_steps=3"), progress=False)
+    db = tmp_path / "ckpt" / "tracked" / "mlflow.db"
+    assert db.is_file() and summary["mlflow_run_id"]
+    run = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(summary["mlflow_run_id"])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.data.params["loss.entropy_regularizer"] == "1.0" and run.data.params["optim.lr"] == "0.003"
+    assert {"train_loss", "images_per_second", "data_wait_share", "step/loss", "val_f1"} <= set(run.data.metrics)
+    assert run.data.tags["best_checkpoint"] == summary["checkpoint"]
+    assert run.inputs.dataset_inputs[0].dataset.digest
 
 
 def test_run_name_is_deterministic_for_the_same_config(data, tmp_path):

@@ -1,0 +1,229 @@
+"""Ray Train on a local Ray (2 CPU workers, DDP over gloo), shards and checkpoints in a real SeaweedFS,
+tracked by a real ``mlflow server`` (sqlite backend, artifacts in the same SeaweedFS).
+
+One Ray session and one MLflow server for the whole module (Ray start-up and a worker group cost
+~20 s each); the tests share the classifier the first one trains.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import IngestConfig, load_config
+from pipeline.data.ingest import ingest
+from pipeline.data.shards import ShardDataset
+from pipeline.data.synthetic import SyntheticReader
+from pipeline.train import checkpoint as ckpt
+
+pytestmark = pytest.mark.s3
+
+SIZE = 32
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(s3_server, tmp_path_factory):
+    """Bucket with train/val shards, an MLflow server, and a local Ray session (2 CPUs)."""
+    root = tmp_path_factory.mktemp("raytrain")
+    bucket = s3_server.make_bucket("raytrain")
+    env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before ray.init: the workers inherit it
+    for split, n, seed in (("train", 64, 0), ("val", 32, 1)):
+        ingest(SyntheticReader(n, seed, split, image_size=SIZE), f"s3://{bucket}/data", split,
+               IngestConfig(workers=1, shard_size=8), opts=s3_server.opts, progress=False)
+
+    port = _free_port()
+    log = open(root / "mlflow.log", "wb")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(root / 'mlflow.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False,
+             runtime_env={"env_vars": env})
+    try:
+        yield {"bucket": bucket, "uri": uri, "root": root, "s3": s3_server,
+               "gcs": ray.get_runtime_context().gcs_address}
+    finally:
+        ray.shutdown()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def overrides(stack, *extra):
+    b = stack["bucket"]
+    return [f"data.train=s3://{b}/data/train", f"data.val=s3://{b}/data/val", f"data.image_size={SIZE}",
+            "data.loader_workers=0", "data.shuffle_buffer=16", "trainer.batch_size=8", "trainer.num_workers=2",
+            f"trainer.storage=s3://{b}/runs", "optim.lr=0.003", f"tracking.uri={stack['uri']}",
+            "tracking.experiment=ray-tests", "tracking.overlay_images=4", *extra]
+
+
+def _client(stack):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=stack["uri"])
+
+
+def _keys(stack, prefix):
+    listing = stack["s3"].client().list_objects_v2(Bucket=stack["bucket"], Prefix=prefix)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def classifier(stack):
+    from pipeline.train.trainer import train_classifier
+
+    config = load_config(None, overrides(stack, "trainer.epochs=3", "trainer.run_name=clf"))
+    return train_classifier(config)
+
+
+def test_two_worker_classifier_lowers_the_loss_and_is_tracked_in_mlflow(stack, classifier):
+    final = classifier["final"]
+    history = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"], Key="runs/clf/history.json")["Body"].read())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # 64 samples in 8 shards over 2 ranks × batch 8: 4 steps per epoch on each rank
+    assert classifier["steps"] == 3 * 4 and final["images_per_second"] > 0
+    # the best checkpoint is an object in the bucket and loads with weights_only
+    assert classifier["checkpoint"].startswith(f"s3://{stack['bucket']}/runs/clf/checkpoint_")
+    state, _ = ckpt.load_checkpoint(classifier["checkpoint"], stack["s3"].opts)
+    assert state["kind"] == "classifier" and state["mlflow_run_id"] == classifier["mlflow_run_id"]
+    run = _client(stack).get_run(classifier["mlflow_run_id"])
+    assert run.info.run_name == "clf" and run.info.status == "FINISHED"
+    assert run.data.params["loss.entropy_regularizer"] == "1.0"
+    assert run.data.params["trainer.num_workers"] == "2"
+    assert {"train_loss", "val_loss", "val_f1", "images_per_second", "data_wait_share", "step/loss"} \
+        <= set(run.data.metrics)
+    assert run.data.tags["best_checkpoint"] == classifier["checkpoint"]
+    digests = {i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert len(digests) == 2  # train and val manifests
+
+
+def test_two_worker_explainer_logs_every_loss_term_and_the_mask_overlay(stack, classifier):
+    from pipeline.train.trainer import train_explainer
+
+    config = load_config(None, overrides(stack, "trainer.epochs=2", "trainer.run_name=exp",
+                                         f"explanandum.checkpoint={classifier['checkpoint']}",
+                                         "loss.entropy_regularizer=0.5"))
+    summary = train_explainer(config)
+    client = _client(stack)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["loss.entropy_regularizer"] == "0.5"
+    assert run.data.params["loss.ncmask_total_area_regularizer"] == "0.3"
+    for term in ("classification", "entropy", "tv", "area_constraint", "mask_area", "ncmask_area"):
+        assert f"step/{term}" in run.data.metrics and f"train_{term}" in run.data.metrics
+    steps = client.get_metric_history(run.info.run_id, "step/loss")
+    assert len(steps) == summary["steps"] == 2 * 4
+    overlays = [a.path for a in client.list_artifacts(run.info.run_id, "overlays")]
+    assert overlays == ["overlays/epoch_001.png", "overlays/epoch_002.png"]
+    png = client.download_artifacts(run.info.run_id, "overlays/epoch_002.png", str(stack["root"]))
+    assert Path(png).read_bytes()[:4] == b"\x89PNG"
+    assert any(k.startswith("mlflow/") and k.endswith("epoch_002.png") for k in _keys(stack, "mlflow/"))
+
+
+def test_killed_run_resumes_at_the_saved_step(stack):
+    args = overrides(stack, "trainer.epochs=40", "trainer.run_name=killed")
+    env = {**os.environ, "RAY_ADDRESS": stack["gcs"]}
+    proc = subprocess.Popen([str(BIN / "wysiwyc"), "train", "classifier", *args, "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    snapshot = "runs/killed/checkpoint_manager_snapshot.json"  # Ray's record of the reported checkpoints
+
+    def latest():
+        if snapshot not in _keys(stack, "runs/killed/"):
+            return None
+        body = stack["s3"].client().get_object(Bucket=stack["bucket"], Key=snapshot)["Body"].read()
+        return json.loads(body).get("latest_checkpoint_result")
+
+    deadline = time.monotonic() + 180
+    try:
+        while latest() is None:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; Ray tears down its job's workers
+        proc.wait()
+    time.sleep(2)  # a snapshot write in flight may still land
+    saved = latest()
+    epochs_done, step = int(saved["metrics"]["epoch"]), int(saved["metrics"]["step"])
+    state, _ = ckpt.load_checkpoint(f"s3://{stack['bucket']}/runs/killed/{saved['checkpoint_dir_name']}/checkpoint.pt",
+                                    stack["s3"].opts)
+    assert state["step"] == step and epochs_done < 40  # killed long before the end
+    mlflow_run_id = state["mlflow_run_id"]
+
+    from pipeline.train.trainer import train_classifier
+
+    summary = train_classifier(load_config(None, overrides(stack, f"trainer.epochs={epochs_done + 1}",
+                                                            "trainer.run_name=killed")))
+    assert summary["resumed_from_epoch"] == epochs_done
+    assert summary["steps"] == step + 4  # one more epoch, not a fresh start
+    assert summary["mlflow_run_id"] == mlflow_run_id  # the same MLflow run continues
+
+
+def test_two_workers_see_disjoint_shards(stack):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = stack["root"] / "shards"
+    out.mkdir()
+
+    # defined here so that cloudpickle ships it by value: Ray workers cannot import this test module
+    def _shard_keys(payload):
+        import json
+        from pathlib import Path
+
+        import ray.train
+
+        from pipeline.data.shards import ShardDataset
+
+        context = ray.train.get_context()
+        dataset = ShardDataset(payload["spec"], image_size=32, train=True, shuffle_buffer=0,
+                               rank=context.get_world_rank(), world_size=context.get_world_size(),
+                               opts=None)
+        keys = [s["key"] for s in dataset]
+        Path(payload["out"], f"rank{context.get_world_rank()}.json").write_text(json.dumps(keys))
+
+    TorchTrainer(_shard_keys, train_loop_config={"spec": f"s3://{stack['bucket']}/data/train", "out": str(out)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=2),
+                 run_config=ray.train.RunConfig(name="shards", storage_path=str(stack["root"] / "ray-runs"))).fit()
+    a, b = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert a and b and not set(a) & set(b) and len(a) + len(b) == 64
