@@ -101,6 +101,9 @@ class LossConfig(_Section):
 class OptimConfig(_Section):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="lr schedule per optimizer step: constant, or cosine decay to 0 over the run")
+    warmup_steps: int = Field(0, ge=0, description="linear lr warm-up over the first N optimizer steps")
 
 
 class TrainerConfig(_Section):

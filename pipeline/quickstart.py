@@ -18,6 +18,8 @@ def run_quickstart(workdir: str, image_size: int = 64) -> dict:
     from pipeline.data.synthetic import SyntheticReader
 
     data = Path(workdir) / "data" / "synthetic"
+    # shards of 100: train has 6, enough for trainer.num_workers=2 ranks × data.loader_workers up to 3
+    # (configs/cpu/*.yaml); val and test have 1, which any number of ranks can evaluate
     timings, counts = {}, {}
     for split, num_images, seed in (("train", 600, 0), ("val", 100, 1), ("test", 100, 2)):
         started = time.perf_counter()

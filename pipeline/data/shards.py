@@ -229,11 +229,17 @@ class ShardDataset(tud.IterableDataset):
     With ``shuffle`` the shard order (seeded by ``seed`` and :meth:`set_epoch`, the same on every
     rank) and the samples (a buffer of ``shuffle_buffer``) are shuffled. Every sample comes exactly
     once per epoch across ranks × DataLoader workers; there is no resampling.
+
+    By default every rank × worker must get at least one shard (a rank without data would stall the
+    DDP gradient all-reduce). ``allow_idle_ranks=True`` lifts that for evaluation-only splits (the
+    validation split): rank r reads ``shards[r::world]`` and ranks or workers past the last shard
+    simply yield nothing, so a 1-shard validation split works with any number of ranks.
     """
 
     def __init__(self, spec: str, *, image_size: int, train: bool, flip: bool = True,
                  shuffle_buffer: int = 1000, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, opts=None, classes: list[str] | None = None):
+                 world_size: int | None = None, opts=None, classes: list[str] | None = None,
+                 allow_idle_ranks: bool = False):
         self.manifest = read_manifest(spec, opts)
         self.classes = self.manifest["classes"]
         if classes is not None and list(classes) != list(self.classes):
@@ -246,7 +252,8 @@ class ShardDataset(tud.IterableDataset):
         self.image_size, self.train, self.flip = image_size, train, flip and train
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.seed, self.epoch, self.opts = seed, 0, opts
-        if len(self.urls) < world_size:
+        self.allow_idle_ranks = allow_idle_ranks
+        if len(self.urls) < world_size and not allow_idle_ranks:
             raise WysiwycError(self._too_few_shards(world_size, 1))
 
     def _too_few_shards(self, ranks: int, workers: int) -> str:
@@ -259,8 +266,8 @@ class ShardDataset(tud.IterableDataset):
         self.epoch = epoch
 
     def check_workers(self, num_workers: int) -> None:
-        """Fail clearly when some rank × worker would get no shard."""
-        if len(self.urls) < self.world_size * max(1, num_workers):
+        """Fail clearly when some rank × worker would get no shard (unless ``allow_idle_ranks``)."""
+        if len(self.urls) < self.world_size * max(1, num_workers) and not self.allow_idle_ranks:
             raise WysiwycError(self._too_few_shards(self.world_size, max(1, num_workers)))
 
     def local_shards(self) -> list[str]:
@@ -283,8 +290,11 @@ class ShardDataset(tud.IterableDataset):
         info = tud.get_worker_info()
         worker = info.id if info is not None else 0
         rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
+        shards = self.local_shards()
+        if not shards:  # an idle rank / worker (allow_idle_ranks): webdataset refuses an empty list
+            return
         stages = [
-            wds.SimpleShardList(self.local_shards()),
+            wds.SimpleShardList(shards),
             _OpenShards(self.opts),
             tar_file_expander,
             group_by_keys,

@@ -85,7 +85,8 @@ def _train_func(payload: dict) -> dict:
 
     config, kind = payload["config"], payload["kind"]
     run = RayRun(config, payload["name"])
-    return worker_loop(kind, config, run, payload["where"] if run.rank == 0 else None, progress=False)
+    return worker_loop(kind, config, run, payload["where"] if run.rank == 0 else None, progress=False,
+                       on_epoch_start=payload.get("on_epoch_start"))
 
 
 # ---------------------------------------------------------------- driver side
@@ -176,8 +177,15 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def fit_ray(kind: str, config: Config) -> dict:
+def fit_ray(kind: str, config: Config, on_epoch_start=None) -> dict:
     """Train on Ray Train (``trainer.num_workers`` DDP workers); resumable by run name.
+
+    Args:
+        kind: ``"classifier"`` or ``"explainer"``.
+        config: the resolved config.
+        on_epoch_start: optional picklable callable ``(epoch, rank)`` that every worker runs before
+            each epoch (see :func:`pipeline.train.trainer.worker_loop`): instrumentation or fault
+            injection; ``None`` in the CLI.
 
     Returns:
         The worker loop's summary (rank 0) plus ``checkpoint`` (URI of the best checkpoint),
@@ -196,7 +204,8 @@ def fit_ray(kind: str, config: Config) -> dict:
     storage_path, filesystem = storage_target(config)
     trainer = TorchTrainer(
         _train_func,
-        train_loop_config={"kind": kind, "config": config, "name": name, "where": where},
+        train_loop_config={"kind": kind, "config": config, "name": name, "where": where,
+                           "on_epoch_start": on_epoch_start},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),

@@ -124,7 +124,7 @@ def explainer_loss_fn(explainer: nn.Module, explanandum: nn.Module, weights, ctx
 def train_one_epoch(loss_fn: LossFn, modules: Iterable[nn.Module], params: list[nn.Parameter],
                     loader: Iterable[dict], optimizer: torch.optim.Optimizer, ctx: StepContext, *,
                     max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None,
-                    start_step: int = 0) -> tuple[Stats, int, dict]:
+                    start_step: int = 0, scheduler=None) -> tuple[Stats, int, dict]:
     """One pass over ``loader``: forward, backward, an optimizer step every ``ctx.grad_accum`` batches.
 
     Args:
@@ -137,6 +137,7 @@ def train_one_epoch(loss_fn: LossFn, modules: Iterable[nn.Module], params: list[
         max_steps: stop when the global step count reaches this.
         on_step: called as ``on_step(global_step, step_metrics)`` after each optimizer step.
         start_step: global step at the start (for resumed runs).
+        scheduler: an lr scheduler stepped after every optimizer step (or None).
 
     Returns:
         ``(stats, global_step, timing)``; ``timing`` has ``images``, ``seconds``, ``data_seconds``.
@@ -162,6 +163,8 @@ def train_one_epoch(loss_fn: LossFn, modules: Iterable[nn.Module], params: list[
                 ctx.scaler.update()
             else:
                 optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if on_step is not None:

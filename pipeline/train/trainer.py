@@ -39,6 +39,7 @@ from pipeline.errors import WysiwycError
 from pipeline.progress import progress as progress_bar
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import tracking
+from pipeline.train.schedule import build_scheduler, total_optimizer_steps
 from pipeline.train.steps import StepContext, Stats, classifier_loss_fn, evaluate_epoch, explainer_loss_fn, \
     train_one_epoch
 
@@ -85,7 +86,9 @@ def _datasets(config: Config, rank: int, world: int):
                   opts=opts, classes=config.data.classes)
     train = ShardDataset(config.data.train, train=True, flip=config.data.flip,
                          shuffle_buffer=config.data.shuffle_buffer, **common)
-    val = ShardDataset(config.data.val, train=False, **common) if config.data.val else None
+    # validation only evaluates (no gradient all-reduce), so it may have fewer shards than ranks:
+    # ranks past the last shard evaluate nothing and add zero counts to the all-reduced Stats
+    val = ShardDataset(config.data.val, train=False, allow_idle_ranks=True, **common) if config.data.val else None
     if val is not None and val.classes != train.classes:
         raise WysiwycError(f"data.val classes {val.classes} differ from data.train classes {train.classes}")
     return train, val
@@ -158,12 +161,18 @@ def _distributed(world: int) -> bool:
 
 
 def _all_reduce_stats(stats: Stats, world: int) -> Stats:
-    """Sums and counts of every rank (so epoch metrics cover all ranks' samples)."""
+    """Sums and counts of every rank (so epoch metrics cover all ranks' samples).
+
+    A rank that saw no batch (validation split with fewer shards than ranks) has no keys: the key
+    set is the union over ranks, and missing keys count as zero sums and counts.
+    """
     if not _distributed(world):
         return stats
     import torch.distributed as dist
 
-    keys = sorted(stats.sums)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, sorted(stats.sums))
+    keys = sorted(set().union(*gathered))
     values = stats.tensor(keys)
     dist.all_reduce(values)
     stats.load_tensor(keys, values)
@@ -242,7 +251,7 @@ def _overlay_png(model: nn.Module, batch: dict, classes: list[str], ctx: StepCon
 
 
 def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, on_epoch_start=None) -> dict:
     """Train a classifier or an Explainer on ``data.train`` (validating on ``data.val``) as one rank.
 
     Args:
@@ -253,6 +262,9 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
             (called by every rank each epoch; ``state`` only on rank 0), ``write(file, text)``.
         where: MLflow URI and experiment (:func:`pipeline.train.tracking.resolve`); None: no tracking.
         progress: show a progress bar (rank 0).
+        on_epoch_start: optional callable ``(epoch, rank)`` run by every rank before each epoch
+            (0-based epoch): an instrumentation / fault-injection hook (the FailureConfig test raises
+            from it once to check that the worker group restarts from the latest checkpoint).
 
     Returns:
         The summary: ``run_name``, ``mlflow_run_id``, ``epochs``, ``steps``, ``stopped_early``,
@@ -269,12 +281,18 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    t = config.trainer
+    scheduler = build_scheduler(optimizer, config.optim.schedule, config.optim.warmup_steps,
+                                total_optimizer_steps(t.epochs, train_ds.manifest["num_samples"], world,
+                                                      t.batch_size, t.grad_accum, t.max_steps))
 
     history, epoch0, step, best_loss, stale, mlflow_run_id = [], 0, 0, math.inf, 0, None
     resumed = run.latest()
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None and resumed.get("scheduler"):
+            scheduler.load_state_dict(resumed["scheduler"])
         if ctx.scaler is not None and resumed.get("scaler"):
             ctx.scaler.load_state_dict(resumed["scaler"])
         epoch0, step = resumed["epoch"] + 1, resumed["step"]
@@ -289,6 +307,9 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = make_loss(trained, ctx)
+    # validation through the plain module: a DDP forward may broadcast buffers, a collective that
+    # ranks with fewer (or no) validation batches would never join
+    val_loss_fn = make_loss(model, ctx)
 
     tracker = None
     fixed = None
@@ -318,6 +339,8 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
         for epoch in range(epoch0, config.trainer.epochs):
             if config.trainer.max_steps is not None and step >= config.trainer.max_steps:
                 break
+            if on_epoch_start is not None:
+                on_epoch_start(epoch, rank)
             train_ds.set_epoch(epoch)
             bar = progress_bar(math.ceil(total / world / config.trainer.batch_size),
                                f"{kind} epoch {epoch + 1}/{config.trainer.epochs}", "batch",
@@ -331,14 +354,15 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
 
             stats, step, timing = train_one_epoch(loss_fn, [trained], params, _even_batches(train_loader, world),
                                                   optimizer, ctx, max_steps=config.trainer.max_steps,
-                                                  on_step=on_step, start_step=step)
+                                                  on_step=on_step, start_step=step,
+                                                  scheduler=scheduler)
             bar.close()
             stats, timing = _all_reduce_stats(stats, world), _all_reduce_timing(timing, world)
             record = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v for k, v in stats.compute().items()},
                       "images_per_second": timing["images"] / max(timing["seconds"], 1e-9),
                       "data_wait_share": timing["data_seconds"] / max(timing["seconds"], 1e-9)}
             if val_loader is not None:
-                val = _all_reduce_stats(evaluate_epoch(loss_fn, [trained], val_loader, ctx), world)
+                val = _all_reduce_stats(evaluate_epoch(val_loss_fn, [model], val_loader, ctx), world)
                 record.update({f"val_{k}": v for k, v in val.compute().items()})
             monitored = record.get("val_loss", record["train_loss"])
             improved = monitored < best_loss - config.trainer.min_delta
@@ -355,6 +379,7 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
                                           f"overlays/epoch_{epoch + 1:03d}.png")
                 state = {"kind": kind, "classes": classes, "image_size": config.data.image_size,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict() if scheduler is not None else {},
                          "scaler": ctx.scaler.state_dict() if ctx.scaler else {}, "epoch": epoch, "step": step,
                          "config": ckpt.public_config(config), "metrics": record, "history": json.dumps(history),
                          "best_loss": best_loss, "stale_epochs": stale, "mlflow_run_id": mlflow_run_id or "",

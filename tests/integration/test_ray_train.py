@@ -227,3 +227,31 @@ def test_two_workers_see_disjoint_shards(stack):
                  run_config=ray.train.RunConfig(name="shards", storage_path=str(stack["root"] / "ray-runs"))).fit()
     a, b = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert a and b and not set(a) & set(b) and len(a) + len(b) == 64
+
+
+def test_failed_worker_group_restarts_from_the_latest_checkpoint(stack):
+    from pipeline.train.distributed import fit_ray
+
+    marker = stack["root"] / "failed-once"
+
+    # defined here so that cloudpickle ships it by value: Ray workers cannot import this test module
+    def fail_once_at_epoch_2(epoch, rank, marker=str(marker)):
+        import os
+
+        if epoch == 1 and rank == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("injected worker failure at epoch 2")
+
+    config = load_config(None, overrides(stack, "trainer.epochs=3", "trainer.run_name=flaky",
+                                         "trainer.max_failures=1", "tracking.overlay_images=0"))
+    summary = fit_ray("classifier", config, on_epoch_start=fail_once_at_epoch_2)
+    assert marker.exists()  # the failure did happen
+    # the restarted worker group resumed after epoch 1 (its checkpoint), not from scratch
+    assert summary["resumed_from_epoch"] == 1
+    assert summary["epochs"] == 3 and summary["steps"] == 3 * 4
+    history = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"], Key="runs/flaky/history.json")["Body"].read())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["step"] for h in history] == [4, 8, 12]
+    state, _ = ckpt.load_checkpoint(summary["checkpoint"], stack["s3"].opts)
+    assert state["mlflow_run_id"] == summary["mlflow_run_id"]  # the same MLflow run continued
+    assert _client(stack).get_run(summary["mlflow_run_id"]).info.status == "FINISHED"

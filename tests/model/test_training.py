@@ -119,3 +119,78 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     torch.save({"format": ckpt.FORMAT, "kind": "classifier", "x": Evil()}, path)
     with pytest.raises(WysiwycError, match="not a loadable"):
         ckpt.load_checkpoint(str(path))
+
+
+# ---------------------------------------------------------------- two DDP ranks, one validation shard
+
+
+def _rank_main(rank: int, world: int, store: str, overrides: list[str], out: str) -> None:
+    """One rank of a gloo process group running the worker loop (forked: no Ray needed)."""
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    code = 1
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        summary = fit("classifier", load_config(None, overrides), rank=rank, world=world, progress=False)
+        with open(f"{out}.{rank}", "w") as fh:
+            json.dump(summary, fh)
+        dist.destroy_process_group()
+        code = 0
+    except BaseException:
+        with open(f"{out}.{rank}", "w") as fh:
+            fh.write(traceback.format_exc())
+    finally:
+        os._exit(code)
+
+
+def test_validation_split_with_fewer_shards_than_ranks_gives_the_single_rank_metrics(tmp_path):
+    import multiprocessing
+
+    from pipeline.data.shards import ShardDataset, make_loader
+    from pipeline.train.steps import StepContext, classifier_loss_fn, evaluate_epoch
+    from pipeline.train.trainer import _build
+
+    ingest(SyntheticReader(64, 0, "train", image_size=SIZE), str(tmp_path / "d"), "train",
+           IngestConfig(workers=1, shard_size=16), progress=False)  # 4 shards: 2 per rank
+    ingest(SyntheticReader(24, 1, "val", image_size=SIZE), str(tmp_path / "d"), "val",
+           IngestConfig(workers=1, shard_size=64), progress=False)  # 1 shard for 2 ranks
+    val = str(tmp_path / "d" / "val")
+    # the training split keeps the strict check; validation allows ranks without shards
+    with pytest.raises(WysiwycError, match="1 shard"):
+        ShardDataset(val, image_size=SIZE, train=False, rank=0, world_size=2)
+    assert list(ShardDataset(val, image_size=SIZE, train=False, rank=1, world_size=2,
+                             allow_idle_ranks=True)) == []
+
+    overrides = [f"data.train={tmp_path}/d/train", f"data.val={val}", f"data.image_size={SIZE}",
+                 "data.loader_workers=0", "data.shuffle_buffer=0", "trainer.batch_size=8", "trainer.epochs=1",
+                 f"trainer.storage={tmp_path}/ckpt", "trainer.run_name=ddp", "trainer.backend=local",
+                 "tracking.enabled=false"]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "store"), overrides, str(tmp_path / "out")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    outputs = [(tmp_path / f"out.{r}").read_text() if (tmp_path / f"out.{r}").exists() else "" for r in range(2)]
+    assert [p.exitcode for p in procs] == [0, 0], outputs
+    summary = json.loads(outputs[0])
+    assert summary["steps"] == 4  # 32 training samples per rank, batch 8
+    record = json.loads((tmp_path / "ckpt" / "ddp" / "history.json").read_text())[-1]
+
+    # the same weights evaluated by one rank over the whole validation split
+    state, _ = ckpt.load_checkpoint(str(tmp_path / "ckpt" / "ddp" / "last.pt"))
+    cfg = load_config(None, overrides)
+    model, _, _, _ = _build("classifier", cfg, state["classes"], torch.device("cpu"))
+    model.load_state_dict(state["model"])
+    step_ctx = StepContext()
+    single = ShardDataset(val, image_size=SIZE, train=False, rank=0, world_size=1)
+    expected = evaluate_epoch(classifier_loss_fn(model, step_ctx), [model], make_loader(single, 8, 0),
+                              step_ctx).compute()
+    assert {"val_loss", "val_accuracy", "val_f1"} <= set(record)
+    for key in ("loss", "accuracy", "f1"):
+        assert record[f"val_{key}"] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
