@@ -74,6 +74,8 @@ class RayRun:
             ray.train.report(numeric, checkpoint=ray.train.Checkpoint.from_directory(folder))
         finally:  # report has persisted it to storage_path
             shutil.rmtree(folder, ignore_errors=True)
+        if best:  # a stable URI for presets and scripts: RUN/best.pt, as with the local backend
+            ckpt.save_checkpoint(state, storage.join(self.root, "best.pt"), self.opts)
 
     def write(self, file: str, text: str) -> None:
         storage.write_bytes(storage.join(self.root, file), text.encode(), self.opts)

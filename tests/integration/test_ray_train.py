@@ -127,6 +127,8 @@ def test_two_worker_classifier_lowers_the_loss_and_is_tracked_in_mlflow(stack, c
     assert classifier["checkpoint"].startswith(f"s3://{stack['bucket']}/runs/clf/checkpoint_")
     state, _ = ckpt.load_checkpoint(classifier["checkpoint"], stack["s3"].opts)
     assert state["kind"] == "classifier" and state["mlflow_run_id"] == classifier["mlflow_run_id"]
+    alias, _ = ckpt.load_checkpoint(f"s3://{stack['bucket']}/runs/clf/best.pt", stack["s3"].opts)
+    assert alias["epoch"] == state["epoch"]  # RUN/best.pt: the stable URI of the best checkpoint
     run = _client(stack).get_run(classifier["mlflow_run_id"])
     assert run.info.run_name == "clf" and run.info.status == "FINISHED"
     assert run.data.params["loss.entropy_regularizer"] == "1.0"
