@@ -24,8 +24,18 @@ def _yaml_files() -> list[Path]:
 
 
 @pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_config_loads(path):
-    load_config(path)
+def test_every_config_loads_with_the_values_it_states(path):
+    import yaml
+
+    config = load_config(path)
+    stated = yaml.safe_load(path.read_text())
+    for section, values in stated.items():
+        if not isinstance(values, dict):
+            assert getattr(config, section) == values
+            continue
+        for key, value in values.items():
+            loaded = getattr(getattr(config, section), key)
+            assert loaded == value, f"{path}: {section}.{key} loads as {loaded!r}, the file says {value!r}"
 
 
 def test_all_paper_presets_exist():
