@@ -30,6 +30,7 @@ from pipeline.models.explanandum import (
     SMALL_CNN_CHANNELS,
     SmallCNN,
     StateSource,
+    check_arch,
     conv_block,
     load_weights,
     read_state_dict,
@@ -129,11 +130,7 @@ def build_explainer(
     Raises:
         WysiwycError: unknown arch, an option the arch does not take, or weights that do not fit.
     """
-    arch = str(arch).lower()
-    if arch not in ARCHS:
-        raise WysiwycError(f"explainer.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    if num_classes < 1:
-        raise WysiwycError(f"explainer: num_classes must be at least 1, got {num_classes}")
+    arch = check_arch("explainer", arch, ARCHS, num_classes)
 
     if arch == "compact":
         if backbone_weights is not None:

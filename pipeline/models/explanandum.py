@@ -135,11 +135,7 @@ def build_explanandum(
         WysiwycError: unknown arch, pretrained weights asked for without a file, unreadable file or
             a state dict that does not fit the architecture.
     """
-    arch = str(arch).lower()
-    if arch not in ARCHS:
-        raise WysiwycError(f"explanandum.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    if num_classes < 1:
-        raise WysiwycError(f"explanandum: num_classes must be at least 1, got {num_classes}")
+    arch = check_arch("explanandum", arch, ARCHS, num_classes)
 
     if arch == "small_cnn":
         if pretrained_backbone is not None and pretrained_backbone is not False:
@@ -155,6 +151,16 @@ def build_explanandum(
     if weights is not None:
         load_weights(model, weights, "explanandum", num_classes)
     return model
+
+
+def check_arch(role: str, arch: str, archs: tuple[str, ...], num_classes: int) -> str:
+    """The lower-cased ``arch`` if it is one of ``archs`` and there is at least one class, else a clear error."""
+    arch = str(arch).lower()
+    if arch not in archs:
+        raise WysiwycError(f"{role}.arch: unknown architecture {arch!r}; choose one of {', '.join(archs)}")
+    if num_classes < 1:
+        raise WysiwycError(f"{role}: num_classes must be at least 1, got {num_classes}")
+    return arch
 
 
 def load_weights(model: nn.Module, weights: StateSource, role: str, num_classes: int) -> None:

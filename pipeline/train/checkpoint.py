@@ -20,15 +20,11 @@ from pipeline.errors import WysiwycError
 FORMAT = "wysiwyc-checkpoint/1"
 
 
-def checkpoint_bytes(state: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buf)
-    return buf.getvalue()
-
-
 def save_checkpoint(state: dict, url: str, opts=None) -> str:
     """Write ``state`` atomically to ``url`` (local path or s3://); returns its sha256."""
-    data = checkpoint_bytes(state)
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    data = buf.getvalue()
     storage.write_bytes(url, data, opts)
     return hashlib.sha256(data).hexdigest()
 
