@@ -33,11 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from pipeline import storage
 from pipeline.config import EVALUATE_METHODS, EvaluateConfig, dump_config
 from pipeline.errors import WysiwycError
+from pipeline.models.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -66,78 +66,37 @@ _REGISTRY_PREFIX = "models:/"
 # --------------------------------------------------------------------------------------- loading
 
 
-@dataclass
-class Models:
-    """The Explainer, its Explanandum and what the run records about them."""
-
-    explainer: nn.Module
-    explanandum: nn.Module
-    classes: list[str]
-    image_size: int
-    explainer_uri: str
-    explainer_sha256: str
-    explanandum_uri: str
-    explanandum_sha256: str
-
-
 def _refuse_registry(uri: str, key: str) -> None:
     if str(uri).startswith(_REGISTRY_PREFIX):
         raise WysiwycError(f"{key}={uri}: registry URIs come with the registry stage; give a checkpoint URI "
                            f"(a local path or s3://…) for now")
 
 
-def load_models(config, opts=None) -> Models:
+def load_models(config, opts=None) -> Predictor:
     """The Explainer of ``explainer.checkpoint`` and the Explanandum it was trained to explain.
 
     The Explanandum is ``explanandum.checkpoint`` when set, else the one the Explainer checkpoint
-    records (``ckpt["explanandum"]["uri"]``); its sha256 must equal the recorded one.
+    records; its sha256 must equal the recorded one (:func:`pipeline.models.predictor.load_predictor`).
+    The size is ``data.image_size`` when given explicitly, else the one the Explainer was trained at.
 
     Raises:
         WysiwycError: no checkpoint given, a ``models:/`` URI, a classifier that is not the recorded
             one, or class lists that differ.
     """
-    from pipeline.train.checkpoint import load_classifier, load_explainer
+    from pipeline.models.predictor import load_predictor
 
     uri = config.explainer.checkpoint
     if not uri:
         raise WysiwycError("evaluate: set explainer.checkpoint to the Explainer checkpoint to evaluate "
                            "(a local path or s3://…), e.g. the `checkpoint` printed by `wysiwyc train explainer`")
     _refuse_registry(uri, "explainer.checkpoint")
-    explainer, ckpt, explainer_sha = load_explainer(uri, opts)
-
-    record = ckpt.get("explanandum") or {}
-    explanandum_uri = config.explanandum.checkpoint or record.get("uri")
-    if not explanandum_uri:
-        raise WysiwycError(f"evaluate: the Explainer checkpoint {storage.redact(uri)} does not record its "
-                           f"Explanandum; set explanandum.checkpoint to the classifier it explains")
-    _refuse_registry(explanandum_uri, "explanandum.checkpoint")
-    explanandum, cls_ckpt, explanandum_sha = load_classifier(explanandum_uri, opts)
-    expected = record.get("sha256")
-    if expected and explanandum_sha != expected:
-        raise WysiwycError(
-            f"evaluate: the Explanandum {storage.redact(explanandum_uri)} (sha256 {explanandum_sha[:16]}…) is not "
-            f"the classifier the Explainer {storage.redact(uri)} was trained to explain (recorded: "
-            f"{storage.redact(str(record.get('uri')))}, sha256 {expected[:16]}…); the file was changed or "
-            f"replaced: point explanandum.checkpoint at the recorded classifier, or evaluate an Explainer "
-            f"trained for this one")
-    if not expected:
-        log.warning("evaluate: %s records no Explanandum sha256; cannot verify %s", storage.redact(uri),
-                    storage.redact(explanandum_uri))
-    classes = list(ckpt["classes"])
-    if list(cls_ckpt["classes"]) != classes:
-        raise WysiwycError(f"evaluate: the Explainer {storage.redact(uri)} has classes {classes} but the "
-                           f"Explanandum {storage.redact(explanandum_uri)} has {list(cls_ckpt['classes'])}")
-    # the checkpoint's size unless data.image_size was given explicitly
-    if "image_size" in config.data.model_fields_set or not ckpt.get("image_size"):
-        image_size = int(config.data.image_size)
-    else:
-        image_size = int(ckpt["image_size"])
-    if ckpt.get("image_size") and int(ckpt["image_size"]) != image_size:
-        log.warning("evaluate: evaluating at %d px, the Explainer was trained at %d px", image_size,
-                    int(ckpt["image_size"]))
-    return Models(explainer=explainer.eval(), explanandum=explanandum, classes=classes, image_size=image_size,
-                  explainer_uri=uri, explainer_sha256=explainer_sha, explanandum_uri=explanandum_uri,
-                  explanandum_sha256=explanandum_sha)
+    if config.explanandum.checkpoint:
+        _refuse_registry(config.explanandum.checkpoint, "explanandum.checkpoint")
+    size = config.data.image_size if "image_size" in config.data.model_fields_set else None
+    try:
+        return load_predictor(uri, config.explanandum.checkpoint, opts, image_size=size)
+    except WysiwycError as exc:
+        raise WysiwycError(f"evaluate: {exc}") from None
 
 
 def open_test_split(config, classes: list[str], image_size: int, opts=None):
@@ -216,7 +175,7 @@ class _MethodResult:
         return [float(s / n) if n else math.nan for s, n in zip(self.f1_sums.tolist(), self.f1_counts.tolist())]
 
 
-def _mask_maker(name: str, models: Models, options: EvaluateConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _mask_maker(name: str, models: Predictor, options: EvaluateConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``make(x, seg) -> (B, C, H, W)`` per-class masks of every class for method ``name``."""
     from pipeline.evaluate import baselines
     from pipeline.method.masks import class_masks
