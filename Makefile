@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# checkov (the infra/ and k8s/ scanner of the tests) pins boto3==1.35, older than the project needs:
+# it lives in a venv of its own inside .venv, found there by tests/unit/test_infra.py
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(VENV)/tools/checkov/bin/checkov
 
 .PHONY: install quickstart test test-all bench clean
 
@@ -14,10 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+$(CHECKOV): Makefile
+	test -x $(VENV)/tools/checkov/bin/python || $(PYTHON) -m venv $(VENV)/tools/checkov
+	$(VENV)/tools/checkov/bin/python -m pip install --quiet --disable-pip-version-check 'checkov==$(CHECKOV_VERSION)'
+	touch $(CHECKOV)
+
 quickstart: install
 	$(BIN)/wysiwyc quickstart --workdir runs/quickstart
 
-test: install
+test: install $(CHECKOV)
 	$(BIN)/python -m pytest -q
 
 bench: install

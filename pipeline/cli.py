@@ -5,8 +5,10 @@ Heavy modules (torch, boto3, pycocotools) are imported inside the commands, so `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -61,7 +63,10 @@ def _run(title: str, as_json: bool, stage: Callable[[], dict]) -> None:
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = stage()
+        # stdout is the summary's: libraries that print there (MLflow's "View run" links, Ray Tune's
+        # status table) go to stderr with the logs
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = stage()
     except WysiwycError as exc:
         from pipeline.storage import redact
 
@@ -141,11 +146,13 @@ def ingest_synthetic(
     shard_size: ShardSizeOpt = None, on_error: OnErrorOpt = None, overwrite: OverwriteOpt = False,
     workers: WorkersOpt = None, config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
 ) -> None:
-    """Synthetic multi-label shapes on clutter with exact per-pixel ground truth."""
+    """Synthetic multi-label shapes on clutter with exact per-pixel ground truth (data.classes: a subset of
+    the shapes)."""
     def make_reader(cfg, opts):
         from pipeline.data.synthetic import SyntheticReader
 
-        return SyntheticReader(num_images, seed, split, image_size=image_size or cfg.data.image_size)
+        return SyntheticReader(num_images, seed, split, image_size=image_size or cfg.data.image_size,
+                               classes=cfg.data.classes)
 
     _ingest("synthetic", make_reader, split, out, config, overrides, shard_size, on_error, overwrite, workers,
             json_)
@@ -202,17 +209,183 @@ def evaluate(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonO
 
 
 @app.command()
+def sweep(
+    config: Annotated[str, typer.Option("-c", "--config", help="Sweep file (see configs/sweeps/).")],
+    overrides: Overrides = None, json_: JsonOpt = False,
+) -> None:
+    """Sweep λ (any config key) on Ray Tune, one TorchTrainer per trial; the same sweep.name resumes."""
+    def stage() -> dict:
+        from pipeline.tune import load_sweep, run_sweep
+
+        return run_sweep(load_sweep(config, overrides))
+
+    _run("sweep: done", json_, stage)
+
+
+# ------------------------------------------------------------------- wysiwyc register / promote
+
+NameOpt = Annotated[str, typer.Option("--name", help="Registered model name, e.g. voc-vgg16.")]
+
+
+@app.command()
+def register(
+    name: NameOpt,
+    checkpoint: Annotated[str | None, typer.Option(
+        "--checkpoint", help="Explainer checkpoint URI (local path or s3://).")] = None,
+    from_sweep: Annotated[str | None, typer.Option(
+        "--from-sweep", help="Register the best trial of this sweep (its sweep.json).")] = None,
+    config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+) -> None:
+    """Package an Explainer as a new MLflow model version with alias `candidate`; prints its model URI."""
+    def stage() -> dict:
+        from pipeline.errors import WysiwycError
+        from pipeline.registry import register_checkpoint, register_from_sweep
+
+        if (checkpoint is None) == (from_sweep is None):
+            raise WysiwycError("register: give exactly one of --checkpoint URI or --from-sweep NAME")
+        cfg = _load(config, overrides)
+        if from_sweep is not None:
+            return register_from_sweep(from_sweep, name, cfg)
+        return register_checkpoint(checkpoint, name, cfg)
+
+    _run("register: done", json_, stage)
+
+
+@app.command()
+def promote(
+    name: NameOpt,
+    version: Annotated[str | None, typer.Option(
+        "--version", help="Version to promote (a number, or an alias such as candidate).")] = None,
+    gate: Annotated[str | None, typer.Option(
+        "--gate", help="Gate file (default registry.gate: configs/gates/default.yaml).")] = None,
+    rollback: Annotated[bool, typer.Option(
+        "--rollback", help="Make previous-champion the champion again instead.")] = False,
+    config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+) -> None:
+    """Run the gate on a version and move `champion` to it (exit 2 with the reason when it fails)."""
+    def stage() -> dict:
+        from pipeline import registry
+        from pipeline.errors import WysiwycError
+
+        cfg = _load(config, overrides, **{"registry.gate": gate})
+        if rollback:
+            if version is not None:
+                raise WysiwycError("promote: --rollback restores previous-champion; do not give --version")
+            return registry.rollback(name, cfg)
+        if version is None:
+            raise WysiwycError("promote: give --version V (or --rollback)")
+        return registry.promote(name, version, cfg)
+
+    _run("promote: rolled back" if rollback else "promote: done", json_, stage)
+
+
+@app.command()
+def attribute(
+    model: Annotated[str | None, typer.Option(
+        "--model", help="models:/NAME@alias (resolved once, recorded) or a checkpoint URI (explainer.checkpoint).")] = None,
+    input_: Annotated[str | None, typer.Option(
+        "--input", help="Image prefix (local or s3://), shard split, or a file listing image URIs.")] = None,
+    output: Annotated[str | None, typer.Option(
+        "--output", help="Output prefix; the run writes OUTPUT/RUN_ID/.")] = None,
+    run_id: Annotated[str | None, typer.Option(
+        "--run-id", help="Run id (default: UTC time); the same id resumes, a complete run is left as is.")] = None,
+    config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+) -> None:
+    """Masks + index for every image of a corpus on Ray Data (resumable, idempotent; see configs/attribute/)."""
+    def stage() -> dict:
+        from pipeline.attribute import attribute as run_attribute
+
+        flags = {"explainer.checkpoint": model, "attribute.input": input_, "output": output,
+                 "attribute.run_id": run_id}
+        # JSON-quoted: a run id such as 2026-11-29 stays a string (YAML would read a date)
+        return run_attribute(_load(config, overrides, **{k: json.dumps(v) for k, v in flags.items() if v}))
+
+    _run("attribute: done", json_, stage)
+
+
+@app.command()
 def quickstart(
     workdir: Annotated[str, typer.Option("--workdir", help="Where everything is written.")] = "runs/quickstart",
+    with_stack: Annotated[bool, typer.Option(
+        "--with-stack", help="Use the running `wysiwyc stack` (S3 + MLflow server) instead of local files.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """The main job on the embedded defaults (no services): synthetic data → shards."""
+    """The main job on the embedded defaults: data → classifier → Explainer → evaluation → registry →
+    attribution → report.html."""
+    def show(name: str, index: int, total: int, status: str) -> None:
+        typer.echo(f"[{index}/{total}] {name}: {status}", err=True)
+
     def stage() -> dict:
         from pipeline.quickstart import run_quickstart
 
-        return run_quickstart(workdir)
+        return run_quickstart(workdir, with_stack=with_stack, on_stage=show)
 
     _run("quickstart: done", json_, stage)
+
+
+# ------------------------------------------------------------------------------- wysiwyc stack
+
+stack_app = typer.Typer(help="The local production-like stack: SeaweedFS (S3) + an MLflow server, in the "
+                             "background on 127.0.0.1.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+StateDirOpt = Annotated[Optional[str], typer.Option(
+    "--state-dir", help="Where the stack keeps data, logs, PID records and credentials "
+                        "(default $WYSIWYC_STACK_DIR or ~/.wysiwyc/stack).")]
+
+
+@stack_app.command("up")
+def stack_up(
+    state_dir: StateDirOpt = None,
+    s3_port: Annotated[Optional[int], typer.Option("--s3-port", help="S3 port (default: the last one, else 8333).")] = None,
+    mlflow_port: Annotated[Optional[int], typer.Option(
+        "--mlflow-port", help="MLflow port (default: the last one, else 5000).")] = None,
+    bucket: Annotated[Optional[str], typer.Option("--bucket", help="Bucket to create (default wysiwyc).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Start SeaweedFS and the MLflow server (a no-op when running); prints the environment to export."""
+    env: dict = {}
+
+    def stage() -> dict:
+        from pipeline import stack
+
+        summary = stack.stack_up(state_dir, s3_port=s3_port, mlflow_port=mlflow_port, bucket=bucket)
+        if json_:
+            return summary
+        env.update(summary.pop("env"))
+        return summary
+
+    _run("stack up: running", json_, stage)
+    if env:
+        print("\n# the environment to export (or: source the env_file above)")
+        print("\n".join(f"export {key}={shlex.quote(value)}" for key, value in env.items()))
+
+
+@stack_app.command("status")
+def stack_status(state_dir: StateDirOpt = None, json_: JsonOpt = False) -> None:
+    """Check that both services run and answer; exits 1 when the stack is not healthy."""
+    healthy = []
+
+    def stage() -> dict:
+        from pipeline import stack
+
+        summary = stack.stack_status(state_dir)
+        healthy.append(summary["healthy"])
+        return summary
+
+    _run("stack status:", json_, stage)
+    if not healthy[0]:
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down(state_dir: StateDirOpt = None, json_: JsonOpt = False) -> None:
+    """Stop exactly the processes `stack up` started; the data stays for the next `up`."""
+    def stage() -> dict:
+        from pipeline import stack
+
+        return stack.stack_down(state_dir)
+
+    _run("stack down: stopped", json_, stage)
 
 
 def main() -> None:

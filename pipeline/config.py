@@ -158,12 +158,112 @@ class EvaluateConfig(_Section):
         return [m for m in EVALUATE_METHODS if m in value]  # canonical order, no duplicates
 
 
+class AttributeConfig(_Section):
+    """``wysiwyc attribute``: Ray Data batch attribution of an image corpus with ``explainer.checkpoint``
+    (a checkpoint URI or ``models:/NAME@alias``), written under ``output/RUN_ID/``."""
+
+    input: str | None = Field(None, description="image prefix (local or s3://), shard split (OUT/split or its "
+                                                "manifest URL) or a file listing image URIs (text or JSON list)")
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                               description="outputs go to output/RUN_ID/; the same id resumes (default: UTC time)")
+    classes: Literal["threshold", "topk", "fixed"] = Field(
+        "threshold", description="which classes each image explains: predicted ≥ threshold (at least the top-1), "
+                                 "the top_k, or fixed_classes")
+    threshold: float = Field(0.5, ge=0, le=1, description="probability at which a class counts as predicted")
+    top_k: int = Field(3, ge=1, description="classes=topk: how many")
+    fixed_classes: list[str] = Field(default_factory=list, description="classes=fixed: class names")
+    batch_size: int = Field(32, ge=1, description="images per model call (and per index part file)")
+    num_actors: int = Field(2, ge=1, description="predictor actors (ActorPoolStrategy size)")
+    cpus_per_actor: float = Field(0.5, gt=0, description="logical CPUs per actor; < 1 on small machines so "
+                                                         "read and write tasks keep a CPU")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0: CPU)")
+    read_cpus: float = Field(0.25, gt=0, description="logical CPUs per read/decode task")
+    amp: bool = Field(False, description="bf16 autocast on GPU")
+    max_error_fraction: float = Field(0.1, ge=0, le=1, description="abort when more images than this share fail")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="larger images are error rows, not decoded")
+    preview_images: int = Field(16, ge=0, description="masked-image previews + index.html for the first N images")
+
+
 class TrackingConfig(_Section):
     enabled: bool = Field(True, description="log the run to MLflow (rank 0)")
     uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite file in the run dir)")
     experiment: str = "wysiwyc"
     overlay_images: int = Field(6, ge=0, description="Explainer: fixed validation images in the per-epoch "
                                                      "mask overlay artifact")
+    parent_run_id: str | None = Field(None, description="nest the run under this MLflow run (set by "
+                                                        "`wysiwyc sweep` for its trials)")
+
+
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
+
+
+class SweepConfig(_Section):
+    """``wysiwyc sweep``: a search space over the keys of a base training config, run on Ray Tune.
+
+    A trial's config is the ``base`` file, then the sweep file's other sections, then the command-line
+    overrides, then the sampled values of ``space``.
+    """
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="the sweep's name: results in storage/NAME; the same name resumes")
+    base: str | None = Field(None, description="base training config; a relative path is relative to the sweep "
+                                               "file's folder")
+    kind: Literal["explainer", "classifier"] = "explainer"
+    space: dict[str, dict[str, list]] = Field(
+        default_factory=dict, description="dotted config key → {grid: [v…]} | {choice: [v…]} | "
+                                          "{uniform: [lo, hi]} | {loguniform: [lo, hi]}")
+    num_samples: int = Field(1, ge=1, description="samples of the space (with grids: repeats of the whole grid)")
+    metric: str = Field("val_selection", description="per-epoch metric that selects the best trial")
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int = Field(2, ge=1)
+    scheduler: Literal["none", "asha"] = Field("none", description="asha: stop poor trials early, per epoch")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor at each rung")
+    max_t: int | None = Field(None, ge=1, description="ASHA: epochs at most (default: trainer.epochs)")
+    cpus_per_trial: float = Field(0.25, gt=0, description="logical CPUs of a trial's own process (it waits on "
+                                                          "its TorchTrainer; the workers reserve theirs)")
+    retry_failed: bool = Field(True, description="a relaunch with the same name reruns the failed trials")
+    storage: str = Field("runs/sweeps", description="sweep root (local dir or s3://): storage/NAME/")
+
+    @field_validator("space")
+    @classmethod
+    def _valid_space(cls, value):
+        for key, dim in value.items():
+            if len(dim) != 1 or next(iter(dim)) not in SEARCH_KINDS:
+                raise ValueError(f"space key {key!r}: give exactly one of {', '.join(SEARCH_KINDS)} "
+                                 f"(got {sorted(dim)})")
+            kind, values = next(iter(dim.items()))
+            if not values:
+                raise ValueError(f"space key {key!r}: {kind} needs at least one value")
+            if kind in ("uniform", "loguniform"):
+                if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) \
+                        or not values[0] < values[1]:
+                    raise ValueError(f"space key {key!r}: {kind} needs [low, high] numbers with low < high "
+                                     f"(got {values})")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise ValueError(f"space key {key!r}: loguniform needs low > 0 (got {values[0]})")
+        return value
+
+
+class RegistryConfig(_Section):
+    """``wysiwyc register`` / ``promote``: the MLflow model registry (at ``tracking.uri``)."""
+
+    gate: str = Field("configs/gates/default.yaml", description="promotion gate file (a GateConfig YAML)")
+
+
+class GateConfig(_Section):
+    """A promotion gate (``configs/gates/*.yaml``): how a version is evaluated and what it must reach.
+
+    Metric names are those of ``metrics.json`` for the Explainer (``cont_iou``, ``mean_f1``, …).
+    """
+
+    split: str | None = Field(None, description="the fixed evaluation split with segmentation (default: data.test)")
+    evaluate: EvaluateConfig = Field(default_factory=lambda: EvaluateConfig(methods=["explainer"]),
+                                     description="evaluation settings, the same for every version compared")
+    minimum: dict[str, float] = Field(default_factory=dict, description="metric → lowest value that passes")
+    maximum: dict[str, float] = Field(default_factory=dict, description="metric → highest value that passes")
+    champion_margin: dict[str, float] = Field(
+        default_factory=dict, description="metric → how much worse than the current @champion the version may be")
 
 
 class Config(_Section):
@@ -179,6 +279,9 @@ class Config(_Section):
     trainer: TrainerConfig = TrainerConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    attribute: AttributeConfig = AttributeConfig()
+    sweep: SweepConfig = SweepConfig()
     output: str = "runs/output"
 
 

@@ -1,31 +1,225 @@
-"""The main job on the embedded defaults: everything under one work dir, no services needed."""
+"""The main job in one command: data → classifier → Explainer → evaluation → registry → attribution → report.
+
+Everything runs on the embedded defaults under one work dir (shards and checkpoints in local folders,
+MLflow in an sqlite file there, a local Ray), or against ``wysiwyc stack`` (``with_stack``: shards,
+checkpoints and outputs in its S3 bucket, tracking and registry on its MLflow server). The stages use
+the CPU presets ``configs/cpu/*.yaml`` with the work dir's locations as overrides, so what the
+quickstart shows is what those presets do.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import json
+import math
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import IngestConfig
+from pipeline import storage
+from pipeline.errors import WysiwycError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MODEL_NAME = "quickstart-explainer"
+SPLITS = (("train", 1500, 0), ("val", 100, 1), ("test", 100, 2))  # (split, images, seed)
+CORPUS = ("corpus", 200, 3)  # the held-apart images that the attribution stage explains
+STAGES = ("data", "classifier", "explainer", "evaluate", "register", "promote", "attribute", "report")
 
 
-def run_quickstart(workdir: str, image_size: int = 64) -> dict:
-    """Make the synthetic data set (train / val / test with exact masks) as shards under ``workdir``.
+@dataclass
+class Place:
+    """Where the quickstart writes: a root for data/checkpoints/outputs and the tracking URI."""
 
-    Returns:
-        The summary: where the shards went, sample counts and timings per stage.
-    """
+    root: str  # local dir or s3://bucket/prefix
+    tracking_uri: str
+    local: Path  # always a local folder: report.html and the MLflow sqlite file live here
+
+    def url(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+
+def _place(workdir: str, with_stack: bool) -> Place:
+    local = Path(workdir).resolve()
+    local.mkdir(parents=True, exist_ok=True)
+    if not with_stack:
+        return Place(root=str(local), tracking_uri=f"sqlite:///{local / 'mlflow.db'}", local=local)
+    from pipeline.stack import running_stack
+
+    stack = running_stack()  # raises with "run `wysiwyc stack up` first" when it is not up
+    # endpoint and credentials in the environment before Ray starts, so its workers sign S3 requests too
+    os.environ.update(stack.env)
+    return Place(root=f"s3://{stack.bucket}/quickstart", tracking_uri=stack.tracking_uri, local=local)
+
+
+def _config(place: Place, preset: str, *overrides: str):
+    from pipeline.config import load_config
+
+    data = place.url("data", "synthetic")
+    common = [f"data.train={data}/train", f"data.val={data}/val", f"data.test={data}/test",
+              f"trainer.storage={place.url('checkpoints')}", f"tracking.uri={place.tracking_uri}",
+              "tracking.experiment=quickstart"]
+    return load_config(CONFIGS / "cpu" / preset, common + list(overrides))
+
+
+def _make_data(place: Place, image_size: int, opts) -> dict:
+    """Synthetic train/val/test shards with exact masks, and a held-apart corpus of PNG files."""
+    from pipeline.config import IngestConfig
     from pipeline.data.ingest import ingest
     from pipeline.data.synthetic import SyntheticReader
 
-    data = Path(workdir) / "data" / "synthetic"
-    # shards of 100: train has 6, enough for trainer.num_workers=2 ranks × data.loader_workers up to 3
-    # (configs/cpu/*.yaml); val and test have 1, which any number of ranks can evaluate
-    timings, counts = {}, {}
-    for split, num_images, seed in (("train", 600, 0), ("val", 100, 1), ("test", 100, 2)):
-        started = time.perf_counter()
-        result = ingest(SyntheticReader(num_images, seed, split, image_size=image_size), str(data), split,
-                        IngestConfig(shard_size=100, overwrite=True))
-        timings[f"ingest_{split}_s"] = round(time.perf_counter() - started, 1)
+    counts = {}
+    # shards of 100: train has several per rank × loader worker; val and test have one each
+    for split, num_images, seed in SPLITS:
+        result = ingest(SyntheticReader(num_images, seed, split, image_size=image_size),
+                        place.url("data", "synthetic"), split, IngestConfig(shard_size=100, overwrite=True), opts)
         counts[split] = result["num_samples"]
-    return {"output": str(data), "manifest": str(data / "train.manifest.json"),
-            "num_samples": counts, "timings": timings}
+    name, num_images, seed = CORPUS
+    reader = SyntheticReader(num_images, seed, name, image_size=image_size)
+    for item in reader.items():
+        sample = reader.load(item)
+        storage.write_bytes(place.url(name, f"{sample.key}.{sample.ext}"), sample.image, opts)
+    counts[name] = num_images
+    return counts
+
+
+def _png_tag(data: bytes, alt: str, width: str = "100%") -> str:
+    return (f"<img alt='{html.escape(alt)}' style='max-width:{width}' "
+            f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
+
+
+def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, timings: dict, links: dict,
+                 opts=None, title: str = "wysiwyc quickstart") -> None:
+    """One self-contained ``report.html``: the metrics table, the F1-vs-threshold plot, the
+    class-specificity matrices, the overlay grid (images embedded), the λ values, stage timings and
+    links to the outputs."""
+    from pipeline.evaluate import report
+
+    def figure(name: str, alt: str, width: str = "100%") -> str:
+        try:
+            return _png_tag(storage.read_bytes(storage.join(evaluation_dir, name), opts), alt, width)
+        except storage.NotFound:
+            return f"<p>(no {html.escape(name)})</p>"
+
+    spec = metrics.get("class_specificity", {})
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        ("<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}.row{display:flex;gap:1em;flex-wrap:wrap}"
+        ".row>div{flex:1;min-width:300px}code{background:#f4f4f4;padding:1px 4px}</style></head><body>"),
+        f"<h1>{html.escape(title)}</h1>",
+        (f"<p>{metrics.get('num_images')} held-apart test images with exact masks. Per image, the masks of its "
+        "ground-truth classes merged by pixel-wise max, compared with the ground-truth foreground. "
+        "Best explaining method per column in bold (constant and ideal masks are references).</p>"),
+        report.metrics_html(metrics["methods"], spec),
+        "<h2>Masks: Explainer (one forward pass, all classes) vs Grad-CAM vs RISE</h2>",
+        figure("overlays.png", "overlay grid"),
+        "<h2>F1 against the mask threshold</h2>", figure("f1_vs_threshold.png", "F1 vs threshold", "700px"),
+        ("<h2>Class specificity</h2><p>Cell (r, c): the classifier's probability of class r on the image "
+        "masked with the mask of class c. Class-specific masks keep their class (diagonal) and hide the "
+        "others (off-diagonal).</p><div class='row'>"),
+        *(f"<div>{figure(f'class_specificity_{m}.png', m)}</div>" for m in spec),
+        "</div><h2>Loss weights (λ, the paper's names)</h2><table>",
+        *(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in loss.items()),
+        "</table><h2>Stage timings</h2><table><tr><th>stage</th><th>seconds</th></tr>",
+        *(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in timings.items()),
+        f"<tr><td><b>total</b></td><td><b>{sum(timings.values()):.1f}</b></td></tr></table>",
+        "<h2>Outputs</h2><ul>",
+        *(f"<li>{html.escape(k)}: {_link(v)}</li>" for k, v in links.items()),
+        "</ul></body></html>",
+    ]
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _link(value: str) -> str:
+    text = html.escape(str(value))
+    if str(value).startswith(("/", "http://", "https://")):
+        href = str(value) if not str(value).startswith("/") else f"file://{value}"
+        return f"<a href='{html.escape(href)}'>{text}</a>"
+    return f"<code>{text}</code>"
+
+
+def run_quickstart(workdir: str = "runs/quickstart", with_stack: bool = False,
+                   on_stage: Callable[[str, int, int, str], None] | None = None) -> dict:
+    """The whole main job; see the module docstring.
+
+    Args:
+        workdir: local folder for everything (with ``with_stack``: for the report; the rest goes to S3).
+        with_stack: use the running ``wysiwyc stack`` instead of the embedded defaults.
+        on_stage: called as ``(stage, index, total, "start" | "done in N s")`` for a progress display.
+
+    Returns:
+        The summary: ``report``, ``model_uri``, ``version``, ``checkpoint``, ``metrics``, ``output``,
+        ``timings`` (seconds per stage), ``mlflow_ui`` (the command that opens the MLflow UI).
+    """
+    from pipeline.evaluate.evaluate import evaluate
+    from pipeline.train.trainer import train_classifier, train_explainer
+
+    place = _place(workdir, with_stack)
+    timings: dict[str, float] = {}
+    results: dict[str, dict] = {}
+
+    def stage(name: str, fn: Callable[[], dict | None]):
+        index = STAGES.index(name) + 1
+        if on_stage:
+            on_stage(name, index, len(STAGES), "start")
+        started = time.perf_counter()
+        results[name] = fn() or {}
+        timings[name] = round(time.perf_counter() - started, 1)
+        if on_stage:
+            on_stage(name, index, len(STAGES), f"done in {timings[name]:.0f} s")
+        return results[name]
+
+    classifier_cfg = _config(place, "classifier.yaml")
+    opts = classifier_cfg.storage.options()
+    stage("data", lambda: {"counts": _make_data(place, classifier_cfg.data.image_size, opts)})
+    classifier = stage("classifier", lambda: train_classifier(classifier_cfg))
+    explainer_cfg = _config(place, "explainer.yaml", f"explanandum.checkpoint={classifier['checkpoint']}")
+    explainer = stage("explainer", lambda: train_explainer(explainer_cfg))
+    evaluation_dir = place.url("evaluation")
+    evaluate_cfg = _config(place, "evaluate.yaml", f"explainer.checkpoint={explainer['checkpoint']}",
+                           f"output={evaluation_dir}")
+    evaluation = stage("evaluate", lambda: evaluate(evaluate_cfg, progress=True))
+    if evaluation.get("skipped_unlabelled") is None:
+        raise WysiwycError("quickstart: the evaluation returned no summary")
+
+    from pipeline.registry import promote, register_checkpoint
+
+    metrics = json.loads(storage.read_bytes(storage.join(evaluation_dir, "metrics.json"), opts))
+    explainer_metrics = {f"eval_{k}": float(v) for k, v in metrics["methods"]["explainer"].items()
+                         if isinstance(v, (int, float)) and math.isfinite(v)}  # for the registry
+    registered = stage("register", lambda: register_checkpoint(explainer["checkpoint"], MODEL_NAME, evaluate_cfg,
+                                                               extra_metrics=explainer_metrics))
+    promoted = stage("promote", lambda: promote(MODEL_NAME, registered["version"], evaluate_cfg,
+                                                str(CONFIGS / "gates" / "default.yaml")))
+
+    report_path = place.local / "report.html"
+    links = {"report": str(report_path), "evaluation (metrics.json, plots)": evaluation["output"],
+             "Explainer checkpoint": explainer["checkpoint"], "classifier checkpoint": classifier["checkpoint"],
+             "registered model": f"models:/{MODEL_NAME}@champion = {registered['model_uri']}",
+             "MLflow": place.tracking_uri}
+    stage("report", lambda: write_report(report_path, metrics=metrics, evaluation_dir=evaluation_dir,
+                                         loss=explainer_cfg.loss.model_dump(), timings=dict(timings),
+                                         links=links, opts=opts))
+    timings["total"] = round(sum(timings.values()), 1)
+    return {
+        "report": str(report_path),
+        "checkpoint": explainer["checkpoint"],
+        "model_uri": f"models:/{MODEL_NAME}@champion",
+        "version": promoted["version"],
+        "metrics": evaluation["metrics"],
+        "output": place.root,
+        "table": evaluation.get("table"),
+        "timings": timings,
+        "mlflow_ui": _mlflow_ui(place),
+    }
+
+
+def _mlflow_ui(place: Place) -> str:
+    if place.tracking_uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {place.tracking_uri} --port 5000  # then open http://127.0.0.1:5000"
+    return f"open {place.tracking_uri}"

@@ -29,14 +29,34 @@ What it does (STACK.md, SeaweedFS):
 * **Stopping** signals weed's whole process group (it runs in a session of its own): SIGTERM, then
   SIGKILL if it has not exited in time.
 
-A later ``wysiwyc stack up|down|status`` command (a long-lived local stack: object storage, then
-MLflow) will build on this class; it does not exist yet.
+The local stack
+    :func:`stack_up`, :func:`stack_down`, :func:`stack_status` (``wysiwyc stack up|down|status``) run
+    the production topology on one machine, as background processes that outlive the command: this
+    SeaweedFS (S3, bucket ``wysiwyc``) and an ``mlflow server`` (sqlite backend file, artifacts proxied
+    into ``s3://wysiwyc/mlflow``, one worker, job execution off: STACK.md's recipe), both on
+    127.0.0.1. Everything lives in a state directory (``--state-dir``, else ``$WYSIWYC_STACK_DIR``,
+    else ``~/.wysiwyc/stack``; mode 0700)::
+
+        stack.json          ports, bucket, and per service pid + process start time + command line
+        credentials.json    the generated S3 keys (mode 0600), reused by every later ``up``
+        env                 ``export`` lines to ``source`` (mode 0600: it holds the secret key)
+        s3/                 weed's data (``s3/data``) and logs        mlflow/   mlflow.db, mlflow.log
+        lock                serialises concurrent up/down/status
+
+    A process counts as the stack's only while its pid is alive **and** its start time is the
+    recorded one; ``down`` signals exactly those processes (and their children, found by session id),
+    so a pid reused by another program is never touched. Data survives ``down``/``up``.
+    :func:`running_stack` hands a running stack's endpoints, bucket and environment to client code
+    (``wysiwyc quickstart --with-stack``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -44,13 +64,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import WysiwycError
 
-__all__ = ["SeaweedFS", "WeedNotFound", "PORT_NAMES", "find_weed"]
+__all__ = ["PORT_NAMES", "RunningStack", "SeaweedFS", "WeedNotFound", "find_weed", "running_stack", "stack_dir",
+           "stack_down", "stack_status", "stack_up"]
 
 #: The ports ``weed mini`` binds, in the order a ``ports`` sequence gives them.
 PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
@@ -154,6 +177,14 @@ class SeaweedFS:
         self.process: subprocess.Popen | None = None
         self._socket_dir: Path | None = None
         self._own_socket_dir = False
+
+    @classmethod
+    def attach(cls, root: str | os.PathLike, access_key: str, secret_key: str,
+               ports: Mapping[str, int], region: str = "us-east-1") -> SeaweedFS:
+        """A handle on a weed that another process started: ``client``/``env``/``opts`` work, ``stop`` does not."""
+        server = cls(root, access_key, secret_key, region=region)
+        server.ports = dict(ports)
+        return server
 
     # ------------------------------------------------------------------ description
 
@@ -373,3 +404,395 @@ class SeaweedFS:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+# ==================================================================================== local stack
+
+DEFAULT_STATE_DIR = "~/.wysiwyc/stack"
+DEFAULT_S3_PORT = 8333
+DEFAULT_MLFLOW_PORT = 5000
+DEFAULT_BUCKET = "wysiwyc"
+_SERVICES = ("s3", "mlflow")  # start order; stopped in reverse
+_PORT_FLAGS = {"s3": "--s3-port", "mlflow": "--mlflow-port"}
+
+
+def stack_dir(state_dir: str | os.PathLike | None = None) -> Path:
+    """The state directory: ``state_dir``, else ``$WYSIWYC_STACK_DIR``, else ``~/.wysiwyc/stack``."""
+    chosen = state_dir or os.environ.get("WYSIWYC_STACK_DIR") or DEFAULT_STATE_DIR
+    return Path(chosen).expanduser().absolute()
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Hold ``ROOT/lock`` (one up/down/status at a time on a state directory)."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(root / "lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by the user only (mode 0600 from the start)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_state(root: Path) -> dict:
+    path = root / "stack.json"
+    if not path.exists():
+        return {"services": {}}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise WysiwycError(f"stack: {path} is not valid JSON ({exc}); stop any stack processes by hand "
+                           f"and remove the file") from None
+
+
+def _credentials(root: Path) -> tuple[str, str]:
+    """The stack's S3 keys from ``credentials.json`` (0600), generated on the first ``up``."""
+    path = root / "credentials.json"
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # someone widened it: only the user may read the keys
+        keys = json.loads(path.read_text())
+        return keys["access_key_id"], keys["secret_access_key"]
+    access, secret = "WY" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
+    _write_private(path, json.dumps({"access_key_id": access, "secret_access_key": secret}, indent=2) + "\n")
+    return access, secret
+
+
+def _members(record: dict | None) -> list:
+    """The live processes of a recorded service: its leader and everything in the leader's session.
+
+    The leader counts only if its start time is the recorded one (a reused pid is someone else's).
+    Its children are found by session id (the leader started a session of its own): a pid stays
+    reserved while a session of that id has members, so they are ours even when the leader is gone.
+    """
+    import psutil
+
+    if not record:
+        return []
+    pid, started = record["pid"], record["create_time"]
+    try:
+        leader = psutil.Process(pid)
+        if abs(leader.create_time() - started) > 0.5:
+            return []  # the pid now belongs to another program
+    except psutil.NoSuchProcess:
+        pass
+    found = []
+    for proc in psutil.process_iter(["status", "create_time"]):
+        try:
+            if (os.getsid(proc.pid) == pid and proc.info["status"] != psutil.STATUS_ZOMBIE
+                    and proc.info["create_time"] >= started - 0.5):
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def _record(pid: int, command: Sequence[str]) -> dict:
+    import psutil
+
+    return {"pid": pid, "create_time": psutil.Process(pid).create_time(), "command": list(command),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _port_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:``port`` (SO_REUSEADDR, as servers bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _terminate(procs: list, timeout: float) -> None:
+    """SIGTERM ``procs``, SIGKILL whatever is still alive after ``timeout`` s; reap our own children."""
+    import psutil
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        _, procs = psutil.wait_procs(procs, timeout=wait)
+        procs = [p for p in procs if _alive(p)]
+        if not procs:
+            return
+    raise WysiwycError(f"stack: processes {[p.pid for p in procs]} survived SIGKILL; check them with `ps`")
+
+
+def _alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _mlflow_health(uri: str, timeout: float = 2.0) -> str | None:
+    """None when ``URI/health`` answers OK, else why not."""
+    try:
+        with urllib.request.urlopen(uri + "/health", timeout=timeout) as answer:
+            body = answer.read(64).decode(errors="replace").strip()
+        return None if answer.status == 200 else f"HTTP {answer.status} {body}"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _s3_health(server: SeaweedFS, bucket: str) -> str | None:
+    """None when a signed HeadBucket on ``bucket`` succeeds, else why not."""
+    from botocore.config import Config
+
+    client = server.client(config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+                                         connect_timeout=2, read_timeout=5))
+    try:
+        client.head_bucket(Bucket=bucket)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means unhealthy; the reason is reported
+        return f"{type(exc).__name__}: {exc}".replace(server.secret_key, "***")
+
+
+def _urls(state: dict) -> tuple[str, str]:
+    return f"http://127.0.0.1:{state['s3_port']}", f"http://127.0.0.1:{state['mlflow_port']}"
+
+
+def _env(state: dict, access: str, secret: str) -> dict[str, str]:
+    server = SeaweedFS.attach(".", access, secret, {"s3": state["s3_port"]})
+    return {**server.env, "MLFLOW_TRACKING_URI": _urls(state)[1], "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+@dataclass(frozen=True)
+class RunningStack:
+    """A running local stack, as clients need it (:func:`running_stack`).
+
+    Attributes:
+        state_dir: its state directory.
+        endpoint_url: the S3 endpoint, ``http://127.0.0.1:PORT``.
+        tracking_uri: the MLflow server, ``http://127.0.0.1:PORT``.
+        bucket: the bucket ``up`` created (MLflow's artifacts are under ``s3://BUCKET/mlflow``).
+        env: the variables ``up`` prints (``AWS_*`` with the credentials, ``MLFLOW_*``): put them in
+            ``os.environ`` before starting Ray so that its workers sign their S3 requests too.
+    """
+
+    state_dir: Path
+    endpoint_url: str
+    tracking_uri: str
+    bucket: str
+    env: dict[str, str] = field(repr=False)  # holds the secret key
+
+
+def running_stack(state_dir: str | os.PathLike | None = None) -> RunningStack:
+    """The stack of ``state_dir`` (see :func:`stack_dir`), which must be running.
+
+    Raises:
+        WysiwycError: it is not running (the message says to run ``wysiwyc stack up`` first).
+    """
+    root = stack_dir(state_dir)
+    with _locked(root):
+        state = _read_state(root)
+        down = [name for name in _SERVICES if not _members(state["services"].get(name))]
+        if down:
+            raise WysiwycError(f"the local stack in {root} is not running ({', '.join(down)} down): run "
+                               f"`wysiwyc stack up` first (or pass its --state-dir / set WYSIWYC_STACK_DIR)")
+        s3_url, mlflow_url = _urls(state)
+        return RunningStack(state_dir=root, endpoint_url=s3_url, tracking_uri=mlflow_url,
+                            bucket=state["bucket"], env=_env(state, *_credentials(root)))
+
+
+def _start_mlflow(root: Path, state: dict, s3_env: Mapping[str, str], timeout: float) -> dict:
+    """Launch ``mlflow server`` in a session of its own and wait until ``/health`` answers."""
+    folder = root / "mlflow"
+    folder.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               # proxied artifacts: clients need only the tracking URI, the server writes to S3
+               "--artifacts-destination", f"s3://{state['bucket']}/mlflow",
+               "--host", "127.0.0.1", "--port", str(state["mlflow_port"]),
+               "--workers", "1"]  # 2 processes, ~0.5 GB (the default starts 13, 2.1 GB; STACK.md)
+    env = {**os.environ, **s3_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with open(folder / "mlflow.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=folder, env=env, start_new_session=True)
+    record = _record(process.pid, command)
+    uri = _urls(state)[1]
+    deadline = time.monotonic() + timeout
+    while (problem := _mlflow_health(uri)) is not None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            _terminate(_members(record), 10.0)
+            why = (f"exited with code {process.returncode}" if process.poll() is not None
+                   else f"did not answer within {timeout:.0f}s ({problem})")
+            tail = (folder / "mlflow.log").read_text(errors="replace")[-3000:]
+            raise WysiwycError(f"stack: mlflow server {why}.\ncommand: {' '.join(command)}\n"
+                               f"--- {folder / 'mlflow.log'} (tail) ---\n{tail}")
+        time.sleep(0.3)
+    return record
+
+
+def _write_env_file(root: Path, env: Mapping[str, str]) -> Path:
+    path = root / "env"
+    lines = [f"# wysiwyc stack in {root}: `source {path}`"]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
+    _write_private(path, "\n".join(lines) + "\n")
+    return path
+
+
+def stack_up(state_dir: str | os.PathLike | None = None, *, s3_port: int | None = None,
+             mlflow_port: int | None = None, bucket: str | None = None,
+             start_timeout: float = 120.0) -> dict:
+    """Start the local stack (SeaweedFS S3 + MLflow server) in the background; a no-op when it runs.
+
+    Ports and bucket default to those of the last ``up`` in this state directory, else 8333, 5000 and
+    ``wysiwyc``. A service still running is kept; only the missing ones are started.
+
+    Args:
+        state_dir: the state directory (see :func:`stack_dir`).
+        s3_port, mlflow_port: the ports on 127.0.0.1.
+        bucket: the bucket created for the data and MLflow's artifacts (``s3://BUCKET/mlflow``).
+        start_timeout: seconds each service may take to answer.
+
+    Returns:
+        The summary: ``state_dir``, ``s3_endpoint``, ``mlflow_uri``, ``bucket``, ``artifacts``,
+        ``env_file``, ``credentials``, ``pids``, ``started`` (services started now),
+        ``already_running``, ``message`` and ``env`` (the variables to export).
+
+    Raises:
+        WysiwycError: a port is in use (the message names it and the option to choose another), a
+            running stack is asked for other ports, or a service did not come up (its log's tail).
+    """
+    root = stack_dir(state_dir)
+    with _locked(root):
+        root.chmod(0o700)
+        state = _read_state(root)
+        services = state.setdefault("services", {})
+        running = {name: bool(_members(services.get(name))) for name in _SERVICES}
+        wanted = {"s3_port": s3_port, "mlflow_port": mlflow_port, "bucket": bucket}
+        for key, value in wanted.items():
+            if value is not None and value != state.get(key) and any(running.values()):
+                raise WysiwycError(f"stack in {root} is running with {key}={state.get(key)}; run "
+                                   f"`wysiwyc stack down --state-dir {root}` first to change it to {value}")
+        state["s3_port"] = s3_port or state.get("s3_port") or DEFAULT_S3_PORT
+        state["mlflow_port"] = mlflow_port or state.get("mlflow_port") or DEFAULT_MLFLOW_PORT
+        state["bucket"] = bucket or state.get("bucket") or DEFAULT_BUCKET
+        if state["s3_port"] == state["mlflow_port"]:
+            raise WysiwycError(f"stack: --s3-port and --mlflow-port are both {state['s3_port']}; choose two ports")
+        access, secret = _credentials(root)
+        to_start = [name for name in _SERVICES if not running[name]]
+        for name in to_start:
+            port = state[f"{name}_port"]
+            if not _port_free(port):
+                raise WysiwycError(
+                    f"stack: port {port} on 127.0.0.1 ({'S3' if name == 's3' else 'MLflow'}) is in use by "
+                    f"another program; choose another with `wysiwyc stack up {_PORT_FLAGS[name]} PORT` "
+                    f"(or stop what listens there: `ss -ltnp 'sport = :{port}'`)")
+        started = []
+        server = SeaweedFS.attach(root / "s3", access, secret, {"s3": state["s3_port"]})
+        try:
+            if "s3" in to_start:
+                server = SeaweedFS(root / "s3", access, secret, ports={"s3": state["s3_port"]},
+                                   start_timeout=start_timeout).start()
+                services["s3"] = {**_record(server.process.pid, server.command), "ports": server.ports}
+                if server._own_socket_dir:  # a long state path: weed's sockets live in a temp dir
+                    services["s3"]["socket_dir"] = str(server._socket_dir)
+                started.append("s3")
+                server.make_bucket(state["bucket"])
+            if "mlflow" in to_start:
+                services["mlflow"] = _start_mlflow(root, state, server.env, start_timeout)
+                started.append("mlflow")
+        except BaseException:
+            for name in reversed(started):  # nothing half-up: stop what this call started
+                _terminate(_members(services.pop(name)), 10.0)
+            raise
+        finally:
+            _write_private(root / "stack.json", json.dumps(state, indent=2) + "\n")
+        env = _env(state, access, secret)
+        env_file = _write_env_file(root, env)
+    s3_url, mlflow_url = _urls(state)
+    if started:
+        message = f"started {' and '.join(started)}; `source {env_file}` to use it"
+    else:
+        message = (f"already running since {services['s3']['started_at']} (nothing to do); "
+                   f"`source {env_file}` to use it")
+    return {"state_dir": str(root), "s3_endpoint": s3_url, "mlflow_uri": mlflow_url,
+            "bucket": state["bucket"], "artifacts": f"s3://{state['bucket']}/mlflow",
+            "env_file": str(env_file), "credentials": str(root / "credentials.json"),
+            "pids": {name: services[name]["pid"] for name in _SERVICES}, "started": started,
+            "already_running": not started, "message": message, "env": env}
+
+
+def stack_status(state_dir: str | os.PathLike | None = None) -> dict:
+    """Health of the local stack: each service running (pid + start time) and answering.
+
+    Returns:
+        ``state_dir``, ``healthy`` (both running and answering), ``s3`` and ``mlflow`` (each
+        ``{"state": "healthy" | "unhealthy: WHY" | "stopped", "pid", "url"}``), ``bucket``, ``env_file``.
+    """
+    root = stack_dir(state_dir)
+    if not (root / "stack.json").exists():
+        return {"state_dir": str(root), "healthy": False,
+                "s3": {"state": "stopped"}, "mlflow": {"state": "stopped"},
+                "message": f"no stack in {root}; start one with `wysiwyc stack up`"}
+    with _locked(root):
+        state = _read_state(root)
+        s3_url, mlflow_url = _urls(state)
+        access, secret = _credentials(root)
+        server = SeaweedFS.attach(root / "s3", access, secret, {"s3": state["s3_port"]})
+        checks = {"s3": (s3_url, lambda: _s3_health(server, state["bucket"])),
+                  "mlflow": (mlflow_url, lambda: _mlflow_health(mlflow_url))}
+        summary: dict[str, Any] = {"state_dir": str(root), "healthy": True}
+        for name in _SERVICES:
+            record = state["services"].get(name)
+            url, check = checks[name]
+            if not _members(record):
+                summary[name] = {"state": "stopped", "url": url}
+                summary["healthy"] = False
+                continue
+            problem = check()
+            summary[name] = {"state": "healthy" if problem is None else f"unhealthy: {problem}",
+                             "pid": record["pid"], "url": url}
+            summary["healthy"] = summary["healthy"] and problem is None
+    summary.update(bucket=state["bucket"], env_file=str(root / "env"))
+    return summary
+
+
+def stack_down(state_dir: str | os.PathLike | None = None, *, stop_timeout: float = 30.0) -> dict:
+    """Stop exactly the processes ``stack_up`` started (MLflow first, then S3); data stays.
+
+    Returns:
+        ``state_dir``, ``stopped`` (services stopped now), ``not_running`` (services that were not),
+        ``data`` (the folder that keeps the data for the next ``up``).
+    """
+    root = stack_dir(state_dir)
+    if not (root / "stack.json").exists():
+        return {"state_dir": str(root), "stopped": [], "not_running": list(_SERVICES),
+                "message": f"no stack in {root}"}
+    stopped, not_running = [], []
+    with _locked(root):
+        state = _read_state(root)
+        for name in reversed(_SERVICES):
+            record = state["services"].pop(name, None)
+            procs = _members(record)
+            if procs:
+                _terminate(procs, stop_timeout)
+                stopped.append(name)
+            else:
+                not_running.append(name)
+            if record and record.get("socket_dir"):
+                shutil.rmtree(record["socket_dir"], ignore_errors=True)
+            _write_private(root / "stack.json", json.dumps(state, indent=2) + "\n")
+    return {"state_dir": str(root), "stopped": stopped, "not_running": not_running, "data": str(root)}

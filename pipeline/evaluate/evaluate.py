@@ -66,34 +66,38 @@ _REGISTRY_PREFIX = "models:/"
 # --------------------------------------------------------------------------------------- loading
 
 
-def _refuse_registry(uri: str, key: str) -> None:
-    if str(uri).startswith(_REGISTRY_PREFIX):
-        raise WysiwycError(f"{key}={uri}: registry URIs come with the registry stage; give a checkpoint URI "
-                           f"(a local path or s3://…) for now")
-
-
 def load_models(config, opts=None) -> Predictor:
     """The Explainer of ``explainer.checkpoint`` and the Explanandum it was trained to explain.
 
-    The Explanandum is ``explanandum.checkpoint`` when set, else the one the Explainer checkpoint
-    records; its sha256 must equal the recorded one (:func:`pipeline.models.predictor.load_predictor`).
-    The size is ``data.image_size`` when given explicitly, else the one the Explainer was trained at.
+    ``explainer.checkpoint`` is a checkpoint URI or a registered version (``models:/NAME/V``,
+    ``models:/NAME@alias``, loaded by :func:`pipeline.registry.load_explainer` with the Explanandum
+    it was registered with). For a checkpoint, the Explanandum is ``explanandum.checkpoint`` when
+    set, else the one the Explainer checkpoint records; its sha256 must equal the recorded one
+    (:func:`pipeline.models.predictor.load_predictor`). The size is ``data.image_size`` when given
+    explicitly, else the one the Explainer was trained at.
 
     Raises:
-        WysiwycError: no checkpoint given, a ``models:/`` URI, a classifier that is not the recorded
-            one, or class lists that differ.
+        WysiwycError: no checkpoint given, a registry URI that does not resolve, a classifier that is
+            not the recorded one, or class lists that differ.
     """
     from pipeline.models.predictor import load_predictor
 
     uri = config.explainer.checkpoint
     if not uri:
-        raise WysiwycError("evaluate: set explainer.checkpoint to the Explainer checkpoint to evaluate "
-                           "(a local path or s3://…), e.g. the `checkpoint` printed by `wysiwyc train explainer`")
-    _refuse_registry(uri, "explainer.checkpoint")
-    if config.explanandum.checkpoint:
-        _refuse_registry(config.explanandum.checkpoint, "explanandum.checkpoint")
+        raise WysiwycError("evaluate: set explainer.checkpoint to the Explainer to evaluate: a checkpoint (a local "
+                           "path or s3://…, e.g. the `checkpoint` printed by `wysiwyc train explainer`) or a "
+                           "registered version (models:/NAME@champion)")
+    if str(config.explanandum.checkpoint or "").startswith(_REGISTRY_PREFIX):
+        raise WysiwycError(f"evaluate: explanandum.checkpoint={config.explanandum.checkpoint}: give the classifier "
+                           f"checkpoint URI; a registered Explainer (explainer.checkpoint=models:/…) carries its own")
     size = config.data.image_size if "image_size" in config.data.model_fields_set else None
     try:
+        if str(uri).startswith(_REGISTRY_PREFIX):
+            from pipeline.registry import load_explainer, registry_uri
+
+            if config.explanandum.checkpoint:
+                log.info("evaluate: %s carries its Explanandum; explanandum.checkpoint is not used", uri)
+            return load_explainer(uri, registry_uri(config), image_size=size)
         return load_predictor(uri, config.explanandum.checkpoint, opts, image_size=size)
     except WysiwycError as exc:
         raise WysiwycError(f"evaluate: {exc}") from None
@@ -242,8 +246,8 @@ def evaluate(config, progress: bool = True) -> dict:
         (``{method: {"cont_iou", "mean_f1"}}``).
 
     Raises:
-        WysiwycError: missing or registry checkpoints, an Explanandum that is not the recorded one, a
-            test split without segmentation or with other classes, or no labelled test image.
+        WysiwycError: a missing checkpoint or unresolved registry URI, an Explanandum that is not the
+            recorded one, a test split without segmentation or with other classes, or no labelled test image.
     """
     from pipeline.data.shards import make_loader
     from pipeline.data.transforms import denormalize

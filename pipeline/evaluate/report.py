@@ -38,6 +38,9 @@ METHOD_TITLES = {
     "ideal": "ideal",
 }
 
+# reference masks (constants, ground truth): shown in tables, never "best"
+REFERENCE_METHODS = ("zeros", "half", "ones", "ideal")
+
 _MASK_CMAP = "jet"
 _MASK_ALPHA = 0.5
 
@@ -83,27 +86,23 @@ def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
     class_specificity = class_specificity or {}
     lines = [f"# {title}", ""]
     if num_images is not None:
-        lines += [f"{num_images} test images; per image, the masks of its ground-truth classes merged by "
-                  f"pixel-wise max and compared with the ground-truth foreground (void pixels ignored).", ""]
-    header = ["method"] + [f"{label} {arrow}" for _, label, arrow in METRICS] + ["spec. gap ↑"]
+        lines += [(f"{num_images} test images; per image, the masks of its ground-truth classes merged by "
+                  f"pixel-wise max and compared with the ground-truth foreground (void pixels ignored)."), ""]
+    header, rows, _ = metrics_rows(methods, class_specificity)
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-    for method, values in methods.items():
-        cells = [_title(method)] + [_fmt(values.get(key), key) for key, _, _ in METRICS]
-        spec = class_specificity.get(method)
-        cells.append(_fmt(specificity_gap(spec["matrix"])) if spec else "–")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     lines += [
         "",
-        "mean F1: discrete F1 averaged over thresholds 0.25/0.5/0.75; discr. IoU: averaged over 0.1…0.9; "
+        ("mean F1: discrete F1 averaged over thresholds 0.25/0.5/0.75; discr. IoU: averaged over 0.1…0.9; "
         "saliency: log max(area, 0.05) − log p(classes | mask ⊙ x) (lower is better); bg./obj. cov.: mean "
         "mask over background / object pixels; masks/s: per-class masks produced per second "
-        "(all classes of every image, scoring excluded).",
+        "(all classes of every image, scoring excluded)."),
     ]
     if class_specificity:
         lines += ["", "## Class specificity", "",
-                  "M[r][c] = mean sigmoid probability of class r on the image masked with the mask of class c, "
-                  "over the test images holding both; spec. gap = mean diagonal − mean off-diagonal.", "",
+                  ("M[r][c] = mean sigmoid probability of class r on the image masked with the mask of class c, "
+                  "over the test images holding both; spec. gap = mean diagonal − mean off-diagonal."), "",
                   "| method | mean diagonal | mean off-diagonal | gap |", "|---|---:|---:|---:|"]
         for method, spec in class_specificity.items():
             m = np.array([[math.nan if v is None else v for v in row] for row in spec["matrix"]], dtype=float)
@@ -113,6 +112,48 @@ def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
             o = float(np.nanmean(off)) if np.isfinite(off).any() else math.nan
             lines.append(f"| {_title(method)} | {_fmt(d)} | {_fmt(o)} | {_fmt(specificity_gap(m))} |")
     return "\n".join(lines) + "\n"
+
+
+def metrics_rows(methods: Mapping[str, Mapping[str, float | None]],
+                 class_specificity: Mapping[str, Mapping] | None = None
+                 ) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """The metrics table as text cells: ``(header, rows, best)``; ``best[i][j]`` marks the best value
+    of column j among the methods that explain (the constant and ideal masks are references)."""
+    class_specificity = class_specificity or {}
+    header = ["method"] + [f"{label} {arrow}" for _, label, arrow in METRICS] + ["spec. gap ↑"]
+    columns = [(key, arrow) for key, _, arrow in METRICS]
+    values = {m: [v.get(key) for key, _ in columns]
+              + [specificity_gap(class_specificity[m]["matrix"]) if m in class_specificity else None]
+              for m, v in methods.items()}
+    arrows = [arrow for _, arrow in columns] + ["↑"]
+    contenders = [m for m in methods if m not in REFERENCE_METHODS]
+    best_of = []
+    for j, arrow in enumerate(arrows):
+        finite = [values[m][j] for m in contenders
+                  if values[m][j] is not None and math.isfinite(values[m][j])]
+        best_of.append((max(finite) if arrow == "↑" else min(finite)) if finite else None)
+    rows, best = [], []
+    for method in methods:
+        keys = [key for key, _ in columns] + ["gap"]
+        rows.append([_title(method)] + [_fmt(v, k) for v, k in zip(values[method], keys)])
+        best.append([False] + [method in contenders and v is not None and v == b
+                               for v, b in zip(values[method], best_of)])
+    return header, rows, best
+
+
+def metrics_html(methods: Mapping[str, Mapping[str, float | None]],
+                 class_specificity: Mapping[str, Mapping] | None = None) -> str:
+    """The metrics table of :func:`metrics_markdown` as an HTML ``<table>``, best values in bold."""
+    from html import escape
+
+    header, rows, best = metrics_rows(methods, class_specificity)
+    out = ["<table class='metrics'><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header)
+           + "</tr></thead><tbody>"]
+    for cells, marks in zip(rows, best):
+        out.append("<tr>" + "".join(f"<td><b>{escape(c)}</b></td>" if b else f"<td>{escape(c)}</td>"
+                                    for c, b in zip(cells, marks)) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------- figures

@@ -120,8 +120,11 @@ def worker_env(config: Config) -> dict[str, str]:
     return env
 
 
-def ensure_ray(config: Config) -> None:
-    """Use the running Ray session, or ``RAY_ADDRESS``'s cluster, or start a local one."""
+def ensure_ray(config: Config, num_cpus: int | None = None) -> None:
+    """Use the running Ray session, or ``RAY_ADDRESS``'s cluster, or start a local one.
+
+    ``num_cpus``: logical CPUs of a local cluster (default: max(cores, the workers' reservation)).
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns token auth on for local clusters
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import ray
@@ -133,16 +136,17 @@ def ensure_ray(config: Config) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=False)
         return
     t = config.trainer
-    cpus = max(os.cpu_count() or 1, int(t.num_workers * t.cpus_per_worker + 0.999))
+    cpus = num_cpus or max(os.cpu_count() or 1, int(t.num_workers * t.cpus_per_worker + 0.999))
     temp = Path(os.environ.get("WYSIWYC_RAY_TMP", "runs/ray")).resolve()
     temp.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=cpus, num_gpus=None if t.use_gpu else 0, include_dashboard=False,
              _temp_dir=str(temp), runtime_env=runtime_env, log_to_driver=False)
 
 
-def storage_target(config: Config) -> tuple[str, object | None]:
-    """``(storage_path, storage_filesystem)`` for ``RunConfig``: local path, or bucket/prefix + S3 fs."""
-    root = config.trainer.storage
+def storage_target(config: Config, root: str | None = None) -> tuple[str, object | None]:
+    """``(storage_path, storage_filesystem)`` for ``RunConfig`` of ``root`` (default ``trainer.storage``):
+    the local path, or bucket/prefix + a pyarrow S3 filesystem."""
+    root = root or config.trainer.storage
     if not storage.is_s3(root):
         return root, None
     import pyarrow.fs
@@ -162,9 +166,10 @@ def storage_target(config: Config) -> tuple[str, object | None]:
     return f"{bucket}/{prefix}".rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
 
 
-def _checkpoint_uri(config: Config, checkpoint) -> str:
-    path = checkpoint.path.rstrip("/") + "/" + CHECKPOINT_FILE
-    return storage.redact("s3://" + path if storage.is_s3(config.trainer.storage) else path)
+def checkpoint_uri(root: str, path: str) -> str:
+    """URI of the checkpoint file in a Ray checkpoint directory ``path`` (as Ray reports it) under ``root``."""
+    path = path.rstrip("/") + "/" + CHECKPOINT_FILE
+    return storage.redact("s3://" + path if storage.is_s3(root) else path)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -179,7 +184,7 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def fit_ray(kind: str, config: Config, on_epoch_start=None) -> dict:
+def fit_ray(kind: str, config: Config, on_epoch_start=None, callbacks: list | None = None) -> dict:
     """Train on Ray Train (``trainer.num_workers`` DDP workers); resumable by run name.
 
     Args:
@@ -188,10 +193,13 @@ def fit_ray(kind: str, config: Config, on_epoch_start=None) -> dict:
         on_epoch_start: optional picklable callable ``(epoch, rank)`` that every worker runs before
             each epoch (see :func:`pipeline.train.trainer.worker_loop`): instrumentation or fault
             injection; ``None`` in the CLI.
+        callbacks: Ray Train callbacks of the run, e.g. ``TuneReportCallback`` in a sweep's trial (so
+            Tune sees every epoch's metrics).
 
     Returns:
-        The worker loop's summary (rank 0) plus ``checkpoint`` (URI of the best checkpoint),
-        ``metrics`` (history.json URI), ``storage`` (the Ray run directory).
+        The worker loop's summary (rank 0) plus ``checkpoint`` (URI of the best checkpoint by
+        validation loss), ``last_checkpoint`` (the last epoch's), ``metrics`` (history.json URI),
+        ``storage`` (the Ray run directory).
     """
     from pipeline.train.trainer import run_name
 
@@ -216,7 +224,7 @@ def fit_ray(kind: str, config: Config, on_epoch_start=None) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
                                                          checkpoint_score_attribute=SCORE,
                                                          checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures), callbacks=callbacks),
     )
     try:
         result = trainer.fit()
@@ -229,8 +237,9 @@ def fit_ray(kind: str, config: Config, on_epoch_start=None) -> dict:
     best = result.get_best_checkpoint(SCORE, "min") or result.checkpoint
     if best is None:
         raise WysiwycError(f"run {name} reported no checkpoint (see the Ray logs)")
-    uri = _checkpoint_uri(config, best)
+    uri = checkpoint_uri(config.trainer.storage, best.path)
     tracking.finish(where, summary.get("mlflow_run_id"), uri)
     root = storage.join(config.trainer.storage, name)
-    return {"checkpoint": uri, "metrics": storage.redact(storage.join(root, "history.json")),
+    last = checkpoint_uri(config.trainer.storage, result.checkpoint.path) if result.checkpoint else uri
+    return {"checkpoint": uri, "last_checkpoint": last, "metrics": storage.redact(storage.join(root, "history.json")),
             "storage": storage.redact(root), "num_workers": t.num_workers, **summary}

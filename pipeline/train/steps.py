@@ -2,6 +2,14 @@
 
 The single-process trainer and the Ray Train workers call the same functions; the only things that
 differ between them (DDP wrapping, device, where checkpoints go) are passed in.
+
+Selection score of an Explainer without ground-truth masks (``val_selection``, what ``wysiwyc sweep``
+selects by default): ``selection = F1(F(m ⊙ x), y) − mean(m)``, the micro-F1 of the frozen Explanandum
+on the masked images against the labels minus the mean target-mask area (the share of the image the
+mask keeps). Both lie in [0, 1]; the trivial masks score about 0 (all ones: the classifier's own F1 − 1;
+all zeros: 0 − 0), so a positive score means the masks keep the evidence with less than the whole
+image. With ground truth on the validation split (``has_segmentation``), validation also reports the
+evaluation's ``c_iou``, ``d_f1`` and ``c_f1`` of the target mask (:mod:`pipeline.evaluate.metrics`).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.evaluate.metrics import foreground_and_valid, segmentation_scores
 from pipeline.method.losses import classifier_loss, explainer_loss
 
 # a batch → (loss to backpropagate, {name: (sum over the batch, count)} for logging)
@@ -73,6 +82,8 @@ class Stats:
         if "_tp" in self.sums:  # micro-F1 of multi-label predictions
             tp, fp, fn = self.sums["_tp"], self.sums["_fp"], self.sums["_fn"]
             out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1e-12)
+        if "f1" in out and "mask_area" in out:  # Explainer: the selection score (module docstring)
+            out["selection"] = out["f1"] - out["mask_area"]
         return out
 
 
@@ -99,8 +110,13 @@ def classifier_loss_fn(model: nn.Module, ctx: StepContext) -> LossFn:
     return compute
 
 
-def explainer_loss_fn(explainer: nn.Module, explanandum: nn.Module, weights, ctx: StepContext) -> LossFn:
-    """L_E of the Explainer on the batch; logs every term, masked-image accuracy/F1 and mask areas."""
+def explainer_loss_fn(explainer: nn.Module, explanandum: nn.Module, weights, ctx: StepContext,
+                      ground_truth: bool = False) -> LossFn:
+    """L_E of the Explainer on the batch; logs every term, masked-image accuracy/F1 and mask areas.
+
+    With ``ground_truth`` (a validation split with segmentation) also the target mask's ``c_iou``,
+    ``d_f1`` and ``c_f1`` against the ground-truth foreground, over labelled images, void ignored.
+    """
     def compute(batch: dict):
         x, y = batch["image"], batch["labels"]
         with ctx.autocast():
@@ -116,6 +132,13 @@ def explainer_loss_fn(explainer: nn.Module, explanandum: nn.Module, weights, ctx
         present = y > 0.5
         logged["inverted_true_class_prob"] = (float((p_inv * present).sum()), float(present.sum()))
         logged.update(_f1_counts(out["logits_masked"].detach(), y))
+        if ground_truth:
+            foreground, valid = foreground_and_valid(batch["seg"])
+            valid = valid & present.any(dim=1)[:, None, None]  # an image without a class has no mask
+            scores = segmentation_scores(out["m"].detach().float(), foreground, valid)
+            for name in ("c_iou", "d_f1", "c_f1"):
+                finite = scores[name].isfinite()  # NaN: no valid pixel
+                logged[name] = (float(scores[name][finite].sum()), float(finite.sum()))
         return out["total"], logged
 
     return compute

@@ -10,6 +10,7 @@ secrets masked), metrics per optimizer step (every loss term, ``step/…``) and 
 (``train_…``, ``val_…``, ``images_per_second``, ``data_wait_share``), the training input (shard
 manifest digest) via ``mlflow.log_input``, the resolved config YAML, a mask overlay grid of fixed
 validation images per epoch (Explainer) and the best checkpoint URI as the tag ``best_checkpoint``.
+With ``tracking.parent_run_id`` (a sweep's trial) the run is created as a child of that run.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 @dataclass(frozen=True)
 class Where:
-    """Where a run is tracked: URI and experiment id (both resolved on the driver)."""
+    """Where a run is tracked: URI, experiment id (both resolved on the driver), optional parent run."""
 
     uri: str
     experiment_id: str
+    parent_run_id: str | None = None  # a sweep's run: the run is its child (tag mlflow.parentRunId)
 
 
 def default_uri(config, name: str) -> str:
@@ -55,15 +57,16 @@ def resolve(config, name: str) -> Where | None:
 
     uri = default_uri(config, name)
     client = MlflowClient(tracking_uri=uri)
+    parent = config.tracking.parent_run_id
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
-        return Where(uri, experiment.experiment_id)
+        return Where(uri, experiment.experiment_id, parent)
     # a file store / sqlite store puts artifacts under ./mlruns of whoever creates the experiment (a
     # Ray worker's working directory): pin them next to the database instead
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return Where(uri, client.create_experiment(config.tracking.experiment, artifact_location=location))
+    return Where(uri, client.create_experiment(config.tracking.experiment, artifact_location=location), parent)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -94,8 +97,10 @@ class Tracker:
                 log.warning("MLflow run %s of the checkpoint is not reachable (%s); starting a new one", run_id, exc)
                 run_id = None
         if run_id is None:
-            run = self.client.create_run(where.experiment_id, run_name=run_name,
-                                         tags={"wysiwyc.run_name": run_name})
+            tags = {"wysiwyc.run_name": run_name}
+            if where.parent_run_id:
+                tags["mlflow.parentRunId"] = where.parent_run_id
+            run = self.client.create_run(where.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         self._existing_params = dict(run.data.params)
         self._steps: list = []

@@ -95,14 +95,15 @@ def _datasets(config: Config, rank: int, world: int):
 
 
 def _build(kind: str, config: Config, classes: list[str], device: torch.device):
-    """(trained module, parameters to optimise, loss-function factory, extra checkpoint fields)."""
+    """(trained module, parameters to optimise, loss-function factory ``(module, ctx, ground_truth)``,
+    extra checkpoint fields)."""
     from pipeline.models.explainer import build_explainer
     from pipeline.models.explanandum import build_explanandum, classifier_trainable_parameters
 
     if kind == "classifier":
         model = build_explanandum(config.explanandum.arch, len(classes),
                                   pretrained_backbone=config.explanandum.pretrained_backbone).to(device)
-        return model, classifier_trainable_parameters(model), lambda m, ctx: classifier_loss_fn(m, ctx), {
+        return model, classifier_trainable_parameters(model), lambda m, ctx, gt=False: classifier_loss_fn(m, ctx), {
             "arch": config.explanandum.arch}
     if not config.explanandum.checkpoint:
         raise WysiwycError("explanandum.checkpoint is not set: train a classifier first "
@@ -119,7 +120,8 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
     extra = {"arch": config.explainer.arch,
              "explanandum": {"uri": storage.redact(config.explanandum.checkpoint), "sha256": sha,
                              "arch": state["arch"]}}
-    return model, list(model.parameters()), lambda m, ctx: explainer_loss_fn(m, explanandum, config.loss, ctx), extra
+    return model, list(model.parameters()), \
+        lambda m, ctx, gt=False: explainer_loss_fn(m, explanandum, config.loss, ctx, ground_truth=gt), extra
 
 
 class LocalRun:
@@ -308,8 +310,9 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
             model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = make_loss(trained, ctx)
     # validation through the plain module: a DDP forward may broadcast buffers, a collective that
-    # ranks with fewer (or no) validation batches would never join
-    val_loss_fn = make_loss(model, ctx)
+    # ranks with fewer (or no) validation batches would never join; with segmentation on the validation
+    # split the Explainer's masks are also scored against it (val_c_iou, val_d_f1, val_c_f1)
+    val_loss_fn = make_loss(model, ctx, bool(val_ds is not None and val_ds.manifest.get("has_segmentation")))
 
     tracker = None
     fixed = None

@@ -219,10 +219,12 @@ def test_a_split_without_segmentation_is_refused(workdir, tmp_path):
         run_evaluate(config, progress=False)
 
 
-def test_registry_uris_wait_for_the_registry_stage(workdir):
-    config = _config(workdir, explainer__checkpoint="models:/wysiwyc@champion")
-    with pytest.raises(WysiwycError, match="registry URIs come with the registry stage"):
+def test_a_registry_uri_that_does_not_resolve_is_refused_naming_it(workdir, tmp_path):
+    config = _config(workdir, explainer__checkpoint="models:/wysiwyc@champion", output=str(tmp_path / "out"),
+                     tracking__uri=f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(WysiwycError, match=r"models:/wysiwyc@champion: no registered model 'wysiwyc'"):
         run_evaluate(config, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_method_is_a_config_error():

@@ -1,0 +1,324 @@
+"""Batch attribution (``pipeline.attribute``) on a real local Ray (2 CPUs), a real SeaweedFS and a model
+registered in a real ``mlflow server``.
+
+The corpus: 200 synthetic 32-px PNGs under an ``s3://`` prefix, plus a prefix of odd inputs (grayscale,
+RGBA, a truncated JPEG, a zero-byte file, a text file). The models: a freshly built ``small_cnn``
+Explanandum (its head scaled so that probabilities spread) and ``compact`` Explainer, registered as
+``models:/wysiwyc-attr`` with alias ``champion``. Untrained nets say nothing about quality; what is
+pinned here is the contract: one row per image, the classes the rule picks, masks equal to a direct
+:class:`~pipeline.models.predictor.Predictor` call, error rows, resume exactly once, idempotent reruns.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import storage
+from pipeline.attribute import attribute
+from pipeline.config import IngestConfig, load_config
+from pipeline.data.classes import SYNTHETIC_CLASSES
+from pipeline.data.ingest import ingest
+from pipeline.data.synthetic import SyntheticReader
+from pipeline.errors import WysiwycError
+from pipeline.models.explainer import build_explainer
+from pipeline.models.explanandum import build_explanandum
+from pipeline.models.predictor import load_predictor
+from pipeline.train.checkpoint import save_checkpoint
+
+pytestmark = pytest.mark.s3
+
+SIZE = 32
+NUM_IMAGES = 200
+MODEL_NAME = "wysiwyc-attr"
+BIN = Path(sys.executable).parent
+
+
+def _checkpoints(bucket: str, opts) -> str:
+    """An untrained small_cnn + compact pair in the bucket; returns the Explainer checkpoint URI."""
+    classes = list(SYNTHETIC_CLASSES)
+    torch.manual_seed(0)
+    classifier = build_explanandum("small_cnn", len(classes))
+    with torch.no_grad():  # BatchNorm at init keeps features tiny: spread the logits
+        classifier.fc.weight.mul_(300)
+        classifier.fc.bias.zero_()
+    clf_uri, exp_uri = f"s3://{bucket}/models/classifier.pt", f"s3://{bucket}/models/explainer.pt"
+    common = {"classes": classes, "image_size": SIZE, "epoch": 0, "step": 0, "config": {}, "metrics": {}}
+    sha = save_checkpoint({"kind": "classifier", "arch": "small_cnn", "model": classifier.state_dict(), **common},
+                          clf_uri, opts)
+    torch.manual_seed(1)
+    explainer = build_explainer("compact", len(classes))
+    save_checkpoint({"kind": "explainer", "arch": "compact", "model": explainer.state_dict(), **common,
+                     "explanandum": {"uri": clf_uri, "sha256": sha, "arch": "small_cnn"}}, exp_uri, opts)
+    return exp_uri
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _odd_inputs() -> dict[str, bytes]:
+    """Two good synthetic images and the odd ones, by file name."""
+    reader = SyntheticReader(2, seed=9, split="odd", image_size=SIZE)
+    files = {f"good{i}.png": reader.load(i).image for i in range(2)}
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(jpeg, format="JPEG")
+    files["corrupt.jpg"] = jpeg.getvalue()[:200]  # truncated
+    files["zero.jpg"] = b""
+    files["gray.png"] = _png(Image.new("L", (40, 24), 90))
+    files["rgba.png"] = _png(Image.new("RGBA", (20, 30), (10, 200, 30, 128)))
+    files["readme.txt"] = b"not an image: ignored by the listing"
+    return files
+
+
+def _threshold(probs: torch.Tensor) -> float:
+    """A threshold in the widest gap between the direct probabilities (no class sits on the edge)."""
+    values = torch.sort(probs.flatten()).values
+    inner = [(values[i + 1] - values[i], i) for i in range(len(values) - 1) if 0.2 < values[i] < 0.8]
+    gap, i = max(inner)
+    assert gap > 1e-3, "the test models give no clear threshold"
+    return float((values[i] + values[i + 1]) / 2)
+
+
+@pytest.fixture(scope="module")
+def ctx(s3_server, mlflow_server, tmp_path_factory):
+    """Bucket with corpus, odd inputs and models; the model registered (@champion); a local Ray session."""
+    root = tmp_path_factory.mktemp("attribute")
+    bucket = s3_server.make_bucket("attribute")
+    opts = s3_server.opts
+    env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before ray.init: the workers inherit it
+
+    exp_uri = _checkpoints(bucket, opts)
+    reader = SyntheticReader(NUM_IMAGES, seed=0, split="corpus", image_size=SIZE)
+    corpus = {f"s3://{bucket}/corpus/img_{i:04d}.png": reader.load(i).image for i in range(NUM_IMAGES)}
+    odd = {f"s3://{bucket}/odd/{name}": data for name, data in _odd_inputs().items()}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda item: storage.write_bytes(item[0], item[1], opts), [*corpus.items(), *odd.items()]))
+    ingest(SyntheticReader(12, seed=4, split="test", image_size=SIZE), f"s3://{bucket}/shards", "test",
+           IngestConfig(workers=1, shard_size=5), opts=opts, progress=False)
+
+    predictor = load_predictor(exp_uri, opts=opts)  # the direct call the outputs must match
+    sources = sorted(corpus)
+    x = torch.stack([predictor.preprocess(Image.open(io.BytesIO(corpus[s]))) for s in sources])
+    direct = predictor(x)
+
+    from pipeline.registry import register_checkpoint
+
+    registered = register_checkpoint(exp_uri, MODEL_NAME, load_config(None, [f"tracking.uri={mlflow_server.uri}"]))
+    mlflow_server.client().set_registered_model_alias(MODEL_NAME, "champion", registered["version"])
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False,
+             runtime_env={"env_vars": env})
+    try:
+        yield {"bucket": bucket, "opts": opts, "s3": s3_server, "exp_uri": exp_uri, "sources": sources,
+               "masks": direct.masks, "probs": direct.probs, "threshold": _threshold(direct.probs),
+               "version": registered["version"], "tracking": mlflow_server.uri, "odd": odd,
+               "gcs": ray.get_runtime_context().gcs_address}
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _overrides(ctx, run_id: str, *extra: str) -> list[str]:
+    b = ctx["bucket"]
+    return [f"explainer.checkpoint={ctx['exp_uri']}", f"attribute.input=s3://{b}/corpus/", f"output=s3://{b}/out",
+            f"attribute.run_id={run_id}", f"attribute.threshold={ctx['threshold']}", "attribute.batch_size=16",
+            "attribute.preview_images=4", f"tracking.uri={ctx['tracking']}", *extra]
+
+
+def _config(ctx, run_id: str, *extra: str):
+    return load_config(None, _overrides(ctx, run_id, *extra))
+
+
+def _index(ctx, run_id: str) -> list[dict]:
+    data = storage.read_bytes(f"s3://{ctx['bucket']}/out/{run_id}/index.parquet", ctx["opts"])
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def _objects(ctx, prefix: str) -> dict[str, tuple[str, str]]:
+    """``{key: (etag, last modified)}`` of every object under ``prefix``."""
+    pages = ctx["s3"].client().get_paginator("list_objects_v2").paginate(Bucket=ctx["bucket"], Prefix=prefix)
+    return {o["Key"]: (o["ETag"], str(o["LastModified"])) for page in pages for o in page.get("Contents", [])}
+
+
+def _expected_classes(probs: torch.Tensor, threshold: float) -> list[str]:
+    """The default rule: classes with p ≥ threshold, most probable first, at least the top-1."""
+    order = sorted(range(len(probs)), key=lambda c: -float(probs[c]))
+    chosen = [c for c in order if probs[c] >= threshold] or order[:1]
+    return [SYNTHETIC_CLASSES[c] for c in chosen]
+
+
+@pytest.fixture(scope="module")
+def champion_run(ctx):
+    """The corpus attributed with ``models:/wysiwyc-attr@champion``."""
+    summary = attribute(_config(ctx, "main", f"explainer.checkpoint=models:/{MODEL_NAME}@champion"), progress=False)
+    return summary, _index(ctx, "main")
+
+
+def test_index_has_one_row_per_image_with_the_classes_the_rule_picks(ctx, champion_run):
+    summary, rows = champion_run
+    assert summary["status"] == "complete" and summary["num_samples"] == NUM_IMAGES == summary["num_ok"]
+    assert summary["model_uri"] == f"models:/{MODEL_NAME}/{ctx['version']}" and summary["version"] == ctx["version"]
+    assert [r["source"] for r in rows] == ctx["sources"]  # one row each, sorted by source
+    for i, row in enumerate(rows):
+        assert row["status"] == "ok" and row["error"] is None
+        assert (row["width"], row["height"]) == (SIZE, SIZE)
+        assert (row["model_name"], row["model_version"]) == (MODEL_NAME, ctx["version"])
+        np.testing.assert_allclose(row["probs"], ctx["probs"][i].numpy(), atol=1e-4)
+        assert row["explained_classes"] == _expected_classes(ctx["probs"][i], ctx["threshold"])
+        assert row["predicted_classes"] == [c for c in row["explained_classes"]
+                                            if ctx["probs"][i][SYNTHETIC_CLASSES.index(c)] >= ctx["threshold"]]
+    # the rule did pick different class sets across images, including the top-1 floor
+    assert len({tuple(r["explained_classes"]) for r in rows}) > 1
+    manifest = json.loads(storage.read_bytes(summary["manifest"], ctx["opts"]))
+    assert manifest["counts"] == {"images": NUM_IMAGES, "ok": NUM_IMAGES, "errors": 0, "processed": NUM_IMAGES,
+                                  "resumed": 0}
+    assert manifest["model"]["model"] == f"models:/{MODEL_NAME}@champion"
+    assert manifest["model"]["model_version"] == ctx["version"]
+    record = json.loads(storage.read_bytes(f"s3://{ctx['bucket']}/out/main/_run.json", ctx["opts"]))
+    assert record["model"]["model_uri"] == summary["model_uri"]  # the version is pinned for a resume
+
+
+def test_masks_match_a_direct_predictor_call(ctx, champion_run):
+    _, rows = champion_run
+    for i in range(0, NUM_IMAGES, 10):
+        row = rows[i]
+        with np.load(io.BytesIO(storage.read_bytes(row["class_masks_uri"], ctx["opts"]))) as npz:
+            masks, classes, names = npz["masks"], npz["classes"], npz["names"]
+        assert list(names) == row["explained_classes"] and list(classes) == row["explained_indices"]
+        expected = (ctx["masks"][i, list(classes)] * 255).round().numpy()
+        assert masks.dtype == np.uint8 and np.abs(masks.astype(float) - expected).max() <= 1
+        np.testing.assert_allclose(row["mask_areas"], ctx["masks"][i, list(classes)].mean((1, 2)).numpy(), atol=1e-4)
+        aggregated = np.array(Image.open(io.BytesIO(storage.read_bytes(row["mask_uri"], ctx["opts"]))))
+        assert np.array_equal(aggregated, masks.max(axis=0))  # same size here: no resize
+
+
+def test_preview_page_shows_the_first_images(ctx, champion_run):
+    summary, rows = champion_run
+    page = storage.read_text(summary["preview"], ctx["opts"])
+    previewed = [r for r in rows if r["preview_uri"]]
+    assert [r["source"] for r in previewed] == ctx["sources"][:4]
+    for row in previewed:
+        assert f'src="previews/{row["key"]}.png"' in page
+        with Image.open(io.BytesIO(storage.read_bytes(row["preview_uri"], ctx["opts"]))) as im:
+            assert im.size == (2 * SIZE + 4, SIZE)  # mask overlay | masked image
+
+
+def test_rerun_of_a_finished_run_rewrites_nothing(ctx, champion_run):
+    before = _objects(ctx, "out/main/")
+    summary = attribute(_config(ctx, "main", f"explainer.checkpoint=models:/{MODEL_NAME}@champion"), progress=False)
+    assert summary["status"] == "already complete" and summary["processed"] == 0
+    assert summary["num_samples"] == NUM_IMAGES
+    assert _objects(ctx, "out/main/") == before
+
+
+def test_bad_model_or_missing_input_fails_before_any_work(ctx):
+    with pytest.raises(WysiwycError, match="wysiwyc-attr@nope"):
+        attribute(_config(ctx, "bad-model", f"explainer.checkpoint=models:/{MODEL_NAME}@nope"), progress=False)
+    with pytest.raises(WysiwycError, match="does not exist"):
+        attribute(_config(ctx, "bad-model", f"explainer.checkpoint=s3://{ctx['bucket']}/models/none.pt"),
+                  progress=False)
+    with pytest.raises(WysiwycError, match="holds nothing"):
+        attribute(_config(ctx, "bad-input", f"attribute.input=s3://{ctx['bucket']}/missing/"), progress=False)
+    assert _objects(ctx, "out/bad-") == {}
+
+
+def test_odd_images_get_error_rows_and_grayscale_rgba_succeed(ctx):
+    b = ctx["bucket"]
+    summary = attribute(_config(ctx, "odd", f"attribute.input=s3://{b}/odd", "attribute.max_error_fraction=0.5"),
+                        progress=False)
+    assert (summary["num_samples"], summary["num_ok"], summary["num_errors"]) == (6, 4, 2)
+    rows = {r["source"].rsplit("/", 1)[1]: r for r in _index(ctx, "odd")}
+    assert set(rows) == {"good0.png", "good1.png", "corrupt.jpg", "zero.jpg", "gray.png", "rgba.png"}
+    assert rows["zero.jpg"]["status"] == "error" and "empty file" in rows["zero.jpg"]["error"]
+    assert rows["corrupt.jpg"]["status"] == "error" and "truncated" in rows["corrupt.jpg"]["error"]
+    for name, size in (("gray.png", (40, 24)), ("rgba.png", (20, 30))):
+        row = rows[name]
+        assert row["status"] == "ok" and (row["width"], row["height"]) == size
+        with Image.open(io.BytesIO(storage.read_bytes(row["mask_uri"], ctx["opts"]))) as mask:
+            assert mask.size == size and mask.mode == "L"  # the aggregated mask at the source size
+
+
+def test_too_many_bad_images_abort_with_a_clear_message(ctx):
+    b = ctx["bucket"]
+    with pytest.raises(WysiwycError, match=r"2 of 6 images failed, more than attribute.max_error_fraction=0.1"):
+        attribute(_config(ctx, "odd-strict", f"attribute.input=s3://{b}/odd", "attribute.max_error_fraction=0.1"),
+                  progress=False)
+    assert "out/odd-strict/_manifest.json" not in _objects(ctx, "out/odd-strict/")
+
+
+def test_killed_run_relaunched_has_every_image_exactly_once(ctx):
+    args = _overrides(ctx, "killed", "attribute.batch_size=2", "attribute.num_actors=1")
+    env = {**os.environ, "RAY_ADDRESS": ctx["gcs"]}
+    proc = subprocess.Popen([str(BIN / "wysiwyc"), "attribute", *args, "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def parts() -> list[str]:
+        return [k for k in _objects(ctx, "out/killed/parts/") if k.endswith(".parquet")]
+
+    deadline = time.monotonic() + 180
+    try:
+        while len(parts()) < 3:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no index part within 180 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "out/killed/_manifest.json" not in _objects(ctx, "out/killed/")  # killed midway
+    done_before = len(parts())
+
+    summary = attribute(_config(ctx, "killed", "attribute.batch_size=2", "attribute.num_actors=1"), progress=False)
+    rows = _index(ctx, "killed")
+    assert [r["source"] for r in rows] == ctx["sources"]  # every image exactly once
+    assert summary["resumed"] >= 2 * done_before >= 6 and summary["processed"] == NUM_IMAGES - summary["resumed"]
+    assert len(_objects(ctx, "out/killed/masks/")) == NUM_IMAGES  # deterministic keys: a batch redone after the kill overwrote its own files
+
+
+def test_shard_split_input_reads_every_sample_of_the_manifest(ctx):
+    b = ctx["bucket"]
+    summary = attribute(_config(ctx, "shards", f"attribute.input=s3://{b}/shards/test"), progress=False)
+    rows = _index(ctx, "shards")
+    assert summary["num_samples"] == summary["num_ok"] == 12
+    shards = sorted({r["shard"] for r in rows})
+    assert shards == [f"s3://{b}/shards/test-{i:06d}.tar" for i in range(3)]
+    assert all(r["source"] == f"{r['shard']}#{r['member']}" for r in rows)
+    assert sorted(r["member"] for r in rows) == [f"syn_test_{i:06d}" for i in range(12)]
+    assert sum(1 for r in rows if r["preview_uri"]) == 4  # previews read their images back from the shards
+
+
+def test_uri_list_input_and_a_listed_object_that_is_missing(ctx):
+    b = ctx["bucket"]
+    listed = ctx["sources"][:3]
+    text = "# three images and one that is not there\n" + "\n".join(listed) + f"\ns3://{b}/corpus/gone.png\n"
+    storage.write_text(f"s3://{b}/lists/images.txt", text, ctx["opts"])
+    summary = attribute(_config(ctx, "list", f"attribute.input=s3://{b}/lists/images.txt",
+                                "attribute.max_error_fraction=0.5"), progress=False)
+    rows = {r["source"]: r for r in _index(ctx, "list")}
+    assert (summary["num_samples"], summary["num_errors"]) == (4, 1)
+    assert "gone since the listing" in rows[f"s3://{b}/corpus/gone.png"]["error"]
+    for i, source in enumerate(listed):
+        np.testing.assert_allclose(rows[source]["probs"], ctx["probs"][i].numpy(), atol=1e-4)

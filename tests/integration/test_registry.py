@@ -1,0 +1,306 @@
+"""The model registry against a real ``mlflow server`` (sqlite backend, artifacts in SeaweedFS).
+
+Tiny untrained nets at 32 px on a 24-image synthetic test split (checkpoints and shards in the same
+SeaweedFS): untrained masks say nothing about quality, but the gate only needs metrics that differ
+between versions, and a "blank" Explainer (every mask ≈ 0, continuous IoU 0) is reliably worse than
+a random one (masks ≈ 0.5, continuous IoU > 0). Versions of the model ``expl``:
+
+- v1: a random ``compact`` Explainer (A);
+- v2: the blank Explainer;
+- v3: A's weights again in another checkpoint (other bytes, the same metrics as v1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline import storage
+from pipeline.config import IngestConfig, load_config
+from pipeline.data.ingest import ingest
+from pipeline.data.shards import ShardDataset, read_manifest
+from pipeline.data.synthetic import SyntheticReader
+from pipeline.errors import WysiwycError
+from pipeline.models.explainer import build_explainer
+from pipeline.models.explanandum import build_explanandum
+from pipeline.models.predictor import load_predictor
+from pipeline.train.checkpoint import save_checkpoint
+
+pytestmark = pytest.mark.s3
+
+SIZE = 32
+CLI = [sys.executable, "-m", "pipeline.cli"]
+LAMBDAS = {"entropy_regularizer": 0.5, "mask_variation_regularizer": 1.0, "mask_area_constraint_regularizer": 0.8,
+           "mask_total_area_regularizer": 0.1, "ncmask_total_area_regularizer": 0.3, "class_mask_min_area": 0.05,
+           "class_mask_max_area": 0.3}
+
+
+def _explainer_state(classes, classifier_uri, classifier_sha, data, seed, blank=False, epoch=0):
+    torch.manual_seed(seed)
+    model = build_explainer("compact", len(classes))
+    if blank:  # logits −30 everywhere: every mask ≈ 0
+        torch.nn.init.zeros_(model.head.weight)
+        torch.nn.init.constant_(model.head.bias, -30.0)
+    return {"kind": "explainer", "arch": "compact", "classes": classes, "image_size": SIZE,
+            "model": model.state_dict(), "epoch": epoch, "step": 0, "metrics": {"val_loss": 1.25},
+            "config": {"data": {"train": data, "image_size": SIZE}, "loss": LAMBDAS},
+            "explanandum": {"uri": classifier_uri, "sha256": classifier_sha, "arch": "small_cnn"}}
+
+
+@pytest.fixture(scope="module")
+def reg(s3_server, mlflow_server, tmp_path_factory):
+    """Shards, a classifier and three Explainer checkpoints in SeaweedFS; config and env for the registry."""
+    root = tmp_path_factory.mktemp("registry")
+    bucket = s3_server.make_bucket("registry")
+    base = f"s3://{bucket}"
+    reader = SyntheticReader(24, seed=3, split="test", image_size=SIZE)
+    ingest(reader, f"{base}/data", "test", IngestConfig(workers=1, shard_size=12), opts=s3_server.opts,
+           progress=False)
+    classes = list(reader.classes)
+    torch.manual_seed(0)
+    classifier = build_explanandum("small_cnn", len(classes))
+    clf_sha = save_checkpoint({"kind": "classifier", "arch": "small_cnn", "classes": classes, "image_size": SIZE,
+                               "model": classifier.state_dict(), "epoch": 0, "step": 0, "config": {},
+                               "metrics": {}}, f"{base}/clf.pt", s3_server.opts)
+    data = f"{base}/data/test"
+    checkpoints, shas = {}, {}
+    for key, kwargs in {"a": {"seed": 1}, "blank": {"seed": 1, "blank": True}, "a2": {"seed": 1, "epoch": 1},
+                        "a3": {"seed": 1, "epoch": 2}, "b": {"seed": 2}, "b2": {"seed": 2, "epoch": 1}}.items():
+        checkpoints[key] = f"{base}/ckpt/{key}.pt"
+        shas[key] = save_checkpoint(_explainer_state(classes, f"{base}/clf.pt", clf_sha, data, **kwargs),
+                                    checkpoints[key], s3_server.opts)
+    gate = root / "gate.yaml"
+    gate.write_text(f"split: {data}\nevaluate:\n  methods: [explainer]\n  batch_size: 8\n"
+                    "minimum:\n  cont_iou: 0.0\nchampion_margin:\n  cont_iou: 0.05\n  mean_f1: 0.05\n")
+    overrides = [f"tracking.uri={mlflow_server.uri}", "tracking.experiment=registry-tests", "data.loader_workers=0"]
+    env = {**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.uri,
+           "MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": str(root)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"})
+    try:
+        yield {"root": root, "bucket": bucket, "data": data, "classes": classes, "checkpoints": checkpoints,
+               "shas": shas, "clf_sha": clf_sha, "gate": str(gate), "overrides": overrides, "env": env,
+               "config": load_config(None, overrides), "uri": mlflow_server.uri, "client": mlflow_server.client(),
+               "s3": s3_server}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wysiwyc(reg, *args, check=True):
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=reg["env"], check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def registered(reg):
+    """v1 (A) through the CLI; v2 (blank) and v3 (A again) through the Python API."""
+    from pipeline.registry import register_checkpoint
+
+    first = json.loads(wysiwyc(reg, "register", "--checkpoint", reg["checkpoints"]["a"], "--name", "expl",
+                               *reg["overrides"], "--json").stdout)
+    blank = register_checkpoint(reg["checkpoints"]["blank"], "expl", reg["config"])
+    third = register_checkpoint(reg["checkpoints"]["a2"], "expl", reg["config"])
+    return {"v1": first, "v2": blank, "v3": third}
+
+
+def test_register_makes_a_candidate_version_with_lineage_tags(reg, registered):
+    from pipeline.registry import register_checkpoint
+
+    v1 = registered["v1"]
+    assert (v1["name"], v1["version"], v1["model_uri"]) == ("expl", "1", "models:/expl/1")
+    assert [registered["v2"]["version"], registered["v3"]["version"]] == ["2", "3"]
+    client = reg["client"]
+    assert client.get_model_version_by_alias("expl", "candidate").version == "3"  # the newest registration
+    tags = client.get_model_version("expl", "1").tags
+    data = storage.read_bytes(reg["checkpoints"]["a"], reg["s3"].opts)
+    assert tags["wysiwyc.explainer_sha256"] == hashlib.sha256(data).hexdigest() == reg["shas"]["a"]
+    assert tags["wysiwyc.explainer"] == reg["checkpoints"]["a"]
+    assert tags["wysiwyc.explanandum_sha256"] == reg["clf_sha"]
+    assert tags["wysiwyc.dataset_digest"] == read_manifest(reg["data"], reg["s3"].opts)["digest"]
+    assert json.loads(tags["wysiwyc.classes"]) == reg["classes"] and tags["wysiwyc.image_size"] == str(SIZE)
+    assert {k: float(tags[f"wysiwyc.lambda.{k}"]) for k in LAMBDAS} == LAMBDAS
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    expected = head.stdout.strip() if head.returncode == 0 else "unknown"
+    assert tags["wysiwyc.git_commit"].removesuffix("-dirty") == expected
+    # the register run holds the λ values as params and the packaged model as artifacts
+    run = client.get_run(v1["mlflow_run_id"])
+    assert run.data.params["loss.entropy_regularizer"] == "0.5" and run.data.metrics["val_loss"] == 1.25
+    files = {a.path for a in client.list_artifacts(v1["mlflow_run_id"], "model/artifacts")}
+    assert {"model/artifacts/explainer.pt", "model/artifacts/explanandum.pt", "model/artifacts/config.yaml",
+            "model/artifacts/wysiwyc.json"} <= files
+    # the same checkpoint again: the same version, no copy
+    again = register_checkpoint(reg["checkpoints"]["a"], "expl", reg["config"])
+    assert again["version"] == "1" and again["existing"] is True
+    assert len(client.search_model_versions("name='expl'")) == 3
+
+
+def test_registered_version_loads_in_a_fresh_process_from_its_uri_alone(reg, registered):
+    root = reg["root"]
+    torch.manual_seed(5)
+    images = torch.randn(5, 3, SIZE, SIZE)
+    torch.save(images, root / "images.pt")
+    code = (
+        "import sys, torch, mlflow.pyfunc\n"
+        "from pipeline.registry import load_explainer\n"
+        "torch.set_num_threads(1)\n"
+        "x = torch.load(sys.argv[1])\n"
+        "p = load_explainer('models:/expl@candidate')\n"
+        "out = p(x)\n"
+        "model = mlflow.pyfunc.load_model('models:/expl/3')\n"
+        "five = model.predict(x.numpy())\n"
+        "one = model.predict(x[:1].numpy())\n"
+        "torch.save({'masks': out.masks, 'probs': out.probs, 'name': p.model_name, 'version': p.model_version,\n"
+        "            'uri': p.explainer_uri, 'classes': p.classes, 'size': p.image_size,\n"
+        "            'pyfunc_masks': torch.from_numpy(five['masks']), 'pyfunc_probs': torch.from_numpy(five['probs']),\n"
+        "            'pyfunc_one': torch.from_numpy(one['masks'])}, sys.argv[2])\n")
+    # nothing but the tracking URI: no storage credentials (the server serves the artifacts)
+    env = {k: v for k, v in reg["env"].items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
+    proc = subprocess.run([sys.executable, "-c", code, str(root / "images.pt"), str(root / "out.pt")], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(root / "out.pt")
+    assert (got["name"], got["version"], got["uri"]) == ("expl", "3", "models:/expl/3")
+    assert got["classes"] == reg["classes"] and got["size"] == SIZE
+
+    torch.set_num_threads(1)
+    reference = load_predictor(reg["checkpoints"]["a2"], opts=reg["s3"].opts)(images)
+    assert got["masks"].shape == (5, len(reg["classes"]), SIZE, SIZE)
+    assert torch.equal(got["masks"], reference.masks) and torch.equal(got["probs"], reference.probs)
+    assert torch.equal(got["pyfunc_masks"], reference.masks) and torch.equal(got["pyfunc_probs"], reference.probs)
+    # any batch size (another batch size may take other CPU kernels: equal up to float rounding)
+    assert torch.allclose(got["pyfunc_one"], reference.masks[:1], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def promoted(reg, registered):
+    """v1 promoted (no champion yet), then v3 (not worse than v1)."""
+    from pipeline.registry import promote
+
+    first = promote("expl", "1", reg["config"], reg["gate"], progress=False)
+    second = promote("expl", "3", reg["config"], reg["gate"], progress=False)
+    return first, second
+
+
+def test_a_passing_gate_moves_champion_and_previous_champion_and_records_the_gate(reg, promoted):
+    first, second = promoted
+    client = reg["client"]
+    assert first["previous_champion"] is None and second["previous_champion"] == "1"
+    aliases = client.get_registered_model("expl").aliases
+    assert (aliases["champion"], aliases["previous-champion"]) == ("3", "1")
+    tags = client.get_model_version("expl", "3").tags
+    assert tags["wysiwyc.gate.result"] == "passed" and tags["wysiwyc.gate"] == reg["gate"]
+    assert tags["wysiwyc.gate.champion_before"] == "1" and tags["wysiwyc.promoted_by"]
+    assert tags["wysiwyc.promoted_at"].startswith(("20", "19"))
+    assert json.loads(tags["wysiwyc.gate.config"])["champion_margin"] == {"cont_iou": 0.05, "mean_f1": 0.05}
+    checks = json.loads(tags["wysiwyc.gate.checks"])
+    assert [(c["kind"], c["metric"]) for c in checks] == [
+        ("minimum", "cont_iou"), ("champion_margin", "cont_iou"), ("champion_margin", "mean_f1")]
+    assert all(c["passed"] for c in checks)
+    # the evaluation is stored on the version (keyed by the split digest) and as an MLflow run
+    digest = read_manifest(reg["data"], reg["s3"].opts)["digest"]
+    record = json.loads(tags[f"wysiwyc.eval.{digest[:16]}"])
+    labelled = sum(1 for s in ShardDataset(reg["data"], image_size=SIZE, train=False, opts=reg["s3"].opts)
+                   if s["labels"].sum() > 0)
+    assert record["digest"] == digest and record["num_images"] == labelled
+    assert second["evaluation"] == record["metrics"]
+    run = client.get_run(record["run_id"])
+    assert run.data.metrics["cont_iou"] == pytest.approx(record["metrics"]["cont_iou"])
+    assert record["metrics"]["cont_iou"] > 0
+    # v3 has v1's weights: the same metrics on the same split
+    v1 = json.loads(client.get_model_version("expl", "1").tags[f"wysiwyc.eval.{digest[:16]}"])
+    assert v1["metrics"]["cont_iou"] == pytest.approx(record["metrics"]["cont_iou"])
+    events = [json.loads(v) for k, v in sorted(client.get_registered_model("expl").tags.items())
+              if k.startswith("wysiwyc.event.")]
+    assert [(e["action"], e["version"]) for e in events] == [("promote", "1"), ("promote", "3")]
+
+
+def test_a_failing_gate_moves_nothing_and_exits_non_zero(reg, promoted):
+    client = reg["client"]
+    before = dict(client.get_registered_model("expl").aliases)
+    proc = wysiwyc(reg, "promote", "--name", "expl", "--version", "2", "--gate", reg["gate"], *reg["overrides"],
+                   "--json", check=False)
+    assert proc.returncode == 2
+    message = json.loads(proc.stdout)["error"]
+    assert "models:/expl/2 did not pass the gate" in message and "champion stays v3" in message
+    assert "cont_iou 0.0000 is worse than the champion's" in message
+    assert dict(client.get_registered_model("expl").aliases) == before
+    tags = client.get_model_version("expl", "2").tags
+    assert "wysiwyc.promoted_at" not in tags and "wysiwyc.gate.result" not in tags
+    # its evaluation was stored (blank masks: continuous IoU 0)
+    digest = read_manifest(reg["data"], reg["s3"].opts)["digest"]
+    assert json.loads(tags[f"wysiwyc.eval.{digest[:16]}"])["metrics"]["cont_iou"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluate_accepts_a_registry_uri(reg, promoted):
+    out = reg["root"] / "eval"
+    proc = wysiwyc(reg, "evaluate", "explainer.checkpoint=models:/expl@champion", f"data.test={reg['data']}",
+                   "evaluate.methods=[explainer]", "evaluate.batch_size=8", f"output={out}", *reg["overrides"],
+                   "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["explainer"] == "models:/expl/3"
+    digest = read_manifest(reg["data"], reg["s3"].opts)["digest"]
+    stored = json.loads(reg["client"].get_model_version("expl", "3").tags[f"wysiwyc.eval.{digest[:16]}"])
+    metrics = json.loads((out / "metrics.json").read_text())["methods"]["explainer"]
+    assert metrics["cont_iou"] == pytest.approx(stored["metrics"]["cont_iou"])
+
+
+def test_rollback_restores_the_previous_champion(reg):
+    from pipeline.registry import promote, register_checkpoint, rollback
+
+    config = reg["config"]
+    for key in ("b", "b2"):
+        register_checkpoint(reg["checkpoints"][key], "roll", config)
+    promote("roll", "1", config, reg["gate"], progress=False)
+    promote("roll", "2", config, reg["gate"], progress=False)
+    summary = json.loads(wysiwyc(reg, "promote", "--rollback", "--name", "roll", *reg["overrides"],
+                                 "--json").stdout)
+    assert (summary["version"], summary["rolled_back_from"]) == ("1", "2")
+    client = reg["client"]
+    assert dict(client.get_registered_model("roll").aliases) == {"champion": "1", "candidate": "2"}
+    assert client.get_model_version("roll", "1").tags["wysiwyc.restored_from"] == "2"
+    assert "wysiwyc.rolled_back_at" in client.get_model_version("roll", "2").tags
+    with pytest.raises(WysiwycError, match="has no alias 'previous-champion'"):
+        rollback("roll", config)
+
+
+def test_registry_uris_that_do_not_resolve_are_refused_naming_what_is_missing(reg, registered):
+    from pipeline.registry import load_explainer
+
+    with pytest.raises(WysiwycError, match=r"registered model 'expl' has no alias 'nope' \(versions \[1, 2, 3\]"):
+        load_explainer("models:/expl@nope", reg["uri"])
+    with pytest.raises(WysiwycError, match=r"registered model 'expl' has no version 9"):
+        load_explainer("models:/expl/9", reg["uri"])
+    with pytest.raises(WysiwycError, match=r"no registered model 'missing'.*wysiwyc register"):
+        load_explainer("models:/missing@champion", reg["uri"])
+    proc = wysiwyc(reg, "promote", "--name", "missing", "--version", "1", *reg["overrides"], check=False)
+    assert proc.returncode == 2 and "no registered model 'missing'" in proc.stderr
+
+
+def test_register_from_sweep_takes_the_best_trial(reg):
+    pytest.importorskip("pipeline.tune")
+    sweeps = f"s3://{reg['bucket']}/sweeps"
+    record = {"name": "lam", "metric": "val_selection", "mode": "max", "parent_run_id": "p123",
+              "best": {"trial": "t2", "params": {"loss.entropy_regularizer": 0.5}, "metrics": {"val_selection": 0.7},
+                       "checkpoint": reg["checkpoints"]["a3"], "mlflow_run_id": "r456"},
+              "trials": []}
+    storage.write_text(f"{sweeps}/lam/sweep.json", json.dumps(record), reg["s3"].opts)
+    summary = json.loads(wysiwyc(reg, "register", "--from-sweep", "lam", "--name", "swept", f"sweep.storage={sweeps}",
+                                 *reg["overrides"], "--json").stdout)
+    assert summary["model_uri"] == "models:/swept/1" and summary["trial"] == "t2"
+    tags = reg["client"].get_model_version("swept", "1").tags
+    assert tags["wysiwyc.explainer_sha256"] == reg["shas"]["a3"]
+    assert (tags["wysiwyc.sweep"], tags["wysiwyc.sweep_trial"], tags["wysiwyc.training_run_id"]) == ("lam", "t2", "r456")
+    run = reg["client"].get_run(summary["mlflow_run_id"])
+    assert run.data.metrics["sweep.val_selection"] == pytest.approx(0.7)

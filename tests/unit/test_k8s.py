@@ -1,0 +1,324 @@
+"""k8s/: each overlay renders with kustomize, validates against the Kubernetes schemas (core resources,
+``kubernetes-validate``) and the KubeRay CRD schemas (``../shared/k8s-schemas``), and names only what
+exists: the project image of the Dockerfile, ``wysiwyc`` subcommands and options, config files and keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import functools
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+OVERLAYS = ("local", "aws")
+K8S_VERSION = "1.32.0"   # kubectl/kustomize here are v1.32 / v5.5
+APP_DIR = "/app/"        # the image's WORKDIR, where the Dockerfile copies configs/
+PROJECT_IMAGE = {"local": "wysiwyc:0.1.0", "aws": "123456789012.dkr.ecr.us-east-1.amazonaws.com/wysiwyc:0.1.0"}
+RAY_KINDS = {"RayJob", "RayCluster", "RayCronJob"}
+
+
+def _render(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    proc = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, _render(request.param)
+
+
+def _by(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def _pod_specs(doc: dict) -> list[dict]:
+    """The pod specs inside a workload resource."""
+    spec = doc.get("spec", {})
+    if doc["kind"] == "Deployment":
+        return [spec["template"]["spec"]]
+    if doc["kind"] == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]["spec"]]
+    if doc["kind"] == "RayJob":
+        cluster = spec["rayClusterSpec"]
+        return [cluster["headGroupSpec"]["template"]["spec"]] + [
+            g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])]
+    return []
+
+
+# ----------------------------------------------------------------------------------- rendering
+
+
+def test_overlays_render_the_workloads(rendered):
+    _, docs = rendered
+    assert set(_by(docs, "RayJob")) == {"train-explainer-voc-vgg16", "sweep-voc-vgg16-lambdas", "attribute-template"}
+    assert set(_by(docs, "CronJob")) == {"attribute-daily"}
+    assert "mlflow" in _by(docs, "Deployment") and "mlflow" in _by(docs, "Service")
+    assert {"wysiwyc-train", "wysiwyc-attribute", "wysiwyc-ingest", "mlflow", "wysiwyc-scheduler"} <= set(
+        _by(docs, "ServiceAccount"))
+    assert all(d["metadata"].get("namespace") == "wysiwyc" for d in docs)
+
+
+def test_core_resources_validate_against_kubernetes_schemas(rendered):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    _, docs = rendered
+    core = [d for d in docs if d["kind"] not in RAY_KINDS]
+    assert len(core) >= 10
+    for doc in core:
+        # strict: an unknown field (a typo) is an error, as `kubectl apply --validate=strict` would say
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _strict(schema: dict) -> dict:
+    """The CRD schema with unknown fields forbidden (the API server would silently prune them)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+@functools.cache
+def _crd_validator(kind: str):
+    import jsonschema
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1 MB of YAML
+    crd = yaml.load((SCHEMAS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def _validate_ray(doc: dict) -> None:
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"KubeRay CRD schemas not available: {SCHEMAS} does not exist")
+    body = {**doc, "metadata": {}}  # metadata is the API server's (the CRD schema leaves it open)
+    errors = sorted(_crd_validator(doc["kind"]).iter_errors(body), key=str)
+    assert not errors, f"{doc['kind']} {doc['metadata']['name']}: " + "\n".join(
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+
+
+def test_ray_resources_validate_against_the_kuberay_crds(rendered):
+    _, docs = rendered
+    rayjobs = [d for d in docs if d["kind"] in RAY_KINDS]
+    assert rayjobs and all(d["apiVersion"] == "ray.io/v1" for d in rayjobs)
+    for doc in rayjobs:
+        _validate_ray(doc)
+
+
+def test_the_crd_check_catches_a_misspelt_field(rendered):
+    _, docs = rendered
+    broken = copy.deepcopy(_by(docs, "RayJob")["train-explainer-voc-vgg16"])
+    broken["spec"]["shutdownAfterJobFinish"] = broken["spec"].pop("shutdownAfterJobFinishes")
+    with pytest.raises(AssertionError, match="shutdownAfterJobFinish"):
+        _validate_ray(broken)
+
+
+# ----------------------------------------------------------------------------------- jobs
+
+
+def test_rayjobs_resume_on_retry_and_clean_up(rendered):
+    _, docs = rendered
+    for name, job in _by(docs, "RayJob").items():
+        spec = job["spec"]
+        assert spec["backoffLimit"] >= 1, name
+        assert spec["shutdownAfterJobFinishes"] is True and 0 < spec["ttlSecondsAfterFinished"] <= 3600, name
+        assert spec["activeDeadlineSeconds"] > 0, name
+        assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] in ("0", "1"), name
+    # deterministic names, so that a retry finds the checkpoints of the attempt before
+    train = _by(docs, "RayJob")["train-explainer-voc-vgg16"]["spec"]["entrypoint"]
+    assert "trainer.run_name=paper-explainer-voc-vgg16" in train or "trainer.run_name=cpu-explainer" in train
+    assert _by(docs, "RayJob")["attribute-template"]["spec"]["suspend"] is True
+
+
+def test_gpu_workers_on_aws_cpu_workers_locally(rendered):
+    overlay, docs = rendered
+    for name, job in _by(docs, "RayJob").items():
+        for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] >= 1, name
+            if overlay == "aws":
+                assert limits["nvidia.com/gpu"] == "1", name
+            else:
+                assert "nvidia.com/gpu" not in limits, name
+
+
+def test_every_container_has_resources_and_the_project_image_runs_as_non_root(rendered):
+    overlay, docs = rendered
+    containers = 0
+    for doc in docs:
+        for pod in _pod_specs(doc):
+            for container in pod["containers"]:
+                containers += 1
+                resources = container["resources"]
+                assert resources["requests"]["memory"] and resources["limits"]["memory"], doc["metadata"]["name"]
+                image = container["image"]
+                if image.split(":")[0].endswith("wysiwyc"):
+                    assert image == PROJECT_IMAGE[overlay]
+                    assert pod["securityContext"]["runAsNonRoot"] is True
+                    assert pod["securityContext"]["runAsUser"] == 10001
+                else:  # a third-party image: pinned, never :latest
+                    assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), image
+    assert containers >= 8  # 3 RayJobs × (head + worker), MLflow, the submitter (+ SeaweedFS locally)
+
+
+def test_aws_uses_irsa_and_no_stored_credentials():
+    docs = _render("aws")
+    assert not _by(docs, "Secret")
+    for name in ("wysiwyc-train", "wysiwyc-attribute", "wysiwyc-ingest", "mlflow"):
+        annotation = _by(docs, "ServiceAccount")[name]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        assert annotation.startswith("arn:aws:iam::")
+    for name, job in _by(docs, "RayJob").items():
+        assert "s3://wysiwyc/" not in job["spec"]["entrypoint"], f"{name}: still the base bucket"
+
+
+def test_attribution_schedule_forbids_overlap_and_has_only_its_permissions(rendered):
+    _, docs = rendered
+    cron = _by(docs, "CronJob")["attribute-daily"]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid" and cron["timeZone"] == "Etc/UTC"
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "wysiwyc-scheduler"
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "/opt/submitter/submit_rayjob.py"]
+    args = dict(zip(container["args"][::2], container["args"][1::2]))
+    assert _by(docs, "RayJob")[args["--template"]]["spec"]["suspend"] is True
+    mounted = {v["name"]: v for v in pod["volumes"]}[container["volumeMounts"][0]["name"]]
+    configmap = _by(docs, "ConfigMap")[mounted["configMap"]["name"]]
+    assert configmap["data"]["submit_rayjob.py"] == (K8S / "base" / "schedule" / "submit_rayjob.py").read_text()
+    rules = _by(docs, "Role")["wysiwyc-scheduler"]["rules"]
+    assert {(r["apiGroups"][0], r["resources"][0]): set(r["verbs"]) for r in rules} == {
+        ("ray.io", "rayjobs"): {"get", "create"}, ("batch", "jobs"): {"get"}}
+
+
+def _submitter():
+    spec = importlib.util.spec_from_file_location("submit_rayjob", K8S / "base" / "schedule" / "submit_rayjob.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_submitter_makes_the_dated_rayjob_of_the_scheduled_tick(rendered):
+    _, docs = rendered
+    submit = _submitter()
+    job = {"metadata": {"name": "attribute-daily-29400000", "uid": "u-1", "annotations": {
+        "batch.kubernetes.io/cronjob-scheduled-timestamp": "2026-11-29T02:00:00Z"}}}
+    late = dt.datetime(2026, 11, 30, 1, 0, tzinfo=dt.timezone.utc)  # a retry the next day: same tick, same id
+    run_id = submit.run_id_for(job, late)
+    assert run_id == "2026-11-29"
+    assert submit.run_id_for(None, late) == "2026-11-30"
+    template = _by(docs, "RayJob")["attribute-template"]
+    made = submit.make_rayjob(template, run_id, "attribute", job)
+    assert made["metadata"]["name"] == "attribute-2026-11-29"
+    assert made["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert made["spec"]["suspend"] is False and "--run-id 2026-11-29 " in made["spec"]["entrypoint"]
+    assert "__RUN_ID__" not in made["spec"]["entrypoint"]
+    assert made["spec"]["rayClusterSpec"] == template["spec"]["rayClusterSpec"]
+    _validate_ray({**made, "metadata": {"name": made["metadata"]["name"]}})
+    assert submit.outcome({"status": {"jobDeploymentStatus": "Running"}}) is None
+    assert submit.outcome({"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}) == "SUCCEEDED"
+    assert submit.outcome({"status": {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED"}}) == "FAILED"
+    with pytest.raises(ValueError, match="__RUN_ID__"):
+        submit.make_rayjob({**template, "spec": {**template["spec"], "entrypoint": "wysiwyc attribute"}},
+                           run_id, "attribute")
+
+
+# ----------------------------------------------------------------------------------- names that must exist
+
+
+def _help(*command: str) -> str:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, f"`wysiwyc {' '.join(command)}` does not exist:\n{result.output}"
+    return result.output
+
+
+def _commands(docs: list[dict]) -> list[tuple[str, list[str]]]:
+    """Every ``wysiwyc`` command line in the manifests: the RayJob entrypoints."""
+    found = []
+    for name, job in _by(docs, "RayJob").items():
+        found.append((name, shlex.split(job["spec"]["entrypoint"].replace("__RUN_ID__", "2026-11-29"))))
+    return found
+
+
+def test_commands_config_files_and_keys_exist(rendered):
+    from pipeline.config import load_config
+    from pipeline.tune import load_sweep
+
+    _, docs = rendered
+    for name, argv in _commands(docs):
+        assert argv[0] == "wysiwyc", name
+        subcommand = argv[1:3] if argv[1] == "train" else argv[1:2]
+        text = _help(*subcommand)
+        rest = argv[1 + len(subcommand):]
+        config, overrides, i = None, [], 0
+        while i < len(rest):
+            token = rest[i]
+            if token.startswith("-"):
+                assert re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", text), \
+                    f"{name}: `wysiwyc {' '.join(subcommand)}` has no option {token}"
+                if token in ("-c", "--config"):
+                    config = rest[i + 1]
+                if token != "--json":
+                    i += 1
+            else:
+                overrides.append(token)
+            i += 1
+        assert config and config.startswith(APP_DIR + "configs/"), f"{name}: -c {config}"
+        path = REPO / config[len(APP_DIR):]
+        assert path.is_file(), f"{name}: {config} → {path.relative_to(REPO)} does not exist in the project"
+        # every key of the overrides exists in the config model (unknown keys are errors)
+        if subcommand == ["sweep"]:
+            load_sweep(path, overrides)
+        else:
+            load_config(path, overrides)
+
+
+def test_the_image_holds_the_package_and_configs_at_app():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.startswith("#")]
+    base = [line for line in lines if line.startswith("FROM ")]
+    assert len(base) == 1 and re.fullmatch(r"FROM pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base[0])
+    assert "WORKDIR /app" in lines and "COPY configs ./configs" in lines and "COPY pipeline ./pipeline" in lines
+    assert any(line.startswith("RUN pip install . ") for line in lines)
+    user = [line for line in lines if line.startswith("USER ")]
+    assert user == ["USER 10001"], user            # the manifests' runAsUser, not root
+    assert lines.index(user[0]) > max(i for i, line in enumerate(lines) if line.startswith("RUN "))
+    assert 'ENTRYPOINT ["wysiwyc"]' in lines
+    assert "[project.scripts]\nwysiwyc = " in (REPO / "pyproject.toml").read_text()
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs", "tests"} <= set(ignored) and "configs" not in ignored and "pipeline" not in ignored
+
+
+def test_checkov_finds_no_unexplained_failure_in_the_rendered_overlays(checkov, tmp_path):
+    for overlay in OVERLAYS:
+        (tmp_path / f"{overlay}.yaml").write_text(yaml.safe_dump_all(_render(overlay)))
+    report, problems = checkov(tmp_path, "kubernetes")
+    assert not problems, "fix them, or skip with a checkov.io/skipN annotation:\n" + "\n".join(problems)
+    assert report["summary"]["passed"] >= 400
