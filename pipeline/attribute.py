@@ -171,9 +171,9 @@ def _shard_images(url: str, opts):
     import webdataset as wds
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    from pipeline.data.shards import _OpenShards
+    from pipeline.data.shards import OpenShards
 
-    for raw in wds.DataPipeline(wds.SimpleShardList([url]), _OpenShards(opts), tar_file_expander, group_by_keys):
+    for raw in wds.DataPipeline(wds.SimpleShardList([url]), OpenShards(opts), tar_file_expander, group_by_keys):
         yield raw["__key__"], raw.get("jpg") or raw.get("png") or b""
 
 
@@ -557,7 +557,8 @@ def _compact(root: str, opts):
 
 
 def _preview_png(image: bytes, mask: bytes, max_side: int = 256) -> bytes:
-    """Two panels: the aggregated mask over the image (jet) and the masked image (hidden → mean colour)."""
+    """Two panels: the aggregated mask over the image (jet) and the masked image (hidden → mean colour),
+    the longer side scaled to ``max_side`` (small images are enlarged so that they can be seen)."""
     from matplotlib import colormaps
     from PIL import Image
 
@@ -565,7 +566,7 @@ def _preview_png(image: bytes, mask: bytes, max_side: int = 256) -> bytes:
     from pipeline.data.transforms import IMAGENET_MEAN
 
     with Image.open(io.BytesIO(image)) as im, Image.open(io.BytesIO(mask)) as mk:
-        scale = min(1.0, max_side / max(im.size))
+        scale = max_side / max(im.size)
         size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
         x = np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) / 255
         m = np.asarray(mk.convert("L").resize(size, Image.BILINEAR), dtype=np.float32)[..., None] / 255

@@ -308,17 +308,21 @@ def quickstart(
     workdir: Annotated[str, typer.Option("--workdir", help="Where everything is written.")] = "runs/quickstart",
     with_stack: Annotated[bool, typer.Option(
         "--with-stack", help="Use the running `wysiwyc stack` (S3 + MLflow server) instead of local files.")] = False,
+    num_images: Annotated[int, typer.Option("--num-images", help="Synthetic training images.")] = 2000,
+    num_corpus: Annotated[int, typer.Option("--num-corpus", help="Images the attribution stage explains.")] = 200,
+    overrides: Overrides = None,
     json_: JsonOpt = False,
 ) -> None:
     """The main job on the embedded defaults: data → classifier → Explainer → evaluation → registry →
-    attribution → report.html."""
+    attribution → report.html (overrides apply to every stage's config/cpu preset)."""
     def show(name: str, index: int, total: int, status: str) -> None:
         typer.echo(f"[{index}/{total}] {name}: {status}", err=True)
 
     def stage() -> dict:
         from pipeline.quickstart import run_quickstart
 
-        return run_quickstart(workdir, with_stack=with_stack, on_stage=show)
+        return run_quickstart(workdir, with_stack=with_stack, on_stage=show, overrides=list(overrides or []),
+                              num_images=num_images, num_corpus=num_corpus)
 
     _run("quickstart: done", json_, stage)
 

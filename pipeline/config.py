@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from pipeline.errors import WysiwycError
 
@@ -25,10 +32,10 @@ class _Section(BaseModel):
 class StorageConfig(_Section):
     """Object storage; every field left empty falls back to the standard ``AWS_*`` environment."""
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
+    endpoint_url: str | None = Field(None, description="S3 endpoint (AWS_ENDPOINT_URL), e.g. http://127.0.0.1:8333")
+    region: str | None = Field(None, description="S3 region (AWS_REGION)")
+    access_key_id: SecretStr | None = Field(None, description="S3 key id (AWS_ACCESS_KEY_ID); never logged")
+    secret_access_key: SecretStr | None = Field(None, description="S3 secret (AWS_SECRET_ACCESS_KEY); never logged")
 
     def options(self):
         """The :class:`pipeline.storage.S3Options` these settings describe."""
@@ -49,12 +56,12 @@ class DataConfig(_Section):
     """Where the shards are and how training reads them."""
 
     train: str | None = Field(None, description="split prefix (…/train) or manifest URL")
-    val: str | None = None
-    test: str | None = None
-    classes: list[str] | None = None
-    image_size: int = Field(224, gt=0)
+    val: str | None = Field(None, description="validation split (…/val) or manifest URL")
+    test: str | None = Field(None, description="test split with segmentation (evaluate, promotion gates)")
+    classes: list[str] | None = Field(None, description="class names to use (default: the manifest's)")
+    image_size: int = Field(224, gt=0, description="square side in pixels the nets see")
     loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
-    shuffle_buffer: int = Field(1000, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0, description="samples in the training shuffle buffer")
     flip: bool = Field(True, description="random horizontal flip of image and segmentation")
 
 
@@ -63,23 +70,26 @@ class IngestConfig(_Section):
 
     shard_size: int = Field(1000, gt=0, description="samples per shard at most")
     shard_max_bytes: int = Field(256 * 2**20, gt=0, description="bytes per shard at most")
-    on_error: Literal["skip", "fail"] = "skip"
-    overwrite: bool = False
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="skip: list bad inputs in the manifest; fail: stop, publish nothing")
+    overwrite: bool = Field(False, description="replace a split the output already holds")
     workers: int | None = Field(None, ge=1, description="encoding processes (default: all cores)")
 
 
 class ExplanandumConfig(_Section):
     """The frozen classifier being explained."""
 
-    arch: Literal["vgg16", "resnet50", "resnet18", "small_cnn"] = "small_cnn"
-    checkpoint: str | None = None
+    arch: Literal["vgg16", "resnet50", "resnet18", "small_cnn"] = Field(
+        "small_cnn", description="the classifier (paper heads for vgg16 / resnet50)")
+    checkpoint: str | None = Field(None, description="classifier checkpoint URI (the Explanandum of train explainer)")
     pretrained_backbone: str | None = Field(None, description="path/URL of a torchvision state dict")
 
 
 class ExplainerConfig(_Section):
     """The segmentation network that produces the masks."""
 
-    arch: Literal["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact"] = "compact"
+    arch: Literal["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact"] = Field(
+        "compact", description="segmentation net (deeplabv3_resnet50: the paper's)")
     checkpoint: str | None = Field(None, description="checkpoint URI or models:/NAME@alias")
     backbone_weights: str | None = Field(None, description="torchvision backbone state dict (DeepLab archs)")
     encoder_from_explanandum: bool = Field(
@@ -89,18 +99,19 @@ class ExplainerConfig(_Section):
 class LossConfig(_Section):
     """λ weights and area bounds, named as in the paper's code (defaults: VOC, VGG-16)."""
 
-    entropy_regularizer: float = Field(1.0, ge=0)
-    mask_variation_regularizer: float = Field(1.0, ge=0)
-    mask_area_constraint_regularizer: float = Field(1.0, ge=0)
-    mask_total_area_regularizer: float = Field(0.1, ge=0)
-    ncmask_total_area_regularizer: float = Field(0.3, ge=0)
-    class_mask_min_area: float = Field(0.05, ge=0, le=1)
-    class_mask_max_area: float = Field(0.3, ge=0, le=1)
+    entropy_regularizer: float = Field(1.0, ge=0,
+                                       description="λ_e: entropy of the classifier on the inverted-mask image")
+    mask_variation_regularizer: float = Field(1.0, ge=0, description="λ_tv: total variation of the masks")
+    mask_area_constraint_regularizer: float = Field(1.0, ge=0, description="λ_a: per-class min/max area terms")
+    mask_total_area_regularizer: float = Field(0.1, ge=0, description="λ_m: mean of the target mask m")
+    ncmask_total_area_regularizer: float = Field(0.3, ge=0, description="λ_n: mean of the non-target mask n")
+    class_mask_min_area: float = Field(0.05, ge=0, le=1, description="smallest area fraction of a present class's mask")
+    class_mask_max_area: float = Field(0.3, ge=0, le=1, description="largest area fraction of a present class's mask")
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-5, gt=0, description="Adam learning rate (paper: 1e-5 with pretrained backbones)")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
     schedule: Literal["constant", "cosine"] = Field(
         "constant", description="lr schedule per optimizer step: constant, or cosine decay to 0 over the run")
     warmup_steps: int = Field(0, ge=0, description="linear lr warm-up over the first N optimizer steps")
@@ -111,13 +122,13 @@ class TrainerConfig(_Section):
         "ray", description="ray: Ray Train TorchTrainer (DDP, checkpoints via ray.train.report, FailureConfig); "
                            "local: the same worker loop in this process (no Ray start-up; tests, laptops)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per worker, AMP (trainer.amp), channels_last")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray: logical CPUs each worker reserves")
     max_failures: int = Field(2, ge=-1, description="Ray: worker-group restarts from the latest checkpoint "
                                                      "(-1: unlimited)")
     keep_checkpoints: int = Field(2, ge=1, description="Ray: best k checkpoints kept (by validation loss); the "
                                                         "latest is always kept too")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over data.train")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(16, ge=1, description="per worker")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -126,8 +137,9 @@ class TrainerConfig(_Section):
     patience: int | None = Field(None, ge=1, description="early stopping: epochs without val improvement")
     min_delta: float = Field(0.0, ge=0, description="early stopping: smallest val-loss improvement")
     storage: str = Field("runs/checkpoints", description="checkpoint root (local dir or s3://)")
-    run_name: str | None = None
-    seed: int = 0
+    run_name: str | None = Field(None, description="checkpoint folder and MLflow run name; the same name resumes "
+                                                          "(default: a hash of the config)")
+    seed: int = Field(0, description="torch / numpy / python seeds")
 
 
 EVALUATE_METHODS = ("explainer", "grad_cam", "rise", "zeros", "half", "ones", "ideal")
@@ -187,7 +199,7 @@ class AttributeConfig(_Section):
 class TrackingConfig(_Section):
     enabled: bool = Field(True, description="log the run to MLflow (rank 0)")
     uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite file in the run dir)")
-    experiment: str = "wysiwyc"
+    experiment: str = Field("wysiwyc", description="MLflow experiment name")
     overlay_images: int = Field(6, ge=0, description="Explainer: fixed validation images in the per-epoch "
                                                      "mask overlay artifact")
     parent_run_id: str | None = Field(None, description="nest the run under this MLflow run (set by "
@@ -208,14 +220,14 @@ class SweepConfig(_Section):
                              description="the sweep's name: results in storage/NAME; the same name resumes")
     base: str | None = Field(None, description="base training config; a relative path is relative to the sweep "
                                                "file's folder")
-    kind: Literal["explainer", "classifier"] = "explainer"
+    kind: Literal["explainer", "classifier"] = Field("explainer", description="what each trial trains")
     space: dict[str, dict[str, list]] = Field(
         default_factory=dict, description="dotted config key → {grid: [v…]} | {choice: [v…]} | "
                                           "{uniform: [lo, hi]} | {loguniform: [lo, hi]}")
     num_samples: int = Field(1, ge=1, description="samples of the space (with grids: repeats of the whole grid)")
     metric: str = Field("val_selection", description="per-epoch metric that selects the best trial")
-    mode: Literal["max", "min"] = "max"
-    max_concurrent_trials: int = Field(2, ge=1)
+    mode: Literal["max", "min"] = Field("max", description="whether a larger metric is better")
+    max_concurrent_trials: int = Field(2, ge=1, description="trials running at once (resources permitting)")
     scheduler: Literal["none", "asha"] = Field("none", description="asha: stop poor trials early, per epoch")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor at each rung")
@@ -282,7 +294,7 @@ class Config(_Section):
     registry: RegistryConfig = RegistryConfig()
     attribute: AttributeConfig = AttributeConfig()
     sweep: SweepConfig = SweepConfig()
-    output: str = "runs/output"
+    output: str = Field("runs/output", description="where a command writes its files (evaluate, attribute)")
 
 
 _SECRET_FIELDS = ("access_key_id", "secret_access_key")
@@ -386,3 +398,34 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML; secrets appear as ``'**********'``."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (``docs/configuration.md``): every key with its type, default and
+    description, generated from the models so that it cannot drift from the code."""
+    def typename(annotation) -> str:
+        return (str(annotation).replace("typing.", "").replace("pydantic.types.", "").replace("<class '", "")
+                .replace("'>", "").replace("|", "\\|"))
+
+    def rows(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                out += rows(field.annotation, f"{key}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            shown = "**********" if isinstance(default, SecretStr) else default
+            text = (field.description or "").replace("|", "\\|")
+            out.append(f"| `{key}` | {typename(field.annotation)} | `{shown!r}` | {text} |")
+        return out
+
+    sections = []
+    for title, model, prefix in (("Config (every command's `-c FILE` and `key=value`)", Config, ""),
+                                 ("Gate files (`configs/gates/*.yaml`, `wysiwyc promote --gate`)", GateConfig, "")):
+        sections += [f"## {title}", "", "| key | type | default | description |", "|---|---|---|---|",
+                     *rows(model, prefix), ""]
+    head = ["# Configuration reference", "",
+            ("Generated by `pipeline.config.reference_markdown()` (a test keeps this file equal to it). Unknown keys "
+            "are errors; `key=value` overrides are read as YAML."), ""]
+    return "\n".join(head + sections)

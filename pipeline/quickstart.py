@@ -24,8 +24,9 @@ from pipeline.errors import WysiwycError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MODEL_NAME = "quickstart-explainer"
-SPLITS = (("train", 1500, 0), ("val", 100, 1), ("test", 100, 2))  # (split, images, seed)
-CORPUS = ("corpus", 200, 3)  # the held-apart images that the attribution stage explains
+SPLITS = (("train", 0), ("val", 1), ("test", 2))  # (split, seed); sizes: train num_images, val/test 100
+EVAL_IMAGES = 100
+CORPUS = ("corpus", 3)  # the held-apart images that the attribution stage explains (num_corpus of them)
 STAGES = ("data", "classifier", "explainer", "evaluate", "register", "promote", "attribute", "report")
 
 
@@ -54,17 +55,18 @@ def _place(workdir: str, with_stack: bool) -> Place:
     return Place(root=f"s3://{stack.bucket}/quickstart", tracking_uri=stack.tracking_uri, local=local)
 
 
-def _config(place: Place, preset: str, *overrides: str):
+def _config(place: Place, preset: str, *overrides: str, user: list[str] = ()):
+    """A CPU preset with the work dir's locations, the stage's own settings, then the user's overrides."""
     from pipeline.config import load_config
 
     data = place.url("data", "synthetic")
     common = [f"data.train={data}/train", f"data.val={data}/val", f"data.test={data}/test",
               f"trainer.storage={place.url('checkpoints')}", f"tracking.uri={place.tracking_uri}",
               "tracking.experiment=quickstart"]
-    return load_config(CONFIGS / "cpu" / preset, common + list(overrides))
+    return load_config(CONFIGS / "cpu" / preset, common + list(overrides) + list(user))
 
 
-def _make_data(place: Place, image_size: int, opts) -> dict:
+def _make_data(place: Place, image_size: int, num_images: int, num_corpus: int, opts) -> dict:
     """Synthetic train/val/test shards with exact masks, and a held-apart corpus of PNG files."""
     from pipeline.config import IngestConfig
     from pipeline.data.ingest import ingest
@@ -72,16 +74,17 @@ def _make_data(place: Place, image_size: int, opts) -> dict:
 
     counts = {}
     # shards of 100: train has several per rank × loader worker; val and test have one each
-    for split, num_images, seed in SPLITS:
-        result = ingest(SyntheticReader(num_images, seed, split, image_size=image_size),
+    for split, seed in SPLITS:
+        count = num_images if split == "train" else EVAL_IMAGES
+        result = ingest(SyntheticReader(count, seed, split, image_size=image_size),
                         place.url("data", "synthetic"), split, IngestConfig(shard_size=100, overwrite=True), opts)
         counts[split] = result["num_samples"]
-    name, num_images, seed = CORPUS
-    reader = SyntheticReader(num_images, seed, name, image_size=image_size)
+    name, seed = CORPUS
+    reader = SyntheticReader(num_corpus, seed, name, image_size=image_size)
     for item in reader.items():
         sample = reader.load(item)
         storage.write_bytes(place.url(name, f"{sample.key}.{sample.ext}"), sample.image, opts)
-    counts[name] = num_images
+    counts[name] = num_corpus
     return counts
 
 
@@ -144,63 +147,92 @@ def _link(value: str) -> str:
 
 
 def run_quickstart(workdir: str = "runs/quickstart", with_stack: bool = False,
-                   on_stage: Callable[[str, int, int, str], None] | None = None) -> dict:
+                   on_stage: Callable[[str, int, int, str], None] | None = None,
+                   overrides: list[str] = (), num_images: int = 2000, num_corpus: int = 200) -> dict:
     """The whole main job; see the module docstring.
 
     Args:
         workdir: local folder for everything (with ``with_stack``: for the report; the rest goes to S3).
         with_stack: use the running ``wysiwyc stack`` instead of the embedded defaults.
         on_stage: called as ``(stage, index, total, "start" | "done in N s")`` for a progress display.
+        overrides: ``key=value`` applied to every stage's config last (e.g. ``trainer.epochs=2``).
+        num_images: synthetic training images (val and test have 100 each).
+        num_corpus: images of the held-apart corpus that the attribution stage explains.
 
     Returns:
         The summary: ``report``, ``model_uri``, ``version``, ``checkpoint``, ``metrics``, ``output``,
         ``timings`` (seconds per stage), ``mlflow_ui`` (the command that opens the MLflow UI).
     """
+    from pipeline.attribute import attribute
     from pipeline.evaluate.evaluate import evaluate
+    from pipeline.registry import promote, register_checkpoint, resolve_model
     from pipeline.train.trainer import train_classifier, train_explainer
 
     place = _place(workdir, with_stack)
     timings: dict[str, float] = {}
-    results: dict[str, dict] = {}
 
     def stage(name: str, fn: Callable[[], dict | None]):
         index = STAGES.index(name) + 1
         if on_stage:
             on_stage(name, index, len(STAGES), "start")
         started = time.perf_counter()
-        results[name] = fn() or {}
+        result = fn() or {}
         timings[name] = round(time.perf_counter() - started, 1)
         if on_stage:
             on_stage(name, index, len(STAGES), f"done in {timings[name]:.0f} s")
-        return results[name]
+        return result
 
-    classifier_cfg = _config(place, "classifier.yaml")
+    user = list(overrides)
+    classifier_cfg = _config(place, "classifier.yaml", user=user)
     opts = classifier_cfg.storage.options()
-    stage("data", lambda: {"counts": _make_data(place, classifier_cfg.data.image_size, opts)})
+    # a fresh run each time: training resumes by run name, so the last run's checkpoints would be reused
+    storage.delete_prefix(place.url("checkpoints"), opts)
+    stage("data", lambda: {"counts": _make_data(place, classifier_cfg.data.image_size, num_images, num_corpus,
+                                                opts)})
     classifier = stage("classifier", lambda: train_classifier(classifier_cfg))
-    explainer_cfg = _config(place, "explainer.yaml", f"explanandum.checkpoint={classifier['checkpoint']}")
+    explainer_cfg = _config(place, "explainer.yaml", f"explanandum.checkpoint={classifier['checkpoint']}",
+                            user=user)
     explainer = stage("explainer", lambda: train_explainer(explainer_cfg))
     evaluation_dir = place.url("evaluation")
     evaluate_cfg = _config(place, "evaluate.yaml", f"explainer.checkpoint={explainer['checkpoint']}",
-                           f"output={evaluation_dir}")
+                           f"output={evaluation_dir}", user=user)
     evaluation = stage("evaluate", lambda: evaluate(evaluate_cfg, progress=True))
-    if evaluation.get("skipped_unlabelled") is None:
-        raise WysiwycError("quickstart: the evaluation returned no summary")
-
-    from pipeline.registry import promote, register_checkpoint
-
     metrics = json.loads(storage.read_bytes(storage.join(evaluation_dir, "metrics.json"), opts))
     explainer_metrics = {f"eval_{k}": float(v) for k, v in metrics["methods"]["explainer"].items()
                          if isinstance(v, (int, float)) and math.isfinite(v)}  # for the registry
     registered = stage("register", lambda: register_checkpoint(explainer["checkpoint"], MODEL_NAME, evaluate_cfg,
                                                                extra_metrics=explainer_metrics))
-    promoted = stage("promote", lambda: promote(MODEL_NAME, registered["version"], evaluate_cfg,
-                                                str(CONFIGS / "gates" / "default.yaml")))
+    gate = Path(evaluate_cfg.registry.gate)
+    if not gate.is_absolute() and not gate.exists():  # run from elsewhere than the project folder
+        gate = CONFIGS.parent / gate
+
+    def gate_and_promote() -> dict:
+        try:
+            return promote(MODEL_NAME, registered["version"], evaluate_cfg, str(gate))
+        except WysiwycError as exc:  # refused: the champion of an earlier quickstart stays (if there is one)
+            return {"refused": str(exc)}
+
+    promoted = stage("promote", gate_and_promote)
+    try:
+        _, champion = resolve_model(f"models:/{MODEL_NAME}@champion", place.tracking_uri)
+    except WysiwycError:
+        raise WysiwycError(f"quickstart: the gate refused the new Explainer and there is no earlier champion "
+                           f"to attribute with: {promoted['refused']}") from None
+    promotion = (f"v{champion} is @champion" if "refused" not in promoted else
+                 f"v{registered['version']} refused by the gate, v{champion} stays @champion: {promoted['refused']}")
+
+    attribute_cfg = _config(place, "attribute.yaml", f"explainer.checkpoint=models:/{MODEL_NAME}@champion",
+                            f"attribute.input={place.url(CORPUS[0])}",
+                            f"output={place.url('attributions')}", user=user)
+    attribution = stage("attribute", lambda: attribute(attribute_cfg, progress=True))
 
     report_path = place.local / "report.html"
     links = {"report": str(report_path), "evaluation (metrics.json, plots)": evaluation["output"],
+             "attribution preview (index.html)": attribution.get("preview"),
+             "attribution index (Parquet)": attribution.get("index"),
              "Explainer checkpoint": explainer["checkpoint"], "classifier checkpoint": classifier["checkpoint"],
-             "registered model": f"models:/{MODEL_NAME}@champion = {registered['model_uri']}",
+             "registered model": f"models:/{MODEL_NAME}@champion = models:/{MODEL_NAME}/{champion}",
+             "promotion": promotion,
              "MLflow": place.tracking_uri}
     stage("report", lambda: write_report(report_path, metrics=metrics, evaluation_dir=evaluation_dir,
                                          loss=explainer_cfg.loss.model_dump(), timings=dict(timings),
@@ -210,10 +242,13 @@ def run_quickstart(workdir: str = "runs/quickstart", with_stack: bool = False,
         "report": str(report_path),
         "checkpoint": explainer["checkpoint"],
         "model_uri": f"models:/{MODEL_NAME}@champion",
-        "version": promoted["version"],
+        "version": champion,
+        "promotion": promotion,
         "metrics": evaluation["metrics"],
         "output": place.root,
         "table": evaluation.get("table"),
+        "attribution": attribution["output"],
+        "num_samples": attribution.get("num_samples"),
         "timings": timings,
         "mlflow_ui": _mlflow_ui(place),
     }

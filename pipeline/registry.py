@@ -31,7 +31,6 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import re
 import subprocess
 import tempfile
@@ -69,13 +68,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def registry_uri(config=None) -> str:
-    """The registry's tracking URI: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the embedded
-    sqlite file beside ``trainer.storage`` (:func:`pipeline.train.tracking.default_uri`)."""
+    """The registry's tracking URI: the one training logs to (:func:`pipeline.train.tracking.default_uri`:
+    ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the embedded ``trainer.storage/mlflow.db``)."""
     from pipeline.config import Config
     from pipeline.train.tracking import default_uri
 
-    config = config or Config()
-    return config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(config, "")
+    return default_uri(config or Config())
 
 
 def _client(uri: str):

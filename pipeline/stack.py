@@ -29,13 +29,18 @@ What it does (STACK.md, SeaweedFS):
 * **Stopping** signals weed's whole process group (it runs in a session of its own): SIGTERM, then
   SIGKILL if it has not exited in time.
 
+The MLflow server
+    :class:`MLflowServer` starts one ``mlflow server`` by STACK.md's recipe (sqlite backend file,
+    artifacts proxied into ``s3://BUCKET/mlflow``, one worker, job execution off) in a session of its
+    own, waits until ``/health`` answers, and stops it with its workers; ``stack_up`` and the test
+    fixtures use it.
+
 The local stack
     :func:`stack_up`, :func:`stack_down`, :func:`stack_status` (``wysiwyc stack up|down|status``) run
     the production topology on one machine, as background processes that outlive the command: this
-    SeaweedFS (S3, bucket ``wysiwyc``) and an ``mlflow server`` (sqlite backend file, artifacts proxied
-    into ``s3://wysiwyc/mlflow``, one worker, job execution off: STACK.md's recipe), both on
-    127.0.0.1. Everything lives in a state directory (``--state-dir``, else ``$WYSIWYC_STACK_DIR``,
-    else ``~/.wysiwyc/stack``; mode 0700)::
+    SeaweedFS (S3, bucket ``wysiwyc``) and an :class:`MLflowServer` (artifacts in
+    ``s3://wysiwyc/mlflow``), both on 127.0.0.1. Everything lives in a state directory
+    (``--state-dir``, else ``$WYSIWYC_STACK_DIR``, else ``~/.wysiwyc/stack``; mode 0700)::
 
         stack.json          ports, bucket, and per service pid + process start time + command line
         credentials.json    the generated S3 keys (mode 0600), reused by every later ``up``
@@ -72,8 +77,8 @@ from typing import Any
 
 from pipeline.errors import WysiwycError
 
-__all__ = ["PORT_NAMES", "RunningStack", "SeaweedFS", "WeedNotFound", "find_weed", "running_stack", "stack_dir",
-           "stack_down", "stack_status", "stack_up"]
+__all__ = ["PORT_NAMES", "MLflowServer", "RunningStack", "SeaweedFS", "WeedNotFound", "find_weed", "running_stack",
+           "stack_dir", "stack_down", "stack_status", "stack_up"]
 
 #: The ports ``weed mini`` binds, in the order a ``ports`` sequence gives them.
 PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
@@ -273,10 +278,10 @@ class SeaweedFS:
 
     # ------------------------------------------------------------------ life cycle
 
-    def __enter__(self) -> SeaweedFS:
+    def __enter__(self) -> SeaweedFS:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self.start()
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def start(self) -> SeaweedFS:
@@ -384,7 +389,7 @@ class SeaweedFS:
                     pass
                 probe.put_object(Bucket=_READY_BUCKET, Key="probe", Body=b"ok")
                 return None
-            except Exception as exc:  # not up yet
+            except Exception as exc:  # noqa: BLE001 - not up yet
                 last = f"{type(exc).__name__}: {exc}"
             time.sleep(0.2)
         return f"S3 did not answer within {self.start_timeout:.0f}s (last: {last})"
@@ -614,34 +619,96 @@ def running_stack(state_dir: str | os.PathLike | None = None) -> RunningStack:
                             bucket=state["bucket"], env=_env(state, *_credentials(root)))
 
 
-def _start_mlflow(root: Path, state: dict, s3_env: Mapping[str, str], timeout: float) -> dict:
-    """Launch ``mlflow server`` in a session of its own and wait until ``/health`` answers."""
-    folder = root / "mlflow"
-    folder.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-               # proxied artifacts: clients need only the tracking URI, the server writes to S3
-               "--artifacts-destination", f"s3://{state['bucket']}/mlflow",
-               "--host", "127.0.0.1", "--port", str(state["mlflow_port"]),
-               "--workers", "1"]  # 2 processes, ~0.5 GB (the default starts 13, 2.1 GB; STACK.md)
-    env = {**os.environ, **s3_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with open(folder / "mlflow.log", "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=folder, env=env, start_new_session=True)
-    record = _record(process.pid, command)
-    uri = _urls(state)[1]
-    deadline = time.monotonic() + timeout
-    while (problem := _mlflow_health(uri)) is not None:
-        if process.poll() is not None or time.monotonic() > deadline:
-            _terminate(_members(record), 10.0)
-            why = (f"exited with code {process.returncode}" if process.poll() is not None
-                   else f"did not answer within {timeout:.0f}s ({problem})")
-            tail = (folder / "mlflow.log").read_text(errors="replace")[-3000:]
-            raise WysiwycError(f"stack: mlflow server {why}.\ncommand: {' '.join(command)}\n"
-                               f"--- {folder / 'mlflow.log'} (tail) ---\n{tail}")
-        time.sleep(0.3)
-    return record
+class MLflowServer:
+    """One ``mlflow server`` on 127.0.0.1 the way STACK.md runs it (see the module docstring)::
+
+        with MLflowServer(root, s3.make_bucket("mlflow"), s3_env=s3.env) as server:
+            server.client().create_experiment("e")     # clients need only server.uri
+
+    or explicitly ``server = MLflowServer(...).start()`` … ``server.stop()``. It runs in a session of its
+    own, so it outlives this Python unless stopped: ``stack_up`` keeps only its :attr:`record`.
+
+    Args:
+        root: folder for ``mlflow.db`` (the sqlite backend) and ``mlflow.log`` (appended to); created
+            if missing.
+        bucket: the bucket for the artifacts, which the server writes to ``s3://BUCKET/mlflow``.
+        port: its port on 127.0.0.1; picked free when ``None``.
+        s3_env: the variables that point it at S3 (:attr:`SeaweedFS.env`).
+        start_timeout: seconds to wait for ``/health`` to answer.
+        stop_timeout: seconds to wait after SIGTERM before SIGKILL.
+
+    Attributes:
+        uri: ``http://127.0.0.1:PORT``, the tracking and registry URI.
+        root, bucket, port, log, command: the folder, the artifact bucket, the port, the stdout/stderr
+            log and the command line.
+        record: once started, the process record ``stack.json`` keeps (pid, process start time,
+            command line, start date): :meth:`stop` signals only the processes it names.
+    """
+
+    def __init__(self, root: str | os.PathLike, bucket: str, port: int | None = None, *,
+                 s3_env: Mapping[str, str], start_timeout: float = 120.0, stop_timeout: float = 30.0) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.bucket = bucket
+        self.port = port or _free_ports(1)[0]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = self.root / "mlflow.log"
+        self.command = [sys.executable, "-m", "mlflow", "server",
+                        "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                        # proxied artifacts: clients need only the tracking URI, the server writes to S3
+                        "--artifacts-destination", f"s3://{bucket}/mlflow",
+                        "--host", "127.0.0.1", "--port", str(self.port),
+                        "--workers", "1"]  # 2 processes, ~0.5 GB (the default starts 13, 2.1 GB; STACK.md)
+        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self._s3_env = dict(s3_env)
+        self.record: dict | None = None
+
+    def client(self) -> Any:
+        """An ``MlflowClient`` for tracking and the model registry of this server."""
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's stdout/stderr log (for error messages)."""
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> MLflowServer:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> MLflowServer:
+        """Launch the server in a session of its own and return once ``/health`` answers.
+
+        Raises:
+            WysiwycError: it exited or did not answer in time (the message holds the command and the
+                log's tail); nothing of it is left running.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self._s3_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               "MLFLOW_DISABLE_TELEMETRY": "true"}
+        with open(self.log, "ab") as log:  # the server keeps its own copy of the descriptor
+            process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, cwd=self.root, env=env, start_new_session=True)
+        self.record = _record(process.pid, self.command)
+        deadline = time.monotonic() + self.start_timeout
+        while (problem := _mlflow_health(self.uri)) is not None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                why = (f"exited with code {process.returncode}" if process.returncode is not None
+                       else f"did not answer within {self.start_timeout:.0f}s ({problem})")
+                self.stop()
+                raise WysiwycError(f"could not start mlflow server: it {why}.\ncommand: {' '.join(self.command)}\n"
+                                   f"--- {self.log} (tail) ---\n{self.log_tail(3000)}")
+            time.sleep(0.3)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server and its workers (SIGTERM, SIGKILL after ``stop_timeout``); idempotent."""
+        _terminate(_members(self.record), self.stop_timeout)
 
 
 def _write_env_file(root: Path, env: Mapping[str, str]) -> Path:
@@ -712,7 +779,8 @@ def stack_up(state_dir: str | os.PathLike | None = None, *, s3_port: int | None 
                 started.append("s3")
                 server.make_bucket(state["bucket"])
             if "mlflow" in to_start:
-                services["mlflow"] = _start_mlflow(root, state, server.env, start_timeout)
+                services["mlflow"] = MLflowServer(root / "mlflow", state["bucket"], state["mlflow_port"],
+                                                  s3_env=server.env, start_timeout=start_timeout).start().record
                 started.append("mlflow")
         except BaseException:
             for name in reversed(started):  # nothing half-up: stop what this call started

@@ -9,32 +9,28 @@ Fixtures:
     s3_bucket: (function) the name of a fresh, created bucket on ``s3_server``.
     s3_env: (function) ``os.environ`` patched with the server's ``AWS_*`` variables; yields them.
     mlflow_server: (session) a real ``mlflow server`` (sqlite backend, artifacts proxied into a bucket
-        of ``s3_server``) on a free port: an :class:`MLflowServer` (``.uri``, ``.root``, ``.bucket``,
-        ``.client()``, ``.log_tail()``). Clients need only ``.uri``: the server proxies the artifacts.
+        of ``s3_server``) on a free port: a running :class:`pipeline.stack.MLflowServer` (``.uri``,
+        ``.root``, ``.bucket``, ``.client()``, ``.log_tail()``). Clients need only ``.uri``: the server
+        proxies the artifacts.
     checkov: (session) ``scan(directory, framework) -> (report, problems)`` with the checkov of
         ``.venv/tools/checkov`` (skips when absent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import WysiwycError
-from pipeline.stack import SeaweedFS, WeedNotFound
+from pipeline.stack import MLflowServer, SeaweedFS, WeedNotFound
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REALDATA = REPO_ROOT.parent / "shared" / "realdata"
@@ -77,10 +73,8 @@ def s3_bucket(s3_server: SeaweedFS, request: pytest.FixtureRequest) -> Iterator[
     """A fresh, empty bucket for this test (its name; deleted with its contents afterwards)."""
     name = s3_server.make_bucket(_bucket_name(request.node.nodeid))
     yield name
-    try:  # best effort: SeaweedFS mini allows deleting a non-empty bucket
+    with contextlib.suppress(Exception):  # best effort: SeaweedFS mini allows deleting a non-empty bucket
         s3_server.client().delete_bucket(Bucket=name)
-    except Exception:
-        pass
 
 
 @pytest.fixture
@@ -97,58 +91,19 @@ def s3_env(s3_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
 # ------------------------------------------------------------------------------- MLflow server
 
 
-@dataclass(frozen=True)
-class MLflowServer:
-    """A running ``mlflow server`` of the test session."""
-
-    uri: str
-    root: Path
-    bucket: str
-
-    def client(self):
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return (self.root / "mlflow.log").read_text(errors="replace")[-chars:]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(s3_server: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLflowServer]:
     """``mlflow server``: sqlite backend (it has a model registry), artifacts in SeaweedFS (STACK.md recipe)."""
-    root = tmp_path_factory.mktemp("mlflow")
-    bucket = s3_server.make_bucket("mlflow-artifacts")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, **s3_server.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with open(root / "mlflow.log", "wb") as log:  # the server keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-             f"sqlite:///{root}/mlflow.db", "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    server = MLflowServer(uri=f"http://127.0.0.1:{port}", root=root, bucket=bucket)
-    deadline = time.monotonic() + 90
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow"), s3_server.make_bucket("mlflow-artifacts"),
+                          s3_env=s3_server.env)
     try:
-        while True:
-            try:
-                urllib.request.urlopen(server.uri + "/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {server.log_tail()}", pytrace=False)
-                time.sleep(0.5)
+        server.start()
+    except WysiwycError as exc:
+        pytest.fail(f"could not start the mlflow server for the tests: {exc}", pytrace=False)
+    try:
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        server.stop()
 
 
 # ------------------------------------------------------------------------------- checkov (infra/, k8s/)
@@ -179,3 +134,33 @@ def checkov():
         return report, problems
 
     return scan
+
+
+# ------------------------------------------------------------------------------- local Ray
+
+
+@contextlib.contextmanager
+def local_ray(root: Path, env: dict[str, str], num_cpus: int) -> Iterator[str]:
+    """A local Ray session under ``root/ray`` whose workers see ``env`` (also put in ``os.environ`` for the
+    driver until the end); yields its GCS address (for subprocesses that join it via ``RAY_ADDRESS``).
+
+    ``num_cpus`` is logical: above the 2 real cores when trials or actors hold a CPU of their own
+    (STACK.md), so that workers still get scheduled.
+    """
+    import ray
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False,
+                 runtime_env={"env_vars": env})
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -208,7 +208,7 @@ def current_rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-class _OpenShards:
+class OpenShards:
     """Pipeline stage: ``{"url"}`` → ``{"url", "stream"}`` through :mod:`pipeline.storage` (boto3 for s3)."""
 
     def __init__(self, opts):
@@ -295,7 +295,7 @@ class ShardDataset(tud.IterableDataset):
             return
         stages = [
             wds.SimpleShardList(shards),
-            _OpenShards(self.opts),
+            OpenShards(self.opts),
             tar_file_expander,
             group_by_keys,
         ]

@@ -39,11 +39,14 @@ class Where:
     parent_run_id: str | None = None  # a sweep's run: the run is its child (tag mlflow.parentRunId)
 
 
-def default_uri(config, name: str) -> str:
-    """``tracking.uri``, else an sqlite file in the run directory (local storage) or ``runs/mlflow.db``."""
+def default_uri(config) -> str:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the embedded store: one sqlite file for every
+    run, ``trainer.storage/mlflow.db`` (``runs/mlflow.db`` when ``trainer.storage`` is on s3)."""
     if config.tracking.uri:
         return config.tracking.uri
-    root = Path(config.trainer.storage) / name if not storage.is_s3(config.trainer.storage) else Path("runs")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(config.trainer.storage) if not storage.is_s3(config.trainer.storage) else Path("runs")
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
@@ -55,7 +58,7 @@ def resolve(config, name: str) -> Where | None:
         return None
     from mlflow.tracking import MlflowClient
 
-    uri = default_uri(config, name)
+    uri = default_uri(config)
     client = MlflowClient(tracking_uri=uri)
     parent = config.tracking.parent_run_id
     experiment = client.get_experiment_by_name(config.tracking.experiment)

@@ -69,7 +69,10 @@ def steady(per_epoch: list[float]) -> float:
 
 def plain_loop(config: Config) -> tuple[list[float], float]:
     """(a): the single-process PyTorch loop, no Ray, no checkpoints; per-epoch images/s."""
-    from pipeline.models.explanandum import build_explanandum, classifier_trainable_parameters
+    from pipeline.models.explanandum import (
+        build_explanandum,
+        classifier_trainable_parameters,
+    )
     from pipeline.train.steps import StepContext, classifier_loss_fn, train_one_epoch
 
     started = time.perf_counter()

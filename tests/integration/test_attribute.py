@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import local_ray
 from PIL import Image
 
 from pipeline import storage
@@ -102,44 +103,31 @@ def ctx(s3_server, mlflow_server, tmp_path_factory):
     bucket = s3_server.make_bucket("attribute")
     opts = s3_server.opts
     env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before ray.init: the workers inherit it
+    # the env before anything reads s3:// through it (registration, Ray workers)
+    with local_ray(root, env, num_cpus=2) as gcs:
+        exp_uri = _checkpoints(bucket, opts)
+        reader = SyntheticReader(NUM_IMAGES, seed=0, split="corpus", image_size=SIZE)
+        corpus = {f"s3://{bucket}/corpus/img_{i:04d}.png": reader.load(i).image for i in range(NUM_IMAGES)}
+        odd = {f"s3://{bucket}/odd/{name}": data for name, data in _odd_inputs().items()}
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda item: storage.write_bytes(item[0], item[1], opts),
+                          [*corpus.items(), *odd.items()]))
+        ingest(SyntheticReader(12, seed=4, split="test", image_size=SIZE), f"s3://{bucket}/shards", "test",
+               IngestConfig(workers=1, shard_size=5), opts=opts, progress=False)
 
-    exp_uri = _checkpoints(bucket, opts)
-    reader = SyntheticReader(NUM_IMAGES, seed=0, split="corpus", image_size=SIZE)
-    corpus = {f"s3://{bucket}/corpus/img_{i:04d}.png": reader.load(i).image for i in range(NUM_IMAGES)}
-    odd = {f"s3://{bucket}/odd/{name}": data for name, data in _odd_inputs().items()}
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda item: storage.write_bytes(item[0], item[1], opts), [*corpus.items(), *odd.items()]))
-    ingest(SyntheticReader(12, seed=4, split="test", image_size=SIZE), f"s3://{bucket}/shards", "test",
-           IngestConfig(workers=1, shard_size=5), opts=opts, progress=False)
+        predictor = load_predictor(exp_uri, opts=opts)  # the direct call the outputs must match
+        sources = sorted(corpus)
+        x = torch.stack([predictor.preprocess(Image.open(io.BytesIO(corpus[s]))) for s in sources])
+        direct = predictor(x)
 
-    predictor = load_predictor(exp_uri, opts=opts)  # the direct call the outputs must match
-    sources = sorted(corpus)
-    x = torch.stack([predictor.preprocess(Image.open(io.BytesIO(corpus[s]))) for s in sources])
-    direct = predictor(x)
+        from pipeline.registry import register_checkpoint
 
-    from pipeline.registry import register_checkpoint
-
-    registered = register_checkpoint(exp_uri, MODEL_NAME, load_config(None, [f"tracking.uri={mlflow_server.uri}"]))
-    mlflow_server.client().set_registered_model_alias(MODEL_NAME, "champion", registered["version"])
-
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False,
-             runtime_env={"env_vars": env})
-    try:
+        registered = register_checkpoint(exp_uri, MODEL_NAME,
+                                         load_config(None, [f"tracking.uri={mlflow_server.uri}"]))
+        mlflow_server.client().set_registered_model_alias(MODEL_NAME, "champion", registered["version"])
         yield {"bucket": bucket, "opts": opts, "s3": s3_server, "exp_uri": exp_uri, "sources": sources,
                "masks": direct.masks, "probs": direct.probs, "threshold": _threshold(direct.probs),
-               "version": registered["version"], "tracking": mlflow_server.uri, "odd": odd,
-               "gcs": ray.get_runtime_context().gcs_address}
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+               "version": registered["version"], "tracking": mlflow_server.uri, "odd": odd, "gcs": gcs}
 
 
 def _overrides(ctx, run_id: str, *extra: str) -> list[str]:

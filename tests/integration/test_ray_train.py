@@ -7,24 +7,21 @@ One Ray session and one MLflow server for the whole module (Ray start-up and a w
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import local_ray
 
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.ingest import ingest
-from pipeline.data.shards import ShardDataset
 from pipeline.data.synthetic import SyntheticReader
+from pipeline.stack import MLflowServer
 from pipeline.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.s3
@@ -33,60 +30,17 @@ SIZE = 32
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stack(s3_server, tmp_path_factory):
     """Bucket with train/val shards, an MLflow server, and a local Ray session (2 CPUs)."""
     root = tmp_path_factory.mktemp("raytrain")
     bucket = s3_server.make_bucket("raytrain")
     env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before ray.init: the workers inherit it
     for split, n, seed in (("train", 64, 0), ("val", 32, 1)):
         ingest(SyntheticReader(n, seed, split, image_size=SIZE), f"s3://{bucket}/data", split,
                IngestConfig(workers=1, shard_size=8), opts=s3_server.opts, progress=False)
-
-    port = _free_port()
-    log = open(root / "mlflow.log", "wb")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(root / 'mlflow.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-
-    import ray
-
-    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False,
-             runtime_env={"env_vars": env})
-    try:
-        yield {"bucket": bucket, "uri": uri, "root": root, "s3": s3_server,
-               "gcs": ray.get_runtime_context().gcs_address}
-    finally:
-        ray.shutdown()
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
-        log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with MLflowServer(root, bucket, s3_env=s3_server.env) as server, local_ray(root, env, num_cpus=3) as gcs:
+        yield {"bucket": bucket, "uri": server.uri, "root": root, "s3": s3_server, "gcs": gcs}
 
 
 def overrides(stack, *extra):

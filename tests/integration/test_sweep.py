@@ -2,7 +2,8 @@
 SeaweedFS, tracked by a real ``mlflow server`` (sqlite backend, artifacts in SeaweedFS).
 
 One Ray session for the module; tiny trials (32 px synthetic shapes, 1 epoch, 1 worker each, two at a
-time) from the CPU preset ``configs/cpu/sweep.yaml`` with overrides.
+time) from the CPU preset ``configs/cpu/sweep.yaml`` with overrides. About 3 minutes on 2 cores
+(40–60 s per trial, most of it Ray Train's worker-group start-up and teardown).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import local_ray
 
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.ingest import ingest
@@ -38,8 +40,6 @@ def stack(s3_server, mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     bucket = s3_server.make_bucket("sweeps")
     env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before ray.init: the workers inherit it
     for split, n, seed in (("train", 32, 0), ("val", 16, 1)):
         ingest(SyntheticReader(n, seed, split, image_size=SIZE), str(root / "data"), split,
                IngestConfig(workers=1, shard_size=8), progress=False)
@@ -50,21 +50,10 @@ def stack(s3_server, mlflow_server, tmp_path_factory):
         "trainer.epochs=2", "trainer.batch_size=8", "optim.lr=0.003", f"trainer.storage={root}/checkpoints",
         "trainer.run_name=clf", "tracking.enabled=false"]))
 
-    import ray
-
     # 2 trials at a time × (0.25 CPU for the trial + 1 for its worker): logical oversubscription of 2 cores
-    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False,
-             runtime_env={"env_vars": env})
-    try:
+    with local_ray(root, env, num_cpus=3) as gcs:
         yield {"root": root, "bucket": bucket, "s3": s3_server, "mlflow": mlflow_server,
-               "classifier": classifier["checkpoint"], "gcs": ray.get_runtime_context().gcs_address}
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+               "classifier": classifier["checkpoint"], "gcs": gcs}
 
 
 def overrides(stack, name, *extra):

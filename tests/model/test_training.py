@@ -69,12 +69,12 @@ def test_relaunching_the_same_run_resumes_from_the_last_epoch(data, tmp_path):
     assert state1["optimizer"]["state"]  # Adam moments were saved and restored
 
 
-def test_local_run_is_tracked_in_an_sqlite_mlflow_store_in_the_run_dir(data, tmp_path):
+def test_local_run_is_tracked_in_the_embedded_sqlite_mlflow_store(data, tmp_path):
     from mlflow.tracking import MlflowClient
 
     summary = fit("classifier", config(data, tmp_path, "trainer.run_name=tracked", "tracking.enabled=true",
                                        "trainer.max_steps=3"), progress=False)
-    db = tmp_path / "ckpt" / "tracked" / "mlflow.db"
+    db = tmp_path / "ckpt" / "mlflow.db"  # one store for every run under trainer.storage
     assert db.is_file() and summary["mlflow_run_id"]
     run = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(summary["mlflow_run_id"])
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"

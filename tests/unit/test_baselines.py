@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate.baselines import constant, get_baseline, gradcam, ideal, rise, rise_masks
+from pipeline.evaluate.baselines import (
+    constant,
+    get_baseline,
+    gradcam,
+    ideal,
+    rise,
+    rise_masks,
+)
 from pipeline.models.explanandum import build_explanandum, freeze_explanandum
 
 torch.set_num_threads(1)

@@ -96,3 +96,16 @@ def test_secret_value_is_not_echoed_in_errors():
         load_config(None, ["storage.secret_access_key=[zzsecretzz]"])
     assert "storage.secret_access_key" in str(err.value)
     assert "zzsecretzz" not in str(err.value)
+
+
+def test_configuration_reference_in_docs_is_generated_from_the_models():
+    """docs/configuration.md is what reference_markdown() gives today (regenerate it when a key changes:
+    `python -c "from pipeline.config import reference_markdown as r; open('docs/configuration.md','w').write(r())"`)."""
+    from pathlib import Path
+
+    from pipeline.config import reference_markdown
+
+    text = reference_markdown()
+    assert "| `loss.entropy_regularizer` | float | `1.0` | λ_e" in text
+    assert "| `storage.secret_access_key` |" in text and "| `minimum` | dict[str, float] |" in text
+    assert (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text() == text
