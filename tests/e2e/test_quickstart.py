@@ -43,7 +43,8 @@ def test_every_stage_runs_and_is_timed(quickstart):
     summary, work = quickstart
     stages = ("data", "classifier", "explainer", "evaluate", "register", "promote", "attribute", "report")
     assert list(summary["timings"]) == [*stages, "total"]
-    assert all(summary["timings"][s] > 0 for s in stages)
+    assert all(summary["timings"][s] >= 0 for s in stages)
+    assert all(summary["timings"][s] > 1 for s in ("classifier", "explainer", "evaluate", "attribute"))
     assert summary["timings"]["total"] == pytest.approx(sum(summary["timings"][s] for s in stages), abs=0.5)
     assert Path(summary["checkpoint"]).is_file()
     assert summary["mlflow_ui"].startswith(f"mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}")
@@ -58,7 +59,7 @@ def test_the_explainer_is_promoted_and_attributes_the_corpus(quickstart):
     assert summary["version"] == "1" and summary["promotion"] == "v1 is @champion"
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
-    assert client.get_model_version_by_alias("quickstart-explainer", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("quickstart-explainer", "champion").version) == "1"
     assert summary["num_samples"] == NUM_CORPUS
     index = pq.read_table(Path(summary["attribution"]) / "index.parquet").to_pylist()
     assert len(index) == NUM_CORPUS == len({row["source"] for row in index})

@@ -212,7 +212,7 @@ def test_preview_page_shows_the_first_images(ctx, champion_run):
     for row in previewed:
         assert f'src="previews/{row["key"]}.png"' in page
         with Image.open(io.BytesIO(storage.read_bytes(row["preview_uri"], ctx["opts"]))) as im:
-            assert im.size == (2 * SIZE + 4, SIZE)  # mask overlay | masked image
+            assert im.size == (2 * 256 + 4, 256)  # mask overlay | masked image, enlarged to 256 px
 
 
 def test_rerun_of_a_finished_run_rewrites_nothing(ctx, champion_run):

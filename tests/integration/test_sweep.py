@@ -30,6 +30,8 @@ pytestmark = pytest.mark.s3
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[2]
+# the base config's total-variation weight (not swept: every trial keeps it)
+BASE_TV = load_config(REPO / "configs" / "cpu" / "explainer.yaml").loss.mask_variation_regularizer
 PRESET = REPO / "configs" / "cpu" / "sweep.yaml"
 BIN = Path(sys.executable).parent
 
@@ -104,7 +106,7 @@ def test_grid_sweep_has_a_parent_run_four_child_runs_and_a_comparison(stack):
     assert grid == {("0.5", "0.5"), ("0.5", "2.0"), ("2.0", "0.5"), ("2.0", "2.0")}
     for child in children:
         assert child.info.status == "FINISHED"
-        assert child.data.params["loss.mask_variation_regularizer"] == "1.0"  # not swept: the base's
+        assert child.data.params["loss.mask_variation_regularizer"] == str(BASE_TV)  # not swept: the base's
         m = child.data.metrics
         # the selection score is defined as masked-image F1 minus mean mask area (steps.py)
         assert m["val_selection"] == pytest.approx(m["val_f1"] - m["val_mask_area"], abs=1e-9)
