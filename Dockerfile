@@ -15,8 +15,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# dependencies first (a layer that survives code edits): install the package's requirements from its
-# metadata, then the code. psycopg2 is the MLflow server's driver for the RDS postgres (k8s/, infra/).
+# the package with its dependencies (torch/torchvision already in the base are kept); psycopg2 is the
+# MLflow server's driver for the RDS postgres (k8s/, infra/).
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 RUN pip install . "psycopg2-binary==2.9.13"

@@ -212,8 +212,13 @@ def test_asha_stops_trials_per_epoch_and_releases_their_workers(stack):
     assert summary["trials"] == {"finished": 2, "stopped": 0, "failed": 0}  # each used its budget: 1 epoch
     record = json.loads(_object(stack, "sweeps/asha/sweep.json"))
     assert [t["epochs"] for t in record["trials"]] == [1, 1] and all(t["checkpoint"] for t in record["trials"])
-    # the stopped trials' TorchTrainer placement groups were released (Ray 2.60 keeps them otherwise)
-    deadline = time.monotonic() + 20
-    while live := [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]:
+    # the stopped trials' TorchTrainer placement groups (ids recorded by their rank 0) were released (Ray
+    # 2.60 keeps them otherwise); other tests' groups (a SIGKILLed driver's) are Ray's business
+    files = [k for k in _keys(stack, "sweeps/asha/trials/") if k.endswith("/placement_group")]
+    ids = {_object(stack, k).decode().strip() for k in files}
+    assert len(ids) == 2
+    deadline = time.monotonic() + 60
+    while live := [g for g in ray.util.placement_group_table().values()
+                   if g["placement_group_id"] in ids and g["state"] != "REMOVED"]:
         assert time.monotonic() < deadline, live
         time.sleep(0.5)
