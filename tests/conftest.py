@@ -140,6 +140,21 @@ def checkov():
 
 
 @contextlib.contextmanager
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` set until the end of the block, then as it was."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def local_ray(root: Path, env: dict[str, str], num_cpus: int) -> Iterator[str]:
     """A local Ray session under ``root/ray`` whose workers see ``env`` (also put in ``os.environ`` for the
     driver until the end); yields its GCS address (for subprocesses that join it via ``RAY_ADDRESS``).
@@ -149,18 +164,10 @@ def local_ray(root: Path, env: dict[str, str], num_cpus: int) -> Iterator[str]:
     """
     import ray
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(env):
         ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False,
                  runtime_env={"env_vars": env})
         try:
             yield ray.get_runtime_context().gcs_address
         finally:
             ray.shutdown()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from conftest import environ
 
 from pipeline import storage
 from pipeline.config import IngestConfig, load_config
@@ -81,19 +82,11 @@ def reg(s3_server, mlflow_server, tmp_path_factory):
     overrides = [f"tracking.uri={mlflow_server.uri}", "tracking.experiment=registry-tests", "data.loader_workers=0"]
     env = {**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.uri,
            "MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": str(root)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"})
-    try:
+    with environ({k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}):
         yield {"root": root, "bucket": bucket, "data": data, "classes": classes, "checkpoints": checkpoints,
                "shas": shas, "clf_sha": clf_sha, "gate": str(gate), "overrides": overrides, "env": env,
                "config": load_config(None, overrides), "uri": mlflow_server.uri, "client": mlflow_server.client(),
                "s3": s3_server}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def wysiwyc(reg, *args, check=True):
