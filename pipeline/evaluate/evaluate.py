@@ -42,7 +42,8 @@ from pipeline.models.predictor import Predictor
 log = logging.getLogger(__name__)
 
 METHODS = EVALUATE_METHODS
-PER_CLASS_METHODS = ("explainer", "grad_cam", "rise")  # the ones with a class-specificity matrix
+PER_CLASS_METHODS = ("explainer", "grad_cam", "rise", "ideal")  # class-specificity matrices; ideal:
+# the ground-truth masks, i.e. how class-specific the Explanandum itself is (the reference for the others)
 OVERLAY_METHODS = ("explainer", "grad_cam", "rise")  # merged-mask columns of overlays.png
 F1_CURVE_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95
 

@@ -9,7 +9,9 @@ Architectures (``arch``):
 - ``compact``: a small U-Net for CPUs that decodes at **full input resolution** (half-resolution
   logits gave blobby masks that spill between neighbouring objects). Its encoder has exactly the
   blocks of the ``small_cnn`` Explanandum and can start from that classifier's trained conv layers
-  (``encoder_from=``), the CPU-sized stand-in for the paper's pretrained backbone.
+  (``encoder_from=``), the CPU-sized stand-in for the paper's pretrained backbone. ``levels`` (2..4)
+  uses only the first blocks: the CPU presets use 3 (the 4th block at 1/8 resolution cost time and did
+  not help; see the README's quickstart notes).
 
 Every Explainer's ``forward`` returns a plain logits tensor (B, C, H, W) at the input's H × W.
 
@@ -95,18 +97,20 @@ class CompactExplainer(nn.Module):
         return self.head(z)
 
     def load_encoder_from(self, classifier: nn.Module) -> None:
-        """Copy the conv blocks of a ``small_cnn`` Explanandum into this encoder (values only: the
-        copy learns even when the classifier is frozen)."""
+        """Copy the first conv blocks of a ``small_cnn`` Explanandum (as many as this encoder has
+        levels) into this encoder (values only: the copy learns even when the classifier is frozen)."""
         blocks = getattr(classifier, "blocks", None)
         if not isinstance(classifier, SmallCNN) or blocks is None:
             raise WysiwycError(
                 f"explainer: encoder_from must be a small_cnn Explanandum, got {type(classifier).__name__}"
             )
-        if tuple(classifier.channels) != self.channels:
+        n = len(self.channels)
+        if tuple(classifier.channels[:n]) != self.channels:
             raise WysiwycError(
                 f"explainer: encoder_from has channels {classifier.channels}, the compact Explainer {self.channels}"
             )
-        self.blocks.load_state_dict(blocks.state_dict())
+        for own, theirs in zip(self.blocks, blocks):
+            own.load_state_dict(theirs.state_dict())
 
 
 def build_explainer(
@@ -115,6 +119,7 @@ def build_explainer(
     backbone_weights: StateSource | None = None,
     encoder_from: nn.Module | None = None,
     weights: StateSource | None = None,
+    levels: int | None = None,
 ) -> nn.Module:
     """Build an Explainer whose forward maps (B, 3, H, W) to per-class logits (B, C, H, W).
 
@@ -125,7 +130,10 @@ def build_explainer(
             (``resnet50`` / ``mobilenet_v3_large``) as a path/URL, bytes, mapping or loader callable.
         encoder_from: for ``compact``, a ``small_cnn`` Explanandum whose conv blocks initialise the
             encoder (its channels define the Explainer's).
-        weights: the whole Explainer's state dict (a trained checkpoint), same forms as above.
+        weights: the whole Explainer's state dict (a trained checkpoint), same forms as above; a
+            ``compact`` Explainer takes its channels and levels from it.
+        levels: for ``compact``, how many of the encoder's blocks the U-Net uses (default: all).
+            Fewer levels, a smaller receptive field and a cheaper net.
 
     Raises:
         WysiwycError: unknown arch, an option the arch does not take, or weights that do not fit.
@@ -138,7 +146,15 @@ def build_explainer(
                 "explainer.backbone_weights: the compact Explainer has no ImageNet backbone; "
                 "use encoder_from (the small_cnn classifier) instead"
             )
-        channels = tuple(encoder_from.channels) if isinstance(encoder_from, SmallCNN) else SMALL_CNN_CHANNELS
+        if weights is not None:
+            weights = read_state_dict(weights, what="explainer weights (compact)")
+            channels = _compact_channels(weights)
+        else:
+            channels = tuple(encoder_from.channels) if isinstance(encoder_from, SmallCNN) else SMALL_CNN_CHANNELS
+        if levels is not None:
+            if not 2 <= int(levels) <= len(channels):
+                raise WysiwycError(f"explainer.levels={levels}: the compact encoder has 2..{len(channels)} levels")
+            channels = channels[: int(levels)]
         model: nn.Module = CompactExplainer(num_classes, channels=channels)
         if encoder_from is not None:
             model.load_encoder_from(encoder_from)
@@ -151,6 +167,14 @@ def build_explainer(
     if weights is not None:
         load_weights(model, weights, "explainer", num_classes)
     return model
+
+
+def _compact_channels(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """The encoder channels of a compact Explainer's state dict (``blocks.i.0.weight`` is (c_i, ...))."""
+    channels = []
+    while f"blocks.{len(channels)}.0.weight" in state:
+        channels.append(int(state[f"blocks.{len(channels)}.0.weight"].shape[0]))
+    return tuple(channels) or SMALL_CNN_CHANNELS  # not a compact state dict: load_weights names the mismatch
 
 
 def _build_deeplab(arch: str, num_classes: int, backbone_weights: StateSource | None) -> nn.Module:

@@ -62,12 +62,12 @@ def seed_everything(seed: int) -> None:
 
 
 def step_context(config: Config, device: torch.device) -> StepContext:
-    """AMP and channels_last on GPU as configured; plain fp32 on CPU."""
+    """AMP on GPU as configured (plain fp32 on CPU); channels_last as configured on both."""
     on_gpu = device.type == "cuda"
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.trainer.amp) if on_gpu else None
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     return StepContext(device=device, amp_dtype=amp, scaler=scaler, grad_accum=config.trainer.grad_accum,
-                       channels_last=on_gpu and config.trainer.channels_last)
+                       channels_last=config.trainer.channels_last)
 
 
 def _device(config: Config) -> torch.device:
@@ -113,10 +113,12 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
         raise WysiwycError(f"the Explanandum {storage.redact(config.explanandum.checkpoint)} was trained on classes "
                            f"{state['classes']}, the data has {classes}")
     explanandum.to(device)
+    if config.trainer.channels_last:  # the masked batches arrive channels_last: convs without conversions
+        explanandum.to(memory_format=torch.channels_last)
     encoder = explanandum if (config.explainer.arch == "compact" and config.explainer.encoder_from_explanandum
                               and state["arch"] == "small_cnn") else None
     model = build_explainer(config.explainer.arch, len(classes), backbone_weights=config.explainer.backbone_weights,
-                            encoder_from=encoder).to(device)
+                            encoder_from=encoder, levels=config.explainer.levels).to(device)
     extra = {"arch": config.explainer.arch,
              "explanandum": {"uri": storage.redact(config.explanandum.checkpoint), "sha256": sha,
                              "arch": state["arch"]}}

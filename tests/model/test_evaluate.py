@@ -106,7 +106,7 @@ def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
     for method, values in metrics["methods"].items():
         assert set(values) == CONTRACT_METRICS, method
         assert values["masks_per_second"] > 0, method
-    assert set(metrics["class_specificity"]) == {"explainer", "grad_cam", "rise"}
+    assert set(metrics["class_specificity"]) == {"explainer", "grad_cam", "rise", "ideal"}
     for curve in metrics["f1_curve"].values():
         assert curve["thresholds"] == pytest.approx([0.05 * k for k in range(1, 20)])
         assert len(curve["f1"]) == 19
@@ -156,7 +156,7 @@ def test_class_specificity_is_c_by_c_with_null_only_where_no_image_has_both_clas
 def test_pictures_are_written_and_open_at_a_reasonable_size(run, workdir):
     summary, _ = run
     out = workdir / "out"
-    names = ["f1_vs_threshold.png", "overlays.png"] + [f"class_specificity_{m}.png" for m in ("explainer", "grad_cam", "rise")]
+    names = ["f1_vs_threshold.png", "overlays.png"] + [f"class_specificity_{m}.png" for m in ("explainer", "grad_cam", "rise", "ideal")]
     for name in names:
         with Image.open(out / name) as im:
             im.verify()
@@ -190,7 +190,7 @@ def test_selected_methods_only_and_max_images_with_loader_workers(workdir):
     summary = run_evaluate(config, progress=False)
     metrics = json.loads((workdir / "out-few" / "metrics.json").read_text())
     assert list(metrics["methods"]) == ["zeros", "ideal"]
-    assert metrics["class_specificity"] == {}
+    assert set(metrics["class_specificity"]) == {"ideal"}  # the only selected method with per-class masks
     assert summary["num_images"] + summary["skipped_unlabelled"] == 5
 
 

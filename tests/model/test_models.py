@@ -140,6 +140,26 @@ def test_compact_explainer_encoder_starts_from_the_small_cnn_and_learns_even_if_
         build_explainer("deeplabv3_mobilenet_v3_large", 3, encoder_from=classifier)
 
 
+def test_compact_explainer_with_fewer_levels_uses_the_first_blocks_and_reloads_from_its_weights():
+    torch.manual_seed(5)
+    classifier = freeze_explanandum(build_explanandum("small_cnn", 4))
+    x = torch.randn(2, 3, 40, 36)
+    for levels, params in ((2, 102_950 - 6 * 33 + 4 * 33), (3, 472_358 - 6 * 33 + 4 * 33)):
+        explainer = build_explainer("compact", 4, encoder_from=classifier, levels=levels).eval()
+        assert len(explainer.blocks) == len(explainer.decoder) + 1 == levels
+        assert sum(p.numel() for p in explainer.parameters()) == params
+        for i in range(levels):
+            assert torch.equal(explainer.blocks[i][0].weight, classifier.blocks[i][0].weight)
+        assert explainer(x).shape == (2, 4, 40, 36)
+        # a checkpoint carries its levels: the weights alone rebuild the same net
+        again = build_explainer("compact", 4, weights=explainer.state_dict()).eval()
+        assert len(again.blocks) == levels
+        torch.testing.assert_close(again(x), explainer(x), rtol=0, atol=0)
+    for bad in (1, 5):
+        with pytest.raises(WysiwycError, match=f"explainer.levels={bad}"):
+            build_explainer("compact", 4, levels=bad)
+
+
 def test_freeze_keeps_eval_mode_through_train_calls_copies_and_pickling():
     model = freeze_explanandum(build_explanandum("small_cnn", 3))
     parent = nn.Sequential(model, nn.Dropout())
