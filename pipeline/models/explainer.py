@@ -10,8 +10,8 @@ Architectures (``arch``):
   logits gave blobby masks that spill between neighbouring objects). Its encoder has exactly the
   blocks of the ``small_cnn`` Explanandum and can start from that classifier's trained conv layers
   (``encoder_from=``), the CPU-sized stand-in for the paper's pretrained backbone. ``levels`` (2..4)
-  uses only the first blocks: the CPU presets use 3 (the 4th block at 1/8 resolution cost time and did
-  not help; see the README's quickstart notes).
+  uses only the first blocks: the CPU presets use 3 (22% fewer multiply-adds; the settings tried are
+  in the README's "Benchmarks" section).
 
 Every Explainer's ``forward`` returns a plain logits tensor (B, C, H, W) at the input's H × W.
 
