@@ -98,6 +98,10 @@ class ExplainerConfig(_Section):
         None, ge=2, le=4,
         description="compact arch: encoder levels (small_cnn blocks) the U-Net uses, 2..4 (default all 4); "
                     "fewer = smaller receptive field and a cheaper net")
+    cam: bool = Field(
+        False, description="compact arch: add the Explanandum's own class evidence per position (its remaining "
+                           "small_cnn blocks and linear layer, a class-activation map) to the mask logits, "
+                           "started from the classifier with encoder_from_explanandum")
 
 
 class LossConfig(_Section):

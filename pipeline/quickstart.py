@@ -94,10 +94,10 @@ def _png_tag(data: bytes, alt: str, width: str = "100%") -> str:
 
 
 def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, timings: dict, links: dict,
-                 opts=None, title: str = "wysiwyc quickstart") -> None:
+                 opts=None, title: str = "wysiwyc quickstart", explainer: dict | None = None) -> None:
     """One self-contained ``report.html``: the metrics table, the F1-vs-threshold plot, the
-    class-specificity matrices, the overlay grid (images embedded), the λ values, stage timings and
-    links to the outputs."""
+    class-specificity matrices, the overlay grid (images embedded), the λ values, the Explainer's
+    net and schedule (``explainer``: config key → value), stage timings and links to the outputs."""
     from pipeline.evaluate import report
 
     def figure(name: str, alt: str, width: str = "100%") -> str:
@@ -129,6 +129,8 @@ def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, 
         *(f"<div>{figure(f'class_specificity_{m}.png', m)}</div>" for m in spec),
         "</div><h2>Loss weights (λ, the paper's names)</h2><table>",
         *(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in loss.items()),
+        "</table><h2>Explainer net and schedule</h2><table>",
+        *(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in (explainer or {}).items()),
         "</table><h2>Stage timings</h2><table><tr><th>stage</th><th>seconds</th></tr>",
         *(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in timings.items()),
         f"<tr><td><b>total</b></td><td><b>{sum(timings.values()):.1f}</b></td></tr></table>",
@@ -137,6 +139,15 @@ def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, 
         "</ul></body></html>",
     ]
     path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _net_and_schedule(config) -> dict:
+    """The Explainer settings a reader of the report needs beside the λ values."""
+    e, t = config.explainer, config.trainer
+    return {"explainer.arch": e.arch, "explainer.levels": e.levels, "explainer.cam": e.cam,
+            "explainer.encoder_from_explanandum": e.encoder_from_explanandum, "trainer.epochs": t.epochs,
+            "trainer.batch_size (per worker)": t.batch_size, "trainer.num_workers": t.num_workers,
+            "optim.lr": config.optim.lr}
 
 
 def _link(value: str) -> str:
@@ -237,7 +248,7 @@ def run_quickstart(workdir: str = "runs/quickstart", with_stack: bool = False,
              "MLflow": place.tracking_uri}
     stage("report", lambda: write_report(report_path, metrics=metrics, evaluation_dir=evaluation_dir,
                                          loss=explainer_cfg.loss.model_dump(), timings=dict(timings),
-                                         links=links, opts=opts))
+                                         links=links, opts=opts, explainer=_net_and_schedule(explainer_cfg)))
     timings["total"] = round(sum(timings.values()), 1)
     return {
         "report": str(report_path),

@@ -363,8 +363,10 @@ def evaluate(config, progress: bool = True) -> dict:
         methods_out[name] = row
         curves[name] = {"thresholds": list(F1_CURVE_THRESHOLDS), "f1": result.f1_curve()}
         if result.specificity is not None:
-            specificity_out[name] = {"classes": list(models.classes),
-                                     "matrix": result.specificity.matrix().tolist()}
+            matrix = result.specificity.matrix()
+            specificity_out[name] = {"classes": list(models.classes), "matrix": matrix.tolist(),
+                                     "gap": report.specificity_gap(matrix.tolist()),
+                                     "gap_ci95": list(result.specificity.gap_interval())}
     metrics = _jsonable({"methods": methods_out, "class_specificity": specificity_out, "num_images": num_images,
                          "f1_curve": curves})
 

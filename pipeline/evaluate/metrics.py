@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 
 F1_THRESHOLDS = (0.25, 0.5, 0.75)
@@ -199,11 +200,12 @@ def class_specificity_sums(
     per_class_masks: torch.Tensor,
     chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums and counts behind the class-specificity matrix, for one batch.
+    """Sums and counts behind the class-specificity matrix, per image of one batch.
 
     For every (image i, present class c) the image is masked with class c's mask (x_i ⊙ M_{i,c}) and
-    classified; ``sums[r, c]`` adds p_r for every class r present in image i, ``counts[r, c]`` counts
-    those images. All pairs go through ``prob_fn`` in chunks of ``chunk_size`` images.
+    classified; ``sums[i, r, c]`` is p_r for every class r present in image i, ``counts[i, r, c]`` is 1
+    there. All pairs go through ``prob_fn`` in chunks of ``chunk_size`` images. Summed over images they
+    give the matrix; kept per image they give its bootstrap interval.
 
     Args:
         prob_fn: images (N, 3, H, W) → the Explanandum's **sigmoid** probabilities (N, C).
@@ -212,12 +214,12 @@ def class_specificity_sums(
         per_class_masks: (B, C, H, W) in [0, 1] (only the present classes' masks are used).
 
     Returns:
-        (sums, counts), both (C, C) float64, indexed [r, c].
+        (sums, counts), both (B, C, C) float64, indexed [i, r, c].
     """
     present = labels > 0.5 if labels.dtype != torch.bool else labels
-    C = present.shape[1]
-    sums = torch.zeros(C, C, dtype=torch.float64)
-    counts = torch.zeros(C, C, dtype=torch.float64)
+    B, C = present.shape
+    sums = torch.zeros(B * C, C, dtype=torch.float64)  # row i·C + c holds the vector over r
+    counts = torch.zeros(B * C, C, dtype=torch.float64)
     i_idx, c_idx = present.nonzero(as_tuple=True)
     for start in range(0, i_idx.numel(), chunk_size):
         i = i_idx[start : start + chunk_size]
@@ -226,26 +228,74 @@ def class_specificity_sums(
         with torch.no_grad():
             p = prob_fn(masked).detach().double().cpu()  # (P, C)
         rows = present[i].double().cpu()  # which r are in image i
-        sums.index_add_(1, c.cpu(), (p * rows).T)
-        counts.index_add_(1, c.cpu(), rows.T)
-    return sums, counts
+        key = (i * C + c).cpu()
+        sums.index_add_(0, key, p * rows)
+        counts.index_add_(0, key, rows)
+    return sums.view(B, C, C).transpose(1, 2), counts.view(B, C, C).transpose(1, 2)
+
+
+def specificity_gaps(matrices: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Mean diagonal − mean off-diagonal of class-specificity matrices (..., C, C), vectorised over
+    the leading dimensions; NaN cells (no image held both classes) are left out, and the gap is NaN
+    where the diagonal or the off-diagonal has no finite cell."""
+    m = np.asarray(matrices, dtype=np.float64)
+    finite = np.isfinite(m)
+    eye = np.eye(m.shape[-1], dtype=bool)
+
+    def mean_of(cells: np.ndarray) -> np.ndarray:
+        keep = finite & cells
+        n = keep.sum(axis=(-2, -1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, np.where(keep, m, 0.0).sum(axis=(-2, -1)) / np.maximum(n, 1), np.nan)
+
+    return mean_of(eye) - mean_of(~eye)
 
 
 class ClassSpecificityAccumulator:
-    """Accumulates M[r][c] = mean over images containing r and c of p_r(x ⊙ M_c) over batches."""
+    """Accumulates M[r][c] = mean over images containing r and c of p_r(x ⊙ M_c) over batches, and
+    each image's share of it for the bootstrap interval of the gap."""
 
     def __init__(self, num_classes: int) -> None:
-        self.sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        self.num_classes = num_classes
+        self._sums: list[torch.Tensor] = []  # (B, C, C) per batch
+        self._counts: list[torch.Tensor] = []
 
     def update(self, prob_fn, images, labels, per_class_masks, chunk_size: int = 32) -> None:
         s, n = class_specificity_sums(prob_fn, images, labels, per_class_masks, chunk_size=chunk_size)
-        self.sums += s
-        self.counts += n
+        self._sums.append(s)
+        self._counts.append(n)
+
+    def _per_image(self) -> tuple[torch.Tensor, torch.Tensor]:
+        C = self.num_classes
+        empty = torch.zeros(0, C, C, dtype=torch.float64)
+        return torch.cat(self._sums or [empty]), torch.cat(self._counts or [empty])
 
     def matrix(self) -> torch.Tensor:
         """M (C, C) indexed [r, c]; NaN where no image held both r and c."""
-        return torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), torch.full_like(self.sums, math.nan))
+        sums, counts = (t.sum(dim=0) for t in self._per_image())
+        return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, math.nan))
+
+    def gap_interval(self, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+        """Percentile bootstrap interval of the specificity gap over the test images: the images are
+        drawn with replacement ``resamples`` times (seeded, so reruns agree) and the gap recomputed from
+        the drawn images' sums. (NaN, NaN) with fewer than two images."""
+        sums, counts = self._per_image()
+        n = sums.shape[0]
+        if n < 2:
+            return math.nan, math.nan
+        gen = torch.Generator().manual_seed(seed)
+        draws = torch.randint(0, n, (resamples, n), generator=gen)
+        weights = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones(resamples, n, dtype=torch.float64))  # how often each image was drawn
+        s = torch.einsum("kn,nrc->krc", weights, sums)
+        c = torch.einsum("kn,nrc->krc", weights, counts)
+        gaps = specificity_gaps(torch.where(c > 0, s / c.clamp(min=1), torch.full_like(s, math.nan)))
+        gaps = gaps[np.isfinite(gaps)]
+        if gaps.size == 0:
+            return math.nan, math.nan
+        tail = (1.0 - level) / 2 * 100
+        lo, hi = np.percentile(gaps, [tail, 100 - tail])
+        return float(lo), float(hi)
 
 
 def class_specificity_matrix(

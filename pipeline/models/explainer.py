@@ -11,7 +11,11 @@ Architectures (``arch``):
   blocks of the ``small_cnn`` Explanandum and can start from that classifier's trained conv layers
   (``encoder_from=``), the CPU-sized stand-in for the paper's pretrained backbone. ``levels`` (2..4)
   uses only the first blocks: the CPU presets use 3 (22% fewer multiply-adds; the settings tried are
-  in the README's "Benchmarks" section).
+  in the README's "Benchmarks" section). With ``cam=True`` a class-activation branch adds the
+  classifier's own per-pixel class evidence to the logits: the small_cnn blocks after the U-Net's
+  levels and its linear layer applied at every position (a CAM), upsampled; started from the
+  classifier (``encoder_from=``), the masks are class-specific from the first step instead of
+  marking every object for every present class.
 
 Every Explainer's ``forward`` returns a plain logits tensor (B, C, H, W) at the input's H × W.
 
@@ -67,11 +71,19 @@ class CompactExplainer(nn.Module):
     as ``SmallCNN`` so its weights load one to one. Decoder: at each level, bilinear upsampling to
     the skip's size, concatenation with the skip, conv-BN-ReLU ×2; a 1×1 conv gives C logits at full
     resolution. Any H × W works (upsampling goes to the skip's exact size).
+
+    ``cam_channels`` (None: no branch) adds the class-activation branch: conv blocks with these output
+    channels continue the encoder past its deepest level (max-pooling between, as ``SmallCNN``), a
+    1×1 conv maps their output to C logits, which are upsampled bilinearly and added to the head's.
+    ``()`` applies the 1×1 conv to the deepest level directly (a 4-level encoder is the whole
+    ``small_cnn``).
     """
 
-    def __init__(self, num_classes: int, channels: tuple[int, ...] = SMALL_CNN_CHANNELS, in_channels: int = 3):
+    def __init__(self, num_classes: int, channels: tuple[int, ...] = SMALL_CNN_CHANNELS, in_channels: int = 3,
+                 cam_channels: tuple[int, ...] | None = None):
         super().__init__()
         self.channels = tuple(int(c) for c in channels)
+        self.cam_channels = None if cam_channels is None else tuple(int(c) for c in cam_channels)
         ins = (in_channels,) + self.channels[:-1]
         self.blocks = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, self.channels))
         self.pool = nn.MaxPool2d(2)
@@ -81,6 +93,10 @@ class CompactExplainer(nn.Module):
             conv_block(self.channels[i + 1] + self.channels[i], self.channels[i]) for i in reversed(range(n - 1))
         )
         self.head = nn.Conv2d(self.channels[0], num_classes, kernel_size=1)
+        if self.cam_channels is not None:
+            ins = (self.channels[-1],) + self.cam_channels[:-1]
+            self.cam_blocks = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, self.cam_channels))
+            self.cam_fc = nn.Conv2d((self.channels + self.cam_channels)[-1], num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -89,28 +105,44 @@ class CompactExplainer(nn.Module):
                 x = self.pool(x)
             x = block(x)
             skips.append(x)
-        z = skips.pop()
+        z = deepest = skips.pop()
         for dec in self.decoder:
             skip = skips.pop()
             z = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             z = dec(torch.cat([z, skip], dim=1))
-        return self.head(z)
+        out = self.head(z)
+        if self.cam_channels is not None:
+            for block in self.cam_blocks:
+                deepest = block(self.pool(deepest))
+            cam = self.cam_fc(deepest)  # the classifier's linear layer at every position
+            out = out + F.interpolate(cam, size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return out
 
     def load_encoder_from(self, classifier: nn.Module) -> None:
         """Copy the first conv blocks of a ``small_cnn`` Explanandum (as many as this encoder has
-        levels) into this encoder (values only: the copy learns even when the classifier is frozen)."""
+        levels) into this encoder, and the rest of its blocks and its linear layer into the
+        class-activation branch when there is one (values only: the copies learn even when the
+        classifier is frozen)."""
         blocks = getattr(classifier, "blocks", None)
         if not isinstance(classifier, SmallCNN) or blocks is None:
             raise WysiwycError(
                 f"explainer: encoder_from must be a small_cnn Explanandum, got {type(classifier).__name__}"
             )
         n = len(self.channels)
-        if tuple(classifier.channels[:n]) != self.channels:
+        own_channels = self.channels + (self.cam_channels or ())
+        if tuple(classifier.channels[: len(own_channels)]) != own_channels or (
+                self.cam_channels is not None and tuple(classifier.channels) != own_channels):
             raise WysiwycError(
-                f"explainer: encoder_from has channels {classifier.channels}, the compact Explainer {self.channels}"
+                f"explainer: encoder_from has channels {classifier.channels}, the compact Explainer {own_channels}"
             )
         for own, theirs in zip(self.blocks, blocks):
             own.load_state_dict(theirs.state_dict())
+        if self.cam_channels is not None:
+            for own, theirs in zip(self.cam_blocks, list(blocks)[n:]):
+                own.load_state_dict(theirs.state_dict())
+            with torch.no_grad():
+                self.cam_fc.weight.copy_(classifier.fc.weight[:, :, None, None])
+                self.cam_fc.bias.copy_(classifier.fc.bias)
 
 
 def build_explainer(
@@ -120,6 +152,7 @@ def build_explainer(
     encoder_from: nn.Module | None = None,
     weights: StateSource | None = None,
     levels: int | None = None,
+    cam: bool = False,
 ) -> nn.Module:
     """Build an Explainer whose forward maps (B, 3, H, W) to per-class logits (B, C, H, W).
 
@@ -134,6 +167,8 @@ def build_explainer(
             ``compact`` Explainer takes its channels and levels from it.
         levels: for ``compact``, how many of the encoder's blocks the U-Net uses (default: all).
             Fewer levels, a smaller receptive field and a cheaper net.
+        cam: for ``compact``, add the class-activation branch (the encoder's remaining ``small_cnn``
+            blocks and a per-position linear layer, from ``encoder_from`` when given).
 
     Raises:
         WysiwycError: unknown arch, an option the arch does not take, or weights that do not fit.
@@ -148,19 +183,28 @@ def build_explainer(
             )
         if weights is not None:
             weights = read_state_dict(weights, what="explainer weights (compact)")
-            channels = _compact_channels(weights)
+            channels, cam_channels = _compact_channels(weights)
         else:
             channels = tuple(encoder_from.channels) if isinstance(encoder_from, SmallCNN) else SMALL_CNN_CHANNELS
+            cam_channels = None
         if levels is not None:
             if not 2 <= int(levels) <= len(channels):
                 raise WysiwycError(f"explainer.levels={levels}: the compact encoder has 2..{len(channels)} levels")
             channels = channels[: int(levels)]
-        model: nn.Module = CompactExplainer(num_classes, channels=channels)
+        if weights is None and cam:
+            if not isinstance(encoder_from, SmallCNN):
+                raise WysiwycError("explainer.cam: the class-activation branch starts from a small_cnn Explanandum; "
+                                   "set explainer.encoder_from_explanandum=true with a small_cnn classifier, or "
+                                   "explainer.cam=false")
+            cam_channels = tuple(encoder_from.channels)[len(channels):]
+        model: nn.Module = CompactExplainer(num_classes, channels=channels, cam_channels=cam_channels)
         if encoder_from is not None:
             model.load_encoder_from(encoder_from)
     else:
         if encoder_from is not None:
             raise WysiwycError(f"explainer: encoder_from is only for the compact Explainer, not {arch}")
+        if cam:
+            raise WysiwycError(f"explainer.cam is only for the compact Explainer, not {arch}")
         model = _build_deeplab(arch, num_classes, backbone_weights)
     model.wysiwyc_arch = arch
 
@@ -169,12 +213,18 @@ def build_explainer(
     return model
 
 
-def _compact_channels(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
-    """The encoder channels of a compact Explainer's state dict (``blocks.i.0.weight`` is (c_i, ...))."""
-    channels = []
-    while f"blocks.{len(channels)}.0.weight" in state:
-        channels.append(int(state[f"blocks.{len(channels)}.0.weight"].shape[0]))
-    return tuple(channels) or SMALL_CNN_CHANNELS  # not a compact state dict: load_weights names the mismatch
+def _compact_channels(state: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(encoder channels, class-activation branch channels or None) of a compact Explainer's state
+    dict (``blocks.i.0.weight`` / ``cam_blocks.i.0.weight`` are (c_i, ...))."""
+
+    def out_channels(prefix: str) -> tuple[int, ...]:
+        found = []
+        while f"{prefix}.{len(found)}.0.weight" in state:
+            found.append(int(state[f"{prefix}.{len(found)}.0.weight"].shape[0]))
+        return tuple(found)
+
+    cam = out_channels("cam_blocks") if "cam_fc.weight" in state else None
+    return out_channels("blocks") or SMALL_CNN_CHANNELS, cam  # not a compact state dict: load_weights names it
 
 
 def _build_deeplab(arch: str, num_classes: int, backbone_weights: StateSource | None) -> nn.Module:

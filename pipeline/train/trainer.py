@@ -118,7 +118,8 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
     encoder = explanandum if (config.explainer.arch == "compact" and config.explainer.encoder_from_explanandum
                               and state["arch"] == "small_cnn") else None
     model = build_explainer(config.explainer.arch, len(classes), backbone_weights=config.explainer.backbone_weights,
-                            encoder_from=encoder, levels=config.explainer.levels).to(device)
+                            encoder_from=encoder, levels=config.explainer.levels,
+                            cam=config.explainer.cam).to(device)
     extra = {"arch": config.explainer.arch,
              "explanandum": {"uri": storage.redact(config.explanandum.checkpoint), "sha256": sha,
                              "arch": state["arch"]}}

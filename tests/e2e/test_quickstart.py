@@ -81,5 +81,8 @@ def test_report_is_self_contained_with_table_pictures_and_lambdas(quickstart):
     assert len(re.findall(r"src='data:image/png;base64,", html)) == 6
     assert "src='http" not in html and "src='/" not in html
     assert "entropy_regularizer" in html and "class_mask_max_area" in html
+    # the Explainer's net and schedule as configs/cpu/explainer.yaml sets them
+    assert "<tr><td>explainer.cam</td><td>True</td></tr>" in html
+    assert "<tr><td>explainer.levels</td><td>3</td></tr>" in html
     metrics = json.loads(Path(summary["metrics"]).read_text())
     assert f"{metrics['methods']['explainer']['cont_iou']:.3f}" in html

@@ -151,6 +151,10 @@ def test_class_specificity_is_c_by_c_with_null_only_where_no_image_has_both_clas
                     assert matrix[r][c] is not None and 0.0 <= matrix[r][c] <= 1.0, (method, r, c)
                 else:
                     assert matrix[r][c] is None, (method, r, c)
+        # the gap and its bootstrap interval over the test images travel with the matrix
+        assert spec["gap"] == pytest.approx(report.specificity_gap(matrix)), method
+        lo, hi = spec["gap_ci95"]
+        assert -1.0 <= lo <= hi <= 1.0, method
 
 
 def test_pictures_are_written_and_open_at_a_reasonable_size(run, workdir):
@@ -181,6 +185,8 @@ def test_summary_has_the_contract_keys_and_a_markdown_table(run, workdir):
     for title in ("Explainer", "Grad-CAM", "RISE", "ideal"):
         assert f"| {title} |" in text
     assert "spec. gap" in text and "## Class specificity" in text
+    lo, hi = metrics["class_specificity"]["explainer"]["gap_ci95"]
+    assert f"[{lo:.2f}, {hi:.2f}]" in text
     assert (out / "config.yaml").is_file()
 
 

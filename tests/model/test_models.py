@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import nn
 
 import pipeline
@@ -158,6 +159,39 @@ def test_compact_explainer_with_fewer_levels_uses_the_first_blocks_and_reloads_f
     for bad in (1, 5):
         with pytest.raises(WysiwycError, match=f"explainer.levels={bad}"):
             build_explainer("compact", 4, levels=bad)
+
+
+def test_class_activation_branch_starts_as_the_classifiers_own_per_position_evidence():
+    torch.manual_seed(6)
+    classifier = freeze_explanandum(build_explanandum("small_cnn", 4))
+    x = torch.randn(2, 3, 40, 36)
+    # the 4-level encoder is the whole small_cnn: the branch is its linear layer at every position
+    explainer = build_explainer("compact", 4, encoder_from=classifier, levels=4, cam=True).eval()
+    assert len(explainer.cam_blocks) == 0
+    deepest = classifier.encode(x)[-1]  # (2, 128, 5, 4)
+    cam = torch.einsum("bchw,kc->bkhw", deepest, classifier.fc.weight) + classifier.fc.bias[:, None, None]
+    torch.testing.assert_close(explainer.cam_fc(deepest), cam)
+    # the Explainer's logits are the U-Net's plus the upsampled branch
+    without = build_explainer("compact", 4, encoder_from=classifier, levels=4).eval()
+    without.load_state_dict({k: v for k, v in explainer.state_dict().items() if not k.startswith("cam_")})
+    upsampled = F.interpolate(cam, size=(40, 36), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(explainer(x), without(x) + upsampled)
+    # 3 levels: the branch continues with the classifier's 4th block
+    explainer = build_explainer("compact", 4, encoder_from=classifier, levels=3, cam=True).eval()
+    assert [len(explainer.blocks), len(explainer.cam_blocks)] == [3, 1]
+    assert torch.equal(explainer.cam_blocks[0][0].weight, classifier.blocks[3][0].weight)
+    assert torch.equal(explainer.cam_fc.weight[:, :, 0, 0], classifier.fc.weight)
+    assert explainer(x).shape == (2, 4, 40, 36)
+    # a checkpoint carries the branch: the weights alone rebuild the same net
+    again = build_explainer("compact", 4, weights=explainer.state_dict()).eval()
+    assert again.cam_channels == (128,)
+    torch.testing.assert_close(again(x), explainer(x), rtol=0, atol=0)
+    # and a checkpoint without it stays without
+    assert build_explainer("compact", 4, weights=without.state_dict()).cam_channels is None
+    with pytest.raises(WysiwycError, match="explainer.cam is only for the compact"):
+        build_explainer("deeplabv3_mobilenet_v3_large", 4, cam=True)
+    with pytest.raises(WysiwycError, match="explainer.cam: .*encoder_from_explanandum=true"):
+        build_explainer("compact", 4, cam=True)  # a randomly started branch knows nothing of the classifier
 
 
 def test_freeze_keeps_eval_mode_through_train_calls_copies_and_pickling():

@@ -57,7 +57,7 @@ def test_explainer_training_lowers_the_loss_and_leaves_the_explanandum_untouched
     assert all(torch.equal(before[k], after[k]) for k in before)  # running stats included
 
 
-def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_reach_the_checkpoint(data, tmp_path):
+def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_and_branch_reach_the_checkpoint(data, tmp_path):
     clf = fit("classifier", config(data, tmp_path, "trainer.epochs=1", "trainer.run_name=clf"), progress=False)
     histories = {}
     for fmt in ("true", "false"):
@@ -67,11 +67,16 @@ def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_reach_the_che
         histories[fmt] = json.loads((tmp_path / "ckpt" / f"exp-{fmt}" / "history.json").read_text())[-1]
         model, state, _ = ckpt.load_explainer(summary["checkpoint"])
         assert len(model.blocks) == 3 and state["config"]["explainer"]["levels"] == 3
+        assert model.cam_channels is None
     # the memory format changes the convolution kernels, not the maths: the epoch's losses agree to
     # rounding; the validation loss after six Adam steps (which amplify rounding early on) to 2%
     for key in ("train_loss", "train_classification", "train_mask_area"):
         assert histories["true"][key] == pytest.approx(histories["false"][key], rel=1e-3, abs=1e-5), key
     assert histories["true"]["val_loss"] == pytest.approx(histories["false"]["val_loss"], rel=2e-2)
+    summary = fit("explainer", config(data, tmp_path, "trainer.epochs=1", "trainer.run_name=exp-cam", "explainer.levels=3",
+                                      "explainer.cam=true", f"explanandum.checkpoint={clf['checkpoint']}"), progress=False)
+    model, state, _ = ckpt.load_explainer(summary["checkpoint"])
+    assert model.cam_channels == (128,) and state["config"]["explainer"]["cam"] is True
 
 
 def test_relaunching_the_same_run_resumes_from_the_last_epoch(data, tmp_path):

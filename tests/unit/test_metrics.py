@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,10 +10,12 @@ from pipeline.evaluate.metrics import (
     ClassSpecificityAccumulator,
     MetricAccumulator,
     class_specificity_matrix,
+    class_specificity_sums,
     foreground_and_valid,
     roc_auc,
     saliency,
     segmentation_scores,
+    specificity_gaps,
 )
 
 
@@ -175,3 +178,49 @@ def test_class_specificity_accumulates_over_batches_and_leaves_unseen_pairs_nan(
     M = acc.matrix()
     assert M[1, 0].item() == pytest.approx(0.5)
     assert math.isnan(M[2, 2].item()) and math.isnan(M[0, 2].item())
+
+
+def test_class_specificity_sums_are_kept_per_image_and_add_up_to_the_matrix():
+    images = torch.ones(2, 3, 1, 3)
+    labels = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    masks = torch.eye(3).view(1, 3, 1, 3).expand(2, 3, 1, 3).clone()
+    masks[1, 0] = torch.tensor([[1.0, 0.5, 0.0]])
+    sums, counts = class_specificity_sums(_toy_prob_fn, images, labels, masks, chunk_size=2)
+    assert sums.shape == counts.shape == (2, 3, 3)
+    # image 1, mask of class 0 (column 0): p_0 = 1, p_1 = 0.5, p_2 = 0, all three classes present
+    assert sums[1, :, 0].tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert counts[0, :, 2].tolist() == [0, 0, 0]  # class 2 is not in image 0: no mask of it is used
+    assert counts[0, 2, :].tolist() == [0, 0, 0]  # nor is its probability counted
+    M = class_specificity_matrix(_toy_prob_fn, images, labels, masks)
+    torch.testing.assert_close(sums.sum(0) / counts.sum(0).clamp(min=1), torch.nan_to_num(M))
+
+
+def test_specificity_gaps_vectorised_over_matrices_leaves_out_empty_cells():
+    a = [[0.9, 0.1], [0.3, 0.7]]
+    b = [[1.0, math.nan], [0.0, math.nan]]  # diagonal: 1.0 only; off-diagonal: 0.0 only
+    gaps = specificity_gaps(np.array([a, b]))
+    assert gaps.tolist() == pytest.approx([0.8 - 0.2, 1.0])
+    assert math.isnan(specificity_gaps(np.array([[math.nan, 0.2], [0.1, math.nan]])))
+
+
+def test_gap_interval_is_a_seeded_bootstrap_over_images():
+    # identical images: every resample gives the same matrix, so the interval is the gap itself
+    images = torch.ones(6, 3, 1, 3)
+    labels = torch.tensor([[1, 1, 0]] * 6)
+    masks = torch.eye(3).view(1, 3, 1, 3).expand(6, 3, 1, 3).clone()
+    acc = ClassSpecificityAccumulator(3)
+    acc.update(_toy_prob_fn, images, labels, masks)
+    gap = float(specificity_gaps(acc.matrix().numpy()))
+    assert gap == pytest.approx(1.0)
+    assert acc.gap_interval() == pytest.approx((gap, gap))
+    # images that disagree: a real spread around the gap, the same on every call with the same seed
+    masks[::2, 0] = torch.tensor([[1.0, 1.0, 0.0]])  # every other image's class-0 mask also keeps class 1
+    acc = ClassSpecificityAccumulator(3)
+    acc.update(_toy_prob_fn, images[:3], labels[:3], masks[:3])
+    acc.update(_toy_prob_fn, images[3:], labels[3:], masks[3:])
+    gap = float(specificity_gaps(acc.matrix().numpy()))  # off-diagonal (0.5 + 0) / 2: gap 0.75
+    assert gap == pytest.approx(0.75)
+    lo, hi = acc.gap_interval(resamples=500)
+    assert lo < gap < hi and 0.5 <= lo and hi <= 1.0
+    assert acc.gap_interval(resamples=500) == (lo, hi)
+    assert math.isnan(ClassSpecificityAccumulator(3).gap_interval()[0])
