@@ -125,7 +125,7 @@ def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, 
         ("<h2>Class specificity</h2><p>Cell (r, c): the classifier's probability of class r on the image "
         "masked with the mask of class c. Class-specific masks keep their class (diagonal) and hide the "
         "others (off-diagonal); the ideal (ground-truth) masks show how class-specific the classifier itself "
-        "is, the ceiling for any method.</p><div class='row'>"),
+        "is, the reference for the others (soft masks can score above it).</p><div class='row'>"),
         *(f"<div>{figure(f'class_specificity_{m}.png', m)}</div>" for m in spec),
         "</div><h2>Loss weights (λ, the paper's names)</h2><table>",
         *(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in loss.items()),

@@ -234,10 +234,10 @@ def class_specificity_sums(
     return sums.view(B, C, C).transpose(1, 2), counts.view(B, C, C).transpose(1, 2)
 
 
-def specificity_gaps(matrices: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Mean diagonal − mean off-diagonal of class-specificity matrices (..., C, C), vectorised over
-    the leading dimensions; NaN cells (no image held both classes) are left out, and the gap is NaN
-    where the diagonal or the off-diagonal has no finite cell."""
+def specificity_means(matrices: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mean diagonal, mean off-diagonal) of class-specificity matrices (..., C, C), vectorised over the
+    leading dimensions; NaN cells (no image held both classes) are left out, and a part with no finite
+    cell is NaN."""
     m = np.asarray(matrices, dtype=np.float64)
     finite = np.isfinite(m)
     eye = np.eye(m.shape[-1], dtype=bool)
@@ -248,7 +248,14 @@ def specificity_gaps(matrices: np.ndarray | torch.Tensor) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(n > 0, np.where(keep, m, 0.0).sum(axis=(-2, -1)) / np.maximum(n, 1), np.nan)
 
-    return mean_of(eye) - mean_of(~eye)
+    return mean_of(eye), mean_of(~eye)
+
+
+def specificity_gaps(matrices: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Mean diagonal − mean off-diagonal of class-specificity matrices (..., C, C)
+    (:func:`specificity_means`); NaN where either part has no finite cell."""
+    diag, off = specificity_means(matrices)
+    return diag - off
 
 
 class ClassSpecificityAccumulator:

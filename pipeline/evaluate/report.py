@@ -109,12 +109,11 @@ def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
                   "over the test images holding both; spec. gap = mean diagonal − mean off-diagonal, in "
                   "brackets its 95% bootstrap interval over the test images."), "",
                   "| method | mean diagonal | mean off-diagonal | gap [95% interval] |", "|---|---:|---:|---:|"]
+        from pipeline.evaluate.metrics import specificity_means
+
         for method, spec in class_specificity.items():
             m = np.array([[math.nan if v is None else v for v in row] for row in spec["matrix"]], dtype=float)
-            eye = np.eye(m.shape[0], dtype=bool)
-            diag, off = m[eye], m[~eye]
-            d = float(np.nanmean(diag)) if np.isfinite(diag).any() else math.nan
-            o = float(np.nanmean(off)) if np.isfinite(off).any() else math.nan
+            d, o = (float(x) for x in specificity_means(m))
             lines.append(f"| {_title(method)} | {_fmt(d)} | {_fmt(o)} | {_gap_cell(spec)} |")
     return "\n".join(lines) + "\n"
 
