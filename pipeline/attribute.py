@@ -27,13 +27,20 @@ Outputs under ``output/RUN_ID/`` (``RUN_ID``: ``attribute.run_id``, default the 
     parts/part-HASH.parquet     index rows of one batch (HASH of its source URIs), written atomically
     index.parquet               one row per image (deduplicated by source URI, sorted by it)
     previews/KEY.png, index.html   mask overlay + masked image of the first attribute.preview_images
-    _run.json                   what the run was started with (model version, input, class choice)
+    _run.json                   what the run was started with (model version, input, class choice) and
+                                by whom (host, pid, start time): created exclusively, its writer owns the run
     _manifest.json              written last: counts, timings, model, config; marks the run complete
 
 ``KEY`` is a hash of the source URI (``KK`` its first two characters), so output names are
 deterministic. Resume: the same run id again processes only the images that no part file holds yet
 (error rows count as done), pinned to the model version recorded in ``_run.json``; a run whose
 ``_manifest.json`` exists is complete and is left untouched.
+
+One writer per run: ``_run.json`` is created exclusively (locally a hard link, on S3 a conditional
+``PUT`` with ``If-None-Match: *``), so of two launches with the same run id that start at once exactly
+one creates it. The other reads it and joins only if it would attribute with the same model (same
+Explainer sha256), input and settings — the outputs are deterministic, so both write the same bytes
+and the index keeps one row per image; otherwise it refuses, naming the owner and its start time.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ import io
 import json
 import logging
 import math
+import os
 import posixpath
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -412,6 +421,18 @@ def _read_json(url: str, opts) -> dict | None:
         return None
 
 
+def _unwritable(output: str, exc: WysiwycError) -> WysiwycError:
+    return WysiwycError(f"attribute: cannot write the output {storage.redact(_absolute(output))} ({exc}): give an "
+                        f"--output this process can write")
+
+
+def _owner(record: dict) -> str:
+    """Who started a run, for messages: ``the launch on HOST (pid P) started T``."""
+    owner = record.get("owner") or {}
+    where = f" on {owner['host']} (pid {owner['pid']})" if owner else ""
+    return f"the launch{where} started {record['started']}"
+
+
 def _load_predictor(uri: str, config, opts):
     if uri.startswith(_REGISTRY_PREFIX):
         from pipeline.registry import load_explainer, registry_uri
@@ -433,7 +454,7 @@ def resolve_model(config, record: dict | None, opts=None):
                            "(explainer.checkpoint)")
     if record is not None:
         if record["model"]["model"] != given:
-            raise WysiwycError(f"attribute: run {record['run_id']} was started with --model "
+            raise WysiwycError(f"attribute: run {record['run_id']} was started by {_owner(record)} with --model "
                                f"{record['model']['model']}, not {given}: resume it with that model, or start a "
                                f"new run with another --run-id")
         pinned = record["model"]["model_uri"]
@@ -682,27 +703,48 @@ def attribute(config, progress: bool = True) -> dict:
                            "listing image URIs (attribute.input)")
     run_id = a.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     root = storage.join(_absolute(config.output), run_id)
-    manifest_url = storage.join(root, MANIFEST)
-    finished = _read_json(manifest_url, opts)
+    manifest_url, record_url = storage.join(root, MANIFEST), storage.join(root, RUN_RECORD)
+    try:
+        finished, record = _read_json(manifest_url, opts), _read_json(record_url, opts)
+    except WysiwycError as exc:  # e.g. a path below a file, a folder this user may not enter
+        raise _unwritable(config.output, exc) from None
     if finished is not None:
+        if finished["model"]["model"] != config.explainer.checkpoint:
+            raise WysiwycError(f"attribute: run {run_id} is complete, made by {_owner(record or {'started': finished['timings']['started']})} "
+                               f"with --model {finished['model']['model']}, not {config.explainer.checkpoint}: start a "
+                               f"new run with another --run-id")
         return _summary(finished, "already complete")
 
-    # before any work: the run record, the model, the input
-    record_url = storage.join(root, RUN_RECORD)
-    record = _read_json(record_url, opts)
+    # before any work: the run record (its first writer owns the run), the model, the input
     predictor, model = resolve_model(config, record, opts)
     inputs = open_input(a.input, opts)
     settings = {k: getattr(a, k) for k in _RESULT_SETTINGS}
     if record is None:
-        record = {"format": FORMAT, "run_id": run_id, "input": inputs.url, "model": model, "settings": settings,
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}
-        storage.write_text(record_url, json.dumps(record, indent=1), opts)
-    else:
-        changed = [k for k in _RESULT_SETTINGS if record["settings"].get(k) != settings[k]]
-        if record["input"] != inputs.url or changed:
-            what = "input" if record["input"] != inputs.url else "attribute." + ", attribute.".join(changed)
-            raise WysiwycError(f"attribute: run {run_id} was started with another {what} ({record_url}): resume it "
-                               f"with the settings it started with, or start a new run with another --run-id")
+        mine = {"format": FORMAT, "run_id": run_id, "input": inputs.url, "model": model, "settings": settings,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "owner": {"host": socket.gethostname(), "pid": os.getpid()}}
+        try:
+            created = storage.create_exclusive(record_url, json.dumps(mine, indent=1).encode(), opts)
+        except WysiwycError as exc:
+            raise _unwritable(config.output, exc) from None
+        if created:
+            record = mine
+        else:  # another launch created the run between our look and our write: it owns the run
+            record = _read_json(record_url, opts)
+            if record["model"]["explainer_sha256"] != model["explainer_sha256"]:
+                raise WysiwycError(
+                    f"attribute: run {run_id} belongs to {_owner(record)}, which attributes with "
+                    f"{record['model']['model_name']} version {record['model']['model_version']}; this launch "
+                    f"resolved version {model['model_version']}: wait for that launch to finish (rerunning the run "
+                    f"then writes nothing), or start a new run with another --run-id")
+            log.info("attribute: run %s was started at the same time by %s with the same model; joining it",
+                     run_id, _owner(record))
+    changed = [k for k in _RESULT_SETTINGS if record["settings"].get(k) != settings[k]]
+    if record["input"] != inputs.url or changed:
+        what = "input" if record["input"] != inputs.url else "attribute." + ", attribute.".join(changed)
+        raise WysiwycError(f"attribute: run {run_id} was started by {_owner(record)} with another {what} "
+                           f"({storage.redact(record_url)}): resume it with the settings it started with, or start "
+                           f"a new run with another --run-id")
     fixed = _fixed_indices(a.fixed_classes, model["classes"]) if a.classes == "fixed" else ()
     job = Job(root=root, opts=opts, image_size=predictor.image_size, classes=tuple(model["classes"]),
               mode=a.classes, threshold=a.threshold, top_k=a.top_k, fixed=fixed,

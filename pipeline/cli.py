@@ -344,24 +344,32 @@ def stack_up(
     mlflow_port: Annotated[Optional[int], typer.Option(
         "--mlflow-port", help="MLflow port (default: the last one, else 5000).")] = None,
     bucket: Annotated[Optional[str], typer.Option("--bucket", help="Bucket to create (default wysiwyc).")] = None,
+    show_secrets: Annotated[bool, typer.Option(
+        "--show-secrets", help="Also print the secret key (the export lines; in `env` with --json).")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Start SeaweedFS and the MLflow server (a no-op when running); prints the environment to export."""
-    env: dict = {}
+    """Start SeaweedFS and the MLflow server (a no-op when running); prints the env file to `source`."""
+    shown: dict = {}
 
     def stage() -> dict:
         from pipeline import stack
 
-        summary = stack.stack_up(state_dir, s3_port=s3_port, mlflow_port=mlflow_port, bucket=bucket)
+        summary = stack.stack_up(state_dir, s3_port=s3_port, mlflow_port=mlflow_port, bucket=bucket,
+                                 show_secrets=show_secrets)
         if json_:
             return summary
-        env.update(summary.pop("env"))
+        shown.update(env=summary.pop("env"), env_file=summary["env_file"])
         return summary
 
     _run("stack up: running", json_, stage)
-    if env:
-        print("\n# the environment to export (or: source the env_file above)")
-        print("\n".join(f"export {key}={shlex.quote(value)}" for key, value in env.items()))
+    if not shown:
+        return
+    if show_secrets:
+        print("\n# the environment to export (what the env_file above holds)")
+        print("\n".join(f"export {key}={shlex.quote(value)}" for key, value in shown["env"].items()))
+    else:
+        print("\n# to use it (the file holds the secret key; --show-secrets prints it):")
+        print(f"source {shlex.quote(shown['env_file'])}")
 
 
 @stack_app.command("status")

@@ -590,7 +590,7 @@ class RunningStack:
         endpoint_url: the S3 endpoint, ``http://127.0.0.1:PORT``.
         tracking_uri: the MLflow server, ``http://127.0.0.1:PORT``.
         bucket: the bucket ``up`` created (MLflow's artifacts are under ``s3://BUCKET/mlflow``).
-        env: the variables ``up`` prints (``AWS_*`` with the credentials, ``MLFLOW_*``): put them in
+        env: the variables of the ``env`` file (``AWS_*`` with the credentials, ``MLFLOW_*``): put them in
             ``os.environ`` before starting Ray so that its workers sign their S3 requests too.
     """
 
@@ -721,7 +721,7 @@ def _write_env_file(root: Path, env: Mapping[str, str]) -> Path:
 
 def stack_up(state_dir: str | os.PathLike | None = None, *, s3_port: int | None = None,
              mlflow_port: int | None = None, bucket: str | None = None,
-             start_timeout: float = 120.0) -> dict:
+             start_timeout: float = 120.0, show_secrets: bool = False) -> dict:
     """Start the local stack (SeaweedFS S3 + MLflow server) in the background; a no-op when it runs.
 
     Ports and bucket default to those of the last ``up`` in this state directory, else 8333, 5000 and
@@ -732,11 +732,13 @@ def stack_up(state_dir: str | os.PathLike | None = None, *, s3_port: int | None 
         s3_port, mlflow_port: the ports on 127.0.0.1.
         bucket: the bucket created for the data and MLflow's artifacts (``s3://BUCKET/mlflow``).
         start_timeout: seconds each service may take to answer.
+        show_secrets: put the secret key in ``env`` too (by default only the ``env`` file holds it).
 
     Returns:
         The summary: ``state_dir``, ``s3_endpoint``, ``mlflow_uri``, ``bucket``, ``artifacts``,
         ``env_file``, ``credentials``, ``pids``, ``started`` (services started now),
-        ``already_running``, ``message`` and ``env`` (the variables to export).
+        ``already_running``, ``message`` and ``env`` (the variables that ``env_file`` exports, without
+        ``AWS_SECRET_ACCESS_KEY`` unless ``show_secrets``).
 
     Raises:
         WysiwycError: a port is in use (the message names it and the option to choose another), a
@@ -800,7 +802,8 @@ def stack_up(state_dir: str | os.PathLike | None = None, *, s3_port: int | None 
             "bucket": state["bucket"], "artifacts": f"s3://{state['bucket']}/mlflow",
             "env_file": str(env_file), "credentials": str(root / "credentials.json"),
             "pids": {name: services[name]["pid"] for name in _SERVICES}, "started": started,
-            "already_running": not started, "message": message, "env": env}
+            "already_running": not started, "message": message,
+            "env": env if show_secrets else {k: v for k, v in env.items() if k != "AWS_SECRET_ACCESS_KEY"}}
 
 
 def stack_status(state_dir: str | os.PathLike | None = None) -> dict:

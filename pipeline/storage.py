@@ -117,7 +117,8 @@ _ENV_KEYS = (
     "AWS_MAX_ATTEMPTS",
     "AWS_CA_BUNDLE",
 )
-_SECRET_ENV_VARS = (
+# credentials: redacted from every message, never handed to Ray's runtime_env (Ray logs it)
+CREDENTIAL_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_ACCESS_KEY_ID",
@@ -771,6 +772,54 @@ def write_text(url: str | os.PathLike, text: str, opts: S3Options | None = None,
     write_bytes(url, text.encode(encoding), opts)
 
 
+def create_exclusive(url: str | os.PathLike, data: bytes, opts: S3Options | None = None) -> bool:
+    """Publish ``data`` at ``url`` only if nothing is there yet, atomically: of several writers at once
+    exactly one creates it (a run's ownership record).
+
+    Locally the data is written to a temp file and hard-linked to the destination (``link`` fails when
+    the name exists); on S3 it is a conditional ``PUT`` (``If-None-Match: *``: AWS S3 and SeaweedFS
+    answer 412 when the key exists).
+
+    Returns:
+        True if this call created it, False if it already existed (left untouched).
+
+    Raises:
+        WysiwycError: If it cannot be written.
+    """
+    s = _str(url)
+    if _kind(s) == "s3":
+        bucket, key = split_s3(s)
+        _check_key(s, key)
+        client = _client(opts)
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as exc:
+            err = _client_error_in_chain(exc)
+            if err is not None and (str(err.response.get("Error", {}).get("Code")) in
+                                    ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+                                    or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)):
+                return False
+            raise _s3_error(exc, s, client, "write") from exc
+        return True
+    path = to_local_path(s)
+    tmp_path, f = _local_temp(path, s)
+    try:
+        with f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp_path, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise _local_error(exc, s, "write") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+    _fsync_dir(path.parent)
+    return True
+
+
 def upload_file(local_path: str | os.PathLike, url: str | os.PathLike,
                 opts: S3Options | None = None) -> None:
     """Publish a local file at ``url`` atomically (S3: multipart upload; local: copy + rename).
@@ -1206,18 +1255,33 @@ def delete_prefix(url: str | os.PathLike, opts: S3Options | None = None) -> int:
 
 # ------------------------------------------------------------------------------------ redact
 
-_SECRET_NAMES = (
+# Names that mean a credential however the field is written: ``name=value`` (query parameter, env
+# assignment), ``name: value`` (header, YAML) or ``"name": "value"`` (JSON).
+_SECRET_FIELDS = (
     "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-    "x-goog-credential", "awsaccesskeyid", "credential", "signature", "sig", "token",
-    "access_token", "refresh_token", "id_token", "session_token", "aws_session_token",
-    "password", "passwd", "pwd", "secret", "client_secret", "secret_access_key",
-    "aws_secret_access_key", "secret_key", "api_key", "apikey",
+    "x-goog-credential", "awsaccesskeyid", "access_token", "refresh_token", "id_token",
+    "session_token", "aws_session_token", "client_secret", "secret_access_key",
+    "aws_secret_access_key", "secret_key", "api_key", "apikey", "password", "passwd",
 )
-_PARAM_RE = re.compile(
-    r"(?<![\w-])(" + "|".join(re.escape(n) for n in _SECRET_NAMES) + r")"
-    r"(\"?\s*[=:]\s*\"?|'?\s*[=:]\s*'?)([^\s&#\"',;}\)\]]+)",
+# Names that are ordinary words as well: a credential only as ``name=value`` or as a quoted key
+# (``"token": "..."``). As ``name: value`` they are prose: ElementTree's "unclosed token: line 1, column
+# 0" must not become "unclosed token: *** 1".
+_SECRET_WORDS = ("credential", "signature", "sig", "token", "pwd", "secret")
+_SECRET_VALUE = r"([^\s&#\"',;}\)\]]+)"
+_FIELD_RE = re.compile(
+    r"(?<![\w-])(" + "|".join(map(re.escape, _SECRET_FIELDS)) + r")([\"']?\s*[=:]\s*[\"']?)" + _SECRET_VALUE,
     re.IGNORECASE,
 )
+_WORD_RE = re.compile(
+    r"(?<![\w-])(" + "|".join(map(re.escape, _SECRET_WORDS)) + r")(\s*=\s*[\"']?|[\"']\s*[=:]\s*[\"']?)"
+    + _SECRET_VALUE,
+    re.IGNORECASE,
+)
+# Exact values (environment, S3Options) are replaced only from this length on: real keys are long
+# (AWS secret keys 40 characters, access key ids 20, session tokens hundreds, the stack's 40 and 18),
+# while a short value ("1", "line", "data", "admin") also occurs as an ordinary word or path segment,
+# and masking those would garble messages without hiding anything worth hiding.
+_MIN_SECRET_LENGTH = 8
 _USERINFO_RE = re.compile(
     r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/?#@\s]*)(?::(?P<pw>[^\s/?#]*))?@"
 )
@@ -1235,11 +1299,13 @@ def redact(text: str) -> str:
     Removes: the password of ``scheme://user:password@host`` (a lone ``scheme://token@host`` user
     is hidden entirely); values of secret-looking parameters (``X-Amz-Signature``,
     ``X-Amz-Credential``, ``X-Amz-Security-Token``, ``token``, ``access_token``, ``sig``,
-    ``signature``, ``password``, ``secret``, ``secret_access_key`` … as ``name=value`` or
-    ``name: value``); and, verbatim or URL-encoded, the current values of ``AWS_SECRET_ACCESS_KEY``,
-    ``AWS_SESSION_TOKEN``, ``AWS_ACCESS_KEY_ID`` (and MLflow's password/token variables) and the
-    keys of every :class:`S3Options` created or used in this process. Values shorter than 4
-    characters are not replaced verbatim (too likely to be ordinary text).
+    ``signature``, ``password``, ``secret``, ``secret_access_key`` … as ``name=value``; compound
+    names such as ``secret_access_key`` and ``X-Amz-Security-Token`` also as ``name: value``, while
+    ordinary words such as ``token`` and ``password`` only as a quoted key, ``"token": "..."``); and,
+    verbatim or URL-encoded, the current values of ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+    ``AWS_ACCESS_KEY_ID`` (and MLflow's password/token variables) and the keys of every
+    :class:`S3Options` created or used in this process. Values shorter than 8 characters are not
+    replaced verbatim (see ``_MIN_SECRET_LENGTH``).
 
     Args:
         text: Any text.
@@ -1250,11 +1316,13 @@ def redact(text: str) -> str:
     text = str(text)
     with _SECRETS_LOCK:
         values = set(_KNOWN_SECRETS)
-    values.update(v for v in (os.environ.get(k) for k in _SECRET_ENV_VARS) if v)
-    for value in sorted((v for v in values if len(v) >= 4), key=len, reverse=True):
+    values.update(v for v in (os.environ.get(k) for k in CREDENTIAL_ENV_VARS) if v)
+    for value in sorted((v for v in values if len(v) >= _MIN_SECRET_LENGTH), key=len, reverse=True):
         text = text.replace(value, "***")
         encoded = urllib.parse.quote(value, safe="")
         if encoded != value:
             text = text.replace(encoded, "***")
     text = _USERINFO_RE.sub(_userinfo, text)
-    return _PARAM_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    for pattern in (_FIELD_RE, _WORD_RE):
+        text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    return text

@@ -324,7 +324,7 @@ def run_sweep(config: Config) -> dict:
     parent = None
     if where is not None:
         parent = tracking.Tracker(where, s.name, state.get("parent_run_id"))
-        parent.client.set_tag(parent.run_id, "wysiwyc.sweep", s.name)
+        parent.set_tags({"wysiwyc.sweep": s.name})
         parent.log_params({"sweep.kind": s.kind, "sweep.base": s.base or "", "sweep.metric": s.metric,
                            "sweep.mode": s.mode, "sweep.num_samples": str(s.num_samples),
                            "sweep.scheduler": s.scheduler, "sweep.storage": storage.redact(root),

@@ -165,8 +165,8 @@ def local_ray(root: Path, env: dict[str, str], num_cpus: int) -> Iterator[str]:
     import ray
 
     with environ(env):
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False,
-                 runtime_env={"env_vars": env})
+        # workers inherit the driver's environment (a runtime_env would write the secrets into Ray's logs)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False)
         try:
             yield ray.get_runtime_context().gcs_address
         finally:

@@ -16,7 +16,12 @@ The class map ``seg`` (0 background, k+1 class k, 255 void) is rasterised from e
   ``seg`` (None) rather than with a wrong one; its class still counts as a label.
 
 Images without annotations are kept with empty labels (useful negatives), unless ``drop_empty``. A
-missing or unreadable image file is an InputError naming it, so ingest skips and records it.
+missing or unreadable image file is an InputError naming it, so ingest skips and records it; so is a
+``file_name`` that leads outside the image folder (``../x.jpg``, ``/x.jpg``).
+
+The sample key is the file name without its extension (``a/b.jpg`` → ``a_b``); file names that
+sanitise alike get a short hash of their image id appended
+(:func:`~pipeline.data.sample.unique_keys`), listed in ``renamed`` and the manifest.
 
 Readers are pickled to worker processes, so each item carries its own annotations and the parsed JSON
 stays in the process that built the item list.
@@ -34,7 +39,7 @@ import numpy as np
 
 from pipeline.data.classes import resolve_classes
 from pipeline.data.images import inspect_image
-from pipeline.data.sample import Reader, Sample, safe_key
+from pipeline.data.sample import Reader, Sample, inside, safe_key, unique_keys
 from pipeline.errors import InputError, WysiwycError
 
 
@@ -167,13 +172,10 @@ class COCOReader(Reader):
                     "problem": problem,
                 }
             )
-        # keys must be unique in a split: disambiguate file names that sanitise alike with the image id
-        seen: dict[str, int] = {}
-        for item in items:
-            seen[item["key"]] = seen.get(item["key"], 0) + 1
-        for item in items:
-            if seen[item["key"]] > 1:
-                item["key"] = f"{item['key']}_{item['id']}"
+        # keys must be unique in a split: disambiguate file names that sanitise alike by the image id
+        keys, self.renamed = unique_keys([item["key"] for item in items], [str(item["id"]) for item in items])
+        for item, key in zip(items, keys):
+            item["key"] = key
         return items
 
     def items(self) -> list[dict]:
@@ -190,6 +192,10 @@ class COCOReader(Reader):
         if item["problem"]:
             raise InputError(f"{self.annotations}: image {item['id']}: {item['problem']}")
         path = Path(source)
+        if item["file_name"] and not inside(self.images, item["file_name"]):
+            raise InputError(f"{self.annotations}: image {item['id']}: file_name {item['file_name']!r} leads outside "
+                             f"the image folder {self.images}; file names must be paths inside --images "
+                             "(no '..', no absolute path)")
         if not item["file_name"] or not path.is_file():
             raise InputError(f"{path}: image file missing (named by {self.annotations}, image {item['id']})")
         info = inspect_image(path.read_bytes(), str(path))

@@ -11,7 +11,6 @@ truncated JPEG: ``Image.open`` alone reads only the header.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import posixpath
@@ -19,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.data.classes import resolve_classes
-from pipeline.data.sample import Reader, Sample, safe_key
+from pipeline.data.sample import Reader, Sample, safe_key, unique_keys
 from pipeline.errors import InputError, WysiwycError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
@@ -103,25 +102,14 @@ def _relative(url: str, prefix: str) -> str | None:
     return rel.replace(os.sep, "/")
 
 
-def _keys_for(rel_paths: Sequence[str]) -> list[str]:
-    """A unique sample key per relative path: ``safe_key(path)``, plus a short hash where two collide."""
-    keys = [safe_key(rel) for rel in rel_paths]
-    counts: dict[str, int] = {}
-    for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    return [
-        f"{key}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}" if counts[key] > 1 else key
-        for key, rel in zip(keys, rel_paths)
-    ]
-
-
 class ImageFolderReader(Reader):
     """Every image under a prefix, unlabelled (``labels == []``), for attribution of a corpus.
 
     Items are the image URLs under ``source_url`` whose names end in one of ``suffixes``
     (case-insensitive), sorted. The key is ``safe_key`` of the path relative to the prefix
     (``cats/a.jpg`` → ``cats_a_jpg``); when two paths sanitise to the same key, both get an 8-hex-digit
-    hash of their path appended. The source is the full URI with credentials redacted.
+    hash of their path appended (:func:`~pipeline.data.sample.unique_keys`; ``renamed`` lists them).
+    The source is the full URI with credentials redacted.
 
     Args:
         source_url: a local folder, ``file://`` URL or ``s3://bucket/prefix``.
@@ -194,7 +182,8 @@ class ImageFolderReader(Reader):
                 "check --source (a folder or s3:// prefix of .jpg/.png images)"
             )
         found.sort(key=lambda pair: pair[1])
-        keys = _keys_for([rel for rel, _ in found])
+        rels = [rel for rel, _ in found]
+        keys, self.renamed = unique_keys([safe_key(rel) for rel in rels], rels)
         return [(key, url) for key, (_, url) in zip(keys, found)]
 
     def describe(self, item) -> tuple[str, str]:

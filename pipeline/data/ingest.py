@@ -67,7 +67,8 @@ def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None
         progress: show a progress bar on stderr.
 
     Returns:
-        The summary: ``manifest``, ``output``, ``num_samples``, ``skipped``, ``shards``, ``digest``,
+        The summary: ``manifest``, ``output``, ``num_samples``, ``skipped``, ``renamed_keys`` (inputs
+        whose key was disambiguated, listed in the manifest's ``renamed``), ``shards``, ``digest``,
         ``images_per_second`` …
 
     Raises:
@@ -119,7 +120,7 @@ def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None
                            f"was usable{first}")
 
     source = {"kind": reader.name, "path": storage.redact(reader.source)}
-    manifest = shards.build_manifest(split, published, reader.classes, source, skipped, has_seg)
+    manifest = shards.build_manifest(split, published, reader.classes, source, skipped, has_seg, reader.renamed)
     seconds = time.perf_counter() - started
     manifest["seconds"] = round(seconds, 3)
     shards.write_manifest(out, split, manifest, opts)
@@ -135,6 +136,7 @@ def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None
         "num_samples": manifest["num_samples"],
         "skipped": len(skipped),
         "first_skipped": skipped[0].as_dict() if skipped else None,
+        "renamed_keys": len(reader.renamed),
         "shards": len(published),
         "digest": manifest["digest"],
         "classes": len(reader.classes),

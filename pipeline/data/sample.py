@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import abc
+import hashlib
 import io
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, WysiwycError
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]+")
 
@@ -21,6 +24,52 @@ def safe_key(text: str) -> str:
     if not key:
         raise ValueError(f"cannot make a sample key from {text!r}")
     return key
+
+
+def unique_keys(keys: Sequence[str], ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Sample keys made unique within a split, and the ones that had to be changed.
+
+    A key that several inputs share (``img.1`` and ``img_1`` both sanitise to ``img_1``) gets ``_``
+    and the first 8 hex digits of the sha1 of each input's id appended (``img_1_04b9aa6a``,
+    ``img_1_ef298af0``); the other keys stay as they are. A key depends only on the ids that share
+    it, so the same inputs get the same keys on every run.
+
+    Args:
+        keys: the key of each input (``safe_key`` of its name).
+        ids: each input's own unique id (VOC image id, path below the prefix, COCO image id).
+
+    Returns:
+        ``(keys, renamed)``: the unique keys in input order, and ``{id: key}`` of the inputs whose key
+        was changed (the manifest records it as ``renamed``).
+
+    Raises:
+        WysiwycError: two inputs still share a key (an id given twice, or an id whose key spells
+            another's disambiguated key); the message names both.
+    """
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    unique, renamed, owner = [], {}, {}
+    for key, id_ in zip(keys, ids):
+        if counts[key] > 1:
+            key = f"{key}_{hashlib.sha1(id_.encode()).hexdigest()[:8]}"
+            renamed[id_] = key
+        if key in owner:
+            raise WysiwycError(f"inputs {owner[key]!r} and {id_!r} get the same sample key {key!r}; rename one of them")
+        owner[key] = id_
+        unique.append(key)
+    return unique, renamed
+
+
+def inside(folder: str | os.PathLike, name: str) -> bool:
+    """Whether ``folder/name`` lies inside ``folder``: ``name`` is not absolute and no ``..`` climbs out.
+
+    The check is on the path as written: a symbolic link inside ``folder`` still counts as inside, so a
+    data set whose image folder is linked in from another disk works.
+    """
+    base = os.path.normpath(os.path.abspath(folder))
+    target = os.path.normpath(os.path.join(base, name))
+    return target.startswith(base.rstrip(os.sep) + os.sep)
 
 
 @dataclass
@@ -97,6 +146,9 @@ class Reader(abc.ABC):
     name: str = ""
     classes: list[str]
     source: str
+    # {input id: key} of the inputs whose key was disambiguated (see unique_keys), known once items()
+    # has run; ingest records it in the manifest. Readers assign their own mapping, never mutate this one.
+    renamed: Mapping[str, str] = MappingProxyType({})
 
     @abc.abstractmethod
     def items(self) -> list:

@@ -20,7 +20,7 @@ import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch.utils.data as tud
@@ -158,8 +158,8 @@ def write_manifest(out: str, split: str, manifest: dict, opts=None) -> str:
 
 
 def build_manifest(split: str, shards: list[dict], classes: list[str], source: dict,
-                   skipped: list[Skipped], has_segmentation: bool) -> dict:
-    """The ``{split}.manifest.json`` document."""
+                   skipped: list[Skipped], has_segmentation: bool, renamed: Mapping[str, str] | None = None) -> dict:
+    """The ``{split}.manifest.json`` document (``renamed``: input id → key of disambiguated keys)."""
     from pipeline import __version__
 
     return {
@@ -173,6 +173,7 @@ def build_manifest(split: str, shards: list[dict], classes: list[str], source: d
         "has_segmentation": has_segmentation,
         "num_skipped": len(skipped),
         "skipped": [s.as_dict() for s in skipped],
+        "renamed": dict(sorted((renamed or {}).items())),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wysiwyc_version": __version__,
     }

@@ -26,6 +26,10 @@ Choices, so that results match the paper's VOC setting and stay predictable:
 * **Masks** (``segmentation="auto"``): ``SegmentationClass/{id}.png`` when it exists. Its values index
   the folder's class list (``classes.txt``, else the 20 VOC classes) and are mapped to ``classes`` when
   that list differs. ``"require"`` makes a missing mask an InputError; ``"off"`` ignores masks.
+* **Keys.** The sample key is the id without dots (``safe_key``); ids that sanitise alike (``img.1``,
+  ``img_1``) each get a short hash of the id appended (:func:`~pipeline.data.sample.unique_keys`),
+  listed in ``renamed`` and the manifest. An id that leads outside ``JPEGImages`` (``../x``, ``/x``) is
+  an InputError: a split list must not make ingest read files outside the data set.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np
 
 from pipeline.data.classes import VOC_CLASSES, resolve_classes
 from pipeline.data.images import inspect_image
-from pipeline.data.sample import Reader, Sample, safe_key
+from pipeline.data.sample import Reader, Sample, inside, safe_key, unique_keys
 from pipeline.errors import InputError, WysiwycError
 
 IMAGE_SETS = ("auto", "main", "segmentation")
@@ -147,6 +151,7 @@ class VOCReader(Reader):
         self.image_set = image_set
         self.unknown_class = unknown_class
         self.source = self.root
+        self._keys: dict[str, str] | None = None  # image id → sample key, set by items()
         # mask value remapping folder index → our index (+1), only when the lists differ
         self._seg_lut: list[int] | None = None
         if self.classes != self.folder_classes:
@@ -208,7 +213,15 @@ class VOCReader(Reader):
             splits = self.available_splits()
             have = f"splits found: {', '.join(splits)}" if splits else "no split lists found in ImageSets/"
             raise WysiwycError(f"voc: split list {path} {what}; {have}; pass one of them as --split")
+        keys, self.renamed = unique_keys([safe_key(i) for i in ids], ids)
+        self._keys = dict(zip(ids, keys))
         return ids
+
+    def key(self, image_id: str) -> str:
+        """The sample key of ``image_id``: the id without dots, made unique among the split's ids."""
+        if self._keys is None:
+            self.items()
+        return self._keys[image_id] if image_id in self._keys else safe_key(image_id)
 
     # --- one image -------------------------------------------------------------------------------
 
@@ -221,7 +234,7 @@ class VOCReader(Reader):
         )
 
     def describe(self, item) -> tuple[str, str]:
-        return safe_key(item), str(self._paths(item)[0])
+        return self.key(item), str(self._paths(item)[0])
 
     def labels_of(self, xml_path: Path) -> tuple[list[int], set[int]]:
         """``(labels, void_classes)`` from an annotation XML.
@@ -270,6 +283,9 @@ class VOCReader(Reader):
 
     def load(self, item) -> Sample:
         image_id = item
+        if not inside(Path(self.root) / "JPEGImages", f"{image_id}.jpg"):
+            raise InputError(f"voc: image id {image_id!r} in {self.split_file()} leads outside {self.root}/JPEGImages; "
+                             "ids must name images inside the data set (no '..', no absolute path)")
         jpg, xml, png = self._paths(image_id)
         labels, void_classes = self.labels_of(xml)
         if not jpg.is_file():
@@ -282,7 +298,7 @@ class VOCReader(Reader):
             elif self.segmentation == "require":
                 raise InputError(f"{png}: segmentation mask missing (segmentation=require)")
         return Sample(
-            key=safe_key(image_id),
+            key=self.key(image_id),
             image=info.data,
             ext=info.ext,
             labels=labels,

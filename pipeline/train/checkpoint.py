@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from typing import Any
 
 import torch
@@ -18,6 +19,12 @@ from pipeline import storage
 from pipeline.errors import WysiwycError
 
 FORMAT = "wysiwyc-checkpoint/1"
+# the end of every "not a checkpoint" message: what the file should have been
+_WHAT_A_CHECKPOINT_IS = (
+    "a checkpoint is the .pt file that `wysiwyc train classifier` or `wysiwyc train explainer` writes "
+    "(RUN/best.pt, the `checkpoint` of its summary): a torch.save dict with format "
+    f"{FORMAT!r}, kind (classifier or explainer), arch, classes, image_size and the weights under model"
+)
 
 
 def save_checkpoint(state: dict, url: str, opts=None) -> str:
@@ -30,15 +37,43 @@ def save_checkpoint(state: dict, url: str, opts=None) -> str:
 
 
 def parse_checkpoint(data: bytes, source: str) -> dict:
-    """A checkpoint from its bytes (``weights_only``: tensors and primitives only)."""
+    """A checkpoint from its bytes (``weights_only``: tensors and primitives only).
+
+    Raises:
+        WysiwycError: the bytes are not a checkpoint; the message names ``source``, says what it holds
+            instead (nothing, text, objects that could run code, an unreadable archive, another
+            program's torch file) and what a checkpoint is.
+    """
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, forbidden globals
-        raise WysiwycError(f"{storage.redact(source)} is not a loadable wysiwyc checkpoint "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise WysiwycError(f"{storage.redact(source)} is not a wysiwyc checkpoint: {_unloadable(data, exc)}; "
+                           f"{_WHAT_A_CHECKPOINT_IS}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise WysiwycError(f"{storage.redact(source)} is not a wysiwyc checkpoint (format {FORMAT})")
+        held = f"a dict without format {FORMAT!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise WysiwycError(f"{storage.redact(source)} is not a wysiwyc checkpoint: it is a torch file holding "
+                           f"{held} (bare weights, or another program's checkpoint?); {_WHAT_A_CHECKPOINT_IS}")
     return state
+
+
+def _unloadable(data: bytes, exc: Exception) -> str:
+    """Why ``torch.load`` refused ``data``, in words (its own message for a text file is "pop from empty list")."""
+    if not data:
+        return "it is empty (0 bytes)"
+    head = data[:4096]
+    try:
+        head.decode("utf-8")
+        is_text = b"\0" not in head
+    except UnicodeDecodeError as bad:  # text whose last character was cut by the 4096-byte head
+        is_text = bad.start >= len(head) - 3 and b"\0" not in head
+    if is_text:
+        return "it is a text file"
+    forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if forbidden:
+        return (f"it holds a Python object ({forbidden.group(1)}) besides tensors and plain values, and "
+                "loading it could run code")
+    first = (str(exc).splitlines() or [""])[0].split(". ")[0][:200]  # torch's advice that follows is not ours
+    return f"torch.load cannot read it ({type(exc).__name__}: {first})"
 
 
 def load_checkpoint(url: str, opts=None) -> tuple[dict, str]:

@@ -14,8 +14,14 @@ Ray Train 2.60 (Train V2) pattern, as in Ray's checkpoint and fault-tolerance gu
 
 Ray itself: an existing session (``ray.init`` done by the caller, or ``RAY_ADDRESS``) is used as is;
 otherwise a local one is started with ``num_cpus`` = max(cores, workers × cpus_per_worker), no
-dashboard, token auth off and its session files under ``runs/ray`` (STACK.md). The S3 and MLflow
-environment is handed to the workers through the job's ``runtime_env``.
+dashboard, token auth off and its session files under ``runs/ray/r`` (``runs/ray``: or
+``$WYSIWYC_RAY_TMP``, a folder only its owner can enter, 0700).
+
+Credentials never travel in a ``runtime_env``: Ray writes a job's runtime environment into the
+session's logs (``runtime_env_agent.log``). A local Ray is started with them in its environment,
+so its workers inherit them; on a cluster (``RAY_ADDRESS``) the workers take them from the pod's
+identity (IRSA) or a mounted secret, and the ``runtime_env`` carries only the settings that are no
+secret (endpoint, region, tracking URI, ...): :func:`worker_env`.
 """
 
 from __future__ import annotations
@@ -112,12 +118,19 @@ def absolute_paths(config: Config) -> Config:
     return out
 
 
-def worker_env(config: Config) -> dict[str, str]:
-    """Environment for the workers: ``AWS_*`` / ``MLFLOW_*`` of this process and of ``storage.*``."""
+def worker_env(config: Config, credentials: bool = False) -> dict[str, str]:
+    """Environment for the workers: ``AWS_*`` / ``MLFLOW_*`` of this process and of ``storage.*``.
+
+    Args:
+        credentials: keep the credentials (``storage.CREDENTIAL_ENV_VARS``): only for a local Ray's own
+            environment, never for a ``runtime_env`` (see the module docstring).
+    """
     env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
     env.update(config.storage.options().to_env())
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return env
+    if credentials:
+        return env
+    return {k: v for k, v in env.items() if k not in storage.CREDENTIAL_ENV_VARS}
 
 
 def ensure_ray(config: Config, num_cpus: int | None = None) -> None:
@@ -131,16 +144,28 @@ def ensure_ray(config: Config, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": worker_env(config)}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=False)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": worker_env(config)},
+                 log_to_driver=False)
         return
     t = config.trainer
     cpus = num_cpus or max(os.cpu_count() or 1, int(t.num_workers * t.cpus_per_worker + 0.999))
-    temp = Path(os.environ.get("WYSIWYC_RAY_TMP", "runs/ray")).resolve()
-    temp.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=cpus, num_gpus=None if t.use_gpu else 0, include_dashboard=False,
-             _temp_dir=str(temp), runtime_env=runtime_env, log_to_driver=False)
+    # Ray makes its folders 0777 (every process it starts applies it again): they live in a folder of
+    # ours that only its owner may enter, so the session's logs and sockets are that user's alone
+    private = Path(os.environ.get("WYSIWYC_RAY_TMP", "runs/ray")).resolve()
+    private.mkdir(parents=True, exist_ok=True)
+    private.chmod(0o700)
+    temp = private / "r"  # short: a session's socket paths must stay under 108 bytes
+    # the local Ray's processes (and so every worker) inherit this process's environment at ray.init:
+    # the credentials of storage.* join it for the start, and no runtime_env (which Ray logs) is needed
+    saved = dict(os.environ)
+    os.environ.update(worker_env(config, credentials=True))
+    try:
+        ray.init(num_cpus=cpus, num_gpus=None if t.use_gpu else 0, include_dashboard=False,
+                 _temp_dir=str(temp), log_to_driver=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def storage_target(config: Config, root: str | None = None) -> tuple[str, object | None]:
@@ -238,8 +263,8 @@ def fit_ray(kind: str, config: Config, on_epoch_start=None, callbacks: list | No
     if best is None:
         raise WysiwycError(f"run {name} reported no checkpoint (see the Ray logs)")
     uri = checkpoint_uri(config.trainer.storage, best.path)
-    tracking.finish(where, summary.get("mlflow_run_id"), uri)
     root = storage.join(config.trainer.storage, name)
+    tracking.finish(where, summary.get("mlflow_run_id"), uri, root, config.storage.options())
     last = checkpoint_uri(config.trainer.storage, result.checkpoint.path) if result.checkpoint else uri
     return {"checkpoint": uri, "last_checkpoint": last, "metrics": storage.redact(storage.join(root, "history.json")),
             "storage": storage.redact(root), "num_workers": t.num_workers, **summary}

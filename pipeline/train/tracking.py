@@ -1,6 +1,6 @@
-"""MLflow tracking of a training run (rank 0 only).
+"""MLflow tracking of a training run (rank 0 only), which never costs training work.
 
-The driver resolves *where* (:func:`resolve`: tracking URI, experiment id) before any worker starts,
+The driver resolves *where* (:func:`resolve`: tracking URI, experiment) before any worker starts,
 so that every process agrees and relative paths do not depend on a Ray worker's working directory.
 Rank 0 then opens a :class:`Tracker` inside the worker loop; a resumed run passes the MLflow run id it
 found in the checkpoint, so the relaunched job continues the same MLflow run.
@@ -11,14 +11,27 @@ secrets masked), metrics per optimizer step (every loss term, ``step/…``) and 
 manifest digest) via ``mlflow.log_input``, the resolved config YAML, a mask overlay grid of fixed
 validation images per epoch (Explainer) and the best checkpoint URI as the tag ``best_checkpoint``.
 With ``tracking.parent_run_id`` (a sweep's trial) the run is created as a child of that run.
+
+A tracking server that stops answering costs no training: every call is bounded (:func:`bounded`:
+a 10 s timeout and one retry, where MLflow's defaults retry a dead server for ~4 minutes), the worker
+loop saves each epoch's checkpoint *before* it logs, and a failed call turns the tracker offline with
+one warning. Offline, every record waits in a queue; at each epoch's end one bounded probe checks the
+server, and when it answers the queue is sent in order. What is still unsent at the end of the run
+is kept in ``RUN/tracking_pending.json`` (:data:`PENDING_FILE`, written after the checkpoint) and sent
+by the next launch of the same run (a resume, or relaunching a finished run) before anything else.
+The MLflow run ends with its real status (``FINISHED`` / ``FAILED``) once the server has it.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +39,47 @@ from pipeline import storage
 
 log = logging.getLogger(__name__)
 
-# keep MLflow from phoning home (STACK.md); set before mlflow is imported anywhere
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+PENDING_FILE = "tracking_pending.json"
+# MLflow's HTTP client settings while this module talks to the server; a value the user exported wins
+_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
+_PARAMS_PER_CALL = 100
+
+
+@contextlib.contextmanager
+def bounded() -> Iterator[None]:
+    """MLflow calls inside the block give up after ~20 s at most (timeout 10 s, one retry), and urllib3's
+    per-retry warnings stay quiet; the environment is as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in _BOUNDS}
+    for key, value in _BOUNDS.items():
+        os.environ.setdefault(key, value)
+    retries = logging.getLogger("urllib3.connectionpool")
+    level = retries.level
+    retries.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        retries.setLevel(level)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _reason(exc: BaseException) -> str:
+    return storage.redact(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
 
 
 @dataclass(frozen=True)
 class Where:
-    """Where a run is tracked: URI, experiment id (both resolved on the driver), optional parent run."""
+    """Where a run is tracked (resolved on the driver): URI, experiment name and, when the server
+    answered, its id; optional parent run."""
 
     uri: str
-    experiment_id: str
+    experiment: str
+    experiment_id: str | None = None  # None: the server did not answer; found or created when it does
     parent_run_id: str | None = None  # a sweep's run: the run is its child (tag mlflow.parentRunId)
 
 
@@ -52,24 +96,38 @@ def default_uri(config) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def resolve(config, name: str) -> Where | None:
-    """Tracking URI and experiment id of ``config`` (creates the experiment); None when tracking is off."""
-    if not config.tracking.enabled:
-        return None
-    from mlflow.tracking import MlflowClient
-
-    uri = default_uri(config)
-    client = MlflowClient(tracking_uri=uri)
-    parent = config.tracking.parent_run_id
-    experiment = client.get_experiment_by_name(config.tracking.experiment)
+def _experiment_id(client, uri: str, name: str) -> str:
+    """The id of experiment ``name`` at ``uri``, created if missing."""
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        return Where(uri, experiment.experiment_id, parent)
+        return experiment.experiment_id
     # a file store / sqlite store puts artifacts under ./mlruns of whoever creates the experiment (a
     # Ray worker's working directory): pin them next to the database instead
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return Where(uri, client.create_experiment(config.tracking.experiment, artifact_location=location), parent)
+    return client.create_experiment(name, artifact_location=location)
+
+
+def resolve(config, name: str) -> Where | None:
+    """Tracking URI and experiment of ``config`` (creates the experiment); None when tracking is off.
+
+    A server that does not answer is no error: the run trains and its tracker works offline (one
+    warning here) until the server answers.
+    """
+    if not config.tracking.enabled:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    uri = default_uri(config)
+    experiment, parent = config.tracking.experiment, config.tracking.parent_run_id
+    try:
+        with bounded():
+            return Where(uri, experiment, _experiment_id(MlflowClient(tracking_uri=uri), uri, experiment), parent)
+    except Exception as exc:  # noqa: BLE001 - tracking must not stop training
+        log.warning("tracking: MLflow at %s does not answer (%s); run %s trains anyway and logs when it answers",
+                    storage.redact(uri), _reason(exc), name)
+        return Where(uri, experiment, None, parent)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -85,94 +143,239 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """One MLflow run, written by rank 0: params, buffered step metrics, epoch metrics, artifacts."""
+    """One MLflow run, written by rank 0: params, buffered step metrics, epoch metrics, artifacts.
 
-    def __init__(self, where: Where, run_name: str, run_id: str | None = None):
+    No method raises for the server (see the module docstring): records go through a queue that is
+    sent in order while the server answers and waits while it does not.
+
+    Args:
+        where: from :func:`resolve`.
+        run_name: the run's name (tag ``wysiwyc.run_name``).
+        run_id: the MLflow run to continue (a resumed run's), or None for a new one.
+        journal: URL of ``RUN/tracking_pending.json``: records an earlier launch could not send are
+            sent first, and what this one cannot send is kept there (:meth:`save`); None: in memory.
+        opts: storage options of ``journal``.
+    """
+
+    def __init__(self, where: Where, run_name: str, run_id: str | None = None, journal: str | None = None,
+                 opts=None):
         from mlflow.tracking import MlflowClient
 
+        self.uri, self.where, self.run_name = where.uri, where, run_name
         self.client = MlflowClient(tracking_uri=where.uri)
-        self.uri = where.uri
-        if run_id is not None:
-            try:
-                run = self.client.get_run(run_id)
-                self.client.update_run(run_id, status="RUNNING")
-            except Exception as exc:  # deleted or another tracking server
-                log.warning("MLflow run %s of the checkpoint is not reachable (%s); starting a new one", run_id, exc)
-                run_id = None
-        if run_id is None:
-            tags = {"wysiwyc.run_name": run_name}
-            if where.parent_run_id:
-                tags["mlflow.parentRunId"] = where.parent_run_id
-            run = self.client.create_run(where.experiment_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
-        self._existing_params = dict(run.data.params)
+        self.journal, self.opts = journal, opts
+        self.run_id: str | None = None
+        self._existing_params: dict[str, str] = {}
+        self._queue: list[dict] = []
+        self._online, self._warned, self._journal_written = True, False, False
+        earlier = self._load_journal()
+        self._queue.append({"op": "open", "run_id": run_id or earlier.get("run_id") or None})
+        # an earlier launch's end status is dropped: this launch ends the run with its own
+        self._queue.extend(op for op in earlier.get("ops", []) if op["op"] not in ("open", "status"))
         self._steps: list = []
         self._last_flush = time.monotonic()
+        self._send()
+
+    # ------------------------------------------------------------------ what the loop calls
+
+    @property
+    def pending(self) -> int:
+        """Records not sent yet."""
+        return len(self._queue) + len(self._steps)
 
     def log_params(self, params: dict[str, str]) -> None:
         """Log params not logged yet; a resumed run with changed values records them as tags."""
-        from mlflow.entities import Param, RunTag
+        self._submit({"op": "params", "params": dict(params)})
 
-        new = [Param(k, v) for k, v in params.items() if k not in self._existing_params]
-        changed = [RunTag(f"resumed_with.{k}", v) for k, v in params.items()
-                   if k in self._existing_params and self._existing_params[k] != v]
-        for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i:i + 100])
-        if changed:
-            self.client.log_batch(self.run_id, tags=changed)
-        self._existing_params.update(params)
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._submit({"op": "tags", "tags": dict(tags)})
 
     def log_input(self, manifest: dict, context: str) -> None:
         """The shard manifest as the run's dataset input (name, digest, source URI)."""
+        self._submit({"op": "input", "source": storage.redact(manifest["url"]),
+                      "name": manifest.get("split") or Path(manifest["url"]).name,
+                      "digest": manifest["digest"][:36], "context": context})
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Buffer per-step metrics (sent every 10 s and at each epoch)."""
+        now = int(time.time() * 1000)
+        self._steps.extend([f"step/{k}", float(v), now, step] for k, v in metrics.items())
+        if self._online and time.monotonic() - self._last_flush > 10:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered step metrics (or queue them while the server is away)."""
+        steps, self._steps, self._last_flush = self._steps, [], time.monotonic()
+        for i in range(0, len(steps), _METRICS_PER_CALL):
+            self._submit({"op": "metrics", "metrics": steps[i:i + _METRICS_PER_CALL]})
+
+    def log_epoch(self, step: int, record: dict) -> None:
+        """An epoch's metrics; while offline, first one bounded probe of the server."""
+        self.flush()
+        now = int(time.time() * 1000)
+        self._submit({"op": "metrics", "metrics": [[k, float(v), now, step] for k, v in record.items()
+                                                   if isinstance(v, (int, float)) and k != "step"]},
+                     probe=True)
+
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        """Write ``data`` as the artifact ``artifact_file`` (e.g. ``overlays/epoch_001.png``)."""
+        self._submit({"op": "artifact", "file": artifact_file, "data": base64.b64encode(data).decode()})
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the MLflow run with ``status``; what the server did not take stays in the journal."""
+        self.flush()
+        self._submit({"op": "status", "status": status}, probe=True)
+        self.save()
+        if self._queue:
+            where = f"in {storage.redact(self.journal)}" if self.journal else "in memory and are lost"
+            log.warning("tracking: %d records of run %s wait %s; launching the same run again sends them",
+                        len(self._queue), self.run_name, where)
+
+    def save(self) -> None:
+        """Keep the unsent records in the journal (and empty it once everything is sent)."""
+        if self.journal is None or (not self._queue and not self._journal_written):
+            return
+        body = {"run_id": self.run_id, "ops": self._queue}
+        try:
+            storage.write_text(self.journal, json.dumps(body), self.opts)
+            self._journal_written = bool(self._queue)
+        except Exception as exc:  # noqa: BLE001 - a failed journal write must not stop training either
+            log.warning("tracking: could not write %s (%s)", storage.redact(self.journal), _reason(exc))
+
+    # ------------------------------------------------------------------ the queue
+
+    def _load_journal(self) -> dict:
+        if self.journal is None:
+            return {}
+        try:
+            earlier = json.loads(storage.read_text(self.journal, self.opts))
+        except storage.NotFound:
+            return {}
+        except Exception as exc:  # noqa: BLE001
+            log.warning("tracking: ignoring unreadable %s (%s)", storage.redact(self.journal), _reason(exc))
+            return {}
+        self._journal_written = True
+        if earlier.get("ops"):
+            log.info("tracking: sending %d records an earlier launch of %s could not send",
+                     len(earlier["ops"]), self.run_name)
+        return earlier
+
+    def _submit(self, op: dict, probe: bool = False) -> None:
+        self._queue.append(op)
+        if self._online or probe:
+            self._send()
+
+    def _send(self) -> None:
+        """Send the queue in order; at the first failure go offline (one warning) and keep the rest."""
+        with bounded():
+            while self._queue:
+                try:
+                    self._apply(self.client, self._queue[0])
+                except Exception as exc:  # noqa: BLE001 - tracking must never cost training work
+                    if self._online and not self._warned:
+                        log.warning("tracking: MLflow at %s stopped answering (%s); training goes on and the "
+                                    "records wait until it answers again", storage.redact(self.uri), _reason(exc))
+                        self._warned = True
+                    self._online = False
+                    return
+                self._queue.pop(0)
+        if not self._online:
+            log.warning("tracking: MLflow at %s answers again; the waiting records are sent",
+                        storage.redact(self.uri))
+        self._online = True
+
+    def _apply(self, client, op: dict) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind = op["op"]
+        if kind == "open":
+            self._open(client, op["run_id"])
+        elif kind == "params":
+            params = op["params"]
+            new = [Param(k, v) for k, v in params.items() if k not in self._existing_params]
+            changed = [RunTag(f"resumed_with.{k}", v) for k, v in params.items()
+                       if k in self._existing_params and self._existing_params[k] != v]
+            for i in range(0, len(new), _PARAMS_PER_CALL):
+                client.log_batch(self.run_id, params=new[i:i + _PARAMS_PER_CALL])
+            if changed:
+                client.log_batch(self.run_id, tags=changed)
+            self._existing_params.update(params)
+        elif kind == "metrics":
+            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]])
+        elif kind == "tags":
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+        elif kind == "input":
+            self._log_input(client, op)
+        elif kind == "artifact":
+            folder, _, name = op["file"].rpartition("/")
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / name
+                path.write_bytes(base64.b64decode(op["data"]))
+                client.log_artifact(self.run_id, str(path), artifact_path=folder or None)
+        elif kind == "status":
+            client.set_terminated(self.run_id, status=op["status"])
+        else:  # pragma: no cover - written by this class only
+            raise ValueError(f"unknown tracking record {kind!r}")
+
+    def _open(self, client, run_id: str | None) -> None:
+        if run_id is not None:
+            try:
+                run = client.get_run(run_id)
+            except Exception as exc:
+                if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    raise  # the server is away: try again later
+                log.warning("MLflow run %s of the checkpoint is not on this server (%s); starting a new one",
+                            run_id, _reason(exc))
+                run_id = None
+            else:
+                client.update_run(run_id, status="RUNNING")
+        if run_id is None:
+            experiment_id = self.where.experiment_id or _experiment_id(client, self.uri, self.where.experiment)
+            tags = {"wysiwyc.run_name": self.run_name}
+            if self.where.parent_run_id:
+                tags["mlflow.parentRunId"] = self.where.parent_run_id
+            run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        self._existing_params = dict(run.data.params)
+
+    def _log_input(self, client, op: dict) -> None:
         import mlflow.data
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        source = mlflow.data.dataset_source_registry.resolve_dataset_source(storage.redact(manifest["url"]))
-        dataset = MetaDataset(source=source, name=manifest.get("split") or Path(manifest["url"]).name,
-                              digest=manifest["digest"][:36])
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
-            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
-
-    def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Buffer per-step metrics (flushed every 10 s and at each epoch)."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._steps.extend(Metric(f"step/{k}", float(v), now, step) for k, v in metrics.items())
-        if time.monotonic() - self._last_flush > 10:
-            self.flush()
-
-    def flush(self) -> None:
-        for i in range(0, len(self._steps), 1000):
-            self.client.log_batch(self.run_id, metrics=self._steps[i:i + 1000])
-        self._steps, self._last_flush = [], time.monotonic()
-
-    def log_epoch(self, step: int, record: dict) -> None:
-        from mlflow.entities import Metric
-
-        self.flush()
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in record.items()
-                                                    if isinstance(v, (int, float)) and k != "step"])
-
-    def log_bytes(self, data: bytes, artifact_file: str) -> None:
-        """Write ``data`` as the artifact ``artifact_file`` (e.g. ``overlays/epoch_001.png``)."""
-        folder, _, name = artifact_file.rpartition("/")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_bytes(data)
-            self.client.log_artifact(self.run_id, str(path), artifact_path=folder or None)
-
-    def end(self, status: str = "FINISHED") -> None:
-        self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        source = mlflow.data.dataset_source_registry.resolve_dataset_source(op["source"])
+        dataset = MetaDataset(source=source, name=op["name"], digest=op["digest"])
+        client.log_inputs(self.run_id, datasets=[DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", op["context"])])])
 
 
-def finish(where: Where | None, run_id: str | None, best_checkpoint: str) -> None:
-    """Tag the run with its best checkpoint URI (driver side, after training)."""
-    if where is None or run_id is None:
+def journal_url(root: str) -> str:
+    """``RUN/tracking_pending.json`` of the run directory ``root``."""
+    return storage.join(root, PENDING_FILE)
+
+
+def finish(where: Where | None, run_id: str | None, best_checkpoint: str, root: str, opts=None) -> None:
+    """Tag the run with its best checkpoint URI (driver side, after training); while the server is away
+    (or the run was never created on it) the tag joins the records waiting in the run's journal."""
+    if where is None:
         return
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=where.uri).set_tag(run_id, "best_checkpoint", best_checkpoint)
+    tags = {"best_checkpoint": best_checkpoint}
+    url = journal_url(root)
+    try:
+        waiting = json.loads(storage.read_text(url, opts))
+    except storage.NotFound:
+        waiting = {}
+    if run_id and not waiting.get("ops"):
+        try:
+            with bounded():
+                MlflowClient(tracking_uri=where.uri).set_tag(run_id, "best_checkpoint", best_checkpoint)
+            return
+        except Exception as exc:  # noqa: BLE001 - the training is done and saved: never fail it here
+            log.warning("tracking: could not tag run %s (%s)", run_id, _reason(exc))
+    waiting = {"run_id": waiting.get("run_id") or run_id, "ops": [*waiting.get("ops", []), {"op": "tags", "tags": tags}]}
+    storage.write_text(url, json.dumps(waiting), opts)
+    log.warning("tracking: MLflow at %s did not take %d records of this run (the training itself is complete and "
+                "saved); they wait in %s and are sent when the same run is launched again", storage.redact(where.uri),
+                len(waiting["ops"]), storage.redact(url))

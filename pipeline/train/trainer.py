@@ -322,8 +322,8 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
     if rank == 0:
         run.write("config.yaml", dump_config(config))
         if where is not None:
-            tracker = tracking.Tracker(where, name, mlflow_run_id)
-            mlflow_run_id = tracker.run_id
+            tracker = tracking.Tracker(where, name, mlflow_run_id, tracking.journal_url(run.root), run.opts)
+            mlflow_run_id = tracker.run_id or mlflow_run_id
             tracker.log_params({**tracking.flatten(ckpt.public_config(config)), "run.kind": kind,
                                 "run.world_size": str(world)})
             tracker.log_input(train_ds.manifest, "training")
@@ -378,11 +378,8 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
                      ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
             state = None
             if rank == 0:
-                if tracker is not None:
-                    tracker.log_epoch(step, record)
-                    if fixed is not None:
-                        tracker.log_bytes(_overlay_png(model, fixed, classes, ctx),
-                                          f"overlays/epoch_{epoch + 1:03d}.png")
+                if tracker is not None:  # a run created while the server was away has its id now
+                    mlflow_run_id = tracker.run_id or mlflow_run_id
                 state = {"kind": kind, "classes": classes, "image_size": config.data.image_size,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -392,6 +389,11 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
                          **extra}
                 run.write("history.json", json.dumps(history, indent=1))
             run.commit(state, {**record, "monitored_loss": monitored}, improved)
+            if tracker is not None:  # after the checkpoint: a tracking outage never costs the epoch
+                tracker.log_epoch(step, record)
+                if fixed is not None:
+                    tracker.log_bytes(_overlay_png(model, fixed, classes, ctx), f"overlays/epoch_{epoch + 1:03d}.png")
+                tracker.save()
             if config.trainer.patience is not None and stale >= config.trainer.patience:
                 stopped_early = True
                 log.info("early stop: no improvement of %s for %d epochs",
@@ -401,6 +403,7 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
     finally:
         if tracker is not None:
             tracker.end(status)
+            mlflow_run_id = tracker.run_id or mlflow_run_id
 
     if not history:
         raise WysiwycError(f"run {name} trained no epoch (trainer.epochs={config.trainer.epochs} already done?)")
@@ -429,7 +432,7 @@ def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool
     where = tracking.resolve(config, name) if rank == 0 else None
     summary = worker_loop(kind, config, run, where, progress)
     best = storage.redact(run.url("best.pt"))
-    tracking.finish(where, summary["mlflow_run_id"], best)
+    tracking.finish(where, summary["mlflow_run_id"], best, run.root, run.opts)
     return {"checkpoint": best, "metrics": storage.redact(run.url("history.json")), **summary}
 
 

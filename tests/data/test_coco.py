@@ -248,6 +248,36 @@ def test_pickled_reader_does_not_carry_the_item_list(coco):
     assert copy.load(items[0]).labels == [CAT, DOG, ZEBRA]
 
 
+def test_file_names_leading_outside_the_image_folder_are_refused(coco, tmp_path: Path):
+    path, images = coco
+    save_jpeg(tmp_path / "x.jpg")  # readable where ../x.jpg points: only the check stops it
+    save_jpeg(tmp_path / "abs" / "y.jpg")
+    data = json.loads(path.read_text())
+    data["images"] += [{"id": 20, "file_name": "../x.jpg", "width": W, "height": H},
+                       {"id": 21, "file_name": str(tmp_path / "abs" / "y.jpg"), "width": W, "height": H}]
+    path.write_text(json.dumps(data))
+    reader = COCOReader(path, images, "val")
+    escaping = {item["id"]: item for item in reader.items() if item["id"] in (20, 21)}
+    with pytest.raises(InputError, match=r"image 20: file_name '\.\./x\.jpg' leads outside the image folder"):
+        reader.load(escaping[20])
+    with pytest.raises(InputError, match=r"image 21: file_name '/.*/abs/y\.jpg' leads outside"):
+        reader.load(escaping[21])
+    skipped = reader.load_or_skip(escaping[20])
+    assert isinstance(skipped, Skipped) and "'../x.jpg' leads outside" in skipped.reason
+
+
+def test_file_names_that_sanitise_alike_get_keys_hashed_from_their_image_ids(coco):
+    path, images = coco
+    save_jpeg(images / "a.png")
+    data = json.loads(path.read_text())
+    data["images"].append({"id": 30, "file_name": "a.png", "width": W, "height": H})
+    path.write_text(json.dumps(data))
+    reader = COCOReader(path, images, "val")
+    keys = {item["id"]: item["key"] for item in reader.items()}
+    assert (keys[10], keys[30], keys[11]) == ("a_b1d57811", "a_22d200f8", "b")  # a_ + sha1("10")[:8], sha1("30")
+    assert reader.renamed == {"10": "a_b1d57811", "30": "a_22d200f8"}
+
+
 # --- real COCO samples ----------------------------------------------------------------------------
 
 

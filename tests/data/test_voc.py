@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import IngestConfig
 from pipeline.data.classes import VOC_CLASSES
-from pipeline.data.sample import Skipped
+from pipeline.data.ingest import ingest
+from pipeline.data.sample import Skipped, safe_key
+from pipeline.data.shards import ShardDataset
 from pipeline.data.voc import VOCReader, find_voc_root, voc_colormap
 from pipeline.errors import InputError, WysiwycError
 
@@ -287,6 +292,50 @@ def test_bad_options_and_duplicate_classes_are_errors(voc: Path):
 def test_reader_survives_pickling_for_worker_processes(voc: Path):
     reader = pickle.loads(pickle.dumps(VOCReader(voc, "train")))
     assert reader.load("000001").labels == [DOG, PERSON]
+
+
+def test_ids_that_sanitise_alike_get_stable_distinct_keys_listed_in_the_manifest(voc: Path, tmp_path: Path):
+    add_image(voc, "img.1", [("dog", 0)])
+    add_image(voc, "img_1", [("cat", 0)])
+    write_split(voc, "dup", ["img.1", "img_1", "000002"])
+    expected = {"img.1": "img_1_04b9aa6a", "img_1": "img_1_ef298af0"}  # _ + sha1(id)[:8]
+    for out, workers in ((tmp_path / "a", 1), (tmp_path / "b", 2)):  # 2: keys survive the worker processes
+        summary = ingest(VOCReader(voc, "dup"), str(out), "dup", IngestConfig(workers=workers), progress=False)
+        manifest = json.loads((out / "dup.manifest.json").read_text())
+        assert summary["num_samples"] == 3 and summary["renamed_keys"] == 2 and manifest["renamed"] == expected
+        # the shard reads back (it used to fail with "duplicate file name"), both samples with their labels
+        read = {s["key"]: s["labels"].nonzero().flatten().tolist()
+                for s in ShardDataset(str(out / "dup"), image_size=16, train=False)}
+        assert read == {"img_1_04b9aa6a": [DOG], "img_1_ef298af0": [CAT], "000002": [CAT]}
+    assert (tmp_path / "a" / "dup-000000.tar").read_bytes() == (tmp_path / "b" / "dup-000000.tar").read_bytes()
+
+
+def test_an_id_that_spells_another_ids_disambiguated_key_is_an_error_naming_both(voc: Path):
+    write_split(voc, "clash", ["img.1", "img_1", "img_1_04b9aa6a"])
+    with pytest.raises(WysiwycError, match="inputs 'img.1' and 'img_1_04b9aa6a' get the same sample key"):
+        VOCReader(voc, "clash").items()
+
+
+def test_split_ids_leading_outside_the_image_folder_are_refused(voc: Path, tmp_path: Path):
+    outside = tmp_path / "outside"
+    for folder, name in ((voc, "x"), (outside, "y")):  # readable image + XML where the id points
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.jpg").write_bytes(jpeg_bytes())
+        (folder / f"{name}.xml").write_text(xml_text([("cat", 0)]))
+    bad = ["../x", str(outside / "y")]
+    write_split(voc, "escape", ["000001", *bad, "000002"])
+    reader = VOCReader(voc, "escape")
+    for image_id in bad:
+        with pytest.raises(InputError, match=f"image id '{re.escape(image_id)}' in .*escape.txt leads outside"):
+            reader.load(image_id)
+    summary = ingest(reader, str(tmp_path / "skip"), "escape", IngestConfig(workers=1), progress=False)
+    manifest = json.loads((tmp_path / "skip" / "escape.manifest.json").read_text())
+    assert summary["num_samples"] == 2 and summary["skipped"] == 2
+    assert [s["key"] for s in manifest["skipped"]] == ["x", safe_key(str(outside / "y"))]
+    assert all(f"image id '{i}'" in s["reason"] for i, s in zip(bad, manifest["skipped"]))
+    with pytest.raises(WysiwycError, match=r"image id '\.\./x'.*--on-error fail: nothing was published"):
+        ingest(reader, str(tmp_path / "fail"), "escape", IngestConfig(workers=1, on_error="fail"), progress=False)
+    assert not list((tmp_path / "fail").glob("*"))
 
 
 # --- real VOC samples -----------------------------------------------------------------------------

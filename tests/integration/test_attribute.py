@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -310,3 +311,59 @@ def test_uri_list_input_and_a_listed_object_that_is_missing(ctx):
     assert "gone since the listing" in rows[f"s3://{b}/corpus/gone.png"]["error"]
     for i, source in enumerate(listed):
         np.testing.assert_allclose(rows[source]["probs"], ctx["probs"][i].numpy(), atol=1e-4)
+
+
+def _launch(ctx, run_id: str, model: str, listing: str) -> subprocess.Popen:
+    args = _overrides(ctx, run_id, f"explainer.checkpoint={model}", f"attribute.input={listing}",
+                      "attribute.batch_size=5", "attribute.num_actors=1")
+    return subprocess.Popen([str(BIN / "wysiwyc"), "attribute", *args, "--json"], env={**os.environ, "RAY_ADDRESS": ctx["gcs"]},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_two_launches_of_one_run_id_at_once_have_one_owner(ctx):
+    from pipeline.train import checkpoint as ckpt
+
+    b, opts = ctx["bucket"], ctx["opts"]
+    state, _ = ckpt.load_checkpoint(ctx["exp_uri"], opts)  # another Explainer for the same classifier
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    other = f"s3://{b}/models/explainer-other.pt"
+    ckpt.save_checkpoint(state, other, opts)
+    listing = f"s3://{b}/lists/twenty.txt"
+    storage.write_text(listing, "\n".join(ctx["sources"][:20]), opts)
+
+    # two models, one run id, started together: exactly one writes, the other refuses naming the owner
+    procs = [_launch(ctx, "race", model, listing) for model in (ctx["exp_uri"], other)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], outs
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert re.search(r"(belongs to|was started by|made by) the launch on \S+ \(pid \d+\) started \d{4}-\d\d-\d\dT",
+                     outs[loser][1]), outs[loser][1]
+    version = json.loads(outs[winner][0])["version"]
+    record = json.loads(storage.read_text(f"s3://{b}/out/race/_run.json", opts))
+    manifest = json.loads(storage.read_text(f"s3://{b}/out/race/_manifest.json", opts))
+    assert record["model"]["model_version"] == manifest["model"]["model_version"] == version
+    assert record["owner"]["pid"] == procs[winner].pid
+    rows = _index(ctx, "race")
+    assert [r["source"] for r in rows] == ctx["sources"][:20] and {r["model_version"] for r in rows} == {version}
+
+    # the same model twice: the second joins (or finds the run complete); every image once
+    procs = [_launch(ctx, "twins", other, listing) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    rows = _index(ctx, "twins")
+    assert [r["source"] for r in rows] == ctx["sources"][:20]
+
+
+def test_a_finished_run_relaunched_with_another_model_is_refused(ctx, champion_run):
+    with pytest.raises(WysiwycError, match=r"run main is complete, made by the launch on .* with --model "
+                                           rf"models:/{MODEL_NAME}@champion, not s3://"):
+        attribute(_config(ctx, "main", f"explainer.checkpoint={ctx['exp_uri']}"), progress=False)
+
+
+def test_an_output_that_cannot_be_written_is_named_as_such(ctx, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    for output in (tmp_path / "a-file" / "out", Path("/sys/wysiwyc-out")):  # root may not write /sys either
+        with pytest.raises(WysiwycError, match=rf"attribute: cannot write the output {re.escape(str(output))} "
+                                               r"\(cannot (read|write) .*\): give an --output this process can write"):
+            attribute(_config(ctx, "unwritable", f"output={output}"), progress=False)

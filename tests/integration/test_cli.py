@@ -67,3 +67,23 @@ def test_bad_override_exits_non_zero_naming_the_key(tmp_path):
                    "--out", str(tmp_path), "ingest.shardsize=3", check=False)
     assert proc.returncode == 2
     assert "ingest.shardsize" in proc.stderr and "shard_size" in proc.stderr
+
+
+def test_a_text_file_given_as_a_checkpoint_is_an_error_saying_what_a_checkpoint_is(tmp_path):
+    from pipeline.models.explainer import build_explainer
+    from pipeline.train.checkpoint import save_checkpoint
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nline two\n")
+    explainer = tmp_path / "explainer.pt"  # a real Explainer checkpoint, so that the Explanandum is read next
+    save_checkpoint({"kind": "explainer", "arch": "compact", "classes": ["a", "b"], "image_size": 32,
+                     "model": build_explainer("compact", 2).state_dict()}, str(explainer))
+    for overrides in ([f"explainer.checkpoint={notes}"],
+                      [f"explainer.checkpoint={explainer}", f"explanandum.checkpoint={notes}"]):
+        proc = wysiwyc("evaluate", *overrides, f"data.test={tmp_path}/test", "--json", check=False)
+        assert proc.returncode == 2, proc.stderr
+        message = json.loads(proc.stdout)["error"]
+        assert message.startswith(f"evaluate: {notes} is not a wysiwyc checkpoint: it is a text file; a checkpoint "
+                                  "is the .pt file that `wysiwyc train classifier` or `wysiwyc train explainer` "
+                                  "writes"), message
+        assert "format 'wysiwyc-checkpoint/1'" in message and "Error" not in message

@@ -215,3 +215,63 @@ def test_failed_worker_group_restarts_from_the_latest_checkpoint(stack):
     state, _ = ckpt.load_checkpoint(summary["checkpoint"], stack["s3"].opts)
     assert state["mlflow_run_id"] == summary["mlflow_run_id"]  # the same MLflow run continued
     assert _client(stack).get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_tracking_outage_costs_no_epoch_and_the_records_arrive_after_the_server_returns(stack, classifier):
+    """The MLflow server is SIGKILLed after epoch 1 of 3: training finishes every epoch within a bound and
+    exits cleanly; relaunching the finished run once the server is back sends what waited."""
+    from pipeline.train.distributed import fit_ray
+
+    root = stack["root"] / "mlflow-outage"
+    server = MLflowServer(root, stack["bucket"], s3_env=stack["s3"].env).start()
+    killed_at = stack["root"] / "mlflow-killed-at"
+
+    # defined here so that cloudpickle ships it by value: Ray workers cannot import this test module
+    def kill_tracking_at_epoch_2(epoch, rank, pid=server.record["pid"], out=str(killed_at)):
+        import os
+        import signal
+        import time
+
+        if epoch == 1 and rank == 0:
+            os.killpg(pid, signal.SIGKILL)  # the server's whole session: no goodbye, port closed
+            open(out, "w").write(str(time.time()))
+
+    args = overrides(stack, "trainer.epochs=3", "trainer.run_name=outage", "trainer.keep_checkpoints=3",
+                     f"explanandum.checkpoint={classifier['checkpoint']}", f"tracking.uri={server.uri}")
+    try:
+        first = fit_ray("explainer", load_config(None, args), on_epoch_start=kill_tracking_at_epoch_2)
+        extra = time.time() - float(killed_at.read_text())
+        assert first["epochs"] == 3 and first["steps"] == 3 * 4
+        assert extra < 120, f"training took {extra:.0f} s after the server died"
+        # every epoch's checkpoint was saved (none lost to tracking)
+        saved = sorted({k.split("/")[2] for k in _keys(stack, "runs/outage/checkpoint_") if k.endswith("/checkpoint.pt")})
+        assert [ckpt.load_checkpoint(f"s3://{stack['bucket']}/runs/outage/{d}/checkpoint.pt", stack["s3"].opts)[0]["epoch"]
+                for d in saved] == [0, 1, 2]
+        history = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"],
+                                                              Key="runs/outage/history.json")["Body"].read())
+        assert [h["epoch"] for h in history] == [1, 2, 3]
+        pending = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"],
+                                                             Key="runs/outage/tracking_pending.json")["Body"].read())
+        assert pending["run_id"] == first["mlflow_run_id"]
+        kinds = [op["op"] for op in pending["ops"]]
+        assert "metrics" in kinds and "artifact" in kinds and kinds.count("status") == 1 and kinds[-1] == "tags"
+
+        # the server comes back on the same port and store; launching the finished run again sends the records
+        server = MLflowServer(root, stack["bucket"], port=server.port, s3_env=stack["s3"].env).start()
+        client = server.client()
+        assert client.get_run(first["mlflow_run_id"]).info.status == "RUNNING"  # what the outage left
+        assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "train_loss")] == [4]
+        again = fit_ray("explainer", load_config(None, args))
+        assert again["mlflow_run_id"] == first["mlflow_run_id"] and again["epochs"] == 3
+        run = client.get_run(first["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [4, 8, 12]
+        assert len(client.get_metric_history(run.info.run_id, "step/loss")) == 12
+        overlays = [a.path for a in client.list_artifacts(run.info.run_id, "overlays")]
+        assert overlays == ["overlays/epoch_001.png", "overlays/epoch_002.png", "overlays/epoch_003.png"]
+        assert run.data.tags["best_checkpoint"] == again["checkpoint"]
+        pending = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"],
+                                                             Key="runs/outage/tracking_pending.json")["Body"].read())
+        assert pending["ops"] == []
+    finally:
+        server.stop()

@@ -79,15 +79,19 @@ def _s3(env: dict):
 def test_up_status_down_keeps_data_and_leaves_no_process(tmp_path, monkeypatch):
     state = tmp_path / "stack"
     s3_port, mlflow_port = _free_ports(2)
-    up = _json("up", "--state-dir", str(state), "--s3-port", str(s3_port), "--mlflow-port", str(mlflow_port))
+    proc = _wysiwyc("up", "--state-dir", str(state), "--s3-port", str(s3_port), "--mlflow-port", str(mlflow_port),
+                    "--json")
+    up = json.loads(proc.stdout)
     try:
-        env = up["env"]
+        # credentials and the env file: generated, readable by the user only; the secret is not printed
+        creds = json.loads((state / "credentials.json").read_text())
+        secret = creds["secret_access_key"]
+        assert len(secret) >= 30 and secret not in proc.stdout and secret not in proc.stderr
+        assert "AWS_SECRET_ACCESS_KEY" not in up["env"] and up["env_file"] == str(state / "env")
+        env = {**up["env"], "AWS_SECRET_ACCESS_KEY": secret}
         assert up["started"] == ["s3", "mlflow"] and up["already_running"] is False
         assert env["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{s3_port}" == env["MLFLOW_S3_ENDPOINT_URL"]
         assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{mlflow_port}"
-        # credentials and the env file: generated, readable by the user only
-        creds = json.loads((state / "credentials.json").read_text())
-        assert creds["secret_access_key"] == env["AWS_SECRET_ACCESS_KEY"] and len(env["AWS_SECRET_ACCESS_KEY"]) >= 30
         for name in ("credentials.json", "env"):
             assert (state / name).stat().st_mode & 0o777 == 0o600, name
         assert f"export AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}" in (state / "env").read_text()
@@ -124,10 +128,16 @@ def test_up_status_down_keeps_data_and_leaves_no_process(tmp_path, monkeypatch):
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=up["bucket"], Prefix="mlflow/")["Contents"]]
         assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for k in keys), keys
 
-        # a second up is a no-op that says so
+        # a second up is a no-op that says so, and says what to source instead of printing the secret
         again = _wysiwyc("up", "--state-dir", str(state))
         assert "already running" in again.stdout and "nothing to do" in again.stdout
-        assert _json("up", "--state-dir", str(state))["pids"] == up["pids"]
+        assert again.stdout.rstrip().endswith(f"\nsource {state / 'env'}") and secret not in again.stdout
+        assert "export " not in again.stdout
+        # the secret only on request: the export lines, and in the JSON's env
+        shown = _wysiwyc("up", "--state-dir", str(state), "--show-secrets")
+        assert f"export AWS_SECRET_ACCESS_KEY={secret}" in shown.stdout
+        shown = _json("up", "--state-dir", str(state), "--show-secrets")
+        assert shown["env"] == env and shown["pids"] == up["pids"]
     finally:
         down = _json("down", "--state-dir", str(state))
     assert down["stopped"] == ["mlflow", "s3"]
@@ -140,7 +150,7 @@ def test_up_status_down_keeps_data_and_leaves_no_process(tmp_path, monkeypatch):
     # up again on the same state: same ports and keys, the object and the run are still there
     up2 = _json("up", "--state-dir", str(state))
     try:
-        assert up2["started"] == ["s3", "mlflow"] and up2["env"] == env
+        assert up2["started"] == ["s3", "mlflow"] and up2["env"] == up["env"]
         assert _s3(env).get_object(Bucket=up2["bucket"], Key="data/hello.txt")["Body"].read() == b"survives down/up"
         client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
         assert client.get_run(run.info.run_id).data.metrics["answer"] == 42.0

@@ -123,7 +123,7 @@ def test_explainer_without_explanandum_or_with_wrong_checkpoint_is_clear(data, t
         fit("explainer", config(data, tmp_path), progress=False)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(WysiwycError, match="not a loadable wysiwyc checkpoint"):
+    with pytest.raises(WysiwycError, match="bad.pt is not a wysiwyc checkpoint: it is a text file"):
         fit("explainer", config(data, tmp_path, f"explanandum.checkpoint={bad}"), progress=False)
     with pytest.raises(WysiwycError, match="does not exist"):
         fit("explainer", config(data, tmp_path, f"explanandum.checkpoint={tmp_path}/none.pt"), progress=False)
@@ -139,7 +139,7 @@ class Evil:
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": ckpt.FORMAT, "kind": "classifier", "x": Evil()}, path)
-    with pytest.raises(WysiwycError, match="not a loadable"):
+    with pytest.raises(WysiwycError, match="evil.pt is not a wysiwyc checkpoint: it holds a Python object"):
         ckpt.load_checkpoint(str(path))
 
 

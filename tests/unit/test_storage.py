@@ -260,6 +260,19 @@ def test_redact_hides_current_aws_secrets_from_the_environment(monkeypatch):
     assert out == "key *** secret *** encoded *** token ***"
 
 
+def test_redact_keeps_ordinary_words_and_path_segments(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCY")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "data")  # too short to be masked wherever it occurs
+    for text in ("/work/VOC2007/Annotations/x.xml: malformed XML (unclosed token: line 1, column 0)",
+                 "s3://bucket/data/train-000000.tar", "runs/data/secret/token/password/best.pt",
+                 "signature: expected (x, y), got (x,); token: line 2"):
+        assert storage.redact(text) == text
+    text = ("secret_access_key=abcd1234efgh secret_access_key: abcd1234efgh X-Amz-Signature=deadbeef01 "
+            '{"token": "tok-123", "password": "hunter2"} key wJalrXUtnFEMI/K7MDENG+bPxRfiCY password: hunter3')
+    assert storage.redact(text) == ("secret_access_key=*** secret_access_key: *** X-Amz-Signature=*** "
+                                    '{"token": "***", "password": "***"} key *** password: ***')
+
+
 def test_redact_hides_secrets_of_s3_options():
     opts = S3Options(endpoint_url="http://h:1", access_key_id="ID-opts-123", secret_access_key="sk-opts-xyz")
     assert storage.redact(f"boom {opts.secret_access_key} {opts.access_key_id}") == "boom *** ***"
