@@ -12,7 +12,8 @@ URLs
 Atomic publication
     :func:`write_bytes`, :func:`open_write` and :func:`upload_file` never let a reader see a half
     written object. Locally the data goes to a hidden temp file in the destination directory
-    (``.NAME.XXXXXXXX.partial``), is fsync'ed and then ``os.replace``'d over the destination. On S3
+    (``.NAME.<8 random hex digits>.partial``), is fsync'ed and then ``os.replace``'d over the
+    destination. On S3
     the data is spooled to local disk and uploaded with (multipart) ``upload_fileobj``; S3 shows an
     object only once its upload is complete. If the writing block raises, nothing is published and
     the temp file is removed.
@@ -494,6 +495,13 @@ def _check_key(url: str, key: str) -> None:
         raise WysiwycError(f"{redact(url)} names no object (the key is empty or ends with '/')")
 
 
+def _object(url: str, opts: S3Options | None) -> tuple[str, str, Any]:
+    """``(bucket, key, client)`` of the S3 object ``url`` (a key that names no object is an error)."""
+    bucket, key = split_s3(url)
+    _check_key(url, key)
+    return bucket, key, _client(opts)
+
+
 def _missing(client: Any, bucket: str, url: str) -> WysiwycError:
     """After a bare 404 (HEAD has no body): tell a missing bucket from a missing object."""
     try:
@@ -611,9 +619,7 @@ def open_read(url: str | os.PathLike, opts: S3Options | None = None) -> BinaryIO
     """
     s = _str(url)
     if _kind(s) == "s3":
-        bucket, key = split_s3(s)
-        _check_key(s, key)
-        client = _client(opts)
+        bucket, key, client = _object(s, opts)
         try:
             response = client.get_object(Bucket=bucket, Key=key)
         except Exception as exc:
@@ -691,8 +697,8 @@ def _local_temp(path: Path, url: str) -> tuple[Path, BinaryIO]:
 def open_write(url: str | os.PathLike, opts: S3Options | None = None) -> Iterator[BinaryIO]:
     """Write an object or file atomically: it appears only when the block exits without error.
 
-    Locally the data goes to ``.NAME.XXXXXXXX.partial`` in the destination directory (created if
-    needed), is fsync'ed and renamed over the destination. For S3 it is spooled to local disk
+    Locally the data goes to ``.NAME.<8 random hex digits>.partial`` in the destination directory
+    (created if needed), is fsync'ed and renamed over the destination. For S3 it is spooled to local disk
     (``TMPDIR``; small objects stay in memory) and uploaded on exit, multipart above
     ``MULTIPART_THRESHOLD``, so large objects are never held in memory. If the block raises,
     nothing is published and the temp data is removed. Do not close the file yourself.
@@ -788,9 +794,7 @@ def create_exclusive(url: str | os.PathLike, data: bytes, opts: S3Options | None
     """
     s = _str(url)
     if _kind(s) == "s3":
-        bucket, key = split_s3(s)
-        _check_key(s, key)
-        client = _client(opts)
+        bucket, key, client = _object(s, opts)
         try:
             client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except Exception as exc:
@@ -840,9 +844,7 @@ def upload_file(local_path: str | os.PathLike, url: str | os.PathLike,
         raise NotFound(f"no such file: {redact(str(src))}")
     s = _str(url)
     if _kind(s) == "s3":
-        bucket, key = split_s3(s)
-        _check_key(s, key)
-        client = _client(opts)
+        bucket, key, client = _object(s, opts)
         try:
             client.upload_file(str(src), bucket, key, Config=_transfer_config())
         except Exception as exc:
@@ -881,9 +883,7 @@ def download_file(url: str | os.PathLike, local_path: str | os.PathLike,
     if _kind(s) != "s3":
         upload_file(to_local_path(s), dest)
         return dest
-    bucket, key = split_s3(s)
-    _check_key(s, key)
-    client = _client(opts)
+    bucket, key, client = _object(s, opts)
     tmp_path, f = _local_temp(dest, str(dest))
     f.close()
     try:
@@ -1149,9 +1149,7 @@ def size(url: str | os.PathLike, opts: S3Options | None = None) -> int:
             return path.stat().st_size
         except OSError as exc:
             raise _local_error(exc, s, "stat") from exc
-    bucket, key = split_s3(s)
-    _check_key(s, key)
-    client = _client(opts)
+    bucket, key, client = _object(s, opts)
     try:
         return int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
     except Exception as exc:
@@ -1187,9 +1185,7 @@ def delete(url: str | os.PathLike, opts: S3Options | None = None) -> None:
         except OSError as exc:
             raise _local_error(exc, s, "delete") from exc
         return
-    bucket, key = split_s3(s)
-    _check_key(s, key)
-    client = _client(opts)
+    bucket, key, client = _object(s, opts)
     try:
         client.delete_object(Bucket=bucket, Key=key)
     except Exception as exc:

@@ -212,3 +212,11 @@ def test_options_travel_into_another_process(s3_server, s3_bucket):
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
         assert pool.submit(storage.read_bytes, url, s3_server.opts).result(timeout=60) == b"from the parent"
+
+
+def test_create_exclusive_lets_only_the_first_writer_create(s3_server, s3_bucket, tmp_path):
+    for url, opts in ((f"s3://{s3_bucket}/run/_run.json", s3_server.opts), (str(tmp_path / "run" / "_run.json"), None)):
+        assert storage.create_exclusive(url, b"first", opts) is True
+        assert storage.create_exclusive(url, b"second", opts) is False
+        assert storage.read_bytes(url, opts) == b"first"
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["_run.json"]  # no temp file left
