@@ -12,10 +12,11 @@ CHECKOV := $(VENV)/tools/checkov/bin/checkov
 
 install: $(STAMP)
 
-# the venv is rebuilt when the dependencies change
+# the venv is rebuilt when the dependencies change; --no-compile: Python writes the bytecode of what is
+# imported on first use instead of compiling every installed module up front (a shorter install)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 $(CHECKOV): Makefile

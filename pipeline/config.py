@@ -20,6 +20,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from pipeline.errors import WysiwycError
@@ -64,6 +65,14 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(1000, ge=0, description="samples in the training shuffle buffer")
     flip: bool = Field(True, description="random horizontal flip of image and segmentation")
 
+    @model_validator(mode="after")
+    def _no_selection_on_test(self):
+        if self.val and self.test and self.val.rstrip("/") == self.test.rstrip("/"):
+            raise ValueError(f"data.val and data.test are the same split ({self.val}): training selects its "
+                             f"checkpoint and stops early on data.val, so the test split would no longer be held "
+                             f"apart; give a validation split of its own (VOC2007: val; COCO: a part of train2014)")
+        return self
+
 
 class IngestConfig(_Section):
     """How ``wysiwyc ingest`` writes shards."""
@@ -82,26 +91,82 @@ class ExplanandumConfig(_Section):
     arch: Literal["vgg16", "resnet50", "resnet18", "small_cnn"] = Field(
         "small_cnn", description="the classifier (paper heads for vgg16 / resnet50)")
     checkpoint: str | None = Field(None, description="classifier checkpoint URI (the Explanandum of train explainer)")
-    pretrained_backbone: str | None = Field(None, description="path/URL of a torchvision state dict")
+    init: Literal["scratch", "backbone_file"] = Field(
+        "scratch", description="train classifier: how the classifier starts: scratch (random; small_cnn), or "
+                               "backbone_file (vgg16 / resnet*: the ImageNet backbone of pretrained_backbone, the "
+                               "paper's; required then)")
+    pretrained_backbone: str | None = Field(None, description="init=backbone_file: a torchvision ImageNet state dict "
+                                                              "of the arch (local path or s3:// URL)")
+
+    @model_validator(mode="after")
+    def _backbone_file_given(self):
+        if self.init == "backbone_file" and not self.pretrained_backbone:
+            from pipeline.models.explanandum import backbone_howto  # torch: only on this error
+
+            raise ValueError(f"explanandum.init=backbone_file needs explanandum.pretrained_backbone (never a silent "
+                             f"random backbone): {backbone_howto(self.arch)}")
+        if self.pretrained_backbone and self.init != "backbone_file":
+            raise ValueError(f"explanandum.pretrained_backbone is only read with explanandum.init=backbone_file "
+                             f"(init is {self.init})")
+        return self
 
 
 class ExplainerConfig(_Section):
-    """The segmentation network that produces the masks."""
+    """The segmentation network that produces the masks, and how its weights start."""
 
     arch: Literal["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact"] = Field(
         "compact", description="segmentation net (deeplabv3_resnet50: the paper's)")
     checkpoint: str | None = Field(None, description="checkpoint URI or models:/NAME@alias")
-    backbone_weights: str | None = Field(None, description="torchvision backbone state dict (DeepLab archs)")
-    encoder_from_explanandum: bool = Field(
-        True, description="compact arch: start the encoder from a small_cnn Explanandum's conv blocks")
+    init: Literal["scratch", "distilled", "backbone_file", "explanandum_copy"] = Field(
+        "scratch", description="how the weights start. Black-box (the Explanandum is used only as a function): "
+                               "scratch (random); distilled (compact + cam: first distill_epochs epochs train the "
+                               "encoder and class-activation branch to reproduce the Explanandum's output "
+                               "probabilities, then the paper's loss); backbone_file (DeepLab archs: the ImageNet "
+                               "backbone of backbone_weights, the paper's). White-box variant, refused by the default "
+                               "promotion gate: explanandum_copy (compact: encoder and branch copied from a small_cnn "
+                               "Explanandum's weights, i.e. its own class-activation map)")
+    distill_epochs: int = Field(3, ge=1, description="init=distilled: epochs of distillation before the "
+                                                     "trainer.epochs of the paper's loss")
+    backbone_weights: str | None = Field(
+        None, description="init=backbone_file: a torchvision resnet50 / mobilenet_v3_large ImageNet state dict "
+                          "(local path or s3:// URL)")
     levels: int | None = Field(
         None, ge=2, le=4,
-        description="compact arch: encoder levels (small_cnn blocks) the U-Net uses, 2..4 (default all 4); "
-                    "fewer = smaller receptive field and a cheaper net")
+        description="compact arch: encoder levels the U-Net uses, 2..4 (default all 4); fewer = smaller receptive "
+                    "field and a cheaper net")
     cam: bool = Field(
-        False, description="compact arch: add the Explanandum's own class evidence per position (its remaining "
-                           "small_cnn blocks and linear layer, a class-activation map) to the mask logits, "
-                           "started from the classifier with encoder_from_explanandum")
+        False, description="compact arch: add a class-activation branch (the encoder's remaining blocks and a "
+                           "linear layer per position) to the mask logits; with init=distilled it is the distilled "
+                           "classifier's own head")
+
+    @model_validator(mode="after")
+    def _init_fits_arch(self):
+        compact = self.arch == "compact"
+        if self.init == "backbone_file" and not self.backbone_weights:
+            from pipeline.models.explainer import backbone_howto  # torch: only on this error
+
+            raise ValueError(
+                f"explainer.init=backbone_file needs explainer.backbone_weights (never a silent random backbone): "
+                f"{backbone_howto(self.arch)}")
+        if self.backbone_weights and self.init != "backbone_file":
+            raise ValueError(f"explainer.backbone_weights is only read with explainer.init=backbone_file "
+                             f"(init is {self.init})")
+        if self.init == "backbone_file" and compact:
+            raise ValueError("explainer.init=backbone_file: the compact Explainer has no ImageNet backbone; "
+                             "use init=scratch or distilled")
+        if self.init in ("distilled", "explanandum_copy") and not compact:
+            raise ValueError(f"explainer.init={self.init} is for the compact Explainer, not {self.arch}")
+        if self.init == "distilled" and not self.cam:
+            raise ValueError("explainer.init=distilled trains the class-activation branch as the distilled "
+                             "classifier's head: set explainer.cam=true")
+        if self.cam and not compact:
+            raise ValueError(f"explainer.cam is only for the compact Explainer, not {self.arch}")
+        return self
+
+    @property
+    def black_box(self) -> bool:
+        """Whether the Explainer uses the Explanandum only as a function (every init but explanandum_copy)."""
+        return self.init != "explanandum_copy"
 
 
 class LossConfig(_Section):
@@ -168,6 +233,13 @@ class EvaluateConfig(_Section):
     rise_batch_size: int = Field(64, ge=1, description="RISE: masked images per forward pass")
     overlay_images: int = Field(8, ge=0, description="rows of overlays.png (first N test images)")
     seed: int = Field(0, ge=0, description="RISE masks")
+    protocol: Literal["project", "paper"] = Field(
+        "project", description="project: void pixels ignored, ground truth resized by nearest neighbour, sigmoid "
+                               "probabilities (saliency: mean over the image's classes; class specificity: soft "
+                               "masks of the present classes). paper: the paper's evaluation code, to read beside "
+                               "its tables: void and bilinear-resized object edges count as object, softmax "
+                               "(saliency: summed over the image's classes; class specificity: masks of every "
+                               "class binarised at 0.1…0.9, 9·C classifier passes per image and method)")
 
     @field_validator("methods")
     @classmethod
@@ -286,6 +358,9 @@ class GateConfig(_Section):
     maximum: dict[str, float] = Field(default_factory=dict, description="metric → highest value that passes")
     champion_margin: dict[str, float] = Field(
         default_factory=dict, description="metric → how much worse than the current @champion the version may be")
+    allow_white_box: bool = Field(
+        False, description="promote white-box Explainers too (explainer.init=explanandum_copy, or unrecorded); "
+                           "the default refuses them: the product's Explainer is the paper's black-box method")
 
 
 class Config(_Section):
@@ -365,6 +440,8 @@ def _explain(err: dict, sources: dict, default_source: str) -> str:
         return f"{source}: unknown key '{dotted}'; accepted keys under {where}: {accepted}"
     if err["type"] == "missing":
         return f"{source}: key '{dotted}' is required but missing"
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a rule across a section's keys
+        return f"{source}: {err['msg'].removeprefix('Value error, ')}"
     shown = "" if loc[-1] in _SECRET_FIELDS else f" (got {err.get('input')!r})"
     return f"{source}: key '{dotted}': {err['msg']}{shown}"
 

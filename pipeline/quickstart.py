@@ -115,10 +115,12 @@ def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, 
         "td:first-child,th:first-child{text-align:left}.row{display:flex;gap:1em;flex-wrap:wrap}"
         ".row>div{flex:1;min-width:300px}code{background:#f4f4f4;padding:1px 4px}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
+        f"<p><b>{html.escape(_kind_of_explainer(metrics))}</b></p>",
         (f"<p>{metrics.get('num_images')} held-apart test images with exact masks. Per image, the masks of its "
         "ground-truth classes merged by pixel-wise max, compared with the ground-truth foreground. "
         "Best explaining method per column in bold (constant and ideal masks are references).</p>"),
-        report.metrics_html(metrics["methods"], spec),
+        report.metrics_html(metrics["methods"], spec, protocol=metrics.get("protocol"),
+                            black_box=metrics.get("black_box")),
         "<h2>Masks: Explainer (one forward pass, all classes) vs Grad-CAM vs RISE</h2>",
         figure("overlays.png", "overlay grid"),
         "<h2>F1 against the mask threshold</h2>", figure("f1_vs_threshold.png", "F1 vs threshold", "700px"),
@@ -144,10 +146,21 @@ def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, 
 def _net_and_schedule(config) -> dict:
     """The Explainer settings a reader of the report needs beside the λ values."""
     e, t = config.explainer, config.trainer
-    return {"explainer.arch": e.arch, "explainer.levels": e.levels, "explainer.cam": e.cam,
-            "explainer.encoder_from_explanandum": e.encoder_from_explanandum, "trainer.epochs": t.epochs,
+    return {"explainer.init": e.init, "black box (the classifier only called)": e.black_box,
+            **({"explainer.distill_epochs": e.distill_epochs} if e.init == "distilled" else {}),
+            "explainer.arch": e.arch, "explainer.levels": e.levels, "explainer.cam": e.cam, "trainer.epochs": t.epochs,
             "trainer.batch_size (per worker)": t.batch_size, "trainer.num_workers": t.num_workers,
             "optim.lr": config.optim.lr}
+
+
+def _kind_of_explainer(metrics: dict) -> str:
+    """The report's lead: whether the Explainer is the paper's black-box method, and how it started."""
+    init = metrics.get("explainer_init", "unknown")
+    if metrics.get("black_box"):
+        return (f"The Explainer is black-box, as the paper's: it learned from the classifier's outputs alone "
+                f"(explainer.init={init}; the classifier was only called, never read).")
+    return (f"The Explainer is NOT the paper's black-box method (explainer.init={init}): it starts from the "
+            f"classifier's own weights, a white-box variant.")
 
 
 def _link(value: str) -> str:

@@ -350,7 +350,8 @@ def register_checkpoint(checkpoint: str, name: str, config, extra_tags: dict[str
             "image_size": predictor.image_size,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "input": "float32 (B, 3, S, S), RGB scaled to [0, 1] then normalised with mean/std",
-            "explainer": {"arch": state.get("arch"), "source": storage.redact(checkpoint), "sha256": sha},
+            "explainer": {"arch": state.get("arch"), "source": storage.redact(checkpoint), "sha256": sha,
+                          "init": state.get("explainer_init", "unknown"), "black_box": state.get("black_box")},
             "explanandum": {"arch": record.get("arch"), "source": storage.redact(explanandum),
                             "sha256": predictor.explanandum_sha256},
             "dataset": {"train": storage.redact(str((cfg.get("data") or {}).get("train"))), "digest": digest},
@@ -378,6 +379,8 @@ def register_checkpoint(checkpoint: str, name: str, config, extra_tags: dict[str
         tags = {
             "wysiwyc.explainer": storage.redact(checkpoint), "wysiwyc.explainer_sha256": sha,
             "wysiwyc.explainer_arch": str(state.get("arch")),
+            "wysiwyc.explainer_init": str(state.get("explainer_init", "unknown")),
+            "wysiwyc.black_box": _black_box_tag(state.get("black_box")),
             "wysiwyc.explanandum": storage.redact(explanandum),
             "wysiwyc.explanandum_sha256": predictor.explanandum_sha256,
             "wysiwyc.explanandum_arch": str(record.get("arch")),
@@ -393,6 +396,7 @@ def register_checkpoint(checkpoint: str, name: str, config, extra_tags: dict[str
         try:
             now = int(time.time() * 1000)
             params = {**{f"loss.{k}": v for k, v in lambdas.items()}, "explainer.arch": state.get("arch"),
+                      "explainer.init": state.get("explainer_init", "unknown"),
                       "explanandum.arch": record.get("arch"), "data.image_size": size, "model_name": name}
             metrics = {**{k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))},
                        **(extra_metrics or {})}
@@ -415,6 +419,11 @@ def register_checkpoint(checkpoint: str, name: str, config, extra_tags: dict[str
     client.set_registered_model_alias(name, CANDIDATE, version)
     log.info("register: %s → models:/%s/%s (@%s)", storage.redact(checkpoint), name, version, CANDIDATE)
     return _register_summary(client, uri, name, version, run_id, existing=False)
+
+
+def _black_box_tag(value) -> str:
+    """``true`` / ``false`` / ``unknown`` (a checkpoint from before ``explainer.init`` was recorded)."""
+    return "unknown" if value is None else str(bool(value)).lower()
 
 
 def _aliases_of(client, name: str, version: str) -> list[str]:
@@ -583,6 +592,14 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
     version = _existing_version(uri, name, version)
     gate_path = gate_path or config.registry.gate
     gate = load_gate(gate_path)
+    black_box = client.get_model_version(name, version).tags.get("wysiwyc.black_box", "unknown")
+    if black_box != "true" and not gate.allow_white_box:  # before any evaluation: nothing to measure
+        init = client.get_model_version(name, version).tags.get("wysiwyc.explainer_init", "unknown")
+        raise WysiwycError(
+            f"promote: models:/{name}/{version} is not a black-box Explainer (explainer.init={init}, black_box="
+            f"{black_box}): it reads the classifier's weights, a different method from the paper's; the gate "
+            f"{gate_path} refuses it (set allow_white_box: true in a gate file of its own to promote such a "
+            f"variant on purpose)")
     split = gate.split or config.data.test
     if not split:
         raise WysiwycError(f"promote: gate {gate_path} has no split and data.test is not set: name the fixed "

@@ -88,7 +88,10 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> C
         WysiwycError: an invalid sweep file, base config or space key.
     """
     overrides = list(overrides or [])
-    sweep_file = load_config(path, overrides)  # validates the sweep file itself, with the overrides
+    # the sweep file itself, with its sweep.* overrides; every other override is validated below, on top of
+    # the base config (rules across keys, e.g. explainer.backbone_weights with the base's explainer.init,
+    # only hold there)
+    sweep_file = load_config(path, [o for o in overrides if o.strip().startswith("sweep.")])
     s = sweep_file.sweep
     if not s.base:
         raise WysiwycError(f"{path}: set sweep.base to the training config the trials start from "

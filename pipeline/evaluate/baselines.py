@@ -46,24 +46,33 @@ def class_index_tensor(classes, batch_size: int, device=None) -> torch.Tensor:
 
 
 def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM looks at: the end of the last conv block (small_cnn ``blocks[-1]``, VGG
-    ``features[-1]`` as the paper's script), ResNet ``layer4``."""
+    """The layer Grad-CAM looks at: the end of the last conv block.
+
+    small_cnn ``blocks[-1]``; as the paper's ``src/evaluation/grad_cam.py`` (NN-Explainer): VGG
+    ``features[-1]`` (its ``feature_extractor[-1]``, the last max-pooling) and ResNet ``layer4[-1]``
+    (its ``feature_extractor[-2][-1]``, the last bottleneck, whose output is ``layer4``'s).
+    """
     arch = getattr(model, "wysiwyc_arch", None)
     if arch == "small_cnn" or (arch is None and hasattr(model, "blocks")):
         return model.blocks[-1]
     if arch == "vgg16" or (arch is None and hasattr(model, "features")):
         return model.features[-1]
     if arch in ("resnet50", "resnet18") or (arch is None and hasattr(model, "layer4")):
-        return model.layer4
+        return model.layer4[-1]
     raise WysiwycError(f"gradcam: no default target layer for {type(model).__name__}; pass target_layer=")
 
 
 def _normalise_gradcam(maps: torch.Tensor) -> torch.Tensor:
-    """(map − min) / (max + 1e-7) per map (after the ReLU), as pytorch-grad-cam."""
+    """(map − min) / (max − min) per map (after the ReLU and the upsampling); an all-constant map is 0.
+
+    Exact, as the paper's grad-cam 1.3.1; pytorch-grad-cam 1.5 divides by (max + 1e-7) before and after
+    its resize, the same map up to ~1e-7 (upsampling is linear, so it commutes with the rescaling).
+    """
     flat = maps.flatten(2)
-    flat = flat - flat.amin(dim=2, keepdim=True)
-    flat = flat / (flat.amax(dim=2, keepdim=True) + 1e-7)
-    return flat.view_as(maps)
+    lo = flat.amin(dim=2, keepdim=True)
+    span = flat.amax(dim=2, keepdim=True) - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp(min=torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    return out.view_as(maps)
 
 
 def gradcam(model: nn.Module, x: torch.Tensor, classes, target_layer: nn.Module | None = None) -> torch.Tensor:

@@ -15,6 +15,19 @@ segmentation (``data.test``). For every method (``explainer``, ``grad_cam``, ``r
 - for methods with per-class masks (Explainer, Grad-CAM, RISE) the class-specificity matrix
   M[r][c] = mean p_r(x ⊙ M_c) over images holding both r and c.
 
+A mask holding a NaN (a merged mask, or a per-class mask the class-specificity matrix uses) is set
+to 0 as a whole before anything scores or draws it, as the paper's evaluation does; metrics.json
+counts them per method (``nan_masks``).
+
+``evaluate.protocol`` picks the definitions. ``project`` (the default) is the above. ``paper``
+reproduces the paper's evaluation code (stevenstalder/NN-Explainer) so the numbers read beside its
+tables: its ground truth (:func:`~pipeline.evaluate.metrics.paper_foreground`: void and
+bilinear-resized edges are object, from the source-resolution segmentation), its saliency (softmax,
+summed over the image's classes), its notebook's class-specificity matrix (masks of every class
+binarised at 0.1…0.9, softmax; :func:`~pipeline.evaluate.metrics.paper_class_specificity_sums`) and
+the ideal mask scored as that ground truth itself (the paper's ``perfect``). metrics.json, metrics.md
+say which protocol they show.
+
 Images without any ground-truth class have no mask to evaluate and are left out (counted in the
 summary's ``skipped_unlabelled``).
 
@@ -32,10 +45,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline import storage
 from pipeline.config import EVALUATE_METHODS, EvaluateConfig, dump_config
+from pipeline.data.shards import ShardDataset
 from pipeline.errors import WysiwycError
 from pipeline.models.predictor import Predictor
 
@@ -104,9 +119,42 @@ def load_models(config, opts=None) -> Predictor:
         raise WysiwycError(f"evaluate: {exc}") from None
 
 
-def open_test_split(config, classes: list[str], image_size: int, opts=None):
-    """The test split (``data.test``) as a :class:`ShardDataset`; it must have segmentation."""
-    from pipeline.data.shards import ShardDataset, read_manifest
+class PaperTruthShards(ShardDataset):
+    """The test split's samples with the paper's ground truth beside ours: ``paper_fg`` (S, S) bool,
+    :func:`~pipeline.evaluate.metrics.paper_foreground` of the segmentation at its source resolution
+    (the decoded ``seg`` is already resized by nearest neighbour). In file order, never flipped."""
+
+    def __init__(self, spec: str, *, image_size: int, luminance: np.ndarray, **kwargs):
+        super().__init__(spec, image_size=image_size, train=False, **kwargs)
+        self.luminance = luminance
+
+    def __iter__(self):
+        import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        from pipeline.data.sample import decode_png
+        from pipeline.data.shards import OpenShards
+        from pipeline.data.transforms import decode_sample
+        from pipeline.evaluate.metrics import paper_foreground
+
+        shards = self.local_shards()
+        if not shards:
+            return
+        for raw in wds.DataPipeline(wds.SimpleShardList(shards), OpenShards(self.opts), tar_file_expander,
+                                    group_by_keys):
+            sample = decode_sample(raw, image_size=self.image_size, num_classes=len(self.classes))
+            if "seg.png" in raw:
+                fg = paper_foreground(decode_png(raw["seg.png"]), self.image_size, self.luminance)
+            else:  # no segmentation: nothing is object (open_test_split refuses splits without any)
+                fg = np.zeros((self.image_size, self.image_size), dtype=bool)
+            sample["paper_fg"] = torch.from_numpy(fg)
+            yield sample
+
+
+def open_test_split(config, classes: list[str], image_size: int, opts=None, protocol: str = "project"):
+    """The test split (``data.test``) as a :class:`ShardDataset` (a :class:`PaperTruthShards` for
+    ``protocol="paper"``); it must have segmentation."""
+    from pipeline.data.shards import read_manifest
 
     spec = config.data.test
     if not spec:
@@ -120,6 +168,12 @@ def open_test_split(config, classes: list[str], image_size: int, opts=None):
     if list(manifest["classes"]) != list(classes):
         raise WysiwycError(f"evaluate: {storage.redact(manifest['url'])} has classes {manifest['classes']} but "
                            f"the Explainer and Explanandum have {classes}")
+    if protocol == "paper":
+        from pipeline.evaluate.metrics import paper_seg_luminance
+
+        voc = (manifest.get("source") or {}).get("kind") == "voc"
+        return PaperTruthShards(spec, image_size=image_size, luminance=paper_seg_luminance(classes, voc=voc),
+                                opts=opts, classes=config.data.classes)
     return ShardDataset(spec, image_size=image_size, train=False, opts=opts, classes=config.data.classes)
 
 
@@ -129,10 +183,11 @@ def open_test_split(config, classes: list[str], image_size: int, opts=None):
 def merge_present(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per image, the masks of its ground-truth classes merged by pixel-wise max: (B, C, H, W) → (B, H, W).
 
-    Absent classes count as 0 (masks are in [0, 1]); an image without a class gets an all-zero mask.
+    Absent classes count as 0 (masks are in [0, 1]; a NaN in an absent class's mask does not reach the
+    merged one); an image without a class gets an all-zero mask.
     """
-    present = (labels > 0.5 if labels.dtype != torch.bool else labels).to(maps.dtype)
-    return (maps * present[:, :, None, None]).amax(dim=1)
+    present = labels > 0.5 if labels.dtype != torch.bool else labels
+    return torch.where(present[:, :, None, None], maps, torch.zeros_like(maps)).amax(dim=1)
 
 
 def f1_at_thresholds(mask: torch.Tensor, foreground: torch.Tensor, valid: torch.Tensor,
@@ -159,6 +214,7 @@ class _MethodResult:
 
     scores: object  # MetricAccumulator
     specificity: object | None  # ClassSpecificityAccumulator
+    nan_masks: int = 0  # masks (merged, and per-class ones used for class specificity) that held a NaN
     f1_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(F1_CURVE_THRESHOLDS), dtype=torch.float64))
     f1_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(len(F1_CURVE_THRESHOLDS), dtype=torch.float64))
     timings: list[tuple[float, int]] = field(default_factory=list)  # (seconds, masks) per batch
@@ -243,7 +299,7 @@ def evaluate(config, progress: bool = True) -> dict:
     Returns:
         The summary: ``metrics`` (URI of metrics.json), ``report`` (URI of metrics.md), ``output``,
         ``num_images``, ``skipped_unlabelled``, ``figures``, ``explainer``, ``explanandum``,
-        ``explanandum_sha256``, ``test``, ``device``, ``seconds`` and ``table``
+        ``explanandum_sha256``, ``test``, ``device``, ``seconds``, ``protocol`` and ``table``
         (``{method: {"cont_iou", "mean_f1"}}``).
 
     Raises:
@@ -257,16 +313,20 @@ def evaluate(config, progress: bool = True) -> dict:
         ClassSpecificityAccumulator,
         MetricAccumulator,
         foreground_and_valid,
+        paper_saliency,
+        paper_segmentation_scores,
         saliency,
         segmentation_scores,
+        zero_nan_masks,
     )
     from pipeline.progress import progress as progress_bar
 
     started = time.perf_counter()
     options = config.evaluate
+    paper = options.protocol == "paper"
     opts = config.storage.options()
     models = load_models(config, opts)
-    dataset = open_test_split(config, models.classes, models.image_size, opts)
+    dataset = open_test_split(config, models.classes, models.image_size, opts, protocol=options.protocol)
     loader = make_loader(dataset, options.batch_size, min(config.data.loader_workers, len(dataset.urls)))
 
     use_gpu = bool(config.trainer.use_gpu) and torch.cuda.is_available()
@@ -281,9 +341,13 @@ def evaluate(config, progress: bool = True) -> dict:
         with torch.no_grad():
             return torch.sigmoid(models.explanandum(images))
 
+    def softmax_probs(images: torch.Tensor) -> torch.Tensor:  # the paper's: softmax over the classes
+        with torch.no_grad():
+            return models.explanandum(images).float().softmax(dim=1)
+
     makers = {name: _mask_maker(name, models, options) for name in options.methods}
-    results = {name: _MethodResult(MetricAccumulator(),
-                                   ClassSpecificityAccumulator(C) if name in PER_CLASS_METHODS else None)
+    results = {name: _MethodResult(MetricAccumulator(), ClassSpecificityAccumulator(C, rule=options.protocol)
+                                   if name in PER_CLASS_METHODS else None)
                for name in options.methods}
     overlay_rows: list[dict] = []
     total = dataset.manifest["num_samples"]
@@ -308,7 +372,11 @@ def evaluate(config, progress: bool = True) -> dict:
             y = labels[keep].to(device)
             seg = batch["seg"][:take][keep].to(device)
             keys = [k for k, kept in zip(batch["key"][:take], keep.tolist()) if kept]
-            foreground, valid = foreground_and_valid(seg)
+            if paper:  # the paper's ground truth: void and resized edges are object, every pixel counts
+                foreground = batch["paper_fg"][:take][keep].to(device)
+                valid = torch.ones_like(foreground)
+            else:
+                foreground, valid = foreground_and_valid(seg)
             B = x.shape[0]
             num_images += B
 
@@ -328,13 +396,26 @@ def evaluate(config, progress: bool = True) -> dict:
 
                 with torch.no_grad():
                     maps = maps.float()
-                    merged = merge_present(maps, y)  # (B, H, W)
-                    scores = segmentation_scores(merged, foreground, valid)
-                    scores["saliency"] = saliency(merged, probs(merged.unsqueeze(1) * x), y)  # m ⊙ x
+                    # NaN rule, the one place masks enter scoring: a mask holding a NaN is 0 everywhere
+                    merged, merged_nan = zero_nan_masks(merge_present(maps, y))  # (B, H, W)
+                    maps, maps_nan = zero_nan_masks(maps)  # (B, C, H, W)
+                    result.nan_masks += int(merged_nan.sum())
+                    if result.specificity is not None:  # the per-class masks the matrix uses
+                        result.nan_masks += int((maps_nan if paper else maps_nan & (y > 0.5)).sum())
+                    if paper:
+                        if name == "ideal":  # the paper's "perfect" mask: its ground truth itself
+                            merged = foreground.float()
+                        scores = paper_segmentation_scores(merged, foreground)
+                        logits = models.explanandum(merged.unsqueeze(1) * x)  # f(m ⊙ x)
+                        scores["saliency"] = paper_saliency(merged, logits, y)
+                    else:
+                        scores = segmentation_scores(merged, foreground, valid)
+                        scores["saliency"] = saliency(merged, probs(merged.unsqueeze(1) * x), y)  # m ⊙ x
                     result.scores.update(scores)
                     result.add_f1(f1_at_thresholds(merged, foreground, valid))
                     if result.specificity is not None:
-                        result.specificity.update(probs, x, y, maps, chunk_size=max(32, options.batch_size))
+                        result.specificity.update(softmax_probs if paper else probs, x, y, maps,
+                                                  chunk_size=max(32, options.batch_size))
                 for i, row in enumerate(new_rows):
                     if name == "explainer":
                         row["class_masks"] = {k: maps[i, k].cpu().numpy() for k in row["labels"]}
@@ -360,6 +441,7 @@ def evaluate(config, progress: bool = True) -> dict:
         means = result.scores.compute()
         row = {out: means.get(key, math.nan) for key, out in METRIC_NAMES.items()}
         row["masks_per_second"] = result.masks_per_second()
+        row["nan_masks"] = result.nan_masks
         methods_out[name] = row
         curves[name] = {"thresholds": list(F1_CURVE_THRESHOLDS), "f1": result.f1_curve()}
         if result.specificity is not None:
@@ -367,8 +449,10 @@ def evaluate(config, progress: bool = True) -> dict:
             specificity_out[name] = {"classes": list(models.classes), "matrix": matrix.tolist(),
                                      "gap": report.specificity_gap(matrix.tolist()),
                                      "gap_ci95": list(result.specificity.gap_interval())}
-    metrics = _jsonable({"methods": methods_out, "class_specificity": specificity_out, "num_images": num_images,
-                         "f1_curve": curves})
+    state = models.checkpoint or {}
+    metrics = _jsonable({"protocol": options.protocol, "explainer_init": state.get("explainer_init", "unknown"),
+                         "black_box": state.get("black_box"), "methods": methods_out,
+                         "class_specificity": specificity_out, "num_images": num_images, "f1_curve": curves})
 
     # ------------------------------------------------------------------ files
     out = config.output
@@ -382,7 +466,8 @@ def evaluate(config, progress: bool = True) -> dict:
     put("metrics.json", json.dumps(metrics, indent=1, allow_nan=False).encode())
     title = f"Evaluation of {storage.redact(models.explainer_uri)}"
     put("metrics.md", report.metrics_markdown(metrics["methods"], metrics["class_specificity"], num_images,
-                                              title=title).encode())
+                                              title=title, protocol=metrics["protocol"],
+                                              black_box=metrics["black_box"]).encode())
     put("f1_vs_threshold.png", report.f1_curve_png(metrics["f1_curve"]))
     for name, spec in metrics["class_specificity"].items():
         put(f"class_specificity_{name}.png", report.class_specificity_png(spec["matrix"], spec["classes"], name))
@@ -402,6 +487,7 @@ def evaluate(config, progress: bool = True) -> dict:
         "test": storage.redact(dataset.manifest["url"]),
         "device": device.type,
         "seconds": round(time.perf_counter() - started, 3),
+        "protocol": options.protocol,
         "table": {name: {"cont_iou": row["cont_iou"], "mean_f1": row["mean_f1"]}
                   for name, row in metrics["methods"].items()},
     }

@@ -23,6 +23,13 @@ Undefined values are NaN (and :class:`MetricAccumulator` skips NaN): every metri
 valid pixel; ``auc`` without foreground or without background; ``object_coverage`` without
 foreground; ``background_coverage`` without background (the paper's code returned 0 for the two
 coverages there, which biases the means; ours leaves such images out of that mean).
+
+A mask holding a NaN is set to 0 as a whole before any metric sees it (:func:`zero_nan_masks`), as the
+paper's ``compute_scores.gen_evaluation`` does, so an image never drops out of some means only.
+
+The paper's own protocol (``evaluate.protocol: paper``), to read numbers beside the paper's tables:
+:func:`paper_foreground` (its ground truth), :func:`paper_segmentation_scores`, :func:`paper_saliency`
+and :func:`paper_class_specificity_sums` (its notebook's class-specificity matrix).
 """
 
 from __future__ import annotations
@@ -35,7 +42,25 @@ import torch
 
 F1_THRESHOLDS = (0.25, 0.5, 0.75)
 IOU_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
+PAPER_SPECIFICITY_THRESHOLDS = IOU_THRESHOLDS  # the notebook's np.arange(0.1, 1.0, 0.1)
 VOID = 255
+
+
+def zero_nan_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every mask that holds a NaN set to 0 as a whole, and which ones did.
+
+    The paper's ``src/evaluation/eval_utils/compute_scores.py`` (``gen_evaluation``) does the same
+    (``if np.sum(np.isnan(mask)): mask = np.zeros(...)``), so such an image scores as the all-zero mask
+    in every metric instead of dropping out of the means that NaN would poison.
+
+    Args:
+        masks: (..., H, W); one mask is one (H, W) slice, e.g. (B, H, W) merged or (B, C, H, W) per class.
+
+    Returns:
+        (masks with the NaN-holding ones zeroed, has_nan (...) bool: which masks held a NaN).
+    """
+    has_nan = masks.isnan().flatten(-2).any(-1)
+    return torch.where(has_nan[..., None, None], torch.zeros_like(masks), masks), has_nan
 
 
 def foreground_and_valid(seg: torch.Tensor, void_value: int = VOID) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,15 +285,22 @@ def specificity_gaps(matrices: np.ndarray | torch.Tensor) -> np.ndarray:
 
 class ClassSpecificityAccumulator:
     """Accumulates M[r][c] = mean over images containing r and c of p_r(x ⊙ M_c) over batches, and
-    each image's share of it for the bootstrap interval of the gap."""
+    each image's share of it for the bootstrap interval of the gap.
 
-    def __init__(self, num_classes: int) -> None:
+    ``rule="paper"`` accumulates the paper notebook's matrix instead (:func:`paper_class_specificity_sums`:
+    masks of every class, binarised at 0.1…0.9; a mean over the images containing r)."""
+
+    def __init__(self, num_classes: int, rule: str = "project") -> None:
+        if rule not in ("project", "paper"):
+            raise ValueError(f"rule must be project or paper, got {rule!r}")
         self.num_classes = num_classes
+        self.rule = rule
         self._sums: list[torch.Tensor] = []  # (B, C, C) per batch
         self._counts: list[torch.Tensor] = []
 
     def update(self, prob_fn, images, labels, per_class_masks, chunk_size: int = 32) -> None:
-        s, n = class_specificity_sums(prob_fn, images, labels, per_class_masks, chunk_size=chunk_size)
+        sums_fn = paper_class_specificity_sums if self.rule == "paper" else class_specificity_sums
+        s, n = sums_fn(prob_fn, images, labels, per_class_masks, chunk_size=chunk_size)
         self._sums.append(s)
         self._counts.append(n)
 
@@ -319,3 +351,146 @@ def class_specificity_matrix(
     acc = ClassSpecificityAccumulator(labels.shape[1])
     acc.update(prob_fn, images, labels, per_class_masks, chunk_size=chunk_size)
     return acc.matrix()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The paper's protocol (evaluate.protocol: paper)
+
+
+def voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map (256, 3) uint8 of the SegmentationClass PNGs (the devkit's recipe:
+    bit 3j + ch of the index becomes bit 7 − j of channel ch)."""
+    index = np.arange(256)
+    rgb = np.zeros((256, 3), dtype=np.int64)
+    for j in range(8):  # 8 bit planes × 3 channels, vectorised over the 256 indices
+        for ch in range(3):
+            rgb[:, ch] |= ((index >> (3 * j + ch)) & 1) << (7 - j)
+    return rgb.astype(np.uint8)
+
+
+def paper_seg_luminance(classes: list[str] | None = None, voc: bool = True) -> np.ndarray:
+    """The grey value each value of our class-index maps had in the paper's ground-truth images once
+    opened with PIL's ``convert("L")`` (a (256,) uint8 look-up table).
+
+    VOC (``voc``): the class's colour in the SegmentationClass palette, by its VOC name (a subset or
+    another order of the VOC classes keeps each class's own colour; a name VOC does not have, and
+    ``classes=None`` means the 20 VOC classes in order), void (255) its palette colour (224, 224, 192)
+    → 220: grey, not black, so void is object in :func:`paper_foreground`. Otherwise the paper's COCO
+    ground truth (``src/evaluation/generate_coco_segmentations.py``): every object white (255) on black,
+    crowd regions (our void) included.
+    """
+    from pipeline.data.classes import VOC_CLASSES
+
+    lut = np.zeros(256, dtype=np.uint8)
+    if not voc:
+        lut[1:] = 255
+        return lut
+    rgb = voc_palette().astype(np.int64)
+    grey = (rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16  # PIL's L = .299R + .587G + .114B
+    names = VOC_CLASSES if classes is None else list(classes)
+    for k, name in enumerate(names[:254]):
+        lut[k + 1] = grey[VOC_CLASSES.index(name) + 1] if name in VOC_CLASSES else 255
+    lut[VOID] = grey[VOID]
+    return lut
+
+
+def paper_foreground(seg: np.ndarray, size: int, luminance: np.ndarray | None = None) -> np.ndarray:
+    """The paper's ground-truth foreground of one image: (size, size) bool.
+
+    ``src/evaluation/eval_utils/compute_scores.py``, ``open_segmentation_mask``: the segmentation PNG
+    opened with ``convert("L")``, resized by ``transforms.Resize((224, 224))`` (PIL bilinear, which
+    widens its filter when shrinking), divided by 255 and, for VOC, ``mask[mask > 0] = 1``. So void
+    pixels count as object, and so does every resized pixel whose filter reaches an object pixel with
+    weight enough to round to a grey level ≥ 1: object edges grow by about one resized pixel. The paper
+    binarised VOC only; its COCO ground truth stayed soft at the edges, which
+    :func:`segmentation_scores` (a boolean foreground) cannot take, so COCO is binarised here too.
+
+    Args:
+        seg: (H, W) class-index map at the source resolution (0 background, k+1 class k, 255 void).
+        size: the side of the evaluated masks (the paper: 224).
+        luminance: :func:`paper_seg_luminance` (default: the VOC palette's grey levels).
+    """
+    from PIL import Image
+
+    lut = paper_seg_luminance() if luminance is None else np.asarray(luminance, dtype=np.uint8)
+    grey = Image.fromarray(lut[np.asarray(seg, dtype=np.uint8)])  # the PNG as convert("L") sees it
+    resized = np.asarray(grey.resize((size, size), Image.BILINEAR))  # T.Resize((224, 224)) on a PIL image
+    return resized > 0  # mask[mask > 0] = 1
+
+
+def paper_segmentation_scores(mask: torch.Tensor, foreground: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`segmentation_scores` as the paper's ``src/evaluation/eval_utils/assessment_metrics.py``
+    computes them: every pixel counts (void is already object in :func:`paper_foreground`), and
+    ``object_coverage`` / ``background_coverage`` are 0, not NaN, for an image without object /
+    background pixels (``mask_coverage`` / ``background_coverage`` return 0 there). ``auc`` stays NaN
+    where undefined (``auc`` returns None there and the paper's tables leave None out)."""
+    scores = segmentation_scores(mask, foreground)
+    for key in ("object_coverage", "background_coverage"):
+        scores[key] = torch.nan_to_num(scores[key], nan=0.0)
+    return scores
+
+
+def paper_saliency(mask: torch.Tensor, logits_masked: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The paper's saliency: log(max(area, 0.05)) − log Σ_{c ∈ classes} softmax(f(m ⊙ x))_c, per image.
+
+    ``src/evaluation/eval_utils/assessment_metrics.py`` (``saliency``), fed by
+    ``src/evaluation/eval_utils/compute_scores.py`` (``gen_evaluation``: ``p_mask`` = softmax of the
+    logits on m ⊙ x). The paper sums over the image's per-object class list (VOC: one entry per
+    annotated object, a class with three objects counted three times; COCO: each present class once).
+    Our shards keep only which classes are present, so each present class counts once here: for VOC
+    images with several objects of one class p is smaller and the saliency higher than the paper's.
+
+    Args:
+        mask: (B, H, W) in [0, 1].
+        logits_masked: (B, C) the Explanandum's logits on m ⊙ x.
+        labels: (B, C) multi-hot ground truth.
+    """
+    return saliency(mask, logits_masked.float().softmax(dim=1), labels, class_prob="sum")
+
+
+def paper_class_specificity_sums(
+    prob_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    per_class_masks: torch.Tensor,
+    thresholds: tuple[float, ...] = PAPER_SPECIFICITY_THRESHOLDS,
+    chunk_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts behind the paper's class-specificity matrix, per image of one batch.
+
+    ``notebooks/evaluate_class_scores.ipynb`` (``compute_results`` and the loops over target and mask
+    classes, masks saved by ``src/evaluation/explainer.py`` in ``mode = 'classes'``): for an image i
+    holding class r, the mask of class c (every c, present in the image or not) binarised at each
+    threshold t, the image masked with it and classified; the score is p_r averaged over the
+    thresholds, and M[r][c] the mean score over the images holding r:
+    M[r][c] = mean_{i ∋ r} mean_t p_r(x_i ⊙ [M_{i,c} > t]). The notebook's p is a softmax, which
+    ``prob_fn`` gives. All B·C·T masked images go through ``prob_fn`` in chunks of ``chunk_size``.
+
+    Args:
+        prob_fn: images (N, 3, H, W) → the Explanandum's probabilities (N, C) (the paper: softmax).
+        images: (B, 3, H, W), normalised as the Explanandum expects.
+        labels: (B, C) multi-hot.
+        per_class_masks: (B, C, H, W) in [0, 1], every class's mask.
+        thresholds: the binarisation thresholds (the notebook's ``np.arange(0.1, 1.0, 0.1)``).
+
+    Returns:
+        (sums, counts), both (B, C, C) float64, indexed [i, r, c]: sums = present_{i,r} · mean_t p_r,
+        counts = present_{i,r} (for every c), the format of :func:`class_specificity_sums`.
+    """
+    present = labels > 0.5 if labels.dtype != torch.bool else labels
+    B, C = present.shape
+    T = len(thresholds)
+    t = torch.as_tensor(thresholds, dtype=per_class_masks.dtype, device=per_class_masks.device)
+    rows_all = present.double().cpu()
+    sums = torch.zeros(B * C, C, dtype=torch.float64)  # row i·C + c holds the vector over r
+    total = B * C * T
+    for start in range(0, total, chunk_size):
+        j = torch.arange(start, min(start + chunk_size, total), device=images.device)
+        i, c, k = j // (C * T), (j // T) % C, j % T  # image, mask class, threshold of each masked image
+        binary = (per_class_masks[i, c] > t[k, None, None]).to(images.dtype)  # [M_{i,c} > t]
+        with torch.no_grad():
+            p = prob_fn(images[i] * binary.unsqueeze(1)).detach().double().cpu()  # (P, C)
+        i, c = i.cpu(), c.cpu()
+        sums.index_add_(0, i * C + c, p * rows_all[i] / T)  # mean over the T thresholds
+    counts = rows_all[:, :, None].expand(B, C, C).clone()  # [i, r, c] = present_{i,r}
+    return sums.view(B, C, C).transpose(1, 2), counts

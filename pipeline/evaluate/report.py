@@ -41,12 +41,37 @@ METHOD_TITLES = {
 # reference masks (constants, ground truth): shown in tables, never "best"
 REFERENCE_METHODS = ("zeros", "half", "ones", "ideal")
 
+# what each evaluate.protocol means, one line for the report (metrics.json["protocol"])
+PROTOCOLS = {
+    "project": ("project (void pixels ignored, ground truth resized by nearest neighbour, sigmoid probabilities; "
+                "class specificity: soft masks of the classes an image holds)"),
+    "paper": ("paper (the paper's evaluation code, stevenstalder/NN-Explainer: void and bilinear-resized edges "
+              "count as object, softmax probabilities, saliency summed over the image's classes; class "
+              "specificity: masks of every class binarised at 0.1…0.9, mean over the images holding the row "
+              "class; ideal = the ground truth itself)"),
+}
+
 _MASK_CMAP = "jet"
 _MASK_ALPHA = 0.5
 
 
-def _title(method: str) -> str:
+def _title(method: str, black_box: bool | None = None) -> str:
+    if method == "explainer":
+        return explainer_title(black_box)
     return METHOD_TITLES.get(method, method)
+
+
+def explainer_title(black_box: bool | None) -> str:
+    """How the Explainer row is called: "Explainer (white-box init)" when its checkpoint records
+    ``black_box: false`` (its encoder started from the Explanandum's weights), else "Explainer"."""
+    return "Explainer (white-box init)" if black_box is False else "Explainer"
+
+
+def protocol_line(protocol: str | None) -> str:
+    """The sentence that says which evaluation protocol a report shows ("" when not recorded)."""
+    if not protocol:
+        return ""
+    return f"Protocol: {PROTOCOLS.get(protocol, protocol)}."
 
 
 def _fmt(value: float | None, key: str = "") -> str:
@@ -78,7 +103,8 @@ def _gap_cell(spec: Mapping) -> str:
 
 def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
                      class_specificity: Mapping[str, Mapping] | None = None,
-                     num_images: int | None = None, title: str = "Evaluation") -> str:
+                     num_images: int | None = None, title: str = "Evaluation", protocol: str | None = None,
+                     black_box: bool | None = None) -> str:
     """A Markdown report: methods × metrics (arrows say which way is better) and the specificity gap.
 
     Args:
@@ -86,13 +112,19 @@ def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
         class_specificity: ``{method: {"classes", "matrix"}}`` for the methods with per-class masks.
         num_images: images the metrics average over.
         title: the heading.
+        protocol: metrics.json's ``protocol`` (``project`` | ``paper``), said in a line under the heading.
+        black_box: metrics.json's ``black_box``; False labels the Explainer row "Explainer (white-box init)".
     """
     class_specificity = class_specificity or {}
+    paper = protocol == "paper"
     lines = [f"# {title}", ""]
+    if protocol:
+        lines += [protocol_line(protocol), ""]
     if num_images is not None:
+        void = "void pixels and resized edges count as object" if paper else "void pixels ignored"
         lines += [(f"{num_images} test images; per image, the masks of its ground-truth classes merged by "
-                  f"pixel-wise max and compared with the ground-truth foreground (void pixels ignored)."), ""]
-    header, rows, _ = metrics_rows(methods, class_specificity)
+                  f"pixel-wise max and compared with the ground-truth foreground ({void})."), ""]
+    header, rows, _ = metrics_rows(methods, class_specificity, black_box=black_box)
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
@@ -103,10 +135,18 @@ def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
         "mask over background / object pixels; masks/s: per-class masks produced per second "
         "(all classes of every image, scoring excluded)."),
     ]
+    nan = {m: v.get("nan_masks") for m, v in methods.items() if v.get("nan_masks")}
+    if nan:
+        lines += ["", ("Masks holding NaN, scored as all-zero masks: "
+                       + ", ".join(f"{_title(m, black_box)} {n}" for m, n in nan.items()) + ".")]
     if class_specificity:
+        matrix = ("M[r][c] = mean softmax probability of class r on the image masked with the mask of class c "
+                  "binarised at 0.1…0.9 (mean over the thresholds), over the test images holding r"
+                  if paper else
+                  "M[r][c] = mean sigmoid probability of class r on the image masked with the mask of class c, "
+                  "over the test images holding both")
         lines += ["", "## Class specificity", "",
-                  ("M[r][c] = mean sigmoid probability of class r on the image masked with the mask of class c, "
-                  "over the test images holding both; spec. gap = mean diagonal − mean off-diagonal, in "
+                  (f"{matrix}; spec. gap = mean diagonal − mean off-diagonal, in "
                   "brackets its 95% bootstrap interval over the test images."), "",
                   "| method | mean diagonal | mean off-diagonal | gap [95% interval] |", "|---|---:|---:|---:|"]
         from pipeline.evaluate.metrics import specificity_means
@@ -114,15 +154,16 @@ def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
         for method, spec in class_specificity.items():
             m = np.array([[math.nan if v is None else v for v in row] for row in spec["matrix"]], dtype=float)
             d, o = (float(x) for x in specificity_means(m))
-            lines.append(f"| {_title(method)} | {_fmt(d)} | {_fmt(o)} | {_gap_cell(spec)} |")
+            lines.append(f"| {_title(method, black_box)} | {_fmt(d)} | {_fmt(o)} | {_gap_cell(spec)} |")
     return "\n".join(lines) + "\n"
 
 
 def metrics_rows(methods: Mapping[str, Mapping[str, float | None]],
-                 class_specificity: Mapping[str, Mapping] | None = None
+                 class_specificity: Mapping[str, Mapping] | None = None, black_box: bool | None = None
                  ) -> tuple[list[str], list[list[str]], list[list[bool]]]:
     """The metrics table as text cells: ``(header, rows, best)``; ``best[i][j]`` marks the best value
-    of column j among the methods that explain (the constant and ideal masks are references)."""
+    of column j among the methods that explain (the constant and ideal masks are references). The
+    Explainer row is called :func:`explainer_title` of ``black_box``."""
     class_specificity = class_specificity or {}
     header = ["method"] + [f"{label} {arrow}" for _, label, arrow in METRICS] + ["spec. gap ↑"]
     columns = [(key, arrow) for key, _, arrow in METRICS]
@@ -142,19 +183,23 @@ def metrics_rows(methods: Mapping[str, Mapping[str, float | None]],
         cells = [_fmt(v, k) for v, k in zip(values[method], keys)]
         if method in class_specificity:
             cells[-1] = _gap_cell(class_specificity[method])
-        rows.append([_title(method)] + cells)
+        rows.append([_title(method, black_box)] + cells)
         best.append([False] + [method in contenders and v is not None and v == b
                                for v, b in zip(values[method], best_of)])
     return header, rows, best
 
 
 def metrics_html(methods: Mapping[str, Mapping[str, float | None]],
-                 class_specificity: Mapping[str, Mapping] | None = None) -> str:
-    """The metrics table of :func:`metrics_markdown` as an HTML ``<table>``, best values in bold."""
+                 class_specificity: Mapping[str, Mapping] | None = None, protocol: str | None = None,
+                 black_box: bool | None = None) -> str:
+    """The metrics table of :func:`metrics_markdown` as an HTML ``<table>``, best values in bold; its
+    caption says the protocol (metrics.json's ``protocol``) when given, and ``black_box`` names the
+    Explainer row as in :func:`metrics_markdown`."""
     from html import escape
 
-    header, rows, best = metrics_rows(methods, class_specificity)
-    out = ["<table class='metrics'><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header)
+    header, rows, best = metrics_rows(methods, class_specificity, black_box=black_box)
+    caption = f"<caption>{escape(protocol_line(protocol))}</caption>" if protocol else ""
+    out = ["<table class='metrics'>" + caption + "<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header)
            + "</tr></thead><tbody>"]
     for cells, marks in zip(rows, best):
         out.append("<tr>" + "".join(f"<td><b>{escape(c)}</b></td>" if b else f"<td>{escape(c)}</td>"

@@ -48,6 +48,12 @@ def classifier_loss(logits: torch.Tensor, y: torch.Tensor, single_label: bool = 
     return classification_loss(logits, y, single_label=single_label)
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """L_d = BCEWithLogits(student logits, p_F): the student reproduces the Explanandum's sigmoid
+    probabilities (soft targets), class by class (``explainer.init=distilled``)."""
+    return F.binary_cross_entropy_with_logits(student_logits, teacher_probs)
+
+
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     """L_e = −mean over (b, c) of −p log p, p = softmax(logits) (minimising it maximises entropy)."""
     p = F.softmax(logits, dim=-1).clamp(min=1e-16)

@@ -3,19 +3,27 @@
 Architectures (``arch``):
 
 - ``deeplabv3_resnet50``: the paper's Explainer, torchvision DeepLabv3-ResNet50 without the aux head,
-  C outputs, upsampled to the input size. The ResNet-50 backbone may start from a torchvision ImageNet
-  state dict given as a file (the paper's backbone was ImageNet-pretrained).
+  C outputs, upsampled to the input size. The ResNet-50 backbone starts from a torchvision ImageNet
+  state dict given as a file (``explainer.init=backbone_file``; the paper's backbone was
+  ImageNet-pretrained).
 - ``deeplabv3_mobilenet_v3_large``: the same with a MobileNetV3-Large backbone (about 7× cheaper).
 - ``compact``: a small U-Net for CPUs that decodes at **full input resolution** (half-resolution
-  logits gave blobby masks that spill between neighbouring objects). Its encoder has exactly the
-  blocks of the ``small_cnn`` Explanandum and can start from that classifier's trained conv layers
-  (``encoder_from=``), the CPU-sized stand-in for the paper's pretrained backbone. ``levels`` (2..4)
-  uses only the first blocks: the CPU presets use 3 (22% fewer multiply-adds; the settings tried are
-  in the README's "Benchmarks" section). With ``cam=True`` a class-activation branch adds the
-  classifier's own per-pixel class evidence to the logits: the small_cnn blocks after the U-Net's
-  levels and its linear layer applied at every position (a CAM), upsampled; started from the
-  classifier (``encoder_from=``), the masks are class-specific from the first step instead of
-  marking every object for every present class.
+  logits gave blobby masks that spill between neighbouring objects). Its encoder is a stack of
+  conv blocks with :data:`COMPACT_CHANNELS` (the Explainer's own choice, read from no classifier);
+  ``levels`` (2..4) uses only the first blocks (the CPU presets use 3: 22% fewer multiply-adds; the
+  settings tried are in the README's "Benchmarks" section). With ``cam=True`` a class-activation
+  branch adds per-position class evidence to the logits: the encoder's remaining blocks and a 1×1
+  conv (a linear layer applied at every position), upsampled. :meth:`CompactExplainer.class_logits`
+  reads that branch as a classifier (maximum over positions), which is what
+  ``explainer.init=distilled`` trains to reproduce the Explanandum's outputs before the paper's loss,
+  so that the masks are class-specific from the first step of it.
+
+How the weights start (``explainer.init``, recorded in every checkpoint with ``black_box``):
+``scratch`` (random), ``distilled`` (random, then distilled from the Explanandum's outputs by the
+trainer), ``backbone_file`` (DeepLab: an ImageNet backbone file) — all black-box: nothing of the
+Explanandum but its outputs is used — and the white-box variant ``explanandum_copy`` (compact: the
+encoder and branch copied from a ``small_cnn`` Explanandum's conv blocks and linear layer, i.e. its
+own class-activation map; ``encoder_from=``), never the product's default.
 
 Every Explainer's ``forward`` returns a plain logits tensor (B, C, H, W) at the input's H × W.
 
@@ -33,7 +41,6 @@ from torch import nn
 
 from pipeline.errors import WysiwycError
 from pipeline.models.explanandum import (
-    SMALL_CNN_CHANNELS,
     SmallCNN,
     StateSource,
     check_arch,
@@ -43,14 +50,20 @@ from pipeline.models.explanandum import (
 )
 
 ARCHS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact")
+INITS = ("scratch", "distilled", "backbone_file", "explanandum_copy")
+BLACK_BOX_INITS = ("scratch", "distilled", "backbone_file")  # explanandum_copy reads F's weights
+COMPACT_CHANNELS = (32, 64, 128, 128)  # the compact encoder's blocks (a VGG-style stack of its own)
 
 _BACKBONE_OF = {"deeplabv3_resnet50": "resnet50", "deeplabv3_mobilenet_v3_large": "mobilenet_v3_large"}
-_HOWTO = (
-    "set explainer.backbone_weights to a local path or s3:// URL of a torchvision {net} state dict; "
-    "download it once on a machine with network, e.g. "
-    "`python -c \"import torch, torchvision; torch.save(torchvision.models.{net}(weights='DEFAULT')"
-    ".state_dict(), '{net}_imagenet.pth')\"`. Weights are never downloaded at run time."
-)
+
+
+def backbone_howto(arch: str) -> str:
+    """How to give ``explainer.backbone_weights`` for ``arch`` (the end of every message about it)."""
+    net = _BACKBONE_OF.get(arch, "resnet50")
+    return (f"set explainer.backbone_weights to a local path or s3:// URL of a torchvision {net} ImageNet state dict; "
+            "download it once on a machine with network, e.g. "
+            f"`python -c \"import torch, torchvision; torch.save(torchvision.models.{net}(weights='DEFAULT')"
+            f".state_dict(), '{net}_imagenet.pth')\"`. Weights are never downloaded at run time.")
 
 
 class TorchvisionSegmentationExplainer(nn.Module):
@@ -65,21 +78,20 @@ class TorchvisionSegmentationExplainer(nn.Module):
 
 
 class CompactExplainer(nn.Module):
-    """U-Net-like Explainer: ``SmallCNN`` encoder, decoder back to the full input resolution.
+    """U-Net-like Explainer: a conv-block encoder, a decoder back to the full input resolution.
 
-    Encoder: ``blocks[i]`` (conv-BN-ReLU ×2) at 1/2^i resolution, max-pooling between blocks, exactly
-    as ``SmallCNN`` so its weights load one to one. Decoder: at each level, bilinear upsampling to
-    the skip's size, concatenation with the skip, conv-BN-ReLU ×2; a 1×1 conv gives C logits at full
-    resolution. Any H × W works (upsampling goes to the skip's exact size).
+    Encoder: ``blocks[i]`` (conv-BN-ReLU ×2) at 1/2^i resolution, max-pooling between blocks (the
+    layout of ``SmallCNN``, so the white-box ``explanandum_copy`` init can load one into the other).
+    Decoder: at each level, bilinear upsampling to the skip's size, concatenation with the skip,
+    conv-BN-ReLU ×2; a 1×1 conv gives C logits at full resolution. Any H × W works.
 
     ``cam_channels`` (None: no branch) adds the class-activation branch: conv blocks with these output
-    channels continue the encoder past its deepest level (max-pooling between, as ``SmallCNN``), a
-    1×1 conv maps their output to C logits, which are upsampled bilinearly and added to the head's.
-    ``()`` applies the 1×1 conv to the deepest level directly (a 4-level encoder is the whole
-    ``small_cnn``).
+    channels continue the encoder past its deepest level (max-pooling between), a 1×1 conv maps their
+    output to C logits per position, which are upsampled bilinearly and added to the head's. ``()``
+    applies the 1×1 conv to the deepest level directly.
     """
 
-    def __init__(self, num_classes: int, channels: tuple[int, ...] = SMALL_CNN_CHANNELS, in_channels: int = 3,
+    def __init__(self, num_classes: int, channels: tuple[int, ...] = COMPACT_CHANNELS, in_channels: int = 3,
                  cam_channels: tuple[int, ...] | None = None):
         super().__init__()
         self.channels = tuple(int(c) for c in channels)
@@ -98,13 +110,30 @@ class CompactExplainer(nn.Module):
             self.cam_blocks = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, self.cam_channels))
             self.cam_fc = nn.Conv2d((self.channels + self.cam_channels)[-1], num_classes, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = []
         for i, block in enumerate(self.blocks):
             if i > 0:
                 x = self.pool(x)
             x = block(x)
             skips.append(x)
+        return skips
+
+    def _cam_features(self, deepest: torch.Tensor) -> torch.Tensor:
+        for block in self.cam_blocks:
+            deepest = block(self.pool(deepest))
+        return deepest
+
+    def _cam(self, deepest: torch.Tensor) -> torch.Tensor:
+        """The branch's class logits per position (B, C, h, w) from the deepest encoder level."""
+        return self.cam_fc(self._cam_features(deepest))  # a linear layer at every position
+
+    def forward(self, x: torch.Tensor, classify: bool = False) -> torch.Tensor:
+        """Per-class mask logits (B, C, H, W); with ``classify``, :meth:`class_logits` instead (a flag of
+        ``forward`` rather than a method of its own so that a DDP-wrapped Explainer can distil)."""
+        if classify:
+            return self.class_logits(x)
+        skips = self._encode(x)
         z = deepest = skips.pop()
         for dec in self.decoder:
             skip = skips.pop()
@@ -112,28 +141,36 @@ class CompactExplainer(nn.Module):
             z = dec(torch.cat([z, skip], dim=1))
         out = self.head(z)
         if self.cam_channels is not None:
-            for block in self.cam_blocks:
-                deepest = block(self.pool(deepest))
-            cam = self.cam_fc(deepest)  # the classifier's linear layer at every position
-            out = out + F.interpolate(cam, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            out = out + F.interpolate(self._cam(deepest), size=out.shape[-2:], mode="bilinear", align_corners=False)
         return out
 
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder and class-activation branch as a classifier (B, C): the branch's features
+        max-pooled over positions, then its linear layer, so that the same linear layer applied at
+        every position is this classifier's class-activation map. (The maximum of the per-position
+        logits instead learned nothing in 1,000 distillation steps at 48 px; this order broke the
+        plateau after ~400, README "Benchmarks".) The decoder is not used."""
+        if self.cam_channels is None:
+            raise WysiwycError("explainer: class_logits needs the class-activation branch (explainer.cam=true)")
+        pooled = self._cam_features(self._encode(x)[-1]).amax(dim=(-2, -1), keepdim=True)
+        return self.cam_fc(pooled).flatten(1)
+
     def load_encoder_from(self, classifier: nn.Module) -> None:
-        """Copy the first conv blocks of a ``small_cnn`` Explanandum (as many as this encoder has
-        levels) into this encoder, and the rest of its blocks and its linear layer into the
-        class-activation branch when there is one (values only: the copies learn even when the
-        classifier is frozen)."""
+        """White-box init (``explanandum_copy``): copy the first conv blocks of a ``small_cnn``
+        Explanandum (as many as this encoder has levels) into this encoder, and the rest of its blocks
+        and its linear layer into the class-activation branch when there is one (values only: the
+        copies learn even when the classifier is frozen)."""
         blocks = getattr(classifier, "blocks", None)
         if not isinstance(classifier, SmallCNN) or blocks is None:
             raise WysiwycError(
-                f"explainer: encoder_from must be a small_cnn Explanandum, got {type(classifier).__name__}"
+                f"explainer: explainer.init=explanandum_copy needs a small_cnn Explanandum, got {type(classifier).__name__}"
             )
         n = len(self.channels)
         own_channels = self.channels + (self.cam_channels or ())
         if tuple(classifier.channels[: len(own_channels)]) != own_channels or (
                 self.cam_channels is not None and tuple(classifier.channels) != own_channels):
             raise WysiwycError(
-                f"explainer: encoder_from has channels {classifier.channels}, the compact Explainer {own_channels}"
+                f"explainer: the Explanandum has channels {classifier.channels}, the compact Explainer {own_channels}"
             )
         for own, theirs in zip(self.blocks, blocks):
             own.load_state_dict(theirs.state_dict())
@@ -161,14 +198,15 @@ def build_explainer(
         num_classes: C, one mask per class of the Explanandum.
         backbone_weights: for the DeepLab archs, a torchvision ImageNet state dict of the backbone
             (``resnet50`` / ``mobilenet_v3_large``) as a path/URL, bytes, mapping or loader callable.
-        encoder_from: for ``compact``, a ``small_cnn`` Explanandum whose conv blocks initialise the
-            encoder (its channels define the Explainer's).
+        encoder_from: for ``compact``, the white-box ``explanandum_copy`` init: a ``small_cnn``
+            Explanandum whose conv blocks (and linear layer, with ``cam``) start the Explainer.
+            None (black-box): random weights, :data:`COMPACT_CHANNELS`.
         weights: the whole Explainer's state dict (a trained checkpoint), same forms as above; a
             ``compact`` Explainer takes its channels and levels from it.
         levels: for ``compact``, how many of the encoder's blocks the U-Net uses (default: all).
             Fewer levels, a smaller receptive field and a cheaper net.
-        cam: for ``compact``, add the class-activation branch (the encoder's remaining ``small_cnn``
-            blocks and a per-position linear layer, from ``encoder_from`` when given).
+        cam: for ``compact``, add the class-activation branch (the encoder's remaining blocks and a
+            per-position linear layer).
 
     Raises:
         WysiwycError: unknown arch, an option the arch does not take, or weights that do not fit.
@@ -179,30 +217,27 @@ def build_explainer(
         if backbone_weights is not None:
             raise WysiwycError(
                 "explainer.backbone_weights: the compact Explainer has no ImageNet backbone; "
-                "use encoder_from (the small_cnn classifier) instead"
+                "use explainer.init=scratch or distilled"
             )
         if weights is not None:
             weights = read_state_dict(weights, what="explainer weights (compact)")
             channels, cam_channels = _compact_channels(weights)
         else:
-            channels = tuple(encoder_from.channels) if isinstance(encoder_from, SmallCNN) else SMALL_CNN_CHANNELS
+            channels = tuple(encoder_from.channels) if isinstance(encoder_from, SmallCNN) else COMPACT_CHANNELS
             cam_channels = None
         if levels is not None:
             if not 2 <= int(levels) <= len(channels):
                 raise WysiwycError(f"explainer.levels={levels}: the compact encoder has 2..{len(channels)} levels")
+            cam_channels = channels[int(levels):] if weights is None and cam else cam_channels
             channels = channels[: int(levels)]
-        if weights is None and cam:
-            if not isinstance(encoder_from, SmallCNN):
-                raise WysiwycError("explainer.cam: the class-activation branch starts from a small_cnn Explanandum; "
-                                   "set explainer.encoder_from_explanandum=true with a small_cnn classifier, or "
-                                   "explainer.cam=false")
-            cam_channels = tuple(encoder_from.channels)[len(channels):]
+        elif weights is None and cam:
+            cam_channels = ()
         model: nn.Module = CompactExplainer(num_classes, channels=channels, cam_channels=cam_channels)
         if encoder_from is not None:
             model.load_encoder_from(encoder_from)
     else:
         if encoder_from is not None:
-            raise WysiwycError(f"explainer: encoder_from is only for the compact Explainer, not {arch}")
+            raise WysiwycError(f"explainer: explainer.init=explanandum_copy is only for the compact Explainer, not {arch}")
         if cam:
             raise WysiwycError(f"explainer.cam is only for the compact Explainer, not {arch}")
         model = _build_deeplab(arch, num_classes, backbone_weights)
@@ -224,7 +259,7 @@ def _compact_channels(state: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...
         return tuple(found)
 
     cam = out_channels("cam_blocks") if "cam_fc.weight" in state else None
-    return out_channels("blocks") or SMALL_CNN_CHANNELS, cam  # not a compact state dict: load_weights names it
+    return out_channels("blocks") or COMPACT_CHANNELS, cam  # not a compact state dict: load_weights names it
 
 
 def _build_deeplab(arch: str, num_classes: int, backbone_weights: StateSource | None) -> nn.Module:
@@ -234,7 +269,7 @@ def _build_deeplab(arch: str, num_classes: int, backbone_weights: StateSource | 
     net = getattr(segmentation, arch)(weights=None, weights_backbone=None, aux_loss=False, num_classes=num_classes)
     if backbone_weights is not None:
         net_name = _BACKBONE_OF[arch]
-        howto = _HOWTO.format(net=net_name)
+        howto = backbone_howto(arch)
         if backbone_weights is True or isinstance(backbone_weights, str) and backbone_weights in ("imagenet", "torchvision", ""):
             raise WysiwycError(f"explainer: ImageNet weights for the {net_name} backbone were asked for without a file; {howto}")
         state = read_state_dict(backbone_weights, what=f"explainer.backbone_weights ({net_name})", howto=howto)

@@ -42,13 +42,13 @@ StateSource = Union[str, os.PathLike, bytes, Mapping, Callable[[], Any]]
 # Values of ``pretrained_backbone`` that ask for ImageNet weights without saying where the file is
 _PRETRAINED_WITHOUT_FILE = (True, "imagenet", "torchvision", "pretrained", "default", "")
 
-_HOWTO = (
-    "set explanandum.pretrained_backbone to a local path or s3:// URL of a torchvision {arch} state "
-    "dict; download it once on a machine with network, e.g. "
-    "`python -c \"import torch, torchvision; torch.save(torchvision.models.{arch}(weights='DEFAULT')"
-    ".state_dict(), '{arch}_imagenet.pth')\"`, then copy the file here (or upload it to object storage). "
-    "Weights are never downloaded at run time."
-)
+def backbone_howto(arch: str) -> str:
+    """How to give ``explanandum.pretrained_backbone`` for ``arch`` (the end of every message about it)."""
+    return (f"set explanandum.pretrained_backbone to a local path or s3:// URL of a torchvision {arch} state dict; "
+            "download it once on a machine with network, e.g. "
+            f"`python -c \"import torch, torchvision; torch.save(torchvision.models.{arch}(weights='DEFAULT')"
+            f".state_dict(), '{arch}_imagenet.pth')\"`, then copy the file here (or upload it to object storage). "
+            "Weights are never downloaded at run time.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def _build_torchvision(arch: str, num_classes: int, pretrained_backbone: StateSo
         pretrained_backbone is v or (isinstance(pretrained_backbone, str) and pretrained_backbone == v)
         for v in _PRETRAINED_WITHOUT_FILE
     ):
-        raise WysiwycError(f"explanandum: ImageNet weights for {arch} were asked for without a file; " + _HOWTO.format(arch=arch))
+        raise WysiwycError(f"explanandum: ImageNet weights for {arch} were asked for without a file; " + backbone_howto(arch))
 
     # weights=None: torchvision must never download anything here
     if arch == "vgg16":
@@ -207,7 +207,7 @@ def _build_torchvision(arch: str, num_classes: int, pretrained_backbone: StateSo
         backbone = [m for name, m in model.named_children() if name != "fc"]
 
     if pretrained_backbone is not None:
-        state = read_state_dict(pretrained_backbone, what=f"explanandum.pretrained_backbone ({arch})", howto=_HOWTO.format(arch=arch))
+        state = read_state_dict(pretrained_backbone, what=f"explanandum.pretrained_backbone ({arch})", howto=backbone_howto(arch))
         _load_backbone(model, arch, state)
 
     # the paper's scheme: the backbone is frozen, only the new head learns
@@ -226,14 +226,14 @@ def _load_backbone(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor
     except RuntimeError as e:  # shapes differ
         raise WysiwycError(
             f"explanandum.pretrained_backbone: not a torchvision {arch} state dict ({_first_line(e)}); "
-            + _HOWTO.format(arch=arch)
+            + backbone_howto(arch)
         ) from e
     missing = [k for k in result.missing_keys if not k.startswith(head)]
     if missing or result.unexpected_keys:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {list(result.unexpected_keys)[:3]}"
         raise WysiwycError(
             f"explanandum.pretrained_backbone: not a torchvision {arch} state dict ({detail}); "
-            + _HOWTO.format(arch=arch)
+            + backbone_howto(arch)
         )
 
 
@@ -273,6 +273,27 @@ def freeze_explanandum(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     lock_eval(model)
     return model
+
+
+class BlackBox:
+    """The Explanandum F as a function only, the access the paper's method has: calling it returns F's
+    logits (and gradients flow through it to the input); reading anything else of it — weights, layers,
+    modules, attributes — raises, so nothing built or trained with it can depend on more than F's
+    outputs and the gradients through them."""
+
+    __slots__ = ("_f",)
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor]):
+        object.__setattr__(self, "_f", model)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return object.__getattribute__(self, "_f")(x)
+
+    def __getattribute__(self, name: str):
+        raise WysiwycError(f"the Explanandum is a black box here: only calling it is allowed, not .{name}")
+
+    def __setattr__(self, name: str, value) -> None:
+        raise WysiwycError(f"the Explanandum is a black box here: only calling it is allowed, not setting .{name}")
 
 
 def classifier_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.evaluate.metrics import foreground_and_valid, segmentation_scores
-from pipeline.method.losses import classifier_loss, explainer_loss
+from pipeline.method.losses import classifier_loss, distillation_loss, explainer_loss
 
 # a batch → (loss to backpropagate, {name: (sum over the batch, count)} for logging)
 LossFn = Callable[[dict], tuple[torch.Tensor, dict[str, tuple[float, float]]]]
@@ -140,6 +140,27 @@ def explainer_loss_fn(explainer: nn.Module, explanandum: nn.Module, weights, ctx
                 finite = scores[name].isfinite()  # NaN: no valid pixel
                 logged[name] = (float(scores[name][finite].sum()), float(finite.sum()))
         return out["total"], logged
+
+    return compute
+
+
+def distillation_loss_fn(student: nn.Module, explanandum, ctx: StepContext) -> LossFn:
+    """Distillation from outputs (``explainer.init=distilled``): the Explainer's encoder and
+    class-activation branch read as a classifier (``student(x, classify=True)``) learn the Explanandum's
+    sigmoid probabilities on the same batch. ``explanandum`` is only called (a
+    :class:`~pipeline.models.explanandum.BlackBox`). Logs the loss, ``prob_error`` (mean |p_student − p_F|)
+    and the student's accuracy / micro-F1 against F's own predictions (p_F ≥ 0.5), i.e. agreement."""
+    def compute(batch: dict):
+        x = batch["image"]
+        with torch.no_grad(), ctx.autocast():
+            target = torch.sigmoid(explanandum(x).float())
+        with ctx.autocast():
+            logits = student(x, classify=True).float()
+        loss = distillation_loss(logits, target)
+        n = float(len(x))
+        error = (torch.sigmoid(logits.detach()) - target).abs().mean(dim=1)
+        return loss, {"loss": (float(loss.detach()) * n, n), "prob_error": (float(error.sum()), n),
+                      **_f1_counts(logits.detach(), (target >= 0.5).float())}
 
     return compute
 

@@ -40,8 +40,8 @@ from pipeline.progress import progress as progress_bar
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import tracking
 from pipeline.train.schedule import build_scheduler, total_optimizer_steps
-from pipeline.train.steps import StepContext, Stats, classifier_loss_fn, evaluate_epoch, explainer_loss_fn, \
-    train_one_epoch
+from pipeline.train.steps import StepContext, Stats, classifier_loss_fn, distillation_loss_fn, evaluate_epoch, \
+    explainer_loss_fn, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,19 @@ def _datasets(config: Config, rank: int, world: int):
 
 def _build(kind: str, config: Config, classes: list[str], device: torch.device):
     """(trained module, parameters to optimise, loss-function factory ``(module, ctx, ground_truth)``,
-    extra checkpoint fields)."""
+    extra checkpoint fields, distillation loss factory ``(module, ctx)`` or None).
+
+    The Explainer's loss and distillation see the Explanandum only as a function (a ``BlackBox``);
+    only the white-box ``explainer.init=explanandum_copy`` hands its weights to ``build_explainer``.
+    """
     from pipeline.models.explainer import build_explainer
-    from pipeline.models.explanandum import build_explanandum, classifier_trainable_parameters
+    from pipeline.models.explanandum import BlackBox, build_explanandum, classifier_trainable_parameters
 
     if kind == "classifier":
         model = build_explanandum(config.explanandum.arch, len(classes),
                                   pretrained_backbone=config.explanandum.pretrained_backbone).to(device)
         return model, classifier_trainable_parameters(model), lambda m, ctx, gt=False: classifier_loss_fn(m, ctx), {
-            "arch": config.explanandum.arch}
+            "arch": config.explanandum.arch}, None
     if not config.explanandum.checkpoint:
         raise WysiwycError("explanandum.checkpoint is not set: train a classifier first "
                            "(`wysiwyc train classifier`) and pass the checkpoint URI it printed")
@@ -115,16 +119,20 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
     explanandum.to(device)
     if config.trainer.channels_last:  # the masked batches arrive channels_last: convs without conversions
         explanandum.to(memory_format=torch.channels_last)
-    encoder = explanandum if (config.explainer.arch == "compact" and config.explainer.encoder_from_explanandum
-                              and state["arch"] == "small_cnn") else None
-    model = build_explainer(config.explainer.arch, len(classes), backbone_weights=config.explainer.backbone_weights,
-                            encoder_from=encoder, levels=config.explainer.levels,
-                            cam=config.explainer.cam).to(device)
-    extra = {"arch": config.explainer.arch,
+    e = config.explainer
+    if e.init == "explanandum_copy" and state["arch"] != "small_cnn":
+        raise WysiwycError(f"explainer.init=explanandum_copy copies a small_cnn Explanandum's conv blocks; this one is "
+                           f"{state['arch']}: use explainer.init=scratch or distilled")
+    model = build_explainer(e.arch, len(classes), backbone_weights=e.backbone_weights,
+                            encoder_from=explanandum if e.init == "explanandum_copy" else None, levels=e.levels,
+                            cam=e.cam).to(device)
+    f = BlackBox(explanandum)
+    extra = {"arch": e.arch, "explainer_init": e.init, "black_box": e.black_box,
              "explanandum": {"uri": storage.redact(config.explanandum.checkpoint), "sha256": sha,
                              "arch": state["arch"]}}
+    distill = (lambda m, ctx: distillation_loss_fn(m, f, ctx)) if e.init == "distilled" else None
     return model, list(model.parameters()), \
-        lambda m, ctx, gt=False: explainer_loss_fn(m, explanandum, config.loss, ctx, ground_truth=gt), extra
+        lambda m, ctx, gt=False: explainer_loss_fn(m, f, config.loss, ctx, ground_truth=gt), extra, distill
 
 
 class LocalRun:
@@ -281,14 +289,17 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
     device = _device(config)
     train_ds, val_ds = _datasets(config, rank, world)
     classes = train_ds.classes
-    model, params, make_loss, extra = _build(kind, config, classes, device)
+    model, params, make_loss, extra, make_distill = _build(kind, config, classes, device)
     ctx = step_context(config, device)
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     t = config.trainer
+    # explainer.init=distilled: the first epochs distil the Explanandum's outputs, then trainer.epochs of L_E
+    distill_epochs = config.explainer.distill_epochs if make_distill is not None else 0
+    total_epochs = distill_epochs + t.epochs
     scheduler = build_scheduler(optimizer, config.optim.schedule, config.optim.warmup_steps,
-                                total_optimizer_steps(t.epochs, train_ds.manifest["num_samples"], world,
+                                total_optimizer_steps(total_epochs, train_ds.manifest["num_samples"], world,
                                                       t.batch_size, t.grad_accum, t.max_steps))
 
     history, epoch0, step, best_loss, stale, mlflow_run_id = [], 0, 0, math.inf, 0, None
@@ -309,9 +320,13 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
     # DDP averages gradients across ranks (gloo on CPU, NCCL on GPU: the process group is Ray's)
     trained = model
     if _distributed(world):
+        # distillation leaves the decoder without gradients: DDP must look for unused parameters then
         trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=distill_epochs > 0)
     loss_fn = make_loss(trained, ctx)
+    distill_fn = make_distill(trained, ctx) if make_distill is not None else None
+    val_distill_fn = make_distill(model, ctx) if make_distill is not None else None
     # validation through the plain module: a DDP forward may broadcast buffers, a collective that
     # ranks with fewer (or no) validation batches would never join; with segmentation on the validation
     # split the Explainer's masks are also scored against it (val_c_iou, val_d_f1, val_c_f1)
@@ -342,37 +357,45 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
     stopped_early = False
     status = "FAILED"
     try:
-        for epoch in range(epoch0, config.trainer.epochs):
+        for epoch in range(epoch0, total_epochs):
             if config.trainer.max_steps is not None and step >= config.trainer.max_steps:
                 break
             if on_epoch_start is not None:
                 on_epoch_start(epoch, rank)
             train_ds.set_epoch(epoch)
-            bar = progress_bar(math.ceil(total / world / config.trainer.batch_size),
-                               f"{kind} epoch {epoch + 1}/{config.trainer.epochs}", "batch",
+            distilling = epoch < distill_epochs
+            prefix = "distill_" if distilling else ""  # distillation's metrics keep names of their own
+            title = f"distil epoch {epoch + 1}/{distill_epochs}" if distilling else \
+                f"{kind} epoch {epoch + 1 - distill_epochs}/{config.trainer.epochs}"
+            bar = progress_bar(math.ceil(total / world / config.trainer.batch_size), title, "batch",
                                enabled=progress and rank == 0)
 
             def on_step(global_step: int, metrics: dict) -> None:
                 bar.update(ctx.grad_accum)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if tracker is not None:  # rank 0's own batch: every loss term, per step
-                    tracker.log_step(global_step, metrics)
+                    tracker.log_step(global_step, {prefix + k: v for k, v in metrics.items()})
 
-            stats, step, timing = train_one_epoch(loss_fn, [trained], params, _even_batches(train_loader, world),
+            stats, step, timing = train_one_epoch(distill_fn if distilling else loss_fn, [trained], params,
+                                                  _even_batches(train_loader, world),
                                                   optimizer, ctx, max_steps=config.trainer.max_steps,
                                                   on_step=on_step, start_step=step,
                                                   scheduler=scheduler)
             bar.close()
             stats, timing = _all_reduce_stats(stats, world), _all_reduce_timing(timing, world)
-            record = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v for k, v in stats.compute().items()},
+            record = {"epoch": epoch + 1, "step": step, **{f"{prefix}train_{k}": v for k, v in stats.compute().items()},
                       "images_per_second": timing["images"] / max(timing["seconds"], 1e-9),
                       "data_wait_share": timing["data_seconds"] / max(timing["seconds"], 1e-9)}
             if val_loader is not None:
-                val = _all_reduce_stats(evaluate_epoch(val_loss_fn, [model], val_loader, ctx), world)
-                record.update({f"val_{k}": v for k, v in val.compute().items()})
-            monitored = record.get("val_loss", record["train_loss"])
-            improved = monitored < best_loss - config.trainer.min_delta
-            best_loss, stale = (monitored, 0) if improved else (best_loss, stale + 1)
+                val = _all_reduce_stats(evaluate_epoch(val_distill_fn if distilling else val_loss_fn, [model],
+                                                       val_loader, ctx), world)
+                record.update({f"{prefix}val_{k}": v for k, v in val.compute().items()})
+            if distilling:  # no checkpoint of this phase is "best" (L_E has not started)
+                monitored, improved = math.inf, False
+            else:
+                monitored = record.get("val_loss", record["train_loss"])
+                improved = monitored < best_loss - config.trainer.min_delta
+                best_loss, stale = (monitored, 0) if improved else (best_loss, stale + 1)
             history.append(record)
             log.info("%s epoch %d: %s", kind, epoch + 1,
                      ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
@@ -391,7 +414,7 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
             run.commit(state, {**record, "monitored_loss": monitored}, improved)
             if tracker is not None:  # after the checkpoint: a tracking outage never costs the epoch
                 tracker.log_epoch(step, record)
-                if fixed is not None:
+                if fixed is not None and not distilling:
                     tracker.log_bytes(_overlay_png(model, fixed, classes, ctx), f"overlays/epoch_{epoch + 1:03d}.png")
                 tracker.save()
             if config.trainer.patience is not None and stale >= config.trainer.patience:

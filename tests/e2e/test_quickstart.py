@@ -32,7 +32,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "quickstart", "--workdir", str(work / "qs"),
          "--num-images", str(NUM_IMAGES), "--num-corpus", str(NUM_CORPUS), "data.image_size=24",
-         "trainer.epochs=1", "evaluate.rise_masks=20", "evaluate.overlay_images=4", f"registry.gate={gate}",
+         "trainer.epochs=1", "explainer.distill_epochs=1", "evaluate.rise_masks=20", "evaluate.overlay_images=4", f"registry.gate={gate}",
          "--json"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -82,6 +82,8 @@ def test_report_is_self_contained_with_table_pictures_and_lambdas(quickstart):
     assert "src='http" not in html and "src='/" not in html
     assert "entropy_regularizer" in html and "class_mask_max_area" in html
     # the Explainer's net and schedule as configs/cpu/explainer.yaml sets them
+    assert "The Explainer is black-box, as the paper's" in html  # the report leads with what it shows
+    assert "<tr><td>explainer.init</td><td>distilled</td></tr>" in html
     assert "<tr><td>explainer.cam</td><td>True</td></tr>" in html
     assert "<tr><td>explainer.levels</td><td>3</td></tr>" in html
     metrics = json.loads(Path(summary["metrics"]).read_text())

@@ -42,7 +42,7 @@ LAMBDAS = {"entropy_regularizer": 0.5, "mask_variation_regularizer": 1.0, "mask_
            "class_mask_max_area": 0.3}
 
 
-def _explainer_state(classes, classifier_uri, classifier_sha, data, seed, blank=False, epoch=0):
+def _explainer_state(classes, classifier_uri, classifier_sha, data, seed, blank=False, epoch=0, init="scratch"):
     torch.manual_seed(seed)
     model = build_explainer("compact", len(classes))
     if blank:  # logits −30 everywhere: every mask ≈ 0
@@ -51,7 +51,8 @@ def _explainer_state(classes, classifier_uri, classifier_sha, data, seed, blank=
     return {"kind": "explainer", "arch": "compact", "classes": classes, "image_size": SIZE,
             "model": model.state_dict(), "epoch": epoch, "step": 0, "metrics": {"val_loss": 1.25},
             "config": {"data": {"train": data, "image_size": SIZE}, "loss": LAMBDAS},
-            "explanandum": {"uri": classifier_uri, "sha256": classifier_sha, "arch": "small_cnn"}}
+            "explanandum": {"uri": classifier_uri, "sha256": classifier_sha, "arch": "small_cnn"},
+            "explainer_init": init, "black_box": init != "explanandum_copy"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,8 @@ def reg(s3_server, mlflow_server, tmp_path_factory):
     data = f"{base}/data/test"
     checkpoints, shas = {}, {}
     for key, kwargs in {"a": {"seed": 1}, "blank": {"seed": 1, "blank": True}, "a2": {"seed": 1, "epoch": 1},
-                        "a3": {"seed": 1, "epoch": 2}, "b": {"seed": 2}, "b2": {"seed": 2, "epoch": 1}}.items():
+                        "a3": {"seed": 1, "epoch": 2}, "b": {"seed": 2}, "b2": {"seed": 2, "epoch": 1},
+                        "white": {"seed": 1, "epoch": 3, "init": "explanandum_copy"}}.items():
         checkpoints[key] = f"{base}/ckpt/{key}.pt"
         shas[key] = save_checkpoint(_explainer_state(classes, f"{base}/clf.pt", clf_sha, data, **kwargs),
                                     checkpoints[key], s3_server.opts)
@@ -297,3 +299,22 @@ def test_register_from_sweep_takes_the_best_trial(reg):
     assert (tags["wysiwyc.sweep"], tags["wysiwyc.sweep_trial"], tags["wysiwyc.training_run_id"]) == ("lam", "t2", "r456")
     run = reg["client"].get_run(summary["mlflow_run_id"])
     assert run.data.metrics["sweep.val_selection"] == pytest.approx(0.7)
+
+
+def test_the_default_gate_refuses_a_white_box_explainer_unless_the_gate_file_allows_it(reg):
+    from pipeline.registry import promote, register_checkpoint
+
+    version = register_checkpoint(reg["checkpoints"]["white"], "expl-white", reg["config"])["version"]
+    tags = reg["client"].get_model_version("expl-white", version).tags
+    assert (tags["wysiwyc.explainer_init"], tags["wysiwyc.black_box"]) == ("explanandum_copy", "false")
+    proc = wysiwyc(reg, "promote", "--name", "expl-white", "--version", version, "--gate", reg["gate"],
+                   *reg["overrides"], "--json", check=False)
+    assert proc.returncode == 2
+    message = json.loads(proc.stdout)["error"]
+    assert "is not a black-box Explainer (explainer.init=explanandum_copy" in message
+    assert "allow_white_box: true" in message
+    assert "champion" not in reg["client"].get_registered_model("expl-white").aliases
+    allowing = reg["root"] / "gate-white.yaml"
+    allowing.write_text(open(reg["gate"]).read() + "allow_white_box: true\n")
+    assert promote("expl-white", version, reg["config"], str(allowing), progress=False)["version"] == version
+    assert reg["client"].get_registered_model("expl-white").aliases["champion"] == version

@@ -8,6 +8,7 @@ zeros = nothing) and the refusals do not depend on training.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -23,14 +24,21 @@ from pipeline.data.ingest import ingest
 from pipeline.data.shards import ShardDataset
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.errors import WysiwycError
+from pipeline.evaluate import evaluate as evaluate_module
 from pipeline.evaluate import report
 from pipeline.evaluate.evaluate import (
     METHODS,
+    PaperTruthShards,
     f1_at_thresholds,
     merge_present,
 )
 from pipeline.evaluate.evaluate import evaluate as run_evaluate
-from pipeline.evaluate.metrics import foreground_and_valid, segmentation_scores
+from pipeline.evaluate.metrics import (
+    foreground_and_valid,
+    paper_foreground,
+    paper_seg_luminance,
+    segmentation_scores,
+)
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import build_explanandum
 from pipeline.train.checkpoint import save_checkpoint
@@ -40,7 +48,7 @@ torch.set_num_threads(1)
 SIZE = 32
 NUM_IMAGES = 24
 CONTRACT_METRICS = {"mean_f1", "cont_f1", "accuracy", "discrete_iou", "cont_iou", "auc", "saliency",
-                    "background_coverage", "object_coverage", "masks_per_second"}
+                    "background_coverage", "object_coverage", "masks_per_second", "nan_masks"}
 
 def _config(workdir, **overrides) -> Config:
     tree = {
@@ -65,12 +73,12 @@ def _classifier_state(classes, seed):
             "model": model.state_dict(), "epoch": 0, "step": 0, "config": {}, "metrics": {}}
 
 
-def _explainer_state(classes, explanandum_uri, explanandum_sha):
+def _explainer_state(classes, explanandum_uri, explanandum_sha, **extra):
     torch.manual_seed(1)
     model = build_explainer("compact", len(classes))
     return {"kind": "explainer", "arch": "compact", "classes": classes, "image_size": SIZE,
             "model": model.state_dict(), "epoch": 0, "step": 0, "config": {}, "metrics": {},
-            "explanandum": {"uri": explanandum_uri, "sha256": explanandum_sha, "arch": "small_cnn"}}
+            "explanandum": {"uri": explanandum_uri, "sha256": explanandum_sha, "arch": "small_cnn"}, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +109,16 @@ def _test_labels(workdir) -> torch.Tensor:
 
 def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
     _, metrics = run
-    assert set(metrics) == {"methods", "class_specificity", "num_images", "f1_curve"}
+    assert set(metrics) == {"protocol", "explainer_init", "black_box", "methods", "class_specificity",
+                            "num_images", "f1_curve"}
+    assert metrics["protocol"] == "project"
+    # a checkpoint without the records (written before they existed): unknown / null
+    assert metrics["explainer_init"] == "unknown" and metrics["black_box"] is None
     assert list(metrics["methods"]) == list(METHODS)
     for method, values in metrics["methods"].items():
         assert set(values) == CONTRACT_METRICS, method
         assert values["masks_per_second"] > 0, method
+        assert values["nan_masks"] == 0, method
     assert set(metrics["class_specificity"]) == {"explainer", "grad_cam", "rise", "ideal"}
     for curve in metrics["f1_curve"].values():
         assert curve["thresholds"] == pytest.approx([0.05 * k for k in range(1, 20)])
@@ -184,6 +197,8 @@ def test_summary_has_the_contract_keys_and_a_markdown_table(run, workdir):
     text = (out / "metrics.md").read_text()
     for title in ("Explainer", "Grad-CAM", "RISE", "ideal"):
         assert f"| {title} |" in text
+    assert "Protocol: project" in text and "white-box" not in text
+    assert summary["protocol"] == "project"
     assert "spec. gap" in text and "## Class specificity" in text
     lo, hi = metrics["class_specificity"]["explainer"]["gap_ci95"]
     assert f"[{lo:.2f}, {hi:.2f}]" in text
@@ -233,6 +248,109 @@ def test_a_registry_uri_that_does_not_resolve_is_refused_naming_it(workdir, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def _maker_with_masks_set_to(original, fill: float, touched: list):
+    """A ``_mask_maker`` wrapping ``original`` whose masks are ``fill`` for every class of the first
+    image of each batch and on one pixel of a class the second image does not hold (``touched``: per
+    batch, the first image's classes, read from its class-index map)."""
+
+    def maker(name, models, options):
+        make = original(name, models, options)
+
+        def patched(x, seg):
+            maps = make(x, seg).clone()
+            maps[0] = fill
+            touched.append([k for k in range(maps.shape[1]) if (seg[0] == k + 1).any()])
+            if maps.shape[0] > 1:
+                absent = [k for k in range(maps.shape[1]) if not (seg[1] == k + 1).any()]
+                maps[1, absent[0], 0, 0] = fill  # a class image 1 does not hold: used by no metric
+            return maps
+        return patched
+    return maker
+
+
+def test_nan_masks_score_as_all_zero_masks_in_every_metric_and_are_counted(workdir, monkeypatch):
+    runs, original = {}, evaluate_module._mask_maker
+    for label, fill in (("nan", math.nan), ("zero", 0.0)):
+        touched: list = []
+        monkeypatch.setattr(evaluate_module, "_mask_maker", _maker_with_masks_set_to(original, fill, touched))
+        config = _config(workdir, output=str(workdir / f"out-{label}"), evaluate__methods=["explainer"])
+        run_evaluate(config, progress=False)
+        runs[label] = (json.loads((workdir / f"out-{label}" / "metrics.json").read_text()), touched)
+    (nan, touched), (zero, _) = runs["nan"], runs["zero"]
+    a, b = nan["methods"]["explainer"], zero["methods"]["explainer"]
+    for key in CONTRACT_METRICS - {"masks_per_second", "nan_masks"}:
+        assert a[key] is not None and a[key] == pytest.approx(b[key], abs=1e-9), key
+    assert nan["f1_curve"]["explainer"]["f1"] == pytest.approx(zero["f1_curve"]["explainer"]["f1"], abs=1e-9)
+    sa, sb = nan["class_specificity"]["explainer"], zero["class_specificity"]["explainer"]
+    for row_a, row_b in zip(sa["matrix"], sb["matrix"]):
+        assert [v is None for v in row_a] == [v is None for v in row_b]
+        assert [v for v in row_a if v is not None] == pytest.approx([v for v in row_b if v is not None])
+    assert sa["gap_ci95"] == pytest.approx(sb["gap_ci95"])
+    # per batch: the first image's merged mask + its classes' masks (those the matrix uses); the
+    # NaN in a class image 1 does not hold is neither used nor counted
+    assert a["nan_masks"] == sum(1 + len(classes) for classes in touched) > 0
+    assert b["nan_masks"] == 0
+    assert "Masks holding NaN, scored as all-zero masks: Explainer" in (workdir / "out-nan" / "metrics.md").read_text()
+
+
+def test_paper_protocol_reproduces_the_paper_evaluation(workdir):
+    out = workdir / "out-paper"
+    config = _config(workdir, output=str(out), evaluate__protocol="paper",
+                     evaluate__methods=["explainer", "zeros", "ones", "ideal"])
+    summary = run_evaluate(config, progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocol"] == summary["protocol"] == "paper"
+    ideal, zeros, ones = (metrics["methods"][m] for m in ("ideal", "zeros", "ones"))
+    # the ideal mask is the paper's ground truth itself ("perfect")
+    assert ideal["cont_iou"] == 1.0 and ideal["mean_f1"] == pytest.approx(1.0, abs=1e-6)
+    assert zeros["object_coverage"] == 0.0 and ones["background_coverage"] == 1.0
+    assert ones["saliency"] >= 0.0  # log 1 − log Σ softmax over the present classes, Σ ≤ 1
+    # the notebook's matrix: every column (mask classes present or not) for every class some image holds
+    labels = _test_labels(workdir)
+    held = (labels[labels.sum(1) > 0].sum(0) > 0).tolist()
+    for method, spec in metrics["class_specificity"].items():
+        for r, row in enumerate(spec["matrix"]):
+            if held[r]:
+                assert all(v is not None and 0.0 <= v <= 1.0 for v in row), (method, r)
+            else:
+                assert all(v is None for v in row), (method, r)
+    text = (out / "metrics.md").read_text()
+    assert "Protocol: paper" in text and "binarised at 0.1…0.9" in text
+
+
+def test_paper_ground_truth_is_made_from_the_source_resolution_segmentation(workdir):
+    spec = str(workdir / "data" / "test")
+    lut = paper_seg_luminance(voc=False)
+    small = PaperTruthShards(spec, image_size=16, luminance=lut)
+    source = ShardDataset(spec, image_size=SIZE, train=False)  # the synthetic images are SIZE px
+    pairs = list(zip(small, source))
+    assert len(pairs) == NUM_IMAGES
+    for a, b in pairs:
+        assert a["key"] == b["key"]
+        expected = paper_foreground(b["seg"].numpy().astype("uint8"), 16, lut)
+        assert a["paper_fg"].numpy().tolist() == expected.tolist(), a["key"]
+        assert a["paper_fg"].sum() >= (a["seg"] != 0).sum()  # edges only grow the nearest-resized objects
+
+
+def test_explainer_init_and_black_box_come_from_the_checkpoint_and_label_the_row(workdir, tmp_path):
+    classes = list(SyntheticReader(1, seed=0, split="x").classes)
+    sha = hashlib.sha256((workdir / "classifier.pt").read_bytes()).hexdigest()
+    state = _explainer_state(classes, str(workdir / "classifier.pt"), sha, explainer_init="explanandum_copy",
+                             black_box=False)
+    save_checkpoint(state, str(tmp_path / "explainer.pt"))
+    config = _config(workdir, explainer__checkpoint=str(tmp_path / "explainer.pt"), output=str(tmp_path / "out"),
+                     evaluate__methods=["explainer", "zeros"], evaluate__max_images=6)
+    run_evaluate(config, progress=False)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["explainer_init"] == "explanandum_copy" and metrics["black_box"] is False
+    text = (tmp_path / "out" / "metrics.md").read_text()
+    assert "| Explainer (white-box init) |" in text
+    html = report.metrics_html(metrics["methods"], metrics["class_specificity"], protocol=metrics["protocol"],
+                               black_box=metrics["black_box"])
+    assert "<td>Explainer (white-box init)</td>" in html and "Protocol: project" in html
+    assert "<td>Explainer</td>" in report.metrics_html(metrics["methods"], black_box=True)
+
+
 def test_unknown_method_is_a_config_error():
     with pytest.raises(ValueError, match="unknown method.*grad_cam"):
         EvaluateConfig(methods=["explainer", "gradcam"])
@@ -279,6 +397,8 @@ def test_f1_curve_matches_the_discrete_f1_of_segmentation_scores():
 def test_merge_present_is_the_pixelwise_max_over_the_image_classes():
     maps = torch.tensor([[[[0.2]], [[0.9]], [[0.5]]], [[[0.7]], [[0.1]], [[0.3]]]])  # (2, 3, 1, 1)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    assert merge_present(maps, labels).flatten().tolist() == pytest.approx([0.5, 0.0])
+    maps[0, 1] = math.nan  # a NaN in an absent class's mask does not reach the merged mask
     assert merge_present(maps, labels).flatten().tolist() == pytest.approx([0.5, 0.0])
 
 

@@ -190,8 +190,24 @@ def test_class_activation_branch_starts_as_the_classifiers_own_per_position_evid
     assert build_explainer("compact", 4, weights=without.state_dict()).cam_channels is None
     with pytest.raises(WysiwycError, match="explainer.cam is only for the compact"):
         build_explainer("deeplabv3_mobilenet_v3_large", 4, cam=True)
-    with pytest.raises(WysiwycError, match="explainer.cam: .*encoder_from_explanandum=true"):
-        build_explainer("compact", 4, cam=True)  # a randomly started branch knows nothing of the classifier
+
+
+
+def test_black_box_class_activation_branch_is_the_explainers_own_classifier():
+    # without a classifier to copy, the branch continues the encoder with the compact net's own channels
+    torch.manual_seed(7)
+    explainer = build_explainer("compact", 5, levels=3, cam=True).eval()
+    assert explainer.channels == (32, 64, 128) and explainer.cam_channels == (128,)
+    x = torch.randn(2, 3, 40, 36)
+    # class_logits: the branch's features max-pooled over positions, then its linear layer (whose per-position
+    # application is the class-activation map added to the masks); forward(classify=True) the same
+    features = explainer.cam_blocks[0](explainer.pool(explainer._encode(x)[-1]))  # (2, 128, 5, 4)
+    expected = features.amax(dim=(-2, -1)) @ explainer.cam_fc.weight[:, :, 0, 0].T + explainer.cam_fc.bias
+    torch.testing.assert_close(explainer.class_logits(x), expected)
+    torch.testing.assert_close(explainer(x, classify=True), explainer.class_logits(x))
+    assert build_explainer("compact", 5, cam=True).cam_channels == ()  # 4 levels: the fc on the deepest
+    with pytest.raises(WysiwycError, match="class_logits needs the class-activation branch"):
+        build_explainer("compact", 5).class_logits(x)
 
 
 def test_freeze_keeps_eval_mode_through_train_calls_copies_and_pickling():

@@ -207,7 +207,7 @@ def test_validation_split_with_fewer_shards_than_ranks_gives_the_single_rank_met
     # the same weights evaluated by one rank over the whole validation split
     state, _ = ckpt.load_checkpoint(str(tmp_path / "ckpt" / "ddp" / "last.pt"))
     cfg = load_config(None, overrides)
-    model, _, _, _ = _build("classifier", cfg, state["classes"], torch.device("cpu"))
+    model, _, _, _, _ = _build("classifier", cfg, state["classes"], torch.device("cpu"))
     model.load_state_dict(state["model"])
     step_ctx = StepContext()
     single = ShardDataset(val, image_size=SIZE, train=False, rank=0, world_size=1)
@@ -216,3 +216,65 @@ def test_validation_split_with_fewer_shards_than_ranks_gives_the_single_rank_met
     assert {"val_loss", "val_accuracy", "val_f1"} <= set(record)
     for key in ("loss", "accuracy", "f1"):
         assert record[f"val_{key}"] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
+
+
+def _explanandum_tensors(checkpoint: str) -> list[torch.Tensor]:
+    return [t for t in ckpt.load_checkpoint(checkpoint)[0]["model"].values() if t.is_floating_point() and t.numel() > 1]
+
+
+@pytest.mark.parametrize("init, extra, copies", [
+    ("scratch", ["explainer.cam=true"], False),
+    ("distilled", ["explainer.cam=true"], False),
+    ("explanandum_copy", ["explainer.cam=true"], True),  # the white-box variant: the check can fail
+])
+def test_black_box_inits_start_from_no_tensor_of_the_explanandum(data, tmp_path, init, extra, copies):
+    from pipeline.train.trainer import _build
+
+    clf = fit("classifier", config(data, tmp_path, "trainer.max_steps=2", "trainer.run_name=clf"), progress=False)
+    cfg = config(data, tmp_path, f"explainer.init={init}", "explainer.levels=3", *extra,
+                 f"explanandum.checkpoint={clf['checkpoint']}")
+    classes = ckpt.load_checkpoint(clf["checkpoint"])[0]["classes"]
+    model, _, _, extra_fields, distill = _build("explainer", cfg, classes, torch.device("cpu"))
+    theirs = _explanandum_tensors(clf["checkpoint"])
+    copied = [name for name, own in model.state_dict().items() if own.is_floating_point() and own.numel() > 1
+              and any(own.shape == t.shape and torch.equal(own, t) for t in theirs)]
+    assert bool(copied) is copies, copied
+    assert extra_fields["explainer_init"] == init and extra_fields["black_box"] is (not copies)
+    assert (distill is not None) is (init == "distilled")
+
+
+def test_distilled_init_distils_the_outputs_then_trains_the_papers_loss_calling_the_explanandum_only(
+        data, tmp_path, monkeypatch):
+    from pipeline.models.explanandum import BlackBox
+    from pipeline.train import trainer
+
+    seen = []
+    for name in ("distillation_loss_fn", "explainer_loss_fn"):
+        original = getattr(trainer, name)
+
+        def spy(model, explanandum, *args, _original=original, **kwargs):
+            seen.append(explanandum)
+            return _original(model, explanandum, *args, **kwargs)
+
+        monkeypatch.setattr(trainer, name, spy)
+    clf = fit("classifier", config(data, tmp_path, "trainer.epochs=2", "trainer.run_name=clf"), progress=False)
+    cfg = [f"explanandum.checkpoint={clf['checkpoint']}", "trainer.run_name=dist", "explainer.init=distilled",
+           "explainer.cam=true", "explainer.levels=3", "explainer.distill_epochs=2"]
+    summary = fit("explainer", config(data, tmp_path, "trainer.epochs=1", *cfg), progress=False)
+
+    # the loss functions got the Explanandum as a black box: calling it works, anything else raises
+    assert seen and all(isinstance(f, BlackBox) for f in seen)
+    with pytest.raises(WysiwycError, match="black box.*not .parameters"):
+        seen[0].parameters()
+    history = json.loads((tmp_path / "ckpt" / "dist" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3] and summary["epochs"] == 3
+    for h in history[:2]:  # distillation: its own metric names, F's outputs as targets
+        assert {"distill_train_loss", "distill_train_prob_error", "distill_train_f1", "distill_val_loss"} <= set(h)
+        assert "train_classification" not in h
+    assert history[1]["distill_train_loss"] < history[0]["distill_train_loss"]
+    assert {"train_classification", "train_entropy", "val_loss"} <= set(history[2])
+    state, _ = ckpt.load_checkpoint(summary["checkpoint"])  # best.pt: only the paper's loss selects
+    assert state["epoch"] == 2 and (state["explainer_init"], state["black_box"]) == ("distilled", True)
+    # relaunched with one more epoch of the paper's loss, it resumes after the distillation
+    again = fit("explainer", config(data, tmp_path, "trainer.epochs=2", *cfg), progress=False)
+    assert again["resumed_from_epoch"] == 3 and again["epochs"] == 4

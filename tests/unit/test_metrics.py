@@ -12,10 +12,17 @@ from pipeline.evaluate.metrics import (
     class_specificity_matrix,
     class_specificity_sums,
     foreground_and_valid,
+    paper_class_specificity_sums,
+    paper_foreground,
+    paper_saliency,
+    paper_seg_luminance,
+    paper_segmentation_scores,
     roc_auc,
     saliency,
     segmentation_scores,
     specificity_gaps,
+    voc_palette,
+    zero_nan_masks,
 )
 
 
@@ -224,3 +231,139 @@ def test_gap_interval_is_a_seeded_bootstrap_over_images():
     assert lo < gap < hi and 0.5 <= lo and hi <= 1.0
     assert acc.gap_interval(resamples=500) == (lo, hi)
     assert math.isnan(ClassSpecificityAccumulator(3).gap_interval()[0])
+
+
+# ------------------------------------------------------------------------------- NaN masks
+
+
+def test_a_mask_holding_a_nan_is_zeroed_as_a_whole_and_flagged():
+    masks = torch.rand(2, 3, 4, 4)
+    masks[0, 1, 2, 3] = math.nan  # one NaN pixel: the whole mask goes
+    masks[1, 2] = math.nan
+    zeroed, has_nan = zero_nan_masks(masks)
+    assert has_nan.tolist() == [[False, True, False], [False, False, True]]
+    assert zeroed[0, 1].abs().sum().item() == 0.0 and zeroed[1, 2].abs().sum().item() == 0.0
+    keep = ~has_nan
+    torch.testing.assert_close(zeroed[keep], masks[keep])
+    merged, flags = zero_nan_masks(masks[:, 1])  # (B, H, W): one flag per image
+    assert flags.tolist() == [True, False] and not merged.isnan().any()
+
+
+# ------------------------------------------------------------------- the paper's protocol
+
+
+def _paper_open_segmentation_mask(seg: np.ndarray, size: int) -> np.ndarray:
+    """The paper's compute_scores.open_segmentation_mask, literally, on ``seg`` saved as a VOC PNG."""
+    import io
+
+    import torchvision.transforms as T
+    from PIL import Image
+
+    im = Image.frombytes("P", (seg.shape[1], seg.shape[0]), seg.astype(np.uint8).tobytes())
+    im.putpalette(voc_palette().flatten().tolist())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    mask = Image.open(io.BytesIO(buf.getvalue())).convert("L")
+    mask = T.Compose([T.Resize((size, size))])(mask)
+    mask = np.array(mask) / 255.0
+    mask[mask > 0] = 1
+    return mask
+
+
+def test_paper_luminance_is_pil_grey_of_the_voc_palette():
+    from PIL import Image
+
+    im = Image.frombytes("P", (16, 16), np.arange(256, dtype=np.uint8).tobytes())
+    im.putpalette(voc_palette().flatten().tolist())
+    grey = np.array(im.convert("L")).flatten()
+    used = [*range(21), 255]  # background, the 20 classes, void
+    assert paper_seg_luminance()[used].tolist() == grey[used].tolist()
+    assert paper_seg_luminance()[255] == 220  # void (224, 224, 192): grey, i.e. object
+    assert voc_palette()[1].tolist() == [128, 0, 0] and voc_palette()[15].tolist() == [192, 128, 128]
+    # a subset in another order keeps each class's VOC colour; non-VOC data: every object white
+    sub = paper_seg_luminance(["person", "aeroplane"])
+    assert sub[1] == paper_seg_luminance()[15] and sub[2] == paper_seg_luminance()[1]
+    assert paper_seg_luminance(voc=False)[[0, 1, 7, 255]].tolist() == [0, 255, 255, 255]
+
+
+def test_paper_ground_truth_counts_void_and_bilinear_edges_as_object():
+    # 8×8 background with a one-pixel void line in column 4 and a class-1 (aeroplane) pixel at (0, 0)
+    seg = np.zeros((8, 8), dtype=np.uint8)
+    seg[:, 4] = 255
+    seg[0, 0] = 1
+    # at the source size: exactly the non-background pixels, void included
+    assert (paper_foreground(seg, 8) == (seg != 0)).all()
+    # shrunk to 4×4 (PIL bilinear, filter 2 source pixels wide): output column j is centred on source
+    # 2j + 1; the void line (centre 4.5) reaches column 1 (distance 1.5 < 2, weight 1/8 → grey 220/8)
+    # and column 2 (distance 0.5), not columns 0 and 3; nearest neighbour would sample columns 1, 3, 5, 7
+    # and lose the line entirely
+    fg = paper_foreground(seg, 4)
+    assert fg[:, 1].all() and fg[:, 2].all() and not fg[1:, 0].any() and not fg[:, 3].any()
+    assert fg[0, 0]  # the aeroplane pixel (grey 38) still rounds to a grey level ≥ 1 after the filter
+    # the same as the paper's own code on the same segmentation saved as a VOC PNG
+    for size in (4, 3, 5, 8):
+        assert (paper_foreground(seg, size) == (_paper_open_segmentation_mask(seg, size) == 1)).all(), size
+    rng = np.random.default_rng(0)
+    big = rng.choice([0, 0, 0, 4, 15, 255], size=(37, 53)).astype(np.uint8)  # boat (darkest grey 15), person, void
+    assert (paper_foreground(big, 16) == (_paper_open_segmentation_mask(big, 16) == 1)).all()
+
+
+def test_paper_segmentation_scores_count_every_pixel_and_give_zero_coverage_where_undefined():
+    fg = torch.tensor([[[False, True], [True, True]], [[False, False], [False, False]]])
+    mask = torch.tensor([[[1.0, 0.5], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    ours = segmentation_scores(mask, fg)
+    paper = paper_segmentation_scores(mask, fg)
+    assert paper["object_coverage"].tolist() == pytest.approx([0.5, 0.0])  # image 1 has no object: 0, not NaN
+    assert math.isnan(ours["object_coverage"][1].item())
+    assert paper["background_coverage"][0].item() == pytest.approx(1.0)
+    assert math.isnan(paper["auc"][1].item())  # still undefined: the paper's tables leave it out
+    for key in ("c_iou", "d_f1", "acc"):
+        torch.testing.assert_close(paper[key], ours[key])
+
+
+def test_paper_saliency_sums_softmax_probabilities_over_present_classes():
+    mask = torch.zeros(1, 2, 5)
+    mask[0, :, :2] = 1.0  # area 0.4
+    logits = torch.tensor([[math.log(6.0), math.log(3.0), 0.0]])  # softmax: 0.6, 0.3, 0.1
+    labels = torch.tensor([[1, 1, 0]])
+    s = paper_saliency(mask, logits, labels)
+    assert s.item() == pytest.approx(math.log(0.4) - math.log(0.9), rel=1e-5)
+
+
+# probability vectors of a toy 3-class classifier on 1×2 images, by which pixels are visible:
+# none, left only, right only, both (softmax outputs given directly)
+_P_NONE, _P_LEFT, _P_RIGHT, _P_BOTH = ([0.2, 0.2, 0.6], [0.7, 0.1, 0.2], [0.1, 0.6, 0.3], [0.5, 0.4, 0.1])
+
+
+def _toy_softmax_fn(x):
+    table = torch.tensor([_P_NONE, _P_LEFT, _P_RIGHT, _P_BOTH], dtype=x.dtype)
+    visible = (x[:, 0, 0] != 0).long()  # (N, 2): left, right
+    return table[visible[:, 0] + 2 * visible[:, 1]]
+
+
+def test_paper_class_specificity_binarises_every_class_mask_at_the_nine_thresholds_by_hand():
+    images = torch.ones(2, 3, 1, 2)
+    labels = torch.tensor([[1, 1, 0], [0, 1, 0]])  # class 2 is in no image: its row stays empty
+    masks = torch.tensor([
+        [[[0.95, 0.05]],  # image 0, class 0: left kept at every t, right at none → left only ×9
+         [[0.0, 0.55]],  # class 1: right kept for t = 0.1…0.5 (5), nothing for 0.6…0.9 (4)
+         [[0.35, 0.35]]],  # class 2 (absent, still used): both for t = 0.1…0.3 (3), nothing for 6
+        [[[1.0, 1.0]],  # image 1, class 0 (absent): both ×9
+         [[0.0, 1.0]],  # class 1: right only ×9
+         [[0.0, 0.0]]],  # class 2: nothing ×9
+    ])
+    p = {k: np.array(v) for k, v in zip(("none", "left", "right", "both"), (_P_NONE, _P_LEFT, _P_RIGHT, _P_BOTH))}
+    score0 = {0: p["left"], 1: (5 * p["right"] + 4 * p["none"]) / 9, 2: (3 * p["both"] + 6 * p["none"]) / 9}
+    score1 = {0: p["both"], 1: p["right"], 2: p["none"]}
+    expected = np.full((3, 3), np.nan)
+    for c in range(3):
+        expected[0, c] = score0[c][0]  # images holding class 0: image 0
+        expected[1, c] = (score0[c][1] + score1[c][1]) / 2  # images holding class 1: both
+    acc = ClassSpecificityAccumulator(3, rule="paper")
+    acc.update(_toy_softmax_fn, images, labels, masks, chunk_size=5)  # 2·3·9 = 54 masked images, odd chunks
+    np.testing.assert_allclose(acc.matrix().numpy(), expected, rtol=1e-6)
+    assert expected[0, 0] == pytest.approx(0.7) and expected[1, 0] == pytest.approx(0.25)
+    sums, counts = paper_class_specificity_sums(_toy_softmax_fn, images, labels, masks)
+    assert counts[1].tolist() == [[0, 0, 0], [1, 1, 1], [0, 0, 0]]  # image 1 holds class 1, any mask class
+    with pytest.raises(ValueError, match="rule"):
+        ClassSpecificityAccumulator(3, rule="notebook")

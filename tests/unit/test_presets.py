@@ -1,4 +1,5 @@
-"""Every YAML under configs/ loads and validates; the four paper presets match DESIGN.md's table."""
+"""Every YAML under configs/ loads and validates; the four paper presets match DESIGN.md's table, require
+their ImageNet backbone files and use the paper's splits."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, GateConfig, load_config
+from pipeline.errors import WysiwycError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODELS = {"gates": GateConfig}  # folders of configs/ whose files are not a Config
@@ -20,15 +22,31 @@ PAPER = {
 }
 
 
+# the backbone files the paper presets require (validation only checks that one is given)
+BACKBONES = {"explainer": "explainer.backbone_weights=/weights/resnet50-imagenet.pth",
+             "classifier": "explanandum.pretrained_backbone=/weights/imagenet.pth"}
+
+
 def _yaml_files() -> list[Path]:
     return sorted(CONFIGS.rglob("*.yaml")) + sorted(CONFIGS.rglob("*.yml"))
+
+
+def _backbone_override(path: Path) -> list[str]:
+    if path.parent.name != "paper":
+        return []
+    return [BACKBONES["classifier" if path.stem.startswith("classifier_") else "explainer"]]
+
+
+def _paper(name: str):
+    path = CONFIGS / "paper" / f"{name}.yaml"
+    return load_config(path, _backbone_override(path))
 
 
 @pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_loads_with_the_values_it_states(path):
     import yaml
 
-    config = load_config(path, model=MODELS.get(path.parent.name, Config))
+    config = load_config(path, _backbone_override(path), model=MODELS.get(path.parent.name, Config))
     stated = yaml.safe_load(path.read_text())
     for section, values in stated.items():
         if not isinstance(values, dict) or isinstance(getattr(config, section), dict):
@@ -48,7 +66,7 @@ def test_all_paper_presets_exist():
 
 @pytest.mark.parametrize("preset", sorted(PAPER))
 def test_paper_explainer_preset(preset):
-    c = load_config(CONFIGS / "paper" / f"{preset}.yaml")
+    c = _paper(preset)
     lr, l_e, l_tv, l_a, l_m, l_n = PAPER[preset]
     assert isinstance(c.optim.lr, float) and c.optim.lr == pytest.approx(lr, rel=1e-12)
     assert c.loss.entropy_regularizer == pytest.approx(l_e)
@@ -68,7 +86,37 @@ def test_paper_explainer_preset(preset):
 
 @pytest.mark.parametrize("preset", sorted(PAPER))
 def test_paper_classifier_preset(preset):
-    c = load_config(CONFIGS / "paper" / f"classifier_{preset}.yaml")
+    c = _paper(f"classifier_{preset}")
     assert c.explanandum.arch == preset.split("_")[1]
-    assert c.explanandum.pretrained_backbone
+    assert c.explanandum.init == "backbone_file" and c.explanandum.pretrained_backbone
     assert c.data.image_size == 224 and c.trainer.use_gpu and c.trainer.amp == "bf16"
+
+
+@pytest.mark.parametrize("name", sorted([*PAPER, *(f"classifier_{p}" for p in PAPER)]))
+def test_paper_presets_refuse_to_start_without_the_imagenet_backbone_file(name):
+    # the paper's nets are ImageNet-pretrained: without the file, validation stops, naming the key and the recipe
+    key = "explanandum.pretrained_backbone" if name.startswith("classifier_") else "explainer.backbone_weights"
+    net = name.split("_")[-1] if name.startswith("classifier_") else "resnet50"
+    with pytest.raises(WysiwycError, match=rf"(?s){name}.yaml: .*needs {key}.*torchvision {net}.*"
+                                           rf"torchvision.models.{net}\(weights='DEFAULT'\)"):
+        load_config(CONFIGS / "paper" / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", sorted([*PAPER, *(f"classifier_{p}" for p in PAPER)]))
+def test_paper_presets_train_validate_and_test_on_the_papers_splits(name):
+    data = _paper(name).data
+    if "voc" in name:  # VOC2007: train on train, select on val, evaluate on test
+        assert [data.train, data.val, data.test] == [f"s3://wysiwyc/voc2007/{s}" for s in ("train", "val", "test")]
+    else:  # COCO 2014: train2014 split in train / val, val2014 as test
+        assert [data.train, data.val, data.test] == [f"s3://wysiwyc/coco2014/{s}" for s in ("train", "val", "test")]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_explainer_presets_are_black_box(name):
+    e = _paper(name).explainer
+    assert (e.init, e.black_box) == ("backbone_file", True)
+
+
+def test_no_config_can_select_its_checkpoint_on_the_test_split():
+    with pytest.raises(WysiwycError, match="data.val and data.test are the same split"):
+        load_config(None, ["data.val=s3://b/voc2007/test", "data.test=s3://b/voc2007/test/"])

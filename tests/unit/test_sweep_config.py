@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from pipeline.errors import WysiwycError
@@ -16,7 +17,12 @@ SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml")) + [CONFIGS / "cpu" / "sweep
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_sweep_preset_resolves_its_base_and_space(path):
-    config = load_sweep(path)
+    # a sweep over a paper preset needs its ImageNet backbone file, like the preset itself
+    paper = "paper" in yaml.safe_load(path.read_text())["sweep"]["base"]
+    if paper:
+        with pytest.raises(WysiwycError, match="needs explainer.backbone_weights"):
+            load_sweep(path)
+    config = load_sweep(path, ["explainer.backbone_weights=/weights/resnet50-imagenet.pth"] if paper else [])
     assert Path(config.sweep.base).is_file() and config.sweep.name and config.sweep.space
     for key in config.sweep.space:  # every swept key exists in the trial config
         node = config
