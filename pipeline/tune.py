@@ -166,6 +166,10 @@ def _check_space(config: Config) -> None:
                            f"val_f1, val_accuracy, val_loss (and train_*)")
     if s.metric.startswith("val_") and not config.data.val:
         raise WysiwycError(f"sweep.metric {s.metric} is a validation metric but data.val is not set")
+    if s.kind == "explainer" and config.explainer.init == "distilled":
+        raise WysiwycError("sweep: explainer.init=distilled would distil the classifier again in every trial, and "
+                           f"its distillation epochs report no {s.metric} (Tune needs the metric from every epoch): "
+                           "sweep with explainer.init=scratch (as configs/cpu/sweep.yaml does) or backbone_file")
     if s.scheduler == "asha" and s.grace_period > (s.max_t or config.trainer.epochs):
         raise WysiwycError(f"sweep.grace_period {s.grace_period} exceeds the epochs a trial runs "
                            f"({s.max_t or config.trainer.epochs}): lower it or raise trainer.epochs / sweep.max_t")

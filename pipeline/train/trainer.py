@@ -13,6 +13,13 @@ and where a resume comes from is the job of a run object passed in:
   keeping ``RUN/last.pt`` (resume point) and ``RUN/best.pt`` — no Ray start-up (~20 s), for tests
   and laptops.
 
+An Explainer with ``explainer.init=distilled`` first runs ``explainer.distill_epochs`` epochs of
+distillation (:func:`pipeline.train.steps.distillation_loss_fn`: its encoder and class-activation branch
+learn the Explanandum's output probabilities), then ``trainer.epochs`` of the paper's loss, in the same
+loop (resumable across the switch; metrics of the first phase are prefixed ``distill_``, and only epochs of
+the paper's loss can become ``best``). The Explanandum reaches every loss only as a
+:class:`~pipeline.models.explanandum.BlackBox` (callable, nothing else).
+
 Both write ``RUN/history.json`` and ``RUN/config.yaml``. ``RUN`` is ``trainer.run_name`` or a name
 derived from the config, so launching the same config again resumes the same run (same epoch, step,
 optimizer state and MLflow run).

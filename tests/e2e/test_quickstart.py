@@ -82,7 +82,7 @@ def test_report_is_self_contained_with_table_pictures_and_lambdas(quickstart):
     assert "src='http" not in html and "src='/" not in html
     assert "entropy_regularizer" in html and "class_mask_max_area" in html
     # the Explainer's net and schedule as configs/cpu/explainer.yaml sets them
-    assert "The Explainer is black-box, as the paper's" in html  # the report leads with what it shows
+    assert "The Explainer is black-box, as the paper" in html  # the report leads with what it shows
     assert "<tr><td>explainer.init</td><td>distilled</td></tr>" in html
     assert "<tr><td>explainer.cam</td><td>True</td></tr>" in html
     assert "<tr><td>explainer.levels</td><td>3</td></tr>" in html

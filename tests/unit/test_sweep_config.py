@@ -103,3 +103,12 @@ def test_selection_score_is_masked_image_f1_minus_mask_area():
     stats.add(explainer_loss_fn(explainer, explanandum, LossConfig(), StepContext(), ground_truth=True)(
         {**batch, "seg": torch.full_like(seg, 255)})[1])
     assert "c_iou" not in stats.compute() and "selection" in stats.compute()
+
+
+def test_a_sweep_of_distilled_explainers_is_refused_naming_the_way_out(tmp_path):
+    base = "explainer:\n  init: distilled\n  cam: true\n  levels: 3\ntrainer:\n  epochs: 2\n"
+    sweep = _write(tmp_path, "sweep:\n  name: s\n  base: ../base.yaml\n  space:\n"
+                             "    loss.entropy_regularizer: {grid: [0.5, 1.0]}\n", base=base)
+    with pytest.raises(WysiwycError, match="init=distilled would distil the classifier again in every trial"):
+        load_sweep(sweep, ["data.val=/d/val"])
+    assert load_sweep(sweep, ["data.val=/d/val", "explainer.init=scratch"]).explainer.init == "scratch"
