@@ -143,11 +143,12 @@ class ExplainerConfig(_Section):
     def _init_fits_arch(self):
         compact = self.arch == "compact"
         if self.init == "backbone_file" and not self.backbone_weights:
-            from pipeline.models.explainer import backbone_howto  # torch: only on this error
+            from pipeline.models.explainer import BACKBONE_OF  # torch: only on this error
+            from pipeline.models.explanandum import backbone_howto
 
             raise ValueError(
                 f"explainer.init=backbone_file needs explainer.backbone_weights (never a silent random backbone): "
-                f"{backbone_howto(self.arch)}")
+                f"{backbone_howto(BACKBONE_OF.get(self.arch, 'resnet50'), 'explainer.backbone_weights')}")
         if self.backbone_weights and self.init != "backbone_file":
             raise ValueError(f"explainer.backbone_weights is only read with explainer.init=backbone_file "
                              f"(init is {self.init})")

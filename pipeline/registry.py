@@ -592,12 +592,12 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
     version = _existing_version(uri, name, version)
     gate_path = gate_path or config.registry.gate
     gate = load_gate(gate_path)
-    black_box = client.get_model_version(name, version).tags.get("wysiwyc.black_box", "unknown")
-    if black_box != "true" and not gate.allow_white_box:  # before any evaluation: nothing to measure
-        init = client.get_model_version(name, version).tags.get("wysiwyc.explainer_init", "unknown")
+    tags = client.get_model_version(name, version).tags
+    if tags.get("wysiwyc.black_box") != "true" and not gate.allow_white_box:  # before any evaluation
         raise WysiwycError(
-            f"promote: models:/{name}/{version} is not a black-box Explainer (explainer.init={init}, black_box="
-            f"{black_box}): it reads the classifier's weights, a different method from the paper's; the gate "
+            f"promote: models:/{name}/{version} is not a black-box Explainer (explainer.init="
+            f"{tags.get('wysiwyc.explainer_init', 'unknown')}, black_box={tags.get('wysiwyc.black_box', 'unknown')}): "
+            f"it reads the classifier's weights, a different method from the paper's; the gate "
             f"{gate_path} refuses it (set allow_white_box: true in a gate file of its own to promote such a "
             f"variant on purpose)")
     split = gate.split or config.data.test

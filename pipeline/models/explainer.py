@@ -43,6 +43,7 @@ from pipeline.errors import WysiwycError
 from pipeline.models.explanandum import (
     SmallCNN,
     StateSource,
+    backbone_howto,
     check_arch,
     conv_block,
     load_weights,
@@ -50,20 +51,9 @@ from pipeline.models.explanandum import (
 )
 
 ARCHS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact")
-INITS = ("scratch", "distilled", "backbone_file", "explanandum_copy")
-BLACK_BOX_INITS = ("scratch", "distilled", "backbone_file")  # explanandum_copy reads F's weights
 COMPACT_CHANNELS = (32, 64, 128, 128)  # the compact encoder's blocks (a VGG-style stack of its own)
 
-_BACKBONE_OF = {"deeplabv3_resnet50": "resnet50", "deeplabv3_mobilenet_v3_large": "mobilenet_v3_large"}
-
-
-def backbone_howto(arch: str) -> str:
-    """How to give ``explainer.backbone_weights`` for ``arch`` (the end of every message about it)."""
-    net = _BACKBONE_OF.get(arch, "resnet50")
-    return (f"set explainer.backbone_weights to a local path or s3:// URL of a torchvision {net} ImageNet state dict; "
-            "download it once on a machine with network, e.g. "
-            f"`python -c \"import torch, torchvision; torch.save(torchvision.models.{net}(weights='DEFAULT')"
-            f".state_dict(), '{net}_imagenet.pth')\"`. Weights are never downloaded at run time.")
+BACKBONE_OF = {"deeplabv3_resnet50": "resnet50", "deeplabv3_mobilenet_v3_large": "mobilenet_v3_large"}
 
 
 class TorchvisionSegmentationExplainer(nn.Module):
@@ -225,13 +215,12 @@ def build_explainer(
         else:
             channels = tuple(encoder_from.channels) if isinstance(encoder_from, SmallCNN) else COMPACT_CHANNELS
             cam_channels = None
-        if levels is not None:
-            if not 2 <= int(levels) <= len(channels):
-                raise WysiwycError(f"explainer.levels={levels}: the compact encoder has 2..{len(channels)} levels")
-            cam_channels = channels[int(levels):] if weights is None and cam else cam_channels
-            channels = channels[: int(levels)]
-        elif weights is None and cam:
-            cam_channels = ()
+        n = len(channels) if levels is None else int(levels)
+        if not 2 <= n <= len(channels):
+            raise WysiwycError(f"explainer.levels={levels}: the compact encoder has 2..{len(channels)} levels")
+        if weights is None and cam:  # the branch continues with the blocks the U-Net does not use
+            cam_channels = channels[n:]
+        channels = channels[:n]
         model: nn.Module = CompactExplainer(num_classes, channels=channels, cam_channels=cam_channels)
         if encoder_from is not None:
             model.load_encoder_from(encoder_from)
@@ -268,8 +257,8 @@ def _build_deeplab(arch: str, num_classes: int, backbone_weights: StateSource | 
     # weights=None and weights_backbone=None: torchvision must never download anything here
     net = getattr(segmentation, arch)(weights=None, weights_backbone=None, aux_loss=False, num_classes=num_classes)
     if backbone_weights is not None:
-        net_name = _BACKBONE_OF[arch]
-        howto = backbone_howto(arch)
+        net_name = BACKBONE_OF[arch]
+        howto = backbone_howto(net_name, "explainer.backbone_weights")
         if backbone_weights is True or isinstance(backbone_weights, str) and backbone_weights in ("imagenet", "torchvision", ""):
             raise WysiwycError(f"explainer: ImageNet weights for the {net_name} backbone were asked for without a file; {howto}")
         state = read_state_dict(backbone_weights, what=f"explainer.backbone_weights ({net_name})", howto=howto)

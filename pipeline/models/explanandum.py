@@ -42,12 +42,13 @@ StateSource = Union[str, os.PathLike, bytes, Mapping, Callable[[], Any]]
 # Values of ``pretrained_backbone`` that ask for ImageNet weights without saying where the file is
 _PRETRAINED_WITHOUT_FILE = (True, "imagenet", "torchvision", "pretrained", "default", "")
 
-def backbone_howto(arch: str) -> str:
-    """How to give ``explanandum.pretrained_backbone`` for ``arch`` (the end of every message about it)."""
-    return (f"set explanandum.pretrained_backbone to a local path or s3:// URL of a torchvision {arch} state dict; "
+def backbone_howto(net: str, key: str = "explanandum.pretrained_backbone") -> str:
+    """How to give the config ``key`` a torchvision ``net`` ImageNet state dict (the end of every message
+    about one, for the Explanandum's and the Explainer's backbones alike)."""
+    return (f"set {key} to a local path or s3:// URL of a torchvision {net} state dict; "
             "download it once on a machine with network, e.g. "
-            f"`python -c \"import torch, torchvision; torch.save(torchvision.models.{arch}(weights='DEFAULT')"
-            f".state_dict(), '{arch}_imagenet.pth')\"`, then copy the file here (or upload it to object storage). "
+            f"`python -c \"import torch, torchvision; torch.save(torchvision.models.{net}(weights='DEFAULT')"
+            f".state_dict(), '{net}_imagenet.pth')\"`, then copy the file here (or upload it to object storage). "
             "Weights are never downloaded at run time.")
 
 

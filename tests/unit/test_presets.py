@@ -120,3 +120,9 @@ def test_paper_explainer_presets_are_black_box(name):
 def test_no_config_can_select_its_checkpoint_on_the_test_split():
     with pytest.raises(WysiwycError, match="data.val and data.test are the same split"):
         load_config(None, ["data.val=s3://b/voc2007/test", "data.test=s3://b/voc2007/test/"])
+
+
+def test_the_cpu_explainer_preset_is_black_box():
+    # the headline Explainer (quickstart, README, default gate) takes nothing of the classifier but its outputs
+    e = load_config(CONFIGS / "cpu" / "explainer.yaml").explainer
+    assert (e.init, e.black_box, e.cam) == ("distilled", True, True)
