@@ -333,8 +333,7 @@ def evaluate(config, progress: bool = True) -> dict:
     if config.trainer.use_gpu and not use_gpu:
         log.warning("evaluate: trainer.use_gpu is set but CUDA is not available; running on the CPU")
     device = torch.device("cuda" if use_gpu else "cpu")
-    models.explainer.to(device)
-    models.explanandum.to(device)
+    models.to(device)
     C = len(models.classes)
 
     def probs(images: torch.Tensor) -> torch.Tensor:  # the Explanandum's sigmoid probabilities

@@ -73,7 +73,9 @@ class CompactExplainer(nn.Module):
     Encoder: ``blocks[i]`` (conv-BN-ReLU ×2) at 1/2^i resolution, max-pooling between blocks (the
     layout of ``SmallCNN``, so the white-box ``explanandum_copy`` init can load one into the other).
     Decoder: at each level, bilinear upsampling to the skip's size, concatenation with the skip,
-    conv-BN-ReLU ×2; a 1×1 conv gives C logits at full resolution. Any H × W works.
+    conv-BN-ReLU ×2 to ``decoder_channels`` (default: half the encoder's channels at that level, which
+    cost 64% of the multiply-adds of a full-width decoder's at 48 px and trained to the same IoU,
+    README "Benchmarks"); a 1×1 conv gives C logits at full resolution. Any H × W works.
 
     ``cam_channels`` (None: no branch) adds the class-activation branch: conv blocks with these output
     channels continue the encoder past its deepest level (max-pooling between), a 1×1 conv maps their
@@ -82,19 +84,24 @@ class CompactExplainer(nn.Module):
     """
 
     def __init__(self, num_classes: int, channels: tuple[int, ...] = COMPACT_CHANNELS, in_channels: int = 3,
-                 cam_channels: tuple[int, ...] | None = None):
+                 cam_channels: tuple[int, ...] | None = None, decoder_channels: tuple[int, ...] | None = None):
         super().__init__()
         self.channels = tuple(int(c) for c in channels)
         self.cam_channels = None if cam_channels is None else tuple(int(c) for c in cam_channels)
+        # decoder_channels[i]: what the decoder outputs at level i (0 = full resolution … n-2)
+        self.decoder_channels = tuple(int(c) for c in decoder_channels) if decoder_channels is not None \
+            else tuple(c // 2 for c in self.channels[:-1])
         ins = (in_channels,) + self.channels[:-1]
         self.blocks = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, self.channels))
         self.pool = nn.MaxPool2d(2)
         # decoder[j] merges level (n-1-j) upsampled with skip level (n-2-j)
         n = len(self.channels)
+        below = (self.channels[-1],) + tuple(reversed(self.decoder_channels[1:]))  # what arrives from below
         self.decoder = nn.ModuleList(
-            conv_block(self.channels[i + 1] + self.channels[i], self.channels[i]) for i in reversed(range(n - 1))
+            conv_block(up + self.channels[i], self.decoder_channels[i])
+            for up, i in zip(below, reversed(range(n - 1)))
         )
-        self.head = nn.Conv2d(self.channels[0], num_classes, kernel_size=1)
+        self.head = nn.Conv2d(self.decoder_channels[0], num_classes, kernel_size=1)
         if self.cam_channels is not None:
             ins = (self.channels[-1],) + self.cam_channels[:-1]
             self.cam_blocks = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, self.cam_channels))
@@ -209,9 +216,10 @@ def build_explainer(
                 "explainer.backbone_weights: the compact Explainer has no ImageNet backbone; "
                 "use explainer.init=scratch or distilled"
             )
+        decoder_channels = None  # the default width, unless a checkpoint has its own
         if weights is not None:
             weights = read_state_dict(weights, what="explainer weights (compact)")
-            channels, cam_channels = _compact_channels(weights)
+            channels, cam_channels, decoder_channels = _compact_channels(weights)
         else:
             channels = tuple(encoder_from.channels) if isinstance(encoder_from, SmallCNN) else COMPACT_CHANNELS
             cam_channels = None
@@ -221,7 +229,8 @@ def build_explainer(
         if weights is None and cam:  # the branch continues with the blocks the U-Net does not use
             cam_channels = channels[n:]
         channels = channels[:n]
-        model: nn.Module = CompactExplainer(num_classes, channels=channels, cam_channels=cam_channels)
+        model: nn.Module = CompactExplainer(num_classes, channels=channels, cam_channels=cam_channels,
+                                            decoder_channels=decoder_channels)
         if encoder_from is not None:
             model.load_encoder_from(encoder_from)
     else:
@@ -237,9 +246,12 @@ def build_explainer(
     return model
 
 
-def _compact_channels(state: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    """(encoder channels, class-activation branch channels or None) of a compact Explainer's state
-    dict (``blocks.i.0.weight`` / ``cam_blocks.i.0.weight`` are (c_i, ...))."""
+def _compact_channels(state: Mapping[str, torch.Tensor]
+                      ) -> tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(encoder channels, class-activation branch channels or None, decoder channels per level or None)
+    of a compact Explainer's state dict (``blocks.i.0.weight`` / ``cam_blocks.i.0.weight`` /
+    ``decoder.j.0.weight`` are (c, ...); decoder j outputs level n-2-j; checkpoints written before the
+    decoder's default width changed keep the full width they were trained with)."""
 
     def out_channels(prefix: str) -> tuple[int, ...]:
         found = []
@@ -248,7 +260,8 @@ def _compact_channels(state: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...
         return tuple(found)
 
     cam = out_channels("cam_blocks") if "cam_fc.weight" in state else None
-    return out_channels("blocks") or COMPACT_CHANNELS, cam  # not a compact state dict: load_weights names it
+    decoder = tuple(reversed(out_channels("decoder"))) or None
+    return out_channels("blocks") or COMPACT_CHANNELS, cam, decoder  # not a compact state dict: load_weights names it
 
 
 def _build_deeplab(arch: str, num_classes: int, backbone_weights: StateSource | None) -> nn.Module:

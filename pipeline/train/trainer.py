@@ -68,10 +68,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (the Linux CPU flags ``avx512_bf16`` or ``amx_bf16``);
+    False where the flags cannot be read (other systems)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def step_context(config: Config, device: torch.device) -> StepContext:
-    """AMP on GPU as configured (plain fp32 on CPU); channels_last as configured on both."""
+    """AMP as configured: ``trainer.amp`` on GPU, ``trainer.cpu_amp`` on CPU; channels_last on both."""
     on_gpu = device.type == "cuda"
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.trainer.amp) if on_gpu else None
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    cpu_amp = config.trainer.cpu_amp
+    if cpu_amp == "auto":
+        cpu_amp = "bf16" if cpu_has_native_bf16() else "off"
+    amp = dtypes.get(config.trainer.amp if on_gpu else cpu_amp)
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     return StepContext(device=device, amp_dtype=amp, scaler=scaler, grad_accum=config.trainer.grad_accum,
                        channels_last=config.trainer.channels_last)

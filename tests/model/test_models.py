@@ -145,7 +145,9 @@ def test_compact_explainer_with_fewer_levels_uses_the_first_blocks_and_reloads_f
     torch.manual_seed(5)
     classifier = freeze_explanandum(build_explanandum("small_cnn", 4))
     x = torch.randn(2, 3, 40, 36)
-    for levels, params in ((2, 102_950 - 6 * 33 + 4 * 33), (3, 472_358 - 6 * 33 + 4 * 33)):
+    # encoder blocks 10,208 + 55,552 (+ 221,696); the decoder at half width: (96→16) 16,192, or (192→32)
+    # 64,640 + (64→16) 11,584; the 1×1 head 16·4 + 4
+    for levels, params in ((2, 10_208 + 55_552 + 16_192 + 68), (3, 10_208 + 55_552 + 221_696 + 64_640 + 11_584 + 68)):
         explainer = build_explainer("compact", 4, encoder_from=classifier, levels=levels).eval()
         assert len(explainer.blocks) == len(explainer.decoder) + 1 == levels
         assert sum(p.numel() for p in explainer.parameters()) == params
@@ -159,6 +161,19 @@ def test_compact_explainer_with_fewer_levels_uses_the_first_blocks_and_reloads_f
     for bad in (1, 5):
         with pytest.raises(WysiwycError, match=f"explainer.levels={bad}"):
             build_explainer("compact", 4, levels=bad)
+
+
+def test_compact_explainer_of_another_decoder_width_reloads_with_its_own_width():
+    from pipeline.models.explainer import CompactExplainer
+
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 24, 24)
+    # a full-width decoder, as the compact Explainers before the half-width default were built
+    old = CompactExplainer(3, channels=(32, 64, 128), cam_channels=(128,), decoder_channels=(32, 64)).eval()
+    again = build_explainer("compact", 3, weights=old.state_dict()).eval()
+    assert again.decoder_channels == (32, 64) and again.cam_channels == (128,)
+    torch.testing.assert_close(again(x), old(x), rtol=0, atol=0)
+    assert build_explainer("compact", 3, levels=3, cam=True).decoder_channels == (16, 32)
 
 
 def test_class_activation_branch_starts_as_the_classifiers_own_per_position_evidence():

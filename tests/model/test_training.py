@@ -1,6 +1,7 @@
 """Training stages on CPU: the loss goes down, checkpoints are plain and resumable, bad input is clear."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,6 +78,41 @@ def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_and_branch_re
                                       "explainer.cam=true", f"explanandum.checkpoint={clf['checkpoint']}"), progress=False)
     model, state, _ = ckpt.load_explainer(summary["checkpoint"])
     assert model.cam_channels == (128,) and state["config"]["explainer"]["cam"] is True
+
+
+def test_cpu_amp_bf16_runs_the_steps_under_bf16_autocast_and_keeps_float32_weights(data, tmp_path):
+    from pipeline.models.explanandum import SmallCNN
+    from pipeline.train.trainer import step_context
+
+    cpu = torch.device("cpu")
+    assert step_context(config(data, tmp_path), cpu).amp_dtype is None  # the default: fp32 on the CPU
+    ctx = step_context(config(data, tmp_path, "trainer.cpu_amp=bf16"), cpu)
+    with ctx.autocast():
+        assert SmallCNN(3)(torch.randn(2, 3, SIZE, SIZE)).dtype == torch.bfloat16
+    # auto: bf16 where the CPU flags say native bf16
+    from pipeline.train.trainer import cpu_has_native_bf16
+
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16(str(flags)) is True
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f\n")
+    assert cpu_has_native_bf16(str(flags)) is False and cpu_has_native_bf16(str(tmp_path / "absent")) is False
+    auto = step_context(config(data, tmp_path, "trainer.cpu_amp=auto"), cpu).amp_dtype
+    assert auto is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    # on a GPU, trainer.amp decides and cpu_amp is not read
+    assert step_context(config(data, tmp_path, "trainer.amp=bf16"), torch.device("cuda")).amp_dtype is torch.bfloat16
+    torch.manual_seed(0)
+    clf = fit("classifier", config(data, tmp_path, "trainer.epochs=3", "trainer.run_name=clf-bf16",
+                                   "trainer.cpu_amp=bf16"), progress=False)
+    history = json.loads((tmp_path / "ckpt" / "clf-bf16" / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    summary = fit("explainer", config(data, tmp_path, "trainer.epochs=2", "trainer.run_name=exp-bf16",
+                                      "trainer.cpu_amp=bf16", f"explanandum.checkpoint={clf['checkpoint']}"),
+                  progress=False)
+    history = json.loads((tmp_path / "ckpt" / "exp-bf16" / "history.json").read_text())
+    assert all(math.isfinite(r[k]) for r in history for k in ("train_loss", "val_loss", "val_c_iou"))
+    state, _ = ckpt.load_checkpoint(summary["checkpoint"])
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_relaunching_the_same_run_resumes_from_the_last_epoch(data, tmp_path):
