@@ -43,6 +43,34 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a split
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Encoding processes (default: all cores).")]
 
 
+_LOG_LEVEL = {"level": logging.INFO}  # set by the global -v / -q options (this process's logs)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        print(f"wysiwyc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logs on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "-q", "--quiet", help="Only warnings and errors on stderr, no progress bars (the summary still prints).")] = False,
+) -> None:
+    """Options of every command: wysiwyc [-v | -q] COMMAND ..."""
+    from pipeline import progress
+
+    if verbose and quiet:
+        raise typer.BadParameter("give -v (more) or -q (less), not both")
+    _LOG_LEVEL["level"] = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    progress.set_enabled(not quiet)
+
+
 def _print_summary(title: str, summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, default=str))
@@ -61,7 +89,13 @@ def _run(title: str, as_json: bool, stage: Callable[[], dict]) -> None:
     """Run a stage; print its summary, or a clear error and exit non-zero."""
     from pipeline.errors import WysiwycError
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_LOG_LEVEL["level"], stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().isEnabledFor(logging.DEBUG):  # -v: what ran, for a bug report (secrets redacted)
+        from pipeline import __version__
+        from pipeline.storage import redact
+
+        logging.getLogger("pipeline.cli").debug("wysiwyc %s, Python %s: wysiwyc %s", __version__,
+                                                sys.version.split()[0], redact(shlex.join(sys.argv[1:])))
     try:
         # stdout is the summary's: libraries that print there (MLflow's "View run" links, Ray Tune's
         # status table) go to stderr with the logs

@@ -10,7 +10,7 @@ a folder of its own, waits until it answers a signed S3 write, and stops it agai
 
 or explicitly ``s3 = SeaweedFS(root).start()`` … ``s3.stop()``.
 
-What it does (STACK.md, SeaweedFS):
+What it does (SeaweedFS):
 
 * **Credentials, always.** Started without them weed runs anonymous and pyarrow stores corrupt
   objects; the keys are generated (``secrets``) unless given, handed to weed only through its
@@ -30,7 +30,7 @@ What it does (STACK.md, SeaweedFS):
   SIGKILL if it has not exited in time.
 
 The MLflow server
-    :class:`MLflowServer` starts one ``mlflow server`` by STACK.md's recipe (sqlite backend file,
+    :class:`MLflowServer` starts one ``mlflow server`` (sqlite backend file,
     artifacts proxied into ``s3://BUCKET/mlflow``, one worker, job execution off) in a session of its
     own, waits until ``/health`` answers, and stops it with its workers; ``stack_up`` and the test
     fixtures use it.
@@ -620,7 +620,7 @@ def running_stack(state_dir: str | os.PathLike | None = None) -> RunningStack:
 
 
 class MLflowServer:
-    """One ``mlflow server`` on 127.0.0.1 the way STACK.md runs it (see the module docstring)::
+    """One ``mlflow server`` on 127.0.0.1 (see the module docstring)::
 
         with MLflowServer(root, s3.make_bucket("mlflow"), s3_env=s3.env) as server:
             server.client().create_experiment("e")     # clients need only server.uri
@@ -657,7 +657,7 @@ class MLflowServer:
                         # proxied artifacts: clients need only the tracking URI, the server writes to S3
                         "--artifacts-destination", f"s3://{bucket}/mlflow",
                         "--host", "127.0.0.1", "--port", str(self.port),
-                        "--workers", "1"]  # 2 processes, ~0.5 GB (the default starts 13, 2.1 GB; STACK.md)
+                        "--workers", "1"]  # 2 processes, ~0.5 GB (the default starts 13, 2.1 GB)
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self._s3_env = dict(s3_env)
         self.record: dict | None = None

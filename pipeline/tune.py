@@ -5,7 +5,7 @@ and, optionally, any other section. :func:`load_sweep` builds the trials' base c
 training config (a relative path is relative to the sweep file's folder), then the sweep file's other
 sections, then the command-line overrides; each trial adds its sampled ``sweep.space`` values.
 
-Ray Tune over Ray Train (Train V2, STACK.md): a function trainable per trial builds the trial's config
+Ray Tune over Ray Train (the Train V2 API): a function trainable per trial builds the trial's config
 and calls :func:`pipeline.train.distributed.fit_ray` — the one training loop — with a
 ``TuneReportCallback``, so Tune (and ASHA) sees every epoch's validation metrics. The trial's training
 run is ``trainer.run_name = NAME-TRIAL_ID`` under ``sweep.storage/NAME/trials/`` (checkpoints,
@@ -24,8 +24,9 @@ run is ``trainer.run_name = NAME-TRIAL_ID`` under ``sweep.storage/NAME/trials/``
   params/tags, the table, the plot and ``sweep.json`` as artifacts) and one child run per trial
   (``tracking.parent_run_id``: the training run's own tracking, tag ``mlflow.parentRunId``) with the
   whole trial config as params (``loss.entropy_regularizer`` … — the paper's λ names) and the
-  per-epoch metrics. Parent and children use one tracking URI: ``tracking.uri``, or by default an
-  sqlite file ``sweep.storage/NAME/mlflow.db`` (``runs/mlflow.db`` when the storage is s3://).
+  per-epoch metrics. Parent and children use one tracking URI, by the rule training and the registry
+  follow: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else an sqlite file
+  ``sweep.storage/NAME/mlflow.db`` (``runs/mlflow.db`` when the storage is s3://).
 * Selection: ``sweep.metric`` of each trial's last reported epoch (default ``val_selection``, the
   classifier-only score defined in :mod:`pipeline.train.steps`; ``val_c_iou`` / ``val_d_f1`` when
   the validation split has segmentation); the trial's checkpoint is the one of that same epoch.
@@ -280,15 +281,6 @@ def _storage(config: Config) -> str:
     return root if storage.is_s3(root) or "://" in root else str(Path(root).resolve())
 
 
-def _tracking_uri(config: Config, root: str) -> str:
-    if config.tracking.uri:
-        return config.tracking.uri
-    folder = Path("runs") if storage.is_s3(root) else Path(root)
-    folder = folder.resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
 def run_sweep(config: Config) -> dict:
     """Stage: run (or resume) the sweep ``sweep.name`` on Ray Tune; see the module docstring.
 
@@ -317,7 +309,7 @@ def run_sweep(config: Config) -> dict:
     opts = config.storage.options()
     base = config.model_copy(deep=True)
     base.trainer.storage = storage.join(root, TRIALS)
-    base.tracking.uri = _tracking_uri(config, root)
+    base.tracking.uri = tracking.resolve_uri(config.tracking.uri, root)
 
     # the same name resumes, but only the same sweep
     fingerprint = _fingerprint(base)
@@ -545,7 +537,7 @@ def _publish(base: Config, root: str, rows: list[dict], parent) -> dict:
                            ("best.mlflow_run_id", best["mlflow_run_id"] or "")):
             client.set_tag(parent.run_id, key, value)
         client.log_metric(parent.run_id, f"best_{s.metric}", best["metrics"][s.metric])
-    return {"name": s.name, "checkpoint": best["checkpoint"] if best else None,
+    return {"name": s.name, "run_name": s.name, "checkpoint": best["checkpoint"] if best else None,
             "mlflow_run_id": parent.run_id if parent else None, "output": storage.redact(root),
             "sweep": storage.redact(storage.join(root, SWEEP_FILE)),
             "report": storage.redact(storage.join(root, "table.md")),

@@ -1,4 +1,4 @@
-"""The record every reader yields and every shard holds (see DESIGN.md, data contract)."""
+"""The record every reader yields and every shard holds (the data contract: README, "Shards")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WebDataset shards: the writer used by ingest and the training reader (DESIGN.md, data contract).
+"""WebDataset shards: the writer used by ingest and the training reader (the data contract: README, "Shards").
 
 Layout of one split under an output prefix ``OUT``::
 

@@ -83,17 +83,23 @@ class Where:
     parent_run_id: str | None = None  # a sweep's run: the run is its child (tag mlflow.parentRunId)
 
 
-def default_uri(config) -> str:
-    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the embedded store: one sqlite file for every
-    run, ``trainer.storage/mlflow.db`` (``runs/mlflow.db`` when ``trainer.storage`` is on s3)."""
-    if config.tracking.uri:
-        return config.tracking.uri
+def resolve_uri(configured: str | None, embedded_folder: str) -> str:
+    """The one rule for a tracking URI: ``configured`` (``tracking.uri``), else ``MLFLOW_TRACKING_URI``
+    (MLflow's own convention), else the embedded store ``embedded_folder/mlflow.db`` (``runs/mlflow.db``
+    when the folder is on s3, where sqlite cannot live)."""
+    if configured:
+        return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(config.trainer.storage) if not storage.is_s3(config.trainer.storage) else Path("runs")
-    root = root.resolve()
+    root = (Path("runs") if storage.is_s3(embedded_folder) else Path(embedded_folder)).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def default_uri(config) -> str:
+    """The training runs' and registry's tracking URI (:func:`resolve_uri`; embedded: one sqlite file for
+    every run, ``trainer.storage/mlflow.db``)."""
+    return resolve_uri(config.tracking.uri, config.trainer.storage)
 
 
 def _experiment_id(client, uri: str, name: str) -> str:

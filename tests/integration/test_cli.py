@@ -23,6 +23,23 @@ def test_help_lists_the_stages():
         assert source in out
 
 
+def test_version_is_the_installed_packages_and_verbosity_is_global(tmp_path):
+    from importlib.metadata import version
+
+    assert wysiwyc("--version").stdout.strip() == f"wysiwyc {version('wysiwyc')}"
+    args = ("ingest", "synthetic", "--num-images", "4", "--seed", "1", "--split", "train", "--shard-size", "4",
+            "--image-size", "24", "--workers", "1")
+    normal = wysiwyc(*args, "--out", str(tmp_path / "a"))
+    quiet = wysiwyc("-q", *args, "--out", str(tmp_path / "b"))
+    verbose = wysiwyc("-v", *args, "--out", str(tmp_path / "c"))
+    assert "ingest synthetic train" in normal.stderr and "DEBUG" not in normal.stderr  # the progress bar
+    assert quiet.stderr.strip() == "" and "ingest synthetic: done" in quiet.stdout  # no logs, no bars
+    assert f"DEBUG pipeline.cli: wysiwyc {version('wysiwyc')}, Python" in verbose.stderr
+    assert "ingest synthetic --num-images 4" in verbose.stderr
+    both = wysiwyc("-v", "-q", *args, "--out", str(tmp_path / "d"), check=False)
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
 def test_ingest_help_imports_no_heavy_module():
     code = ("import sys\nfrom typer.testing import CliRunner\nfrom pipeline.cli import app\n"
             "r = CliRunner().invoke(app, ['ingest', 'voc', '--help'])\nassert r.exit_code == 0, r.output\n"

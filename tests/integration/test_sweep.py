@@ -91,6 +91,7 @@ def test_grid_sweep_has_a_parent_run_four_child_runs_and_a_comparison(stack):
     seconds = time.perf_counter() - started
     print(f"2x2 grid sweep: {seconds:.0f} s for 4 trials, 2 at a time")
     assert summary["trials"] == {"finished": 4, "stopped": 0, "failed": 0}
+    assert summary["run_name"] == summary["name"]  # the contract's key (`name` kept for earlier scripts)
 
     # one parent with the search space, four children nested under it with the trial's λ values
     client = stack["mlflow"].client()

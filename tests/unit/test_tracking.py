@@ -39,3 +39,21 @@ def test_finish_keeps_the_tag_for_later_when_the_server_is_away(tmp_path):
     tracking.finish(tracking.Where("http://127.0.0.1:9", "e"), "abc", "s3://b/best.pt", root)
     waiting = json.loads((tmp_path / "run" / tracking.PENDING_FILE).read_text())
     assert waiting == {"run_id": "abc", "ops": [{"op": "tags", "tags": {"best_checkpoint": "s3://b/best.pt"}}]}
+
+
+def test_one_rule_for_the_tracking_uri_in_training_the_registry_and_sweeps(tmp_path, monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.registry import registry_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri("http://127.0.0.1:5000", "ckpt") == "http://127.0.0.1:5000"
+    assert tracking.resolve_uri(None, "sweeps/s1") == f"sqlite:///{tmp_path / 'sweeps' / 's1' / 'mlflow.db'}"
+    assert tracking.resolve_uri(None, "s3://bucket/sweeps") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    config = load_config(None, ["trainer.storage=ckpt"])
+    assert tracking.default_uri(config) == registry_uri(config) == f"sqlite:///{tmp_path / 'ckpt' / 'mlflow.db'}"
+    # MLflow's own convention reaches every one of them (a sweep used to log to its own sqlite file)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
+    assert tracking.resolve_uri(None, "sweeps/s1") == tracking.default_uri(config) == registry_uri(config) \
+        == "http://127.0.0.1:5001"
+    assert tracking.resolve_uri("sqlite:///x.db", "sweeps/s1") == "sqlite:///x.db"  # tracking.uri still first
