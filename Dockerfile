@@ -21,7 +21,8 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 RUN pip install . "psycopg2-binary==2.9.13"
 
-# the configs the RayJobs name (-c /app/configs/...)
+# the presets ship in the package (-c paper/voc_vgg16 works anywhere); /app/configs links to them for the
+# manifests that name files (-c /app/configs/...)
 COPY configs ./configs
 
 # non-root: uid 10001 (the manifests' runAsUser), owning nothing but its home

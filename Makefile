@@ -8,15 +8,16 @@ STAMP := $(VENV)/.installed-stamp
 CHECKOV_VERSION := 3.3.30
 CHECKOV := $(VENV)/tools/checkov/bin/checkov
 
-.PHONY: install quickstart test test-all bench clean
+.PHONY: install quickstart test lint lock bench clean
 
 install: $(STAMP)
 
-# the venv is rebuilt when the dependencies change; --no-compile: Python writes the bytecode of what is
-# imported on first use instead of compiling every installed module up front (a shorter install)
-$(STAMP): pyproject.toml
+# the venv is rebuilt when the dependencies change, with the versions of requirements.lock (the ones the
+# tests passed with); --no-compile: Python writes the bytecode of what is imported on first use instead of
+# compiling every installed module up front (a shorter install)
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 $(CHECKOV): Makefile
@@ -27,8 +28,21 @@ $(CHECKOV): Makefile
 quickstart: install
 	$(BIN)/wysiwyc quickstart --workdir runs/quickstart
 
-test: install $(CHECKOV)
+# lint and format first (seconds), then the suite
+test: install $(CHECKOV) lint
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# after a change of the dependencies: the versions now installed become the lock (then run make test)
+lock:
+	$(PYTHON) -m venv $(VENV)/tools/lock
+	$(VENV)/tools/lock/bin/python -m pip install --quiet --disable-pip-version-check '.[dev]'
+	{ sed -n '1,2p' requirements.lock; $(VENV)/tools/lock/bin/python -m pip freeze --exclude wysiwyc | sort -f; } \
+		> requirements.lock.new && mv requirements.lock.new requirements.lock
+	rm -rf $(VENV)/tools/lock
 
 bench: install
 	$(BIN)/python tests/bench/bench_loader.py

@@ -12,15 +12,19 @@ import shlex
 import sys
 from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 app = typer.Typer(
     help="wysiwyc: train Explainers for frozen image classifiers and run them over image corpora.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-ingest_app = typer.Typer(help="Read a data source into WebDataset shards + manifest (local dir or s3://).",
-                         no_args_is_help=True)
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+ingest_app = typer.Typer(
+    help="Read a data source into WebDataset shards + manifest (local dir or s3://).", no_args_is_help=True
+)
 app.add_typer(ingest_app, name="ingest")
 train_app = typer.Typer(help="Train the classifier (Explanandum) or an Explainer for it.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -31,16 +35,21 @@ class OnError(str, Enum):
     fail = "fail"
 
 
-ConfigOpt = Annotated[Optional[str], typer.Option("-c", "--config", help="YAML config file (see configs/).")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. data.image_size=64.")]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("-c", "--config", help="YAML config file, or a preset's name (`wysiwyc presets` lists them)."),
+]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. data.image_size=64.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")]
 OutOpt = Annotated[str, typer.Option("--out", help="Output prefix: a local directory or s3://bucket/prefix.")]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split name (shards are SPLIT-000000.tar).")]
-ShardSizeOpt = Annotated[Optional[int], typer.Option("--shard-size", help="Samples per shard (default 1000).")]
-OnErrorOpt = Annotated[Optional[OnError], typer.Option(
-    "--on-error", help="skip: record bad inputs in the manifest and go on; fail: stop, publish nothing.")]
+ShardSizeOpt = Annotated[int | None, typer.Option("--shard-size", help="Samples per shard (default 1000).")]
+OnErrorOpt = Annotated[
+    OnError | None,
+    typer.Option("--on-error", help="skip: record bad inputs in the manifest and go on; fail: stop, publish nothing."),
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a split that the output already holds.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Encoding processes (default: all cores).")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Encoding processes (default: all cores).")]
 
 
 _LOG_LEVEL = {"level": logging.INFO}  # set by the global -v / -q options (this process's logs)
@@ -56,11 +65,16 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _global_options(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logs on stderr.")] = False,
-    quiet: Annotated[bool, typer.Option(
-        "-q", "--quiet", help="Only warnings and errors on stderr, no progress bars (the summary still prints).")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "-q", "--quiet", help="Only warnings and errors on stderr, no progress bars (the summary still prints)."
+        ),
+    ] = False,
 ) -> None:
     """Options of every command: wysiwyc [-v | -q] COMMAND ..."""
     from pipeline import progress
@@ -94,8 +108,9 @@ def _run(title: str, as_json: bool, stage: Callable[[], dict]) -> None:
         from pipeline import __version__
         from pipeline.storage import redact
 
-        logging.getLogger("pipeline.cli").debug("wysiwyc %s, Python %s: wysiwyc %s", __version__,
-                                                sys.version.split()[0], redact(shlex.join(sys.argv[1:])))
+        logging.getLogger("pipeline.cli").debug(
+            "wysiwyc %s, Python %s: wysiwyc %s", __version__, sys.version.split()[0], redact(shlex.join(sys.argv[1:]))
+        )
     try:
         # stdout is the summary's: libraries that print there (MLflow's "View run" links, Ray Tune's
         # status table) go to stderr with the logs
@@ -120,14 +135,22 @@ def _load(config: str | None, overrides: list[str] | None, **flags):
     return load_config(config, list(overrides or []) + extra)
 
 
-def _ingest(kind: str, make_reader, split: str, out: str, config, overrides, shard_size, on_error,
-            overwrite, workers, as_json) -> None:
+def _ingest(
+    kind: str, make_reader, split: str, out: str, config, overrides, shard_size, on_error, overwrite, workers, as_json
+) -> None:
     def stage() -> dict:
         from pipeline.data.ingest import ingest
 
-        cfg = _load(config, overrides, **{
-            "ingest.shard_size": shard_size, "ingest.on_error": on_error.value if on_error else None,
-            "ingest.overwrite": True if overwrite else None, "ingest.workers": workers})
+        cfg = _load(
+            config,
+            overrides,
+            **{
+                "ingest.shard_size": shard_size,
+                "ingest.on_error": on_error.value if on_error else None,
+                "ingest.overwrite": True if overwrite else None,
+                "ingest.workers": workers,
+            },
+        )
         opts = cfg.storage.options()
         return ingest(make_reader(cfg, opts), out, split, cfg.ingest, opts, progress=True)
 
@@ -137,13 +160,24 @@ def _ingest(kind: str, make_reader, split: str, out: str, config, overrides, sha
 @ingest_app.command("voc")
 def ingest_voc(
     source: Annotated[str, typer.Option("--source", help="VOCdevkit/VOC2007 folder or its parent.")],
-    split: SplitOpt, out: OutOpt,
-    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class list (default: the 20 VOC classes).")] = None,
-    difficult: Annotated[bool, typer.Option("--difficult/--no-difficult", help="Count difficult objects as labels.")] = True,
-    shard_size: ShardSizeOpt = None, on_error: OnErrorOpt = None, overwrite: OverwriteOpt = False,
-    workers: WorkersOpt = None, config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+    split: SplitOpt,
+    out: OutOpt,
+    classes: Annotated[
+        str | None, typer.Option(help="Comma-separated class list (default: the 20 VOC classes).")
+    ] = None,
+    difficult: Annotated[
+        bool, typer.Option("--difficult/--no-difficult", help="Count difficult objects as labels.")
+    ] = True,
+    shard_size: ShardSizeOpt = None,
+    on_error: OnErrorOpt = None,
+    overwrite: OverwriteOpt = False,
+    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
 ) -> None:
     """PASCAL VOC (2007 layout): JPEGs, XML labels, SegmentationClass PNGs when present."""
+
     def make_reader(cfg, opts):
         from pipeline.data.voc import VOCReader
 
@@ -157,12 +191,19 @@ def ingest_voc(
 def ingest_coco(
     annotations: Annotated[str, typer.Option("--annotations", help="COCO instances JSON.")],
     images: Annotated[str, typer.Option("--images", help="Folder of the images the JSON names.")],
-    split: SplitOpt, out: OutOpt,
+    split: SplitOpt,
+    out: OutOpt,
     drop_empty: Annotated[bool, typer.Option(help="Drop images without annotations.")] = False,
-    shard_size: ShardSizeOpt = None, on_error: OnErrorOpt = None, overwrite: OverwriteOpt = False,
-    workers: WorkersOpt = None, config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+    shard_size: ShardSizeOpt = None,
+    on_error: OnErrorOpt = None,
+    overwrite: OverwriteOpt = False,
+    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
 ) -> None:
     """MS-COCO instances (2014/2017): labels and rasterised class-index maps (pycocotools)."""
+
     def make_reader(cfg, opts):
         from pipeline.data.coco import COCOReader
 
@@ -175,21 +216,30 @@ def ingest_coco(
 def ingest_synthetic(
     num_images: Annotated[int, typer.Option("--num-images", help="How many images.")],
     seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same images).")],
-    split: SplitOpt, out: OutOpt,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Side in pixels (default data.image_size).")] = None,
-    shard_size: ShardSizeOpt = None, on_error: OnErrorOpt = None, overwrite: OverwriteOpt = False,
-    workers: WorkersOpt = None, config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+    split: SplitOpt,
+    out: OutOpt,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Side in pixels (default data.image_size).")
+    ] = None,
+    shard_size: ShardSizeOpt = None,
+    on_error: OnErrorOpt = None,
+    overwrite: OverwriteOpt = False,
+    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Synthetic multi-label shapes on clutter with exact per-pixel ground truth (data.classes: a subset of
     the shapes)."""
+
     def make_reader(cfg, opts):
         from pipeline.data.synthetic import SyntheticReader
 
-        return SyntheticReader(num_images, seed, split, image_size=image_size or cfg.data.image_size,
-                               classes=cfg.data.classes)
+        return SyntheticReader(
+            num_images, seed, split, image_size=image_size or cfg.data.image_size, classes=cfg.data.classes
+        )
 
-    _ingest("synthetic", make_reader, split, out, config, overrides, shard_size, on_error, overwrite, workers,
-            json_)
+    _ingest("synthetic", make_reader, split, out, config, overrides, shard_size, on_error, overwrite, workers, json_)
 
 
 @ingest_app.command("images")
@@ -197,10 +247,16 @@ def ingest_images(
     source: Annotated[str, typer.Option("--source", help="Prefix of .jpg/.jpeg/.png files (local or s3://).")],
     out: OutOpt,
     split: Annotated[str, typer.Option("--split", help="Split name.")] = "images",
-    shard_size: ShardSizeOpt = None, on_error: OnErrorOpt = None, overwrite: OverwriteOpt = False,
-    workers: WorkersOpt = None, config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+    shard_size: ShardSizeOpt = None,
+    on_error: OnErrorOpt = None,
+    overwrite: OverwriteOpt = False,
+    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Unlabelled images under a prefix (the input of batch attribution)."""
+
     def make_reader(cfg, opts):
         from pipeline.data.images import ImageFolderReader
 
@@ -234,6 +290,7 @@ def train_explainer(config: ConfigOpt = None, overrides: Overrides = None, json_
 @app.command()
 def evaluate(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False) -> None:
     """The paper's metrics for explainer.checkpoint against Grad-CAM, RISE and constant masks on data.test."""
+
     def stage() -> dict:
         from pipeline.evaluate.evaluate import evaluate as run_evaluate
 
@@ -245,9 +302,11 @@ def evaluate(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonO
 @app.command()
 def sweep(
     config: Annotated[str, typer.Option("-c", "--config", help="Sweep file (see configs/sweeps/).")],
-    overrides: Overrides = None, json_: JsonOpt = False,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Sweep λ (any config key) on Ray Tune, one TorchTrainer per trial; the same sweep.name resumes."""
+
     def stage() -> dict:
         from pipeline.tune import load_sweep, run_sweep
 
@@ -264,13 +323,18 @@ NameOpt = Annotated[str, typer.Option("--name", help="Registered model name, e.g
 @app.command()
 def register(
     name: NameOpt,
-    checkpoint: Annotated[str | None, typer.Option(
-        "--checkpoint", help="Explainer checkpoint URI (local path or s3://).")] = None,
-    from_sweep: Annotated[str | None, typer.Option(
-        "--from-sweep", help="Register the best trial of this sweep (its sweep.json).")] = None,
-    config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+    checkpoint: Annotated[
+        str | None, typer.Option("--checkpoint", help="Explainer checkpoint URI (local path or s3://).")
+    ] = None,
+    from_sweep: Annotated[
+        str | None, typer.Option("--from-sweep", help="Register the best trial of this sweep (its sweep.json).")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Package an Explainer as a new MLflow model version with alias `candidate`; prints its model URI."""
+
     def stage() -> dict:
         from pipeline.errors import WysiwycError
         from pipeline.registry import register_checkpoint, register_from_sweep
@@ -288,15 +352,22 @@ def register(
 @app.command()
 def promote(
     name: NameOpt,
-    version: Annotated[str | None, typer.Option(
-        "--version", help="Version to promote (a number, or an alias such as candidate).")] = None,
-    gate: Annotated[str | None, typer.Option(
-        "--gate", help="Gate file (default registry.gate: configs/gates/default.yaml).")] = None,
-    rollback: Annotated[bool, typer.Option(
-        "--rollback", help="Make previous-champion the champion again instead.")] = False,
-    config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version to promote (a number, or an alias such as candidate).")
+    ] = None,
+    gate: Annotated[
+        str | None,
+        typer.Option("--gate", help="Gate file or preset (default registry.gate: configs/gates/default.yaml)."),
+    ] = None,
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="Make previous-champion the champion again instead.")
+    ] = False,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Run the gate on a version and move `champion` to it (exit 2 with the reason when it fails)."""
+
     def stage() -> dict:
         from pipeline import registry
         from pipeline.errors import WysiwycError
@@ -315,22 +386,33 @@ def promote(
 
 @app.command()
 def attribute(
-    model: Annotated[str | None, typer.Option(
-        "--model", help="models:/NAME@alias (resolved once, recorded) or a checkpoint URI (explainer.checkpoint).")] = None,
-    input_: Annotated[str | None, typer.Option(
-        "--input", help="Image prefix (local or s3://), shard split, or a file listing image URIs.")] = None,
-    output: Annotated[str | None, typer.Option(
-        "--output", help="Output prefix; the run writes OUTPUT/RUN_ID/.")] = None,
-    run_id: Annotated[str | None, typer.Option(
-        "--run-id", help="Run id (default: UTC time); the same id resumes, a complete run is left as is.")] = None,
-    config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="models:/NAME@alias (resolved once, recorded) or a checkpoint URI (explainer.checkpoint)."
+        ),
+    ] = None,
+    input_: Annotated[
+        str | None,
+        typer.Option("--input", help="Image prefix (local or s3://), shard split, or a file listing image URIs."),
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="Output prefix; the run writes OUTPUT/RUN_ID/.")
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option("--run-id", help="Run id (default: UTC time); the same id resumes, a complete run is left as is."),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Masks + index for every image of a corpus on Ray Data (resumable, idempotent; see configs/attribute/)."""
+
     def stage() -> dict:
         from pipeline.attribute import attribute as run_attribute
 
-        flags = {"explainer.checkpoint": model, "attribute.input": input_, "output": output,
-                 "attribute.run_id": run_id}
+        flags = {"explainer.checkpoint": model, "attribute.input": input_, "output": output, "attribute.run_id": run_id}
         # JSON-quoted: a run id such as 2026-11-29 stays a string (YAML would read a date)
         return run_attribute(_load(config, overrides, **{k: json.dumps(v) for k, v in flags.items() if v}))
 
@@ -340,8 +422,12 @@ def attribute(
 @app.command()
 def quickstart(
     workdir: Annotated[str, typer.Option("--workdir", help="Where everything is written.")] = "runs/quickstart",
-    with_stack: Annotated[bool, typer.Option(
-        "--with-stack", help="Use the running `wysiwyc stack` (S3 + MLflow server) instead of local files.")] = False,
+    with_stack: Annotated[
+        bool,
+        typer.Option(
+            "--with-stack", help="Use the running `wysiwyc stack` (S3 + MLflow server) instead of local files."
+        ),
+    ] = False,
     num_images: Annotated[int, typer.Option("--num-images", help="Synthetic training images.")] = 2000,
     num_corpus: Annotated[int, typer.Option("--num-corpus", help="Images the attribution stage explains.")] = 200,
     overrides: Overrides = None,
@@ -349,37 +435,75 @@ def quickstart(
 ) -> None:
     """The main job on the embedded defaults: data → classifier → Explainer → evaluation → registry →
     attribution → report.html (overrides apply to every stage's config/cpu preset)."""
+
     def show(name: str, index: int, total: int, status: str) -> None:
         typer.echo(f"[{index}/{total}] {name}: {status}", err=True)
 
     def stage() -> dict:
         from pipeline.quickstart import run_quickstart
 
-        return run_quickstart(workdir, with_stack=with_stack, on_stage=show, overrides=list(overrides or []),
-                              num_images=num_images, num_corpus=num_corpus)
+        return run_quickstart(
+            workdir,
+            with_stack=with_stack,
+            on_stage=show,
+            overrides=list(overrides or []),
+            num_images=num_images,
+            num_corpus=num_corpus,
+        )
 
     _run("quickstart: done", json_, stage)
 
 
+@app.command()
+def presets(
+    name: Annotated[str | None, typer.Argument(help="A preset's short name, e.g. cpu/explainer.")] = None,
+) -> None:
+    """List the presets shipped with the package, or print one (a starting point to copy and edit)."""
+    from pipeline.config import PRESETS, config_file, preset_names
+    from pipeline.errors import WysiwycError
+
+    try:
+        if name is not None:
+            typer.echo(config_file(name).read_text(), nl=False)
+            return
+        for short in preset_names():
+            lines = (PRESETS / f"{short}.yaml").read_text().splitlines()
+            typer.echo(f"{short:34s} {lines[0].lstrip('# ') if lines and lines[0].startswith('#') else ''}")
+    except WysiwycError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 # ------------------------------------------------------------------------------- wysiwyc stack
 
-stack_app = typer.Typer(help="The local production-like stack: SeaweedFS (S3) + an MLflow server, in the "
-                             "background on 127.0.0.1.", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The local production-like stack: SeaweedFS (S3) + an MLflow server, in the background on 127.0.0.1.",
+    no_args_is_help=True,
+)
 app.add_typer(stack_app, name="stack")
-StateDirOpt = Annotated[Optional[str], typer.Option(
-    "--state-dir", help="Where the stack keeps data, logs, PID records and credentials "
-                        "(default $WYSIWYC_STACK_DIR or ~/.wysiwyc/stack).")]
+StateDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--state-dir",
+        help="Where the stack keeps data, logs, PID records and credentials "
+        "(default $WYSIWYC_STACK_DIR or ~/.wysiwyc/stack).",
+    ),
+]
 
 
 @stack_app.command("up")
 def stack_up(
     state_dir: StateDirOpt = None,
-    s3_port: Annotated[Optional[int], typer.Option("--s3-port", help="S3 port (default: the last one, else 8333).")] = None,
-    mlflow_port: Annotated[Optional[int], typer.Option(
-        "--mlflow-port", help="MLflow port (default: the last one, else 5000).")] = None,
-    bucket: Annotated[Optional[str], typer.Option("--bucket", help="Bucket to create (default wysiwyc).")] = None,
-    show_secrets: Annotated[bool, typer.Option(
-        "--show-secrets", help="Also print the secret key (the export lines; in `env` with --json).")] = False,
+    s3_port: Annotated[
+        int | None, typer.Option("--s3-port", help="S3 port (default: the last one, else 8333).")
+    ] = None,
+    mlflow_port: Annotated[
+        int | None, typer.Option("--mlflow-port", help="MLflow port (default: the last one, else 5000).")
+    ] = None,
+    bucket: Annotated[str | None, typer.Option("--bucket", help="Bucket to create (default wysiwyc).")] = None,
+    show_secrets: Annotated[
+        bool, typer.Option("--show-secrets", help="Also print the secret key (the export lines; in `env` with --json).")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Start SeaweedFS and the MLflow server (a no-op when running); prints the env file to `source`."""
@@ -388,8 +512,9 @@ def stack_up(
     def stage() -> dict:
         from pipeline import stack
 
-        summary = stack.stack_up(state_dir, s3_port=s3_port, mlflow_port=mlflow_port, bucket=bucket,
-                                 show_secrets=show_secrets)
+        summary = stack.stack_up(
+            state_dir, s3_port=s3_port, mlflow_port=mlflow_port, bucket=bucket, show_secrets=show_secrets
+        )
         if json_:
             return summary
         shown.update(env=summary.pop("env"), env_file=summary["env_file"])
@@ -426,6 +551,7 @@ def stack_status(state_dir: StateDirOpt = None, json_: JsonOpt = False) -> None:
 @stack_app.command("down")
 def stack_down(state_dir: StateDirOpt = None, json_: JsonOpt = False) -> None:
     """Stop exactly the processes `stack up` started; the data stays for the next `up`."""
+
     def stage() -> dict:
         from pipeline import stack
 

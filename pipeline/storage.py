@@ -235,21 +235,31 @@ def _client(opts: S3Options | None) -> Any:
             if client is None:
                 for stale in [k for k in _CLIENTS if k[1] != pid]:
                     del _CLIENTS[stale]
-                client = _CLIENTS[key] = _make_client(opts)
+                client = _CLIENTS[key] = s3_client(opts)
     return client
 
 
-def _make_client(opts: S3Options) -> Any:
+def s3_client(opts: S3Options | None = None, **settings: Any) -> Any:
+    """A new boto3 S3 client for ``opts`` (``None``: the ``AWS_*`` environment) with the project's settings:
+    path-style addressing, standard retries (``AWS_MAX_ATTEMPTS``, default 5), bounded timeouts and the
+    checksum mode S3-compatible stores need. ``settings`` override botocore ``Config`` fields (e.g.
+    ``signature_version``). The storage functions share one cached client per options instead.
+
+    Raises:
+        CredentialsError: only one of the key id and the secret is given.
+        WysiwycError: the endpoint or the ``AWS_*`` environment is unusable.
+    """
     import boto3
     from botocore.config import Config
 
+    opts = opts or S3Options()
     if bool(opts.access_key_id) != bool(opts.secret_access_key):
         raise CredentialsError(
             "storage: access_key_id and secret_access_key must be given together "
             "(set both in storage.* of the config, or neither to use AWS_* env vars)"
         )
     attempts = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
-    settings: dict[str, Any] = {
+    settings = {
         "s3": {"addressing_style": "path"},
         "retries": {"mode": "standard", "max_attempts": int(attempts) if attempts.isdigit() else 5},
         "connect_timeout": 10,
@@ -258,6 +268,7 @@ def _make_client(opts: S3Options) -> Any:
         "user_agent_extra": "wysiwyc",
         "request_checksum_calculation": "when_required",
         "response_checksum_validation": "when_required",
+        **settings,
     }
     try:
         config = Config(**settings)
@@ -276,14 +287,39 @@ def _make_client(opts: S3Options) -> Any:
         )
     except ValueError as exc:  # e.g. "Invalid endpoint: ..."
         raise WysiwycError(
-            redact(f"storage: cannot create an S3 client: {exc}: check storage.endpoint_url / "
-                   "AWS_ENDPOINT_URL (it must look like http://host:port)")
+            redact(
+                f"storage: cannot create an S3 client: {exc}: check storage.endpoint_url / "
+                "AWS_ENDPOINT_URL (it must look like http://host:port)"
+            )
         ) from exc
     except Exception as exc:  # e.g. botocore's ProfileNotFound for a bad AWS_PROFILE
         raise WysiwycError(
-            redact(f"storage: cannot create an S3 client: {type(exc).__name__}: {exc}: check the "
-                   "AWS_* environment variables and storage.* in the config")
+            redact(
+                f"storage: cannot create an S3 client: {type(exc).__name__}: {exc}: check the "
+                "AWS_* environment variables and storage.* in the config"
+            )
         ) from exc
+
+
+def arrow_filesystem(opts: S3Options | None = None) -> Any:
+    """A ``pyarrow.fs.S3FileSystem`` for ``opts``, each field left empty taken from the ``AWS_*``
+    environment as boto3 would (for the libraries that take one: Ray Train's and Tune's storage)."""
+    import pyarrow.fs
+
+    opts = opts or S3Options()
+    env = os.environ
+    endpoint = opts.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {
+        "region": opts.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    }
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+    key = opts.access_key_id or env.get("AWS_ACCESS_KEY_ID")
+    secret = opts.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret)
+    return pyarrow.fs.S3FileSystem(**kwargs)
 
 
 def _transfer_config() -> Any:
@@ -313,9 +349,7 @@ def _kind(url: str | os.PathLike) -> str:
     scheme = m.group(1).lower()
     if scheme in ("s3", "file"):
         return scheme
-    raise WysiwycError(
-        f"unsupported URL scheme '{scheme}' in {redact(s)}: use a local path, file:// or s3://"
-    )
+    raise WysiwycError(f"unsupported URL scheme '{scheme}' in {redact(s)}: use a local path, file:// or s3://")
 
 
 def is_s3(url: str | os.PathLike) -> bool:
@@ -441,38 +475,44 @@ def _s3_error(exc: BaseException, url: str, client: Any, action: str) -> Wysiwyc
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code == "NoSuchBucket":
             return BucketNotFound(
-                redact(f"bucket '{bucket}' does not exist at endpoint {endpoint}: create it or "
-                       f"fix the URL ({shown})")
+                redact(f"bucket '{bucket}' does not exist at endpoint {endpoint}: create it or fix the URL ({shown})")
             )
         if code in ("NoSuchKey", "NotFound", "404") or (status == 404 and not code):
             return NotFound(redact(f"no such object: {shown} (endpoint {endpoint})"))
-        if code in (
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-            "AccessDenied",
-            "403",
-            "Forbidden",
-            "InvalidToken",
-            "ExpiredToken",
-            "InvalidClientTokenId",
-            "AuthorizationHeaderMalformed",
-        ) or status == 403:
+        if (
+            code
+            in (
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "AccessDenied",
+                "403",
+                "Forbidden",
+                "InvalidToken",
+                "ExpiredToken",
+                "InvalidClientTokenId",
+                "AuthorizationHeaderMalformed",
+            )
+            or status == 403
+        ):
             extra = " (or grant them access to this bucket)" if code in ("AccessDenied", "403") else ""
             return CredentialsError(
-                redact(f"credentials rejected by {endpoint} for {shown} ({code or status}) while "
-                       f"trying to {action}: {cfg_hint}{extra}")
+                redact(
+                    f"credentials rejected by {endpoint} for {shown} ({code or status}) while "
+                    f"trying to {action}: {cfg_hint}{extra}"
+                )
             )
         message = info.get("Message") or str(err)
-        return WysiwycError(
-            redact(f"{action} {shown} failed at {endpoint}: {code or status}: {message}")
-        )
+        return WysiwycError(redact(f"{action} {shown} failed at {endpoint}: {code or status}: {message}"))
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
         return CredentialsError(redact(f"no S3 credentials found for {shown}: {cfg_hint}"))
-    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError,
-                        bx.ProxyConnectionError)):
+    if isinstance(
+        exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError, bx.ProxyConnectionError)
+    ):
         return EndpointUnreachable(
-            redact(f"cannot reach S3 endpoint {endpoint} for {shown}: is the server running? "
-                   "check storage.endpoint_url or AWS_ENDPOINT_URL")
+            redact(
+                f"cannot reach S3 endpoint {endpoint} for {shown}: is the server running? "
+                "check storage.endpoint_url or AWS_ENDPOINT_URL"
+            )
         )
     if isinstance(exc, bx.ReadTimeoutError):
         return WysiwycError(redact(f"{action} {shown}: S3 endpoint {endpoint} timed out"))
@@ -549,8 +589,7 @@ class _S3RawReader(io.RawIOBase):
     def _reopen(self) -> None:
         with contextlib.suppress(Exception):
             self._body.close()
-        kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key,
-                                  "Range": f"bytes={self._pos}-"}
+        kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key, "Range": f"bytes={self._pos}-"}
         if self._etag:
             kwargs["IfMatch"] = self._etag
         try:
@@ -569,8 +608,10 @@ class _S3RawReader(io.RawIOBase):
             except errors as exc:
                 if attempt == READ_RETRIES:
                     raise WysiwycError(
-                        redact(f"reading {self._url} failed at byte {self._pos} after "
-                               f"{READ_RETRIES} retries: {type(exc).__name__}: {exc}")
+                        redact(
+                            f"reading {self._url} failed at byte {self._pos} after "
+                            f"{READ_RETRIES} retries: {type(exc).__name__}: {exc}"
+                        )
                     ) from exc
                 self._reopen()
         self._pos += len(data)
@@ -675,16 +716,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _local_temp(path: Path, url: str) -> tuple[Path, BinaryIO]:
-    """Create the parent dirs and a fresh hidden temp file beside ``path``."""
+def _local_temp(path: Path, url: str, mode: int = 0o666) -> tuple[Path, BinaryIO]:
+    """Create the parent dirs and a fresh hidden temp file beside ``path`` (``mode`` & ~umask)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             tmp = path.parent / f".{path.name}.{_secrets.token_hex(4)}.partial"
             try:
-                # 0o666 & ~umask, like a normally created file (mkstemp would give 0o600)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                             0o666)
+                # 0o666 & ~umask by default, like a normally created file (mkstemp would give 0o600)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
                 break
             except FileExistsError:  # pragma: no cover - 32 random bits collided
                 continue
@@ -694,7 +734,7 @@ def _local_temp(path: Path, url: str) -> tuple[Path, BinaryIO]:
 
 
 @contextlib.contextmanager
-def open_write(url: str | os.PathLike, opts: S3Options | None = None) -> Iterator[BinaryIO]:
+def open_write(url: str | os.PathLike, opts: S3Options | None = None, *, private: bool = False) -> Iterator[BinaryIO]:
     """Write an object or file atomically: it appears only when the block exits without error.
 
     Locally the data goes to ``.NAME.<8 random hex digits>.partial`` in the destination directory
@@ -706,6 +746,7 @@ def open_write(url: str | os.PathLike, opts: S3Options | None = None) -> Iterato
     Args:
         url: Local path, ``file://`` or ``s3://`` URL of the destination (overwritten if present).
         opts: S3 options (``None``: environment).
+        private: a local file is readable by its owner only (mode 0600 from its creation on).
 
     Yields:
         A writable binary file object.
@@ -724,19 +765,23 @@ def open_write(url: str | os.PathLike, opts: S3Options | None = None) -> Iterato
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX_BYTES, mode="w+b") as tmp:
             yield tmp  # type: ignore[misc]
             if tmp.closed:
-                raise WysiwycError(f"open_write({redact(s)}): the file was closed inside the "
-                                   "block; nothing was written (let open_write close it)")
+                raise WysiwycError(
+                    f"open_write({redact(s)}): the file was closed inside the "
+                    "block; nothing was written (let open_write close it)"
+                )
             tmp.flush()
             tmp.seek(0)
             _upload_fileobj(client, tmp, s)  # type: ignore[arg-type]
         return
     path = to_local_path(s)
-    tmp_path, f = _local_temp(path, s)
+    tmp_path, f = _local_temp(path, s, 0o600 if private else 0o666)
     try:
         yield f
         if f.closed:
-            raise WysiwycError(f"open_write({redact(s)}): the file was closed inside the block; "
-                               "nothing was written (let open_write close it)")
+            raise WysiwycError(
+                f"open_write({redact(s)}): the file was closed inside the block; "
+                "nothing was written (let open_write close it)"
+            )
         try:
             f.flush()
             os.fsync(f.fileno())
@@ -752,13 +797,14 @@ def open_write(url: str | os.PathLike, opts: S3Options | None = None) -> Iterato
             tmp_path.unlink()
 
 
-def write_bytes(url: str | os.PathLike, data: bytes, opts: S3Options | None = None) -> None:
+def write_bytes(url: str | os.PathLike, data: bytes, opts: S3Options | None = None, *, private: bool = False) -> None:
     """Write ``data`` atomically to a local path or S3 object (see :func:`open_write`).
 
     Args:
         url: Destination.
         data: Content.
         opts: S3 options (``None``: environment).
+        private: a local file is readable by its owner only (mode 0600 from its creation on).
 
     Raises:
         WysiwycError: If it cannot be written.
@@ -768,14 +814,15 @@ def write_bytes(url: str | os.PathLike, data: bytes, opts: S3Options | None = No
         _check_key(s, split_s3(s)[1])
         _upload_fileobj(_client(opts), io.BytesIO(data), s)
         return
-    with open_write(s, opts) as f:
+    with open_write(s, opts, private=private) as f:
         f.write(data)
 
 
-def write_text(url: str | os.PathLike, text: str, opts: S3Options | None = None,
-               encoding: str = "utf-8") -> None:
+def write_text(
+    url: str | os.PathLike, text: str, opts: S3Options | None = None, encoding: str = "utf-8", *, private: bool = False
+) -> None:
     """Write text atomically (see :func:`write_bytes`)."""
-    write_bytes(url, text.encode(encoding), opts)
+    write_bytes(url, text.encode(encoding), opts, private=private)
 
 
 def create_exclusive(url: str | os.PathLike, data: bytes, opts: S3Options | None = None) -> bool:
@@ -799,9 +846,11 @@ def create_exclusive(url: str | os.PathLike, data: bytes, opts: S3Options | None
             client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except Exception as exc:
             err = _client_error_in_chain(exc)
-            if err is not None and (str(err.response.get("Error", {}).get("Code")) in
-                                    ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
-                                    or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)):
+            if err is not None and (
+                str(err.response.get("Error", {}).get("Code"))
+                in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+                or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
+            ):
                 return False
             raise _s3_error(exc, s, client, "write") from exc
         return True
@@ -824,8 +873,7 @@ def create_exclusive(url: str | os.PathLike, data: bytes, opts: S3Options | None
     return True
 
 
-def upload_file(local_path: str | os.PathLike, url: str | os.PathLike,
-                opts: S3Options | None = None) -> None:
+def upload_file(local_path: str | os.PathLike, url: str | os.PathLike, opts: S3Options | None = None) -> None:
     """Publish a local file at ``url`` atomically (S3: multipart upload; local: copy + rename).
 
     Args:
@@ -862,8 +910,7 @@ def upload_file(local_path: str | os.PathLike, url: str | os.PathLike,
         shutil.copyfileobj(src_f, dst_f, 1 << 20)
 
 
-def download_file(url: str | os.PathLike, local_path: str | os.PathLike,
-                  opts: S3Options | None = None) -> Path:
+def download_file(url: str | os.PathLike, local_path: str | os.PathLike, opts: S3Options | None = None) -> Path:
     """Copy an object or file to a local path atomically (parent directories are created).
 
     Args:
@@ -909,8 +956,7 @@ def download_file(url: str | os.PathLike, local_path: str | os.PathLike,
 
 def _s3_keys(client: Any, bucket: str, prefix: str, url: str, delimiter: str | None) -> Iterator[str]:
     """Stream ``s3://bucket/key`` for every key under ``prefix``, one page (≤1000 keys) at a time."""
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix,
-                              "PaginationConfig": {"PageSize": 1000}}
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "PaginationConfig": {"PageSize": 1000}}
     if delimiter:
         kwargs["Delimiter"] = delimiter
     pages = iter(client.get_paginator("list_objects_v2").paginate(**kwargs))
@@ -973,8 +1019,7 @@ def _local_listing(kind: str, files: Iterator[str]) -> Iterator[str]:
     return files
 
 
-def list_prefix(url: str | os.PathLike, opts: S3Options | None = None, *,
-                recursive: bool = True) -> Iterator[str]:
+def list_prefix(url: str | os.PathLike, opts: S3Options | None = None, *, recursive: bool = True) -> Iterator[str]:
     """Every object under a "directory" prefix, in a deterministic order (see module doc), streamed.
 
     ``s3://b/data`` and ``s3://b/data/`` both list ``data/...``; a sibling ``data-000.tar`` does not
@@ -1049,7 +1094,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
             if end == -1:
                 out.append(re.escape(c))
             else:
-                body = pattern[i + 1:end]
+                body = pattern[i + 1 : end]
                 if body.startswith("!"):
                     body = "^" + body[1:]
                 out.append("[" + body.replace("\\", "\\\\") + "]")
@@ -1232,10 +1277,12 @@ def delete_prefix(url: str | os.PathLike, opts: S3Options | None = None) -> int:
         failed = response.get("Errors") or []
         if failed:
             first = failed[0]
-            raise WysiwycError(redact(
-                f"could not delete {len(failed)} objects under {s}; first: "
-                f"s3://{bucket}/{first.get('Key')}: {first.get('Code')}: {first.get('Message')}"
-            ))
+            raise WysiwycError(
+                redact(
+                    f"could not delete {len(failed)} objects under {s}; first: "
+                    f"s3://{bucket}/{first.get('Key')}: {first.get('Code')}: {first.get('Message')}"
+                )
+            )
 
     for item in list_prefix(s, opts):
         batch.append(split_s3(item)[1])
@@ -1254,10 +1301,25 @@ def delete_prefix(url: str | os.PathLike, opts: S3Options | None = None) -> int:
 # Names that mean a credential however the field is written: ``name=value`` (query parameter, env
 # assignment), ``name: value`` (header, YAML) or ``"name": "value"`` (JSON).
 _SECRET_FIELDS = (
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-    "x-goog-credential", "awsaccesskeyid", "access_token", "refresh_token", "id_token",
-    "session_token", "aws_session_token", "client_secret", "secret_access_key",
-    "aws_secret_access_key", "secret_key", "api_key", "apikey", "password", "passwd",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+    "awsaccesskeyid",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "session_token",
+    "aws_session_token",
+    "client_secret",
+    "secret_access_key",
+    "aws_secret_access_key",
+    "secret_key",
+    "api_key",
+    "apikey",
+    "password",
+    "passwd",
 )
 # Names that are ordinary words as well: a credential only as ``name=value`` or as a quoted key
 # (``"token": "..."``). As ``name: value`` they are prose: ElementTree's "unclosed token: line 1, column
@@ -1269,7 +1331,9 @@ _FIELD_RE = re.compile(
     re.IGNORECASE,
 )
 _WORD_RE = re.compile(
-    r"(?<![\w-])(" + "|".join(map(re.escape, _SECRET_WORDS)) + r")(\s*=\s*[\"']?|[\"']\s*[=:]\s*[\"']?)"
+    r"(?<![\w-])("
+    + "|".join(map(re.escape, _SECRET_WORDS))
+    + r")(\s*=\s*[\"']?|[\"']\s*[=:]\s*[\"']?)"
     + _SECRET_VALUE,
     re.IGNORECASE,
 )
@@ -1278,9 +1342,7 @@ _WORD_RE = re.compile(
 # while a short value ("1", "line", "data", "admin") also occurs as an ordinary word or path segment,
 # and masking those would garble messages without hiding anything worth hiding.
 _MIN_SECRET_LENGTH = 8
-_USERINFO_RE = re.compile(
-    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/?#@\s]*)(?::(?P<pw>[^\s/?#]*))?@"
-)
+_USERINFO_RE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/?#@\s]*)(?::(?P<pw>[^\s/?#]*))?@")
 
 
 def _userinfo(m: re.Match[str]) -> str:

@@ -49,7 +49,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline import storage
-from pipeline.config import Config, load_config
+from pipeline.config import Config, config_file, load_config
 from pipeline.errors import WysiwycError
 
 log = logging.getLogger(__name__)
@@ -89,20 +89,25 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> C
         WysiwycError: an invalid sweep file, base config or space key.
     """
     overrides = list(overrides or [])
+    path = config_file(path)
     # the sweep file itself, with its sweep.* overrides; every other override is validated below, on top of
     # the base config (rules across keys, e.g. explainer.backbone_weights with the base's explainer.init,
     # only hold there)
     sweep_file = load_config(path, [o for o in overrides if o.strip().startswith("sweep.")])
     s = sweep_file.sweep
     if not s.base:
-        raise WysiwycError(f"{path}: set sweep.base to the training config the trials start from "
-                           f"(e.g. ../cpu/explainer.yaml, relative to the sweep file's folder)")
+        raise WysiwycError(
+            f"{path}: set sweep.base to the training config the trials start from "
+            f"(e.g. ../cpu/explainer.yaml, relative to the sweep file's folder)"
+        )
     base = Path(s.base)
     if not base.is_absolute():
         base = Path(path).parent / base
     if not base.is_file():
-        raise WysiwycError(f"{path}: sweep.base {s.base} → {base} does not exist (a relative base is relative "
-                           f"to the sweep file's folder)")
+        raise WysiwycError(
+            f"{path}: sweep.base {s.base} → {base} does not exist (a relative base is relative "
+            f"to the sweep file's folder)"
+        )
     raw = yaml.safe_load(Path(path).read_text()) or {}
     # the sweep file's other sections, then the command-line overrides, on top of the base file
     layered = [f"{k}={json.dumps(v)}" for k, v in _flatten({k: v for k, v in raw.items() if k != "sweep"}).items()]
@@ -116,15 +121,19 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> C
 def _field_path(key: str) -> None:
     """Fail unless the dotted ``key`` names a config field the space may set."""
     if key.startswith(_RESERVED) or key in (r.rstrip(".") for r in _RESERVED):
-        raise WysiwycError(f"sweep.space key {key!r}: the sweep sets it itself (or it holds secrets); "
-                           f"sweep other keys (loss.*, optim.*, trainer.epochs …)")
+        raise WysiwycError(
+            f"sweep.space key {key!r}: the sweep sets it itself (or it holds secrets); "
+            f"sweep other keys (loss.*, optim.*, trainer.epochs …)"
+        )
     model: type[BaseModel] = Config
     parts = key.split(".")
     for i, part in enumerate(parts):
         field = model.model_fields.get(part)
         if field is None:
-            raise WysiwycError(f"sweep.space key {key!r}: unknown key {part!r}; accepted under "
-                               f"{'.'.join(parts[:i]) or 'the top level'}: {', '.join(model.model_fields)}")
+            raise WysiwycError(
+                f"sweep.space key {key!r}: unknown key {part!r}; accepted under "
+                f"{'.'.join(parts[:i]) or 'the top level'}: {', '.join(model.model_fields)}"
+            )
         annotation = field.annotation
         last = i == len(parts) - 1
         is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
@@ -132,7 +141,7 @@ def _field_path(key: str) -> None:
             raise WysiwycError(f"sweep.space key {key!r} is a section; name one of its keys")
         if not last:
             if not is_section:
-                raise WysiwycError(f"sweep.space key {key!r}: {'.'.join(parts[:i + 1])} has no sub-keys")
+                raise WysiwycError(f"sweep.space key {key!r}: {'.'.join(parts[: i + 1])} has no sub-keys")
             model = annotation
 
 
@@ -155,33 +164,43 @@ def apply_values(config: Config, values: dict[str, Any]) -> Config:
 def _check_space(config: Config) -> None:
     s = config.sweep
     if not s.space:
-        raise WysiwycError("sweep.space is empty: give at least one key, e.g. "
-                           "loss.entropy_regularizer: {grid: [0.5, 1.0, 2.0]}")
+        raise WysiwycError(
+            "sweep.space is empty: give at least one key, e.g. loss.entropy_regularizer: {grid: [0.5, 1.0, 2.0]}"
+        )
     for key, dim in s.space.items():
         _field_path(key)
         values = next(iter(dim.values()))
         for value in values:  # each value (or bound) must be valid on its own
             apply_values(config, {key: value})
     if s.kind == "classifier" and s.metric.endswith(("selection", "mask_area", "c_iou", "d_f1", "c_f1")):
-        raise WysiwycError(f"sweep.metric {s.metric} is an Explainer metric; a classifier sweep reports "
-                           f"val_f1, val_accuracy, val_loss (and train_*)")
+        raise WysiwycError(
+            f"sweep.metric {s.metric} is an Explainer metric; a classifier sweep reports "
+            f"val_f1, val_accuracy, val_loss (and train_*)"
+        )
     if s.metric.startswith("val_") and not config.data.val:
         raise WysiwycError(f"sweep.metric {s.metric} is a validation metric but data.val is not set")
     if s.kind == "explainer" and config.explainer.init == "distilled":
-        raise WysiwycError("sweep: explainer.init=distilled would distil the classifier again in every trial, and "
-                           f"its distillation epochs report no {s.metric} (Tune needs the metric from every epoch): "
-                           "sweep with explainer.init=scratch (as configs/cpu/sweep.yaml does) or backbone_file")
+        raise WysiwycError(
+            "sweep: explainer.init=distilled would distil the classifier again in every trial, and "
+            f"its distillation epochs report no {s.metric} (Tune needs the metric from every epoch): "
+            "sweep with explainer.init=scratch (as configs/cpu/sweep.yaml does) or backbone_file"
+        )
     if s.scheduler == "asha" and s.grace_period > (s.max_t or config.trainer.epochs):
-        raise WysiwycError(f"sweep.grace_period {s.grace_period} exceeds the epochs a trial runs "
-                           f"({s.max_t or config.trainer.epochs}): lower it or raise trainer.epochs / sweep.max_t")
+        raise WysiwycError(
+            f"sweep.grace_period {s.grace_period} exceeds the epochs a trial runs "
+            f"({s.max_t or config.trainer.epochs}): lower it or raise trainer.epochs / sweep.max_t"
+        )
 
 
 def _fingerprint(config: Config) -> str:
     """What must not change when a sweep is launched again under the same name."""
     s = config.sweep
-    data = {"sweep": s.model_dump(mode="json", exclude={"max_concurrent_trials", "cpus_per_trial",
-                                                        "retry_failed", "storage"}),
-            "base": {k: v for k, v in config.model_dump(mode="json").items() if k not in ("sweep", "tracking")}}
+    data = {
+        "sweep": s.model_dump(
+            mode="json", exclude={"max_concurrent_trials", "cpus_per_trial", "retry_failed", "storage"}
+        ),
+        "base": {k: v for k, v in config.model_dump(mode="json").items() if k not in ("sweep", "tracking")},
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -204,13 +223,26 @@ def _trial(values: dict, base: Config, name: str, kind: str) -> None:
         tune.report(json.loads(storage.read_text(done_url, opts))["metrics"])
         return
     pg_url = storage.join(config.trainer.storage, config.trainer.run_name, PLACEMENT_GROUP_FILE)
-    summary = fit_ray(kind, config, on_epoch_start=_RecordPlacementGroup(pg_url, opts),
-                      callbacks=[TuneReportCallback()])
+    summary = fit_ray(
+        kind, config, on_epoch_start=_RecordPlacementGroup(pg_url, opts), callbacks=[TuneReportCallback()]
+    )
     history = json.loads(storage.read_text(summary["metrics"], opts))
-    storage.write_text(done_url, json.dumps({
-        "trial": trial_id, "params": values, "metrics": history[-1], "checkpoint": summary["last_checkpoint"],
-        "best_loss_checkpoint": summary["checkpoint"], "mlflow_run_id": summary["mlflow_run_id"],
-        "run_name": config.trainer.run_name}, indent=1), opts)
+    storage.write_text(
+        done_url,
+        json.dumps(
+            {
+                "trial": trial_id,
+                "params": values,
+                "metrics": history[-1],
+                "checkpoint": summary["last_checkpoint"],
+                "best_loss_checkpoint": summary["checkpoint"],
+                "mlflow_run_id": summary["mlflow_run_id"],
+                "run_name": config.trainer.run_name,
+            },
+            indent=1,
+        ),
+        opts,
+    )
 
 
 def _trial_dirname(trial) -> str:
@@ -268,8 +300,11 @@ def _domain(dim: dict):
     from ray import tune
 
     kind, values = next(iter(dim.items()))
-    return {"grid": tune.grid_search, "choice": tune.choice}[kind](list(values)) if kind in ("grid", "choice") \
+    return (
+        {"grid": tune.grid_search, "choice": tune.choice}[kind](list(values))
+        if kind in ("grid", "choice")
         else {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*values)
+    )
 
 
 # ---------------------------------------------------------------- the driver
@@ -316,24 +351,41 @@ def run_sweep(config: Config) -> dict:
     state_url = storage.join(root, STATE_FILE)
     state = json.loads(storage.read_text(state_url, opts)) if storage.exists(state_url, opts) else {}
     if state and state.get("fingerprint") != fingerprint:
-        raise WysiwycError(f"sweep {s.name} at {storage.redact(root)} was started with another space or base "
-                           f"config: choose another sweep.name, or delete {storage.redact(root)} to start over")
+        raise WysiwycError(
+            f"sweep {s.name} at {storage.redact(root)} was started with another space or base "
+            f"config: choose another sweep.name, or delete {storage.redact(root)} to start over"
+        )
 
     where = tracking.resolve(base, s.name)
     parent = None
     if where is not None:
         parent = tracking.Tracker(where, s.name, state.get("parent_run_id"))
         parent.set_tags({"wysiwyc.sweep": s.name})
-        parent.log_params({"sweep.kind": s.kind, "sweep.base": s.base or "", "sweep.metric": s.metric,
-                           "sweep.mode": s.mode, "sweep.num_samples": str(s.num_samples),
-                           "sweep.scheduler": s.scheduler, "sweep.storage": storage.redact(root),
-                           **({"sweep.grace_period": str(s.grace_period),
-                               "sweep.reduction_factor": str(s.reduction_factor),
-                               "sweep.max_t": str(s.max_t or base.trainer.epochs)} if s.scheduler == "asha" else {}),
-                           **{f"space.{k}": f"{next(iter(d))} {next(iter(d.values()))}" for k, d in s.space.items()}})
+        parent.log_params(
+            {
+                "sweep.kind": s.kind,
+                "sweep.base": s.base or "",
+                "sweep.metric": s.metric,
+                "sweep.mode": s.mode,
+                "sweep.num_samples": str(s.num_samples),
+                "sweep.scheduler": s.scheduler,
+                "sweep.storage": storage.redact(root),
+                **(
+                    {
+                        "sweep.grace_period": str(s.grace_period),
+                        "sweep.reduction_factor": str(s.reduction_factor),
+                        "sweep.max_t": str(s.max_t or base.trainer.epochs),
+                    }
+                    if s.scheduler == "asha"
+                    else {}
+                ),
+                **{f"space.{k}": f"{next(iter(d))} {next(iter(d.values()))}" for k, d in s.space.items()},
+            }
+        )
         base.tracking.parent_run_id = parent.run_id
-    storage.write_text(state_url, json.dumps({"fingerprint": fingerprint,
-                                              "parent_run_id": parent.run_id if parent else None}), opts)
+    storage.write_text(
+        state_url, json.dumps({"fingerprint": fingerprint, "parent_run_id": parent.run_id if parent else None}), opts
+    )
 
     status = "FAILED"
     try:
@@ -350,8 +402,10 @@ def run_sweep(config: Config) -> dict:
         if parent is not None:
             parent.end(status)
     if not summary["checkpoint"]:
-        raise WysiwycError(f"sweep {s.name}: no trial reported {s.metric} ({summary['trials']}); see "
-                           f"{summary['report']} for each trial's status and error")
+        raise WysiwycError(
+            f"sweep {s.name}: no trial reported {s.metric} ({summary['trials']}); see "
+            f"{summary['report']} for each trial's status and error"
+        )
     return {**summary, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -364,29 +418,48 @@ def _fit(base: Config, sweep_storage: str):
     from pipeline.train.distributed import storage_target
 
     s = base.sweep
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, name=s.name, kind=s.kind),
-                                    {"CPU": s.cpus_per_trial})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, name=s.name, kind=s.kind), {"CPU": s.cpus_per_trial}
+    )
     storage_path, filesystem = storage_target(base, sweep_storage)
     experiment = f"{storage_path.rstrip('/')}/{s.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("sweep %s: resuming %s", s.name, experiment)
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
-                                   restart_errored=s.retry_failed, storage_filesystem=filesystem)
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, restart_errored=s.retry_failed, storage_filesystem=filesystem
+        )
     else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=s.max_t or base.trainer.epochs,
-                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor) \
-            if s.scheduler == "asha" else None
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=s.max_t or base.trainer.epochs,
+                grace_period=s.grace_period,
+                reduction_factor=s.reduction_factor,
+            )
+            if s.scheduler == "asha"
+            else None
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={key: _domain(dim) for key, dim in s.space.items()},
             tune_config=tune.TuneConfig(
-                metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
-                max_concurrent_trials=s.max_concurrent_trials, trial_dirname_creator=_trial_dirname,
-                search_alg=BasicVariantGenerator(random_state=base.trainer.seed)),
+                metric=s.metric,
+                mode=s.mode,
+                num_samples=s.num_samples,
+                scheduler=scheduler,
+                max_concurrent_trials=s.max_concurrent_trials,
+                trial_dirname_creator=_trial_dirname,
+                search_alg=BasicVariantGenerator(random_state=base.trainer.seed),
+            ),
             run_config=tune.RunConfig(
-                name=s.name, storage_path=storage_path, storage_filesystem=filesystem, verbose=1,
+                name=s.name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                verbose=1,
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[_release_callback(base)]))
+                callbacks=[_release_callback(base)],
+            ),
+        )
     return tuner.fit()
 
 
@@ -403,25 +476,45 @@ def _rows(base: Config, results) -> list[dict]:
         done_url = storage.join(base.trainer.storage, run, TRIAL_FILE)
         done = json.loads(storage.read_text(done_url, opts)) if storage.exists(done_url, opts) else None
         metrics = dict(result.metrics or {})
-        checkpoint = done["checkpoint"] if done else (
-            checkpoint_uri(base.trainer.storage, metrics["checkpoint_path"]) if metrics.get("checkpoint_path")
-            else None)
-        numeric = {k: float(v) for k, v in metrics.items()
-                   if k.startswith(("val_", "train_")) and isinstance(v, (int, float))}
+        checkpoint = (
+            done["checkpoint"]
+            if done
+            else (
+                checkpoint_uri(base.trainer.storage, metrics["checkpoint_path"])
+                if metrics.get("checkpoint_path")
+                else None
+            )
+        )
+        numeric = {
+            k: float(v) for k, v in metrics.items() if k.startswith(("val_", "train_")) and isinstance(v, (int, float))
+        }
         epochs = int(metrics.get("epoch", 0))
         error = None
         if result.error is not None:
             status = "failed"
-            error = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() \
+            error = (
+                str(result.error).strip().splitlines()[-1][:300]
+                if str(result.error).strip()
                 else type(result.error).__name__
+            )
         elif done is not None or epochs >= budget:
             status = "finished"
         else:
             status = "stopped" if epochs else "failed"  # stopped early by ASHA
         params = {k: result.config.get(k) for k in s.space}
-        rows.append({"trial": trial, "run_name": run, "params": params, "status": status, "epochs": epochs,
-                     "metrics": numeric, "checkpoint": checkpoint if status != "failed" else None,
-                     "mlflow_run_id": done["mlflow_run_id"] if done else None, "error": error})
+        rows.append(
+            {
+                "trial": trial,
+                "run_name": run,
+                "params": params,
+                "status": status,
+                "epochs": epochs,
+                "metrics": numeric,
+                "checkpoint": checkpoint if status != "failed" else None,
+                "mlflow_run_id": done["mlflow_run_id"] if done else None,
+                "error": error,
+            }
+        )
     return sorted(rows, key=lambda r: r["trial"])
 
 
@@ -430,8 +523,11 @@ def _tidy_children(client, parent_id: str, name: str, rows: list[dict]) -> None:
     from mlflow.entities import RunStatus
 
     by_run = {r["run_name"]: r for r in rows}
-    children = client.search_runs([client.get_run(parent_id).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+    children = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        max_results=5000,
+    )
     newest: dict[str, Any] = {}
     for child in sorted(children, key=lambda c: c.info.start_time or 0):
         run_name = child.data.tags.get("wysiwyc.run_name")
@@ -467,8 +563,19 @@ def _fmt(value: Any) -> str:
 def _table(rows: list[dict], keys: list[str], metrics: list[str]) -> tuple[str, str]:
     """(Markdown, CSV) of the trials: swept values, metrics, status, epochs, checkpoint, run, error."""
     header = ["trial", *keys, *metrics, "status", "epochs", "checkpoint", "mlflow_run_id", "error"]
-    lines = [[r["trial"], *(r["params"].get(k) for k in keys), *(r["metrics"].get(m) for m in metrics),
-              r["status"], r["epochs"], r["checkpoint"], r["mlflow_run_id"], r["error"]] for r in rows]
+    lines = [
+        [
+            r["trial"],
+            *(r["params"].get(k) for k in keys),
+            *(r["metrics"].get(m) for m in metrics),
+            r["status"],
+            r["epochs"],
+            r["checkpoint"],
+            r["mlflow_run_id"],
+            r["error"],
+        ]
+        for r in rows
+    ]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(_fmt(v).replace("|", "/") for v in line) + " |" for line in lines]
     buf = io.StringIO()
@@ -494,8 +601,13 @@ def _plot_png(rows: list[dict], space: dict, metric: str, best: dict | None) -> 
             x = r["params"].get(key)
             x, y = (x if numeric else labels.index(str(x))), r["metrics"][metric]
             is_best = best is not None and r["trial"] == best["trial"]
-            ax.scatter([x], [y], marker="*" if is_best else "o", s=140 if is_best else 36,
-                       color="tab:red" if is_best else ("tab:blue" if r["status"] == "finished" else "tab:gray"))
+            ax.scatter(
+                [x],
+                [y],
+                marker="*" if is_best else "o",
+                s=140 if is_best else 36,
+                color="tab:red" if is_best else ("tab:blue" if r["status"] == "finished" else "tab:gray"),
+            )
         kind = next(iter(space[key]))
         if numeric and xs and (kind == "loguniform" or (min(xs) > 0 and max(xs) / min(xs) >= 10)):
             ax.set_xscale("log")
@@ -516,16 +628,32 @@ def _publish(base: Config, root: str, rows: list[dict], parent) -> dict:
     markdown, table_csv = _table(rows, list(s.space), metrics)
     counts = {status: sum(r["status"] == status for r in rows) for status in ("finished", "stopped", "failed")}
     record = {
-        "name": s.name, "metric": s.metric, "mode": s.mode,
+        "name": s.name,
+        "metric": s.metric,
+        "mode": s.mode,
         "parent_run_id": parent.run_id if parent else None,
-        "best": {"trial": best["trial"], "params": best["params"], "metrics": best["metrics"],
-                 "checkpoint": best["checkpoint"], "mlflow_run_id": best["mlflow_run_id"]} if best else None,
-        "trials": rows, "counts": counts, "space": s.space, "kind": s.kind, "base": s.base,
+        "best": {
+            "trial": best["trial"],
+            "params": best["params"],
+            "metrics": best["metrics"],
+            "checkpoint": best["checkpoint"],
+            "mlflow_run_id": best["mlflow_run_id"],
+        }
+        if best
+        else None,
+        "trials": rows,
+        "counts": counts,
+        "space": s.space,
+        "kind": s.kind,
+        "base": s.base,
         "tracking_uri": storage.redact(base.tracking.uri or ""),
     }
-    files = {"table.md": markdown.encode(), "table.csv": table_csv.encode(),
-             "selection.png": _plot_png(rows, s.space, s.metric, best),
-             SWEEP_FILE: json.dumps(record, indent=1).encode()}  # last: its presence means "finished"
+    files = {
+        "table.md": markdown.encode(),
+        "table.csv": table_csv.encode(),
+        "selection.png": _plot_png(rows, s.space, s.metric, best),
+        SWEEP_FILE: json.dumps(record, indent=1).encode(),
+    }  # last: its presence means "finished"
     for file, data in files.items():
         storage.write_bytes(storage.join(root, file), data, opts)
         if parent is not None:
@@ -533,18 +661,28 @@ def _publish(base: Config, root: str, rows: list[dict], parent) -> dict:
     if parent is not None and best is not None:
         parent.log_params({f"best.{k}": str(v) for k, v in best["params"].items()})
         client = parent.client
-        for key, value in (("best.trial", best["trial"]), ("best.checkpoint", best["checkpoint"]),
-                           ("best.mlflow_run_id", best["mlflow_run_id"] or "")):
+        for key, value in (
+            ("best.trial", best["trial"]),
+            ("best.checkpoint", best["checkpoint"]),
+            ("best.mlflow_run_id", best["mlflow_run_id"] or ""),
+        ):
             client.set_tag(parent.run_id, key, value)
         client.log_metric(parent.run_id, f"best_{s.metric}", best["metrics"][s.metric])
-    return {"name": s.name, "run_name": s.name, "checkpoint": best["checkpoint"] if best else None,
-            "mlflow_run_id": parent.run_id if parent else None, "output": storage.redact(root),
-            "sweep": storage.redact(storage.join(root, SWEEP_FILE)),
-            "report": storage.redact(storage.join(root, "table.md")),
-            "plot": storage.redact(storage.join(root, "selection.png")), "metric": s.metric,
-            "best": {"trial": best["trial"], s.metric: round(best["metrics"][s.metric], 4), **best["params"]}
-            if best else None,
-            "trials": counts}
+    return {
+        "name": s.name,
+        "run_name": s.name,
+        "checkpoint": best["checkpoint"] if best else None,
+        "mlflow_run_id": parent.run_id if parent else None,
+        "output": storage.redact(root),
+        "sweep": storage.redact(storage.join(root, SWEEP_FILE)),
+        "report": storage.redact(storage.join(root, "table.md")),
+        "plot": storage.redact(storage.join(root, "selection.png")),
+        "metric": s.metric,
+        "best": {"trial": best["trial"], s.metric: round(best["metrics"][s.metric], 4), **best["params"]}
+        if best
+        else None,
+        "trials": counts,
+    }
 
 
 def read_sweep(name: str, config: Config) -> dict:
@@ -558,10 +696,14 @@ def read_sweep(name: str, config: Config) -> dict:
     url = storage.join(root, SWEEP_FILE)
     if not storage.exists(url, opts):
         if storage.exists(storage.join(root, STATE_FILE), opts):
-            raise WysiwycError(f"sweep {name} at {storage.redact(root)} is unfinished: launch `wysiwyc sweep` "
-                               f"with its config again to resume it")
-        raise WysiwycError(f"no sweep {name} under sweep.storage={storage.redact(config.sweep.storage)} "
-                           f"(run `wysiwyc sweep -c configs/sweeps/NAME.yaml`, or set sweep.storage)")
+            raise WysiwycError(
+                f"sweep {name} at {storage.redact(root)} is unfinished: launch `wysiwyc sweep` "
+                f"with its config again to resume it"
+            )
+        raise WysiwycError(
+            f"no sweep {name} under sweep.storage={storage.redact(config.sweep.storage)} "
+            f"(run `wysiwyc sweep -c configs/sweeps/NAME.yaml`, or set sweep.storage)"
+        )
     record = json.loads(storage.read_text(url, opts))
     if record.get("best") is None:
         raise WysiwycError(f"sweep {name}: no trial succeeded (see {storage.redact(storage.join(root, 'table.md'))})")

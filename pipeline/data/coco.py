@@ -55,8 +55,7 @@ def _load_coco(path: Path):
     except Exception as exc:  # json.JSONDecodeError, AssertionError (not a dict), KeyError (no "images")
         reason = str(exc) or type(exc).__name__
         raise WysiwycError(
-            f"coco: {path} is not a COCO instances JSON ({type(exc).__name__}: {reason}); "
-            "pass an instances_*.json file"
+            f"coco: {path} is not a COCO instances JSON ({type(exc).__name__}: {reason}); pass an instances_*.json file"
         ) from exc
     for key in ("images", "categories"):
         if not isinstance(coco.dataset.get(key), list):
@@ -193,9 +192,11 @@ class COCOReader(Reader):
             raise InputError(f"{self.annotations}: image {item['id']}: {item['problem']}")
         path = Path(source)
         if item["file_name"] and not inside(self.images, item["file_name"]):
-            raise InputError(f"{self.annotations}: image {item['id']}: file_name {item['file_name']!r} leads outside "
-                             f"the image folder {self.images}; file names must be paths inside --images "
-                             "(no '..', no absolute path)")
+            raise InputError(
+                f"{self.annotations}: image {item['id']}: file_name {item['file_name']!r} leads outside "
+                f"the image folder {self.images}; file names must be paths inside --images "
+                "(no '..', no absolute path)"
+            )
         if not item["file_name"] or not path.is_file():
             raise InputError(f"{path}: image file missing (named by {self.annotations}, image {item['id']})")
         info = inspect_image(path.read_bytes(), str(path))

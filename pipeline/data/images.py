@@ -4,18 +4,21 @@
 batch attribution of a corpus. The listing goes through :mod:`pipeline.storage`, so a local folder and
 an object-store prefix behave the same.
 
-:func:`inspect_image` is the one place that decides whether bytes are a usable image; the VOC and
-COCO readers use it too. It decodes the whole image (``Image.load()``), which is what catches a
-truncated JPEG: ``Image.open`` alone reads only the header.
+:func:`decoded_image` is the one place that decides whether bytes are a usable image: the readers
+(:func:`inspect_image`, also used by VOC and COCO) and batch attribution decode through it. It decodes
+the whole image (``Image.load()``), which is what catches a truncated JPEG: ``Image.open`` alone reads
+only the header.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.data.classes import resolve_classes
 from pipeline.data.sample import Reader, Sample, safe_key, unique_keys
@@ -38,8 +41,51 @@ class ImageInfo:
     height: int
 
 
+@contextlib.contextmanager
+def decoded_image(
+    data: bytes, source: str, *, max_pixels: int | None = None, limit: str = "max_pixels", advice: str = ""
+) -> Iterator[Any]:
+    """The PIL image of ``data``, every pixel decoded (a truncated file fails here, not at open).
+
+    Args:
+        data: the encoded image.
+        source: the file or URI the bytes came from (each message starts with it).
+        max_pixels: refuse larger images from the header alone, before decoding; ``limit`` names the
+            setting in the message.
+        advice: appended to each message (what the user can do).
+
+    Raises:
+        InputError: empty, not an image, truncated, too large (also for an error of the ``with`` block
+            itself, e.g. a conversion that the bytes make fail).
+    """
+    from PIL import Image
+
+    if not data:
+        raise InputError(f"{source}: empty file (0 bytes){advice}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise InputError(f"{source}: {width}x{height} image has more than {limit}={max_pixels} pixels")
+            im.load()
+            if width < 1 or height < 1:
+                raise InputError(f"{source}: image has no pixels ({width}x{height})")
+            yield im
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{source}: image too large to decode safely ({exc}){advice}") from exc
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError … for bad bytes
+        reason = str(exc) or type(exc).__name__
+        if "truncat" in reason.lower():
+            reason = f"truncated file ({reason})"
+        elif isinstance(exc, Image.UnidentifiedImageError):
+            reason = "not an image (PIL cannot identify it)"
+        raise InputError(f"{source}: {reason}{advice}") from exc
+
+
 def inspect_image(data: bytes, source: str) -> ImageInfo:
-    """Decode ``data`` fully and describe it; raise InputError naming ``source`` when it is unusable.
+    """Decode ``data`` fully (:func:`decoded_image`) and describe it.
 
     JPEG and PNG bytes are kept as they are. Any other format PIL reads (a ``.jpg`` that is really a
     WebP, a BMP …) is re-encoded losslessly as PNG. Width and height are the stored pixel size; an EXIF
@@ -55,32 +101,14 @@ def inspect_image(data: bytes, source: str) -> ImageInfo:
     Raises:
         InputError: empty, truncated, not an image, or too large to decode safely.
     """
-    from PIL import Image
-
-    if not data:
-        raise InputError(f"{source}: empty file (0 bytes); re-copy it or remove it")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format or ""
-            im.load()  # decodes every pixel: a truncated file fails here, not at open
-            width, height = im.size
-            ext = _KEPT_FORMATS.get(fmt)
-            if ext is None:
-                rgb = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-                buf = io.BytesIO()
-                rgb.save(buf, format="PNG")
-                data, ext = buf.getvalue(), "png"
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{source}: image too large to decode safely ({exc})") from exc
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError … for bad bytes
-        reason = str(exc) or type(exc).__name__
-        if "truncat" in reason.lower():
-            reason = f"truncated file ({reason})"
-        elif isinstance(exc, Image.UnidentifiedImageError):
-            reason = "not an image (PIL cannot identify it)"
-        raise InputError(f"{source}: {reason}; re-copy the file or remove it") from exc
-    if width < 1 or height < 1:
-        raise InputError(f"{source}: image has no pixels ({width}x{height})")
+    with decoded_image(data, source, advice="; re-copy the file or remove it") as im:
+        width, height = im.size
+        ext = _KEPT_FORMATS.get(im.format or "")
+        if ext is None:
+            rgb = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+            buf = io.BytesIO()
+            rgb.save(buf, format="PNG")
+            data, ext = buf.getvalue(), "png"
     return ImageInfo(data=data, ext=ext, width=width, height=height)
 
 
@@ -162,9 +190,7 @@ class ImageFolderReader(Reader):
         except WysiwycError:
             raise
         except (FileNotFoundError, NotADirectoryError) as exc:
-            raise WysiwycError(
-                f"images: {self.source} does not exist or is not a folder; check --source"
-            ) from exc
+            raise WysiwycError(f"images: {self.source} does not exist or is not a folder; check --source") from exc
         found: list[tuple[str, str]] = []
         others = 0
         for url in urls:

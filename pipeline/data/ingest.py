@@ -33,7 +33,7 @@ def _load_chunk(items: list) -> list[Sample | Skipped]:
 
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def load_all(reader: Reader, items: list, workers: int, chunk: int = 16) -> Iterator[Sample | Skipped]:
@@ -43,8 +43,7 @@ def load_all(reader: Reader, items: list, workers: int, chunk: int = 16) -> Iter
             yield reader.load_or_skip(item)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold boto3 threads
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(reader,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(reader,)) as pool:
         pending: deque = deque()
         for part in _chunks(items, chunk):
             pending.append(pool.submit(_load_chunk, part))
@@ -54,8 +53,7 @@ def load_all(reader: Reader, items: list, workers: int, chunk: int = 16) -> Iter
             yield from pending.popleft().result()
 
 
-def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None,
-           progress: bool = True) -> dict:
+def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None, progress: bool = True) -> dict:
     """Write ``reader``'s samples as ``{split}-NNNNNN.tar`` shards + ``{split}.manifest.json`` under ``out``.
 
     Args:
@@ -79,8 +77,10 @@ def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None
     manifest_url = storage.join(out, split + shards.MANIFEST_SUFFIX)
     had_manifest = storage.exists(manifest_url, opts)
     if had_manifest and not config.overwrite:
-        raise WysiwycError(f"{storage.redact(out)} already holds split '{split}' ({split}{shards.MANIFEST_SUFFIX}): "
-                           f"pass --overwrite to replace it, or choose another --out")
+        raise WysiwycError(
+            f"{storage.redact(out)} already holds split '{split}' ({split}{shards.MANIFEST_SUFFIX}): "
+            f"pass --overwrite to replace it, or choose another --out"
+        )
     items = reader.items()
     if not items:
         raise WysiwycError(f"{reader.source}: split '{split}' is empty: nothing to ingest")
@@ -88,8 +88,9 @@ def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None
         storage.delete(manifest_url, opts)
     stale = set(shards.existing_shards(out, split, opts))
     if stale and not had_manifest:
-        log.warning("%s: %d shard(s) of an unfinished ingest of '%s' will be replaced",
-                    storage.redact(out), len(stale), split)
+        log.warning(
+            "%s: %d shard(s) of an unfinished ingest of '%s' will be replaced", storage.redact(out), len(stale), split
+        )
 
     workers = config.workers or os.cpu_count() or 1
     writer = shards.ShardWriter(out, split, config.shard_size, config.shard_max_bytes, opts)
@@ -101,8 +102,10 @@ def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None
             bar.update(1)
             if isinstance(result, Skipped):
                 if config.on_error == "fail":
-                    raise WysiwycError(f"ingest {reader.name}: {result.source}: {result.reason} "
-                                       f"(--on-error fail: nothing was published)")
+                    raise WysiwycError(
+                        f"ingest {reader.name}: {result.source}: {result.reason} "
+                        f"(--on-error fail: nothing was published)"
+                    )
                 skipped.append(result)
                 bar.set_postfix(skipped=len(skipped))
                 continue
@@ -116,8 +119,9 @@ def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None
         bar.close()
     if not published:
         first = f"; first: {skipped[0].source}: {skipped[0].reason}" if skipped else ""
-        raise WysiwycError(f"ingest {reader.name}: none of the {len(items)} inputs of {reader.source} "
-                           f"was usable{first}")
+        raise WysiwycError(
+            f"ingest {reader.name}: none of the {len(items)} inputs of {reader.source} was usable{first}"
+        )
 
     source = {"kind": reader.name, "path": storage.redact(reader.source)}
     manifest = shards.build_manifest(split, published, reader.classes, source, skipped, has_seg, reader.renamed)

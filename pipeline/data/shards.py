@@ -53,8 +53,11 @@ def _parent(url: str) -> str:
 
 def dataset_digest(classes: list[str], shards: list[dict]) -> str:
     """sha256 over the class list and the shards' names and sha256 (the training input's identity)."""
-    canonical = json.dumps({"classes": classes, "shards": [[s["name"], s["sha256"]] for s in shards]},
-                           sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        {"classes": classes, "shards": [[s["name"], s["sha256"]] for s in shards]},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -93,12 +96,15 @@ class ShardWriter:
 
     def write(self, sample: Sample) -> None:
         """Add one sample (``__key__`` = ``sample.key``) to the open shard, rolling over when full."""
-        members = [(f"{sample.key}.{sample.ext}", sample.image),
-                   (f"{sample.key}.json", json.dumps(sample.meta(), sort_keys=True).encode())]
+        members = [
+            (f"{sample.key}.{sample.ext}", sample.image),
+            (f"{sample.key}.json", json.dumps(sample.meta(), sort_keys=True).encode()),
+        ]
         if sample.seg is not None:
             members.append((f"{sample.key}.seg.png", encode_png(sample.seg)))
-        if self._tar is not None and (self._count >= self.shard_size or
-                                      _tar_size(self._tar.offset, members) > self.max_bytes):
+        if self._tar is not None and (
+            self._count >= self.shard_size or _tar_size(self._tar.offset, members) > self.max_bytes
+        ):
             self._publish()
         if self._tar is None:
             fd, self._tmp = tempfile.mkstemp(suffix=".tar", prefix="wysiwyc-shard-")
@@ -117,8 +123,14 @@ class ShardWriter:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         storage.upload_file(self._tmp, storage.join(self.out, name), self.opts)
-        self.shards.append({"name": name, "num_samples": self._count,
-                            "bytes": os.path.getsize(self._tmp), "sha256": digest.hexdigest()})
+        self.shards.append(
+            {
+                "name": name,
+                "num_samples": self._count,
+                "bytes": os.path.getsize(self._tmp),
+                "sha256": digest.hexdigest(),
+            }
+        )
         os.unlink(self._tmp)
         self._tar, self._tmp, self._count = None, None, 0
 
@@ -157,8 +169,15 @@ def write_manifest(out: str, split: str, manifest: dict, opts=None) -> str:
     return url
 
 
-def build_manifest(split: str, shards: list[dict], classes: list[str], source: dict,
-                   skipped: list[Skipped], has_segmentation: bool, renamed: Mapping[str, str] | None = None) -> dict:
+def build_manifest(
+    split: str,
+    shards: list[dict],
+    classes: list[str],
+    source: dict,
+    skipped: list[Skipped],
+    has_segmentation: bool,
+    renamed: Mapping[str, str] | None = None,
+) -> dict:
     """The ``{split}.manifest.json`` document (``renamed``: input id → key of disambiguated keys)."""
     from pipeline import __version__
 
@@ -187,7 +206,8 @@ def read_manifest(spec: str, opts=None) -> dict:
     except storage.NotFound:
         raise WysiwycError(
             f"no shard manifest at {storage.redact(url)}: the split was never ingested or its ingest did "
-            f"not finish; run `wysiwyc ingest ... --out {storage.redact(_parent(url))}` first") from None
+            f"not finish; run `wysiwyc ingest ... --out {storage.redact(_parent(url))}` first"
+        ) from None
     except json.JSONDecodeError as exc:
         raise WysiwycError(f"shard manifest {storage.redact(url)} is not valid JSON ({exc})") from None
     if manifest.get("format") != FORMAT:
@@ -237,15 +257,27 @@ class ShardDataset(tud.IterableDataset):
     simply yield nothing, so a 1-shard validation split works with any number of ranks.
     """
 
-    def __init__(self, spec: str, *, image_size: int, train: bool, flip: bool = True,
-                 shuffle_buffer: int = 1000, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, opts=None, classes: list[str] | None = None,
-                 allow_idle_ranks: bool = False):
+    def __init__(
+        self,
+        spec: str,
+        *,
+        image_size: int,
+        train: bool,
+        flip: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        opts=None,
+        classes: list[str] | None = None,
+        allow_idle_ranks: bool = False,
+    ):
         self.manifest = read_manifest(spec, opts)
         self.classes = self.manifest["classes"]
         if classes is not None and list(classes) != list(self.classes):
-            raise WysiwycError(f"data.classes {classes} differ from the classes of {self.manifest['url']}: "
-                               f"{self.classes}")
+            raise WysiwycError(
+                f"data.classes {classes} differ from the classes of {self.manifest['url']}: {self.classes}"
+            )
         if rank is None or world_size is None:
             rank, world_size = current_rank_and_world()
         self.rank, self.world_size = rank, world_size
@@ -258,10 +290,12 @@ class ShardDataset(tud.IterableDataset):
             raise WysiwycError(self._too_few_shards(world_size, 1))
 
     def _too_few_shards(self, ranks: int, workers: int) -> str:
-        return (f"{self.manifest['url']} has {len(self.urls)} shard(s) but {ranks} rank(s) × {workers} loader "
-                f"worker(s) need at least {ranks * workers}: re-ingest with a smaller --shard-size "
-                f"(it holds {self.manifest['num_samples']} samples) or lower data.loader_workers / "
-                f"trainer.num_workers")
+        return (
+            f"{self.manifest['url']} has {len(self.urls)} shard(s) but {ranks} rank(s) × {workers} loader "
+            f"worker(s) need at least {ranks * workers}: re-ingest with a smaller --shard-size "
+            f"(it holds {self.manifest['num_samples']} samples) or lower data.loader_workers / "
+            f"trainer.num_workers"
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -276,10 +310,10 @@ class ShardDataset(tud.IterableDataset):
         urls = list(self.urls)
         if self.train:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
-        urls = urls[self.rank::self.world_size]
+        urls = urls[self.rank :: self.world_size]
         info = tud.get_worker_info()
         if info is not None:
-            urls = urls[info.id::info.num_workers]
+            urls = urls[info.id :: info.num_workers]
         return urls
 
     def __iter__(self) -> Iterator[dict]:
@@ -303,12 +337,14 @@ class ShardDataset(tud.IterableDataset):
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
         for raw in wds.DataPipeline(*stages):
-            yield decode_sample(raw, image_size=self.image_size, num_classes=len(self.classes),
-                                flip=self.flip and rng.random() < 0.5)
+            yield decode_sample(
+                raw, image_size=self.image_size, num_classes=len(self.classes), flip=self.flip and rng.random() < 0.5
+            )
 
 
 def make_loader(dataset: ShardDataset, batch_size: int, num_workers: int):
     """A DataLoader over ``dataset`` (checks that every rank × worker gets at least one shard)."""
     dataset.check_workers(num_workers)
-    return tud.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                          persistent_workers=False, pin_memory=False)
+    return tud.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=False, pin_memory=False
+    )

@@ -353,9 +353,7 @@ def write_voc_folder(
         mask = Image.fromarray(rendered.seg, mode="P")
         mask.putpalette(palette)
         mask.save(root / "SegmentationClass" / f"{image_id}.png")
-        (root / "Annotations" / f"{image_id}.xml").write_text(
-            _voc_xml(image_id, reader, rendered)
-        )
+        (root / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(image_id, reader, rendered))
     listing = "".join(f"{i}\n" for i in ids)
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text(listing)
     (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(listing)

@@ -284,8 +284,10 @@ class VOCReader(Reader):
     def load(self, item) -> Sample:
         image_id = item
         if not inside(Path(self.root) / "JPEGImages", f"{image_id}.jpg"):
-            raise InputError(f"voc: image id {image_id!r} in {self.split_file()} leads outside {self.root}/JPEGImages; "
-                             "ids must name images inside the data set (no '..', no absolute path)")
+            raise InputError(
+                f"voc: image id {image_id!r} in {self.split_file()} leads outside {self.root}/JPEGImages; "
+                "ids must name images inside the data set (no '..', no absolute path)"
+            )
         jpg, xml, png = self._paths(image_id)
         labels, void_classes = self.labels_of(xml)
         if not jpg.is_file():
@@ -328,15 +330,12 @@ class VOCReader(Reader):
         except Exception as exc:
             raise InputError(f"{png}: unreadable mask ({exc})") from exc
         if size != (width, height):
-            raise InputError(
-                f"{png}: mask is {size[0]}x{size[1]} but the image is {width}x{height}; they must match"
-            )
+            raise InputError(f"{png}: mask is {size[0]}x{size[1]} but the image is {width}x{height}; they must match")
         seg = seg.astype(np.uint8, copy=False)
         bad = np.setdiff1d(np.unique(seg), [*range(len(self.folder_classes) + 1), 255])
         if bad.size:
             raise InputError(
-                f"{png}: mask values {bad.tolist()} are not class indices "
-                f"(0..{len(self.folder_classes)} or 255 void)"
+                f"{png}: mask values {bad.tolist()} are not class indices (0..{len(self.folder_classes)} or 255 void)"
             )
         if self._seg_lut is not None:
             seg = np.asarray(self._seg_lut, dtype=np.uint8)[seg]

@@ -37,7 +37,9 @@ def class_index_tensor(classes, batch_size: int, device=None) -> torch.Tensor:
     if t.dim() == 1:
         t = t.unsqueeze(0).expand(batch_size, -1)
     if t.dim() != 2 or t.shape[0] != batch_size:
-        raise ValueError(f"classes must be K indices or a (B, K) tensor with B = {batch_size}, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"classes must be K indices or a (B, K) tensor with B = {batch_size}, got shape {tuple(t.shape)}"
+        )
     return t
 
 

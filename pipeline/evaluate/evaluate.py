@@ -100,12 +100,16 @@ def load_models(config, opts=None) -> Predictor:
 
     uri = config.explainer.checkpoint
     if not uri:
-        raise WysiwycError("evaluate: set explainer.checkpoint to the Explainer to evaluate: a checkpoint (a local "
-                           "path or s3://…, e.g. the `checkpoint` printed by `wysiwyc train explainer`) or a "
-                           "registered version (models:/NAME@champion)")
+        raise WysiwycError(
+            "evaluate: set explainer.checkpoint to the Explainer to evaluate: a checkpoint (a local "
+            "path or s3://…, e.g. the `checkpoint` printed by `wysiwyc train explainer`) or a "
+            "registered version (models:/NAME@champion)"
+        )
     if str(config.explanandum.checkpoint or "").startswith(_REGISTRY_PREFIX):
-        raise WysiwycError(f"evaluate: explanandum.checkpoint={config.explanandum.checkpoint}: give the classifier "
-                           f"checkpoint URI; a registered Explainer (explainer.checkpoint=models:/…) carries its own")
+        raise WysiwycError(
+            f"evaluate: explanandum.checkpoint={config.explanandum.checkpoint}: give the classifier "
+            f"checkpoint URI; a registered Explainer (explainer.checkpoint=models:/…) carries its own"
+        )
     size = config.data.image_size if "image_size" in config.data.model_fields_set else None
     try:
         if str(uri).startswith(_REGISTRY_PREFIX):
@@ -140,8 +144,9 @@ class PaperTruthShards(ShardDataset):
         shards = self.local_shards()
         if not shards:
             return
-        for raw in wds.DataPipeline(wds.SimpleShardList(shards), OpenShards(self.opts), tar_file_expander,
-                                    group_by_keys):
+        for raw in wds.DataPipeline(
+            wds.SimpleShardList(shards), OpenShards(self.opts), tar_file_expander, group_by_keys
+        ):
             sample = decode_sample(raw, image_size=self.image_size, num_classes=len(self.classes))
             if "seg.png" in raw:
                 fg = paper_foreground(decode_png(raw["seg.png"]), self.image_size, self.luminance)
@@ -158,22 +163,33 @@ def open_test_split(config, classes: list[str], image_size: int, opts=None, prot
 
     spec = config.data.test
     if not spec:
-        raise WysiwycError("evaluate: set data.test to a split with segmentation (OUT/split or its manifest URL), "
-                           "e.g. one written by `wysiwyc ingest synthetic --split test`")
+        raise WysiwycError(
+            "evaluate: set data.test to a split with segmentation (OUT/split or its manifest URL), "
+            "e.g. one written by `wysiwyc ingest synthetic --split test`"
+        )
     manifest = read_manifest(spec, opts)
     if not manifest.get("has_segmentation"):
-        raise WysiwycError(f"evaluate: {storage.redact(manifest['url'])} has no segmentation (has_segmentation: "
-                           f"false); evaluation compares masks with ground-truth segmentation: use a split "
-                           f"ingested with segmentation (VOC SegmentationClass, COCO, synthetic)")
+        raise WysiwycError(
+            f"evaluate: {storage.redact(manifest['url'])} has no segmentation (has_segmentation: "
+            f"false); evaluation compares masks with ground-truth segmentation: use a split "
+            f"ingested with segmentation (VOC SegmentationClass, COCO, synthetic)"
+        )
     if list(manifest["classes"]) != list(classes):
-        raise WysiwycError(f"evaluate: {storage.redact(manifest['url'])} has classes {manifest['classes']} but "
-                           f"the Explainer and Explanandum have {classes}")
+        raise WysiwycError(
+            f"evaluate: {storage.redact(manifest['url'])} has classes {manifest['classes']} but "
+            f"the Explainer and Explanandum have {classes}"
+        )
     if protocol == "paper":
         from pipeline.evaluate.metrics import paper_seg_luminance
 
         voc = (manifest.get("source") or {}).get("kind") == "voc"
-        return PaperTruthShards(spec, image_size=image_size, luminance=paper_seg_luminance(classes, voc=voc),
-                                opts=opts, classes=config.data.classes)
+        return PaperTruthShards(
+            spec,
+            image_size=image_size,
+            luminance=paper_seg_luminance(classes, voc=voc),
+            opts=opts,
+            classes=config.data.classes,
+        )
     return ShardDataset(spec, image_size=image_size, train=False, opts=opts, classes=config.data.classes)
 
 
@@ -190,8 +206,9 @@ def merge_present(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(present[:, :, None, None], maps, torch.zeros_like(maps)).amax(dim=1)
 
 
-def f1_at_thresholds(mask: torch.Tensor, foreground: torch.Tensor, valid: torch.Tensor,
-                     thresholds=F1_CURVE_THRESHOLDS) -> torch.Tensor:
+def f1_at_thresholds(
+    mask: torch.Tensor, foreground: torch.Tensor, valid: torch.Tensor, thresholds=F1_CURVE_THRESHOLDS
+) -> torch.Tensor:
     """Discrete F1 per image and threshold (B, T), exactly as ``d_f1_*`` of ``segmentation_scores``
     (mask > t over valid pixels; ε = 1e-10); NaN for an image without a valid pixel."""
     t = torch.as_tensor(thresholds, dtype=mask.dtype, device=mask.device)
@@ -236,30 +253,43 @@ class _MethodResult:
         return [float(s / n) if n else math.nan for s, n in zip(self.f1_sums.tolist(), self.f1_counts.tolist())]
 
 
-def _mask_maker(name: str, models: Predictor, options: EvaluateConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _mask_maker(
+    name: str, models: Predictor, options: EvaluateConfig
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``make(x, seg) -> (B, C, H, W)`` per-class masks of every class for method ``name``."""
     from pipeline.evaluate import baselines
     from pipeline.method.masks import class_masks
 
     all_classes = list(range(len(models.classes)))
     if name == "explainer":
+
         def make(x, seg):
             with torch.no_grad():
                 return class_masks(models.explainer(x))  # one forward pass, every class
     elif name == "grad_cam":
+
         def make(x, seg):  # needs gradients (w.r.t. the activations): no no_grad here
             return baselines.gradcam(models.explanandum, x, all_classes)
     elif name == "rise":
+
         def make(x, seg):
-            return baselines.rise(models.explanandum, x, all_classes, num_masks=options.rise_masks,
-                                  grid_size=options.rise_grid, p=options.rise_p, seed=options.seed,
-                                  batch_size=options.rise_batch_size)
+            return baselines.rise(
+                models.explanandum,
+                x,
+                all_classes,
+                num_masks=options.rise_masks,
+                grid_size=options.rise_grid,
+                p=options.rise_p,
+                seed=options.seed,
+                batch_size=options.rise_batch_size,
+            )
     elif name in ("zeros", "half", "ones"):
         method = baselines.constant({"zeros": 0.0, "half": 0.5, "ones": 1.0}[name])
 
         def make(x, seg):
             return method(models.explanandum, x, all_classes)
     elif name == "ideal":
+
         def make(x, seg):
             return baselines.ideal(models.explanandum, x, all_classes, seg=seg)
     else:  # EvaluateConfig validates the names
@@ -345,9 +375,13 @@ def evaluate(config, progress: bool = True) -> dict:
             return models.explanandum(images).float().softmax(dim=1)
 
     makers = {name: _mask_maker(name, models, options) for name in options.methods}
-    results = {name: _MethodResult(MetricAccumulator(), ClassSpecificityAccumulator(C, rule=options.protocol)
-                                   if name in PER_CLASS_METHODS else None)
-               for name in options.methods}
+    results = {
+        name: _MethodResult(
+            MetricAccumulator(),
+            ClassSpecificityAccumulator(C, rule=options.protocol) if name in PER_CLASS_METHODS else None,
+        )
+        for name in options.methods
+    }
     overlay_rows: list[dict] = []
     total = dataset.manifest["num_samples"]
     if options.max_images is not None:
@@ -380,9 +414,17 @@ def evaluate(config, progress: bool = True) -> dict:
             num_images += B
 
             want_rows = max(0, options.overlay_images - len(overlay_rows))
-            new_rows = [{"key": keys[i], "image": denormalize(x[i].float().cpu()).permute(1, 2, 0).numpy(),
-                         "seg": seg[i].cpu().numpy(), "labels": y[i].nonzero().flatten().tolist(),
-                         "class_masks": {}, "merged": {}} for i in range(min(B, want_rows))]
+            new_rows = [
+                {
+                    "key": keys[i],
+                    "image": denormalize(x[i].float().cpu()).permute(1, 2, 0).numpy(),
+                    "seg": seg[i].cpu().numpy(),
+                    "labels": y[i].nonzero().flatten().tolist(),
+                    "class_masks": {},
+                    "merged": {},
+                }
+                for i in range(min(B, want_rows))
+            ]
 
             for name in options.methods:
                 result = results[name]
@@ -413,8 +455,9 @@ def evaluate(config, progress: bool = True) -> dict:
                     result.scores.update(scores)
                     result.add_f1(f1_at_thresholds(merged, foreground, valid))
                     if result.specificity is not None:
-                        result.specificity.update(softmax_probs if paper else probs, x, y, maps,
-                                                  chunk_size=max(32, options.batch_size))
+                        result.specificity.update(
+                            softmax_probs if paper else probs, x, y, maps, chunk_size=max(32, options.batch_size)
+                        )
                 for i, row in enumerate(new_rows):
                     if name == "explainer":
                         row["class_masks"] = {k: maps[i, k].cpu().numpy() for k in row["labels"]}
@@ -424,13 +467,16 @@ def evaluate(config, progress: bool = True) -> dict:
             overlay_rows.extend(new_rows)
             if "explainer" in results:
                 running = results["explainer"].scores.compute()
-                bar.set_postfix(cont_iou=f"{running.get('c_iou', math.nan):.3f}",
-                                mean_f1=f"{running.get('d_f1', math.nan):.3f}")
+                bar.set_postfix(
+                    cont_iou=f"{running.get('c_iou', math.nan):.3f}", mean_f1=f"{running.get('d_f1', math.nan):.3f}"
+                )
     finally:
         bar.close()
     if num_images == 0:
-        raise WysiwycError(f"evaluate: no test image of {storage.redact(dataset.manifest['url'])} has a "
-                           f"ground-truth class ({skipped} without one): nothing to evaluate")
+        raise WysiwycError(
+            f"evaluate: no test image of {storage.redact(dataset.manifest['url'])} has a "
+            f"ground-truth class ({skipped} without one): nothing to evaluate"
+        )
 
     # ------------------------------------------------------------------ metrics.json
     methods_out: dict[str, dict] = {}
@@ -445,13 +491,24 @@ def evaluate(config, progress: bool = True) -> dict:
         curves[name] = {"thresholds": list(F1_CURVE_THRESHOLDS), "f1": result.f1_curve()}
         if result.specificity is not None:
             matrix = result.specificity.matrix()
-            specificity_out[name] = {"classes": list(models.classes), "matrix": matrix.tolist(),
-                                     "gap": report.specificity_gap(matrix.tolist()),
-                                     "gap_ci95": list(result.specificity.gap_interval())}
+            specificity_out[name] = {
+                "classes": list(models.classes),
+                "matrix": matrix.tolist(),
+                "gap": report.specificity_gap(matrix.tolist()),
+                "gap_ci95": list(result.specificity.gap_interval()),
+            }
     state = models.checkpoint or {}
-    metrics = _jsonable({"protocol": options.protocol, "explainer_init": state.get("explainer_init", "unknown"),
-                         "black_box": state.get("black_box"), "methods": methods_out,
-                         "class_specificity": specificity_out, "num_images": num_images, "f1_curve": curves})
+    metrics = _jsonable(
+        {
+            "protocol": options.protocol,
+            "explainer_init": state.get("explainer_init", "unknown"),
+            "black_box": state.get("black_box"),
+            "methods": methods_out,
+            "class_specificity": specificity_out,
+            "num_images": num_images,
+            "f1_curve": curves,
+        }
+    )
 
     # ------------------------------------------------------------------ files
     out = config.output
@@ -464,9 +521,17 @@ def evaluate(config, progress: bool = True) -> dict:
 
     put("metrics.json", json.dumps(metrics, indent=1, allow_nan=False).encode())
     title = f"Evaluation of {storage.redact(models.explainer_uri)}"
-    put("metrics.md", report.metrics_markdown(metrics["methods"], metrics["class_specificity"], num_images,
-                                              title=title, protocol=metrics["protocol"],
-                                              black_box=metrics["black_box"]).encode())
+    put(
+        "metrics.md",
+        report.metrics_markdown(
+            metrics["methods"],
+            metrics["class_specificity"],
+            num_images,
+            title=title,
+            protocol=metrics["protocol"],
+            black_box=metrics["black_box"],
+        ).encode(),
+    )
     put("f1_vs_threshold.png", report.f1_curve_png(metrics["f1_curve"]))
     for name, spec in metrics["class_specificity"].items():
         put(f"class_specificity_{name}.png", report.class_specificity_png(spec["matrix"], spec["classes"], name))
@@ -487,6 +552,7 @@ def evaluate(config, progress: bool = True) -> dict:
         "device": device.type,
         "seconds": round(time.perf_counter() - started, 3),
         "protocol": options.protocol,
-        "table": {name: {"cont_iou": row["cont_iou"], "mean_f1": row["mean_f1"]}
-                  for name, row in metrics["methods"].items()},
+        "table": {
+            name: {"cont_iou": row["cont_iou"], "mean_f1": row["mean_f1"]} for name, row in metrics["methods"].items()
+        },
     }

@@ -98,7 +98,9 @@ def roc_auc(scores: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor) -
     return auc.to(scores.dtype if scores.is_floating_point() else torch.float32)
 
 
-def segmentation_scores(mask: torch.Tensor, foreground: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def segmentation_scores(
+    mask: torch.Tensor, foreground: torch.Tensor, valid: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Every mask-vs-ground-truth metric of the paper, one value per image.
 
     Args:
@@ -156,7 +158,9 @@ def segmentation_scores(mask: torch.Tensor, foreground: torch.Tensor, valid: tor
     return {k: torch.where(no_valid, nan, val) for k, val in scores.items()}
 
 
-def saliency(mask: torch.Tensor, probs_masked: torch.Tensor, labels: torch.Tensor, class_prob: str = "mean") -> torch.Tensor:
+def saliency(
+    mask: torch.Tensor, probs_masked: torch.Tensor, labels: torch.Tensor, class_prob: str = "mean"
+) -> torch.Tensor:
     """Saliency metric (Dabkowski & Gal): log(max(area, 0.05)) − log p(classes | m ⊙ x), per image.
 
     ``area`` is the mean of the mask over *all* pixels (the share of the image shown to the
@@ -325,7 +329,8 @@ class ClassSpecificityAccumulator:
         gen = torch.Generator().manual_seed(seed)
         draws = torch.randint(0, n, (resamples, n), generator=gen)
         weights = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
-            1, draws, torch.ones(resamples, n, dtype=torch.float64))  # how often each image was drawn
+            1, draws, torch.ones(resamples, n, dtype=torch.float64)
+        )  # how often each image was drawn
         s = torch.einsum("kn,nrc->krc", weights, sums)
         c = torch.einsum("kn,nrc->krc", weights, counts)
         gaps = specificity_gaps(torch.where(c > 0, s / c.clamp(min=1), torch.full_like(s, math.nan)))

@@ -43,12 +43,16 @@ REFERENCE_METHODS = ("zeros", "half", "ones", "ideal")
 
 # what each evaluate.protocol means, one line for the report (metrics.json["protocol"])
 PROTOCOLS = {
-    "project": ("project (void pixels ignored, ground truth resized by nearest neighbour, sigmoid probabilities; "
-                "class specificity: soft masks of the classes an image holds)"),
-    "paper": ("paper (the paper's evaluation code, stevenstalder/NN-Explainer: void and bilinear-resized edges "
-              "count as object, softmax probabilities, saliency summed over the image's classes; class "
-              "specificity: masks of every class binarised at 0.1…0.9, mean over the images holding the row "
-              "class; ideal = the ground truth itself)"),
+    "project": (
+        "project (void pixels ignored, ground truth resized by nearest neighbour, sigmoid probabilities; "
+        "class specificity: soft masks of the classes an image holds)"
+    ),
+    "paper": (
+        "paper (the paper's evaluation code, stevenstalder/NN-Explainer: void and bilinear-resized edges "
+        "count as object, softmax probabilities, saliency summed over the image's classes; class "
+        "specificity: masks of every class binarised at 0.1…0.9, mean over the images holding the row "
+        "class; ideal = the ground truth itself)"
+    ),
 }
 
 _MASK_CMAP = "jet"
@@ -101,10 +105,14 @@ def _gap_cell(spec: Mapping) -> str:
     return text
 
 
-def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
-                     class_specificity: Mapping[str, Mapping] | None = None,
-                     num_images: int | None = None, title: str = "Evaluation", protocol: str | None = None,
-                     black_box: bool | None = None) -> str:
+def metrics_markdown(
+    methods: Mapping[str, Mapping[str, float | None]],
+    class_specificity: Mapping[str, Mapping] | None = None,
+    num_images: int | None = None,
+    title: str = "Evaluation",
+    protocol: str | None = None,
+    black_box: bool | None = None,
+) -> str:
     """A Markdown report: methods × metrics (arrows say which way is better) and the specificity gap.
 
     Args:
@@ -122,33 +130,56 @@ def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
         lines += [protocol_line(protocol), ""]
     if num_images is not None:
         void = "void pixels and resized edges count as object" if paper else "void pixels ignored"
-        lines += [(f"{num_images} test images; per image, the masks of its ground-truth classes merged by "
-                  f"pixel-wise max and compared with the ground-truth foreground ({void})."), ""]
+        lines += [
+            (
+                f"{num_images} test images; per image, the masks of its ground-truth classes merged by "
+                f"pixel-wise max and compared with the ground-truth foreground ({void})."
+            ),
+            "",
+        ]
     header, rows, _ = metrics_rows(methods, class_specificity, black_box=black_box)
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     lines += [
         "",
-        ("mean F1: discrete F1 averaged over thresholds 0.25/0.5/0.75; discr. IoU: averaged over 0.1…0.9; "
-        "saliency: log max(area, 0.05) − log p(classes | mask ⊙ x) (lower is better); bg./obj. cov.: mean "
-        "mask over background / object pixels; masks/s: per-class masks produced per second "
-        "(all classes of every image, scoring excluded)."),
+        (
+            "mean F1: discrete F1 averaged over thresholds 0.25/0.5/0.75; discr. IoU: averaged over 0.1…0.9; "
+            "saliency: log max(area, 0.05) − log p(classes | mask ⊙ x) (lower is better); bg./obj. cov.: mean "
+            "mask over background / object pixels; masks/s: per-class masks produced per second "
+            "(all classes of every image, scoring excluded)."
+        ),
     ]
     nan = {m: v.get("nan_masks") for m, v in methods.items() if v.get("nan_masks")}
     if nan:
-        lines += ["", ("Masks holding NaN, scored as all-zero masks: "
-                       + ", ".join(f"{_title(m, black_box)} {n}" for m, n in nan.items()) + ".")]
+        lines += [
+            "",
+            (
+                "Masks holding NaN, scored as all-zero masks: "
+                + ", ".join(f"{_title(m, black_box)} {n}" for m, n in nan.items())
+                + "."
+            ),
+        ]
     if class_specificity:
-        matrix = ("M[r][c] = mean softmax probability of class r on the image masked with the mask of class c "
-                  "binarised at 0.1…0.9 (mean over the thresholds), over the test images holding r"
-                  if paper else
-                  "M[r][c] = mean sigmoid probability of class r on the image masked with the mask of class c, "
-                  "over the test images holding both")
-        lines += ["", "## Class specificity", "",
-                  (f"{matrix}; spec. gap = mean diagonal − mean off-diagonal, in "
-                  "brackets its 95% bootstrap interval over the test images."), "",
-                  "| method | mean diagonal | mean off-diagonal | gap [95% interval] |", "|---|---:|---:|---:|"]
+        matrix = (
+            "M[r][c] = mean softmax probability of class r on the image masked with the mask of class c "
+            "binarised at 0.1…0.9 (mean over the thresholds), over the test images holding r"
+            if paper
+            else "M[r][c] = mean sigmoid probability of class r on the image masked with the mask of class c, "
+            "over the test images holding both"
+        )
+        lines += [
+            "",
+            "## Class specificity",
+            "",
+            (
+                f"{matrix}; spec. gap = mean diagonal − mean off-diagonal, in "
+                "brackets its 95% bootstrap interval over the test images."
+            ),
+            "",
+            "| method | mean diagonal | mean off-diagonal | gap [95% interval] |",
+            "|---|---:|---:|---:|",
+        ]
         from pipeline.evaluate.metrics import specificity_means
 
         for method, spec in class_specificity.items():
@@ -158,24 +189,27 @@ def metrics_markdown(methods: Mapping[str, Mapping[str, float | None]],
     return "\n".join(lines) + "\n"
 
 
-def metrics_rows(methods: Mapping[str, Mapping[str, float | None]],
-                 class_specificity: Mapping[str, Mapping] | None = None, black_box: bool | None = None
-                 ) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+def metrics_rows(
+    methods: Mapping[str, Mapping[str, float | None]],
+    class_specificity: Mapping[str, Mapping] | None = None,
+    black_box: bool | None = None,
+) -> tuple[list[str], list[list[str]], list[list[bool]]]:
     """The metrics table as text cells: ``(header, rows, best)``; ``best[i][j]`` marks the best value
     of column j among the methods that explain (the constant and ideal masks are references). The
     Explainer row is called :func:`explainer_title` of ``black_box``."""
     class_specificity = class_specificity or {}
     header = ["method"] + [f"{label} {arrow}" for _, label, arrow in METRICS] + ["spec. gap ↑"]
     columns = [(key, arrow) for key, _, arrow in METRICS]
-    values = {m: [v.get(key) for key, _ in columns]
-              + [specificity_gap(class_specificity[m]["matrix"]) if m in class_specificity else None]
-              for m, v in methods.items()}
+    values = {
+        m: [v.get(key) for key, _ in columns]
+        + [specificity_gap(class_specificity[m]["matrix"]) if m in class_specificity else None]
+        for m, v in methods.items()
+    }
     arrows = [arrow for _, arrow in columns] + ["↑"]
     contenders = [m for m in methods if m not in REFERENCE_METHODS]
     best_of = []
     for j, arrow in enumerate(arrows):
-        finite = [values[m][j] for m in contenders
-                  if values[m][j] is not None and math.isfinite(values[m][j])]
+        finite = [values[m][j] for m in contenders if values[m][j] is not None and math.isfinite(values[m][j])]
         best_of.append((max(finite) if arrow == "↑" else min(finite)) if finite else None)
     rows, best = [], []
     for method in methods:
@@ -184,14 +218,18 @@ def metrics_rows(methods: Mapping[str, Mapping[str, float | None]],
         if method in class_specificity:
             cells[-1] = _gap_cell(class_specificity[method])
         rows.append([_title(method, black_box)] + cells)
-        best.append([False] + [method in contenders and v is not None and v == b
-                               for v, b in zip(values[method], best_of)])
+        best.append(
+            [False] + [method in contenders and v is not None and v == b for v, b in zip(values[method], best_of)]
+        )
     return header, rows, best
 
 
-def metrics_html(methods: Mapping[str, Mapping[str, float | None]],
-                 class_specificity: Mapping[str, Mapping] | None = None, protocol: str | None = None,
-                 black_box: bool | None = None) -> str:
+def metrics_html(
+    methods: Mapping[str, Mapping[str, float | None]],
+    class_specificity: Mapping[str, Mapping] | None = None,
+    protocol: str | None = None,
+    black_box: bool | None = None,
+) -> str:
     """The metrics table of :func:`metrics_markdown` as an HTML ``<table>``, best values in bold; its
     caption says the protocol (metrics.json's ``protocol``) when given, and ``black_box`` names the
     Explainer row as in :func:`metrics_markdown`."""
@@ -199,11 +237,19 @@ def metrics_html(methods: Mapping[str, Mapping[str, float | None]],
 
     header, rows, best = metrics_rows(methods, class_specificity, black_box=black_box)
     caption = f"<caption>{escape(protocol_line(protocol))}</caption>" if protocol else ""
-    out = ["<table class='metrics'>" + caption + "<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header)
-           + "</tr></thead><tbody>"]
+    out = [
+        "<table class='metrics'>"
+        + caption
+        + "<thead><tr>"
+        + "".join(f"<th>{escape(h)}</th>" for h in header)
+        + "</tr></thead><tbody>"
+    ]
     for cells, marks in zip(rows, best):
-        out.append("<tr>" + "".join(f"<td><b>{escape(c)}</b></td>" if b else f"<td>{escape(c)}</td>"
-                                    for c, b in zip(cells, marks)) + "</tr>")
+        out.append(
+            "<tr>"
+            + "".join(f"<td><b>{escape(c)}</b></td>" if b else f"<td>{escape(c)}</td>" for c, b in zip(cells, marks))
+            + "</tr>"
+        )
     out.append("</tbody></table>")
     return "\n".join(out)
 
@@ -226,8 +272,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def f1_curve_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]],
-                 title: str = "F1 vs threshold") -> bytes:
+def f1_curve_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]], title: str = "F1 vs threshold") -> bytes:
     """Discrete F1 of the merged masks against the binarisation threshold, one line per method.
 
     Args:
@@ -239,8 +284,15 @@ def f1_curve_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]],
     for method, curve in curves.items():
         t = np.asarray(curve["thresholds"], dtype=float)
         f1 = np.array([math.nan if v is None else v for v in curve["f1"]], dtype=float)
-        ax.plot(t, f1, styles.get(method, "-"), marker="o" if method in ("explainer", "grad_cam", "rise") else None,
-                markersize=3, linewidth=2.2 if method == "explainer" else 1.4, label=_title(method))
+        ax.plot(
+            t,
+            f1,
+            styles.get(method, "-"),
+            marker="o" if method in ("explainer", "grad_cam", "rise") else None,
+            markersize=3,
+            linewidth=2.2 if method == "explainer" else 1.4,
+            label=_title(method),
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("threshold t (mask > t is object)")
@@ -251,8 +303,9 @@ def f1_curve_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]],
     return _png(fig)
 
 
-def class_specificity_png(matrix: Sequence[Sequence[float | None]] | np.ndarray, classes: Sequence[str],
-                          method: str = "explainer") -> bytes:
+def class_specificity_png(
+    matrix: Sequence[Sequence[float | None]] | np.ndarray, classes: Sequence[str], method: str = "explainer"
+) -> bytes:
     """Annotated heatmap of the class-specificity matrix M[r][c] (rows: probability of class r; columns:
     the mask of class c). Cells without an image holding both classes are grey and marked "–"."""
     m = np.array([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)

@@ -46,6 +46,7 @@ from pipeline.models.explanandum import (
     backbone_howto,
     check_arch,
     conv_block,
+    encode_blocks,
     load_weights,
     read_state_dict,
 )
@@ -83,14 +84,23 @@ class CompactExplainer(nn.Module):
     applies the 1×1 conv to the deepest level directly.
     """
 
-    def __init__(self, num_classes: int, channels: tuple[int, ...] = COMPACT_CHANNELS, in_channels: int = 3,
-                 cam_channels: tuple[int, ...] | None = None, decoder_channels: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        num_classes: int,
+        channels: tuple[int, ...] = COMPACT_CHANNELS,
+        in_channels: int = 3,
+        cam_channels: tuple[int, ...] | None = None,
+        decoder_channels: tuple[int, ...] | None = None,
+    ):
         super().__init__()
         self.channels = tuple(int(c) for c in channels)
         self.cam_channels = None if cam_channels is None else tuple(int(c) for c in cam_channels)
         # decoder_channels[i]: what the decoder outputs at level i (0 = full resolution … n-2)
-        self.decoder_channels = tuple(int(c) for c in decoder_channels) if decoder_channels is not None \
+        self.decoder_channels = (
+            tuple(int(c) for c in decoder_channels)
+            if decoder_channels is not None
             else tuple(c // 2 for c in self.channels[:-1])
+        )
         ins = (in_channels,) + self.channels[:-1]
         self.blocks = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, self.channels))
         self.pool = nn.MaxPool2d(2)
@@ -98,8 +108,7 @@ class CompactExplainer(nn.Module):
         n = len(self.channels)
         below = (self.channels[-1],) + tuple(reversed(self.decoder_channels[1:]))  # what arrives from below
         self.decoder = nn.ModuleList(
-            conv_block(up + self.channels[i], self.decoder_channels[i])
-            for up, i in zip(below, reversed(range(n - 1)))
+            conv_block(up + self.channels[i], self.decoder_channels[i]) for up, i in zip(below, reversed(range(n - 1)))
         )
         self.head = nn.Conv2d(self.decoder_channels[0], num_classes, kernel_size=1)
         if self.cam_channels is not None:
@@ -108,13 +117,7 @@ class CompactExplainer(nn.Module):
             self.cam_fc = nn.Conv2d((self.channels + self.cam_channels)[-1], num_classes, kernel_size=1)
 
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i > 0:
-                x = self.pool(x)
-            x = block(x)
-            skips.append(x)
-        return skips
+        return encode_blocks(self.blocks, self.pool, x)
 
     def _cam_features(self, deepest: torch.Tensor) -> torch.Tensor:
         for block in self.cam_blocks:
@@ -160,12 +163,14 @@ class CompactExplainer(nn.Module):
         blocks = getattr(classifier, "blocks", None)
         if not isinstance(classifier, SmallCNN) or blocks is None:
             raise WysiwycError(
-                f"explainer: explainer.init=explanandum_copy needs a small_cnn Explanandum, got {type(classifier).__name__}"
+                "explainer: explainer.init=explanandum_copy needs a small_cnn Explanandum, got "
+                f"{type(classifier).__name__}"
             )
         n = len(self.channels)
         own_channels = self.channels + (self.cam_channels or ())
         if tuple(classifier.channels[: len(own_channels)]) != own_channels or (
-                self.cam_channels is not None and tuple(classifier.channels) != own_channels):
+            self.cam_channels is not None and tuple(classifier.channels) != own_channels
+        ):
             raise WysiwycError(
                 f"explainer: the Explanandum has channels {classifier.channels}, the compact Explainer {own_channels}"
             )
@@ -229,13 +234,16 @@ def build_explainer(
         if weights is None and cam:  # the branch continues with the blocks the U-Net does not use
             cam_channels = channels[n:]
         channels = channels[:n]
-        model: nn.Module = CompactExplainer(num_classes, channels=channels, cam_channels=cam_channels,
-                                            decoder_channels=decoder_channels)
+        model: nn.Module = CompactExplainer(
+            num_classes, channels=channels, cam_channels=cam_channels, decoder_channels=decoder_channels
+        )
         if encoder_from is not None:
             model.load_encoder_from(encoder_from)
     else:
         if encoder_from is not None:
-            raise WysiwycError(f"explainer: explainer.init=explanandum_copy is only for the compact Explainer, not {arch}")
+            raise WysiwycError(
+                f"explainer: explainer.init=explanandum_copy is only for the compact Explainer, not {arch}"
+            )
         if cam:
             raise WysiwycError(f"explainer.cam is only for the compact Explainer, not {arch}")
         model = _build_deeplab(arch, num_classes, backbone_weights)
@@ -246,8 +254,9 @@ def build_explainer(
     return model
 
 
-def _compact_channels(state: Mapping[str, torch.Tensor]
-                      ) -> tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...] | None]:
+def _compact_channels(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...] | None]:
     """(encoder channels, class-activation branch channels or None, decoder channels per level or None)
     of a compact Explainer's state dict (``blocks.i.0.weight`` / ``cam_blocks.i.0.weight`` /
     ``decoder.j.0.weight`` are (c, ...); decoder j outputs level n-2-j; checkpoints written before the
@@ -272,8 +281,14 @@ def _build_deeplab(arch: str, num_classes: int, backbone_weights: StateSource | 
     if backbone_weights is not None:
         net_name = BACKBONE_OF[arch]
         howto = backbone_howto(net_name, "explainer.backbone_weights")
-        if backbone_weights is True or isinstance(backbone_weights, str) and backbone_weights in ("imagenet", "torchvision", ""):
-            raise WysiwycError(f"explainer: ImageNet weights for the {net_name} backbone were asked for without a file; {howto}")
+        if (
+            backbone_weights is True
+            or isinstance(backbone_weights, str)
+            and backbone_weights in ("imagenet", "torchvision", "")
+        ):
+            raise WysiwycError(
+                f"explainer: ImageNet weights for the {net_name} backbone were asked for without a file; {howto}"
+            )
         state = read_state_dict(backbone_weights, what=f"explainer.backbone_weights ({net_name})", howto=howto)
         _load_backbone(net.backbone, net_name, state, howto)
     return TorchvisionSegmentationExplainer(net)
@@ -284,7 +299,7 @@ def _load_backbone(backbone: nn.Module, net_name: str, state: Mapping[str, torch
     if net_name == "resnet50":
         wanted = {k: v for k, v in state.items() if not k.startswith("fc.")}
     else:  # mobilenet_v3_large: the backbone is ``features`` (keys "features.N..." → "N...")
-        wanted = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        wanted = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     own = backbone.state_dict()
     missing = [k for k in own if k not in wanted]
     unexpected = [k for k in wanted if k not in own]
@@ -295,5 +310,6 @@ def _load_backbone(backbone: nn.Module, net_name: str, state: Mapping[str, torch
         backbone.load_state_dict(wanted)
     except RuntimeError as e:  # shapes differ
         raise WysiwycError(
-            f"explainer.backbone_weights: not a torchvision {net_name} state dict ({str(e).splitlines()[0][:300]}); {howto}"
+            f"explainer.backbone_weights: not a torchvision {net_name} state dict "
+            f"({str(e).splitlines()[0][:300]}); {howto}"
         ) from e

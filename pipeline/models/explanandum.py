@@ -26,7 +26,7 @@ import io
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,19 +37,22 @@ ARCHS = ("vgg16", "resnet50", "resnet18", "small_cnn")
 SMALL_CNN_CHANNELS = (32, 64, 128, 128)
 
 # A state dict given directly, as a path/URL, as the bytes of a torch.save file, or by a loader callable
-StateSource = Union[str, os.PathLike, bytes, Mapping, Callable[[], Any]]
+StateSource = str | os.PathLike | bytes | Mapping | Callable[[], Any]
 
 # Values of ``pretrained_backbone`` that ask for ImageNet weights without saying where the file is
 _PRETRAINED_WITHOUT_FILE = (True, "imagenet", "torchvision", "pretrained", "default", "")
 
+
 def backbone_howto(net: str, key: str = "explanandum.pretrained_backbone") -> str:
     """How to give the config ``key`` a torchvision ``net`` ImageNet state dict (the end of every message
     about one, for the Explanandum's and the Explainer's backbones alike)."""
-    return (f"set {key} to a local path or s3:// URL of a torchvision {net} state dict; "
-            "download it once on a machine with network, e.g. "
-            f"`python -c \"import torch, torchvision; torch.save(torchvision.models.{net}(weights='DEFAULT')"
-            f".state_dict(), '{net}_imagenet.pth')\"`, then copy the file here (or upload it to object storage). "
-            "Weights are never downloaded at run time.")
+    return (
+        f"set {key} to a local path or s3:// URL of a torchvision {net} state dict; "
+        "download it once on a machine with network, e.g. "
+        f"`python -c \"import torch, torchvision; torch.save(torchvision.models.{net}(weights='DEFAULT')"
+        f".state_dict(), '{net}_imagenet.pth')\"`, then copy the file here (or upload it to object storage). "
+        "Weights are never downloaded at run time."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,6 +69,18 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
+
+
+def encode_blocks(blocks: nn.ModuleList, pool: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every :func:`conv_block` of a stack with ``pool`` between them, highest resolution
+    first (the skips of a U-Net decoder)."""
+    feats = []
+    for i, block in enumerate(blocks):
+        if i > 0:
+            x = pool(x)
+        x = block(x)
+        feats.append(x)
+    return feats
 
 
 class SmallCNN(nn.Module):
@@ -91,13 +106,7 @@ class SmallCNN(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output of every block, highest resolution first (the skips of a U-Net decoder)."""
-        feats = []
-        for i, block in enumerate(self.blocks):
-            if i > 0:
-                x = self.pool(x)
-            x = block(x)
-            feats.append(x)
-        return feats
+        return encode_blocks(self.blocks, self.pool, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.encode(x)[-1]
@@ -186,7 +195,9 @@ def _build_torchvision(arch: str, num_classes: int, pretrained_backbone: StateSo
         pretrained_backbone is v or (isinstance(pretrained_backbone, str) and pretrained_backbone == v)
         for v in _PRETRAINED_WITHOUT_FILE
     ):
-        raise WysiwycError(f"explanandum: ImageNet weights for {arch} were asked for without a file; " + backbone_howto(arch))
+        raise WysiwycError(
+            f"explanandum: ImageNet weights for {arch} were asked for without a file; " + backbone_howto(arch)
+        )
 
     # weights=None: torchvision must never download anything here
     if arch == "vgg16":
@@ -208,7 +219,9 @@ def _build_torchvision(arch: str, num_classes: int, pretrained_backbone: StateSo
         backbone = [m for name, m in model.named_children() if name != "fc"]
 
     if pretrained_backbone is not None:
-        state = read_state_dict(pretrained_backbone, what=f"explanandum.pretrained_backbone ({arch})", howto=backbone_howto(arch))
+        state = read_state_dict(
+            pretrained_backbone, what=f"explanandum.pretrained_backbone ({arch})", howto=backbone_howto(arch)
+        )
         _load_backbone(model, arch, state)
 
     # the paper's scheme: the backbone is frozen, only the new head learns
@@ -233,8 +246,7 @@ def _load_backbone(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor
     if missing or result.unexpected_keys:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {list(result.unexpected_keys)[:3]}"
         raise WysiwycError(
-            f"explanandum.pretrained_backbone: not a torchvision {arch} state dict ({detail}); "
-            + backbone_howto(arch)
+            f"explanandum.pretrained_backbone: not a torchvision {arch} state dict ({detail}); " + backbone_howto(arch)
         )
 
 
@@ -307,7 +319,9 @@ def classifier_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     elif arch == "small_cnn":
         params = model.parameters()
     else:
-        raise WysiwycError("classifier_trainable_parameters: the model was not built by build_explanandum (no wysiwyc_arch)")
+        raise WysiwycError(
+            "classifier_trainable_parameters: the model was not built by build_explanandum (no wysiwyc_arch)"
+        )
     return list(params)
 
 
@@ -336,7 +350,9 @@ def read_state_dict(source: StateSource, what: str = "weights", howto: str | Non
         except WysiwycError:
             raise
         except Exception as e:  # noqa: BLE001 - any unpickling problem means "not a usable file"
-            raise WysiwycError(f"{what}: cannot load {_describe(source)} as a torch state dict ({_first_line(e)})") from e
+            raise WysiwycError(
+                f"{what}: cannot load {_describe(source)} as a torch state dict ({_first_line(e)})"
+            ) from e
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
@@ -355,7 +371,7 @@ def _open_binary(obj: Any, what: str, howto: str | None) -> io.IOBase:
         raise WysiwycError(f"{what}: expected a path, URL, bytes or a loader callable, got {type(obj).__name__}")
     url = os.fspath(obj)
     if url.startswith("file://"):
-        url = url[len("file://"):]
+        url = url[len("file://") :]
     if "://" in url:
         from pipeline import storage  # the lead's URL layer (s3://…); imported only when needed
 

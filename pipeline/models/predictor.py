@@ -81,8 +81,9 @@ class Predictor:
         return Prediction(masks=masks.float().contiguous(), probs=probs.float())
 
 
-def load_predictor(explainer_uri: str, explanandum_uri: str | None = None, opts=None,
-                   image_size: int | None = None) -> Predictor:
+def load_predictor(
+    explainer_uri: str, explanandum_uri: str | None = None, opts=None, image_size: int | None = None
+) -> Predictor:
     """The Explainer of a checkpoint and the Explanandum it was trained to explain.
 
     The Explanandum is ``explanandum_uri`` when given, else the one the Explainer checkpoint records
@@ -98,15 +99,17 @@ def load_predictor(explainer_uri: str, explanandum_uri: str | None = None, opts=
         WysiwycError: a missing or unloadable checkpoint, a classifier that is not the recorded one,
             or class lists that differ.
     """
-    from pipeline.train.checkpoint import load_classifier, load_explainer
+    from pipeline.train.checkpoint import classifier_from_checkpoint, explainer_from_checkpoint
 
-    explainer, ckpt, explainer_sha = load_explainer(explainer_uri, opts)
+    explainer, ckpt, explainer_sha = explainer_from_checkpoint(explainer_uri, opts)
     record = ckpt.get("explanandum") or {}
     explanandum_uri = explanandum_uri or record.get("uri")
     if not explanandum_uri:
-        raise WysiwycError(f"the Explainer checkpoint {storage.redact(explainer_uri)} does not record its "
-                           f"Explanandum; set explanandum.checkpoint to the classifier it explains")
-    explanandum, cls_ckpt, explanandum_sha = load_classifier(explanandum_uri, opts)
+        raise WysiwycError(
+            f"the Explainer checkpoint {storage.redact(explainer_uri)} does not record its "
+            f"Explanandum; set explanandum.checkpoint to the classifier it explains"
+        )
+    explanandum, cls_ckpt, explanandum_sha = classifier_from_checkpoint(explanandum_uri, opts)
     expected = record.get("sha256")
     if expected and explanandum_sha != expected:
         raise WysiwycError(
@@ -114,19 +117,34 @@ def load_predictor(explainer_uri: str, explanandum_uri: str | None = None, opts=
             f"the classifier the Explainer {storage.redact(explainer_uri)} was trained to explain (recorded: "
             f"{storage.redact(str(record.get('uri')))}, sha256 {expected[:16]}…); the file was changed or "
             f"replaced: point explanandum.checkpoint at the recorded classifier, or use an Explainer "
-            f"trained for this one")
+            f"trained for this one"
+        )
     if not expected:
-        log.warning("%s records no Explanandum sha256; cannot verify %s", storage.redact(explainer_uri),
-                    storage.redact(explanandum_uri))
+        log.warning(
+            "%s records no Explanandum sha256; cannot verify %s",
+            storage.redact(explainer_uri),
+            storage.redact(explanandum_uri),
+        )
     classes = list(ckpt["classes"])
     if list(cls_ckpt["classes"]) != classes:
-        raise WysiwycError(f"the Explainer {storage.redact(explainer_uri)} has classes {classes} but the "
-                           f"Explanandum {storage.redact(explanandum_uri)} has {list(cls_ckpt['classes'])}")
+        raise WysiwycError(
+            f"the Explainer {storage.redact(explainer_uri)} has classes {classes} but the "
+            f"Explanandum {storage.redact(explanandum_uri)} has {list(cls_ckpt['classes'])}"
+        )
     trained_at = int(ckpt.get("image_size") or 0)
     size = int(image_size or trained_at or 224)
     if trained_at and trained_at != size:
-        log.warning("running at %d px, the Explainer %s was trained at %d px", size,
-                    storage.redact(explainer_uri), trained_at)
-    return Predictor(explainer=explainer.eval(), explanandum=explanandum, classes=classes, image_size=size,
-                     explainer_uri=explainer_uri, explainer_sha256=explainer_sha,
-                     explanandum_uri=explanandum_uri, explanandum_sha256=explanandum_sha, checkpoint=ckpt)
+        log.warning(
+            "running at %d px, the Explainer %s was trained at %d px", size, storage.redact(explainer_uri), trained_at
+        )
+    return Predictor(
+        explainer=explainer.eval(),
+        explanandum=explanandum,
+        classes=classes,
+        image_size=size,
+        explainer_uri=explainer_uri,
+        explainer_sha256=explainer_sha,
+        explanandum_uri=explanandum_uri,
+        explanandum_sha256=explanandum_sha,
+        checkpoint=ckpt,
+    )

@@ -47,12 +47,15 @@ def parse_checkpoint(data: bytes, source: str) -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, forbidden globals
-        raise WysiwycError(f"{storage.redact(source)} is not a wysiwyc checkpoint: {_unloadable(data, exc)}; "
-                           f"{_WHAT_A_CHECKPOINT_IS}") from None
+        raise WysiwycError(
+            f"{storage.redact(source)} is not a wysiwyc checkpoint: {_unloadable(data, exc)}; {_WHAT_A_CHECKPOINT_IS}"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         held = f"a dict without format {FORMAT!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
-        raise WysiwycError(f"{storage.redact(source)} is not a wysiwyc checkpoint: it is a torch file holding "
-                           f"{held} (bare weights, or another program's checkpoint?); {_WHAT_A_CHECKPOINT_IS}")
+        raise WysiwycError(
+            f"{storage.redact(source)} is not a wysiwyc checkpoint: it is a torch file holding "
+            f"{held} (bare weights, or another program's checkpoint?); {_WHAT_A_CHECKPOINT_IS}"
+        )
     return state
 
 
@@ -70,8 +73,10 @@ def _unloadable(data: bytes, exc: Exception) -> str:
         return "it is a text file"
     forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
     if forbidden:
-        return (f"it holds a Python object ({forbidden.group(1)}) besides tensors and plain values, and "
-                "loading it could run code")
+        return (
+            f"it holds a Python object ({forbidden.group(1)}) besides tensors and plain values, and "
+            "loading it could run code"
+        )
     first = (str(exc).splitlines() or [""])[0].split(". ")[0][:200]  # torch's advice that follows is not ours
     return f"torch.load cannot read it ({type(exc).__name__}: {first})"
 
@@ -81,8 +86,10 @@ def load_checkpoint(url: str, opts=None) -> tuple[dict, str]:
     try:
         data = storage.read_bytes(url, opts)
     except storage.NotFound:
-        raise WysiwycError(f"checkpoint {storage.redact(url)} does not exist: train one first or fix the "
-                           f"URI (explanandum.checkpoint / explainer.checkpoint)") from None
+        raise WysiwycError(
+            f"checkpoint {storage.redact(url)} does not exist: train one first or fix the "
+            f"URI (explanandum.checkpoint / explainer.checkpoint)"
+        ) from None
     return parse_checkpoint(data, url), hashlib.sha256(data).hexdigest()
 
 
@@ -91,7 +98,7 @@ def _expect(state: dict, kind: str, url: str) -> None:
         raise WysiwycError(f"{storage.redact(url)} is a {state.get('kind')} checkpoint, expected a {kind} one")
 
 
-def load_classifier(url: str, opts=None, frozen: bool = True) -> tuple[nn.Module, dict, str]:
+def classifier_from_checkpoint(url: str, opts=None, frozen: bool = True) -> tuple[nn.Module, dict, str]:
     """The classifier of a checkpoint, frozen and locked in eval mode as an Explanandum.
 
     Returns:
@@ -105,7 +112,7 @@ def load_classifier(url: str, opts=None, frozen: bool = True) -> tuple[nn.Module
     return (freeze_explanandum(model) if frozen else model), state, digest
 
 
-def load_explainer(url: str, opts=None) -> tuple[nn.Module, dict, str]:
+def explainer_from_checkpoint(url: str, opts=None) -> tuple[nn.Module, dict, str]:
     """The Explainer of a checkpoint (eval mode). Returns ``(model, checkpoint, sha256)``."""
     from pipeline.models.explainer import build_explainer
 

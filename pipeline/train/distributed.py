@@ -93,8 +93,14 @@ def _train_func(payload: dict) -> dict:
 
     config, kind = payload["config"], payload["kind"]
     run = RayRun(config, payload["name"])
-    return worker_loop(kind, config, run, payload["where"] if run.rank == 0 else None, progress=False,
-                       on_epoch_start=payload.get("on_epoch_start"))
+    return worker_loop(
+        kind,
+        config,
+        run,
+        payload["where"] if run.rank == 0 else None,
+        progress=False,
+        on_epoch_start=payload.get("on_epoch_start"),
+    )
 
 
 # ---------------------------------------------------------------- driver side
@@ -102,6 +108,7 @@ def _train_func(payload: dict) -> dict:
 
 def absolute_paths(config: Config) -> Config:
     """A copy of ``config`` with local paths made absolute (Ray workers run in other directories)."""
+
     def fix(value: str | None) -> str | None:
         if not value or storage.is_s3(value) or "://" in value:
             return value
@@ -145,8 +152,7 @@ def ensure_ray(config: Config, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": worker_env(config)},
-                 log_to_driver=False)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": worker_env(config)}, log_to_driver=False)
         return
     t = config.trainer
     cpus = num_cpus or max(os.cpu_count() or 1, int(t.num_workers * t.cpus_per_worker + 0.999))
@@ -161,8 +167,13 @@ def ensure_ray(config: Config, num_cpus: int | None = None) -> None:
     saved = dict(os.environ)
     os.environ.update(worker_env(config, credentials=True))
     try:
-        ray.init(num_cpus=cpus, num_gpus=None if t.use_gpu else 0, include_dashboard=False,
-                 _temp_dir=str(temp), log_to_driver=False)
+        ray.init(
+            num_cpus=cpus,
+            num_gpus=None if t.use_gpu else 0,
+            include_dashboard=False,
+            _temp_dir=str(temp),
+            log_to_driver=False,
+        )
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -174,21 +185,8 @@ def storage_target(config: Config, root: str | None = None) -> tuple[str, object
     root = root or config.trainer.storage
     if not storage.is_s3(root):
         return root, None
-    import pyarrow.fs
-
-    opts = config.storage.options()
-    env = os.environ
-    endpoint = opts.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    kwargs = {"region": opts.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"}
-    if endpoint:
-        kwargs["endpoint_override"] = endpoint
-        kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
-    key = opts.access_key_id or env.get("AWS_ACCESS_KEY_ID")
-    secret = opts.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        kwargs.update(access_key=key, secret_key=secret)
     bucket, prefix = storage.split_s3(root)
-    return f"{bucket}/{prefix}".rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+    return f"{bucket}/{prefix}".rstrip("/"), storage.arrow_filesystem(config.storage.options())
 
 
 def checkpoint_uri(root: str, path: str) -> str:
@@ -239,17 +237,28 @@ def fit_ray(kind: str, config: Config, on_epoch_start=None, callbacks: list | No
     storage_path, filesystem = storage_target(config)
     trainer = TorchTrainer(
         _train_func,
-        train_loop_config={"kind": kind, "config": config, "name": name, "where": where,
-                           "on_epoch_start": on_epoch_start},
+        train_loop_config={
+            "kind": kind,
+            "config": config,
+            "name": name,
+            "where": where,
+            "on_epoch_start": on_epoch_start,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+        ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
-                                                         checkpoint_score_attribute=SCORE,
-                                                         checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures), callbacks=callbacks),
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks,
+        ),
     )
     try:
         result = trainer.fit()
@@ -266,5 +275,11 @@ def fit_ray(kind: str, config: Config, on_epoch_start=None, callbacks: list | No
     root = storage.join(config.trainer.storage, name)
     tracking.finish(where, summary.get("mlflow_run_id"), uri, root, config.storage.options())
     last = checkpoint_uri(config.trainer.storage, result.checkpoint.path) if result.checkpoint else uri
-    return {"checkpoint": uri, "last_checkpoint": last, "metrics": storage.redact(storage.join(root, "history.json")),
-            "storage": storage.redact(root), "num_workers": t.num_workers, **summary}
+    return {
+        "checkpoint": uri,
+        "last_checkpoint": last,
+        "metrics": storage.redact(storage.join(root, "history.json")),
+        "storage": storage.redact(root),
+        "num_workers": t.num_workers,
+        **summary,
+    }

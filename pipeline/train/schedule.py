@@ -31,18 +31,21 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | No
     raise ValueError(f"unknown lr schedule {schedule!r}; use constant or cosine")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
-                    total_steps: int | None) -> torch.optim.lr_scheduler.LambdaLR | None:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int | None
+) -> torch.optim.lr_scheduler.LambdaLR | None:
     """A ``LambdaLR`` for the schedule, or None for a constant lr without warm-up (nothing to do)."""
     if schedule == "constant" and warmup_steps <= 0:
         return None
     lr_factor(0, schedule, warmup_steps, total_steps)  # fail early on a bad schedule
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, schedule, warmup_steps, total_steps))
+        optimizer, lambda step: lr_factor(step, schedule, warmup_steps, total_steps)
+    )
 
 
-def total_optimizer_steps(epochs: int, samples: int, world: int, batch_size: int, grad_accum: int,
-                          max_steps: int | None) -> int:
+def total_optimizer_steps(
+    epochs: int, samples: int, world: int, batch_size: int, grad_accum: int, max_steps: int | None
+) -> int:
     """Optimizer steps the run will take: ``max_steps``, or all epochs' batches per rank / accumulation."""
     per_epoch = max(1, math.ceil(samples / world / batch_size) // grad_accum)
     total = epochs * per_epoch

@@ -69,8 +69,9 @@ class Stats:
 
     def tensor(self, keys: list[str]) -> torch.Tensor:
         """Sums and counts as one tensor, for an all-reduce across ranks."""
-        return torch.tensor([self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0.0) for k in keys],
-                            dtype=torch.float64)
+        return torch.tensor(
+            [self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0.0) for k in keys], dtype=torch.float64
+        )
 
     def load_tensor(self, keys: list[str], values: torch.Tensor) -> None:
         n = len(keys)
@@ -100,6 +101,7 @@ def _f1_counts(logits: torch.Tensor, y: torch.Tensor, threshold: float = 0.5) ->
 
 def classifier_loss_fn(model: nn.Module, ctx: StepContext) -> LossFn:
     """BCE of the classifier on the batch; logs loss, exact-match accuracy and micro-F1."""
+
     def compute(batch: dict):
         with ctx.autocast():
             logits = model(batch["image"])
@@ -110,22 +112,25 @@ def classifier_loss_fn(model: nn.Module, ctx: StepContext) -> LossFn:
     return compute
 
 
-def explainer_loss_fn(explainer: nn.Module, explanandum: nn.Module, weights, ctx: StepContext,
-                      ground_truth: bool = False) -> LossFn:
+def explainer_loss_fn(
+    explainer: nn.Module, explanandum: nn.Module, weights, ctx: StepContext, ground_truth: bool = False
+) -> LossFn:
     """L_E of the Explainer on the batch; logs every term, masked-image accuracy/F1 and mask areas.
 
     With ``ground_truth`` (a validation split with segmentation) also the target mask's ``c_iou``,
     ``d_f1`` and ``c_f1`` against the ground-truth foreground, over labelled images, void ignored.
     """
+
     def compute(batch: dict):
         x, y = batch["image"], batch["labels"]
         with ctx.autocast():
             S = explainer(x)
             out = explainer_loss(explanandum, x, y, S.float(), weights)
         n = float(len(y))
-        logged = {name: (float(out[name].detach()) * n, n)
-                  for name in ("total", "classification", "entropy", "tv", "area_constraint", "mask_area",
-                               "ncmask_area")}
+        logged = {
+            name: (float(out[name].detach()) * n, n)
+            for name in ("total", "classification", "entropy", "tv", "area_constraint", "mask_area", "ncmask_area")
+        }
         logged["loss"] = logged.pop("total")
         # the masked image should keep the classes, the inverted one should lose them
         p_inv = torch.sigmoid(out["logits_inverted"].detach().float())
@@ -150,6 +155,7 @@ def distillation_loss_fn(student: nn.Module, explanandum, ctx: StepContext) -> L
     sigmoid probabilities on the same batch. ``explanandum`` is only called (a
     :class:`~pipeline.models.explanandum.BlackBox`). Logs the loss, ``prob_error`` (mean |p_student − p_F|)
     and the student's accuracy / micro-F1 against F's own predictions (p_F ≥ 0.5), i.e. agreement."""
+
     def compute(batch: dict):
         x = batch["image"]
         with torch.no_grad(), ctx.autocast():
@@ -159,16 +165,28 @@ def distillation_loss_fn(student: nn.Module, explanandum, ctx: StepContext) -> L
         loss = distillation_loss(logits, target)
         n = float(len(x))
         error = (torch.sigmoid(logits.detach()) - target).abs().mean(dim=1)
-        return loss, {"loss": (float(loss.detach()) * n, n), "prob_error": (float(error.sum()), n),
-                      **_f1_counts(logits.detach(), (target >= 0.5).float())}
+        return loss, {
+            "loss": (float(loss.detach()) * n, n),
+            "prob_error": (float(error.sum()), n),
+            **_f1_counts(logits.detach(), (target >= 0.5).float()),
+        }
 
     return compute
 
 
-def train_one_epoch(loss_fn: LossFn, modules: Iterable[nn.Module], params: list[nn.Parameter],
-                    loader: Iterable[dict], optimizer: torch.optim.Optimizer, ctx: StepContext, *,
-                    max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None,
-                    start_step: int = 0, scheduler=None) -> tuple[Stats, int, dict]:
+def train_one_epoch(
+    loss_fn: LossFn,
+    modules: Iterable[nn.Module],
+    params: list[nn.Parameter],
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    ctx: StepContext,
+    *,
+    max_steps: int | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    start_step: int = 0,
+    scheduler=None,
+) -> tuple[Stats, int, dict]:
     """One pass over ``loader``: forward, backward, an optimizer step every ``ctx.grad_accum`` batches.
 
     Args:
@@ -221,8 +239,7 @@ def train_one_epoch(loss_fn: LossFn, modules: Iterable[nn.Module], params: list[
 
 
 @torch.no_grad()
-def evaluate_epoch(loss_fn: LossFn, modules: Iterable[nn.Module], loader: Iterable[dict],
-                   ctx: StepContext) -> Stats:
+def evaluate_epoch(loss_fn: LossFn, modules: Iterable[nn.Module], loader: Iterable[dict], ctx: StepContext) -> Stats:
     """The same losses and metrics over ``loader`` in eval mode, without gradients."""
     for module in modules:
         module.eval()

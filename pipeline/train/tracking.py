@@ -41,8 +41,11 @@ log = logging.getLogger(__name__)
 
 PENDING_FILE = "tracking_pending.json"
 # MLflow's HTTP client settings while this module talks to the server; a value the user exported wins
-_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
 _METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 _PARAMS_PER_CALL = 100
 
@@ -91,7 +94,13 @@ def resolve_uri(configured: str | None, embedded_folder: str) -> str:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = (Path("runs") if storage.is_s3(embedded_folder) else Path(embedded_folder)).resolve()
+    return embedded_uri("runs" if storage.is_s3(embedded_folder) else embedded_folder)
+
+
+def embedded_uri(folder: str | os.PathLike) -> str:
+    """The embedded tracking store of a local folder: the sqlite file ``folder/mlflow.db`` (the folder is
+    made)."""
+    root = Path(folder).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
@@ -111,7 +120,7 @@ def _experiment_id(client, uri: str, name: str) -> str:
     # Ray worker's working directory): pin them next to the database instead
     location = None
     if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -131,8 +140,12 @@ def resolve(config, name: str) -> Where | None:
         with bounded():
             return Where(uri, experiment, _experiment_id(MlflowClient(tracking_uri=uri), uri, experiment), parent)
     except Exception as exc:  # noqa: BLE001 - tracking must not stop training
-        log.warning("tracking: MLflow at %s does not answer (%s); run %s trains anyway and logs when it answers",
-                    storage.redact(uri), _reason(exc), name)
+        log.warning(
+            "tracking: MLflow at %s does not answer (%s); run %s trains anyway and logs when it answers",
+            storage.redact(uri),
+            _reason(exc),
+            name,
+        )
         return Where(uri, experiment, None, parent)
 
 
@@ -163,8 +176,7 @@ class Tracker:
         opts: storage options of ``journal``.
     """
 
-    def __init__(self, where: Where, run_name: str, run_id: str | None = None, journal: str | None = None,
-                 opts=None):
+    def __init__(self, where: Where, run_name: str, run_id: str | None = None, journal: str | None = None, opts=None):
         from mlflow.tracking import MlflowClient
 
         self.uri, self.where, self.run_name = where.uri, where, run_name
@@ -198,9 +210,15 @@ class Tracker:
 
     def log_input(self, manifest: dict, context: str) -> None:
         """The shard manifest as the run's dataset input (name, digest, source URI)."""
-        self._submit({"op": "input", "source": storage.redact(manifest["url"]),
-                      "name": manifest.get("split") or Path(manifest["url"]).name,
-                      "digest": manifest["digest"][:36], "context": context})
+        self._submit(
+            {
+                "op": "input",
+                "source": storage.redact(manifest["url"]),
+                "name": manifest.get("split") or Path(manifest["url"]).name,
+                "digest": manifest["digest"][:36],
+                "context": context,
+            }
+        )
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Buffer per-step metrics (sent every 10 s and at each epoch)."""
@@ -213,15 +231,21 @@ class Tracker:
         """Send the buffered step metrics (or queue them while the server is away)."""
         steps, self._steps, self._last_flush = self._steps, [], time.monotonic()
         for i in range(0, len(steps), _METRICS_PER_CALL):
-            self._submit({"op": "metrics", "metrics": steps[i:i + _METRICS_PER_CALL]})
+            self._submit({"op": "metrics", "metrics": steps[i : i + _METRICS_PER_CALL]})
 
     def log_epoch(self, step: int, record: dict) -> None:
         """An epoch's metrics; while offline, first one bounded probe of the server."""
         self.flush()
         now = int(time.time() * 1000)
-        self._submit({"op": "metrics", "metrics": [[k, float(v), now, step] for k, v in record.items()
-                                                   if isinstance(v, (int, float)) and k != "step"]},
-                     probe=True)
+        self._submit(
+            {
+                "op": "metrics",
+                "metrics": [
+                    [k, float(v), now, step] for k, v in record.items() if isinstance(v, (int, float)) and k != "step"
+                ],
+            },
+            probe=True,
+        )
 
     def log_bytes(self, data: bytes, artifact_file: str) -> None:
         """Write ``data`` as the artifact ``artifact_file`` (e.g. ``overlays/epoch_001.png``)."""
@@ -234,8 +258,12 @@ class Tracker:
         self.save()
         if self._queue:
             where = f"in {storage.redact(self.journal)}" if self.journal else "in memory and are lost"
-            log.warning("tracking: %d records of run %s wait %s; launching the same run again sends them",
-                        len(self._queue), self.run_name, where)
+            log.warning(
+                "tracking: %d records of run %s wait %s; launching the same run again sends them",
+                len(self._queue),
+                self.run_name,
+                where,
+            )
 
     def save(self) -> None:
         """Keep the unsent records in the journal (and empty it once everything is sent)."""
@@ -262,8 +290,11 @@ class Tracker:
             return {}
         self._journal_written = True
         if earlier.get("ops"):
-            log.info("tracking: sending %d records an earlier launch of %s could not send",
-                     len(earlier["ops"]), self.run_name)
+            log.info(
+                "tracking: sending %d records an earlier launch of %s could not send",
+                len(earlier["ops"]),
+                self.run_name,
+            )
         return earlier
 
     def _submit(self, op: dict, probe: bool = False) -> None:
@@ -279,15 +310,18 @@ class Tracker:
                     self._apply(self.client, self._queue[0])
                 except Exception as exc:  # noqa: BLE001 - tracking must never cost training work
                     if self._online and not self._warned:
-                        log.warning("tracking: MLflow at %s stopped answering (%s); training goes on and the "
-                                    "records wait until it answers again", storage.redact(self.uri), _reason(exc))
+                        log.warning(
+                            "tracking: MLflow at %s stopped answering (%s); training goes on and the "
+                            "records wait until it answers again",
+                            storage.redact(self.uri),
+                            _reason(exc),
+                        )
                         self._warned = True
                     self._online = False
                     return
                 self._queue.pop(0)
         if not self._online:
-            log.warning("tracking: MLflow at %s answers again; the waiting records are sent",
-                        storage.redact(self.uri))
+            log.warning("tracking: MLflow at %s answers again; the waiting records are sent", storage.redact(self.uri))
         self._online = True
 
     def _apply(self, client, op: dict) -> None:
@@ -299,10 +333,13 @@ class Tracker:
         elif kind == "params":
             params = op["params"]
             new = [Param(k, v) for k, v in params.items() if k not in self._existing_params]
-            changed = [RunTag(f"resumed_with.{k}", v) for k, v in params.items()
-                       if k in self._existing_params and self._existing_params[k] != v]
+            changed = [
+                RunTag(f"resumed_with.{k}", v)
+                for k, v in params.items()
+                if k in self._existing_params and self._existing_params[k] != v
+            ]
             for i in range(0, len(new), _PARAMS_PER_CALL):
-                client.log_batch(self.run_id, params=new[i:i + _PARAMS_PER_CALL])
+                client.log_batch(self.run_id, params=new[i : i + _PARAMS_PER_CALL])
             if changed:
                 client.log_batch(self.run_id, tags=changed)
             self._existing_params.update(params)
@@ -330,8 +367,11 @@ class Tracker:
             except Exception as exc:
                 if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                     raise  # the server is away: try again later
-                log.warning("MLflow run %s of the checkpoint is not on this server (%s); starting a new one",
-                            run_id, _reason(exc))
+                log.warning(
+                    "MLflow run %s of the checkpoint is not on this server (%s); starting a new one",
+                    run_id,
+                    _reason(exc),
+                )
                 run_id = None
             else:
                 client.update_run(run_id, status="RUNNING")
@@ -351,8 +391,10 @@ class Tracker:
 
         source = mlflow.data.dataset_source_registry.resolve_dataset_source(op["source"])
         dataset = MetaDataset(source=source, name=op["name"], digest=op["digest"])
-        client.log_inputs(self.run_id, datasets=[DatasetInput(
-            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", op["context"])])])
+        client.log_inputs(
+            self.run_id,
+            datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", op["context"])])],
+        )
 
 
 def journal_url(root: str) -> str:
@@ -380,8 +422,15 @@ def finish(where: Where | None, run_id: str | None, best_checkpoint: str, root: 
             return
         except Exception as exc:  # noqa: BLE001 - the training is done and saved: never fail it here
             log.warning("tracking: could not tag run %s (%s)", run_id, _reason(exc))
-    waiting = {"run_id": waiting.get("run_id") or run_id, "ops": [*waiting.get("ops", []), {"op": "tags", "tags": tags}]}
+    waiting = {
+        "run_id": waiting.get("run_id") or run_id,
+        "ops": [*waiting.get("ops", []), {"op": "tags", "tags": tags}],
+    }
     storage.write_text(url, json.dumps(waiting), opts)
-    log.warning("tracking: MLflow at %s did not take %d records of this run (the training itself is complete and "
-                "saved); they wait in %s and are sent when the same run is launched again", storage.redact(where.uri),
-                len(waiting["ops"]), storage.redact(url))
+    log.warning(
+        "tracking: MLflow at %s did not take %d records of this run (the training itself is complete and "
+        "saved); they wait in %s and are sent when the same run is launched again",
+        storage.redact(where.uri),
+        len(waiting["ops"]),
+        storage.redact(url),
+    )

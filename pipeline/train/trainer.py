@@ -47,8 +47,15 @@ from pipeline.progress import progress as progress_bar
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import tracking
 from pipeline.train.schedule import build_scheduler, total_optimizer_steps
-from pipeline.train.steps import StepContext, Stats, classifier_loss_fn, distillation_loss_fn, evaluate_epoch, \
-    explainer_loss_fn, train_one_epoch
+from pipeline.train.steps import (
+    Stats,
+    StepContext,
+    classifier_loss_fn,
+    distillation_loss_fn,
+    evaluate_epoch,
+    explainer_loss_fn,
+    train_one_epoch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +95,13 @@ def step_context(config: Config, device: torch.device) -> StepContext:
         cpu_amp = "bf16" if cpu_has_native_bf16() else "off"
     amp = dtypes.get(config.trainer.amp if on_gpu else cpu_amp)
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
-    return StepContext(device=device, amp_dtype=amp, scaler=scaler, grad_accum=config.trainer.grad_accum,
-                       channels_last=config.trainer.channels_last)
+    return StepContext(
+        device=device,
+        amp_dtype=amp,
+        scaler=scaler,
+        grad_accum=config.trainer.grad_accum,
+        channels_last=config.trainer.channels_last,
+    )
 
 
 def _device(config: Config) -> torch.device:
@@ -104,10 +116,17 @@ def _datasets(config: Config, rank: int, world: int):
     opts = config.storage.options()
     if not config.data.train:
         raise WysiwycError("data.train is not set: give the train split (OUT/train or its manifest URL)")
-    common = dict(image_size=config.data.image_size, seed=config.trainer.seed, rank=rank, world_size=world,
-                  opts=opts, classes=config.data.classes)
-    train = ShardDataset(config.data.train, train=True, flip=config.data.flip,
-                         shuffle_buffer=config.data.shuffle_buffer, **common)
+    common = dict(
+        image_size=config.data.image_size,
+        seed=config.trainer.seed,
+        rank=rank,
+        world_size=world,
+        opts=opts,
+        classes=config.data.classes,
+    )
+    train = ShardDataset(
+        config.data.train, train=True, flip=config.data.flip, shuffle_buffer=config.data.shuffle_buffer, **common
+    )
     # validation only evaluates (no gradient all-reduce), so it may have fewer shards than ranks:
     # ranks past the last shard evaluate nothing and add zero counts to the all-reduced Stats
     val = ShardDataset(config.data.val, train=False, allow_idle_ranks=True, **common) if config.data.val else None
@@ -127,34 +146,59 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
     from pipeline.models.explanandum import BlackBox, build_explanandum, classifier_trainable_parameters
 
     if kind == "classifier":
-        model = build_explanandum(config.explanandum.arch, len(classes),
-                                  pretrained_backbone=config.explanandum.pretrained_backbone).to(device)
-        return model, classifier_trainable_parameters(model), lambda m, ctx, gt=False: classifier_loss_fn(m, ctx), {
-            "arch": config.explanandum.arch}, None
+        model = build_explanandum(
+            config.explanandum.arch, len(classes), pretrained_backbone=config.explanandum.pretrained_backbone
+        ).to(device)
+        return (
+            model,
+            classifier_trainable_parameters(model),
+            lambda m, ctx, gt=False: classifier_loss_fn(m, ctx),
+            {"arch": config.explanandum.arch},
+            None,
+        )
     if not config.explanandum.checkpoint:
-        raise WysiwycError("explanandum.checkpoint is not set: train a classifier first "
-                           "(`wysiwyc train classifier`) and pass the checkpoint URI it printed")
-    explanandum, state, sha = ckpt.load_classifier(config.explanandum.checkpoint, config.storage.options())
+        raise WysiwycError(
+            "explanandum.checkpoint is not set: train a classifier first "
+            "(`wysiwyc train classifier`) and pass the checkpoint URI it printed"
+        )
+    explanandum, state, sha = ckpt.classifier_from_checkpoint(config.explanandum.checkpoint, config.storage.options())
     if list(state["classes"]) != list(classes):
-        raise WysiwycError(f"the Explanandum {storage.redact(config.explanandum.checkpoint)} was trained on classes "
-                           f"{state['classes']}, the data has {classes}")
+        raise WysiwycError(
+            f"the Explanandum {storage.redact(config.explanandum.checkpoint)} was trained on classes "
+            f"{state['classes']}, the data has {classes}"
+        )
     explanandum.to(device)
     if config.trainer.channels_last:  # the masked batches arrive channels_last: convs without conversions
         explanandum.to(memory_format=torch.channels_last)
     e = config.explainer
     if e.init == "explanandum_copy" and state["arch"] != "small_cnn":
-        raise WysiwycError(f"explainer.init=explanandum_copy copies a small_cnn Explanandum's conv blocks; this one is "
-                           f"{state['arch']}: use explainer.init=scratch or distilled")
-    model = build_explainer(e.arch, len(classes), backbone_weights=e.backbone_weights,
-                            encoder_from=explanandum if e.init == "explanandum_copy" else None, levels=e.levels,
-                            cam=e.cam).to(device)
+        raise WysiwycError(
+            f"explainer.init=explanandum_copy copies a small_cnn Explanandum's conv blocks; this one is "
+            f"{state['arch']}: use explainer.init=scratch or distilled"
+        )
+    model = build_explainer(
+        e.arch,
+        len(classes),
+        backbone_weights=e.backbone_weights,
+        encoder_from=explanandum if e.init == "explanandum_copy" else None,
+        levels=e.levels,
+        cam=e.cam,
+    ).to(device)
     f = BlackBox(explanandum)
-    extra = {"arch": e.arch, "explainer_init": e.init, "black_box": e.black_box,
-             "explanandum": {"uri": storage.redact(config.explanandum.checkpoint), "sha256": sha,
-                             "arch": state["arch"]}}
+    extra = {
+        "arch": e.arch,
+        "explainer_init": e.init,
+        "black_box": e.black_box,
+        "explanandum": {"uri": storage.redact(config.explanandum.checkpoint), "sha256": sha, "arch": state["arch"]},
+    }
     distill = (lambda m, ctx: distillation_loss_fn(m, f, ctx)) if e.init == "distilled" else None
-    return model, list(model.parameters()), \
-        lambda m, ctx, gt=False: explainer_loss_fn(m, f, config.loss, ctx, ground_truth=gt), extra, distill
+    return (
+        model,
+        list(model.parameters()),
+        lambda m, ctx, gt=False: explainer_loss_fn(m, f, config.loss, ctx, ground_truth=gt),
+        extra,
+        distill,
+    )
 
 
 class LocalRun:
@@ -253,8 +297,15 @@ def _fixed_images(config: Config, classes: list[str], n: int) -> dict | None:
     if n <= 0:
         return None
     spec = config.data.val or config.data.train
-    dataset = ShardDataset(spec, image_size=config.data.image_size, train=False, rank=0, world_size=1,
-                           opts=config.storage.options(), classes=classes)
+    dataset = ShardDataset(
+        spec,
+        image_size=config.data.image_size,
+        train=False,
+        rank=0,
+        world_size=1,
+        opts=config.storage.options(),
+        classes=classes,
+    )
     samples = []
     for sample in dataset:
         samples.append(sample)
@@ -278,15 +329,22 @@ def _overlay_png(model: nn.Module, batch: dict, classes: list[str], ctx: StepCon
     for i in range(len(batch["labels"])):
         labels = batch["labels"][i].nonzero().flatten().tolist()
         merged = maps[i, labels].amax(dim=0) if labels else torch.zeros_like(maps[i, 0])
-        rows.append({"key": batch["key"][i], "image": denormalize(batch["image"][i].float().cpu()).permute(1, 2, 0).numpy(),
-                     "seg": batch["seg"][i].cpu().numpy(), "labels": labels,
-                     "class_masks": {k: maps[i, k].cpu().numpy() for k in labels},
-                     "merged": {"explainer": merged.cpu().numpy()}})
+        rows.append(
+            {
+                "key": batch["key"][i],
+                "image": denormalize(batch["image"][i].float().cpu()).permute(1, 2, 0).numpy(),
+                "seg": batch["seg"][i].cpu().numpy(),
+                "labels": labels,
+                "class_masks": {k: maps[i, k].cpu().numpy() for k in labels},
+                "merged": {"explainer": merged.cpu().numpy()},
+            }
+        )
     return overlays_png(rows, classes)
 
 
-def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = None,
-                progress: bool = True, on_epoch_start=None) -> dict:
+def worker_loop(
+    kind: str, config: Config, run, where: tracking.Where | None = None, progress: bool = True, on_epoch_start=None
+) -> dict:
     """Train a classifier or an Explainer on ``data.train`` (validating on ``data.val``) as one rank.
 
     Args:
@@ -320,9 +378,14 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
     # explainer.init=distilled: the first epochs distil the Explanandum's outputs, then trainer.epochs of L_E
     distill_epochs = config.explainer.distill_epochs if make_distill is not None else 0
     total_epochs = distill_epochs + t.epochs
-    scheduler = build_scheduler(optimizer, config.optim.schedule, config.optim.warmup_steps,
-                                total_optimizer_steps(total_epochs, train_ds.manifest["num_samples"], world,
-                                                      t.batch_size, t.grad_accum, t.max_steps))
+    scheduler = build_scheduler(
+        optimizer,
+        config.optim.schedule,
+        config.optim.warmup_steps,
+        total_optimizer_steps(
+            total_epochs, train_ds.manifest["num_samples"], world, t.batch_size, t.grad_accum, t.max_steps
+        ),
+    )
 
     history, epoch0, step, best_loss, stale, mlflow_run_id = [], 0, 0, math.inf, 0, None
     resumed = run.latest()
@@ -344,8 +407,10 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
     if _distributed(world):
         # distillation leaves the decoder without gradients: DDP must look for unused parameters then
         trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=distill_epochs > 0)
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=distill_epochs > 0,
+        )
     loss_fn = make_loss(trained, ctx)
     distill_fn = make_distill(trained, ctx) if make_distill is not None else None
     val_distill_fn = make_distill(model, ctx) if make_distill is not None else None
@@ -361,8 +426,9 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
         if where is not None:
             tracker = tracking.Tracker(where, name, mlflow_run_id, tracking.journal_url(run.root), run.opts)
             mlflow_run_id = tracker.run_id or mlflow_run_id
-            tracker.log_params({**tracking.flatten(ckpt.public_config(config)), "run.kind": kind,
-                                "run.world_size": str(world)})
+            tracker.log_params(
+                {**tracking.flatten(ckpt.public_config(config)), "run.kind": kind, "run.world_size": str(world)}
+            )
             tracker.log_input(train_ds.manifest, "training")
             if val_ds is not None:
                 tracker.log_input(val_ds.manifest, "validation")
@@ -372,8 +438,11 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
 
     workers = config.data.loader_workers
     train_loader = make_loader(train_ds, config.trainer.batch_size, min(workers, len(train_ds.urls) // world))
-    val_loader = make_loader(val_ds, config.trainer.batch_size, min(workers, len(val_ds.urls) // world)) \
-        if val_ds is not None else None
+    val_loader = (
+        make_loader(val_ds, config.trainer.batch_size, min(workers, len(val_ds.urls) // world))
+        if val_ds is not None
+        else None
+    )
     total = read_manifest(config.data.train, config.storage.options())["num_samples"]
     started = time.perf_counter()
     stopped_early = False
@@ -387,30 +456,46 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
             train_ds.set_epoch(epoch)
             distilling = epoch < distill_epochs
             prefix = "distill_" if distilling else ""  # distillation's metrics keep names of their own
-            title = f"distil epoch {epoch + 1}/{distill_epochs}" if distilling else \
-                f"{kind} epoch {epoch + 1 - distill_epochs}/{config.trainer.epochs}"
-            bar = progress_bar(math.ceil(total / world / config.trainer.batch_size), title, "batch",
-                               enabled=progress and rank == 0)
+            title = (
+                f"distil epoch {epoch + 1}/{distill_epochs}"
+                if distilling
+                else f"{kind} epoch {epoch + 1 - distill_epochs}/{config.trainer.epochs}"
+            )
+            bar = progress_bar(
+                math.ceil(total / world / config.trainer.batch_size), title, "batch", enabled=progress and rank == 0
+            )
 
-            def on_step(global_step: int, metrics: dict) -> None:
+            def on_step(global_step: int, metrics: dict, bar=bar, prefix=prefix) -> None:
                 bar.update(ctx.grad_accum)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if tracker is not None:  # rank 0's own batch: every loss term, per step
                     tracker.log_step(global_step, {prefix + k: v for k, v in metrics.items()})
 
-            stats, step, timing = train_one_epoch(distill_fn if distilling else loss_fn, [trained], params,
-                                                  _even_batches(train_loader, world),
-                                                  optimizer, ctx, max_steps=config.trainer.max_steps,
-                                                  on_step=on_step, start_step=step,
-                                                  scheduler=scheduler)
+            stats, step, timing = train_one_epoch(
+                distill_fn if distilling else loss_fn,
+                [trained],
+                params,
+                _even_batches(train_loader, world),
+                optimizer,
+                ctx,
+                max_steps=config.trainer.max_steps,
+                on_step=on_step,
+                start_step=step,
+                scheduler=scheduler,
+            )
             bar.close()
             stats, timing = _all_reduce_stats(stats, world), _all_reduce_timing(timing, world)
-            record = {"epoch": epoch + 1, "step": step, **{f"{prefix}train_{k}": v for k, v in stats.compute().items()},
-                      "images_per_second": timing["images"] / max(timing["seconds"], 1e-9),
-                      "data_wait_share": timing["data_seconds"] / max(timing["seconds"], 1e-9)}
+            record = {
+                "epoch": epoch + 1,
+                "step": step,
+                **{f"{prefix}train_{k}": v for k, v in stats.compute().items()},
+                "images_per_second": timing["images"] / max(timing["seconds"], 1e-9),
+                "data_wait_share": timing["data_seconds"] / max(timing["seconds"], 1e-9),
+            }
             if val_loader is not None:
-                val = _all_reduce_stats(evaluate_epoch(val_distill_fn if distilling else val_loss_fn, [model],
-                                                       val_loader, ctx), world)
+                val = _all_reduce_stats(
+                    evaluate_epoch(val_distill_fn if distilling else val_loss_fn, [model], val_loader, ctx), world
+                )
                 record.update({f"{prefix}val_{k}": v for k, v in val.compute().items()})
             if distilling:  # no checkpoint of this phase is "best" (L_E has not started)
                 monitored, improved = math.inf, False
@@ -419,19 +504,34 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
                 improved = monitored < best_loss - config.trainer.min_delta
                 best_loss, stale = (monitored, 0) if improved else (best_loss, stale + 1)
             history.append(record)
-            log.info("%s epoch %d: %s", kind, epoch + 1,
-                     ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+            log.info(
+                "%s epoch %d: %s",
+                kind,
+                epoch + 1,
+                ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)),
+            )
             state = None
             if rank == 0:
                 if tracker is not None:  # a run created while the server was away has its id now
                     mlflow_run_id = tracker.run_id or mlflow_run_id
-                state = {"kind": kind, "classes": classes, "image_size": config.data.image_size,
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                         "scaler": ctx.scaler.state_dict() if ctx.scaler else {}, "epoch": epoch, "step": step,
-                         "config": ckpt.public_config(config), "metrics": record, "history": json.dumps(history),
-                         "best_loss": best_loss, "stale_epochs": stale, "mlflow_run_id": mlflow_run_id or "",
-                         **extra}
+                state = {
+                    "kind": kind,
+                    "classes": classes,
+                    "image_size": config.data.image_size,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "scaler": ctx.scaler.state_dict() if ctx.scaler else {},
+                    "epoch": epoch,
+                    "step": step,
+                    "config": ckpt.public_config(config),
+                    "metrics": record,
+                    "history": json.dumps(history),
+                    "best_loss": best_loss,
+                    "stale_epochs": stale,
+                    "mlflow_run_id": mlflow_run_id or "",
+                    **extra,
+                }
                 run.write("history.json", json.dumps(history, indent=1))
             run.commit(state, {**record, "monitored_loss": monitored}, improved)
             if tracker is not None:  # after the checkpoint: a tracking outage never costs the epoch
@@ -441,8 +541,11 @@ def worker_loop(kind: str, config: Config, run, where: tracking.Where | None = N
                 tracker.save()
             if config.trainer.patience is not None and stale >= config.trainer.patience:
                 stopped_early = True
-                log.info("early stop: no improvement of %s for %d epochs",
-                         "val_loss" if val_loader is not None else "train_loss", stale)
+                log.info(
+                    "early stop: no improvement of %s for %d epochs",
+                    "val_loss" if val_loader is not None else "train_loss",
+                    stale,
+                )
                 break
         status = "FINISHED"
     finally:
@@ -484,8 +587,10 @@ def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool
 def _train(kind: str, config: Config) -> dict:
     if config.trainer.backend == "local":
         if config.trainer.num_workers > 1:
-            log.warning("trainer.backend=local trains in one process: trainer.num_workers=%d is ignored",
-                        config.trainer.num_workers)
+            log.warning(
+                "trainer.backend=local trains in one process: trainer.num_workers=%d is ignored",
+                config.trainer.num_workers,
+            )
         return fit(kind, config)
     from pipeline.train.distributed import fit_ray
 

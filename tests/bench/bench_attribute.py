@@ -34,13 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline import storage
-from pipeline.attribute import (
-    attribute,
-    class_masks_npz,
-    decode_image,
-    explained_classes,
-    output_urls,
-)
+from pipeline.attribute import attribute
+from pipeline.attribute.inputs import decode_image
+from pipeline.attribute.job import explained_classes
+from pipeline.attribute.outputs import class_masks_npz, output_urls
 from pipeline.config import load_config
 from pipeline.data.classes import SYNTHETIC_CLASSES
 from pipeline.data.sample import encode_png
@@ -58,10 +55,27 @@ def make_models(bucket: str, size: int, opts) -> str:
     common = {"classes": classes, "image_size": size, "epoch": 0, "step": 0, "config": {}, "metrics": {}}
     clf_uri, exp_uri = f"s3://{bucket}/models/classifier.pt", f"s3://{bucket}/models/explainer.pt"
     torch.manual_seed(0)
-    sha = save_checkpoint({"kind": "classifier", "arch": "small_cnn",
-                           "model": build_explanandum("small_cnn", len(classes)).state_dict(), **common}, clf_uri, opts)
-    save_checkpoint({"kind": "explainer", "arch": "compact", "model": build_explainer("compact", len(classes)).state_dict(),
-                     **common, "explanandum": {"uri": clf_uri, "sha256": sha, "arch": "small_cnn"}}, exp_uri, opts)
+    sha = save_checkpoint(
+        {
+            "kind": "classifier",
+            "arch": "small_cnn",
+            "model": build_explanandum("small_cnn", len(classes)).state_dict(),
+            **common,
+        },
+        clf_uri,
+        opts,
+    )
+    save_checkpoint(
+        {
+            "kind": "explainer",
+            "arch": "compact",
+            "model": build_explainer("compact", len(classes)).state_dict(),
+            **common,
+            "explanandum": {"uri": clf_uri, "sha256": sha, "arch": "small_cnn"},
+        },
+        exp_uri,
+        opts,
+    )
     return exp_uri
 
 
@@ -71,7 +85,7 @@ def plain_loop(predictor, prefix: str, out: str, batch_size: int, opts) -> tuple
     sources = sorted(u for u in storage.list_prefix(prefix, opts) if u.endswith(".png"))
     classes = predictor.classes
     for start in range(0, len(sources), batch_size):
-        chunk = sources[start:start + batch_size]
+        chunk = sources[start : start + batch_size]
         decoded = [decode_image(storage.read_bytes(s, opts), s, predictor.image_size, 50_000_000) for s in chunk]
         prediction = predictor(torch.from_numpy(np.stack([d[0] for d in decoded])))
         masks8 = (prediction.masks * 255).round().to(torch.uint8).numpy()
@@ -86,7 +100,7 @@ def per_image_ms(fn, x: torch.Tensor, chunk: int) -> float:
     fn(x[:2])  # warm-up
     started = time.perf_counter()
     for i in range(0, x.shape[0], chunk):
-        fn(x[i:i + chunk])
+        fn(x[i : i + chunk])
     return 1000 * (time.perf_counter() - started) / x.shape[0]
 
 
@@ -109,8 +123,12 @@ def main() -> None:
         reader = SyntheticReader(args.images, seed=0, split="bench", image_size=args.size)
         prefix = f"s3://{bucket}/corpus/"
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: storage.write_bytes(f"{prefix}img_{i:05d}.png", reader.load(i).image, opts),
-                          range(args.images)))
+            list(
+                pool.map(
+                    lambda i: storage.write_bytes(f"{prefix}img_{i:05d}.png", reader.load(i).image, opts),
+                    range(args.images),
+                )
+            )
         predictor = load_predictor(exp_uri, opts=opts)
 
         # 1a. the plain loop
@@ -120,43 +138,74 @@ def main() -> None:
         # 1b. the Ray Data stage (local Ray started first, not timed)
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(Path(tmp) / "ray"), log_to_driver=False,
-                 runtime_env={"env_vars": env})
-        config = load_config(None, [f"explainer.checkpoint={exp_uri}", f"attribute.input={prefix}",
-                                    f"output=s3://{bucket}/out", "attribute.run_id=bench",
-                                    f"attribute.batch_size={args.batch_size}", "attribute.num_actors=2",
-                                    "attribute.cpus_per_actor=0.5", "attribute.preview_images=0"])
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=str(Path(tmp) / "ray"),
+            log_to_driver=False,
+            runtime_env={"env_vars": env},
+        )
+        config = load_config(
+            None,
+            [
+                f"explainer.checkpoint={exp_uri}",
+                f"attribute.input={prefix}",
+                f"output=s3://{bucket}/out",
+                "attribute.run_id=bench",
+                f"attribute.batch_size={args.batch_size}",
+                "attribute.num_actors=2",
+                "attribute.cpus_per_actor=0.5",
+                "attribute.preview_images=0",
+            ],
+        )
         started = time.perf_counter()
         summary = attribute(config, progress=False)
         wall = time.perf_counter() - started
         ray.shutdown()
         assert summary["num_ok"] == args.images, summary
 
-        print(f"corpus: {args.images} synthetic {args.size}px PNGs in SeaweedFS, batch {args.batch_size}, "
-              f"small_cnn + compact (untrained), torch {torch.__version__}, ray {ray.__version__}")
+        print(
+            f"corpus: {args.images} synthetic {args.size}px PNGs in SeaweedFS, batch {args.batch_size}, "
+            f"small_cnn + compact (untrained), torch {torch.__version__}, ray {ray.__version__}"
+        )
         print(f"(a) plain Python loop           {plain:8.1f} img/s   ({plain_s:.1f} s)")
-        print(f"(b) attribute, 2 actors x 0.5   {summary['images_per_second']:8.1f} img/s   "
-              f"(execution incl. actor start-up; wall {wall:.1f} s = {args.images / wall:.1f} img/s end to end)")
+        print(
+            f"(b) attribute, 2 actors x 0.5   {summary['images_per_second']:8.1f} img/s   "
+            f"(execution incl. actor start-up; wall {wall:.1f} s = {args.images / wall:.1f} img/s end to end)"
+        )
         timings = json.loads(storage.read_bytes(summary["manifest"], opts))["timings"]
         steady = timings["steady_images_per_second"]
-        print(f"    steady state after the first batch ({timings['startup_seconds']:.1f} s actor start-up) "
-              f"{steady:.1f} img/s")
-        print(f"ratio (b)/(a)                   {summary['images_per_second'] / plain:8.2f}   "
-              f"(end to end {args.images / wall / plain:.2f}, steady state {steady / plain:.2f})")
+        print(
+            f"    steady state after the first batch ({timings['startup_seconds']:.1f} s actor start-up) "
+            f"{steady:.1f} img/s"
+        )
+        print(
+            f"ratio (b)/(a)                   {summary['images_per_second'] / plain:8.2f}   "
+            f"(end to end {args.images / wall / plain:.2f}, steady state {steady / plain:.2f})"
+        )
 
         # 2. per image: Explainer vs Grad-CAM vs RISE, all classes
-        sources = sorted(storage.list_prefix(prefix, opts))[:args.method_images]
-        x = torch.from_numpy(np.stack([decode_image(storage.read_bytes(s, opts), s, args.size, 50_000_000)[0]
-                                       for s in sources]))
+        sources = sorted(storage.list_prefix(prefix, opts))[: args.method_images]
+        x = torch.from_numpy(
+            np.stack([decode_image(storage.read_bytes(s, opts), s, args.size, 50_000_000)[0] for s in sources])
+        )
         all_classes = list(range(len(predictor.classes)))
         explainer_ms = per_image_ms(lambda b: predictor(b), x, args.batch_size)
-        gradcam_ms = per_image_ms(lambda b: baselines.gradcam(predictor.explanandum, b, all_classes), x, args.batch_size)
-        rise_x = x[:max(4, args.method_images // 8)]
-        rise_ms = per_image_ms(lambda b: baselines.rise(predictor.explanandum, b, all_classes,
-                                                        num_masks=args.rise_masks, batch_size=100), rise_x, 2)
+        gradcam_ms = per_image_ms(
+            lambda b: baselines.gradcam(predictor.explanandum, b, all_classes), x, args.batch_size
+        )
+        rise_x = x[: max(4, args.method_images // 8)]
+        rise_ms = per_image_ms(
+            lambda b: baselines.rise(predictor.explanandum, b, all_classes, num_masks=args.rise_masks, batch_size=100),
+            rise_x,
+            2,
+        )
         print(f"per image, all {len(all_classes)} classes ({x.shape[0]} images; RISE on {rise_x.shape[0]}):")
-        for name, ms in (("Explainer (one pass + probs)", explainer_ms), ("Grad-CAM", gradcam_ms),
-                         (f"RISE ({args.rise_masks} masks)", rise_ms)):
+        for name, ms in (
+            ("Explainer (one pass + probs)", explainer_ms),
+            ("Grad-CAM", gradcam_ms),
+            (f"RISE ({args.rise_masks} masks)", rise_ms),
+        ):
             print(f"  {name:30s} {ms:9.2f} ms/img  {1000 / ms:9.1f} img/s  x{ms / explainer_ms:.1f} of the Explainer")
 
 

@@ -56,7 +56,7 @@ def masks_per_second(fn, x: torch.Tensor, batch_size: int, num_classes: int, rep
     for _ in range(repeats):
         started = time.perf_counter()
         for i in range(0, x.shape[0], batch_size):
-            fn(x[i:i + batch_size])
+            fn(x[i : i + batch_size])
         best = min(best, time.perf_counter() - started)
     return x.shape[0] * num_classes / best
 
@@ -82,8 +82,10 @@ def main() -> None:
 
     def package(batch: torch.Tensor) -> torch.Tensor:
         # a frozen classifier has no parameter that requires grad: the input must carry the graph
-        maps = [cam(input_tensor=batch.clone().requires_grad_(True), targets=[ClassifierOutputTarget(c)] * batch.shape[0])
-                for c in all_classes]
+        maps = [
+            cam(input_tensor=batch.clone().requires_grad_(True), targets=[ClassifierOutputTarget(c)] * batch.shape[0])
+            for c in all_classes
+        ]
         return torch.from_numpy(np.stack(maps, axis=1))
 
     def ours(batch: torch.Tensor) -> torch.Tensor:
@@ -95,21 +97,29 @@ def main() -> None:
 
     try:
         rates = {
-            "(a) pytorch-grad-cam, a call per class": masks_per_second(package, x, args.batch_size, args.classes, args.repeats),
+            "(a) pytorch-grad-cam, a call per class": masks_per_second(
+                package, x, args.batch_size, args.classes, args.repeats
+            ),
             "(b) baselines.gradcam, batched": masks_per_second(ours, x, args.batch_size, args.classes, args.repeats),
-            "(c) compact Explainer, one forward": masks_per_second(explain, x, args.batch_size, args.classes, args.repeats),
+            "(c) compact Explainer, one forward": masks_per_second(
+                explain, x, args.batch_size, args.classes, args.repeats
+            ),
         }
     finally:
         cam.activations_and_grads.release()
 
-    print(f"{args.images} synthetic {args.size}px images, batch {args.batch_size}, {args.classes} classes, "
-          f"small_cnn classifier + compact Explainer (untrained), {args.threads} torch thread(s), "
-          f"torch {torch.__version__}, grad-cam {version('grad-cam')}; best of {args.repeats}")
+    print(
+        f"{args.images} synthetic {args.size}px images, batch {args.batch_size}, {args.classes} classes, "
+        f"small_cnn classifier + compact Explainer (untrained), {args.threads} torch thread(s), "
+        f"torch {torch.__version__}, grad-cam {version('grad-cam')}; best of {args.repeats}"
+    )
     base = rates["(a) pytorch-grad-cam, a call per class"]
     ours_rate = rates["(b) baselines.gradcam, batched"]
     for name, rate in rates.items():
-        print(f"  {name:40s} {rate:9.0f} masks/s  {rate / args.classes:8.1f} img/s (all classes)  "
-              f"x{rate / base:.2f} of (a)  x{rate / ours_rate:.2f} of (b)")
+        print(
+            f"  {name:40s} {rate:9.0f} masks/s  {rate / args.classes:8.1f} img/s (all classes)  "
+            f"x{rate / base:.2f} of (a)  x{rate / ours_rate:.2f} of (b)"
+        )
 
 
 if __name__ == "__main__":

@@ -81,8 +81,9 @@ def measure(loader, expected: int) -> float:
 
 def check_same_samples(shard_spec: str, per_file: PerFileVOC, opts, n: int = 8) -> int:
     """The first ``n`` shard samples (no shuffle, no flip) equal the per-object ones: same images, decode."""
-    ds = shards.ShardDataset(shard_spec, image_size=SIZE, train=False, flip=False, opts=opts,
-                             classes=list(SYNTHETIC_CLASSES))
+    ds = shards.ShardDataset(
+        shard_spec, image_size=SIZE, train=False, flip=False, opts=opts, classes=list(SYNTHETIC_CLASSES)
+    )
     index = {key: i for i, key in enumerate(per_file.ids)}
     checked = 0
     for sample in ds:
@@ -103,13 +104,22 @@ def parse_size(text: str) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--image-size", type=parse_size, default=(500, 375), metavar="WxH",
-                        help="size of the source JPEGs (default 500x375, as most VOC images)")
+    parser.add_argument(
+        "--image-size",
+        type=parse_size,
+        default=(500, 375),
+        metavar="WxH",
+        help="size of the source JPEGs (default 500x375, as most VOC images)",
+    )
     parser.add_argument("--shard-size", type=int, default=50, help="samples per shard")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="interleaved passes per path (the best counts: other load only slows a pass)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="interleaved passes per path (the best counts: other load only slows a pass)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     width, height = args.image_size
@@ -129,21 +139,26 @@ def main() -> None:
                 storage.upload_file(path, f"s3://{bucket}/VOC2007/{sub}/{path.name}", opts)
         # classification samples (image + labels) on both sides: the per-file Dataset reads no masks,
         # so the shards hold none either (the reader then yields an all-void seg, which it still pays for)
-        ingest(VOCReader(str(voc), "train", classes=SYNTHETIC_CLASSES, segmentation="off"),
-               f"s3://{bucket}/shards", "train", IngestConfig(shard_size=args.shard_size), opts,
-               progress=False)
+        ingest(
+            VOCReader(str(voc), "train", classes=SYNTHETIC_CLASSES, segmentation="off"),
+            f"s3://{bucket}/shards",
+            "train",
+            IngestConfig(shard_size=args.shard_size),
+            opts,
+            progress=False,
+        )
         shard_spec = f"s3://{bucket}/shards/train"
         listed = shards.read_manifest(shard_spec, opts)["shards"]
         checked = check_same_samples(shard_spec, PerFileVOC(f"s3://{bucket}/VOC2007", ids, opts), opts)
 
         def shard_loader():
-            ds = shards.ShardDataset(shard_spec, image_size=SIZE, train=True, flip=False,
-                                     shuffle_buffer=100, opts=opts)
+            ds = shards.ShardDataset(shard_spec, image_size=SIZE, train=True, flip=False, shuffle_buffer=100, opts=opts)
             return shards.make_loader(ds, args.batch_size, args.workers)
 
         def per_file_loader(root, file_opts):
-            return torch.utils.data.DataLoader(PerFileVOC(root, ids, file_opts), batch_size=args.batch_size,
-                                               shuffle=True, num_workers=args.workers)
+            return torch.utils.data.DataLoader(
+                PerFileVOC(root, ids, file_opts), batch_size=args.batch_size, shuffle=True, num_workers=args.workers
+            )
 
         rates: dict[str, list[float]] = {"shards_s3": [], "per_object_s3": [], "per_file_local": []}
         load_before = os.getloadavg()
@@ -157,23 +172,33 @@ def main() -> None:
     best = {name: max(values) for name, values in rates.items()}
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"\nloader benchmark: decoded, resized ({SIZE} px) training samples per second")
-    print(f"  machine: {cores} usable cores (os.cpu_count {os.cpu_count()}), load average "
-          f"{load_before[0]:.2f} before / {load_after[0]:.2f} after the timed runs; SeaweedFS weed mini on "
-          f"the same machine (127.0.0.1); torch {torch.__version__} ({torch.get_num_threads()} thread), "
-          f"Pillow {PIL.__version__}, Python {sys.version.split()[0]}")
-    print(f"  data: {len(ids)} images, {width}x{height} JPEG (mean {statistics.mean(jpeg_bytes) / 1024:.1f} "
-          f"KiB) + VOC XML (mean {statistics.mean(xml_bytes) / 1024:.1f} KiB); {len(listed)} shards of "
-          f"≤{args.shard_size} samples (mean {statistics.mean(s['bytes'] for s in listed) / 2**20:.2f} "
-          f"MiB); {2 * len(ids)} objects for the per-object reads")
-    print(f"  loader: batch {args.batch_size}, {args.workers} DataLoader workers, same decode/resize "
-          f"(image_to_tensor) on all paths, {checked} samples checked equal across paths; best of "
-          f"{args.repeats} interleaved passes (start-up included)")
+    print(
+        f"  machine: {cores} usable cores (os.cpu_count {os.cpu_count()}), load average "
+        f"{load_before[0]:.2f} before / {load_after[0]:.2f} after the timed runs; SeaweedFS weed mini on "
+        f"the same machine (127.0.0.1); torch {torch.__version__} ({torch.get_num_threads()} thread), "
+        f"Pillow {PIL.__version__}, Python {sys.version.split()[0]}"
+    )
+    print(
+        f"  data: {len(ids)} images, {width}x{height} JPEG (mean {statistics.mean(jpeg_bytes) / 1024:.1f} "
+        f"KiB) + VOC XML (mean {statistics.mean(xml_bytes) / 1024:.1f} KiB); {len(listed)} shards of "
+        f"≤{args.shard_size} samples (mean {statistics.mean(s['bytes'] for s in listed) / 2**20:.2f} "
+        f"MiB); {2 * len(ids)} objects for the per-object reads"
+    )
+    print(
+        f"  loader: batch {args.batch_size}, {args.workers} DataLoader workers, same decode/resize "
+        f"(image_to_tensor) on all paths, {checked} samples checked equal across paths; best of "
+        f"{args.repeats} interleaved passes (start-up included)"
+    )
     for name, value in best.items():
-        print(f"  {name:16s} {value:8.1f} samples/s   (median {median[name]:.1f}; runs: "
-              f"{', '.join(f'{v:.1f}' for v in rates[name])})")
+        print(
+            f"  {name:16s} {value:8.1f} samples/s   (median {median[name]:.1f}; runs: "
+            f"{', '.join(f'{v:.1f}' for v in rates[name])})"
+        )
     for other, goal in (("per_object_s3", "   (goal ≥ 2x)"), ("per_file_local", "")):
-        print(f"  ratio shards_s3 / {other:15s} = {best['shards_s3'] / best[other]:.2f}x best, "
-              f"{median['shards_s3'] / median[other]:.2f}x median{goal}")
+        print(
+            f"  ratio shards_s3 / {other:15s} = {best['shards_s3'] / best[other]:.2f}x best, "
+            f"{median['shards_s3'] / median[other]:.2f}x median{goal}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ c. Ray Train with 2 workers (per-worker batch halved, so the global batch is the
 
 Throughput is measured in steady state: the images/s of epochs 2..N (the per-epoch figure the
 training loop logs; for (a) the same loop timing), so Ray's ``ray.init`` and worker-group start-up
-(tens of seconds, STACK.md) are excluded; they are printed separately as the wall time around ``fit``.
+(tens of seconds on these machines) are excluded; they are printed separately as the wall time around ``fit``.
 No validation split and no MLflow, so an epoch is training only.
 
 Run: ``.venv/bin/python tests/bench/bench_train.py [--images N] [--image-size PX] [--epochs E]
@@ -46,16 +46,28 @@ from pipeline.data.synthetic import SyntheticReader  # noqa: E402
 
 def make_shards(root: Path, images: int, size: int, shard_size: int) -> str:
     out = str(root / "data")
-    ingest(SyntheticReader(images, seed=0, split="train", image_size=size), out, "train",
-           IngestConfig(workers=1, shard_size=shard_size), progress=False)
+    ingest(
+        SyntheticReader(images, seed=0, split="train", image_size=size),
+        out,
+        "train",
+        IngestConfig(workers=1, shard_size=shard_size),
+        progress=False,
+    )
     return str(Path(out) / "train")
 
 
 def base_config(root: Path, train: str, args, **trainer) -> Config:
     overrides = [
-        f"data.train={train}", f"data.image_size={args.image_size}", f"data.loader_workers={args.loader_workers}",
-        "data.shuffle_buffer=100", "explanandum.arch=small_cnn", "optim.lr=0.001", "tracking.enabled=false",
-        f"trainer.epochs={args.epochs}", f"trainer.storage={root / 'checkpoints'}", "trainer.seed=0",
+        f"data.train={train}",
+        f"data.image_size={args.image_size}",
+        f"data.loader_workers={args.loader_workers}",
+        "data.shuffle_buffer=100",
+        "explanandum.arch=small_cnn",
+        "optim.lr=0.001",
+        "tracking.enabled=false",
+        f"trainer.epochs={args.epochs}",
+        f"trainer.storage={root / 'checkpoints'}",
+        "trainer.seed=0",
     ]
     overrides += [f"trainer.{k}={v}" for k, v in trainer.items()]
     return load_config(None, overrides)
@@ -78,8 +90,15 @@ def plain_loop(config: Config) -> tuple[list[float], float]:
     started = time.perf_counter()
     torch.manual_seed(config.trainer.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # as the worker loop does with one rank
-    dataset = ShardDataset(config.data.train, image_size=config.data.image_size, train=True, seed=config.trainer.seed,
-                           shuffle_buffer=config.data.shuffle_buffer, rank=0, world_size=1)
+    dataset = ShardDataset(
+        config.data.train,
+        image_size=config.data.image_size,
+        train=True,
+        seed=config.trainer.seed,
+        shuffle_buffer=config.data.shuffle_buffer,
+        rank=0,
+        world_size=1,
+    )
     model = build_explanandum("small_cnn", len(dataset.classes))
     params = classifier_trainable_parameters(model)
     optimizer = torch.optim.Adam(params, lr=config.optim.lr)
@@ -121,23 +140,42 @@ def main() -> None:
         root = Path(tmp)
         train = make_shards(root, args.images, args.image_size, args.shard_size)
         cores = os.cpu_count() or 1
-        print(f"# bench_train: small_cnn classifier, {args.images} synthetic images at {args.image_size} px, "
-              f"{math.ceil(args.images / args.shard_size)} shards, global batch {args.batch_size}, "
-              f"{args.epochs} epochs, {args.loader_workers} DataLoader worker(s) per rank, {cores} cores, "
-              f"torch {torch.__version__}, ray {ray.__version__}")
+        print(
+            f"# bench_train: small_cnn classifier, {args.images} synthetic images at {args.image_size} px, "
+            f"{math.ceil(args.images / args.shard_size)} shards, global batch {args.batch_size}, "
+            f"{args.epochs} epochs, {args.loader_workers} DataLoader worker(s) per rank, {cores} cores, "
+            f"torch {torch.__version__}, ray {ray.__version__}"
+        )
         print("# steady state = median images/s of epochs 2..N (start-up excluded); wall = whole fit incl. start-up")
 
         rates_plain, wall_plain = plain_loop(base_config(root, train, args, batch_size=args.batch_size))
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=max(cores, 2), num_gpus=0, include_dashboard=False, _temp_dir=str(root / "ray"),
-                 log_to_driver=False)
+        ray.init(
+            num_cpus=max(cores, 2),
+            num_gpus=0,
+            include_dashboard=False,
+            _temp_dir=str(root / "ray"),
+            log_to_driver=False,
+        )
         init_s = time.perf_counter() - t0
         try:
-            rates_1, wall_1 = ray_fit(base_config(root, train, args, backend="ray", num_workers=1,
-                                                  batch_size=args.batch_size, run_name="bench-ray-1"))
-            rates_2, wall_2 = ray_fit(base_config(root, train, args, backend="ray", num_workers=2,
-                                                  batch_size=max(1, args.batch_size // 2), run_name="bench-ray-2"))
+            rates_1, wall_1 = ray_fit(
+                base_config(
+                    root, train, args, backend="ray", num_workers=1, batch_size=args.batch_size, run_name="bench-ray-1"
+                )
+            )
+            rates_2, wall_2 = ray_fit(
+                base_config(
+                    root,
+                    train,
+                    args,
+                    backend="ray",
+                    num_workers=2,
+                    batch_size=max(1, args.batch_size // 2),
+                    run_name="bench-ray-2",
+                )
+            )
         finally:
             ray.shutdown()
 
@@ -150,8 +188,10 @@ def main() -> None:
         print(row("(c) Ray Train, 2 workers (gloo DDP)", rates_2, wall_2))
         print(f"ray.init: {init_s:.1f} s (not in the walls above)")
         overhead = 1 - steady(rates_1) / steady(rates_plain)
-        print(f"Ray 1 worker / plain: {steady(rates_1) / steady(rates_plain):.3f} "
-              f"(overhead {overhead:+.1%}; goal <= 10%: {'met' if overhead <= 0.10 else 'NOT met'})")
+        print(
+            f"Ray 1 worker / plain: {steady(rates_1) / steady(rates_plain):.3f} "
+            f"(overhead {overhead:+.1%}; goal <= 10%: {'met' if overhead <= 0.10 else 'NOT met'})"
+        )
         print(f"Ray 2 workers / 1 worker: {steady(rates_2) / steady(rates_1):.3f} (on {cores} cores)")
 
 

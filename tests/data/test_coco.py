@@ -253,8 +253,10 @@ def test_file_names_leading_outside_the_image_folder_are_refused(coco, tmp_path:
     save_jpeg(tmp_path / "x.jpg")  # readable where ../x.jpg points: only the check stops it
     save_jpeg(tmp_path / "abs" / "y.jpg")
     data = json.loads(path.read_text())
-    data["images"] += [{"id": 20, "file_name": "../x.jpg", "width": W, "height": H},
-                       {"id": 21, "file_name": str(tmp_path / "abs" / "y.jpg"), "width": W, "height": H}]
+    data["images"] += [
+        {"id": 20, "file_name": "../x.jpg", "width": W, "height": H},
+        {"id": 21, "file_name": str(tmp_path / "abs" / "y.jpg"), "width": W, "height": H},
+    ]
     path.write_text(json.dumps(data))
     reader = COCOReader(path, images, "val")
     escaping = {item["id"]: item for item in reader.items() if item["id"] in (20, 21)}

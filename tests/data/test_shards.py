@@ -71,8 +71,11 @@ def test_manifest_lists_shards_with_counts_sha256_and_skipped(tmp_path):
     for shard in manifest["shards"]:
         data = (tmp_path / shard["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == shard["sha256"]
-    assert manifest["skipped"][0] == {"key": "s0004", "source": "memory://tiny/4",
-                                      "reason": "memory://tiny/4: truncated image"}
+    assert manifest["skipped"][0] == {
+        "key": "s0004",
+        "source": "memory://tiny/4",
+        "reason": "memory://tiny/4: truncated image",
+    }
     assert manifest["classes"] == ["a", "b", "c"]
     assert manifest["has_segmentation"] is True
     assert manifest["digest"] == shards.dataset_digest(manifest["classes"], manifest["shards"])
@@ -161,6 +164,7 @@ def test_resize_keeps_segmentation_aligned_and_flip_moves_both(tmp_path):
     run(TinyReader(8), tmp_path)  # item 4: left 4 of 8 columns are class b
     raw = next(s for s in _raw_samples(tmp_path / "train-000000.tar") if s["__key__"] == "s0004")
     from pipeline.data.transforms import decode_sample
+
     plain = decode_sample(raw, image_size=16, num_classes=3)
     flipped = decode_sample(raw, image_size=16, num_classes=3, flip=True)
     assert set(plain["seg"].unique().tolist()) == {0, 2}  # nearest: no blended label values
@@ -185,8 +189,9 @@ def test_two_ranks_times_two_workers_read_every_sample_exactly_once(tmp_path):
     run(TinyReader(40), tmp_path, shard_size=5)  # 8 shards
     keys = []
     for rank in range(2):
-        ds = shards.ShardDataset(str(tmp_path / "train"), image_size=8, train=True, shuffle_buffer=10,
-                                 rank=rank, world_size=2, seed=3)
+        ds = shards.ShardDataset(
+            str(tmp_path / "train"), image_size=8, train=True, shuffle_buffer=10, rank=rank, world_size=2, seed=3
+        )
         ds.set_epoch(1)
         for batch in shards.make_loader(ds, batch_size=4, num_workers=2):
             keys.extend(batch["key"])

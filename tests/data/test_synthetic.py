@@ -175,7 +175,10 @@ def test_voc_folder_round_trips_through_the_voc_reader(tmp_path: Path):
     ys, xs = np.nonzero(rendered.instances == 1)
     box = objects[0].find("bndbox")
     assert [int(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")] == [
-        xs.min() + 1, ys.min() + 1, xs.max() + 1, ys.max() + 1
+        xs.min() + 1,
+        ys.min() + 1,
+        xs.max() + 1,
+        ys.max() + 1,
     ]
     with Image.open(root / "SegmentationClass" / "val_000000.png") as mask:
         assert mask.mode == "P"

@@ -46,9 +46,7 @@ def xml_text(objects: list[tuple[str, int]], size: tuple[int, int] | None = (32,
         "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object>"
         for name, difficult in objects
     )
-    size_xml = (
-        f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>" if size else ""
-    )
+    size_xml = f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>" if size else ""
     return f"<annotation><folder>VOC2007</folder><filename>x.jpg</filename>{size_xml}{body}</annotation>"
 
 
@@ -60,8 +58,14 @@ def palette_png(values: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def add_image(year: Path, image_id: str, objects, jpeg: bytes | None = None, xml: str | None = None,
-              mask: np.ndarray | None = None) -> None:
+def add_image(
+    year: Path,
+    image_id: str,
+    objects,
+    jpeg: bytes | None = None,
+    xml: str | None = None,
+    mask: np.ndarray | None = None,
+) -> None:
     (year / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (year / "Annotations").mkdir(parents=True, exist_ok=True)
     (year / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg_bytes() if jpeg is None else jpeg)
@@ -304,8 +308,10 @@ def test_ids_that_sanitise_alike_get_stable_distinct_keys_listed_in_the_manifest
         manifest = json.loads((out / "dup.manifest.json").read_text())
         assert summary["num_samples"] == 3 and summary["renamed_keys"] == 2 and manifest["renamed"] == expected
         # the shard reads back (it used to fail with "duplicate file name"), both samples with their labels
-        read = {s["key"]: s["labels"].nonzero().flatten().tolist()
-                for s in ShardDataset(str(out / "dup"), image_size=16, train=False)}
+        read = {
+            s["key"]: s["labels"].nonzero().flatten().tolist()
+            for s in ShardDataset(str(out / "dup"), image_size=16, train=False)
+        }
         assert read == {"img_1_04b9aa6a": [DOG], "img_1_ef298af0": [CAT], "000002": [CAT]}
     assert (tmp_path / "a" / "dup-000000.tar").read_bytes() == (tmp_path / "b" / "dup-000000.tar").read_bytes()
 

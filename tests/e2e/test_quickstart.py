@@ -1,4 +1,6 @@
-"""The main job end to end, shrunk: `wysiwyc quickstart` at 24 px with one epoch per training stage.
+"""The main job end to end, shrunk: `wysiwyc quickstart` at 24 px with one epoch per training stage, run
+as users install it: from a wheel of the package, installed into a throw-away venv, in a folder outside
+the checkout (the presets travel in the wheel).
 
 Real components throughout: a local Ray (2 Ray Train workers per training stage, Ray Data actors for
 attribution), MLflow in an sqlite file of the work dir (tracking and registry). What it checks is the
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -22,19 +26,130 @@ REPO = Path(__file__).resolve().parents[2]
 NUM_IMAGES, NUM_CORPUS = 200, 40
 
 
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
+
+
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    work = tmp_path_factory.mktemp("quickstart")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bin/ folder of a throw-away venv holding a wheel of the package (built from what the Dockerfile
+    copies) and seeing this environment's dependencies through a .pth file (not its editable install)."""
+    root = tmp_path_factory.mktemp("wheel")
+    src = root / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "pipeline", src / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(root / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    wheel = next((root / "dist").glob("wysiwyc-*.whl"))
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    purelib = subprocess.run(
+        [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(purelib, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-compile",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return venv / "bin"
+
+
+def test_the_wheel_runs_outside_the_checkout_with_its_presets(installed, tmp_path):
+    run = dict(cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    where = subprocess.run([installed / "python", "-c", "import pipeline; print(pipeline.__file__)"], **run)
+    assert Path(where.stdout.strip()).is_relative_to(installed.parent), where.stdout  # the wheel, not the checkout
+    version = subprocess.run([installed / "python", "-c", "import pipeline; print(pipeline.__version__)"], **run)
+    assert subprocess.run([installed / "wysiwyc", "--version"], **run).stdout.split() == [
+        "wysiwyc",
+        version.stdout.strip(),
+    ]
+    assert "train" in subprocess.run([installed / "wysiwyc", "--help"], **run).stdout
+    listing = subprocess.run([installed / "wysiwyc", "presets"], **run)
+    names = [line.split()[0] for line in listing.stdout.splitlines()]
+    assert {"cpu/explainer", "gates/default", "paper/voc_vgg16", "sweeps/voc_vgg16_lambdas"} <= set(names)
+    assert (
+        subprocess.run([installed / "wysiwyc", "presets", "cpu/explainer"], **run).stdout
+        == (REPO / "configs" / "cpu" / "explainer.yaml").read_text()
+    )
+    # every preset by its short name, validated (the paper presets with the backbone file they require)
+    load_all = (
+        "import sys\n"
+        "from pipeline.config import Config, GateConfig, load_config\n"
+        "for name in sys.argv[1:]:\n"
+        "    folder, stem = name.split('/')\n"
+        "    extra = [] if folder != 'paper' else ['explanandum.pretrained_backbone=/w.pth'] if "
+        "stem.startswith('classifier_') else ['explainer.backbone_weights=/w.pth']\n"
+        "    load_config(name, extra, model=GateConfig if folder == 'gates' else Config)\n"
+        "    print(name)\n"
+    )
+    loaded = subprocess.run([installed / "python", "-c", load_all, *names], **run)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == names and len(names) == len(list((REPO / "configs").rglob("*.yaml")))
+
+
+@pytest.fixture(scope="module")
+def quickstart(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    work = tmp_path_factory.mktemp("quickstart")  # outside the checkout: presets and gate come from the wheel
     gate = work / "gate.yaml"  # a real gate: the Explainer only, thresholds an untrained net can reach
     gate.write_text("evaluate: {methods: [explainer]}\nminimum: {cont_iou: 0.0, mean_f1: 0.0}\n")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "TMPDIR": str(work)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "quickstart", "--workdir", str(work / "qs"),
-         "--num-images", str(NUM_IMAGES), "--num-corpus", str(NUM_CORPUS), "data.image_size=24",
-         "trainer.epochs=1", "explainer.distill_epochs=1", "evaluate.rise_masks=20", "evaluate.overlay_images=4", f"registry.gate={gate}",
-         "--json"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [
+            installed / "wysiwyc",
+            "quickstart",
+            "--workdir",
+            str(work / "qs"),
+            "--num-images",
+            str(NUM_IMAGES),
+            "--num-corpus",
+            str(NUM_CORPUS),
+            "data.image_size=24",
+            "trainer.epochs=1",
+            "explainer.distill_epochs=1",
+            "evaluate.rise_masks=20",
+            "evaluate.overlay_images=4",
+            f"registry.gate={gate}",
+            "--json",
+        ],
+        cwd=work,
+        env=_env(TMPDIR=str(work)),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), work / "qs"
 

@@ -59,12 +59,22 @@ def _checkpoints(bucket: str, opts) -> str:
         classifier.fc.bias.zero_()
     clf_uri, exp_uri = f"s3://{bucket}/models/classifier.pt", f"s3://{bucket}/models/explainer.pt"
     common = {"classes": classes, "image_size": SIZE, "epoch": 0, "step": 0, "config": {}, "metrics": {}}
-    sha = save_checkpoint({"kind": "classifier", "arch": "small_cnn", "model": classifier.state_dict(), **common},
-                          clf_uri, opts)
+    sha = save_checkpoint(
+        {"kind": "classifier", "arch": "small_cnn", "model": classifier.state_dict(), **common}, clf_uri, opts
+    )
     torch.manual_seed(1)
     explainer = build_explainer("compact", len(classes))
-    save_checkpoint({"kind": "explainer", "arch": "compact", "model": explainer.state_dict(), **common,
-                     "explanandum": {"uri": clf_uri, "sha256": sha, "arch": "small_cnn"}}, exp_uri, opts)
+    save_checkpoint(
+        {
+            "kind": "explainer",
+            "arch": "compact",
+            "model": explainer.state_dict(),
+            **common,
+            "explanandum": {"uri": clf_uri, "sha256": sha, "arch": "small_cnn"},
+        },
+        exp_uri,
+        opts,
+    )
     return exp_uri
 
 
@@ -111,10 +121,15 @@ def ctx(s3_server, mlflow_server, tmp_path_factory):
         corpus = {f"s3://{bucket}/corpus/img_{i:04d}.png": reader.load(i).image for i in range(NUM_IMAGES)}
         odd = {f"s3://{bucket}/odd/{name}": data for name, data in _odd_inputs().items()}
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda item: storage.write_bytes(item[0], item[1], opts),
-                          [*corpus.items(), *odd.items()]))
-        ingest(SyntheticReader(12, seed=4, split="test", image_size=SIZE), f"s3://{bucket}/shards", "test",
-               IngestConfig(workers=1, shard_size=5), opts=opts, progress=False)
+            list(pool.map(lambda item: storage.write_bytes(item[0], item[1], opts), [*corpus.items(), *odd.items()]))
+        ingest(
+            SyntheticReader(12, seed=4, split="test", image_size=SIZE),
+            f"s3://{bucket}/shards",
+            "test",
+            IngestConfig(workers=1, shard_size=5),
+            opts=opts,
+            progress=False,
+        )
 
         predictor = load_predictor(exp_uri, opts=opts)  # the direct call the outputs must match
         sources = sorted(corpus)
@@ -123,19 +138,37 @@ def ctx(s3_server, mlflow_server, tmp_path_factory):
 
         from pipeline.registry import register_checkpoint
 
-        registered = register_checkpoint(exp_uri, MODEL_NAME,
-                                         load_config(None, [f"tracking.uri={mlflow_server.uri}"]))
+        registered = register_checkpoint(exp_uri, MODEL_NAME, load_config(None, [f"tracking.uri={mlflow_server.uri}"]))
         mlflow_server.client().set_registered_model_alias(MODEL_NAME, "champion", registered["version"])
-        yield {"bucket": bucket, "opts": opts, "s3": s3_server, "exp_uri": exp_uri, "sources": sources,
-               "masks": direct.masks, "probs": direct.probs, "threshold": _threshold(direct.probs),
-               "version": registered["version"], "tracking": mlflow_server.uri, "odd": odd, "gcs": gcs}
+        yield {
+            "bucket": bucket,
+            "opts": opts,
+            "s3": s3_server,
+            "exp_uri": exp_uri,
+            "sources": sources,
+            "masks": direct.masks,
+            "probs": direct.probs,
+            "threshold": _threshold(direct.probs),
+            "version": registered["version"],
+            "tracking": mlflow_server.uri,
+            "odd": odd,
+            "gcs": gcs,
+        }
 
 
 def _overrides(ctx, run_id: str, *extra: str) -> list[str]:
     b = ctx["bucket"]
-    return [f"explainer.checkpoint={ctx['exp_uri']}", f"attribute.input=s3://{b}/corpus/", f"output=s3://{b}/out",
-            f"attribute.run_id={run_id}", f"attribute.threshold={ctx['threshold']}", "attribute.batch_size=16",
-            "attribute.preview_images=4", f"tracking.uri={ctx['tracking']}", *extra]
+    return [
+        f"explainer.checkpoint={ctx['exp_uri']}",
+        f"attribute.input=s3://{b}/corpus/",
+        f"output=s3://{b}/out",
+        f"attribute.run_id={run_id}",
+        f"attribute.threshold={ctx['threshold']}",
+        "attribute.batch_size=16",
+        "attribute.preview_images=4",
+        f"tracking.uri={ctx['tracking']}",
+        *extra,
+    ]
 
 
 def _config(ctx, run_id: str, *extra: str):
@@ -178,13 +211,19 @@ def test_index_has_one_row_per_image_with_the_classes_the_rule_picks(ctx, champi
         assert (row["model_name"], row["model_version"]) == (MODEL_NAME, ctx["version"])
         np.testing.assert_allclose(row["probs"], ctx["probs"][i].numpy(), atol=1e-4)
         assert row["explained_classes"] == _expected_classes(ctx["probs"][i], ctx["threshold"])
-        assert row["predicted_classes"] == [c for c in row["explained_classes"]
-                                            if ctx["probs"][i][SYNTHETIC_CLASSES.index(c)] >= ctx["threshold"]]
+        assert row["predicted_classes"] == [
+            c for c in row["explained_classes"] if ctx["probs"][i][SYNTHETIC_CLASSES.index(c)] >= ctx["threshold"]
+        ]
     # the rule did pick different class sets across images, including the top-1 floor
     assert len({tuple(r["explained_classes"]) for r in rows}) > 1
     manifest = json.loads(storage.read_bytes(summary["manifest"], ctx["opts"]))
-    assert manifest["counts"] == {"images": NUM_IMAGES, "ok": NUM_IMAGES, "errors": 0, "processed": NUM_IMAGES,
-                                  "resumed": 0}
+    assert manifest["counts"] == {
+        "images": NUM_IMAGES,
+        "ok": NUM_IMAGES,
+        "errors": 0,
+        "processed": NUM_IMAGES,
+        "resumed": 0,
+    }
     assert manifest["model"]["model"] == f"models:/{MODEL_NAME}@champion"
     assert manifest["model"]["model_version"] == ctx["version"]
     record = json.loads(storage.read_bytes(f"s3://{ctx['bucket']}/out/main/_run.json", ctx["opts"]))
@@ -228,8 +267,9 @@ def test_bad_model_or_missing_input_fails_before_any_work(ctx):
     with pytest.raises(WysiwycError, match="wysiwyc-attr@nope"):
         attribute(_config(ctx, "bad-model", f"explainer.checkpoint=models:/{MODEL_NAME}@nope"), progress=False)
     with pytest.raises(WysiwycError, match="does not exist"):
-        attribute(_config(ctx, "bad-model", f"explainer.checkpoint=s3://{ctx['bucket']}/models/none.pt"),
-                  progress=False)
+        attribute(
+            _config(ctx, "bad-model", f"explainer.checkpoint=s3://{ctx['bucket']}/models/none.pt"), progress=False
+        )
     with pytest.raises(WysiwycError, match="holds nothing"):
         attribute(_config(ctx, "bad-input", f"attribute.input=s3://{ctx['bucket']}/missing/"), progress=False)
     assert _objects(ctx, "out/bad-") == {}
@@ -237,8 +277,9 @@ def test_bad_model_or_missing_input_fails_before_any_work(ctx):
 
 def test_odd_images_get_error_rows_and_grayscale_rgba_succeed(ctx):
     b = ctx["bucket"]
-    summary = attribute(_config(ctx, "odd", f"attribute.input=s3://{b}/odd", "attribute.max_error_fraction=0.5"),
-                        progress=False)
+    summary = attribute(
+        _config(ctx, "odd", f"attribute.input=s3://{b}/odd", "attribute.max_error_fraction=0.5"), progress=False
+    )
     assert (summary["num_samples"], summary["num_ok"], summary["num_errors"]) == (6, 4, 2)
     rows = {r["source"].rsplit("/", 1)[1]: r for r in _index(ctx, "odd")}
     assert set(rows) == {"good0.png", "good1.png", "corrupt.jpg", "zero.jpg", "gray.png", "rgba.png"}
@@ -254,16 +295,23 @@ def test_odd_images_get_error_rows_and_grayscale_rgba_succeed(ctx):
 def test_too_many_bad_images_abort_with_a_clear_message(ctx):
     b = ctx["bucket"]
     with pytest.raises(WysiwycError, match=r"2 of 6 images failed, more than attribute.max_error_fraction=0.1"):
-        attribute(_config(ctx, "odd-strict", f"attribute.input=s3://{b}/odd", "attribute.max_error_fraction=0.1"),
-                  progress=False)
+        attribute(
+            _config(ctx, "odd-strict", f"attribute.input=s3://{b}/odd", "attribute.max_error_fraction=0.1"),
+            progress=False,
+        )
     assert "out/odd-strict/_manifest.json" not in _objects(ctx, "out/odd-strict/")
 
 
 def test_killed_run_relaunched_has_every_image_exactly_once(ctx):
     args = _overrides(ctx, "killed", "attribute.batch_size=2", "attribute.num_actors=1")
     env = {**os.environ, "RAY_ADDRESS": ctx["gcs"]}
-    proc = subprocess.Popen([str(BIN / "wysiwyc"), "attribute", *args, "--json"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "wysiwyc"), "attribute", *args, "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
     def parts() -> list[str]:
         return [k for k in _objects(ctx, "out/killed/parts/") if k.endswith(".parquet")]
@@ -284,7 +332,9 @@ def test_killed_run_relaunched_has_every_image_exactly_once(ctx):
     rows = _index(ctx, "killed")
     assert [r["source"] for r in rows] == ctx["sources"]  # every image exactly once
     assert summary["resumed"] >= 2 * done_before >= 6 and summary["processed"] == NUM_IMAGES - summary["resumed"]
-    assert len(_objects(ctx, "out/killed/masks/")) == NUM_IMAGES  # deterministic keys: a batch redone after the kill overwrote its own files
+    assert (
+        len(_objects(ctx, "out/killed/masks/")) == NUM_IMAGES
+    )  # deterministic keys: a batch redone after the kill overwrote its own files
 
 
 def test_shard_split_input_reads_every_sample_of_the_manifest(ctx):
@@ -304,8 +354,10 @@ def test_uri_list_input_and_a_listed_object_that_is_missing(ctx):
     listed = ctx["sources"][:3]
     text = "# three images and one that is not there\n" + "\n".join(listed) + f"\ns3://{b}/corpus/gone.png\n"
     storage.write_text(f"s3://{b}/lists/images.txt", text, ctx["opts"])
-    summary = attribute(_config(ctx, "list", f"attribute.input=s3://{b}/lists/images.txt",
-                                "attribute.max_error_fraction=0.5"), progress=False)
+    summary = attribute(
+        _config(ctx, "list", f"attribute.input=s3://{b}/lists/images.txt", "attribute.max_error_fraction=0.5"),
+        progress=False,
+    )
     rows = {r["source"]: r for r in _index(ctx, "list")}
     assert (summary["num_samples"], summary["num_errors"]) == (4, 1)
     assert "gone since the listing" in rows[f"s3://{b}/corpus/gone.png"]["error"]
@@ -314,10 +366,22 @@ def test_uri_list_input_and_a_listed_object_that_is_missing(ctx):
 
 
 def _launch(ctx, run_id: str, model: str, listing: str) -> subprocess.Popen:
-    args = _overrides(ctx, run_id, f"explainer.checkpoint={model}", f"attribute.input={listing}",
-                      "attribute.batch_size=5", "attribute.num_actors=1")
-    return subprocess.Popen([str(BIN / "wysiwyc"), "attribute", *args, "--json"], env={**os.environ, "RAY_ADDRESS": ctx["gcs"]},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    args = _overrides(
+        ctx,
+        run_id,
+        f"explainer.checkpoint={model}",
+        f"attribute.input={listing}",
+        "attribute.batch_size=5",
+        "attribute.num_actors=1",
+    )
+    return subprocess.Popen(
+        [str(BIN / "wysiwyc"), "attribute", *args, "--json"],
+        env={**os.environ, "RAY_ADDRESS": ctx["gcs"]},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_two_launches_of_one_run_id_at_once_have_one_owner(ctx):
@@ -337,8 +401,9 @@ def test_two_launches_of_one_run_id_at_once_have_one_owner(ctx):
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2], outs
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
-    assert re.search(r"(belongs to|was started by|made by) the launch on \S+ \(pid \d+\) started \d{4}-\d\d-\d\dT",
-                     outs[loser][1]), outs[loser][1]
+    assert re.search(
+        r"(belongs to|was started by|made by) the launch on \S+ \(pid \d+\) started \d{4}-\d\d-\d\dT", outs[loser][1]
+    ), outs[loser][1]
     version = json.loads(outs[winner][0])["version"]
     record = json.loads(storage.read_text(f"s3://{b}/out/race/_run.json", opts))
     manifest = json.loads(storage.read_text(f"s3://{b}/out/race/_manifest.json", opts))
@@ -356,14 +421,20 @@ def test_two_launches_of_one_run_id_at_once_have_one_owner(ctx):
 
 
 def test_a_finished_run_relaunched_with_another_model_is_refused(ctx, champion_run):
-    with pytest.raises(WysiwycError, match=r"run main is complete, made by the launch on .* with --model "
-                                           rf"models:/{MODEL_NAME}@champion, not s3://"):
+    with pytest.raises(
+        WysiwycError,
+        match=r"run main is complete, made by the launch on .* with --model "
+        rf"models:/{MODEL_NAME}@champion, not s3://",
+    ):
         attribute(_config(ctx, "main", f"explainer.checkpoint={ctx['exp_uri']}"), progress=False)
 
 
 def test_an_output_that_cannot_be_written_is_named_as_such(ctx, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     for output in (tmp_path / "a-file" / "out", Path("/sys/wysiwyc-out")):  # root may not write /sys either
-        with pytest.raises(WysiwycError, match=rf"attribute: cannot write the output {re.escape(str(output))} "
-                                               r"\(cannot (read|write) .*\): give an --output this process can write"):
+        with pytest.raises(
+            WysiwycError,
+            match=rf"attribute: cannot write the output {re.escape(str(output))} "
+            r"\(cannot (read|write) .*\): give an --output this process can write",
+        ):
             attribute(_config(ctx, "unwritable", f"output={output}"), progress=False)

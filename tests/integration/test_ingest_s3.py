@@ -66,8 +66,22 @@ def test_voc_folder_to_s3_labels_equal_xml_and_seg_equals_png(tmp_path, s3_serve
     ids = (root / "ImageSets/Main/train.txt").read_text().split()
     (root / "JPEGImages" / f"{ids[3]}.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # one bad image
     out = f"s3://{s3_bucket}/voc"
-    proc = wysiwyc(cli_env, "ingest", "voc", "--source", str(tmp_path / "VOCdevkit"), "--split", "train",
-                   "--out", out, "--shard-size", "7", "--classes", ",".join(SYNTHETIC_CLASSES), "--json")
+    proc = wysiwyc(
+        cli_env,
+        "ingest",
+        "voc",
+        "--source",
+        str(tmp_path / "VOCdevkit"),
+        "--split",
+        "train",
+        "--out",
+        out,
+        "--shard-size",
+        "7",
+        "--classes",
+        ",".join(SYNTHETIC_CLASSES),
+        "--json",
+    )
     summary = json.loads(proc.stdout)
     assert summary["num_samples"] == len(ids) - 1 and summary["skipped"] == 1
     assert summary["manifest"] == f"{out}/train.manifest.json"
@@ -88,8 +102,24 @@ def test_voc_folder_to_s3_labels_equal_xml_and_seg_equals_png(tmp_path, s3_serve
 
 def test_reading_s3_shards_with_two_ranks_and_two_workers_yields_each_sample_once(s3_server, s3_bucket, cli_env):
     out = f"s3://{s3_bucket}/syn"
-    wysiwyc(cli_env, "ingest", "synthetic", "--num-images", "32", "--seed", "0", "--split", "train",
-            "--out", out, "--shard-size", "4", "--image-size", "32", "--json")
+    wysiwyc(
+        cli_env,
+        "ingest",
+        "synthetic",
+        "--num-images",
+        "32",
+        "--seed",
+        "0",
+        "--split",
+        "train",
+        "--out",
+        out,
+        "--shard-size",
+        "4",
+        "--image-size",
+        "32",
+        "--json",
+    )
     samples = read_all(f"{out}/train", s3_server.opts, ranks=2, workers=2)
     keys = [s["key"] for s in samples]
     assert len(keys) == 32 and len(set(keys)) == 32
@@ -98,8 +128,20 @@ def test_reading_s3_shards_with_two_ranks_and_two_workers_yields_each_sample_onc
 def test_coco_to_s3_labels_equal_annotations(realdata, s3_server, s3_bucket, cli_env):
     base = realdata / "coco2017" / "icevision_coco"
     out = f"s3://{s3_bucket}/coco"
-    proc = wysiwyc(cli_env, "ingest", "coco", "--annotations", str(base / "annotations.json"),
-                   "--images", str(base / "images"), "--split", "val", "--out", out, "--json")
+    proc = wysiwyc(
+        cli_env,
+        "ingest",
+        "coco",
+        "--annotations",
+        str(base / "annotations.json"),
+        "--images",
+        str(base / "images"),
+        "--split",
+        "val",
+        "--out",
+        out,
+        "--json",
+    )
     summary = json.loads(proc.stdout)
     doc = json.loads((base / "annotations.json").read_text())
     assert summary["num_samples"] == len(doc["images"]) == 6 and summary["skipped"] == 0
@@ -121,16 +163,41 @@ def test_coco_to_s3_labels_equal_annotations(realdata, s3_server, s3_bucket, cli
 
 
 def test_missing_bucket_is_a_clear_error(s3_server, cli_env, tmp_path):
-    proc = wysiwyc(cli_env, "ingest", "synthetic", "--num-images", "2", "--seed", "0", "--split", "train",
-                   "--out", "s3://no-such-bucket-xyz/p", check=False)
+    proc = wysiwyc(
+        cli_env,
+        "ingest",
+        "synthetic",
+        "--num-images",
+        "2",
+        "--seed",
+        "0",
+        "--split",
+        "train",
+        "--out",
+        "s3://no-such-bucket-xyz/p",
+        check=False,
+    )
     assert proc.returncode == 2
     assert "no-such-bucket-xyz" in proc.stderr and "does not exist" in proc.stderr
 
 
 def test_wrong_credentials_are_rejected_without_leaking_the_secret(s3_server, s3_bucket, cli_env):
     env = {**cli_env, "AWS_SECRET_ACCESS_KEY": "WRONGsecretVALUE123"}
-    proc = wysiwyc(env, "ingest", "synthetic", "--num-images", "2", "--seed", "0", "--split", "train",
-                   "--out", f"s3://{s3_bucket}/p", "--json", check=False)
+    proc = wysiwyc(
+        env,
+        "ingest",
+        "synthetic",
+        "--num-images",
+        "2",
+        "--seed",
+        "0",
+        "--split",
+        "train",
+        "--out",
+        f"s3://{s3_bucket}/p",
+        "--json",
+        check=False,
+    )
     assert proc.returncode == 2
     assert "credentials" in proc.stderr.lower()
     assert "WRONGsecretVALUE123" not in proc.stderr + proc.stdout
@@ -139,9 +206,23 @@ def test_wrong_credentials_are_rejected_without_leaking_the_secret(s3_server, s3
 def test_config_credentials_work_and_never_appear_in_outputs(s3_server, s3_bucket, cli_env):
     env = {k: v for k, v in cli_env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     out = f"s3://{s3_bucket}/cfgcreds"
-    proc = wysiwyc(env, "ingest", "synthetic", "--num-images", "4", "--seed", "0", "--split", "train",
-                   "--out", out, "--json", f"storage.access_key_id={s3_server.access_key}",
-                   f"storage.secret_access_key={s3_server.secret_key}", f"storage.endpoint_url={s3_server.endpoint}")
+    proc = wysiwyc(
+        env,
+        "ingest",
+        "synthetic",
+        "--num-images",
+        "4",
+        "--seed",
+        "0",
+        "--split",
+        "train",
+        "--out",
+        out,
+        "--json",
+        f"storage.access_key_id={s3_server.access_key}",
+        f"storage.secret_access_key={s3_server.secret_key}",
+        f"storage.endpoint_url={s3_server.endpoint}",
+    )
     assert json.loads(proc.stdout)["num_samples"] == 4
     manifest_text = storage.read_bytes(f"{out}/train.manifest.json", s3_server.opts).decode()
     for text in (proc.stdout, proc.stderr, manifest_text):
@@ -178,7 +259,10 @@ def test_images_prefix_on_s3_to_shards_keeps_sources_and_skips_bad_objects(s3_se
     manifest = shards.read_manifest(f"{out}/images", s3_server.opts)
     assert manifest["skipped"][0]["source"] == f"{corpus}/b/empty.jpg"
     metas = [json.loads(files["json"]) for files in raw_members(f"{out}/images", s3_server.opts).values()]
-    assert sorted(m["source"] for m in metas) == [f"{corpus}/a/one.jpg", f"{corpus}/a/two.JPEG",
-                                                  f"{corpus}/b/three.png"]
+    assert sorted(m["source"] for m in metas) == [
+        f"{corpus}/a/one.jpg",
+        f"{corpus}/a/two.JPEG",
+        f"{corpus}/b/three.png",
+    ]
     assert {(m["width"], m["height"]) for m in metas} == {(40, 30), (20, 20), (10, 12)}
     assert all(m["labels"] == [] for m in metas)

@@ -31,24 +31,41 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def stack(s3_server, tmp_path_factory):
-    """Bucket with train/val shards, an MLflow server, and a local Ray session (2 CPUs)."""
+def stack(s3_server, mlflow_server, tmp_path_factory):
+    """Bucket with train/val shards, the MLflow server, and a local Ray session (2 CPUs)."""
     root = tmp_path_factory.mktemp("raytrain")
     bucket = s3_server.make_bucket("raytrain")
     env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
     for split, n, seed in (("train", 64, 0), ("val", 32, 1)):
-        ingest(SyntheticReader(n, seed, split, image_size=SIZE), f"s3://{bucket}/data", split,
-               IngestConfig(workers=1, shard_size=8), opts=s3_server.opts, progress=False)
-    with MLflowServer(root, bucket, s3_env=s3_server.env) as server, local_ray(root, env, num_cpus=3) as gcs:
-        yield {"bucket": bucket, "uri": server.uri, "root": root, "s3": s3_server, "gcs": gcs}
+        ingest(
+            SyntheticReader(n, seed, split, image_size=SIZE),
+            f"s3://{bucket}/data",
+            split,
+            IngestConfig(workers=1, shard_size=8),
+            opts=s3_server.opts,
+            progress=False,
+        )
+    with local_ray(root, env, num_cpus=3) as gcs:
+        yield {"bucket": bucket, "uri": mlflow_server.uri, "root": root, "s3": s3_server, "gcs": gcs}
 
 
 def overrides(stack, *extra):
     b = stack["bucket"]
-    return [f"data.train=s3://{b}/data/train", f"data.val=s3://{b}/data/val", f"data.image_size={SIZE}",
-            "data.loader_workers=0", "data.shuffle_buffer=16", "trainer.batch_size=8", "trainer.num_workers=2",
-            f"trainer.storage=s3://{b}/runs", "optim.lr=0.003", f"tracking.uri={stack['uri']}",
-            "tracking.experiment=ray-tests", "tracking.overlay_images=4", *extra]
+    return [
+        f"data.train=s3://{b}/data/train",
+        f"data.val=s3://{b}/data/val",
+        f"data.image_size={SIZE}",
+        "data.loader_workers=0",
+        "data.shuffle_buffer=16",
+        "trainer.batch_size=8",
+        "trainer.num_workers=2",
+        f"trainer.storage=s3://{b}/runs",
+        "optim.lr=0.003",
+        f"tracking.uri={stack['uri']}",
+        "tracking.experiment=ray-tests",
+        "tracking.overlay_images=4",
+        *extra,
+    ]
 
 
 def _client(stack):
@@ -72,7 +89,9 @@ def classifier(stack):
 
 def test_two_worker_classifier_lowers_the_loss_and_is_tracked_in_mlflow(stack, classifier):
     final = classifier["final"]
-    history = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"], Key="runs/clf/history.json")["Body"].read())
+    history = json.loads(
+        stack["s3"].client().get_object(Bucket=stack["bucket"], Key="runs/clf/history.json")["Body"].read()
+    )
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     # 64 samples in 8 shards over 2 ranks × batch 8: 4 steps per epoch on each rank
@@ -87,8 +106,9 @@ def test_two_worker_classifier_lowers_the_loss_and_is_tracked_in_mlflow(stack, c
     assert run.info.run_name == "clf" and run.info.status == "FINISHED"
     assert run.data.params["loss.entropy_regularizer"] == "1.0"
     assert run.data.params["trainer.num_workers"] == "2"
-    assert {"train_loss", "val_loss", "val_f1", "images_per_second", "data_wait_share", "step/loss"} \
-        <= set(run.data.metrics)
+    assert {"train_loss", "val_loss", "val_f1", "images_per_second", "data_wait_share", "step/loss"} <= set(
+        run.data.metrics
+    )
     assert run.data.tags["best_checkpoint"] == classifier["checkpoint"]
     digests = {i.dataset.digest for i in run.inputs.dataset_inputs}
     assert len(digests) == 2  # train and val manifests
@@ -97,9 +117,16 @@ def test_two_worker_classifier_lowers_the_loss_and_is_tracked_in_mlflow(stack, c
 def test_two_worker_explainer_logs_every_loss_term_and_the_mask_overlay(stack, classifier):
     from pipeline.train.trainer import train_explainer
 
-    config = load_config(None, overrides(stack, "trainer.epochs=2", "trainer.run_name=exp",
-                                         f"explanandum.checkpoint={classifier['checkpoint']}",
-                                         "loss.entropy_regularizer=0.5"))
+    config = load_config(
+        None,
+        overrides(
+            stack,
+            "trainer.epochs=2",
+            "trainer.run_name=exp",
+            f"explanandum.checkpoint={classifier['checkpoint']}",
+            "loss.entropy_regularizer=0.5",
+        ),
+    )
     summary = train_explainer(config)
     client = _client(stack)
     run = client.get_run(summary["mlflow_run_id"])
@@ -119,8 +146,13 @@ def test_two_worker_explainer_logs_every_loss_term_and_the_mask_overlay(stack, c
 def test_killed_run_resumes_at_the_saved_step(stack):
     args = overrides(stack, "trainer.epochs=40", "trainer.run_name=killed")
     env = {**os.environ, "RAY_ADDRESS": stack["gcs"]}
-    proc = subprocess.Popen([str(BIN / "wysiwyc"), "train", "classifier", *args, "--json"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "wysiwyc"), "train", "classifier", *args, "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     snapshot = "runs/killed/checkpoint_manager_snapshot.json"  # Ray's record of the reported checkpoints
 
     def latest():
@@ -141,15 +173,17 @@ def test_killed_run_resumes_at_the_saved_step(stack):
     time.sleep(2)  # a snapshot write in flight may still land
     saved = latest()
     epochs_done, step = int(saved["metrics"]["epoch"]), int(saved["metrics"]["step"])
-    state, _ = ckpt.load_checkpoint(f"s3://{stack['bucket']}/runs/killed/{saved['checkpoint_dir_name']}/checkpoint.pt",
-                                    stack["s3"].opts)
+    state, _ = ckpt.load_checkpoint(
+        f"s3://{stack['bucket']}/runs/killed/{saved['checkpoint_dir_name']}/checkpoint.pt", stack["s3"].opts
+    )
     assert state["step"] == step and epochs_done < 40  # killed long before the end
     mlflow_run_id = state["mlflow_run_id"]
 
     from pipeline.train.trainer import train_classifier
 
-    summary = train_classifier(load_config(None, overrides(stack, f"trainer.epochs={epochs_done + 1}",
-                                                            "trainer.run_name=killed")))
+    summary = train_classifier(
+        load_config(None, overrides(stack, f"trainer.epochs={epochs_done + 1}", "trainer.run_name=killed"))
+    )
     assert summary["resumed_from_epoch"] == epochs_done
     assert summary["steps"] == step + 4  # one more epoch, not a fresh start
     assert summary["mlflow_run_id"] == mlflow_run_id  # the same MLflow run continues
@@ -172,15 +206,24 @@ def test_two_workers_see_disjoint_shards(stack):
         from pipeline.data.shards import ShardDataset
 
         context = ray.train.get_context()
-        dataset = ShardDataset(payload["spec"], image_size=32, train=True, shuffle_buffer=0,
-                               rank=context.get_world_rank(), world_size=context.get_world_size(),
-                               opts=None)
+        dataset = ShardDataset(
+            payload["spec"],
+            image_size=32,
+            train=True,
+            shuffle_buffer=0,
+            rank=context.get_world_rank(),
+            world_size=context.get_world_size(),
+            opts=None,
+        )
         keys = [s["key"] for s in dataset]
         Path(payload["out"], f"rank{context.get_world_rank()}.json").write_text(json.dumps(keys))
 
-    TorchTrainer(_shard_keys, train_loop_config={"spec": f"s3://{stack['bucket']}/data/train", "out": str(out)},
-                 scaling_config=ray.train.ScalingConfig(num_workers=2),
-                 run_config=ray.train.RunConfig(name="shards", storage_path=str(stack["root"] / "ray-runs"))).fit()
+    TorchTrainer(
+        _shard_keys,
+        train_loop_config={"spec": f"s3://{stack['bucket']}/data/train", "out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(name="shards", storage_path=str(stack["root"] / "ray-runs")),
+    ).fit()
     a, b = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert a and b and not set(a) & set(b) and len(a) + len(b) == 64
 
@@ -202,14 +245,20 @@ def test_failed_worker_group_restarts_from_the_latest_checkpoint(stack):
             time.sleep(5)
             raise RuntimeError("injected worker failure at epoch 2")
 
-    config = load_config(None, overrides(stack, "trainer.epochs=3", "trainer.run_name=flaky",
-                                         "trainer.max_failures=1", "tracking.overlay_images=0"))
+    config = load_config(
+        None,
+        overrides(
+            stack, "trainer.epochs=3", "trainer.run_name=flaky", "trainer.max_failures=1", "tracking.overlay_images=0"
+        ),
+    )
     summary = fit_ray("classifier", config, on_epoch_start=fail_once_at_epoch_2)
     assert marker.exists()  # the failure did happen
     # the restarted worker group resumed after epoch 1 (its checkpoint), not from scratch
     assert summary["resumed_from_epoch"] == 1
     assert summary["epochs"] == 3 and summary["steps"] == 3 * 4
-    history = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"], Key="runs/flaky/history.json")["Body"].read())
+    history = json.loads(
+        stack["s3"].client().get_object(Bucket=stack["bucket"], Key="runs/flaky/history.json")["Body"].read()
+    )
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert [h["step"] for h in history] == [4, 8, 12]
     state, _ = ckpt.load_checkpoint(summary["checkpoint"], stack["s3"].opts)
@@ -220,6 +269,8 @@ def test_failed_worker_group_restarts_from_the_latest_checkpoint(stack):
 def test_tracking_outage_costs_no_epoch_and_the_records_arrive_after_the_server_returns(stack, classifier):
     """The MLflow server is SIGKILLed after epoch 1 of 3: training finishes every epoch within a bound and
     exits cleanly; relaunching the finished run once the server is back sends what waited."""
+    from mlflow.tracking import MlflowClient
+
     from pipeline.train.distributed import fit_ray
 
     root = stack["root"] / "mlflow-outage"
@@ -236,29 +287,44 @@ def test_tracking_outage_costs_no_epoch_and_the_records_arrive_after_the_server_
             os.killpg(pid, signal.SIGKILL)  # the server's whole session: no goodbye, port closed
             open(out, "w").write(str(time.time()))
 
-    args = overrides(stack, "trainer.epochs=3", "trainer.run_name=outage", "trainer.keep_checkpoints=3",
-                     f"explanandum.checkpoint={classifier['checkpoint']}", f"tracking.uri={server.uri}")
+    args = overrides(
+        stack,
+        "trainer.epochs=3",
+        "trainer.run_name=outage",
+        "trainer.keep_checkpoints=3",
+        f"explanandum.checkpoint={classifier['checkpoint']}",
+        f"tracking.uri={server.uri}",
+    )
     try:
         first = fit_ray("explainer", load_config(None, args), on_epoch_start=kill_tracking_at_epoch_2)
         extra = time.time() - float(killed_at.read_text())
         assert first["epochs"] == 3 and first["steps"] == 3 * 4
         assert extra < 120, f"training took {extra:.0f} s after the server died"
         # every epoch's checkpoint was saved (none lost to tracking)
-        saved = sorted({k.split("/")[2] for k in _keys(stack, "runs/outage/checkpoint_") if k.endswith("/checkpoint.pt")})
-        assert [ckpt.load_checkpoint(f"s3://{stack['bucket']}/runs/outage/{d}/checkpoint.pt", stack["s3"].opts)[0]["epoch"]
-                for d in saved] == [0, 1, 2]
-        history = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"],
-                                                              Key="runs/outage/history.json")["Body"].read())
+        saved = sorted(
+            {k.split("/")[2] for k in _keys(stack, "runs/outage/checkpoint_") if k.endswith("/checkpoint.pt")}
+        )
+        assert [
+            ckpt.load_checkpoint(f"s3://{stack['bucket']}/runs/outage/{d}/checkpoint.pt", stack["s3"].opts)[0]["epoch"]
+            for d in saved
+        ] == [0, 1, 2]
+        history = json.loads(
+            stack["s3"].client().get_object(Bucket=stack["bucket"], Key="runs/outage/history.json")["Body"].read()
+        )
         assert [h["epoch"] for h in history] == [1, 2, 3]
-        pending = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"],
-                                                             Key="runs/outage/tracking_pending.json")["Body"].read())
+        pending = json.loads(
+            stack["s3"]
+            .client()
+            .get_object(Bucket=stack["bucket"], Key="runs/outage/tracking_pending.json")["Body"]
+            .read()
+        )
         assert pending["run_id"] == first["mlflow_run_id"]
         kinds = [op["op"] for op in pending["ops"]]
         assert "metrics" in kinds and "artifact" in kinds and kinds.count("status") == 1 and kinds[-1] == "tags"
 
         # the server comes back on the same port and store; launching the finished run again sends the records
         server = MLflowServer(root, stack["bucket"], port=server.port, s3_env=stack["s3"].env).start()
-        client = server.client()
+        client = MlflowClient(server.uri, registry_uri=server.uri)
         assert client.get_run(first["mlflow_run_id"]).info.status == "RUNNING"  # what the outage left
         assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "train_loss")] == [4]
         again = fit_ray("explainer", load_config(None, args))
@@ -270,8 +336,12 @@ def test_tracking_outage_costs_no_epoch_and_the_records_arrive_after_the_server_
         overlays = [a.path for a in client.list_artifacts(run.info.run_id, "overlays")]
         assert overlays == ["overlays/epoch_001.png", "overlays/epoch_002.png", "overlays/epoch_003.png"]
         assert run.data.tags["best_checkpoint"] == again["checkpoint"]
-        pending = json.loads(stack["s3"].client().get_object(Bucket=stack["bucket"],
-                                                             Key="runs/outage/tracking_pending.json")["Body"].read())
+        pending = json.loads(
+            stack["s3"]
+            .client()
+            .get_object(Bucket=stack["bucket"], Key="runs/outage/tracking_pending.json")["Body"]
+            .read()
+        )
         assert pending["ops"] == []
     finally:
         server.stop()

@@ -37,9 +37,15 @@ pytestmark = pytest.mark.s3
 
 SIZE = 32
 CLI = [sys.executable, "-m", "pipeline.cli"]
-LAMBDAS = {"entropy_regularizer": 0.5, "mask_variation_regularizer": 1.0, "mask_area_constraint_regularizer": 0.8,
-           "mask_total_area_regularizer": 0.1, "ncmask_total_area_regularizer": 0.3, "class_mask_min_area": 0.05,
-           "class_mask_max_area": 0.3}
+LAMBDAS = {
+    "entropy_regularizer": 0.5,
+    "mask_variation_regularizer": 1.0,
+    "mask_area_constraint_regularizer": 0.8,
+    "mask_total_area_regularizer": 0.1,
+    "ncmask_total_area_regularizer": 0.3,
+    "class_mask_min_area": 0.05,
+    "class_mask_max_area": 0.3,
+}
 
 
 def _explainer_state(classes, classifier_uri, classifier_sha, data, seed, blank=False, epoch=0, init="scratch"):
@@ -48,11 +54,20 @@ def _explainer_state(classes, classifier_uri, classifier_sha, data, seed, blank=
     if blank:  # logits −30 everywhere: every mask ≈ 0
         torch.nn.init.zeros_(model.head.weight)
         torch.nn.init.constant_(model.head.bias, -30.0)
-    return {"kind": "explainer", "arch": "compact", "classes": classes, "image_size": SIZE,
-            "model": model.state_dict(), "epoch": epoch, "step": 0, "metrics": {"val_loss": 1.25},
-            "config": {"data": {"train": data, "image_size": SIZE}, "loss": LAMBDAS},
-            "explanandum": {"uri": classifier_uri, "sha256": classifier_sha, "arch": "small_cnn"},
-            "explainer_init": init, "black_box": init != "explanandum_copy"}
+    return {
+        "kind": "explainer",
+        "arch": "compact",
+        "classes": classes,
+        "image_size": SIZE,
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "step": 0,
+        "metrics": {"val_loss": 1.25},
+        "config": {"data": {"train": data, "image_size": SIZE}, "loss": LAMBDAS},
+        "explanandum": {"uri": classifier_uri, "sha256": classifier_sha, "arch": "small_cnn"},
+        "explainer_init": init,
+        "black_box": init != "explanandum_copy",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,33 +77,70 @@ def reg(s3_server, mlflow_server, tmp_path_factory):
     bucket = s3_server.make_bucket("registry")
     base = f"s3://{bucket}"
     reader = SyntheticReader(24, seed=3, split="test", image_size=SIZE)
-    ingest(reader, f"{base}/data", "test", IngestConfig(workers=1, shard_size=12), opts=s3_server.opts,
-           progress=False)
+    ingest(reader, f"{base}/data", "test", IngestConfig(workers=1, shard_size=12), opts=s3_server.opts, progress=False)
     classes = list(reader.classes)
     torch.manual_seed(0)
     classifier = build_explanandum("small_cnn", len(classes))
-    clf_sha = save_checkpoint({"kind": "classifier", "arch": "small_cnn", "classes": classes, "image_size": SIZE,
-                               "model": classifier.state_dict(), "epoch": 0, "step": 0, "config": {},
-                               "metrics": {}}, f"{base}/clf.pt", s3_server.opts)
+    clf_sha = save_checkpoint(
+        {
+            "kind": "classifier",
+            "arch": "small_cnn",
+            "classes": classes,
+            "image_size": SIZE,
+            "model": classifier.state_dict(),
+            "epoch": 0,
+            "step": 0,
+            "config": {},
+            "metrics": {},
+        },
+        f"{base}/clf.pt",
+        s3_server.opts,
+    )
     data = f"{base}/data/test"
     checkpoints, shas = {}, {}
-    for key, kwargs in {"a": {"seed": 1}, "blank": {"seed": 1, "blank": True}, "a2": {"seed": 1, "epoch": 1},
-                        "a3": {"seed": 1, "epoch": 2}, "b": {"seed": 2}, "b2": {"seed": 2, "epoch": 1},
-                        "white": {"seed": 1, "epoch": 3, "init": "explanandum_copy"}}.items():
+    for key, kwargs in {
+        "a": {"seed": 1},
+        "blank": {"seed": 1, "blank": True},
+        "a2": {"seed": 1, "epoch": 1},
+        "a3": {"seed": 1, "epoch": 2},
+        "b": {"seed": 2},
+        "b2": {"seed": 2, "epoch": 1},
+        "white": {"seed": 1, "epoch": 3, "init": "explanandum_copy"},
+    }.items():
         checkpoints[key] = f"{base}/ckpt/{key}.pt"
-        shas[key] = save_checkpoint(_explainer_state(classes, f"{base}/clf.pt", clf_sha, data, **kwargs),
-                                    checkpoints[key], s3_server.opts)
+        shas[key] = save_checkpoint(
+            _explainer_state(classes, f"{base}/clf.pt", clf_sha, data, **kwargs), checkpoints[key], s3_server.opts
+        )
     gate = root / "gate.yaml"
-    gate.write_text(f"split: {data}\nevaluate:\n  methods: [explainer]\n  batch_size: 8\n"
-                    "minimum:\n  cont_iou: 0.0\nchampion_margin:\n  cont_iou: 0.05\n  mean_f1: 0.05\n")
+    gate.write_text(
+        f"split: {data}\nevaluate:\n  methods: [explainer]\n  batch_size: 8\n"
+        "minimum:\n  cont_iou: 0.0\nchampion_margin:\n  cont_iou: 0.05\n  mean_f1: 0.05\n"
+    )
     overrides = [f"tracking.uri={mlflow_server.uri}", "tracking.experiment=registry-tests", "data.loader_workers=0"]
-    env = {**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.uri,
-           "MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": str(root)}
+    env = {
+        **os.environ,
+        **s3_server.env,
+        "MLFLOW_TRACKING_URI": mlflow_server.uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TMPDIR": str(root),
+    }
     with environ({k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}):
-        yield {"root": root, "bucket": bucket, "data": data, "classes": classes, "checkpoints": checkpoints,
-               "shas": shas, "clf_sha": clf_sha, "gate": str(gate), "overrides": overrides, "env": env,
-               "config": load_config(None, overrides), "uri": mlflow_server.uri, "client": mlflow_server.client(),
-               "s3": s3_server}
+        yield {
+            "root": root,
+            "bucket": bucket,
+            "data": data,
+            "classes": classes,
+            "checkpoints": checkpoints,
+            "shas": shas,
+            "clf_sha": clf_sha,
+            "gate": str(gate),
+            "overrides": overrides,
+            "env": env,
+            "config": load_config(None, overrides),
+            "uri": mlflow_server.uri,
+            "client": mlflow_server.client(),
+            "s3": s3_server,
+        }
 
 
 def wysiwyc(reg, *args, check=True):
@@ -103,8 +155,11 @@ def registered(reg):
     """v1 (A) through the CLI; v2 (blank) and v3 (A again) through the Python API."""
     from pipeline.registry import register_checkpoint
 
-    first = json.loads(wysiwyc(reg, "register", "--checkpoint", reg["checkpoints"]["a"], "--name", "expl",
-                               *reg["overrides"], "--json").stdout)
+    first = json.loads(
+        wysiwyc(
+            reg, "register", "--checkpoint", reg["checkpoints"]["a"], "--name", "expl", *reg["overrides"], "--json"
+        ).stdout
+    )
     blank = register_checkpoint(reg["checkpoints"]["blank"], "expl", reg["config"])
     third = register_checkpoint(reg["checkpoints"]["a2"], "expl", reg["config"])
     return {"v1": first, "v2": blank, "v3": third}
@@ -133,8 +188,12 @@ def test_register_makes_a_candidate_version_with_lineage_tags(reg, registered):
     run = client.get_run(v1["mlflow_run_id"])
     assert run.data.params["loss.entropy_regularizer"] == "0.5" and run.data.metrics["val_loss"] == 1.25
     files = {a.path for a in client.list_artifacts(v1["mlflow_run_id"], "model/artifacts")}
-    assert {"model/artifacts/explainer.pt", "model/artifacts/explanandum.pt", "model/artifacts/config.yaml",
-            "model/artifacts/wysiwyc.json"} <= files
+    assert {
+        "model/artifacts/explainer.pt",
+        "model/artifacts/explanandum.pt",
+        "model/artifacts/config.yaml",
+        "model/artifacts/wysiwyc.json",
+    } <= files
     # the same checkpoint again: the same version, no copy
     again = register_checkpoint(reg["checkpoints"]["a"], "expl", reg["config"])
     assert again["version"] == "1" and again["existing"] is True
@@ -158,12 +217,20 @@ def test_registered_version_loads_in_a_fresh_process_from_its_uri_alone(reg, reg
         "one = model.predict(x[:1].numpy())\n"
         "torch.save({'masks': out.masks, 'probs': out.probs, 'name': p.model_name, 'version': p.model_version,\n"
         "            'uri': p.explainer_uri, 'classes': p.classes, 'size': p.image_size,\n"
-        "            'pyfunc_masks': torch.from_numpy(five['masks']), 'pyfunc_probs': torch.from_numpy(five['probs']),\n"
-        "            'pyfunc_one': torch.from_numpy(one['masks'])}, sys.argv[2])\n")
+        "            'pyfunc_masks': torch.from_numpy(five['masks']),\n"
+        "            'pyfunc_probs': torch.from_numpy(five['probs']),\n"
+        "            'pyfunc_one': torch.from_numpy(one['masks'])}, sys.argv[2])\n"
+    )
     # nothing but the tracking URI: no storage credentials (the server serves the artifacts)
     env = {k: v for k, v in reg["env"].items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
-    proc = subprocess.run([sys.executable, "-c", code, str(root / "images.pt"), str(root / "out.pt")], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(root / "images.pt"), str(root / "out.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(root / "out.pt")
     assert (got["name"], got["version"], got["uri"]) == ("expl", "3", "models:/expl/3")
@@ -201,13 +268,17 @@ def test_a_passing_gate_moves_champion_and_previous_champion_and_records_the_gat
     assert json.loads(tags["wysiwyc.gate.config"])["champion_margin"] == {"cont_iou": 0.05, "mean_f1": 0.05}
     checks = json.loads(tags["wysiwyc.gate.checks"])
     assert [(c["kind"], c["metric"]) for c in checks] == [
-        ("minimum", "cont_iou"), ("champion_margin", "cont_iou"), ("champion_margin", "mean_f1")]
+        ("minimum", "cont_iou"),
+        ("champion_margin", "cont_iou"),
+        ("champion_margin", "mean_f1"),
+    ]
     assert all(c["passed"] for c in checks)
     # the evaluation is stored on the version (keyed by the split digest) and as an MLflow run
     digest = read_manifest(reg["data"], reg["s3"].opts)["digest"]
     record = json.loads(tags[f"wysiwyc.eval.{digest[:16]}"])
-    labelled = sum(1 for s in ShardDataset(reg["data"], image_size=SIZE, train=False, opts=reg["s3"].opts)
-                   if s["labels"].sum() > 0)
+    labelled = sum(
+        1 for s in ShardDataset(reg["data"], image_size=SIZE, train=False, opts=reg["s3"].opts) if s["labels"].sum() > 0
+    )
     assert record["digest"] == digest and record["num_images"] == labelled
     assert second["evaluation"] == record["metrics"]
     run = client.get_run(record["run_id"])
@@ -216,16 +287,30 @@ def test_a_passing_gate_moves_champion_and_previous_champion_and_records_the_gat
     # v3 has v1's weights: the same metrics on the same split
     v1 = json.loads(client.get_model_version("expl", "1").tags[f"wysiwyc.eval.{digest[:16]}"])
     assert v1["metrics"]["cont_iou"] == pytest.approx(record["metrics"]["cont_iou"])
-    events = [json.loads(v) for k, v in sorted(client.get_registered_model("expl").tags.items())
-              if k.startswith("wysiwyc.event.")]
+    events = [
+        json.loads(v)
+        for k, v in sorted(client.get_registered_model("expl").tags.items())
+        if k.startswith("wysiwyc.event.")
+    ]
     assert [(e["action"], e["version"]) for e in events] == [("promote", "1"), ("promote", "3")]
 
 
 def test_a_failing_gate_moves_nothing_and_exits_non_zero(reg, promoted):
     client = reg["client"]
     before = dict(client.get_registered_model("expl").aliases)
-    proc = wysiwyc(reg, "promote", "--name", "expl", "--version", "2", "--gate", reg["gate"], *reg["overrides"],
-                   "--json", check=False)
+    proc = wysiwyc(
+        reg,
+        "promote",
+        "--name",
+        "expl",
+        "--version",
+        "2",
+        "--gate",
+        reg["gate"],
+        *reg["overrides"],
+        "--json",
+        check=False,
+    )
     assert proc.returncode == 2
     message = json.loads(proc.stdout)["error"]
     assert "models:/expl/2 did not pass the gate" in message and "champion stays v3" in message
@@ -240,9 +325,17 @@ def test_a_failing_gate_moves_nothing_and_exits_non_zero(reg, promoted):
 
 def test_evaluate_accepts_a_registry_uri(reg, promoted):
     out = reg["root"] / "eval"
-    proc = wysiwyc(reg, "evaluate", "explainer.checkpoint=models:/expl@champion", f"data.test={reg['data']}",
-                   "evaluate.methods=[explainer]", "evaluate.batch_size=8", f"output={out}", *reg["overrides"],
-                   "--json")
+    proc = wysiwyc(
+        reg,
+        "evaluate",
+        "explainer.checkpoint=models:/expl@champion",
+        f"data.test={reg['data']}",
+        "evaluate.methods=[explainer]",
+        "evaluate.batch_size=8",
+        f"output={out}",
+        *reg["overrides"],
+        "--json",
+    )
     summary = json.loads(proc.stdout)
     assert summary["explainer"] == "models:/expl/3"
     digest = read_manifest(reg["data"], reg["s3"].opts)["digest"]
@@ -259,8 +352,7 @@ def test_rollback_restores_the_previous_champion(reg):
         register_checkpoint(reg["checkpoints"][key], "roll", config)
     promote("roll", "1", config, reg["gate"], progress=False)
     promote("roll", "2", config, reg["gate"], progress=False)
-    summary = json.loads(wysiwyc(reg, "promote", "--rollback", "--name", "roll", *reg["overrides"],
-                                 "--json").stdout)
+    summary = json.loads(wysiwyc(reg, "promote", "--rollback", "--name", "roll", *reg["overrides"], "--json").stdout)
     assert (summary["version"], summary["rolled_back_from"]) == ("1", "2")
     client = reg["client"]
     assert dict(client.get_registered_model("roll").aliases) == {"champion": "1", "candidate": "2"}
@@ -286,17 +378,42 @@ def test_registry_uris_that_do_not_resolve_are_refused_naming_what_is_missing(re
 def test_register_from_sweep_takes_the_best_trial(reg):
     pytest.importorskip("pipeline.tune")
     sweeps = f"s3://{reg['bucket']}/sweeps"
-    record = {"name": "lam", "metric": "val_selection", "mode": "max", "parent_run_id": "p123",
-              "best": {"trial": "t2", "params": {"loss.entropy_regularizer": 0.5}, "metrics": {"val_selection": 0.7},
-                       "checkpoint": reg["checkpoints"]["a3"], "mlflow_run_id": "r456"},
-              "trials": []}
+    record = {
+        "name": "lam",
+        "metric": "val_selection",
+        "mode": "max",
+        "parent_run_id": "p123",
+        "best": {
+            "trial": "t2",
+            "params": {"loss.entropy_regularizer": 0.5},
+            "metrics": {"val_selection": 0.7},
+            "checkpoint": reg["checkpoints"]["a3"],
+            "mlflow_run_id": "r456",
+        },
+        "trials": [],
+    }
     storage.write_text(f"{sweeps}/lam/sweep.json", json.dumps(record), reg["s3"].opts)
-    summary = json.loads(wysiwyc(reg, "register", "--from-sweep", "lam", "--name", "swept", f"sweep.storage={sweeps}",
-                                 *reg["overrides"], "--json").stdout)
+    summary = json.loads(
+        wysiwyc(
+            reg,
+            "register",
+            "--from-sweep",
+            "lam",
+            "--name",
+            "swept",
+            f"sweep.storage={sweeps}",
+            *reg["overrides"],
+            "--json",
+        ).stdout
+    )
     assert summary["model_uri"] == "models:/swept/1" and summary["trial"] == "t2"
     tags = reg["client"].get_model_version("swept", "1").tags
     assert tags["wysiwyc.explainer_sha256"] == reg["shas"]["a3"]
-    assert (tags["wysiwyc.sweep"], tags["wysiwyc.sweep_trial"], tags["wysiwyc.training_run_id"]) == ("lam", "t2", "r456")
+    assert (tags["wysiwyc.sweep"], tags["wysiwyc.sweep_trial"], tags["wysiwyc.training_run_id"]) == (
+        "lam",
+        "t2",
+        "r456",
+    )
     run = reg["client"].get_run(summary["mlflow_run_id"])
     assert run.data.metrics["sweep.val_selection"] == pytest.approx(0.7)
 
@@ -307,8 +424,19 @@ def test_the_default_gate_refuses_a_white_box_explainer_unless_the_gate_file_all
     version = register_checkpoint(reg["checkpoints"]["white"], "expl-white", reg["config"])["version"]
     tags = reg["client"].get_model_version("expl-white", version).tags
     assert (tags["wysiwyc.explainer_init"], tags["wysiwyc.black_box"]) == ("explanandum_copy", "false")
-    proc = wysiwyc(reg, "promote", "--name", "expl-white", "--version", version, "--gate", reg["gate"],
-                   *reg["overrides"], "--json", check=False)
+    proc = wysiwyc(
+        reg,
+        "promote",
+        "--name",
+        "expl-white",
+        "--version",
+        version,
+        "--gate",
+        reg["gate"],
+        *reg["overrides"],
+        "--json",
+        check=False,
+    )
     assert proc.returncode == 2
     message = json.loads(proc.stdout)["error"]
     assert "is not a black-box Explainer (explainer.init=explanandum_copy" in message

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -28,8 +28,9 @@ CLI = [sys.executable, "-m", "pipeline.cli"]
 
 
 def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True, timeout=600, env=env, cwd=cwd,
-                          check=False)
+    proc = subprocess.run(
+        [*CLI, *args, "--json"], capture_output=True, text=True, timeout=600, env=env, cwd=cwd, check=False
+    )
     assert proc.returncode == 0, f"{args[:2]} exit {proc.returncode}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -43,28 +44,68 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
     assert len(secret) >= 30  # distinctive: no accidental match
     b = s3_bucket
     for split, n, seed in (("train", 32, 0), ("val", 16, 1)):
-        ingest(SyntheticReader(n, seed, split, image_size=SIZE), f"s3://{b}/data", split,
-               IngestConfig(workers=1, shard_size=8), opts=s3_server.opts, progress=False)
+        ingest(
+            SyntheticReader(n, seed, split, image_size=SIZE),
+            f"s3://{b}/data",
+            split,
+            IngestConfig(workers=1, shard_size=8),
+            opts=s3_server.opts,
+            progress=False,
+        )
     # Ray's socket paths must stay under 108 bytes: a short folder of its own, searched like the rest
     ray_tmp, work = Path(tempfile.mkdtemp(prefix="wy-ray-")), tmp_path / "work"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     env.update(s3_server.env, WYSIWYC_RAY_TMP=str(ray_tmp), MLFLOW_DISABLE_TELEMETRY="true", RAY_AUTH_MODE="disabled")
-    common = [f"data.train=s3://{b}/data/train", f"data.val=s3://{b}/data/val", f"data.image_size={SIZE}",
-              "data.loader_workers=0", "data.shuffle_buffer=8", "trainer.batch_size=8", "trainer.epochs=1",
-              f"trainer.storage=s3://{b}/runs", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    common = [
+        f"data.train=s3://{b}/data/train",
+        f"data.val=s3://{b}/data/val",
+        f"data.image_size={SIZE}",
+        "data.loader_workers=0",
+        "data.shuffle_buffer=8",
+        "trainer.batch_size=8",
+        "trainer.epochs=1",
+        f"trainer.storage=s3://{b}/runs",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     outputs = []
     # the Ray training (2 DDP workers, checkpoints through Ray Train into the bucket)
     proc = _run(["train", "classifier", *common, "trainer.num_workers=2", "trainer.run_name=clf"], env, work)
     outputs.append(proc.stdout + proc.stderr)
     classifier = json.loads(proc.stdout)["checkpoint"]
     # its Explainer in-process (what is checked here is Ray), then the Ray Data attribution
-    proc = _run(["train", "explainer", *common, "trainer.backend=local", "trainer.run_name=exp",
-                 f"explanandum.checkpoint={classifier}", "tracking.overlay_images=2"], env, work)
+    proc = _run(
+        [
+            "train",
+            "explainer",
+            *common,
+            "trainer.backend=local",
+            "trainer.run_name=exp",
+            f"explanandum.checkpoint={classifier}",
+            "tracking.overlay_images=2",
+        ],
+        env,
+        work,
+    )
     outputs.append(proc.stdout + proc.stderr)
     explainer = json.loads(proc.stdout)["checkpoint"]
-    proc = _run(["attribute", "--model", explainer, "--input", f"s3://{b}/data/val", "--output", f"s3://{b}/out",
-                 "--run-id", "r1", "attribute.batch_size=8", "attribute.preview_images=2"], env, work)
+    proc = _run(
+        [
+            "attribute",
+            "--model",
+            explainer,
+            "--input",
+            f"s3://{b}/data/val",
+            "--output",
+            f"s3://{b}/out",
+            "--run-id",
+            "r1",
+            "attribute.batch_size=8",
+            "attribute.preview_images=2",
+        ],
+        env,
+        work,
+    )
     outputs.append(proc.stdout + proc.stderr)
     assert json.loads(proc.stdout)["num_ok"] == 16
 
@@ -73,13 +114,20 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
     assert len(sessions) == 2  # one per command that started Ray
     assert stat.S_IMODE(ray_tmp.stat().st_mode) == 0o700
 
-    files = {str(p): p.read_bytes() for root in (tmp_path, ray_tmp) for p in root.rglob("*")
-             if p.is_file() and not p.is_symlink()}
+    files = {
+        str(p): p.read_bytes()
+        for root in (tmp_path, ray_tmp)
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    }
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert any("runtime_env" in name for name in files) and any(name.endswith("mlflow.db") for name in files)
     client = s3_server.client()
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=b)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=b)
+        for o in page.get("Contents", [])
+    ]
     assert any(k.startswith("runs/clf/checkpoint_") for k in keys) and any(k.startswith("out/r1/") for k in keys)
     files.update({f"s3://{b}/{k}": client.get_object(Bucket=b, Key=k)["Body"].read() for k in keys})
     files.update({f"output of command {i}": out.encode() for i, out in enumerate(outputs)})

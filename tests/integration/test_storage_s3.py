@@ -56,7 +56,7 @@ def test_open_write_of_20_mb_is_a_multipart_upload(s3_server, s3_bucket):
     data = os.urandom(20 * 1024 * 1024)
     with storage.open_write(url, s3_server.opts) as f:
         for start in range(0, len(data), 1 << 20):  # written in pieces, spooled to disk
-            f.write(data[start:start + (1 << 20)])
+            f.write(data[start : start + (1 << 20)])
     head = s3_server.client().head_object(Bucket=s3_bucket, Key="big/object.bin")
     parts = -(-len(data) // storage.MULTIPART_CHUNKSIZE)
     assert head["ETag"].strip('"').endswith(f"-{parts}")  # a multipart ETag: md5-of-md5s "-N"
@@ -85,9 +85,7 @@ def test_listing_more_than_1000_keys_paginates_and_keeps_order(s3_server, s3_buc
         storage.write_bytes(f"s3://{s3_bucket}/{extra}", b"y", opts)
 
     calls = []
-    storage._client(opts).meta.events.register(
-        "before-call.s3.ListObjectsV2", lambda **_: calls.append(1)
-    )
+    storage._client(opts).meta.events.register("before-call.s3.ListObjectsV2", lambda **_: calls.append(1))
     got = list(storage.list_prefix(f"s3://{s3_bucket}/data", opts))
     assert len(calls) == 2  # two pages of at most 1000 keys
     assert sorted(got) == [f"s3://{s3_bucket}/{k}" for k in sorted(keys + ["data/sub/z.bin"])]
@@ -98,12 +96,9 @@ def test_listing_more_than_1000_keys_paginates_and_keeps_order(s3_server, s3_buc
 
     shallow = list(storage.list_prefix(f"s3://{s3_bucket}/data/", opts, recursive=False))
     assert len(shallow) == 1100 and f"s3://{s3_bucket}/data/sub/z.bin" not in shallow
-    assert list(storage.list_glob(f"s3://{s3_bucket}/data-*.tar", opts)) == [
-        f"s3://{s3_bucket}/data-000000.tar"
-    ]
+    assert list(storage.list_glob(f"s3://{s3_bucket}/data-*.tar", opts)) == [f"s3://{s3_bucket}/data-000000.tar"]
     starts = set(storage.list_startswith(f"s3://{s3_bucket}/data", opts))
-    assert starts == set(got) | {f"s3://{s3_bucket}/data-000000.tar",
-                                 f"s3://{s3_bucket}/data.manifest.json"}
+    assert starts == set(got) | {f"s3://{s3_bucket}/data-000000.tar", f"s3://{s3_bucket}/data.manifest.json"}
 
 
 def test_exists_size_delete_and_delete_prefix(s3_server, s3_bucket):
@@ -124,9 +119,11 @@ def test_exists_size_delete_and_delete_prefix(s3_server, s3_bucket):
 
 def test_missing_object_raises_not_found(s3_server, s3_bucket, tmp_path: Path):
     url = f"s3://{s3_bucket}/nope/missing.json"
-    for call in (lambda: storage.read_bytes(url, s3_server.opts),
-                 lambda: storage.size(url, s3_server.opts),
-                 lambda: storage.download_file(url, tmp_path / "x", s3_server.opts)):
+    for call in (
+        lambda: storage.read_bytes(url, s3_server.opts),
+        lambda: storage.size(url, s3_server.opts),
+        lambda: storage.download_file(url, tmp_path / "x", s3_server.opts),
+    ):
         with pytest.raises(storage.NotFound, match="missing.json"):
             call()
     assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
@@ -194,10 +191,8 @@ def test_exception_inside_open_write_publishes_nothing(s3_server, s3_bucket):
 
 
 def test_redact_hides_the_server_secret_and_presigned_signatures(s3_server, s3_bucket, s3_env):
-    from botocore.config import Config
-
     for version, signature in (("s3v4", "X-Amz-Signature=***"), ("s3", "Signature=***")):
-        presigned = s3_server.client(config=Config(signature_version=version)).generate_presigned_url(
+        presigned = s3_server.client(signature_version=version).generate_presigned_url(
             "get_object", Params={"Bucket": s3_bucket, "Key": "x"}, ExpiresIn=60
         )
         out = storage.redact(f"failed: {presigned} with {s3_server.secret_key}")

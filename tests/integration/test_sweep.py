@@ -43,28 +43,65 @@ def stack(s3_server, mlflow_server, tmp_path_factory):
     bucket = s3_server.make_bucket("sweeps")
     env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
     for split, n, seed in (("train", 32, 0), ("val", 16, 1)):
-        ingest(SyntheticReader(n, seed, split, image_size=SIZE), str(root / "data"), split,
-               IngestConfig(workers=1, shard_size=8), progress=False)
+        ingest(
+            SyntheticReader(n, seed, split, image_size=SIZE),
+            str(root / "data"),
+            split,
+            IngestConfig(workers=1, shard_size=8),
+            progress=False,
+        )
     from pipeline.train.trainer import train_classifier
 
-    classifier = train_classifier(load_config(None, [
-        f"data.train={root}/data/train", f"data.image_size={SIZE}", "data.loader_workers=0", "trainer.backend=local",
-        "trainer.epochs=2", "trainer.batch_size=8", "optim.lr=0.003", f"trainer.storage={root}/checkpoints",
-        "trainer.run_name=clf", "tracking.enabled=false"]))
+    classifier = train_classifier(
+        load_config(
+            None,
+            [
+                f"data.train={root}/data/train",
+                f"data.image_size={SIZE}",
+                "data.loader_workers=0",
+                "trainer.backend=local",
+                "trainer.epochs=2",
+                "trainer.batch_size=8",
+                "optim.lr=0.003",
+                f"trainer.storage={root}/checkpoints",
+                "trainer.run_name=clf",
+                "tracking.enabled=false",
+            ],
+        )
+    )
 
     # 2 trials at a time × (0.25 CPU for the trial + 1 for its worker): logical oversubscription of 2 cores
     with local_ray(root, env, num_cpus=3) as gcs:
-        yield {"root": root, "bucket": bucket, "s3": s3_server, "mlflow": mlflow_server,
-               "classifier": classifier["checkpoint"], "gcs": gcs}
+        yield {
+            "root": root,
+            "bucket": bucket,
+            "s3": s3_server,
+            "mlflow": mlflow_server,
+            "classifier": classifier["checkpoint"],
+            "gcs": gcs,
+        }
 
 
 def overrides(stack, name, *extra):
     root = stack["root"]
-    return [f"sweep.name={name}", f"sweep.storage=s3://{stack['bucket']}/sweeps", f"data.train={root}/data/train",
-            f"data.val={root}/data/val", f"data.image_size={SIZE}", "data.loader_workers=0", "data.shuffle_buffer=8",
-            "trainer.batch_size=8", "trainer.epochs=1", "trainer.max_failures=0", "optim.lr=0.003",
-            f"explanandum.checkpoint={stack['classifier']}", f"tracking.uri={stack['mlflow'].uri}",
-            "tracking.experiment=sweep-tests", "tracking.overlay_images=0", *extra]
+    return [
+        f"sweep.name={name}",
+        f"sweep.storage=s3://{stack['bucket']}/sweeps",
+        f"data.train={root}/data/train",
+        f"data.val={root}/data/val",
+        f"data.image_size={SIZE}",
+        "data.loader_workers=0",
+        "data.shuffle_buffer=8",
+        "trainer.batch_size=8",
+        "trainer.epochs=1",
+        "trainer.max_failures=0",
+        "optim.lr=0.003",
+        f"explanandum.checkpoint={stack['classifier']}",
+        f"tracking.uri={stack['mlflow'].uri}",
+        "tracking.experiment=sweep-tests",
+        "tracking.overlay_images=0",
+        *extra,
+    ]
 
 
 def _children(stack, parent_id):
@@ -102,8 +139,10 @@ def test_grid_sweep_has_a_parent_run_four_child_runs_and_a_comparison(stack):
     assert parent.data.params["sweep.metric"] == "val_selection"
     children = _children(stack, parent.info.run_id)
     assert len(children) == 4
-    grid = {(c.data.params["loss.entropy_regularizer"], c.data.params["loss.mask_area_constraint_regularizer"])
-            for c in children}
+    grid = {
+        (c.data.params["loss.entropy_regularizer"], c.data.params["loss.mask_area_constraint_regularizer"])
+        for c in children
+    }
     assert grid == {("0.5", "0.5"), ("0.5", "2.0"), ("2.0", "0.5"), ("2.0", "2.0")}
     for child in children:
         assert child.info.status == "FINISHED"
@@ -127,7 +166,9 @@ def test_grid_sweep_has_a_parent_run_four_child_runs_and_a_comparison(stack):
     assert state["kind"] == "explainer"
     assert state["config"]["loss"]["entropy_regularizer"] == record["best"]["params"]["loss.entropy_regularizer"]
     assert parent.data.tags["best.checkpoint"] == summary["checkpoint"]
-    assert parent.data.params["best.loss.entropy_regularizer"] == str(record["best"]["params"]["loss.entropy_regularizer"])
+    assert parent.data.params["best.loss.entropy_regularizer"] == str(
+        record["best"]["params"]["loss.entropy_regularizer"]
+    )
 
     # the comparison table (4 rows), the plot, next to sweep.json and in the parent run
     rows = list(csv.DictReader(io.StringIO(_object(stack, "sweeps/grid/table.csv").decode())))
@@ -145,8 +186,13 @@ def test_failed_trial_is_recorded_and_a_killed_sweep_resumes_without_rerunning_f
     space = "sweep.space={loss.class_mask_min_area: {grid: [0.05, 0.5, 0.1]}}"
     args = overrides(stack, "resume", space)
     env = {**os.environ, "RAY_ADDRESS": stack["gcs"]}
-    proc = subprocess.Popen([str(BIN / "wysiwyc"), "sweep", "-c", str(PRESET), *args, "--json"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "wysiwyc"), "sweep", "-c", str(PRESET), *args, "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     try:
         while not (done := [k for k in _keys(stack, "sweeps/resume/trials/") if k.endswith("/trial.json")]):
@@ -170,8 +216,14 @@ def test_failed_trial_is_recorded_and_a_killed_sweep_resumes_without_rerunning_f
     with pytest.raises(WysiwycError, match="unfinished"):
         read_sweep("resume", sweeps)
     # the same command again resumes; stdout holds nothing but the JSON summary
-    again = subprocess.run([str(BIN / "wysiwyc"), "sweep", "-c", str(PRESET), *args, "--json"], env=env,
-                           capture_output=True, text=True, timeout=400, check=False)
+    again = subprocess.run(
+        [str(BIN / "wysiwyc"), "sweep", "-c", str(PRESET), *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     assert summary["trials"] == {"finished": 2, "stopped": 0, "failed": 1}
@@ -190,8 +242,9 @@ def test_failed_trial_is_recorded_and_a_killed_sweep_resumes_without_rerunning_f
     after = client.get_run(first["mlflow_run_id"])
     assert after.info.end_time == before.info.end_time and after.info.status == "FINISHED"
     # one parent across both launches; one child per trial still open or finished, the failed one FAILED
-    parents = client.search_runs([after.info.experiment_id], filter_string="tags.`wysiwyc.sweep` = 'resume' "
-                                 "and attributes.run_name = 'resume'")
+    parents = client.search_runs(
+        [after.info.experiment_id], filter_string="tags.`wysiwyc.sweep` = 'resume' and attributes.run_name = 'resume'"
+    )
     assert [p.info.run_id for p in parents] == [record["parent_run_id"]] == [summary["mlflow_run_id"]]
     newest = {}  # per trial run: its latest child (a retried failed trial has one per attempt)
     for child in sorted(_children(stack, record["parent_run_id"]), key=lambda c: c.info.start_time):
@@ -207,9 +260,19 @@ def test_asha_stops_trials_per_epoch_and_releases_their_workers(stack):
     from pipeline.tune import load_sweep, run_sweep
 
     # max_t=1 < trainer.epochs=2: ASHA stops each trial after its first reported epoch, mid-run
-    summary = run_sweep(load_sweep(PRESET, overrides(
-        stack, "asha", "trainer.epochs=2", "sweep.scheduler=asha", "sweep.max_t=1",
-        "sweep.space={loss.entropy_regularizer: {grid: [0.5, 2.0]}}")))
+    summary = run_sweep(
+        load_sweep(
+            PRESET,
+            overrides(
+                stack,
+                "asha",
+                "trainer.epochs=2",
+                "sweep.scheduler=asha",
+                "sweep.max_t=1",
+                "sweep.space={loss.entropy_regularizer: {grid: [0.5, 2.0]}}",
+            ),
+        )
+    )
     assert summary["trials"] == {"finished": 2, "stopped": 0, "failed": 0}  # each used its budget: 1 epoch
     record = json.loads(_object(stack, "sweeps/asha/sweep.json"))
     assert [t["epochs"] for t in record["trials"]] == [1, 1] and all(t["checkpoint"] for t in record["trials"])
@@ -219,7 +282,10 @@ def test_asha_stops_trials_per_epoch_and_releases_their_workers(stack):
     ids = {_object(stack, k).decode().strip() for k in files}
     assert len(ids) == 2
     deadline = time.monotonic() + 60
-    while live := [g for g in ray.util.placement_group_table().values()
-                   if g["placement_group_id"] in ids and g["state"] != "REMOVED"]:
+    while live := [
+        g
+        for g in ray.util.placement_group_table().values()
+        if g["placement_group_id"] in ids and g["state"] != "REMOVED"
+    ]:
         assert time.monotonic() < deadline, live
         time.sleep(0.5)

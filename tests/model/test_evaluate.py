@@ -47,8 +47,20 @@ torch.set_num_threads(1)
 
 SIZE = 32
 NUM_IMAGES = 24
-CONTRACT_METRICS = {"mean_f1", "cont_f1", "accuracy", "discrete_iou", "cont_iou", "auc", "saliency",
-                    "background_coverage", "object_coverage", "masks_per_second", "nan_masks"}
+CONTRACT_METRICS = {
+    "mean_f1",
+    "cont_f1",
+    "accuracy",
+    "discrete_iou",
+    "cont_iou",
+    "auc",
+    "saliency",
+    "background_coverage",
+    "object_coverage",
+    "masks_per_second",
+    "nan_masks",
+}
+
 
 def _config(workdir, **overrides) -> Config:
     tree = {
@@ -69,16 +81,35 @@ def _config(workdir, **overrides) -> Config:
 def _classifier_state(classes, seed):
     torch.manual_seed(seed)
     model = build_explanandum("small_cnn", len(classes))
-    return {"kind": "classifier", "arch": "small_cnn", "classes": classes, "image_size": SIZE,
-            "model": model.state_dict(), "epoch": 0, "step": 0, "config": {}, "metrics": {}}
+    return {
+        "kind": "classifier",
+        "arch": "small_cnn",
+        "classes": classes,
+        "image_size": SIZE,
+        "model": model.state_dict(),
+        "epoch": 0,
+        "step": 0,
+        "config": {},
+        "metrics": {},
+    }
 
 
 def _explainer_state(classes, explanandum_uri, explanandum_sha, **extra):
     torch.manual_seed(1)
     model = build_explainer("compact", len(classes))
-    return {"kind": "explainer", "arch": "compact", "classes": classes, "image_size": SIZE,
-            "model": model.state_dict(), "epoch": 0, "step": 0, "config": {}, "metrics": {},
-            "explanandum": {"uri": explanandum_uri, "sha256": explanandum_sha, "arch": "small_cnn"}, **extra}
+    return {
+        "kind": "explainer",
+        "arch": "compact",
+        "classes": classes,
+        "image_size": SIZE,
+        "model": model.state_dict(),
+        "epoch": 0,
+        "step": 0,
+        "config": {},
+        "metrics": {},
+        "explanandum": {"uri": explanandum_uri, "sha256": explanandum_sha, "arch": "small_cnn"},
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +140,15 @@ def _test_labels(workdir) -> torch.Tensor:
 
 def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
     _, metrics = run
-    assert set(metrics) == {"protocol", "explainer_init", "black_box", "methods", "class_specificity",
-                            "num_images", "f1_curve"}
+    assert set(metrics) == {
+        "protocol",
+        "explainer_init",
+        "black_box",
+        "methods",
+        "class_specificity",
+        "num_images",
+        "f1_curve",
+    }
     assert metrics["protocol"] == "project"
     # a checkpoint without the records (written before they existed): unknown / null
     assert metrics["explainer_init"] == "unknown" and metrics["black_box"] is None
@@ -173,7 +211,9 @@ def test_class_specificity_is_c_by_c_with_null_only_where_no_image_has_both_clas
 def test_pictures_are_written_and_open_at_a_reasonable_size(run, workdir):
     summary, _ = run
     out = workdir / "out"
-    names = ["f1_vs_threshold.png", "overlays.png"] + [f"class_specificity_{m}.png" for m in ("explainer", "grad_cam", "rise", "ideal")]
+    names = ["f1_vs_threshold.png", "overlays.png"] + [
+        f"class_specificity_{m}.png" for m in ("explainer", "grad_cam", "rise", "ideal")
+    ]
     for name in names:
         with Image.open(out / name) as im:
             im.verify()
@@ -206,8 +246,14 @@ def test_summary_has_the_contract_keys_and_a_markdown_table(run, workdir):
 
 
 def test_selected_methods_only_and_max_images_with_loader_workers(workdir):
-    config = _config(workdir, output=str(workdir / "out-few"), evaluate__methods=["ideal", "zeros"],
-                     evaluate__max_images=5, evaluate__overlay_images=2, data__loader_workers=2)
+    config = _config(
+        workdir,
+        output=str(workdir / "out-few"),
+        evaluate__methods=["ideal", "zeros"],
+        evaluate__max_images=5,
+        evaluate__overlay_images=2,
+        data__loader_workers=2,
+    )
     summary = run_evaluate(config, progress=False)
     metrics = json.loads((workdir / "out-few" / "metrics.json").read_text())
     assert list(metrics["methods"]) == ["zeros", "ideal"]
@@ -241,8 +287,12 @@ def test_a_split_without_segmentation_is_refused(workdir, tmp_path):
 
 
 def test_a_registry_uri_that_does_not_resolve_is_refused_naming_it(workdir, tmp_path):
-    config = _config(workdir, explainer__checkpoint="models:/wysiwyc@champion", output=str(tmp_path / "out"),
-                     tracking__uri=f"sqlite:///{tmp_path}/mlflow.db")
+    config = _config(
+        workdir,
+        explainer__checkpoint="models:/wysiwyc@champion",
+        output=str(tmp_path / "out"),
+        tracking__uri=f"sqlite:///{tmp_path}/mlflow.db",
+    )
     with pytest.raises(WysiwycError, match=r"models:/wysiwyc@champion: no registered model 'wysiwyc'"):
         run_evaluate(config, progress=False)
     assert not (tmp_path / "out").exists()
@@ -264,7 +314,9 @@ def _maker_with_masks_set_to(original, fill: float, touched: list):
                 absent = [k for k in range(maps.shape[1]) if not (seg[1] == k + 1).any()]
                 maps[1, absent[0], 0, 0] = fill  # a class image 1 does not hold: used by no metric
             return maps
+
         return patched
+
     return maker
 
 
@@ -295,8 +347,9 @@ def test_nan_masks_score_as_all_zero_masks_in_every_metric_and_are_counted(workd
 
 def test_paper_protocol_reproduces_the_paper_evaluation(workdir):
     out = workdir / "out-paper"
-    config = _config(workdir, output=str(out), evaluate__protocol="paper",
-                     evaluate__methods=["explainer", "zeros", "ones", "ideal"])
+    config = _config(
+        workdir, output=str(out), evaluate__protocol="paper", evaluate__methods=["explainer", "zeros", "ones", "ideal"]
+    )
     summary = run_evaluate(config, progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["protocol"] == summary["protocol"] == "paper"
@@ -335,18 +388,25 @@ def test_paper_ground_truth_is_made_from_the_source_resolution_segmentation(work
 def test_explainer_init_and_black_box_come_from_the_checkpoint_and_label_the_row(workdir, tmp_path):
     classes = list(SyntheticReader(1, seed=0, split="x").classes)
     sha = hashlib.sha256((workdir / "classifier.pt").read_bytes()).hexdigest()
-    state = _explainer_state(classes, str(workdir / "classifier.pt"), sha, explainer_init="explanandum_copy",
-                             black_box=False)
+    state = _explainer_state(
+        classes, str(workdir / "classifier.pt"), sha, explainer_init="explanandum_copy", black_box=False
+    )
     save_checkpoint(state, str(tmp_path / "explainer.pt"))
-    config = _config(workdir, explainer__checkpoint=str(tmp_path / "explainer.pt"), output=str(tmp_path / "out"),
-                     evaluate__methods=["explainer", "zeros"], evaluate__max_images=6)
+    config = _config(
+        workdir,
+        explainer__checkpoint=str(tmp_path / "explainer.pt"),
+        output=str(tmp_path / "out"),
+        evaluate__methods=["explainer", "zeros"],
+        evaluate__max_images=6,
+    )
     run_evaluate(config, progress=False)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["explainer_init"] == "explanandum_copy" and metrics["black_box"] is False
     text = (tmp_path / "out" / "metrics.md").read_text()
     assert "| Explainer (white-box init) |" in text
-    html = report.metrics_html(metrics["methods"], metrics["class_specificity"], protocol=metrics["protocol"],
-                               black_box=metrics["black_box"])
+    html = report.metrics_html(
+        metrics["methods"], metrics["class_specificity"], protocol=metrics["protocol"], black_box=metrics["black_box"]
+    )
     assert "<td>Explainer (white-box init)</td>" in html and "Protocol: project" in html
     assert "<td>Explainer</td>" in report.metrics_html(metrics["methods"], black_box=True)
 
@@ -364,10 +424,17 @@ def test_checkpoints_shards_and_outputs_on_s3(s3_server, s3_bucket, workdir):
     classes = list(reader.classes)
     sha = save_checkpoint(_classifier_state(classes, seed=0), f"{base}/classifier.pt", opts)
     save_checkpoint(_explainer_state(classes, f"{base}/classifier.pt", sha), f"{base}/explainer.pt", opts)
-    config = _config(workdir, data__test=f"{base}/data/test", explainer__checkpoint=f"{base}/explainer.pt",
-                     output=f"{base}/out", evaluate__methods=["explainer", "ideal"],
-                     storage__endpoint_url=s3_server.endpoint, storage__region=s3_server.region,
-                     storage__access_key_id=s3_server.access_key, storage__secret_access_key=s3_server.secret_key)
+    config = _config(
+        workdir,
+        data__test=f"{base}/data/test",
+        explainer__checkpoint=f"{base}/explainer.pt",
+        output=f"{base}/out",
+        evaluate__methods=["explainer", "ideal"],
+        storage__endpoint_url=s3_server.endpoint,
+        storage__region=s3_server.region,
+        storage__access_key_id=s3_server.access_key,
+        storage__secret_access_key=s3_server.secret_key,
+    )
     summary = run_evaluate(config, progress=False)
     assert summary["metrics"] == f"{base}/out/metrics.json" and summary["output"] == f"{base}/out"
     metrics = json.loads(storage.read_bytes(summary["metrics"], opts))

@@ -8,8 +8,8 @@ import types
 
 import pytest
 import torch
-import torchvision
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import pipeline
@@ -52,12 +52,16 @@ def test_every_explainer_gives_per_class_logits_at_the_input_size(arch, batch, s
 @pytest.mark.parametrize("arch", ["vgg16", "resnet50"])
 @pytest.mark.parametrize("ask", [True, "imagenet"])
 def test_pretrained_backbone_without_a_file_says_how_to_provide_one(arch, ask):
-    with pytest.raises(WysiwycError, match=rf"explanandum.pretrained_backbone.*torchvision {arch} state dict.*download it once"):
+    with pytest.raises(
+        WysiwycError, match=rf"explanandum.pretrained_backbone.*torchvision {arch} state dict.*download it once"
+    ):
         build_explanandum(arch, 3, pretrained_backbone=ask)
 
 
 def test_missing_backbone_file_says_how_to_provide_one(tmp_path):
-    with pytest.raises(WysiwycError, match=r"file not found.*set explanandum.pretrained_backbone to a local path or s3://"):
+    with pytest.raises(
+        WysiwycError, match=r"file not found.*set explanandum.pretrained_backbone to a local path or s3://"
+    ):
         build_explanandum("resnet18", 3, pretrained_backbone=tmp_path / "nope.pth")
 
 
@@ -205,7 +209,6 @@ def test_class_activation_branch_starts_as_the_classifiers_own_per_position_evid
     assert build_explainer("compact", 4, weights=without.state_dict()).cam_channels is None
     with pytest.raises(WysiwycError, match="explainer.cam is only for the compact"):
         build_explainer("deeplabv3_mobilenet_v3_large", 4, cam=True)
-
 
 
 def test_black_box_class_activation_branch_is_the_explainers_own_classifier():

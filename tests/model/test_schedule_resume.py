@@ -18,18 +18,36 @@ LR = 0.003
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    ingest(SyntheticReader(96, 0, "train", image_size=SIZE), str(root), "train",
-           IngestConfig(workers=1, shard_size=16), progress=False)
+    ingest(
+        SyntheticReader(96, 0, "train", image_size=SIZE),
+        str(root),
+        "train",
+        IngestConfig(workers=1, shard_size=16),
+        progress=False,
+    )
     return root
 
 
 def test_cosine_schedule_is_checkpointed_and_resumed(data, tmp_path):
     def run(epochs: int) -> dict:
-        config = load_config(None, [
-            f"data.train={data}/train", f"data.image_size={SIZE}", "data.loader_workers=0", "data.shuffle_buffer=32",
-            "trainer.batch_size=16", f"trainer.storage={tmp_path}/ckpt", f"optim.lr={LR}", "trainer.backend=local",
-            "tracking.enabled=false", "optim.schedule=cosine", "optim.warmup_steps=2", "trainer.run_name=sched",
-            f"trainer.epochs={epochs}"])
+        config = load_config(
+            None,
+            [
+                f"data.train={data}/train",
+                f"data.image_size={SIZE}",
+                "data.loader_workers=0",
+                "data.shuffle_buffer=32",
+                "trainer.batch_size=16",
+                f"trainer.storage={tmp_path}/ckpt",
+                f"optim.lr={LR}",
+                "trainer.backend=local",
+                "tracking.enabled=false",
+                "optim.schedule=cosine",
+                "optim.warmup_steps=2",
+                "trainer.run_name=sched",
+                f"trainer.epochs={epochs}",
+            ],
+        )
         fit("classifier", config, progress=False)
         return ckpt.load_checkpoint(str(tmp_path / "ckpt" / "sched" / "last.pt"))[0]
 

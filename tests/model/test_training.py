@@ -20,16 +20,33 @@ SIZE = 32
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     for split, n, seed in (("train", 96, 0), ("val", 32, 1)):
-        ingest(SyntheticReader(n, seed, split, image_size=SIZE), str(root), split,
-               IngestConfig(workers=1, shard_size=16), progress=False)
+        ingest(
+            SyntheticReader(n, seed, split, image_size=SIZE),
+            str(root),
+            split,
+            IngestConfig(workers=1, shard_size=16),
+            progress=False,
+        )
     return root
 
 
 def config(data, tmp_path, *extra):
-    return load_config(None, [f"data.train={data}/train", f"data.val={data}/val", f"data.image_size={SIZE}",
-                              "data.loader_workers=0", "data.shuffle_buffer=32", "trainer.batch_size=16",
-                              f"trainer.storage={tmp_path}/ckpt", "optim.lr=0.003", "trainer.backend=local",
-                              "tracking.enabled=false", *extra])
+    return load_config(
+        None,
+        [
+            f"data.train={data}/train",
+            f"data.val={data}/val",
+            f"data.image_size={SIZE}",
+            "data.loader_workers=0",
+            "data.shuffle_buffer=32",
+            "trainer.batch_size=16",
+            f"trainer.storage={tmp_path}/ckpt",
+            "optim.lr=0.003",
+            "trainer.backend=local",
+            "tracking.enabled=false",
+            *extra,
+        ],
+    )
 
 
 def test_classifier_training_lowers_the_loss_and_writes_a_plain_checkpoint(data, tmp_path):
@@ -46,12 +63,25 @@ def test_classifier_training_lowers_the_loss_and_writes_a_plain_checkpoint(data,
 def test_explainer_training_lowers_the_loss_and_leaves_the_explanandum_untouched(data, tmp_path):
     clf = fit("classifier", config(data, tmp_path, "trainer.epochs=1", "trainer.run_name=clf"), progress=False)
     before = ckpt.load_checkpoint(clf["checkpoint"])[0]["model"]
-    summary = fit("explainer", config(data, tmp_path, "trainer.epochs=3", "trainer.run_name=exp",
-                                      f"explanandum.checkpoint={clf['checkpoint']}"), progress=False)
+    summary = fit(
+        "explainer",
+        config(
+            data, tmp_path, "trainer.epochs=3", "trainer.run_name=exp", f"explanandum.checkpoint={clf['checkpoint']}"
+        ),
+        progress=False,
+    )
     history = json.loads((tmp_path / "ckpt" / "exp" / "history.json").read_text())
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert {"train_classification", "train_entropy", "train_tv", "train_area_constraint", "train_mask_area",
-            "train_ncmask_area", "val_loss", "val_f1"} <= set(history[-1])
+    assert {
+        "train_classification",
+        "train_entropy",
+        "train_tv",
+        "train_area_constraint",
+        "train_mask_area",
+        "train_ncmask_area",
+        "val_loss",
+        "val_f1",
+    } <= set(history[-1])
     state, _ = ckpt.load_checkpoint(summary["checkpoint"])
     assert state["kind"] == "explainer" and state["explanandum"]["sha256"] == ckpt.load_checkpoint(clf["checkpoint"])[1]
     after = ckpt.load_checkpoint(clf["checkpoint"])[0]["model"]
@@ -62,11 +92,21 @@ def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_and_branch_re
     clf = fit("classifier", config(data, tmp_path, "trainer.epochs=1", "trainer.run_name=clf"), progress=False)
     histories = {}
     for fmt in ("true", "false"):
-        summary = fit("explainer", config(data, tmp_path, "trainer.epochs=1", f"trainer.run_name=exp-{fmt}",
-                                          f"trainer.channels_last={fmt}", "explainer.levels=3",
-                                          f"explanandum.checkpoint={clf['checkpoint']}"), progress=False)
+        summary = fit(
+            "explainer",
+            config(
+                data,
+                tmp_path,
+                "trainer.epochs=1",
+                f"trainer.run_name=exp-{fmt}",
+                f"trainer.channels_last={fmt}",
+                "explainer.levels=3",
+                f"explanandum.checkpoint={clf['checkpoint']}",
+            ),
+            progress=False,
+        )
         histories[fmt] = json.loads((tmp_path / "ckpt" / f"exp-{fmt}" / "history.json").read_text())[-1]
-        model, state, _ = ckpt.load_explainer(summary["checkpoint"])
+        model, state, _ = ckpt.explainer_from_checkpoint(summary["checkpoint"])
         assert len(model.blocks) == 3 and state["config"]["explainer"]["levels"] == 3
         assert model.cam_channels is None
     # the memory format changes the convolution kernels, not the maths: the epoch's losses agree to
@@ -74,9 +114,20 @@ def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_and_branch_re
     for key in ("train_loss", "train_classification", "train_mask_area"):
         assert histories["true"][key] == pytest.approx(histories["false"][key], rel=1e-3, abs=1e-5), key
     assert histories["true"]["val_loss"] == pytest.approx(histories["false"]["val_loss"], rel=2e-2)
-    summary = fit("explainer", config(data, tmp_path, "trainer.epochs=1", "trainer.run_name=exp-cam", "explainer.levels=3",
-                                      "explainer.cam=true", f"explanandum.checkpoint={clf['checkpoint']}"), progress=False)
-    model, state, _ = ckpt.load_explainer(summary["checkpoint"])
+    summary = fit(
+        "explainer",
+        config(
+            data,
+            tmp_path,
+            "trainer.epochs=1",
+            "trainer.run_name=exp-cam",
+            "explainer.levels=3",
+            "explainer.cam=true",
+            f"explanandum.checkpoint={clf['checkpoint']}",
+        ),
+        progress=False,
+    )
+    model, state, _ = ckpt.explainer_from_checkpoint(summary["checkpoint"])
     assert model.cam_channels == (128,) and state["config"]["explainer"]["cam"] is True
 
 
@@ -102,13 +153,25 @@ def test_cpu_amp_bf16_runs_the_steps_under_bf16_autocast_and_keeps_float32_weigh
     # on a GPU, trainer.amp decides and cpu_amp is not read
     assert step_context(config(data, tmp_path, "trainer.amp=bf16"), torch.device("cuda")).amp_dtype is torch.bfloat16
     torch.manual_seed(0)
-    clf = fit("classifier", config(data, tmp_path, "trainer.epochs=3", "trainer.run_name=clf-bf16",
-                                   "trainer.cpu_amp=bf16"), progress=False)
+    clf = fit(
+        "classifier",
+        config(data, tmp_path, "trainer.epochs=3", "trainer.run_name=clf-bf16", "trainer.cpu_amp=bf16"),
+        progress=False,
+    )
     history = json.loads((tmp_path / "ckpt" / "clf-bf16" / "history.json").read_text())
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    summary = fit("explainer", config(data, tmp_path, "trainer.epochs=2", "trainer.run_name=exp-bf16",
-                                      "trainer.cpu_amp=bf16", f"explanandum.checkpoint={clf['checkpoint']}"),
-                  progress=False)
+    summary = fit(
+        "explainer",
+        config(
+            data,
+            tmp_path,
+            "trainer.epochs=2",
+            "trainer.run_name=exp-bf16",
+            "trainer.cpu_amp=bf16",
+            f"explanandum.checkpoint={clf['checkpoint']}",
+        ),
+        progress=False,
+    )
     history = json.loads((tmp_path / "ckpt" / "exp-bf16" / "history.json").read_text())
     assert all(math.isfinite(r[k]) for r in history for k in ("train_loss", "val_loss", "val_c_iou"))
     state, _ = ckpt.load_checkpoint(summary["checkpoint"])
@@ -130,8 +193,11 @@ def test_relaunching_the_same_run_resumes_from_the_last_epoch(data, tmp_path):
 def test_local_run_is_tracked_in_the_embedded_sqlite_mlflow_store(data, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    summary = fit("classifier", config(data, tmp_path, "trainer.run_name=tracked", "tracking.enabled=true",
-                                       "trainer.max_steps=3"), progress=False)
+    summary = fit(
+        "classifier",
+        config(data, tmp_path, "trainer.run_name=tracked", "tracking.enabled=true", "trainer.max_steps=3"),
+        progress=False,
+    )
     db = tmp_path / "ckpt" / "mlflow.db"  # one store for every run under trainer.storage
     assert db.is_file() and summary["mlflow_run_id"]
     run = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(summary["mlflow_run_id"])
@@ -149,8 +215,13 @@ def test_run_name_is_deterministic_for_the_same_config(data, tmp_path):
 
 
 def test_early_stopping_stops_when_validation_stops_improving(data, tmp_path):
-    summary = fit("classifier", config(data, tmp_path, "trainer.epochs=30", "trainer.patience=1",
-                                       "trainer.min_delta=10", "trainer.run_name=es"), progress=False)
+    summary = fit(
+        "classifier",
+        config(
+            data, tmp_path, "trainer.epochs=30", "trainer.patience=1", "trainer.min_delta=10", "trainer.run_name=es"
+        ),
+        progress=False,
+    )
     assert summary["stopped_early"] and summary["epochs"] == 2
 
 
@@ -212,24 +283,44 @@ def test_validation_split_with_fewer_shards_than_ranks_gives_the_single_rank_met
     from pipeline.train.steps import StepContext, classifier_loss_fn, evaluate_epoch
     from pipeline.train.trainer import _build
 
-    ingest(SyntheticReader(64, 0, "train", image_size=SIZE), str(tmp_path / "d"), "train",
-           IngestConfig(workers=1, shard_size=16), progress=False)  # 4 shards: 2 per rank
-    ingest(SyntheticReader(24, 1, "val", image_size=SIZE), str(tmp_path / "d"), "val",
-           IngestConfig(workers=1, shard_size=64), progress=False)  # 1 shard for 2 ranks
+    ingest(
+        SyntheticReader(64, 0, "train", image_size=SIZE),
+        str(tmp_path / "d"),
+        "train",
+        IngestConfig(workers=1, shard_size=16),
+        progress=False,
+    )  # 4 shards: 2 per rank
+    ingest(
+        SyntheticReader(24, 1, "val", image_size=SIZE),
+        str(tmp_path / "d"),
+        "val",
+        IngestConfig(workers=1, shard_size=64),
+        progress=False,
+    )  # 1 shard for 2 ranks
     val = str(tmp_path / "d" / "val")
     # the training split keeps the strict check; validation allows ranks without shards
     with pytest.raises(WysiwycError, match="1 shard"):
         ShardDataset(val, image_size=SIZE, train=False, rank=0, world_size=2)
-    assert list(ShardDataset(val, image_size=SIZE, train=False, rank=1, world_size=2,
-                             allow_idle_ranks=True)) == []
+    assert list(ShardDataset(val, image_size=SIZE, train=False, rank=1, world_size=2, allow_idle_ranks=True)) == []
 
-    overrides = [f"data.train={tmp_path}/d/train", f"data.val={val}", f"data.image_size={SIZE}",
-                 "data.loader_workers=0", "data.shuffle_buffer=0", "trainer.batch_size=8", "trainer.epochs=1",
-                 f"trainer.storage={tmp_path}/ckpt", "trainer.run_name=ddp", "trainer.backend=local",
-                 "tracking.enabled=false"]
+    overrides = [
+        f"data.train={tmp_path}/d/train",
+        f"data.val={val}",
+        f"data.image_size={SIZE}",
+        "data.loader_workers=0",
+        "data.shuffle_buffer=0",
+        "trainer.batch_size=8",
+        "trainer.epochs=1",
+        f"trainer.storage={tmp_path}/ckpt",
+        "trainer.run_name=ddp",
+        "trainer.backend=local",
+        "tracking.enabled=false",
+    ]
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "store"), overrides, str(tmp_path / "out")))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "store"), overrides, str(tmp_path / "out")))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -247,8 +338,9 @@ def test_validation_split_with_fewer_shards_than_ranks_gives_the_single_rank_met
     model.load_state_dict(state["model"])
     step_ctx = StepContext()
     single = ShardDataset(val, image_size=SIZE, train=False, rank=0, world_size=1)
-    expected = evaluate_epoch(classifier_loss_fn(model, step_ctx), [model], make_loader(single, 8, 0),
-                              step_ctx).compute()
+    expected = evaluate_epoch(
+        classifier_loss_fn(model, step_ctx), [model], make_loader(single, 8, 0), step_ctx
+    ).compute()
     assert {"val_loss", "val_accuracy", "val_f1"} <= set(record)
     for key in ("loss", "accuracy", "f1"):
         assert record[f"val_{key}"] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
@@ -258,29 +350,44 @@ def _explanandum_tensors(checkpoint: str) -> list[torch.Tensor]:
     return [t for t in ckpt.load_checkpoint(checkpoint)[0]["model"].values() if t.is_floating_point() and t.numel() > 1]
 
 
-@pytest.mark.parametrize("init, extra, copies", [
-    ("scratch", ["explainer.cam=true"], False),
-    ("distilled", ["explainer.cam=true"], False),
-    ("explanandum_copy", ["explainer.cam=true"], True),  # the white-box variant: the check can fail
-])
+@pytest.mark.parametrize(
+    "init, extra, copies",
+    [
+        ("scratch", ["explainer.cam=true"], False),
+        ("distilled", ["explainer.cam=true"], False),
+        ("explanandum_copy", ["explainer.cam=true"], True),  # the white-box variant: the check can fail
+    ],
+)
 def test_black_box_inits_start_from_no_tensor_of_the_explanandum(data, tmp_path, init, extra, copies):
     from pipeline.train.trainer import _build
 
     clf = fit("classifier", config(data, tmp_path, "trainer.max_steps=2", "trainer.run_name=clf"), progress=False)
-    cfg = config(data, tmp_path, f"explainer.init={init}", "explainer.levels=3", *extra,
-                 f"explanandum.checkpoint={clf['checkpoint']}")
+    cfg = config(
+        data,
+        tmp_path,
+        f"explainer.init={init}",
+        "explainer.levels=3",
+        *extra,
+        f"explanandum.checkpoint={clf['checkpoint']}",
+    )
     classes = ckpt.load_checkpoint(clf["checkpoint"])[0]["classes"]
     model, _, _, extra_fields, distill = _build("explainer", cfg, classes, torch.device("cpu"))
     theirs = _explanandum_tensors(clf["checkpoint"])
-    copied = [name for name, own in model.state_dict().items() if own.is_floating_point() and own.numel() > 1
-              and any(own.shape == t.shape and torch.equal(own, t) for t in theirs)]
+    copied = [
+        name
+        for name, own in model.state_dict().items()
+        if own.is_floating_point()
+        and own.numel() > 1
+        and any(own.shape == t.shape and torch.equal(own, t) for t in theirs)
+    ]
     assert bool(copied) is copies, copied
     assert extra_fields["explainer_init"] == init and extra_fields["black_box"] is (not copies)
     assert (distill is not None) is (init == "distilled")
 
 
 def test_distilled_init_distils_the_outputs_then_trains_the_papers_loss_calling_the_explanandum_only(
-        data, tmp_path, monkeypatch):
+    data, tmp_path, monkeypatch
+):
     from pipeline.models.explanandum import BlackBox
     from pipeline.train import trainer
 
@@ -294,8 +401,14 @@ def test_distilled_init_distils_the_outputs_then_trains_the_papers_loss_calling_
 
         monkeypatch.setattr(trainer, name, spy)
     clf = fit("classifier", config(data, tmp_path, "trainer.epochs=2", "trainer.run_name=clf"), progress=False)
-    cfg = [f"explanandum.checkpoint={clf['checkpoint']}", "trainer.run_name=dist", "explainer.init=distilled",
-           "explainer.cam=true", "explainer.levels=3", "explainer.distill_epochs=2"]
+    cfg = [
+        f"explanandum.checkpoint={clf['checkpoint']}",
+        "trainer.run_name=dist",
+        "explainer.init=distilled",
+        "explainer.cam=true",
+        "explainer.levels=3",
+        "explainer.distill_epochs=2",
+    ]
     summary = fit("explainer", config(data, tmp_path, "trainer.epochs=1", *cfg), progress=False)
 
     # the loss functions got the Explanandum as a black box: calling it works, anything else raises

@@ -9,17 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.attribute import (
-    decode_image,
-    explained_classes,
-    output_urls,
-    part_url,
-    source_key,
-)
+from pipeline.attribute.inputs import decode_image
+from pipeline.attribute.job import explained_classes
+from pipeline.attribute.outputs import output_urls, part_url, source_key
 from pipeline.errors import InputError
 
-PROBS = torch.tensor([[0.9, 0.2, 0.6, 0.1],   # two above 0.5
-                      [0.3, 0.4, 0.1, 0.2]])  # none above 0.5: the top-1 is the floor
+PROBS = torch.tensor(
+    [
+        [0.9, 0.2, 0.6, 0.1],  # two above 0.5
+        [0.3, 0.4, 0.1, 0.2],
+    ]
+)  # none above 0.5: the top-1 is the floor
 
 
 def test_threshold_mode_explains_predicted_classes_with_the_top1_as_floor():
@@ -48,12 +48,15 @@ def test_grayscale_and_rgba_decode_to_three_normalised_channels():
     assert np.array_equal(rgba, red)  # alpha dropped
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty file"),
-    (b"plain text", "not an image"),
-    (_encoded(Image.new("RGB", (64, 64)), "JPEG")[:120], "truncated"),
-    (_encoded(Image.new("RGB", (200, 100))), "more than attribute.max_image_pixels=10000"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"plain text", "not an image"),
+        (_encoded(Image.new("RGB", (64, 64)), "JPEG")[:120], "truncated"),
+        (_encoded(Image.new("RGB", (200, 100))), "more than attribute.max_image_pixels=10000"),
+    ],
+)
 def test_unusable_images_raise_input_errors_naming_the_source(data, reason):
     with pytest.raises(InputError, match=reason) as err:
         decode_image(data, "s3://b/x.jpg", 16, 10_000)
@@ -63,6 +66,8 @@ def test_unusable_images_raise_input_errors_naming_the_source(data, reason):
 def test_output_names_are_deterministic_and_batch_order_free():
     key = source_key("s3://b/corpus/a.jpg")
     assert key == source_key("s3://b/corpus/a.jpg") != source_key("s3://b/corpus/b.jpg")
-    assert output_urls("s3://o/run", key) == (f"s3://o/run/masks/{key[:2]}/{key}.png",
-                                              f"s3://o/run/class_masks/{key[:2]}/{key}.npz")
+    assert output_urls("s3://o/run", key) == (
+        f"s3://o/run/masks/{key[:2]}/{key}.png",
+        f"s3://o/run/class_masks/{key[:2]}/{key}.npz",
+    )
     assert part_url("s3://o/run", ["b", "a"]) == part_url("s3://o/run", ["a", "b"]) != part_url("s3://o/run", ["a"])

@@ -79,8 +79,9 @@ def test_malformed_override_is_an_error():
 
 
 def test_dump_round_trips_and_hides_secrets(tmp_path):
-    cfg = load_config(None, ["storage.secret_access_key=TOPSECRET123", "storage.access_key_id=AKIDEXAMPLE",
-                             "optim.lr=0.01"])
+    cfg = load_config(
+        None, ["storage.secret_access_key=TOPSECRET123", "storage.access_key_id=AKIDEXAMPLE", "optim.lr=0.01"]
+    )
     assert cfg.storage.options().secret_access_key == "TOPSECRET123"
     text = dump_config(cfg)
     assert "TOPSECRET123" not in text and "AKIDEXAMPLE" not in text

@@ -17,8 +17,12 @@ hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 (dev extra) is not instal
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
-BUCKETS = {"shards": "shards", "checkpoints": "checkpoints", "mlflow_artifacts": "mlflow-artifacts",
-           "attributions": "attributions"}
+BUCKETS = {
+    "shards": "shards",
+    "checkpoints": "checkpoints",
+    "mlflow_artifacts": "mlflow-artifacts",
+    "attributions": "attributions",
+}
 WRITE_ACTIONS = {"s3:PutObject", "s3:DeleteObject", "s3:DeleteObjectVersion", "s3:RestoreObject"}
 
 
@@ -72,8 +76,7 @@ def bucket_module() -> dict:
     for path in sorted((INFRA / "modules" / "bucket").glob("*.tf")):
         for kind, value in _load(path).items():
             tree.setdefault(kind, []).extend(value)
-    return {"resource": _blocks(tree, "resource"), "data": _blocks(tree, "data"),
-            "variable": _blocks(tree, "variable")}
+    return {"resource": _blocks(tree, "resource"), "data": _blocks(tree, "data"), "variable": _blocks(tree, "variable")}
 
 
 def test_four_buckets_each_from_the_hardened_module_with_one_writer(tf):
@@ -87,8 +90,12 @@ def test_four_buckets_each_from_the_hardened_module_with_one_writer(tf):
         assert body["kms_key_arn"] == "${aws_kms_key.data.arn}"
         writers[key] = re.findall(r'aws_iam_role\.workload\["(\w+)"\]', body["writer_arns"])
     # nobody else writes: one workload per bucket (plus the explicit, empty-by-default break-glass list)
-    assert writers == {"shards": ["ingest"], "checkpoints": ["train"], "mlflow_artifacts": ["mlflow"],
-                       "attributions": ["attribute"]}
+    assert writers == {
+        "shards": ["ingest"],
+        "checkpoints": ["train"],
+        "mlflow_artifacts": ["mlflow"],
+        "attributions": ["attribute"],
+    }
     assert tf["variable"]["break_glass_writer_arns"]["default"] == []
     # old checkpoints and outputs expire; data sets and registered models do not
     assert {k for k, body in modules.items() if "expire_days" in body} == {"checkpoints", "attributions"}
@@ -105,8 +112,10 @@ def test_bucket_module_versioning_kms_public_block_lifecycle_and_policy(bucket_m
     default = sse["apply_server_side_encryption_by_default"][0]
     assert default == {"sse_algorithm": "aws:kms", "kms_master_key_id": "${var.kms_key_arn}"}
     block = res[("aws_s3_bucket_public_access_block", "this")]
-    assert all(block[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls",
-                                          "restrict_public_buckets"))
+    assert all(
+        block[k] is True
+        for k in ("block_public_acls", "block_public_policy", "ignore_public_acls", "restrict_public_buckets")
+    )
     assert res[("aws_s3_bucket_ownership_controls", "this")]["rule"][0]["object_ownership"] == "BucketOwnerEnforced"
     assert res[("aws_s3_bucket_logging", "this")]["target_bucket"] == "${var.log_bucket}"
 
@@ -138,8 +147,12 @@ def _grants(tf) -> dict[str, list[dict]]:
 
 def test_irsa_roles_are_per_workload_and_least_privilege(tf):
     workloads = tf["locals"]["workloads"]
-    assert workloads == {"train": "wysiwyc-train", "attribute": "wysiwyc-attribute", "mlflow": "mlflow",
-                         "ingest": "wysiwyc-ingest"}
+    assert workloads == {
+        "train": "wysiwyc-train",
+        "attribute": "wysiwyc-attribute",
+        "mlflow": "mlflow",
+        "ingest": "wysiwyc-ingest",
+    }
     trust = tf["data"][("aws_iam_policy_document", "irsa_trust")]["statement"][0]
     assert trust["actions"] == ["sts:AssumeRoleWithWebIdentity"]
     conditions = {c["variable"]: c["values"] for c in trust["condition"]}
@@ -152,14 +165,18 @@ def test_irsa_roles_are_per_workload_and_least_privilege(tf):
     writes, reads = {}, {}
     for workload, statements in _grants(tf).items():
         for statement in statements:
-            assert all("*" not in a for a in statement["actions"]), statement   # no s3:* or s3:Put*
+            assert all("*" not in a for a in statement["actions"]), statement  # no s3:* or s3:Put*
             assert all(r.startswith("${local.bucket_arn[") for r in statement["resources"]), statement
             if WRITE_ACTIONS & set(statement["actions"]):
                 writes.setdefault(workload, set()).update(buckets(statement["resources"]))
             if "s3:GetObject" in statement["actions"]:
                 reads.setdefault(workload, set()).update(buckets(statement["resources"]))
-    assert writes == {"train": {"checkpoints"}, "attribute": {"attributions"}, "mlflow": {"mlflow-artifacts"},
-                      "ingest": {"shards"}}
+    assert writes == {
+        "train": {"checkpoints"},
+        "attribute": {"attributions"},
+        "mlflow": {"mlflow-artifacts"},
+        "ingest": {"shards"},
+    }
     assert reads["train"] == {"shards", "checkpoints"}
     assert reads["attribute"] == {"shards", "checkpoints", "attributions"}
     # attribution reads only the corpus part of the shards bucket
@@ -171,7 +188,9 @@ def test_irsa_roles_are_per_workload_and_least_privilege(tf):
     # KMS: only the data key, only use (no administration)
     kms = tf["data"][("aws_iam_policy_document", "workload")]["statement"][0]
     assert kms["resources"] == ["${aws_kms_key.data.arn}"] and tf["locals"]["kms_use"] == [
-        "kms:Decrypt", "kms:GenerateDataKey"]
+        "kms:Decrypt",
+        "kms:GenerateDataKey",
+    ]
 
 
 def test_mlflow_database_is_encrypted_private_and_keeps_no_password(tf):
@@ -186,8 +205,14 @@ def test_mlflow_database_is_encrypted_private_and_keeps_no_password(tf):
     assert params["rds.force_ssl"] == "1"
     # reachable only from the cluster's nodes, on 5432, no CIDR anywhere
     rules = [body for (kind, _), body in tf["resource"].items() if kind == "aws_vpc_security_group_ingress_rule"]
-    assert rules == [{**rules[0], "from_port": 5432, "to_port": 5432,
-                      "referenced_security_group_id": "${var.cluster_security_group_id}"}]
+    assert rules == [
+        {
+            **rules[0],
+            "from_port": 5432,
+            "to_port": 5432,
+            "referenced_security_group_id": "${var.cluster_security_group_id}",
+        }
+    ]
     assert not any("cidr" in k for r in rules for k in r)
     sg = tf["resource"][("aws_security_group", "mlflow_db")]
     assert "ingress" not in sg and "egress" not in sg
@@ -198,8 +223,13 @@ def test_irsa_role_names_match_the_aws_overlay():
     variables = _blocks(_load(INFRA / "variables.tf"), "variable")
     name = variables["name"]["default"]
     text = (REPO / "k8s" / "overlays" / "aws" / "irsa.yaml").read_text()
-    annotated = dict(re.findall(r"name: ([\w-]+)\n  annotations:\n    eks.amazonaws.com/role-arn: "
-                                r"arn:aws:iam::\d{12}:role/([\w-]+)", text))
+    annotated = dict(
+        re.findall(
+            r"name: ([\w-]+)\n  annotations:\n    eks.amazonaws.com/role-arn: "
+            r"arn:aws:iam::\d{12}:role/([\w-]+)",
+            text,
+        )
+    )
     workloads = _load(INFRA / "iam.tf")["locals"][0]["workloads"]
     assert annotated == {sa: f"{name}-{key}" for key, sa in workloads.items()}
 
@@ -208,8 +238,13 @@ def test_terraform_is_formatted():
     terraform = shutil.which("terraform")
     if terraform is None:
         pytest.skip("terraform is not installed")
-    proc = subprocess.run([terraform, "fmt", "-check", "-recursive", "-diff", str(INFRA)], capture_output=True,
-                          text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [terraform, "fmt", "-check", "-recursive", "-diff", str(INFRA)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

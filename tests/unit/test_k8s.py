@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
 OVERLAYS = ("local", "aws")
-K8S_VERSION = "1.32.0"   # kubectl/kustomize here are v1.32 / v5.5
-APP_DIR = "/app/"        # the image's WORKDIR, where the Dockerfile copies configs/
+K8S_VERSION = "1.32.0"  # kubectl/kustomize here are v1.32 / v5.5
+APP_DIR = "/app/"  # the image's WORKDIR, where the Dockerfile copies configs/
 PROJECT_IMAGE = {"local": "wysiwyc:0.1.0", "aws": "123456789012.dkr.ecr.us-east-1.amazonaws.com/wysiwyc:0.1.0"}
 RAY_KINDS = {"RayJob", "RayCluster", "RayCronJob"}
 
@@ -32,8 +32,9 @@ def _render(overlay: str) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with kustomize) is not installed")
-    proc = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
-                          text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -57,7 +58,8 @@ def _pod_specs(doc: dict) -> list[dict]:
     if doc["kind"] == "RayJob":
         cluster = spec["rayClusterSpec"]
         return [cluster["headGroupSpec"]["template"]["spec"]] + [
-            g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])]
+            g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])
+        ]
     return []
 
 
@@ -70,7 +72,8 @@ def test_overlays_render_the_workloads(rendered):
     assert set(_by(docs, "CronJob")) == {"attribute-daily"}
     assert "mlflow" in _by(docs, "Deployment") and "mlflow" in _by(docs, "Service")
     assert {"wysiwyc-train", "wysiwyc-attribute", "wysiwyc-ingest", "mlflow", "wysiwyc-scheduler"} <= set(
-        _by(docs, "ServiceAccount"))
+        _by(docs, "ServiceAccount")
+    )
     assert all(d["metadata"].get("namespace") == "wysiwyc" for d in docs)
 
 
@@ -90,8 +93,11 @@ def _strict(schema: dict) -> dict:
 
     def walk(node):
         if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 walk(value)
@@ -119,7 +125,8 @@ def _validate_ray(doc: dict) -> None:
     body = {**doc, "metadata": {}}  # metadata is the API server's (the CRD schema leaves it open)
     errors = sorted(_crd_validator(doc["kind"]).iter_errors(body), key=str)
     assert not errors, f"{doc['kind']} {doc['metadata']['name']}: " + "\n".join(
-        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10]
+    )
 
 
 def test_ray_resources_validate_against_the_kuberay_crds(rendered):
@@ -211,7 +218,9 @@ def test_attribution_schedule_forbids_overlap_and_has_only_its_permissions(rende
     assert configmap["data"]["submit_rayjob.py"] == (K8S / "base" / "schedule" / "submit_rayjob.py").read_text()
     rules = _by(docs, "Role")["wysiwyc-scheduler"]["rules"]
     assert {(r["apiGroups"][0], r["resources"][0]): set(r["verbs"]) for r in rules} == {
-        ("ray.io", "rayjobs"): {"get", "create"}, ("batch", "jobs"): {"get"}}
+        ("ray.io", "rayjobs"): {"get", "create"},
+        ("batch", "jobs"): {"get"},
+    }
 
 
 def _submitter():
@@ -224,8 +233,13 @@ def _submitter():
 def test_submitter_makes_the_dated_rayjob_of_the_scheduled_tick(rendered):
     _, docs = rendered
     submit = _submitter()
-    job = {"metadata": {"name": "attribute-daily-29400000", "uid": "u-1", "annotations": {
-        "batch.kubernetes.io/cronjob-scheduled-timestamp": "2026-11-29T02:00:00Z"}}}
+    job = {
+        "metadata": {
+            "name": "attribute-daily-29400000",
+            "uid": "u-1",
+            "annotations": {"batch.kubernetes.io/cronjob-scheduled-timestamp": "2026-11-29T02:00:00Z"},
+        }
+    }
     late = dt.datetime(2026, 11, 30, 1, 0, tzinfo=dt.timezone.utc)  # a retry the next day: same tick, same id
     run_id = submit.run_id_for(job, late)
     assert run_id == "2026-11-29"
@@ -242,8 +256,9 @@ def test_submitter_makes_the_dated_rayjob_of_the_scheduled_tick(rendered):
     assert submit.outcome({"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}) == "SUCCEEDED"
     assert submit.outcome({"status": {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED"}}) == "FAILED"
     with pytest.raises(ValueError, match="__RUN_ID__"):
-        submit.make_rayjob({**template, "spec": {**template["spec"], "entrypoint": "wysiwyc attribute"}},
-                           run_id, "attribute")
+        submit.make_rayjob(
+            {**template, "spec": {**template["spec"], "entrypoint": "wysiwyc attribute"}}, run_id, "attribute"
+        )
 
 
 # ----------------------------------------------------------------------------------- names that must exist
@@ -276,13 +291,14 @@ def test_commands_config_files_and_keys_exist(rendered):
         assert argv[0] == "wysiwyc", name
         subcommand = argv[1:3] if argv[1] == "train" else argv[1:2]
         text = _help(*subcommand)
-        rest = argv[1 + len(subcommand):]
+        rest = argv[1 + len(subcommand) :]
         config, overrides, i = None, [], 0
         while i < len(rest):
             token = rest[i]
             if token.startswith("-"):
-                assert re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", text), \
+                assert re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", text), (
                     f"{name}: `wysiwyc {' '.join(subcommand)}` has no option {token}"
+                )
                 if token in ("-c", "--config"):
                     config = rest[i + 1]
                 if token != "--json":
@@ -291,7 +307,7 @@ def test_commands_config_files_and_keys_exist(rendered):
                 overrides.append(token)
             i += 1
         assert config and config.startswith(APP_DIR + "configs/"), f"{name}: -c {config}"
-        path = REPO / config[len(APP_DIR):]
+        path = REPO / config[len(APP_DIR) :]
         assert path.is_file(), f"{name}: {config} → {path.relative_to(REPO)} does not exist in the project"
         # every key of the overrides exists in the config model (unknown keys are errors)
         if subcommand == ["sweep"]:
@@ -308,7 +324,7 @@ def test_the_image_holds_the_package_and_configs_at_app():
     assert "WORKDIR /app" in lines and "COPY configs ./configs" in lines and "COPY pipeline ./pipeline" in lines
     assert any(line.startswith("RUN pip install . ") for line in lines)
     user = [line for line in lines if line.startswith("USER ")]
-    assert user == ["USER 10001"], user            # the manifests' runAsUser, not root
+    assert user == ["USER 10001"], user  # the manifests' runAsUser, not root
     assert lines.index(user[0]) > max(i for i, line in enumerate(lines) if line.startswith("RUN "))
     assert 'ENTRYPOINT ["wysiwyc"]' in lines
     assert "[project.scripts]\nwysiwyc = " in (REPO / "pyproject.toml").read_text()

@@ -127,7 +127,9 @@ def test_explainer_loss_weights_scale_their_terms():
     S = torch.randn(2, 3, 6, 6)
     F_ = SumClassifier([0.1, -0.2, 0.05])
     base = explainer_loss(F_, x, y, S, PAPER_WEIGHTS)
-    heavy = types.SimpleNamespace(**{**vars(PAPER_WEIGHTS), "mask_variation_regularizer": 3.0, "entropy_regularizer": 0.0})
+    heavy = types.SimpleNamespace(
+        **{**vars(PAPER_WEIGHTS), "mask_variation_regularizer": 3.0, "entropy_regularizer": 0.0}
+    )
     other = explainer_loss(F_, x, y, S, heavy)
     delta = 2.0 * base["tv"] - 1.0 * base["entropy"]
     torch.testing.assert_close(other["total"], base["total"] + delta)

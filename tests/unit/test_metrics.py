@@ -344,14 +344,20 @@ def _toy_softmax_fn(x):
 def test_paper_class_specificity_binarises_every_class_mask_at_the_nine_thresholds_by_hand():
     images = torch.ones(2, 3, 1, 2)
     labels = torch.tensor([[1, 1, 0], [0, 1, 0]])  # class 2 is in no image: its row stays empty
-    masks = torch.tensor([
-        [[[0.95, 0.05]],  # image 0, class 0: left kept at every t, right at none → left only ×9
-         [[0.0, 0.55]],  # class 1: right kept for t = 0.1…0.5 (5), nothing for 0.6…0.9 (4)
-         [[0.35, 0.35]]],  # class 2 (absent, still used): both for t = 0.1…0.3 (3), nothing for 6
-        [[[1.0, 1.0]],  # image 1, class 0 (absent): both ×9
-         [[0.0, 1.0]],  # class 1: right only ×9
-         [[0.0, 0.0]]],  # class 2: nothing ×9
-    ])
+    masks = torch.tensor(
+        [
+            [
+                [[0.95, 0.05]],  # image 0, class 0: left kept at every t, right at none → left only ×9
+                [[0.0, 0.55]],  # class 1: right kept for t = 0.1…0.5 (5), nothing for 0.6…0.9 (4)
+                [[0.35, 0.35]],
+            ],  # class 2 (absent, still used): both for t = 0.1…0.3 (3), nothing for 6
+            [
+                [[1.0, 1.0]],  # image 1, class 0 (absent): both ×9
+                [[0.0, 1.0]],  # class 1: right only ×9
+                [[0.0, 0.0]],
+            ],  # class 2: nothing ×9
+        ]
+    )
     p = {k: np.array(v) for k, v in zip(("none", "left", "right", "both"), (_P_NONE, _P_LEFT, _P_RIGHT, _P_BOTH))}
     score0 = {0: p["left"], 1: (5 * p["right"] + 4 * p["none"]) / 9, 2: (3 * p["both"] + 6 * p["none"]) / 9}
     score1 = {0: p["both"], 1: p["right"], 2: p["none"]}

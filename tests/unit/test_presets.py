@@ -1,5 +1,6 @@
-"""Every YAML under configs/ loads and validates; the four paper presets match DESIGN.md's table, require
-their ImageNet backbone files and use the paper's splits."""
+"""Every preset (pipeline/presets/, the checkout's configs/) loads and validates, by file and by short name;
+the four paper presets match the paper's table (its λ values per data set and classifier), require their
+ImageNet backbone files and use the paper's splits."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, GateConfig, load_config
+from pipeline.config import PRESETS, Config, GateConfig, config_file, load_config, preset_names
 from pipeline.errors import WysiwycError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = PRESETS  # the checkout's configs/ links here
 MODELS = {"gates": GateConfig}  # folders of configs/ whose files are not a Config
 
-# DESIGN.md, "paper presets": (lr, λ_e, λ_tv, λ_a, λ_m, λ_n) — the spec, hard-coded on purpose
+# the paper's values per preset: (lr, λ_e, λ_tv, λ_a, λ_m, λ_n) — the spec, hard-coded on purpose
 PAPER = {
     "voc_vgg16": (1e-5, 1.0, 1.0, 1.0, 0.1, 0.3),
     "coco_vgg16": (1e-5, 1.0, 0.3, 0.3, 0.03, 0.1),
@@ -23,8 +24,10 @@ PAPER = {
 
 
 # the backbone files the paper presets require (validation only checks that one is given)
-BACKBONES = {"explainer": "explainer.backbone_weights=/weights/resnet50-imagenet.pth",
-             "classifier": "explanandum.pretrained_backbone=/weights/imagenet.pth"}
+BACKBONES = {
+    "explainer": "explainer.backbone_weights=/weights/resnet50-imagenet.pth",
+    "classifier": "explanandum.pretrained_backbone=/weights/imagenet.pth",
+}
 
 
 def _yaml_files() -> list[Path]:
@@ -97,8 +100,11 @@ def test_paper_presets_refuse_to_start_without_the_imagenet_backbone_file(name):
     # the paper's nets are ImageNet-pretrained: without the file, validation stops, naming the key and the recipe
     key = "explanandum.pretrained_backbone" if name.startswith("classifier_") else "explainer.backbone_weights"
     net = name.split("_")[-1] if name.startswith("classifier_") else "resnet50"
-    with pytest.raises(WysiwycError, match=rf"(?s){name}.yaml: .*needs {key}.*torchvision {net}.*"
-                                           rf"torchvision.models.{net}\(weights='DEFAULT'\)"):
+    with pytest.raises(
+        WysiwycError,
+        match=rf"(?s){name}.yaml: .*needs {key}.*torchvision {net}.*"
+        rf"torchvision.models.{net}\(weights='DEFAULT'\)",
+    ):
         load_config(CONFIGS / "paper" / f"{name}.yaml")
 
 
@@ -126,3 +132,32 @@ def test_the_cpu_explainer_preset_is_black_box():
     # the headline Explainer (quickstart, README, default gate) takes nothing of the classifier but its outputs
     e = load_config(CONFIGS / "cpu" / "explainer.yaml").explainer
     assert (e.init, e.black_box, e.cam) == ("distilled", True, True)
+
+
+def test_a_preset_loads_by_its_short_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names resolve to the files shipped in the package
+    by_file = load_config(CONFIGS / "cpu" / "explainer.yaml")
+    for name in ("cpu/explainer", "cpu/explainer.yaml", "configs/cpu/explainer.yaml"):
+        assert load_config(name) == by_file
+    assert config_file("configs/gates/default.yaml") == CONFIGS / "gates" / "default.yaml"
+    assert set(preset_names()) == {str(p.relative_to(CONFIGS).with_suffix("")) for p in _yaml_files()}
+    assert {"cpu/explainer", "gates/default", "paper/voc_vgg16", "sweeps/voc_vgg16_lambdas"} <= set(preset_names())
+
+
+def test_a_file_of_the_working_folder_wins_over_the_preset_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "explainer.yaml").write_text("trainer: {epochs: 42}\n")
+    assert load_config("cpu/explainer.yaml").trainer.epochs == 42
+    assert load_config("cpu/explainer").trainer.epochs == 8  # no such file: the preset
+
+
+def test_neither_file_nor_preset_is_an_error_that_lists_the_presets(tmp_path):
+    with pytest.raises(
+        WysiwycError,
+        match=r"config file cpu/explainr does not exist and is no preset name.*"
+        r"`wysiwyc presets`.*cpu/explainer, ",
+    ):
+        load_config("cpu/explainr")
+    with pytest.raises(WysiwycError, match="does not exist"):  # an absolute path is never a preset name
+        load_config(tmp_path / "cpu" / "explainer.yaml")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.errors import WysiwycError
 from pipeline.train.schedule import build_scheduler, lr_factor, total_optimizer_steps
 
 
@@ -28,9 +29,9 @@ def test_cosine_with_warmup():
     lrs = _lrs("cosine", warmup=4, total=14, steps=16)
     assert lrs[0] == pytest.approx(0.1 / 4)
     assert lrs[1] == pytest.approx(0.1 * 2 / 4)
-    assert lrs[3] == pytest.approx(0.1)                                  # end of warm-up: full lr
-    assert lrs[4] == pytest.approx(0.1)                                  # cosine starts at the top
-    assert lrs[9] == pytest.approx(0.05)                                 # half-way through the decay
+    assert lrs[3] == pytest.approx(0.1)  # end of warm-up: full lr
+    assert lrs[4] == pytest.approx(0.1)  # cosine starts at the top
+    assert lrs[9] == pytest.approx(0.05)  # half-way through the decay
     assert lrs[6] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 10)))
     assert lrs[14] == pytest.approx(0.0, abs=1e-12) and lrs[15] == pytest.approx(0.0, abs=1e-12)
 
@@ -63,5 +64,5 @@ def test_total_steps_and_config():
     assert total_optimizer_steps(3, 100, 1, 10, 2, 12) == 12
     c = load_config(None, ["optim.schedule=cosine", "optim.warmup_steps=5"])
     assert (c.optim.schedule, c.optim.warmup_steps) == ("cosine", 5)
-    with pytest.raises(Exception):
+    with pytest.raises(WysiwycError, match="optim.schedule"):
         load_config(None, ["optim.schedule=linear"])

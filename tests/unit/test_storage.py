@@ -172,8 +172,16 @@ def test_exists_delete_and_delete_prefix(tmp_path: Path):
 
 
 def test_list_prefix_is_recursive_sorted_and_treats_the_prefix_as_a_directory(tmp_path: Path):
-    _touch(tmp_path, "data/b.txt", "data/a/x.txt", "data/a.txt", "data/a-b.txt", "data/c/d/e.txt",
-           "data-000.tar", "data.manifest.json")
+    _touch(
+        tmp_path,
+        "data/b.txt",
+        "data/a/x.txt",
+        "data/a.txt",
+        "data/a-b.txt",
+        "data/c/d/e.txt",
+        "data-000.tar",
+        "data.manifest.json",
+    )
     got = list(storage.list_prefix(tmp_path / "data"))
     keys = ["data/a-b.txt", "data/a.txt", "data/a/x.txt", "data/b.txt", "data/c/d/e.txt"]
     assert got == [str(tmp_path / k) for k in keys]
@@ -196,19 +204,25 @@ def test_list_prefix_of_a_missing_directory_is_empty(tmp_path: Path):
 
 
 def test_list_startswith_and_list_glob_use_raw_name_prefixes(tmp_path: Path):
-    _touch(tmp_path, "shards/train-000001.tar", "shards/train-000000.tar", "shards/train.manifest.json",
-           "shards/val-000000.tar", "shards/train/extra.txt", "shards/trainee.tar")
+    _touch(
+        tmp_path,
+        "shards/train-000001.tar",
+        "shards/train-000000.tar",
+        "shards/train.manifest.json",
+        "shards/val-000000.tar",
+        "shards/train/extra.txt",
+        "shards/trainee.tar",
+    )
     shards = tmp_path / "shards"
     assert list(storage.list_startswith(shards / "train")) == [
-        str(shards / n) for n in ("train-000000.tar", "train-000001.tar", "train.manifest.json",
-                                  "train/extra.txt", "trainee.tar")
+        str(shards / n)
+        for n in ("train-000000.tar", "train-000001.tar", "train.manifest.json", "train/extra.txt", "trainee.tar")
     ]
     assert list(storage.list_glob(str(shards / "train-*.tar"))) == [
-        str(shards / "train-000000.tar"), str(shards / "train-000001.tar")
+        str(shards / "train-000000.tar"),
+        str(shards / "train-000001.tar"),
     ]
-    assert list(storage.list_glob(shards.as_uri() + "/*.manifest.json")) == [
-        (shards / "train.manifest.json").as_uri()
-    ]
+    assert list(storage.list_glob(shards.as_uri() + "/*.manifest.json")) == [(shards / "train.manifest.json").as_uri()]
     assert list(storage.list_glob(str(shards / "**.txt"))) == [str(shards / "train/extra.txt")]
     assert list(storage.list_glob(str(shards / "*.txt"))) == []  # '*' does not cross '/'
 
@@ -236,10 +250,12 @@ def test_redact_hides_passwords_in_url_userinfo():
 
 
 def test_redact_hides_presigned_and_token_query_parameters():
-    url = ("https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256"
-           "&X-Amz-Credential=AKIAEXAMPLE%2F20260101%2Fus-east-1%2Fs3%2Faws4_request"
-           "&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
-           "&X-Amz-Security-Token=FQoGZXIvYXdzE&X-Amz-Signature=deadbeef01")
+    url = (
+        "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=AKIAEXAMPLE%2F20260101%2Fus-east-1%2Fs3%2Faws4_request"
+        "&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+        "&X-Amz-Security-Token=FQoGZXIvYXdzE&X-Amz-Signature=deadbeef01"
+    )
     out = storage.redact(url)
     for secret in ("AKIAEXAMPLE", "FQoGZXIvYXdzE", "deadbeef01"):
         assert secret not in out
@@ -254,8 +270,10 @@ def test_redact_hides_current_aws_secrets_from_the_environment(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCY")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "IQoJb3JpZ2luX2VjEHoaCXVz")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
-    text = ("key AKIAIOSFODNN7EXAMPLE secret wJalrXUtnFEMI/K7MDENG+bPxRfiCY "
-            "encoded wJalrXUtnFEMI%2FK7MDENG%2BbPxRfiCY token IQoJb3JpZ2luX2VjEHoaCXVz")
+    text = (
+        "key AKIAIOSFODNN7EXAMPLE secret wJalrXUtnFEMI/K7MDENG+bPxRfiCY "
+        "encoded wJalrXUtnFEMI%2FK7MDENG%2BbPxRfiCY token IQoJb3JpZ2luX2VjEHoaCXVz"
+    )
     out = storage.redact(text)
     assert out == "key *** secret *** encoded *** token ***"
 
@@ -263,14 +281,21 @@ def test_redact_hides_current_aws_secrets_from_the_environment(monkeypatch):
 def test_redact_keeps_ordinary_words_and_path_segments(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCY")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "data")  # too short to be masked wherever it occurs
-    for text in ("/work/VOC2007/Annotations/x.xml: malformed XML (unclosed token: line 1, column 0)",
-                 "s3://bucket/data/train-000000.tar", "runs/data/secret/token/password/best.pt",
-                 "signature: expected (x, y), got (x,); token: line 2"):
+    for text in (
+        "/work/VOC2007/Annotations/x.xml: malformed XML (unclosed token: line 1, column 0)",
+        "s3://bucket/data/train-000000.tar",
+        "runs/data/secret/token/password/best.pt",
+        "signature: expected (x, y), got (x,); token: line 2",
+    ):
         assert storage.redact(text) == text
-    text = ("secret_access_key=abcd1234efgh secret_access_key: abcd1234efgh X-Amz-Signature=deadbeef01 "
-            '{"token": "tok-123", "password": "hunter2"} key wJalrXUtnFEMI/K7MDENG+bPxRfiCY password: hunter3')
-    assert storage.redact(text) == ("secret_access_key=*** secret_access_key: *** X-Amz-Signature=*** "
-                                    '{"token": "***", "password": "***"} key *** password: ***')
+    text = (
+        "secret_access_key=abcd1234efgh secret_access_key: abcd1234efgh X-Amz-Signature=deadbeef01 "
+        '{"token": "tok-123", "password": "hunter2"} key wJalrXUtnFEMI/K7MDENG+bPxRfiCY password: hunter3'
+    )
+    assert storage.redact(text) == (
+        "secret_access_key=*** secret_access_key: *** X-Amz-Signature=*** "
+        '{"token": "***", "password": "***"} key *** password: ***'
+    )
 
 
 def test_redact_hides_secrets_of_s3_options():
@@ -284,8 +309,10 @@ def test_s3_options_repr_hides_keys_and_pickles():
     assert "http://127.0.0.1:8333" in repr(opts)
     assert pickle.loads(pickle.dumps(opts)) == opts and hash(opts) == hash(S3Options(*_fields(opts)))
     assert opts.to_env()["AWS_ENDPOINT_URL"] == "http://127.0.0.1:8333"
-    assert S3Options().to_env() == {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-                                    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+    assert S3Options().to_env() == {
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+    }
 
 
 def _fields(opts: S3Options) -> tuple:
@@ -366,7 +393,7 @@ class _FakeClient:
 
     def get_object(self, **kwargs):
         self.calls.append(kwargs)
-        start = int(kwargs["Range"][len("bytes="):-1])
+        start = int(kwargs["Range"][len("bytes=") : -1])
         return {"Body": _FlakyBody(self.data[start:], None)}
 
 

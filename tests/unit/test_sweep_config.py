@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 
+from pipeline.config import PRESETS
 from pipeline.errors import WysiwycError
 from pipeline.tune import apply_values, load_sweep
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = PRESETS  # the checkout's configs/ links here
 SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml")) + [CONFIGS / "cpu" / "sweep.yaml"]
 
 
@@ -30,7 +31,9 @@ def test_every_sweep_preset_resolves_its_base_and_space(path):
             node = getattr(node, part)
 
 
-def _write(tmp_path, text: str, base: str = "trainer:\n  epochs: 5\n  batch_size: 4\nloss:\n  entropy_regularizer: 3.0\n"):
+def _write(
+    tmp_path, text: str, base: str = "trainer:\n  epochs: 5\n  batch_size: 4\nloss:\n  entropy_regularizer: 3.0\n"
+):
     (tmp_path / "base.yaml").write_text(base)
     sweep = tmp_path / "sweeps" / "s.yaml"
     sweep.parent.mkdir(exist_ok=True)
@@ -61,15 +64,18 @@ def test_trial_config_is_base_then_sweep_file_then_overrides(tmp_path):
     assert trial.loss.mask_variation_regularizer == 0.5 and config.loss.mask_variation_regularizer == 1.0
 
 
-@pytest.mark.parametrize("space, message", [
-    ("loss.no_such_lambda: {grid: [1.0]}", "unknown key 'no_such_lambda'"),
-    ("loss: {grid: [1.0]}", "is a section"),
-    ("trainer.storage: {grid: [a, b]}", "the sweep sets it itself"),
-    ("loss.entropy_regularizer: {grid: [1.0, -1.0]}", "loss.entropy_regularizer=-1.0"),
-    ("loss.entropy_regularizer: {loguniform: [0.0, 1.0]}", "low > 0"),
-    ("loss.entropy_regularizer: {uniform: [2.0, 1.0]}", "low < high"),
-    ("loss.entropy_regularizer: {grid: [1.0], choice: [2.0]}", "exactly one of"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ("loss.no_such_lambda: {grid: [1.0]}", "unknown key 'no_such_lambda'"),
+        ("loss: {grid: [1.0]}", "is a section"),
+        ("trainer.storage: {grid: [a, b]}", "the sweep sets it itself"),
+        ("loss.entropy_regularizer: {grid: [1.0, -1.0]}", "loss.entropy_regularizer=-1.0"),
+        ("loss.entropy_regularizer: {loguniform: [0.0, 1.0]}", "low > 0"),
+        ("loss.entropy_regularizer: {uniform: [2.0, 1.0]}", "low < high"),
+        ("loss.entropy_regularizer: {grid: [1.0], choice: [2.0]}", "exactly one of"),
+    ],
+)
 def test_bad_space_is_refused_before_anything_runs(tmp_path, space, message):
     text = SWEEP.replace("loss.mask_variation_regularizer: {grid: [0.5, 2.0]}", space)
     with pytest.raises(WysiwycError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -90,8 +96,11 @@ def test_selection_score_is_masked_image_f1_minus_mask_area():
     explainer = torch.nn.Conv2d(3, 3, 1)
     seg = torch.zeros(4, 8, 8, dtype=torch.long)
     seg[:, 2:6, 2:6] = 1
-    batch = {"image": torch.randn(4, 3, 8, 8), "labels": torch.tensor([[1., 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]]),
-             "seg": seg}
+    batch = {
+        "image": torch.randn(4, 3, 8, 8),
+        "labels": torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]]),
+        "seg": seg,
+    }
     stats = Stats()
     _, logged = explainer_loss_fn(explainer, explanandum, LossConfig(), StepContext(), ground_truth=True)(batch)
     stats.add(logged)
@@ -100,15 +109,21 @@ def test_selection_score_is_masked_image_f1_minus_mask_area():
     assert 0.0 <= out["c_iou"] <= 1.0 and 0.0 <= out["d_f1"] <= 1.0
     # without ground truth (all void) the segmentation scores are absent, not zero
     stats = Stats()
-    stats.add(explainer_loss_fn(explainer, explanandum, LossConfig(), StepContext(), ground_truth=True)(
-        {**batch, "seg": torch.full_like(seg, 255)})[1])
+    stats.add(
+        explainer_loss_fn(explainer, explanandum, LossConfig(), StepContext(), ground_truth=True)(
+            {**batch, "seg": torch.full_like(seg, 255)}
+        )[1]
+    )
     assert "c_iou" not in stats.compute() and "selection" in stats.compute()
 
 
 def test_a_sweep_of_distilled_explainers_is_refused_naming_the_way_out(tmp_path):
     base = "explainer:\n  init: distilled\n  cam: true\n  levels: 3\ntrainer:\n  epochs: 2\n"
-    sweep = _write(tmp_path, "sweep:\n  name: s\n  base: ../base.yaml\n  space:\n"
-                             "    loss.entropy_regularizer: {grid: [0.5, 1.0]}\n", base=base)
+    sweep = _write(
+        tmp_path,
+        "sweep:\n  name: s\n  base: ../base.yaml\n  space:\n    loss.entropy_regularizer: {grid: [0.5, 1.0]}\n",
+        base=base,
+    )
     with pytest.raises(WysiwycError, match="init=distilled would distil the classifier again in every trial"):
         load_sweep(sweep, ["data.val=/d/val"])
     assert load_sweep(sweep, ["data.val=/d/val", "explainer.init=scratch"]).explainer.init == "scratch"

@@ -54,6 +54,10 @@ def test_one_rule_for_the_tracking_uri_in_training_the_registry_and_sweeps(tmp_p
     assert tracking.default_uri(config) == registry_uri(config) == f"sqlite:///{tmp_path / 'ckpt' / 'mlflow.db'}"
     # MLflow's own convention reaches every one of them (a sweep used to log to its own sqlite file)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
-    assert tracking.resolve_uri(None, "sweeps/s1") == tracking.default_uri(config) == registry_uri(config) \
+    assert (
+        tracking.resolve_uri(None, "sweeps/s1")
+        == tracking.default_uri(config)
+        == registry_uri(config)
         == "http://127.0.0.1:5001"
+    )
     assert tracking.resolve_uri("sqlite:///x.db", "sweeps/s1") == "sqlite:///x.db"  # tracking.uri still first

@@ -47,16 +47,24 @@ def make_rayjob(template: dict, run_id: str, prefix: str, owner: dict | None = N
     """The RayJob of one run: the template's spec, un-suspended, with the run id in name and entrypoint."""
     entrypoint = template["spec"]["entrypoint"]
     if entrypoint.count(PLACEHOLDER) != 1:
-        raise ValueError(f"template {template['metadata']['name']}: the entrypoint must contain "
-                         f"{PLACEHOLDER} exactly once, got: {entrypoint}")
+        raise ValueError(
+            f"template {template['metadata']['name']}: the entrypoint must contain "
+            f"{PLACEHOLDER} exactly once, got: {entrypoint}"
+        )
     spec = copy.deepcopy(template["spec"])
     spec["suspend"] = False
     spec["entrypoint"] = entrypoint.replace(PLACEHOLDER, run_id)
     labels = {k: v for k, v in (template["metadata"].get("labels") or {}).items() if k != "wysiwyc.io/template"}
     metadata = {"name": f"{prefix}-{run_id}", "labels": {**labels, "wysiwyc.io/run-id": run_id}}
     if owner is not None:
-        metadata["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": owner["metadata"]["name"],
-                                        "uid": owner["metadata"]["uid"]}]
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": owner["metadata"]["name"],
+                "uid": owner["metadata"]["uid"],
+            }
+        ]
     return {"apiVersion": template["apiVersion"], "kind": "RayJob", "metadata": metadata, "spec": spec}
 
 
@@ -80,8 +88,12 @@ class Api:
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, context=self.tls, timeout=30) as answer:
             return json.load(answer)
 

@@ -1,0 +1,44 @@
+"""The model registry: Explainers as MLflow model versions, promotion gates, aliases and lineage.
+
+A registered version is an MLflow ``pyfunc`` model that carries everything a consumer needs, so that
+the model URI alone is enough to use it:
+
+- ``artifacts/explainer.pt`` and ``artifacts/explanandum.pt``: the Explainer checkpoint and the frozen
+  classifier it explains (the very bytes; their sha256 are tags), ``artifacts/config.yaml`` (the
+  resolved training config) and ``artifacts/wysiwyc.json`` (classes, input size and normalisation,
+  sources, dataset digest, λ values, training metrics, git commit — also the ``metadata`` of MLmodel);
+- tags on the version for lineage (``wysiwyc.*``: checkpoint and Explanandum URIs + sha256, dataset
+  digest, λ values under their paper names, git commit, training run) and, once evaluated, the
+  evaluation metrics per split (``wysiwyc.eval.<manifest digest>``); every promotion and rollback
+  adds tags (gate inputs, results, time, user) and an event on the registered model.
+
+Aliases: ``candidate`` (newly registered), ``champion`` (serving), ``previous-champion`` (rollback).
+
+Consumers load a version with :func:`load_explainer` (a :class:`~pipeline.models.predictor.Predictor`)
+or, without this package's API, with ``mlflow.pyfunc.load_model(uri).predict(images)`` where
+``images`` is a float32 (B, 3, S, S) ImageNet-normalised array; that returns
+``{"masks": (B, C, S, S), "probs": (B, C)}``.
+
+The registry lives at the tracking URI: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the
+embedded sqlite file beside ``trainer.storage`` (the registry needs a database store).
+
+Modules: :mod:`~pipeline.registry.lookup` (where the registry is, what a ``models:/`` URI names),
+:mod:`~pipeline.registry.package` (registering a version, loading one) and
+:mod:`~pipeline.registry.gates` (promotion and rollback). The names below are the public API; registered
+versions load their pyfunc through ``pipeline.registry.ExplainerModel``.
+"""
+
+from pipeline.registry.gates import promote, rollback
+from pipeline.registry.lookup import registry_uri, resolve_model
+from pipeline.registry.package import ExplainerModel, load_explainer, register_checkpoint, register_from_sweep
+
+__all__ = [
+    "ExplainerModel",
+    "load_explainer",
+    "promote",
+    "register_checkpoint",
+    "register_from_sweep",
+    "registry_uri",
+    "resolve_model",
+    "rollback",
+]

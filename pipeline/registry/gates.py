@@ -1,0 +1,304 @@
+"""Promotion policy: a gate file's thresholds checked on an evaluation of the version (stored on it, per
+split), the ``champion`` / ``previous-champion`` aliases moved, every decision recorded (:func:`promote`,
+:func:`rollback`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline import storage
+from pipeline.errors import WysiwycError
+from pipeline.registry.lookup import (
+    CHAMPION,
+    LOWER_IS_BETTER,
+    PREVIOUS,
+    alias_versions,
+    current_user,
+    experiment_for,
+    mlflow_client,
+    registry_uri,
+    resolve_model,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+
+def load_gate(path: str):
+    """The :class:`pipeline.config.GateConfig` of a gate file, with its metric names checked."""
+    from pipeline.config import GateConfig, load_config
+    from pipeline.evaluate.evaluate import METRIC_KEYS
+
+    gate = load_config(path, model=GateConfig)
+    for section in ("minimum", "maximum", "champion_margin"):
+        unknown = sorted(set(getattr(gate, section)) - set(METRIC_KEYS))
+        if unknown:
+            raise WysiwycError(
+                f"gate {path}: {section}: unknown metric(s) {unknown}; use metrics.json names: {', '.join(METRIC_KEYS)}"
+            )
+    if "explainer" not in gate.evaluate.methods:
+        raise WysiwycError(f"gate {path}: evaluate.methods must include 'explainer' (the gate checks its metrics)")
+    return gate
+
+
+def _eval_tag(digest: str, max_images: int | None) -> str:
+    """The version tag holding the evaluation on a split: keyed by the manifest digest (and image cap)."""
+    return f"wysiwyc.eval.{digest[:16]}" + (f".n{max_images}" if max_images else "")
+
+
+def ensure_evaluation(name: str, version: str, gate, split: str, config, progress: bool = True) -> dict:
+    """The evaluation of ``models:/NAME/V`` on ``split`` with the gate's settings; runs it when absent.
+
+    A new evaluation runs :func:`pipeline.evaluate.evaluate.evaluate` on the registered version,
+    logs an MLflow run (``evaluate-NAME-vV``: the Explainer's metrics, the report files as artifacts)
+    and stores ``{"split", "digest", "num_images", "metrics", "run_id", "metrics_uri", "at"}`` as the
+    version tag ``wysiwyc.eval.<digest>``.
+    """
+    from mlflow.entities import Metric, Param
+
+    from pipeline.config import DataConfig, ExplainerConfig
+    from pipeline.data.shards import read_manifest
+    from pipeline.evaluate.evaluate import evaluate
+
+    uri = registry_uri(config)
+    client = mlflow_client(uri)
+    opts = config.storage.options()
+    manifest = read_manifest(split, opts)
+    tag = _eval_tag(manifest["digest"], gate.evaluate.max_images)
+    stored = client.get_model_version(name, version).tags.get(tag)
+    if stored:
+        return json.loads(stored)
+    model_uri = f"models:/{name}/{version}"
+    log.info("promote: evaluating %s on %s", model_uri, storage.redact(manifest["url"]))
+    with tempfile.TemporaryDirectory(prefix="wysiwyc-gate-") as tmp:
+        eval_config = config.model_copy(
+            update={
+                "data": DataConfig(test=split, loader_workers=config.data.loader_workers),  # the trained image size
+                "explainer": ExplainerConfig(checkpoint=model_uri),
+                "evaluate": gate.evaluate,
+                "tracking": config.tracking.model_copy(update={"uri": uri}),
+                "output": tmp,
+            }
+        )
+        summary = evaluate(eval_config, progress=progress)
+        result = json.loads(Path(tmp, "metrics.json").read_text())
+        metrics = result["methods"]["explainer"]
+        run = client.create_run(
+            experiment_for(config, uri),
+            run_name=f"evaluate-{name}-v{version}",
+            tags={"wysiwyc.model_uri": model_uri, "wysiwyc.eval_tag": tag},
+        )
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run.info.run_id,
+            params=[
+                Param("split", storage.redact(manifest["url"])),
+                Param("split_digest", manifest["digest"]),
+                Param("model_uri", model_uri),
+                Param("num_images", str(summary["num_images"])),
+                Param("evaluate.max_images", str(gate.evaluate.max_images)),
+            ],
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+        )
+        client.log_artifacts(run.info.run_id, tmp, "evaluation")
+        client.set_terminated(run.info.run_id)
+    record = {
+        "split": storage.redact(manifest["url"]),
+        "digest": manifest["digest"],
+        "num_images": summary["num_images"],
+        "metrics": metrics,
+        "run_id": run.info.run_id,
+        "metrics_uri": f"{run.info.artifact_uri}/evaluation/metrics.json",
+        "at": utc_now(),
+    }
+    client.set_model_version_tag(name, version, tag, json.dumps(record))
+    return record
+
+
+def _check(metric: str, kind: str, value, bound: float, reference=None) -> dict:
+    """One gate check as a record; ``kind``: ``minimum``, ``maximum`` or ``champion_margin``."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return {
+            "metric": metric,
+            "kind": kind,
+            "value": value,
+            "passed": False,
+            "reason": f"{metric} is undefined on this split",
+        }
+    if kind == "minimum":
+        passed = value >= bound
+        text = f"{metric} {value:.4f} {'≥' if passed else 'is below the'} minimum {bound:g}"
+    elif kind == "maximum":
+        passed = value <= bound
+        text = f"{metric} {value:.4f} {'≤' if passed else 'is above the'} maximum {bound:g}"
+    else:
+        if reference is None:
+            return {
+                "metric": metric,
+                "kind": kind,
+                "value": value,
+                "passed": True,
+                "reason": f"{metric}: the champion's value is undefined; not compared",
+            }
+        lower = metric in LOWER_IS_BETTER
+        passed = value <= reference + bound if lower else value >= reference - bound
+        text = (
+            f"{metric} {value:.4f} {'within' if passed else 'is worse than'} the champion's {reference:.4f} "
+            f"{'±' if passed else 'by more than'} {bound:g} ({'lower' if lower else 'higher'} is better)"
+        )
+    return {
+        "metric": metric,
+        "kind": kind,
+        "value": value,
+        "bound": bound,
+        "champion": reference,
+        "passed": bool(passed),
+        "reason": text,
+    }
+
+
+def _event(client, name: str, event: dict) -> None:
+    """An audit record on the registered model (tag ``wysiwyc.event.<ms>``)."""
+    client.set_registered_model_tag(name, f"wysiwyc.event.{int(time.time() * 1000)}", json.dumps(event))
+
+
+def _existing_version(uri: str, name: str, version: str) -> str:
+    """``version`` (a number or an alias) as a version number of ``name``; WysiwycError when absent."""
+    ref = f"models:/{name}/{version}" if str(version).isdigit() else f"models:/{name}@{version}"
+    return resolve_model(ref, uri)[1]
+
+
+def promote(name: str, version: str, config, gate_path: str | None = None, progress: bool = True) -> dict:
+    """Run the gate on ``models:/NAME/V``; on success move ``champion`` to V (the old champion to
+    ``previous-champion``) and record the gate on the version; on failure change nothing.
+
+    The gate (``gate_path``, default ``registry.gate``) evaluates the version on its fixed split
+    (``split``, else ``data.test``) when it has no evaluation there yet, checks ``minimum`` /
+    ``maximum`` and compares with the current champion (evaluated the same way) within
+    ``champion_margin``.
+
+    Returns:
+        The summary: ``name``, ``version``, ``model_uri``, ``previous_champion``, ``aliases``,
+        ``gate``, ``split``, ``evaluation`` (the Explainer's metrics), ``metrics`` (URI of its
+        metrics.json), ``checks``.
+
+    Raises:
+        WysiwycError: the gate failed (with every failing check), or a bad name/version/gate/split.
+    """
+    uri = registry_uri(config)
+    client = mlflow_client(uri)
+    version = _existing_version(uri, name, version)
+    gate_path = gate_path or config.registry.gate
+    gate = load_gate(gate_path)
+    tags = client.get_model_version(name, version).tags
+    if tags.get("wysiwyc.black_box") != "true" and not gate.allow_white_box:  # before any evaluation
+        raise WysiwycError(
+            f"promote: models:/{name}/{version} is not a black-box Explainer (explainer.init="
+            f"{tags.get('wysiwyc.explainer_init', 'unknown')}, black_box={tags.get('wysiwyc.black_box', 'unknown')}): "
+            f"it reads the classifier's weights, a different method from the paper's; the gate "
+            f"{gate_path} refuses it (set allow_white_box: true in a gate file of its own to promote such a "
+            f"variant on purpose)"
+        )
+    split = gate.split or config.data.test
+    if not split:
+        raise WysiwycError(
+            f"promote: gate {gate_path} has no split and data.test is not set: name the fixed "
+            f"evaluation split (with segmentation) in the gate file or as data.test=…"
+        )
+    evaluation = ensure_evaluation(name, version, gate, split, config, progress)
+    values = evaluation["metrics"]
+    checks = [_check(m, "minimum", values.get(m), b) for m, b in gate.minimum.items()]
+    checks += [_check(m, "maximum", values.get(m), b) for m, b in gate.maximum.items()]
+    champion = alias_versions(client, name).get(CHAMPION)
+    if champion is not None and champion != version and gate.champion_margin:
+        reference = ensure_evaluation(name, champion, gate, split, config, progress)["metrics"]
+        checks += [
+            _check(m, "champion_margin", values.get(m), b, reference.get(m)) for m, b in gate.champion_margin.items()
+        ]
+    model_uri = f"models:/{name}/{version}"
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        raise WysiwycError(
+            f"promote: {model_uri} did not pass the gate {gate_path} on {evaluation['split']} "
+            f"(champion stays {'v' + champion if champion else 'unset'}): " + "; ".join(c["reason"] for c in failed)
+        )
+
+    at, user = utc_now(), current_user()
+    if champion is not None and champion != version:
+        client.set_registered_model_alias(name, PREVIOUS, champion)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    for key, value in {
+        "wysiwyc.promoted_at": at,
+        "wysiwyc.promoted_by": user,
+        "wysiwyc.gate": gate_path,
+        "wysiwyc.gate.config": json.dumps(gate.model_dump(mode="json")),
+        "wysiwyc.gate.split": evaluation["split"],
+        "wysiwyc.gate.split_digest": evaluation["digest"],
+        "wysiwyc.gate.result": "passed",
+        "wysiwyc.gate.checks": json.dumps(checks),
+        "wysiwyc.gate.champion_before": champion or "none",
+    }.items():
+        client.set_model_version_tag(name, version, key, value)
+    _event(
+        client,
+        name,
+        {
+            "action": "promote",
+            "version": version,
+            "previous_champion": champion,
+            "gate": gate_path,
+            "at": at,
+            "by": user,
+        },
+    )
+    log.info("promote: %s is @%s (previous: %s)", model_uri, CHAMPION, champion)
+    return {
+        "name": name,
+        "version": version,
+        "model_uri": model_uri,
+        "previous_champion": champion,
+        "aliases": alias_versions(client, name),
+        "gate": gate_path,
+        "split": evaluation["split"],
+        "evaluation": values,
+        "metrics": evaluation["metrics_uri"],
+        "checks": [c["reason"] for c in checks],
+    }
+
+
+def rollback(name: str, config) -> dict:
+    """Make ``previous-champion`` the ``champion`` again (the alias ``previous-champion`` is then removed).
+
+    Raises:
+        WysiwycError: no such model, or no ``previous-champion`` to return to.
+    """
+    uri = registry_uri(config)
+    client = mlflow_client(uri)
+    previous = resolve_model(f"models:/{name}@{PREVIOUS}", uri)[1]  # a clear error: nothing to roll back to
+    champion = alias_versions(client, name).get(CHAMPION)
+    at, user = utc_now(), current_user()
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.delete_registered_model_alias(name, PREVIOUS)
+    for key, value in {
+        "wysiwyc.restored_at": at,
+        "wysiwyc.restored_by": user,
+        "wysiwyc.restored_from": champion or "none",
+    }.items():
+        client.set_model_version_tag(name, previous, key, value)
+    if champion is not None:
+        client.set_model_version_tag(name, champion, "wysiwyc.rolled_back_at", at)
+        client.set_model_version_tag(name, champion, "wysiwyc.rolled_back_by", user)
+    _event(client, name, {"action": "rollback", "version": previous, "from": champion, "at": at, "by": user})
+    log.info("rollback: models:/%s/%s is @%s again (was v%s)", name, previous, CHAMPION, champion)
+    return {
+        "name": name,
+        "version": previous,
+        "model_uri": f"models:/{name}/{previous}",
+        "rolled_back_from": champion,
+        "aliases": alias_versions(client, name),
+    }
