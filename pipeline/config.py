@@ -283,6 +283,20 @@ class EvaluateConfig(_Section):
     rise_p: float = Field(0.5, gt=0, le=1, description="RISE: probability a cell is kept (paper: 0.5)")
     rise_batch_size: int = Field(64, ge=1, description="RISE: masked images per forward pass")
     overlay_images: int = Field(8, ge=0, description="rows of overlays.png (first N test images)")
+    faithfulness_images: int | None = Field(
+        None,
+        ge=0,
+        description="faithfulness metrics (deletion/insertion AUC, pointing game, relevance mass, average "
+        "drop/increase) on the first N evaluated images (default: all; 0: none); each (image, class) pair "
+        "costs 2·(faithfulness_steps+1)+2 classifier passes per method",
+    )
+    faithfulness_steps: int = Field(20, ge=2, description="deletion/insertion: pixel steps (curves of steps+1 points)")
+    pointing_tolerance: float | None = Field(
+        None, ge=0, description="pointing game: tolerance in pixels (default: 15 px at 224 px, scaled to the image)"
+    )
+    insertion_blur_sigma: float | None = Field(
+        None, ge=0, description="insertion: σ in pixels of the blurred start (default: 5 px at 224 px, scaled)"
+    )
     seed: int = Field(0, ge=0, description="RISE masks")
     protocol: Literal["project", "paper"] = Field(
         "project",

@@ -137,6 +137,15 @@ def write_report(
         figure("overlays.png", "overlay grid"),
         "<h2>F1 against the mask threshold</h2>",
         figure("f1_vs_threshold.png", "F1 vs threshold", "700px"),
+        *(
+            [
+                f"<h2>Faithfulness to the classifier ({metrics['faithfulness']['images']} images)</h2>",
+                report.faithfulness_html(metrics["methods"], metrics.get("black_box")),
+                figure("faithfulness_curves.png", "deletion and insertion curves", "1000px"),
+            ]
+            if (metrics.get("faithfulness") or {}).get("images")
+            else []
+        ),
         (
             "<h2>Class specificity</h2><p>Cell (r, c): the classifier's probability of class r on the image "
             "masked with the mask of class c. Class-specific masks keep their class (diagonal) and hide the "

@@ -52,6 +52,7 @@ from pipeline import storage
 from pipeline.config import EVALUATE_METHODS, EvaluateConfig, dump_config
 from pipeline.data.shards import ShardDataset
 from pipeline.errors import WysiwycError
+from pipeline.evaluate.faithfulness import METRICS as FAITHFULNESS_METRICS
 from pipeline.models.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ METRIC_NAMES = {
     "background_coverage": "background_coverage",
     "object_coverage": "object_coverage",
 }
-METRIC_KEYS = (*METRIC_NAMES.values(), "masks_per_second")
+METRIC_KEYS = (*METRIC_NAMES.values(), "masks_per_second", *FAITHFULNESS_METRICS)
 
 _REGISTRY_PREFIX = "models:/"
 
@@ -231,6 +232,7 @@ class _MethodResult:
 
     scores: object  # MetricAccumulator
     specificity: object | None  # ClassSpecificityAccumulator
+    faithfulness: object | None  # FaithfulnessAccumulator
     nan_masks: int = 0  # masks (merged, and per-class ones used for class specificity) that held a NaN
     f1_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(F1_CURVE_THRESHOLDS), dtype=torch.float64))
     f1_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(len(F1_CURVE_THRESHOLDS), dtype=torch.float64))
@@ -339,6 +341,12 @@ def evaluate(config, progress: bool = True) -> dict:
     from pipeline.data.shards import make_loader
     from pipeline.data.transforms import denormalize
     from pipeline.evaluate import report
+    from pipeline.evaluate.faithfulness import (
+        BLUR_SIGMA_AT_224,
+        POINTING_TOLERANCE_AT_224,
+        FaithfulnessAccumulator,
+        scaled,
+    )
     from pipeline.evaluate.metrics import (
         ClassSpecificityAccumulator,
         MetricAccumulator,
@@ -375,18 +383,30 @@ def evaluate(config, progress: bool = True) -> dict:
             return models.explanandum(images).float().softmax(dim=1)
 
     makers = {name: _mask_maker(name, models, options) for name in options.methods}
+    size = models.image_size
+    faithful = {
+        "steps": options.faithfulness_steps,
+        "tolerance": scaled(POINTING_TOLERANCE_AT_224, size)
+        if options.pointing_tolerance is None
+        else options.pointing_tolerance,
+        "blur_sigma": scaled(BLUR_SIGMA_AT_224, size)
+        if options.insertion_blur_sigma is None
+        else options.insertion_blur_sigma,
+    }
     results = {
         name: _MethodResult(
             MetricAccumulator(),
             ClassSpecificityAccumulator(C, rule=options.protocol) if name in PER_CLASS_METHODS else None,
+            FaithfulnessAccumulator(**faithful) if options.faithfulness_images != 0 else None,
         )
         for name in options.methods
     }
+    faithfulness_limit = math.inf if options.faithfulness_images is None else options.faithfulness_images
     overlay_rows: list[dict] = []
     total = dataset.manifest["num_samples"]
     if options.max_images is not None:
         total = min(total, options.max_images)
-    num_images = skipped = seen = 0
+    num_images = skipped = seen = faithfulness_images = 0
 
     bar = progress_bar(total, "evaluate", unit="img", enabled=progress)
     try:
@@ -412,6 +432,8 @@ def evaluate(config, progress: bool = True) -> dict:
                 foreground, valid = foreground_and_valid(seg)
             B = x.shape[0]
             num_images += B
+            n_faithful = int(min(B, faithfulness_limit - faithfulness_images))
+            faithfulness_images += n_faithful
 
             want_rows = max(0, options.overlay_images - len(overlay_rows))
             new_rows = [
@@ -458,6 +480,10 @@ def evaluate(config, progress: bool = True) -> dict:
                         result.specificity.update(
                             softmax_probs if paper else probs, x, y, maps, chunk_size=max(32, options.batch_size)
                         )
+                    if result.faithfulness is not None and n_faithful > 0:  # sigmoid in either protocol
+                        result.faithfulness.update(
+                            probs, x[:n_faithful], y[:n_faithful], seg[:n_faithful], maps[:n_faithful]
+                        )
                 for i, row in enumerate(new_rows):
                     if name == "explainer":
                         row["class_masks"] = {k: maps[i, k].cpu().numpy() for k in row["labels"]}
@@ -482,11 +508,16 @@ def evaluate(config, progress: bool = True) -> dict:
     methods_out: dict[str, dict] = {}
     specificity_out: dict[str, dict] = {}
     curves: dict[str, dict] = {}
+    faithfulness_curves: dict[str, dict] = {}
     for name, result in results.items():
         means = result.scores.compute()
         row = {out: means.get(key, math.nan) for key, out in METRIC_NAMES.items()}
         row["masks_per_second"] = result.masks_per_second()
         row["nan_masks"] = result.nan_masks
+        if result.faithfulness is not None and faithfulness_images:
+            row.update(result.faithfulness.means())
+            row["faithfulness_ci95"] = result.faithfulness.intervals()
+            faithfulness_curves[name] = result.faithfulness.mean_curves()
         methods_out[name] = row
         curves[name] = {"thresholds": list(F1_CURVE_THRESHOLDS), "f1": result.f1_curve()}
         if result.specificity is not None:
@@ -507,6 +538,15 @@ def evaluate(config, progress: bool = True) -> dict:
             "class_specificity": specificity_out,
             "num_images": num_images,
             "f1_curve": curves,
+            "faithfulness": {
+                "images": faithfulness_images,
+                "steps": faithful["steps"],
+                "deletion_baseline": "0 in normalised space (the mean colour)",
+                "insertion_start": f"Gaussian blur, sigma {faithful['blur_sigma']:.2f} px",
+                "pointing_tolerance_px": faithful["tolerance"],
+                "probability": "sigmoid",
+            },
+            "faithfulness_curves": faithfulness_curves,
         }
     )
 
@@ -533,6 +573,8 @@ def evaluate(config, progress: bool = True) -> dict:
         ).encode(),
     )
     put("f1_vs_threshold.png", report.f1_curve_png(metrics["f1_curve"]))
+    if metrics["faithfulness_curves"]:
+        put("faithfulness_curves.png", report.faithfulness_curves_png(metrics["faithfulness_curves"]))
     for name, spec in metrics["class_specificity"].items():
         put(f"class_specificity_{name}.png", report.class_specificity_png(spec["matrix"], spec["classes"], name))
     put("overlays.png", report.overlays_png(overlay_rows, models.classes))

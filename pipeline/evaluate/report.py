@@ -27,6 +27,16 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("masks_per_second", "masks/s", "↑"),
 )
 
+# faithfulness to the classifier and localisation (pipeline.evaluate.faithfulness), their own table
+FAITHFULNESS: tuple[tuple[str, str, str], ...] = (
+    ("deletion_auc", "deletion AUC", "↓"),
+    ("insertion_auc", "insertion AUC", "↑"),
+    ("pointing_game", "pointing game", "↑"),
+    ("relevance_mass", "relevance mass", "↑"),
+    ("average_drop", "avg. drop %", "↓"),
+    ("average_increase", "avg. increase", "↑"),
+)
+
 # how methods are called in titles and tables
 METHOD_TITLES = {
     "explainer": "Explainer",
@@ -138,9 +148,7 @@ def metrics_markdown(
             "",
         ]
     header, rows, _ = metrics_rows(methods, class_specificity, black_box=black_box)
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    lines += _markdown_table(header, rows)
     lines += [
         "",
         (
@@ -186,7 +194,32 @@ def metrics_markdown(
             m = np.array([[math.nan if v is None else v for v in row] for row in spec["matrix"]], dtype=float)
             d, o = (float(x) for x in specificity_means(m))
             lines.append(f"| {_title(method, black_box)} | {_fmt(d)} | {_fmt(o)} | {_gap_cell(spec)} |")
+    if any("deletion_auc" in v for v in methods.values()):
+        header, rows, _ = faithfulness_rows(methods, black_box)
+        lines += ["", "## Faithfulness to the classifier and localisation", "", FAITHFULNESS_NOTE, ""]
+        lines += _markdown_table(header, rows)
     return "\n".join(lines) + "\n"
+
+
+def _marked_rows(
+    methods: Mapping[str, Mapping[str, float | None]],
+    columns: Sequence[tuple[str, str]],
+    extra: Mapping[str, list[float | None]] | None = None,
+) -> tuple[list[list[float | None]], list[list[bool]]]:
+    """Values per method for ``columns`` (key, arrow) (+ ``extra`` values per method), and which of
+    them are the best among the methods that explain (constant and ideal masks are references)."""
+    values = {m: [v.get(key) for key, _ in columns] + list((extra or {}).get(m, [])) for m, v in methods.items()}
+    arrows = [arrow for _, arrow in columns] + ["↑"] * (len(next(iter(values.values()), [])) - len(columns))
+    contenders = [m for m in methods if m not in REFERENCE_METHODS]
+    best_of = []
+    for j, arrow in enumerate(arrows):
+        finite = [values[m][j] for m in contenders if values[m][j] is not None and math.isfinite(values[m][j])]
+        best_of.append((max(finite) if arrow == "↑" else min(finite)) if finite else None)
+    best = [
+        [method in contenders and v is not None and v == b for v, b in zip(values[method], best_of)]
+        for method in methods
+    ]
+    return [values[m] for m in methods], best
 
 
 def metrics_rows(
@@ -200,28 +233,57 @@ def metrics_rows(
     class_specificity = class_specificity or {}
     header = ["method"] + [f"{label} {arrow}" for _, label, arrow in METRICS] + ["spec. gap ↑"]
     columns = [(key, arrow) for key, _, arrow in METRICS]
-    values = {
-        m: [v.get(key) for key, _ in columns]
-        + [specificity_gap(class_specificity[m]["matrix"]) if m in class_specificity else None]
-        for m, v in methods.items()
-    }
-    arrows = [arrow for _, arrow in columns] + ["↑"]
-    contenders = [m for m in methods if m not in REFERENCE_METHODS]
-    best_of = []
-    for j, arrow in enumerate(arrows):
-        finite = [values[m][j] for m in contenders if values[m][j] is not None and math.isfinite(values[m][j])]
-        best_of.append((max(finite) if arrow == "↑" else min(finite)) if finite else None)
-    rows, best = [], []
-    for method in methods:
-        keys = [key for key, _ in columns] + ["gap"]
-        cells = [_fmt(v, k) for v, k in zip(values[method], keys)]
+    gaps = {m: [specificity_gap(class_specificity[m]["matrix"]) if m in class_specificity else None] for m in methods}
+    values, marks = _marked_rows(methods, columns, gaps)
+    keys = [key for key, _ in columns] + ["gap"]
+    rows = []
+    for method, vals in zip(methods, values):
+        cells = [_fmt(v, k) for v, k in zip(vals, keys)]
         if method in class_specificity:
             cells[-1] = _gap_cell(class_specificity[method])
         rows.append([_title(method, black_box)] + cells)
-        best.append(
-            [False] + [method in contenders and v is not None and v == b for v, b in zip(values[method], best_of)]
-        )
-    return header, rows, best
+    return header, rows, [[False] + m for m in marks]
+
+
+def faithfulness_rows(
+    methods: Mapping[str, Mapping], black_box: bool | None = None
+) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """The faithfulness table (:data:`FAITHFULNESS`) as text cells, like :func:`metrics_rows`; a value
+    carries its 95% bootstrap interval (``faithfulness_ci95`` of the method) in brackets."""
+    header = ["method"] + [f"{label} {arrow}" for _, label, arrow in FAITHFULNESS]
+    columns = [(key, arrow) for key, _, arrow in FAITHFULNESS]
+    values, marks = _marked_rows(methods, columns)
+    rows = []
+    for method, vals in zip(methods, values):
+        ci = methods[method].get("faithfulness_ci95") or {}
+        cells = []
+        for (key, _), v in zip(columns, vals):
+            text = _fmt(v, key)
+            lo, hi = ci.get(key) or (None, None)
+            if text != "–" and lo is not None and hi is not None:
+                text += f" [{_fmt(lo, key)}, {_fmt(hi, key)}]"
+            cells.append(text)
+        rows.append([_title(method, black_box)] + cells)
+    return header, rows, [[False] + m for m in marks]
+
+
+FAITHFULNESS_NOTE = (
+    "Per (image, ground-truth class) pair with that class's map, averaged per image, then over images; "
+    "in brackets the 95% bootstrap interval over images. Deletion / insertion (Petsiuk et al. 2018): pixels "
+    "ranked by the map removed (replaced by 0 in normalised space, the mean colour) / revealed onto a "
+    "Gaussian-blurred copy in equal steps; area under the class's sigmoid probability over the fraction. "
+    "Pointing game (Zhang et al. 2018): the map's maximum within the tolerance of the class's pixels. "
+    "Relevance mass (Arras et al. 2022): share of the map inside them. Avg. drop / increase (Chattopadhay "
+    "et al. 2018): on m ⊙ x against x."
+)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+    ]
 
 
 def metrics_html(
@@ -233,13 +295,24 @@ def metrics_html(
     """The metrics table of :func:`metrics_markdown` as an HTML ``<table>``, best values in bold; its
     caption says the protocol (metrics.json's ``protocol``) when given, and ``black_box`` names the
     Explainer row as in :func:`metrics_markdown`."""
+    caption = protocol_line(protocol) if protocol else ""
+    return _html_table(*metrics_rows(methods, class_specificity, black_box=black_box), caption)
+
+
+def faithfulness_html(methods: Mapping[str, Mapping], black_box: bool | None = None) -> str:
+    """The faithfulness table of :func:`metrics_markdown` as an HTML ``<table>`` ("" when the evaluation
+    computed none)."""
+    if not any("deletion_auc" in v for v in methods.values()):
+        return ""
+    return _html_table(*faithfulness_rows(methods, black_box), FAITHFULNESS_NOTE)
+
+
+def _html_table(header: list[str], rows: list[list[str]], best: list[list[bool]], caption: str = "") -> str:
     from html import escape
 
-    header, rows, best = metrics_rows(methods, class_specificity, black_box=black_box)
-    caption = f"<caption>{escape(protocol_line(protocol))}</caption>" if protocol else ""
     out = [
         "<table class='metrics'>"
-        + caption
+        + (f"<caption>{escape(caption)}</caption>" if caption else "")
         + "<thead><tr>"
         + "".join(f"<th>{escape(h)}</th>" for h in header)
         + "</tr></thead><tbody>"
@@ -299,6 +372,36 @@ def f1_curve_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]], tit
     ax.set_ylabel("mean F1 over images")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def faithfulness_curves_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]]) -> bytes:
+    """The mean deletion and insertion curves per method: the class's probability against the share of
+    pixels removed (left) or revealed onto the blurred image (right), highest-ranked first.
+
+    Args:
+        curves: ``{method: {"deletion": [...], "insertion": [...]}}`` sampled at k/steps.
+    """
+    fig = _new_figure(10.0, 4.0)
+    styles = {"zeros": ":", "half": ":", "ones": ":", "ideal": "--"}
+    for col, (name, better) in enumerate((("deletion", "lower"), ("insertion", "higher"))):
+        ax = fig.add_subplot(1, 2, col + 1)
+        for method, curve in curves.items():
+            y = np.array([math.nan if v is None else v for v in curve[name]], dtype=float)
+            ax.plot(
+                np.linspace(0, 1, len(y)),
+                y,
+                styles.get(method, "-"),
+                linewidth=2.2 if method == "explainer" else 1.4,
+                label=_title(method),
+            )
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"share of pixels {'removed' if name == 'deletion' else 'revealed'}, highest-ranked first")
+        ax.set_ylabel("class probability (sigmoid)")
+        ax.set_title(f"{name} (area: {better} is better)")
+        ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8, frameon=False)
     return _png(fig)
 

@@ -103,7 +103,7 @@ def ensure_evaluation(name: str, version: str, gate, split: str, config, progres
                 Param("num_images", str(summary["num_images"])),
                 Param("evaluate.max_images", str(gate.evaluate.max_images)),
             ],
-            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))],
         )
         client.log_artifacts(run.info.run_id, tmp, "evaluation")
         client.set_terminated(run.info.run_id)

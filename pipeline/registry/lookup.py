@@ -32,7 +32,8 @@ LAMBDAS = (
 )
 
 
-LOWER_IS_BETTER = ("saliency", "background_coverage")  # every other metrics.json value: higher is better
+# every other metrics.json value: higher is better
+LOWER_IS_BETTER = ("saliency", "background_coverage", "deletion_auc", "average_drop")
 
 
 MODEL_DIR = "model"  # the pyfunc model under the register run's artifacts

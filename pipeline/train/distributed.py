@@ -15,7 +15,7 @@ Ray Train 2.60 (Train V2) pattern, as in Ray's checkpoint and fault-tolerance gu
 Ray itself: an existing session (``ray.init`` done by the caller, or ``RAY_ADDRESS``) is used as is;
 otherwise a local one is started with ``num_cpus`` = max(cores, workers × cpus_per_worker), no
 dashboard, token auth off and its session files under ``runs/ray/r`` (``runs/ray``: or
-``$WYSIWYC_RAY_TMP``, a folder only its owner can enter, 0700).
+``$WYSIWYC_RAY_TMP``, a folder only its owner can enter, 0700; :func:`ray_temp_dir`).
 
 Credentials never travel in a ``runtime_env``: Ray writes a job's runtime environment into the
 session's logs (``runtime_env_agent.log``). A local Ray is started with them in its environment,
@@ -156,12 +156,7 @@ def ensure_ray(config: Config, num_cpus: int | None = None) -> None:
         return
     t = config.trainer
     cpus = num_cpus or max(os.cpu_count() or 1, int(t.num_workers * t.cpus_per_worker + 0.999))
-    # Ray makes its folders 0777 (every process it starts applies it again): they live in a folder of
-    # ours that only its owner may enter, so the session's logs and sockets are that user's alone
-    private = Path(os.environ.get("WYSIWYC_RAY_TMP", "runs/ray")).resolve()
-    private.mkdir(parents=True, exist_ok=True)
-    private.chmod(0o700)
-    temp = private / "r"  # short: a session's socket paths must stay under 108 bytes
+    temp = ray_temp_dir()
     # the local Ray's processes (and so every worker) inherit this process's environment at ray.init:
     # the credentials of storage.* join it for the start, and no runtime_env (which Ray logs) is needed
     saved = dict(os.environ)
@@ -177,6 +172,34 @@ def ensure_ray(config: Config, num_cpus: int | None = None) -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+# what Ray appends to its temp dir for a socket: /session_2026-12-05_19-10-34_654405_29151/sockets/plasma_store
+_RAY_SOCKET_SUFFIX = 62
+_MAX_SOCKET_PATH = 107  # AF_UNIX
+
+
+def ray_temp_dir() -> Path:
+    """The local Ray's temp dir: ``r`` in ``$WYSIWYC_RAY_TMP``, else in ``runs/ray`` of the working folder.
+
+    Ray makes its folders 0777 (every process it starts applies it again): they live in a folder of ours
+    that only its owner may enter (0700), so the session's logs and sockets are that user's alone. A
+    session's socket paths must stay under 108 bytes: when the folder is too deep for that (a deep working
+    folder), ``/tmp/wysiwyc-ray-UID`` is used instead (said in a log line).
+
+    Raises:
+        WysiwycError: the fallback folder exists and belongs to another user.
+    """
+    private = Path(os.environ.get("WYSIWYC_RAY_TMP", "runs/ray")).resolve()
+    if len(str(private / "r")) + _RAY_SOCKET_SUFFIX > _MAX_SOCKET_PATH:
+        fallback = Path("/tmp") / f"wysiwyc-ray-{os.getuid()}"
+        log.info("Ray's session folder goes to %s: %s is too deep for its socket paths", fallback, private)
+        private = fallback
+    private.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if private.stat().st_uid != os.getuid():
+        raise WysiwycError(f"{private} belongs to another user: set WYSIWYC_RAY_TMP to a short folder of yours")
+    private.chmod(0o700)
+    return private / "r"
 
 
 def storage_target(config: Config, root: str | None = None) -> tuple[str, object | None]:

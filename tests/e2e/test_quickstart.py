@@ -191,9 +191,11 @@ def test_report_is_self_contained_with_table_pictures_and_lambdas(quickstart):
     assert Path(summary["report"]) == work / "report.html"
     for method in ("Explainer", "Grad-CAM", "RISE", "const. 0", "const. 0.5", "const. 1", "ideal"):
         assert f"<td>{method}</td>" in html
-    # overlay grid, F1 curve and four specificity matrices (Explainer, Grad-CAM, RISE, ideal) embedded,
+    # overlay grid, F1 curve, faithfulness curves and four specificity matrices (Explainer, Grad-CAM, RISE,
+    # ideal) embedded,
     # nothing fetched from elsewhere
-    assert len(re.findall(r"src='data:image/png;base64,", html)) == 6
+    assert len(re.findall(r"src='data:image/png;base64,", html)) == 7
+    assert "Faithfulness to the classifier (50 images)" in html and "deletion AUC ↓" in html
     assert "src='http" not in html and "src='/" not in html
     assert "entropy_regularizer" in html and "class_mask_max_area" in html
     # the Explainer's net and schedule as configs/cpu/explainer.yaml sets them

@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def stack(s3_server, mlflow_server, tmp_path_factory):
+def stack(s3_server, mlflow_server, session_stack, tmp_path_factory):
     """Bucket with train/val shards, the MLflow server, and a local Ray session (2 CPUs)."""
     root = tmp_path_factory.mktemp("raytrain")
     bucket = s3_server.make_bucket("raytrain")
@@ -46,7 +46,14 @@ def stack(s3_server, mlflow_server, tmp_path_factory):
             progress=False,
         )
     with local_ray(root, env, num_cpus=3) as gcs:
-        yield {"bucket": bucket, "uri": mlflow_server.uri, "root": root, "s3": s3_server, "gcs": gcs}
+        yield {
+            "bucket": bucket,
+            "uri": mlflow_server.uri,
+            "artifacts": session_stack.bucket,  # the MLflow server keeps artifacts in s3://ARTIFACTS/mlflow
+            "root": root,
+            "s3": s3_server,
+            "gcs": gcs,
+        }
 
 
 def overrides(stack, *extra):
@@ -140,7 +147,8 @@ def test_two_worker_explainer_logs_every_loss_term_and_the_mask_overlay(stack, c
     assert overlays == ["overlays/epoch_001.png", "overlays/epoch_002.png"]
     png = client.download_artifacts(run.info.run_id, "overlays/epoch_002.png", str(stack["root"]))
     assert Path(png).read_bytes()[:4] == b"\x89PNG"
-    assert any(k.startswith("mlflow/") and k.endswith("epoch_002.png") for k in _keys(stack, "mlflow/"))
+    stored = _keys({**stack, "bucket": stack["artifacts"]}, f"mlflow/{run.info.experiment_id}/{run.info.run_id}/")
+    assert any(k.endswith("/overlays/epoch_002.png") for k in stored), stored
 
 
 def test_killed_run_resumes_at_the_saved_step(stack):

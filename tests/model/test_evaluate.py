@@ -59,6 +59,14 @@ CONTRACT_METRICS = {
     "object_coverage",
     "masks_per_second",
     "nan_masks",
+    # faithfulness to the classifier and localisation, with their bootstrap intervals
+    "deletion_auc",
+    "insertion_auc",
+    "pointing_game",
+    "relevance_mass",
+    "average_drop",
+    "average_increase",
+    "faithfulness_ci95",
 }
 
 
@@ -148,6 +156,8 @@ def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
         "class_specificity",
         "num_images",
         "f1_curve",
+        "faithfulness",
+        "faithfulness_curves",
     }
     assert metrics["protocol"] == "project"
     # a checkpoint without the records (written before they existed): unknown / null
@@ -211,7 +221,7 @@ def test_class_specificity_is_c_by_c_with_null_only_where_no_image_has_both_clas
 def test_pictures_are_written_and_open_at_a_reasonable_size(run, workdir):
     summary, _ = run
     out = workdir / "out"
-    names = ["f1_vs_threshold.png", "overlays.png"] + [
+    names = ["f1_vs_threshold.png", "overlays.png", "faithfulness_curves.png"] + [
         f"class_specificity_{m}.png" for m in ("explainer", "grad_cam", "rise", "ideal")
     ]
     for name in names:
@@ -330,7 +340,7 @@ def test_nan_masks_score_as_all_zero_masks_in_every_metric_and_are_counted(workd
         runs[label] = (json.loads((workdir / f"out-{label}" / "metrics.json").read_text()), touched)
     (nan, touched), (zero, _) = runs["nan"], runs["zero"]
     a, b = nan["methods"]["explainer"], zero["methods"]["explainer"]
-    for key in CONTRACT_METRICS - {"masks_per_second", "nan_masks"}:
+    for key in CONTRACT_METRICS - {"masks_per_second", "nan_masks", "faithfulness_ci95"}:
         assert a[key] is not None and a[key] == pytest.approx(b[key], abs=1e-9), key
     assert nan["f1_curve"]["explainer"]["f1"] == pytest.approx(zero["f1_curve"]["explainer"]["f1"], abs=1e-9)
     sa, sb = nan["class_specificity"]["explainer"], zero["class_specificity"]["explainer"]
@@ -479,3 +489,48 @@ def test_specificity_heatmap_is_a_png():
     data = report.class_specificity_png([[0.9, None], [0.2, 0.8]], ["a", "b"], "explainer")
     with Image.open(io.BytesIO(data)) as im:
         assert im.format == "PNG" and im.width > 200
+
+
+def test_faithfulness_metrics_of_every_method_are_stated_bounded_and_exact_for_the_ideal_mask(run, workdir):
+    summary, metrics = run
+    f = metrics["faithfulness"]
+    assert f["images"] == metrics["num_images"] and f["steps"] == 20 and f["probability"] == "sigmoid"
+    assert f["pointing_tolerance_px"] == pytest.approx(15 * SIZE / 224)
+    for method, values in metrics["methods"].items():
+        for key in ("deletion_auc", "insertion_auc", "pointing_game", "average_increase"):
+            assert 0.0 <= values[key] <= 1.0, (method, key)
+            lo, hi = values["faithfulness_ci95"][key]
+            assert lo <= values[key] <= hi, (method, key)
+        curves = metrics["faithfulness_curves"][method]
+        assert len(curves["deletion"]) == len(curves["insertion"]) == 21
+        assert curves["deletion"][0] == pytest.approx(curves["insertion"][-1])  # both: the whole image
+    ideal, zeros = metrics["methods"]["ideal"], metrics["methods"]["zeros"]
+    assert ideal["pointing_game"] == 1.0 and ideal["relevance_mass"] == pytest.approx(1.0)
+    assert zeros["relevance_mass"] is None  # an all-zero map has no mass
+    assert zeros["average_drop"] >= ideal["average_drop"] - 1e-9 or zeros["average_drop"] is None
+    md = (workdir / "out" / "metrics.md").read_text()
+    assert "## Faithfulness to the classifier and localisation" in md and "deletion AUC ↓" in md
+    assert (workdir / "out" / "faithfulness_curves.png").stat().st_size > 1000
+
+
+def test_faithfulness_can_be_limited_to_the_first_images_or_switched_off(workdir):
+    out = workdir / "out-faithful"
+    run_evaluate(
+        _config(
+            workdir,
+            output=str(out),
+            evaluate__methods=["explainer", "ideal"],
+            evaluate__faithfulness_images=5,
+            evaluate__faithfulness_steps=4,
+        ),
+        progress=False,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["faithfulness"]["images"] == 5 and len(metrics["faithfulness_curves"]["ideal"]["deletion"]) == 5
+    off = workdir / "out-unfaithful"
+    run_evaluate(
+        _config(workdir, output=str(off), evaluate__methods=["ideal"], evaluate__faithfulness_images=0), progress=False
+    )
+    metrics = json.loads((off / "metrics.json").read_text())
+    assert metrics["faithfulness"]["images"] == 0 and metrics["faithfulness_curves"] == {}
+    assert "deletion_auc" not in metrics["methods"]["ideal"] and not (off / "faithfulness_curves.png").exists()
