@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+DEV_STAMP := $(VENV)/.dev-stamp
 # checkov (the infra/ and k8s/ scanner of the tests) pins boto3==1.35, older than the project needs:
 # it lives in a venv of its own inside .venv, found there by tests/unit/test_infra.py
 CHECKOV_VERSION := 3.3.30
@@ -17,8 +18,13 @@ install: $(STAMP)
 # compiling every installed module up front (a shorter install)
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c requirements.lock -e .
 	touch $(STAMP)
+
+# the dev extra (test servers, peers, linters) on top: what `make test` needs and the quickstart does not
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c requirements.lock -e '.[dev]'
+	touch $(DEV_STAMP)
 
 $(CHECKOV): Makefile
 	test -x $(VENV)/tools/checkov/bin/python || $(PYTHON) -m venv $(VENV)/tools/checkov
@@ -29,10 +35,10 @@ quickstart: install
 	$(BIN)/wysiwyc quickstart --workdir runs/quickstart
 
 # lint and format first (seconds), then the suite
-test: install $(CHECKOV) lint
+test: $(DEV_STAMP) $(CHECKOV) lint
 	$(BIN)/python -m pytest -q
 
-lint: install
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -44,7 +50,7 @@ lock:
 		> requirements.lock.new && mv requirements.lock.new requirements.lock
 	rm -rf $(VENV)/tools/lock
 
-bench: install
+bench: $(DEV_STAMP)
 	$(BIN)/python tests/bench/bench_loader.py
 
 clean:

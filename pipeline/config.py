@@ -104,7 +104,9 @@ class IngestConfig(_Section):
         "skip", description="skip: list bad inputs in the manifest; fail: stop, publish nothing"
     )
     overwrite: bool = Field(False, description="replace a split the output already holds")
-    workers: int | None = Field(None, ge=1, description="encoding processes (default: all cores)")
+    workers: int | None = Field(
+        None, ge=1, description="encoding processes (default: all cores, one per 256 images at most)"
+    )
 
 
 class ExplanandumConfig(_Section):

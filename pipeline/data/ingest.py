@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 _worker_reader: Reader | None = None
 
+POOL_ITEMS_PER_WORKER = 256  # ingest.workers unset: at most one process per 256 items (1 for ≤ 511)
+
 
 def _init_worker(reader: Reader) -> None:
     global _worker_reader
@@ -92,7 +94,9 @@ def ingest(reader: Reader, out: str, split: str, config: IngestConfig, opts=None
             "%s: %d shard(s) of an unfinished ingest of '%s' will be replaced", storage.redact(out), len(stale), split
         )
 
-    workers = config.workers or os.cpu_count() or 1
+    # ingest.workers, else the cores, but a process pool pays ~3 s to start (spawn): without a setting,
+    # one worker per POOL_ITEMS_PER_WORKER items at most
+    workers = config.workers or min(os.cpu_count() or 1, max(1, len(items) // POOL_ITEMS_PER_WORKER))
     writer = shards.ShardWriter(out, split, config.shard_size, config.shard_max_bytes, opts)
     skipped: list[Skipped] = []
     has_seg = False

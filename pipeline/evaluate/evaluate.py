@@ -61,6 +61,7 @@ METHODS = EVALUATE_METHODS
 PER_CLASS_METHODS = ("explainer", "grad_cam", "rise", "ideal")  # class-specificity matrices; ideal:
 # the ground-truth masks, i.e. how class-specific the Explanandum itself is (the reference for the others)
 OVERLAY_METHODS = ("explainer", "grad_cam", "rise")  # merged-mask columns of overlays.png
+CONSTANT_METHODS = ("zeros", "half", "ones")  # maps that rank no pixel above another
 F1_CURVE_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95
 
 # metrics.py key → metrics.json key
@@ -397,7 +398,9 @@ def evaluate(config, progress: bool = True) -> dict:
         name: _MethodResult(
             MetricAccumulator(),
             ClassSpecificityAccumulator(C, rule=options.protocol) if name in PER_CLASS_METHODS else None,
-            FaithfulnessAccumulator(**faithful) if options.faithfulness_images != 0 else None,
+            FaithfulnessAccumulator(**faithful, ranking=name not in CONSTANT_METHODS)
+            if options.faithfulness_images != 0
+            else None,
         )
         for name in options.methods
     }
@@ -517,7 +520,8 @@ def evaluate(config, progress: bool = True) -> dict:
         if result.faithfulness is not None and faithfulness_images:
             row.update(result.faithfulness.means())
             row["faithfulness_ci95"] = result.faithfulness.intervals()
-            faithfulness_curves[name] = result.faithfulness.mean_curves()
+            if result.faithfulness.ranking:
+                faithfulness_curves[name] = result.faithfulness.mean_curves()
         methods_out[name] = row
         curves[name] = {"thresholds": list(F1_CURVE_THRESHOLDS), "f1": result.f1_curve()}
         if result.specificity is not None:

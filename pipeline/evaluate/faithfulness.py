@@ -11,9 +11,10 @@ classifier is multi-label; its probability of a class is the sigmoid of that cla
 - **Insertion** (same paper): the pixels are revealed in the same order onto a blurred copy of the image
   (Gaussian, σ = ``blur_sigma``; 5 px at 224 px in the paper, scaled with the image): area under p_c
   over the revealed fraction, higher is better.
-- **Pointing game** (Zhang et al. 2018): a hit when a pixel at the map's maximum lies within
-  ``tolerance`` pixels (Euclidean) of the class's ground-truth pixels (15 px at 224 px in the paper,
-  scaled with the image); ties: any pixel at the maximum counts (as Quantus' ``PointingGame``).
+- **Pointing game** (Zhang et al. 2018): a hit when the map's maximum lies within ``tolerance`` pixels
+  (Euclidean) of the class's ground-truth pixels (15 px at 224 px in the paper, scaled with the image);
+  on ties the first maximum in raster order (``argmax``, as TorchRay's benchmark; Quantus'
+  ``PointingGame`` counts any tied maximum: the two agree when the maximum is unique).
 - **Relevance mass accuracy** (Arras et al. 2022): the share of the map's mass inside the class's
   ground truth, Σ m·g / Σ m.
 - **Average drop / increase in confidence** (Chattopadhay et al. 2018, Grad-CAM++): with Y = p_c(x)
@@ -21,7 +22,9 @@ classifier is multi-label; its probability of a class is the sigmoid of that cla
   O > Y (the share of pairs, higher is better).
 
 Undefined values are NaN and left out of means: pointing game and relevance mass without ground-truth
-pixels of the class, relevance mass of an all-zero map, average drop where Y = 0.
+pixels of the class, relevance mass of an all-zero map, average drop where Y = 0, and deletion,
+insertion and pointing game of a method whose maps rank no pixel above another (the constant masks:
+``ranking=False`` in :class:`FaithfulnessAccumulator`, which then skips their perturbation curves).
 
 Ground truth of class ``c`` is ``seg == c + 1`` (void and background are not the class). The perturbation
 curves of all pairs and steps of a batch go through ``prob_fn`` in chunks (no per-pixel Python loop).
@@ -121,9 +124,10 @@ def curve_auc(curves: torch.Tensor) -> torch.Tensor:
 
 
 def pointing_game(maps: torch.Tensor, truth: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
-    """(P,) 1.0 for a hit, 0.0 for a miss, NaN without ground truth: a hit when a pixel at the map's
-    maximum is within ``tolerance`` pixels (Euclidean) of a ground-truth pixel."""
-    at_max = maps.flatten(1) >= maps.flatten(1).amax(dim=1, keepdim=True)
+    """(P,) 1.0 for a hit, 0.0 for a miss, NaN without ground truth: a hit when the map's maximum (the
+    first in raster order on ties) is within ``tolerance`` pixels (Euclidean) of a ground-truth pixel."""
+    flat = maps.flatten(1)
+    at_max = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.argmax(dim=1, keepdim=True), True)
     region = truth.float().unsqueeze(1)
     r = int(math.floor(tolerance))
     if r > 0:
@@ -159,10 +163,12 @@ class FaithfulnessAccumulator:
         steps: points of the perturbation curves − 1.
         tolerance: the pointing game's, in pixels.
         blur_sigma: the insertion start's Gaussian, in pixels.
+        ranking: False for a method whose maps rank no pixel above another (a constant): deletion,
+            insertion and pointing game are NaN for it, and no curve is computed.
     """
 
-    def __init__(self, steps: int, tolerance: float, blur_sigma: float) -> None:
-        self.steps, self.tolerance, self.blur_sigma = steps, tolerance, blur_sigma
+    def __init__(self, steps: int, tolerance: float, blur_sigma: float, ranking: bool = True) -> None:
+        self.steps, self.tolerance, self.blur_sigma, self.ranking = steps, tolerance, blur_sigma, ranking
         self._per_image: dict[str, list[torch.Tensor]] = {k: [] for k in METRICS}
         self._curve_sums = {
             "deletion": torch.zeros(steps + 1, dtype=torch.float64),
@@ -190,15 +196,20 @@ class FaithfulnessAccumulator:
         with torch.no_grad():
             full = prob_fn(x)[torch.arange(i.numel(), device=x.device), c].double().cpu()
             masked = prob_fn(m.unsqueeze(1) * x)[torch.arange(i.numel(), device=x.device), c].double().cpu()
-        deletion = perturbation_curves(prob_fn, x, m, c, self.steps, chunk_images=chunk_images)
-        insertion = perturbation_curves(
-            prob_fn, x, m, c, self.steps, start=gaussian_blur(x, self.blur_sigma), chunk_images=chunk_images
-        )
         drop, increase = drop_and_increase(full, masked)
+        undefined = torch.full((i.numel(),), math.nan, dtype=torch.float64)
+        if self.ranking:
+            deletion = perturbation_curves(prob_fn, x, m, c, self.steps, chunk_images=chunk_images)
+            insertion = perturbation_curves(
+                prob_fn, x, m, c, self.steps, start=gaussian_blur(x, self.blur_sigma), chunk_images=chunk_images
+            )
+            self._curve_sums["deletion"] += deletion.sum(0)
+            self._curve_sums["insertion"] += insertion.sum(0)
+            self._pairs += i.numel()
         values = {
-            "deletion_auc": curve_auc(deletion),
-            "insertion_auc": curve_auc(insertion),
-            "pointing_game": pointing_game(m, truth, self.tolerance),
+            "deletion_auc": curve_auc(deletion) if self.ranking else undefined,
+            "insertion_auc": curve_auc(insertion) if self.ranking else undefined,
+            "pointing_game": pointing_game(m, truth, self.tolerance) if self.ranking else undefined,
             "relevance_mass": relevance_mass(m, truth),
             "average_drop": drop,
             "average_increase": increase,
@@ -213,9 +224,6 @@ class FaithfulnessAccumulator:
             n = torch.zeros(images_in_batch, dtype=torch.float64).index_add_(0, image_of_pair, ok.double())
             has_pairs = torch.zeros(images_in_batch, dtype=torch.bool).index_fill_(0, image_of_pair, True)
             self._per_image[key].append(torch.where(n > 0, sums / n.clamp(min=1), math.nan)[has_pairs])
-        self._curve_sums["deletion"] += deletion.sum(0)
-        self._curve_sums["insertion"] += insertion.sum(0)
-        self._pairs += i.numel()
 
     def per_image(self, key: str) -> np.ndarray:
         """Each image's value of metric ``key`` (NaN where undefined), in the order seen."""
@@ -247,7 +255,9 @@ class FaithfulnessAccumulator:
         return out
 
     def mean_curves(self) -> dict[str, list[float]]:
-        """The deletion and insertion curves averaged over every pair, at k/steps."""
+        """The deletion and insertion curves averaged over every pair, at k/steps (empty without ranking)."""
+        if not self.ranking:
+            return {}
         n = max(self._pairs, 1)
         return {
             name: (s / n).tolist() if self._pairs else [math.nan] * (self.steps + 1)

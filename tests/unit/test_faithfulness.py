@@ -57,6 +57,11 @@ def test_pointing_game_hits_on_the_object_misses_off_it_and_counts_the_tolerance
     assert pointing_game(maps, truth.expand(3, H, W), tolerance=4.0).tolist() == [1.0, 0.0, 1.0]
     assert pointing_game(maps, truth.expand(3, H, W), tolerance=3.9).tolist() == [1.0, 0.0, 0.0]
     assert math.isnan(pointing_game(on[None], torch.zeros(1, H, W, dtype=torch.bool))[0])  # no ground truth
+    # a plateau: its first pixel in raster order is the point (row 0 here, far from the object)
+    plateau = torch.zeros(1, H, W)
+    plateau[0, 0:2, 10:12] = 1.0
+    plateau[0, 5, 5] = 1.0
+    assert pointing_game(plateau, truth).tolist() == [0.0]
 
 
 def test_relevance_mass_is_the_share_of_the_map_inside_the_object():
@@ -207,3 +212,19 @@ def test_pointing_game_and_relevance_mass_equal_quantus_on_random_maps():
     )
     np.testing.assert_array_equal(pointing_game(maps, truth).numpy(), theirs_pg)
     np.testing.assert_allclose(relevance_mass(maps, truth).numpy(), theirs_rm, atol=1e-6)
+
+
+def test_a_constant_map_ranks_no_pixel_so_its_ranking_metrics_are_undefined():
+    region = _square(0, 0, 8)
+    model = RegionProbe(region)
+    x = torch.zeros(1, 3, H, W)
+    x[0, 0][region] = 1.0
+    seg = torch.zeros(1, H, W, dtype=torch.long)
+    seg[0, region] = 1
+    acc = FaithfulnessAccumulator(steps=4, tolerance=0.0, blur_sigma=1.0, ranking=False)
+    acc.update(_sigmoid_probs(model), x, torch.tensor([[1.0, 0.0]]), seg, torch.full((1, 2, H, W), 0.5))
+    means = acc.means()
+    assert math.isnan(means["deletion_auc"]) and math.isnan(means["pointing_game"]) and acc.mean_curves() == {}
+    assert means["relevance_mass"] == pytest.approx(64 / 256)  # the object's share of a flat map
+    full, half = torch.sigmoid(model(x))[0, 0].item(), torch.sigmoid(model(0.5 * x))[0, 0].item()
+    assert means["average_drop"] == pytest.approx((full - half) / full * 100)
