@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_config
+
 REPO = Path(__file__).resolve().parents[2]
 NUM_IMAGES, NUM_CORPUS = 200, 40
 
@@ -195,7 +197,8 @@ def test_report_is_self_contained_with_table_pictures_and_lambdas(quickstart):
     # ideal) embedded,
     # nothing fetched from elsewhere
     assert len(re.findall(r"src='data:image/png;base64,", html)) == 7
-    assert "Faithfulness to the classifier (50 images)" in html and "deletion AUC ↓" in html
+    scored = load_config("cpu/evaluate").evaluate.faithfulness_images  # the preset's first N test images
+    assert f"Faithfulness to the classifier ({scored} images)" in html and "deletion AUC ↓" in html
     assert "src='http" not in html and "src='/" not in html
     assert "entropy_regularizer" in html and "class_mask_max_area" in html
     # the Explainer's net and schedule as configs/cpu/explainer.yaml sets them
