@@ -168,9 +168,10 @@ class ExplainerConfig(_Section):
     )
     cam: bool = Field(
         False,
-        description="compact arch: add a class-activation branch (the encoder's remaining blocks and a "
-        "linear layer per position) to the mask logits; with init=distilled it is the distilled "
-        "classifier's own head",
+        description="compact arch: add the Explainer's own class-activation branch (the encoder's remaining "
+        "blocks and a linear layer per position) to the mask logits: random, or with init=distilled "
+        "trained on the Explanandum's outputs only; init=explanandum_copy (white-box) alone copies the "
+        "Explanandum's weights into it",
     )
 
     @model_validator(mode="after")

@@ -204,12 +204,11 @@ def metrics_markdown(
 def _marked_rows(
     methods: Mapping[str, Mapping[str, float | None]],
     columns: Sequence[tuple[str, str]],
-    extra: Mapping[str, list[float | None]] | None = None,
 ) -> tuple[list[list[float | None]], list[list[bool]]]:
-    """Values per method for ``columns`` (key, arrow) (+ ``extra`` values per method), and which of
-    them are the best among the methods that explain (constant and ideal masks are references)."""
-    values = {m: [v.get(key) for key, _ in columns] + list((extra or {}).get(m, [])) for m, v in methods.items()}
-    arrows = [arrow for _, arrow in columns] + ["↑"] * (len(next(iter(values.values()), [])) - len(columns))
+    """Values per method for ``columns`` (key, arrow), and which of them are the best among the methods
+    that explain (constant and ideal masks are references)."""
+    values = {m: [v.get(key) for key, _ in columns] for m, v in methods.items()}
+    arrows = [arrow for _, arrow in columns]
     contenders = [m for m in methods if m not in REFERENCE_METHODS]
     best_of = []
     for j, arrow in enumerate(arrows):
@@ -232,10 +231,13 @@ def metrics_rows(
     Explainer row is called :func:`explainer_title` of ``black_box``."""
     class_specificity = class_specificity or {}
     header = ["method"] + [f"{label} {arrow}" for _, label, arrow in METRICS] + ["spec. gap ↑"]
-    columns = [(key, arrow) for key, _, arrow in METRICS]
-    gaps = {m: [specificity_gap(class_specificity[m]["matrix"]) if m in class_specificity else None] for m in methods}
-    values, marks = _marked_rows(methods, columns, gaps)
-    keys = [key for key, _ in columns] + ["gap"]
+    columns = [(key, arrow) for key, _, arrow in METRICS] + [("gap", "↑")]
+    with_gaps = {
+        m: {**v, "gap": specificity_gap(class_specificity[m]["matrix"]) if m in class_specificity else None}
+        for m, v in methods.items()
+    }
+    values, marks = _marked_rows(with_gaps, columns)
+    keys = [key for key, _ in columns]
     rows = []
     for method, vals in zip(methods, values):
         cells = [_fmt(v, k) for v, k in zip(vals, keys)]

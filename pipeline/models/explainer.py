@@ -40,13 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import WysiwycError
+from pipeline.models.blocks import conv_block, encode_blocks
 from pipeline.models.explanandum import (
     SmallCNN,
     StateSource,
     backbone_howto,
     check_arch,
-    conv_block,
-    encode_blocks,
     load_weights,
     read_state_dict,
 )

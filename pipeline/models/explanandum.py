@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import WysiwycError
+from pipeline.models.blocks import conv_block, encode_blocks
 
 ARCHS = ("vgg16", "resnet50", "resnet18", "small_cnn")
 SMALL_CNN_CHANNELS = (32, 64, 128, 128)
@@ -57,30 +58,6 @@ def backbone_howto(net: str, key: str = "explanandum.pretrained_backbone") -> st
 
 # ---------------------------------------------------------------------------------------------------
 # The CPU-sized classifier
-
-
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """conv3×3-BN-ReLU ×2: one block of ``SmallCNN`` (and of the ``compact`` Explainer's encoder)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
-def encode_blocks(blocks: nn.ModuleList, pool: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The output of every :func:`conv_block` of a stack with ``pool`` between them, highest resolution
-    first (the skips of a U-Net decoder)."""
-    feats = []
-    for i, block in enumerate(blocks):
-        if i > 0:
-            x = pool(x)
-        x = block(x)
-        feats.append(x)
-    return feats
 
 
 class SmallCNN(nn.Module):

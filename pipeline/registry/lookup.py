@@ -4,7 +4,6 @@ names, aliases and helpers that registering and promotion share."""
 from __future__ import annotations
 
 import getpass
-import logging
 import re
 import subprocess
 from datetime import datetime, timezone
@@ -14,9 +13,6 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import storage
 from pipeline.errors import WysiwycError
-
-log = logging.getLogger(__name__)
-
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
 
