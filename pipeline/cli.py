@@ -300,6 +300,24 @@ def evaluate(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonO
 
 
 @app.command()
+def sanity(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False) -> None:
+    """Sanity check of explainer.checkpoint: retrain its Explainer (same keys as train explainer) against a
+    randomised and a permuted-labels classifier; their masks must lose the real ones' (exit 1 if they do not)."""
+
+    outcome: dict = {}
+
+    def stage() -> dict:
+        from pipeline.evaluate.sanity import run_sanity
+
+        outcome.update(run_sanity(_load(config, overrides)))
+        return outcome
+
+    _run("sanity: done", json_, stage)
+    if not outcome["passed"]:
+        raise typer.Exit(1)  # a failed verdict (2: an error)
+
+
+@app.command()
 def sweep(
     config: Annotated[str, typer.Option("-c", "--config", help="Sweep file (see configs/sweeps/).")],
     overrides: Overrides = None,

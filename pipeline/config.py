@@ -218,6 +218,23 @@ class LossConfig(_Section):
     ncmask_total_area_regularizer: float = Field(0.3, ge=0, description="λ_n: mean of the non-target mask n")
     class_mask_min_area: float = Field(0.05, ge=0, le=1, description="smallest area fraction of a present class's mask")
     class_mask_max_area: float = Field(0.3, ge=0, le=1, description="largest area fraction of a present class's mask")
+    kind: Literal["paper", "rt_saliency"] = Field(
+        "paper",
+        description="paper: the four-term loss of Stalder et al. (the λ above); rt_saliency: Dabkowski & Gal's "
+        "(2017) real-time saliency loss with the same Explainer net (the rt_* weights below), a named variant "
+        "for the evaluate table's rt_saliency row",
+    )
+    rt_variation_regularizer: float = Field(10.0, ge=0, description="rt_saliency: λ of the masks' total variation")
+    rt_area_regularizer: float = Field(1.0, ge=0, description="rt_saliency: λ of the masks' mean (area)")
+    rt_destroyer_regularizer: float = Field(
+        5.0, ge=0, description="rt_saliency: λ of the destroyer term p_c(Φ(x, 1 − m))^power"
+    )
+    rt_destroyer_power: float = Field(0.3, gt=0, description="rt_saliency: the destroyer term's power")
+    rt_alternative: Literal["blur", "noise", "both"] = Field(
+        "both",
+        description="rt_saliency: what replaces the pixels a mask removes: a Gaussian blur (σ 10 px at 224 px), "
+        "Gaussian noise, or either, drawn per batch (the paper's)",
+    )
 
 
 class OptimConfig(_Section):
@@ -269,15 +286,28 @@ class TrainerConfig(_Section):
     seed: int = Field(0, description="torch / numpy / python seeds")
 
 
-EVALUATE_METHODS = ("explainer", "grad_cam", "rise", "zeros", "half", "ones", "ideal")
+# how to train the Explainer of evaluate's rt_saliency row (the CPU preset, only the loss changed)
+RT_SALIENCY_HOWTO = "`wysiwyc train explainer -c cpu/explainer loss.kind=rt_saliency trainer.run_name=cpu-rt-saliency`"
+EVALUATE_METHODS = (
+    "explainer",
+    "grad_cam",
+    "rise",
+    "extremal_perturbation",
+    "rt_saliency",
+    "zeros",
+    "half",
+    "ones",
+    "ideal",
+)
 
 
 class EvaluateConfig(_Section):
     """``wysiwyc evaluate``: the paper's metrics for an Explainer against the baselines."""
 
     methods: list[str] = Field(
-        default_factory=lambda: list(EVALUATE_METHODS),
-        description=f"methods to evaluate, from: {', '.join(EVALUATE_METHODS)}",
+        default_factory=lambda: [m for m in EVALUATE_METHODS if m != "rt_saliency"],
+        description=f"methods to evaluate, from: {', '.join(EVALUATE_METHODS)} (default: all; rt_saliency "
+        f"when rt_saliency_checkpoint is set)",
     )
     max_images: int | None = Field(None, ge=1, description="evaluate the first N test images (default: all)")
     batch_size: int = Field(16, ge=1, description="test images per batch")
@@ -300,6 +330,19 @@ class EvaluateConfig(_Section):
     insertion_blur_sigma: float | None = Field(
         None, ge=0, description="insertion: σ in pixels of the blurred start (default: 5 px at 224 px, scaled)"
     )
+    extremal_steps: int = Field(
+        800, ge=1, description="Extremal Perturbations: optimisation steps (paper: 800; fewer compress its schedule)"
+    )
+    extremal_areas: list[float] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.2, 0.3],
+        min_length=1,
+        description="Extremal Perturbations: the areas (shares of the image) the paper's rule picks from",
+    )
+    rt_saliency_checkpoint: str | None = Field(
+        None,
+        description="the rt_saliency row: an Explainer trained with loss.kind=rt_saliency for the same classifier "
+        f"(the checkpoint {RT_SALIENCY_HOWTO} printed)",
+    )
     seed: int = Field(0, ge=0, description="RISE masks")
     protocol: Literal["project", "paper"] = Field(
         "project",
@@ -320,6 +363,29 @@ class EvaluateConfig(_Section):
         if not value:
             raise ValueError(f"give at least one method from {', '.join(EVALUATE_METHODS)}")
         return [m for m in EVALUATE_METHODS if m in value]  # canonical order, no duplicates
+
+    @field_validator("extremal_areas")
+    @classmethod
+    def _areas(cls, value):
+        if any(not 0 < a < 1 for a in value):
+            raise ValueError(f"extremal_areas must lie strictly between 0 and 1, got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _rt_saliency_needs_checkpoint(self):
+        if "rt_saliency" in self.methods and not self.rt_saliency_checkpoint:
+            raise ValueError(
+                "evaluate.methods has rt_saliency but evaluate.rt_saliency_checkpoint is not set: train an "
+                f"Explainer with loss.kind=rt_saliency ({RT_SALIENCY_HOWTO}) and pass its checkpoint, or leave "
+                "rt_saliency out"
+            )
+        return self
+
+    def chosen_methods(self) -> list[str]:
+        """``methods``, with rt_saliency added when its checkpoint is set and the methods were left default."""
+        if self.rt_saliency_checkpoint and "methods" not in self.model_fields_set:
+            return [m for m in EVALUATE_METHODS if m in (*self.methods, "rt_saliency")]
+        return list(self.methods)
 
 
 class AttributeConfig(_Section):
@@ -433,6 +499,25 @@ class SweepConfig(_Section):
         return value
 
 
+class SanityConfig(_Section):
+    """``wysiwyc sanity``: retrain the Explainer against a randomised and a permuted-labels classifier."""
+
+    randomized_layers: int | None = Field(
+        None, ge=1, description="conv/linear layers re-initialised from the output down (default: the top half)"
+    )
+    seed: int = Field(0, ge=0, description="the re-initialisation and the label permutation")
+    max_spearman: float = Field(
+        0.5, ge=-1, le=1, description="verdict: the retrained Explainers' masks correlate below this with the real ones"
+    )
+    iou_drop: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="verdict: their cont. IoU falls at least this share of the way from the real one's "
+        "towards the constant-1 mask's",
+    )
+
+
 class RegistryConfig(_Section):
     """``wysiwyc register`` / ``promote``: the MLflow model registry (at ``tracking.uri``)."""
 
@@ -481,6 +566,7 @@ class Config(_Section):
     registry: RegistryConfig = RegistryConfig()
     attribute: AttributeConfig = AttributeConfig()
     sweep: SweepConfig = SweepConfig()
+    sanity: SanityConfig = SanityConfig()
     output: str = Field("runs/output", description="where a command writes its files (evaluate, attribute)")
 
 

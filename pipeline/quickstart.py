@@ -26,6 +26,9 @@ SPLITS = (("train", 0), ("val", 1), ("test", 2))  # (split, seed); sizes: train 
 EVAL_IMAGES = 100
 CORPUS = ("corpus", 3)  # the held-apart images that the attribution stage explains (num_corpus of them)
 STAGES = ("data", "classifier", "explainer", "evaluate", "register", "promote", "attribute", "report")
+# every method of cpu/evaluate but Extremal Perturbations: its per-image optimisation (50 steps × 4 areas per
+# class) alone takes ~2½ minutes for the 100 test images on 2 cores; `wysiwyc evaluate -c cpu/evaluate` runs it
+QUICKSTART_METHODS = ("explainer", "grad_cam", "rise", "zeros", "half", "ones", "ideal")
 
 
 @dataclass
@@ -262,7 +265,12 @@ def run_quickstart(
     explainer = stage("explainer", lambda: train_explainer(explainer_cfg))
     evaluation_dir = place.url("evaluation")
     evaluate_cfg = _config(
-        place, "evaluate.yaml", f"explainer.checkpoint={explainer['checkpoint']}", f"output={evaluation_dir}", user=user
+        place,
+        "evaluate.yaml",
+        f"explainer.checkpoint={explainer['checkpoint']}",
+        f"output={evaluation_dir}",
+        f"evaluate.methods=[{','.join(QUICKSTART_METHODS)}]",
+        user=user,
     )
     evaluation = stage("evaluate", lambda: evaluate(evaluate_cfg, progress=True))
     metrics = json.loads(storage.read_bytes(storage.join(evaluation_dir, "metrics.json"), opts))

@@ -2,13 +2,16 @@
 
 Inputs: an Explainer checkpoint (``explainer.checkpoint``), the Explanandum it explains (the one its
 checkpoint records, or ``explanandum.checkpoint``; its sha256 must match the record) and a split with
-segmentation (``data.test``). For every method (``explainer``, ``grad_cam``, ``rise``, ``zeros``,
-``half``, ``ones``, ``ideal``) and every image with at least one ground-truth class:
+segmentation (``data.test``). For every method (``explainer``, ``grad_cam``, ``rise``,
+``extremal_perturbation``, ``rt_saliency``, ``zeros``, ``half``, ``ones``, ``ideal``) and every image with
+at least one ground-truth class:
 
-- per-class masks for **all** classes are produced and timed (the Explainer: one forward pass;
-  Grad-CAM: one backward pass per class; RISE: one set of masked forward passes for all classes),
-  which gives ``masks_per_second`` measured in the same run for every method (scoring excluded,
-  the first batch left out as warm-up when there are more);
+- per-class masks for **all** classes are produced and timed (the Explainer and RT-Saliency, an Explainer
+  trained with Dabkowski & Gal's loss given as ``evaluate.rt_saliency_checkpoint``: one forward pass;
+  Grad-CAM: one backward pass per class; RISE: one set of masked forward passes for all classes;
+  Extremal Perturbations, :mod:`pipeline.evaluate.extremal`: an optimisation per present class, so only
+  the present classes' masks, the others 0), which gives ``masks_per_second`` measured in the same run
+  for every method (scoring excluded, the first batch left out as warm-up when there are more);
 - the masks of the image's ground-truth classes are merged by pixel-wise max and scored against the
   ground-truth foreground (:func:`~pipeline.evaluate.metrics.segmentation_scores`, void ignored) and
   with the saliency metric (the Explanandum's sigmoid probabilities on m ⊙ x);
@@ -58,9 +61,12 @@ from pipeline.models.predictor import Predictor
 log = logging.getLogger(__name__)
 
 METHODS = EVALUATE_METHODS
-PER_CLASS_METHODS = ("explainer", "grad_cam", "rise", "ideal")  # class-specificity matrices; ideal:
-# the ground-truth masks, i.e. how class-specific the Explanandum itself is (the reference for the others)
-OVERLAY_METHODS = ("explainer", "grad_cam", "rise")  # merged-mask columns of overlays.png
+# class-specificity matrices; ideal: the ground-truth masks, i.e. how class-specific the Explanandum itself is
+# (the reference for the others)
+PER_CLASS_METHODS = ("explainer", "grad_cam", "rise", "extremal_perturbation", "rt_saliency", "ideal")
+OVERLAY_METHODS = ("explainer", "grad_cam", "rise", "extremal_perturbation", "rt_saliency")  # overlays.png columns
+# per-image optimisation: masks of the image's present classes only (others are 0); masks/s counts those
+PRESENT_CLASS_METHODS = ("extremal_perturbation",)
 CONSTANT_METHODS = ("zeros", "half", "ones")  # maps that rank no pixel above another
 F1_CURVE_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95
 
@@ -256,26 +262,72 @@ class _MethodResult:
         return [float(s / n) if n else math.nan for s, n in zip(self.f1_sums.tolist(), self.f1_counts.tolist())]
 
 
+def load_rt_saliency(uri: str, models: Predictor, opts=None) -> torch.nn.Module:
+    """The Explainer of the ``rt_saliency`` row: trained with ``loss.kind=rt_saliency`` for the Explanandum
+    being evaluated (its recorded sha256 must be this one's), in eval mode.
+
+    Raises:
+        WysiwycError: another loss, another classifier, or other classes.
+    """
+    from pipeline.config import RT_SALIENCY_HOWTO
+    from pipeline.train.checkpoint import explainer_from_checkpoint
+
+    model, state, _ = explainer_from_checkpoint(uri, opts)
+    where = f"evaluate.rt_saliency_checkpoint={storage.redact(uri)}"
+    if state.get("loss_kind") != "rt_saliency":
+        raise WysiwycError(
+            f"{where} was trained with loss.kind={state.get('loss_kind', 'paper')}; the rt_saliency row needs an "
+            f"Explainer trained with loss.kind=rt_saliency ({RT_SALIENCY_HOWTO})"
+        )
+    recorded = (state.get("explanandum") or {}).get("sha256")
+    if recorded != models.explanandum_sha256:
+        raise WysiwycError(
+            f"{where} explains the classifier with sha256 {recorded}, not the evaluated one "
+            f"({models.explanandum_sha256}): train it with "
+            f"explanandum.checkpoint={storage.redact(models.explanandum_uri)}"
+        )
+    if list(state["classes"]) != list(models.classes):
+        raise WysiwycError(f"{where} has classes {state['classes']}, the evaluated Explainer {models.classes}")
+    return model.eval()
+
+
 def _mask_maker(
-    name: str, models: Predictor, options: EvaluateConfig
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``make(x, seg) -> (B, C, H, W)`` per-class masks of every class for method ``name``."""
+    name: str, models: Predictor, options: EvaluateConfig, opts=None
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``make(x, seg, y) -> (B, C, H, W)`` per-class masks for method ``name``: of every class, or of the
+    present classes (y) for the :data:`PRESENT_CLASS_METHODS`."""
     from pipeline.evaluate import baselines
     from pipeline.method.masks import class_masks
 
     all_classes = list(range(len(models.classes)))
     if name == "explainer":
 
-        def make(x, seg):
+        def make(x, seg, y):
             with torch.no_grad():
                 return class_masks(models.explainer(x))  # one forward pass, every class
+    elif name == "rt_saliency":
+        rt = load_rt_saliency(options.rt_saliency_checkpoint, models, opts)
+
+        def make(x, seg, y):
+            with torch.no_grad():
+                return class_masks(rt.to(x.device)(x))  # one forward pass, every class
+    elif name == "extremal_perturbation":
+        from pipeline.evaluate.extremal import extremal_pairs
+
+        def make(x, seg, y):
+            image_of, class_of = (y > 0.5).nonzero(as_tuple=True)
+            maps = torch.zeros(*y.shape, *x.shape[-2:], device=x.device)
+            maps[image_of, class_of] = extremal_pairs(
+                models.explanandum, x, image_of, class_of, areas=options.extremal_areas, steps=options.extremal_steps
+            )
+            return maps
     elif name == "grad_cam":
 
-        def make(x, seg):  # needs gradients (w.r.t. the activations): no no_grad here
+        def make(x, seg, y):  # needs gradients (w.r.t. the activations): no no_grad here
             return baselines.gradcam(models.explanandum, x, all_classes)
     elif name == "rise":
 
-        def make(x, seg):
+        def make(x, seg, y):
             return baselines.rise(
                 models.explanandum,
                 x,
@@ -289,11 +341,11 @@ def _mask_maker(
     elif name in ("zeros", "half", "ones"):
         method = baselines.constant({"zeros": 0.0, "half": 0.5, "ones": 1.0}[name])
 
-        def make(x, seg):
+        def make(x, seg, y):
             return method(models.explanandum, x, all_classes)
     elif name == "ideal":
 
-        def make(x, seg):
+        def make(x, seg, y):
             return baselines.ideal(models.explanandum, x, all_classes, seg=seg)
     else:  # EvaluateConfig validates the names
         raise WysiwycError(f"evaluate: unknown method {name!r}; choose from {', '.join(METHODS)}")
@@ -383,7 +435,8 @@ def evaluate(config, progress: bool = True) -> dict:
         with torch.no_grad():
             return models.explanandum(images).float().softmax(dim=1)
 
-    makers = {name: _mask_maker(name, models, options) for name in options.methods}
+    methods = options.chosen_methods()
+    makers = {name: _mask_maker(name, models, options, opts) for name in methods}
     size = models.image_size
     faithful = {
         "steps": options.faithfulness_steps,
@@ -397,12 +450,14 @@ def evaluate(config, progress: bool = True) -> dict:
     results = {
         name: _MethodResult(
             MetricAccumulator(),
-            ClassSpecificityAccumulator(C, rule=options.protocol) if name in PER_CLASS_METHODS else None,
+            ClassSpecificityAccumulator(C, rule=options.protocol)
+            if name in PER_CLASS_METHODS and not (paper and name in PRESENT_CLASS_METHODS)  # paper: every class
+            else None,
             FaithfulnessAccumulator(**faithful, ranking=name not in CONSTANT_METHODS)
             if options.faithfulness_images != 0
             else None,
         )
-        for name in options.methods
+        for name in methods
     }
     faithfulness_limit = math.inf if options.faithfulness_images is None else options.faithfulness_images
     overlay_rows: list[dict] = []
@@ -451,14 +506,16 @@ def evaluate(config, progress: bool = True) -> dict:
                 for i in range(min(B, want_rows))
             ]
 
-            for name in options.methods:
+            for name in methods:
                 result = results[name]
-                # per-class masks of every class, timed (scoring below is not)
+                # per-class masks of every class (of the present ones: PRESENT_CLASS_METHODS), timed
+                # (scoring below is not)
                 _sync(device)
                 tic = time.perf_counter()
-                maps = makers[name](x, seg)
+                maps = makers[name](x, seg, y)
                 _sync(device)
-                result.timings.append((time.perf_counter() - tic, B * C))
+                made = int((y > 0.5).sum()) if name in PRESENT_CLASS_METHODS else B * C
+                result.timings.append((time.perf_counter() - tic, made))
 
                 with torch.no_grad():
                     maps = maps.float()

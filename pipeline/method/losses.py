@@ -20,6 +20,9 @@ its λ values carry over:
   penalty = mean over k of relu(1[k < ⌊a_min·HW⌋] − s_k) + relu(s_k − 1[k < ⌊a_max·HW⌋]); summed over
   the image's present classes, then averaged over the batch (images with no label contribute 0).
 
+``loss.kind: rt_saliency`` trains the same Explainer net with Dabkowski & Gal's (NeurIPS 2017) real-time
+saliency objective instead (:func:`rt_saliency_loss`), a named variant for the comparison.
+
 ``weights`` is any object with the paper's attribute names (``entropy_regularizer`` λ_e,
 ``mask_variation_regularizer`` λ_tv, ``mask_area_constraint_regularizer`` λ_a,
 ``mask_total_area_regularizer`` λ_m, ``ncmask_total_area_regularizer`` λ_n, ``class_mask_min_area``,
@@ -152,6 +155,85 @@ def explainer_loss(
         "total": total,
         "m": m,
         "n": n,
+        "logits_masked": logits_masked,
+        "logits_inverted": logits_inverted,
+    }
+
+
+RT_BLUR_SIGMA_AT_224 = 10.0  # Dabkowski & Gal's blurred alternative
+
+
+def rt_alternative(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The image that replaces what a mask removes in Φ(x, m) = m·x + (1 − m)·A: ``blur`` (a Gaussian blur
+    of σ 10 px at 224 px, scaled), ``noise`` (Gaussian noise of the normalised images' unit variance), or
+    ``both`` (either, drawn per batch, as Dabkowski & Gal alternate them)."""
+    from pipeline.evaluate.faithfulness import gaussian_blur, scaled
+
+    if kind == "both":
+        kind = "blur" if torch.rand((), generator=generator).item() < 0.5 else "noise"
+    if kind == "blur":
+        # float32, contiguous, outside autocast: a depthwise bf16 convolution of a channels_last batch takes
+        # the CPU minutes (the trainer's batches are channels_last under cpu_amp)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return gaussian_blur(x.float().contiguous(), scaled(RT_BLUR_SIGMA_AT_224, x.shape[-1]))
+    return torch.randn(x.shape, generator=generator).to(x.device)
+
+
+def rt_saliency_loss(
+    explanandum: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    S: torch.Tensor,
+    weights: Any,
+    alternative: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Dabkowski & Gal's real-time saliency objective for the Explainer's per-class masks m_c = sigmoid(S_c),
+    averaged over the present (image, class) pairs (multi-label: p = sigmoid of F's logit):
+
+        L = λ_tv·TV(m_c) + λ_a·mean(m_c) − log p_c(Φ(x, m_c)) + λ_d·p_c(Φ(x, 1 − m_c))^power
+
+    (preserver: the class survives the masked image; destroyer: it does not survive the inverted one),
+    Φ(x, m) = m·x + (1 − m)·A with A from :func:`rt_alternative`. Weights ``rt_variation_regularizer``,
+    ``rt_area_regularizer``, ``rt_destroyer_regularizer``, ``rt_destroyer_power``.
+
+    Returns the unweighted ``preserver``, ``destroyer``, ``tv``, ``area`` (mean of the m_c) and the
+    weighted ``total``, and, as :func:`explainer_loss`, ``m`` (the merged target mask), ``mask_area`` =
+    mean(m), ``logits_masked`` = F(m ⊙ x) and ``logits_inverted`` = F((1 − m) ⊙ x) for logging (no
+    gradient).
+    """
+    if alternative is None:
+        alternative = rt_alternative(x, weights.rt_alternative)
+    present = y > 0.5 if y.dtype != torch.bool else y
+    b_idx, c_idx = present.nonzero(as_tuple=True)
+    m, _ = target_and_nontarget_masks(S, y)
+    with torch.no_grad():  # the same logged quantities as the paper's loss (F1 of F(m ⊙ x), …)
+        logits_masked = explanandum(m.unsqueeze(1) * x)
+        logits_inverted = explanandum((1.0 - m).unsqueeze(1) * x)
+    if b_idx.numel() == 0:
+        zero = S.sum() * 0.0
+        terms = {"preserver": zero, "destroyer": zero, "tv": zero, "area": zero}
+    else:
+        masks = torch.sigmoid(S[b_idx, c_idx]).unsqueeze(1)  # (P, 1, H, W)
+        xs, alt = x[b_idx], alternative[b_idx]
+        kept = explanandum(masks * xs + (1 - masks) * alt)[torch.arange(len(c_idx)), c_idx]
+        removed = explanandum((1 - masks) * xs + masks * alt)[torch.arange(len(c_idx)), c_idx]
+        terms = {
+            "preserver": -F.logsigmoid(kept.float()).mean(),
+            "destroyer": torch.sigmoid(removed.float()).pow(weights.rt_destroyer_power).mean(),
+            "tv": total_variation(masks[:, 0]),
+            "area": masks.mean(),
+        }
+    total = (
+        weights.rt_variation_regularizer * terms["tv"]
+        + weights.rt_area_regularizer * terms["area"]
+        + terms["preserver"]
+        + weights.rt_destroyer_regularizer * terms["destroyer"]
+    )
+    return {
+        **terms,
+        "total": total,
+        "mask_area": m.mean().detach(),
+        "m": m,
         "logits_masked": logits_masked,
         "logits_inverted": logits_inverted,
     }

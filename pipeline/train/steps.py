@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.evaluate.metrics import foreground_and_valid, segmentation_scores
-from pipeline.method.losses import classifier_loss, distillation_loss, explainer_loss
+from pipeline.method.losses import classifier_loss, distillation_loss, explainer_loss, rt_saliency_loss
 
 # a batch → (loss to backpropagate, {name: (sum over the batch, count)} for logging)
 LossFn = Callable[[dict], tuple[torch.Tensor, dict[str, tuple[float, float]]]]
@@ -115,22 +115,27 @@ def classifier_loss_fn(model: nn.Module, ctx: StepContext) -> LossFn:
 def explainer_loss_fn(
     explainer: nn.Module, explanandum: nn.Module, weights, ctx: StepContext, ground_truth: bool = False
 ) -> LossFn:
-    """L_E of the Explainer on the batch; logs every term, masked-image accuracy/F1 and mask areas.
+    """L_E of the Explainer on the batch (or, with ``loss.kind=rt_saliency``, Dabkowski & Gal's loss); logs
+    every term, masked-image accuracy/F1 and mask areas.
 
     With ``ground_truth`` (a validation split with segmentation) also the target mask's ``c_iou``,
     ``d_f1`` and ``c_f1`` against the ground-truth foreground, over labelled images, void ignored.
     """
 
+    rt = getattr(weights, "kind", "paper") == "rt_saliency"
+    paper_terms = ("classification", "entropy", "area_constraint", "ncmask_area")
+    terms = ("preserver", "destroyer", "area") if rt else paper_terms
+
     def compute(batch: dict):
         x, y = batch["image"], batch["labels"]
         with ctx.autocast():
             S = explainer(x)
-            out = explainer_loss(explanandum, x, y, S.float(), weights)
+            if rt:
+                out = rt_saliency_loss(explanandum, x, y, S.float(), weights)
+            else:
+                out = explainer_loss(explanandum, x, y, S.float(), weights)
         n = float(len(y))
-        logged = {
-            name: (float(out[name].detach()) * n, n)
-            for name in ("total", "classification", "entropy", "tv", "area_constraint", "mask_area", "ncmask_area")
-        }
+        logged = {name: (float(out[name].detach()) * n, n) for name in ("total", *terms, "tv", "mask_area")}
         logged["loss"] = logged.pop("total")
         # the masked image should keep the classes, the inverted one should lose them
         p_inv = torch.sigmoid(out["logits_inverted"].detach().float())

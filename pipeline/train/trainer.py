@@ -60,6 +60,9 @@ from pipeline.train.steps import (
 log = logging.getLogger(__name__)
 
 
+DISTILLATION_SCORE = 1e30  # the monitored loss of a distillation epoch: worse than any loss of the paper's
+
+
 def run_name(kind: str, config: Config) -> str:
     """``trainer.run_name``, or ``KIND-ARCH-HASH`` of the config (the same config → the same run)."""
     if config.trainer.run_name:
@@ -189,6 +192,7 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
         "arch": e.arch,
         "explainer_init": e.init,
         "black_box": e.black_box,
+        "loss_kind": config.loss.kind,
         "explanandum": {"uri": storage.redact(config.explanandum.checkpoint), "sha256": sha, "arch": state["arch"]},
     }
     distill = (lambda m, ctx: distillation_loss_fn(m, f, ctx)) if e.init == "distilled" else None
@@ -497,8 +501,9 @@ def worker_loop(
                     evaluate_epoch(val_distill_fn if distilling else val_loss_fn, [model], val_loader, ctx), world
                 )
                 record.update({f"{prefix}val_{k}": v for k, v in val.compute().items()})
-            if distilling:  # no checkpoint of this phase is "best" (L_E has not started)
-                monitored, improved = math.inf, False
+            if distilling:  # no checkpoint of this phase is "best" (L_E has not started); finite, because
+                # Ray's run snapshot stores inf as null and a resumed run cannot rank a null score
+                monitored, improved = DISTILLATION_SCORE, False
             else:
                 monitored = record.get("val_loss", record["train_loss"])
                 improved = monitored < best_loss - config.trainer.min_delta
@@ -573,7 +578,8 @@ def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool
     """The worker loop in this process (``trainer.backend=local``); resumable from ``RUN/last.pt``.
 
     Returns:
-        The summary of :func:`worker_loop` plus ``checkpoint`` (best) and ``metrics`` (history.json URI).
+        The summary of :func:`worker_loop` plus ``checkpoint`` (best), ``last_checkpoint`` (the last
+        epoch's) and ``metrics`` (history.json URI).
     """
     name = run_name(kind, config)
     run = LocalRun(config, name, rank, world)
@@ -581,7 +587,12 @@ def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool
     summary = worker_loop(kind, config, run, where, progress)
     best = storage.redact(run.url("best.pt"))
     tracking.finish(where, summary["mlflow_run_id"], best, run.root, run.opts)
-    return {"checkpoint": best, "metrics": storage.redact(run.url("history.json")), **summary}
+    return {
+        "checkpoint": best,
+        "last_checkpoint": storage.redact(run.url("last.pt")),
+        "metrics": storage.redact(run.url("history.json")),
+        **summary,
+    }
 
 
 def _train(kind: str, config: Config) -> dict:

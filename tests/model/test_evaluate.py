@@ -75,7 +75,14 @@ def _config(workdir, **overrides) -> Config:
         "data": {"test": str(workdir / "data" / "test"), "loader_workers": 0},
         "explainer": {"checkpoint": str(workdir / "explainer.pt")},
         "output": str(workdir / "out"),
-        "evaluate": {"rise_masks": 48, "rise_batch_size": 48, "batch_size": 8, "overlay_images": 4},
+        "evaluate": {
+            "rise_masks": 48,
+            "rise_batch_size": 48,
+            "batch_size": 8,
+            "overlay_images": 4,
+            "extremal_steps": 4,
+            "rt_saliency_checkpoint": str(workdir / "rt_saliency.pt"),
+        },
     }
     for dotted, value in overrides.items():
         node = tree
@@ -131,6 +138,8 @@ def workdir(tmp_path_factory):
     classifier = str(root / "classifier.pt")
     sha = save_checkpoint(_classifier_state(classes, seed=0), classifier)
     save_checkpoint(_explainer_state(classes, classifier, sha), str(root / "explainer.pt"))
+    rt = _explainer_state(classes, classifier, sha, loss_kind="rt_saliency")
+    save_checkpoint(rt, str(root / "rt_saliency.pt"))
     return root
 
 
@@ -167,7 +176,14 @@ def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
         assert set(values) == CONTRACT_METRICS, method
         assert values["masks_per_second"] > 0, method
         assert values["nan_masks"] == 0, method
-    assert set(metrics["class_specificity"]) == {"explainer", "grad_cam", "rise", "ideal"}
+    assert set(metrics["class_specificity"]) == {
+        "explainer",
+        "grad_cam",
+        "rise",
+        "extremal_perturbation",
+        "rt_saliency",
+        "ideal",
+    }
     for curve in metrics["f1_curve"].values():
         assert curve["thresholds"] == pytest.approx([0.05 * k for k in range(1, 20)])
         assert len(curve["f1"]) == 19
@@ -222,7 +238,8 @@ def test_pictures_are_written_and_open_at_a_reasonable_size(run, workdir):
     summary, _ = run
     out = workdir / "out"
     names = ["f1_vs_threshold.png", "overlays.png", "faithfulness_curves.png"] + [
-        f"class_specificity_{m}.png" for m in ("explainer", "grad_cam", "rise", "ideal")
+        f"class_specificity_{m}.png"
+        for m in ("explainer", "grad_cam", "rise", "extremal_perturbation", "rt_saliency", "ideal")
     ]
     for name in names:
         with Image.open(out / name) as im:
@@ -245,7 +262,7 @@ def test_summary_has_the_contract_keys_and_a_markdown_table(run, workdir):
     assert set(summary["table"]) == set(METHODS)
     assert summary["table"]["ideal"] == {"cont_iou": 1.0, "mean_f1": metrics["methods"]["ideal"]["mean_f1"]}
     text = (out / "metrics.md").read_text()
-    for title in ("Explainer", "Grad-CAM", "RISE", "ideal"):
+    for title in ("Explainer", "Grad-CAM", "RISE", "Extremal Perturbations", "RT-Saliency", "ideal"):
         assert f"| {title} |" in text
     assert "Protocol: project" in text and "white-box" not in text
     assert summary["protocol"] == "project"
@@ -313,11 +330,11 @@ def _maker_with_masks_set_to(original, fill: float, touched: list):
     image of each batch and on one pixel of a class the second image does not hold (``touched``: per
     batch, the first image's classes, read from its class-index map)."""
 
-    def maker(name, models, options):
-        make = original(name, models, options)
+    def maker(name, models, options, opts=None):
+        make = original(name, models, options, opts)
 
-        def patched(x, seg):
-            maps = make(x, seg).clone()
+        def patched(x, seg, y):
+            maps = make(x, seg, y).clone()
             maps[0] = fill
             touched.append([k for k in range(maps.shape[1]) if (seg[0] == k + 1).any()])
             if maps.shape[0] > 1:
@@ -419,6 +436,60 @@ def test_explainer_init_and_black_box_come_from_the_checkpoint_and_label_the_row
     )
     assert "<td>Explainer (white-box init)</td>" in html and "Protocol: project" in html
     assert "<td>Explainer</td>" in report.metrics_html(metrics["methods"], black_box=True)
+
+
+def test_rt_saliency_row_needs_an_rt_saliency_explainer_of_the_same_classifier(workdir, tmp_path):
+    classes = list(SyntheticReader(1, seed=0, split="x").classes)
+    sha = hashlib.sha256((workdir / "classifier.pt").read_bytes()).hexdigest()
+    paper = tmp_path / "paper.pt"
+    save_checkpoint(_explainer_state(classes, str(workdir / "classifier.pt"), sha), str(paper))
+    other = tmp_path / "other.pt"
+    save_checkpoint(_explainer_state(classes, "elsewhere.pt", "0" * 64, loss_kind="rt_saliency"), str(other))
+    for checkpoint, message in (
+        (paper, r"rt_saliency_checkpoint=.*paper.pt was trained with loss.kind=paper"),
+        (other, r"rt_saliency_checkpoint=.*other.pt explains the classifier with sha256 0000"),
+    ):
+        config = _config(
+            workdir,
+            output=str(tmp_path / "out"),
+            evaluate__methods=["explainer", "rt_saliency"],
+            evaluate__rt_saliency_checkpoint=str(checkpoint),
+        )
+        with pytest.raises(WysiwycError, match=message):
+            run_evaluate(config, progress=False)
+    with pytest.raises(ValueError, match=r"evaluate.methods has rt_saliency but evaluate.rt_saliency_checkpoint"):
+        _config(workdir, evaluate__methods=["rt_saliency"], evaluate__rt_saliency_checkpoint=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_extremal_perturbation_masks_only_the_present_classes(workdir, monkeypatch):
+    import pipeline.evaluate.extremal as extremal
+
+    calls = []
+    original = extremal.extremal_pairs
+
+    def spy(model, x, image_of, class_of, **settings):
+        calls.append((image_of.tolist(), class_of.tolist(), list(settings["areas"]), settings["steps"]))
+        return original(model, x, image_of, class_of, **settings)
+
+    monkeypatch.setattr(extremal, "extremal_pairs", spy)
+    config = _config(
+        workdir,
+        output=str(workdir / "out-ep"),
+        evaluate__methods=["extremal_perturbation"],
+        evaluate__max_images=8,
+        evaluate__extremal_areas=[0.3, 0.1],
+    )
+    run_evaluate(config, progress=False)
+    labels = _test_labels(workdir)[:8]
+    labels = labels[labels.sum(1) > 0]
+    image_of, class_of = (labels > 0.5).nonzero(as_tuple=True)
+    assert [(i, c) for call in calls for i, c in zip(call[0], call[1])] == list(
+        zip(image_of.tolist(), class_of.tolist())
+    )
+    assert {(tuple(call[2]), call[3]) for call in calls} == {((0.1, 0.3), 4)}  # sorted (by the config), the steps
+    row = json.loads((workdir / "out-ep" / "metrics.json").read_text())["methods"]["extremal_perturbation"]
+    assert row["masks_per_second"] > 0 and row["nan_masks"] == 0
 
 
 def test_unknown_method_is_a_config_error():

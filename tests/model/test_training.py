@@ -427,3 +427,29 @@ def test_distilled_init_distils_the_outputs_then_trains_the_papers_loss_calling_
     # relaunched with one more epoch of the paper's loss, it resumes after the distillation
     again = fit("explainer", config(data, tmp_path, "trainer.epochs=2", *cfg), progress=False)
     assert again["resumed_from_epoch"] == 3 and again["epochs"] == 4
+
+
+def test_rt_saliency_loss_kind_trains_the_same_explainer_with_dabkowski_and_gals_loss(data, tmp_path):
+    torch.manual_seed(0)
+    clf = fit("classifier", config(data, tmp_path, "trainer.epochs=1", "trainer.run_name=clf"), progress=False)
+    summary = fit(
+        "explainer",
+        config(
+            data,
+            tmp_path,
+            "trainer.epochs=3",
+            "trainer.run_name=rt",
+            "loss.kind=rt_saliency",
+            f"explanandum.checkpoint={clf['checkpoint']}",
+        ),
+        progress=False,
+    )
+    history = json.loads((tmp_path / "ckpt" / "rt" / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    terms = {"train_preserver", "train_destroyer", "train_area", "train_tv", "train_mask_area", "val_loss", "val_f1"}
+    assert terms <= set(history[-1])
+    assert "train_entropy" not in history[-1]  # none of the paper's terms
+    state, _ = ckpt.load_checkpoint(summary["checkpoint"])
+    assert state["loss_kind"] == "rt_saliency" and state["arch"] == "compact" and state["black_box"] is True
+    # the paper's loss records its kind too
+    assert ckpt.load_checkpoint(clf["checkpoint"])[0].get("loss_kind") is None  # a classifier has none

@@ -14,6 +14,8 @@ from pipeline.method.losses import (
     classifier_loss,
     entropy_loss,
     explainer_loss,
+    rt_alternative,
+    rt_saliency_loss,
     total_variation,
 )
 from pipeline.models.explainer import CompactExplainer
@@ -119,6 +121,57 @@ def test_explainer_loss_terms_by_hand():
         assert out[key].item() == pytest.approx(value, rel=1e-5), key
     total = classification + entropy + tv + area + 0.1 * 0.5625 + 0.3 * 0.3125
     assert out["total"].item() == pytest.approx(total, rel=1e-5)
+
+
+RT_WEIGHTS = types.SimpleNamespace(
+    rt_variation_regularizer=10.0,
+    rt_area_regularizer=1.0,
+    rt_destroyer_regularizer=5.0,
+    rt_destroyer_power=0.3,
+    rt_alternative="both",
+)
+
+
+def test_rt_saliency_loss_terms_by_hand():
+    x = torch.tensor([[[[2.0, 4.0], [0.0, 2.0]]]])
+    y = torch.tensor([[1.0, 0.0]])
+    ln3 = math.log(3.0)
+    S = torch.tensor([[[[0.0, ln3], [0.0, 0.0]], [[-ln3, 0.0], [-ln3, -ln3]]]], requires_grad=True)
+    F_ = SumClassifier([1.0, -0.5])
+    softplus = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    # m_0 = [[.5,.75],[.5,.5]]; alternative 0: Φ(x, m) = m⊙x sums to 5, Φ(x, 1 − m) to 3
+    out = rt_saliency_loss(F_, x, y, S, RT_WEIGHTS, alternative=torch.zeros_like(x))
+    expected = {"preserver": softplus(-5.0), "destroyer": sigmoid(3.0) ** 0.3, "tv": 0.25, "area": 0.5625}
+    for key, value in expected.items():
+        assert out[key].item() == pytest.approx(value, rel=1e-5), key
+    total = 10 * 0.25 + 0.5625 + softplus(-5.0) + 5 * sigmoid(3.0) ** 0.3
+    assert out["total"].item() == pytest.approx(total, rel=1e-5)
+    # logged like the paper's loss: F(m ⊙ x), F((1 − m) ⊙ x) and the merged target mask's area
+    torch.testing.assert_close(out["logits_masked"], torch.tensor([[5.0, -2.5]]))
+    torch.testing.assert_close(out["logits_inverted"], torch.tensor([[3.0, -1.5]]))
+    assert out["mask_area"].item() == pytest.approx(0.5625)
+    # the alternative fills what the mask removes: with ones, Φ(x, m) sums to 5 + Σ(1 − m) = 6.75
+    ones = rt_saliency_loss(F_, x, y, S, RT_WEIGHTS, alternative=torch.ones_like(x))
+    assert ones["preserver"].item() == pytest.approx(softplus(-6.75), rel=1e-5)
+    assert ones["destroyer"].item() == pytest.approx(sigmoid(3.0 + 2.25) ** 0.3, rel=1e-5)
+    # only the present class's logits carry gradient; the absent class's mask is untouched
+    out["total"].backward()
+    assert S.grad[0, 0].abs().sum() > 0 and S.grad[0, 1].abs().sum() == 0
+
+
+def test_rt_saliency_alternative_is_a_blur_or_noise():
+    x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    blur = rt_alternative(x, "blur")
+    assert blur.shape == x.shape and blur.var() < 0.3 * x.var()  # σ 10 px at 224: ~1.1 px here
+    noise = rt_alternative(x, "noise", torch.Generator().manual_seed(1))
+    assert abs(float(noise.std()) - 1.0) < 0.1 and abs(float((noise * x).mean())) < 0.1
+    # the trainer's batches under cpu_amp: channels_last, bf16 autocast; the blur stays float32 (and fast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = rt_alternative(x.contiguous(memory_format=torch.channels_last), "blur")
+    assert amp.dtype == torch.float32 and torch.allclose(amp, blur)
+    drawn = {bool(rt_alternative(x, "both", torch.Generator().manual_seed(s)).var() < 0.3) for s in range(12)}
+    assert drawn == {True, False}  # either, drawn per batch
 
 
 def test_explainer_loss_weights_scale_their_terms():
