@@ -127,10 +127,7 @@ def decode_image(data: bytes, source: str, size: int, max_pixels: int):
 
 def shard_images(url: str, opts):
     """``(member key, image bytes)`` of every sample of one shard, in tar order."""
-    import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    from pipeline.data.shards import raw_samples
 
-    from pipeline.data.shards import OpenShards
-
-    for raw in wds.DataPipeline(wds.SimpleShardList([url]), OpenShards(opts), tar_file_expander, group_by_keys):
+    for raw in raw_samples([url], opts):
         yield raw["__key__"], raw.get("jpg") or raw.get("png") or b""

@@ -244,6 +244,16 @@ class OpenShards:
                 stream.close()
 
 
+def raw_samples(urls: list[str], opts=None, *stages):
+    """The undecoded samples (``{"__key__", "json", "png" | "jpg", "seg.png"?}``) of the shards ``urls`` in
+    order, through :class:`OpenShards`; ``stages``: more pipeline stages after grouping (e.g. a shuffle)."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    shards = wds.SimpleShardList(list(urls))
+    return wds.DataPipeline(shards, OpenShards(opts), tar_file_expander, group_by_keys, *stages)
+
+
 class ShardDataset(tud.IterableDataset):
     """Streams the samples of a split: shard shuffle → split by rank → split by worker → samples.
 
@@ -318,7 +328,6 @@ class ShardDataset(tud.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
-        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         from pipeline.data.transforms import decode_sample
 
@@ -328,15 +337,10 @@ class ShardDataset(tud.IterableDataset):
         shards = self.local_shards()
         if not shards:  # an idle rank / worker (allow_idle_ranks): webdataset refuses an empty list
             return
-        stages = [
-            wds.SimpleShardList(shards),
-            OpenShards(self.opts),
-            tar_file_expander,
-            group_by_keys,
-        ]
+        stages = []
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
-        for raw in wds.DataPipeline(*stages):
+        for raw in raw_samples(shards, self.opts, *stages):
             yield decode_sample(
                 raw, image_size=self.image_size, num_classes=len(self.classes), flip=self.flip and rng.random() < 0.5
             )

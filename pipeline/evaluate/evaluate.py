@@ -141,20 +141,15 @@ class PaperTruthShards(ShardDataset):
         self.luminance = luminance
 
     def __iter__(self):
-        import webdataset as wds
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
         from pipeline.data.sample import decode_png
-        from pipeline.data.shards import OpenShards
+        from pipeline.data.shards import raw_samples
         from pipeline.data.transforms import decode_sample
         from pipeline.evaluate.metrics import paper_foreground
 
         shards = self.local_shards()
         if not shards:
             return
-        for raw in wds.DataPipeline(
-            wds.SimpleShardList(shards), OpenShards(self.opts), tar_file_expander, group_by_keys
-        ):
+        for raw in raw_samples(shards, self.opts):
             sample = decode_sample(raw, image_size=self.image_size, num_classes=len(self.classes))
             if "seg.png" in raw:
                 fg = paper_foreground(decode_png(raw["seg.png"]), self.image_size, self.luminance)

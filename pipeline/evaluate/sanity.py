@@ -85,24 +85,15 @@ def write_permuted_split(spec: str, out: str, split: str, seed: int, opts=None) 
     images (image i gets the labels of image π(i), π drawn from ``seed``); images and segmentation are
     kept. Two passes over the shards, no image in memory beyond one sample; each shard is published
     atomically and the manifest last. Returns the manifest URL."""
-    import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
     from pipeline.data.sample import Sample, decode_png
-    from pipeline.data.shards import OpenShards, ShardWriter, build_manifest, read_manifest, write_manifest
+    from pipeline.data.shards import ShardWriter, build_manifest, raw_samples, read_manifest, write_manifest
 
     manifest = read_manifest(spec, opts)
-
-    def samples():
-        return wds.DataPipeline(
-            wds.SimpleShardList(list(manifest["shard_urls"])), OpenShards(opts), tar_file_expander, group_by_keys
-        )
-
-    labels = [json.loads(raw["json"])["labels"] for raw in samples()]
+    labels = [json.loads(raw["json"])["labels"] for raw in raw_samples(manifest["shard_urls"], opts)]
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
     writer = ShardWriter(out, split, opts=opts)
     try:
-        for i, raw in enumerate(samples()):
+        for i, raw in enumerate(raw_samples(manifest["shard_urls"], opts)):
             meta = json.loads(raw["json"])
             ext = "png" if "png" in raw else "jpg"
             writer.write(
