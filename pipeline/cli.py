@@ -99,8 +99,8 @@ def _print_summary(title: str, summary: dict, as_json: bool) -> None:
         print(f"  {key.ljust(width)}  {value}")
 
 
-def _run(title: str, as_json: bool, stage: Callable[[], dict]) -> None:
-    """Run a stage; print its summary, or a clear error and exit non-zero."""
+def _run(title: str, as_json: bool, stage: Callable[[], dict]) -> dict:
+    """Run a stage; print its summary (and return it), or a clear error and exit non-zero."""
     from pipeline.errors import WysiwycError
 
     logging.basicConfig(level=_LOG_LEVEL["level"], stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -125,6 +125,7 @@ def _run(title: str, as_json: bool, stage: Callable[[], dict]) -> None:
         print(f"error: {message}", file=sys.stderr)
         raise typer.Exit(2) from None
     _print_summary(title, summary, as_json)
+    return summary
 
 
 def _load(config: str | None, overrides: list[str] | None, **flags):
@@ -425,16 +426,26 @@ def attribute(
     overrides: Overrides = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Masks + index for every image of a corpus on Ray Data (resumable, idempotent; see configs/attribute/)."""
+    """Masks + index for every image of a corpus on Ray Data (resumable, idempotent; see configs/attribute/).
+
+    Exit 3 when the run completed but a class drifted and attribute.fail_on_drift is set (2: an error)."""
+    fail_on_drift = []
 
     def stage() -> dict:
         from pipeline.attribute import attribute as run_attribute
 
         flags = {"explainer.checkpoint": model, "attribute.input": input_, "output": output, "attribute.run_id": run_id}
         # JSON-quoted: a run id such as 2026-11-29 stays a string (YAML would read a date)
-        return run_attribute(_load(config, overrides, **{k: json.dumps(v) for k, v in flags.items() if v}))
+        cfg = _load(config, overrides, **{k: json.dumps(v) for k, v in flags.items() if v})
+        fail_on_drift.append(cfg.attribute.fail_on_drift)
+        return run_attribute(cfg)
 
-    _run("attribute: done", json_, stage)
+    summary = _run("attribute: done", json_, stage)
+    if fail_on_drift and fail_on_drift[0] and (summary.get("drift") or {}).get("flagged"):
+        print(
+            f"attribute: drift in {', '.join(summary['drift']['flagged'])} (attribute.fail_on_drift)", file=sys.stderr
+        )
+        raise typer.Exit(3)
 
 
 @app.command()

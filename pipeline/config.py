@@ -410,7 +410,15 @@ class AttributeConfig(_Section):
     threshold: float = Field(0.5, ge=0, le=1, description="probability at which a class counts as predicted")
     top_k: int = Field(3, ge=1, description="classes=topk: how many")
     fixed_classes: list[str] = Field(default_factory=list, description="classes=fixed: class names")
-    batch_size: int = Field(32, ge=1, description="images per model call (and per index part file)")
+    batch_size: int = Field(32, ge=1, description="images per model call (and per output batch of format objects)")
+    output_format: Literal["shards", "objects"] = Field(
+        "shards",
+        description="shards: the masks of shard_size images in one tar (WebDataset) per batch, for large "
+        "runs and object storage; objects: two files per image (masks/KK/KEY.png, class_masks/KK/KEY.npz)",
+    )
+    shard_size: int = Field(
+        1000, ge=1, description="images per output shard (format shards) and per chunk of the run's plan (resume unit)"
+    )
     num_actors: int = Field(2, ge=1, description="predictor actors (ActorPoolStrategy size)")
     cpus_per_actor: float = Field(
         0.5, gt=0, description="logical CPUs per actor; < 1 on small machines so read and write tasks keep a CPU"
@@ -421,6 +429,19 @@ class AttributeConfig(_Section):
     max_error_fraction: float = Field(0.1, ge=0, le=1, description="abort when more images than this share fail")
     max_image_pixels: int = Field(50_000_000, ge=1, description="larger images are error rows, not decoded")
     preview_images: int = Field(16, ge=0, description="masked-image previews + index.html for the first N images")
+    compare_to: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="drift against an earlier run under the same output: its run id, or 'previous' for the "
+        "last complete one",
+    )
+    fail_on_drift: bool = Field(False, description="exit 3 (after the run completes) when a class drifted")
+    drift_psi: float = Field(0.2, gt=0, description="flag a class whose predicted frequency has a PSI above this")
+    drift_ks: float = Field(0.2, gt=0, le=1, description="flag a class whose mask areas have a KS statistic above this")
+    drift_min_images: int = Field(
+        20, ge=1, description="compare a class's mask areas only when both runs explain it on this many images"
+    )
+    experiment: str = Field("attribution", description="MLflow experiment of the attribution runs")
 
 
 class TrackingConfig(_Section):

@@ -321,7 +321,7 @@ def run_quickstart(
         "report": str(report_path),
         "evaluation (metrics.json, plots)": evaluation["output"],
         "attribution preview (index.html)": attribution.get("preview"),
-        "attribution index (Parquet)": attribution.get("index"),
+        "attribution index (Parquet parts)": attribution.get("index"),
         "Explainer checkpoint": explainer["checkpoint"],
         "classifier checkpoint": classifier["checkpoint"],
         "registered model": f"models:/{MODEL_NAME}@champion = models:/{MODEL_NAME}/{champion}",

@@ -1,11 +1,13 @@
-"""What ``attribute.input`` names, resolved to the images to explain: an image prefix, a file of image
-URIs or a shard split (:func:`open_input`); reading and decoding one image (:func:`fetch_image`,
-:func:`decode_image`: a bad image is an :class:`~pipeline.errors.InputError`, i.e. an error row)."""
+"""What ``attribute.input`` names (:func:`open_input`) and its images streamed in a deterministic order
+(:func:`iter_sources`); reading and decoding one image (:func:`fetch_image`, :func:`decode_image`: a bad
+image is an :class:`~pipeline.errors.InputError`, i.e. an error row)."""
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from pipeline import storage
 from pipeline.errors import InputError, WysiwycError
@@ -13,14 +15,14 @@ from pipeline.errors import InputError, WysiwycError
 
 @dataclass
 class Input:
-    """A resolved ``attribute.input``: ``kind`` prefix | list | shards."""
+    """A resolved ``attribute.input``: ``kind`` prefix | list | shards. Nothing here grows with the corpus
+    but ``shards`` (one URL per ~1,000 samples); the images themselves are streamed by
+    :func:`iter_sources`."""
 
     kind: str
     url: str
-    total: int
-    sources: list[str]  # prefix and list inputs: every image URI, sorted
-    shards: list[str]  # shard inputs: the shard URLs of the manifest
-    ignored: int = 0  # prefix inputs: files without an image suffix
+    shards: list[str] = field(default_factory=list)  # shard inputs: the shard URLs of the manifest
+    counts: list[int] = field(default_factory=list)  # shard inputs: samples per shard
 
 
 def absolute(url: str) -> str:
@@ -40,34 +42,65 @@ def _is_file(url: str, opts) -> bool:
         return False
 
 
-def _read_uri_list(url: str, opts) -> list[str]:
-    """A file of image URIs: a JSON list, or one per line (blank lines and ``#`` comments skipped)."""
-    text = storage.read_text(url, opts)
-    if text.lstrip().startswith("["):
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise WysiwycError(f"attribute: {storage.redact(url)} is not a valid JSON list of URIs ({exc})") from None
-        if not all(isinstance(e, str) for e in entries):
-            raise WysiwycError(f"attribute: {storage.redact(url)} must be a JSON list of strings (image URIs)")
-    else:
-        entries = [line.strip() for line in text.splitlines()]
+def _uri_list(url: str, opts) -> Iterator[str]:
+    """The entries of a file of image URIs, in its order: one per line (streamed; blank lines and ``#``
+    comments skipped) or a JSON list (read whole: use one per line for millions)."""
     parent = url.rsplit("/", 1)[0]
-    entries = [
-        e if "://" in e or e.startswith("/") else storage.join(parent, e)
-        for e in entries
-        if e and not e.startswith("#")
-    ]
-    if not entries:
-        raise WysiwycError(f"attribute: {storage.redact(url)} lists no image URI; one per line or a JSON list")
-    return sorted(set(entries))
+    with storage.open_read(url, opts) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8")
+        first = text.read(1)
+        while first.isspace():
+            first = text.read(1)
+        if first == "[":
+            try:
+                entries = json.loads(first + text.read())
+            except json.JSONDecodeError as exc:
+                raise WysiwycError(
+                    f"attribute: {storage.redact(url)} is not a valid JSON list of URIs ({exc})"
+                ) from None
+            if not all(isinstance(e, str) for e in entries):
+                raise WysiwycError(f"attribute: {storage.redact(url)} must be a JSON list of strings (image URIs)")
+        else:
+            entries = (line.strip() for line in _prepend(first, text))
+        for e in entries:
+            if e and not e.startswith("#"):
+                yield e if "://" in e or e.startswith("/") else storage.join(parent, e)
+
+
+def _prepend(first: str, text) -> Iterator[str]:
+    lines = iter(text)
+    yield first + next(lines, "")
+    yield from lines
+
+
+class Listing:
+    """The images of a prefix or list input, streamed in a deterministic order (a prefix: the storage
+    listing's sorted order; a list: the file's); :attr:`ignored` counts a prefix's files without an
+    image suffix once the iteration is done."""
+
+    def __init__(self, inputs: Input, opts):
+        self.inputs, self.opts, self.ignored = inputs, opts, 0
+
+    def __iter__(self) -> Iterator[str]:
+        from pipeline.data.images import IMAGE_SUFFIXES
+
+        if self.inputs.kind == "list":
+            yield from _uri_list(self.inputs.url, self.opts)
+            return
+        for item in storage.list_prefix(self.inputs.url, self.opts):  # streamed page by page
+            if item.lower().endswith(IMAGE_SUFFIXES):
+                yield item
+            else:
+                self.ignored += 1
 
 
 def open_input(spec: str, opts=None) -> Input:
-    """Resolve ``attribute.input`` to the images of a prefix, a URI list or a shard split.
+    """Resolve ``attribute.input`` to a prefix, a URI list or a shard split, and check that it holds an
+    image (streams the listing up to the first image: constant memory).
 
     Raises:
-        WysiwycError: nothing there (a missing or empty prefix), a bucket that does not exist, …
+        WysiwycError: nothing there (a missing or empty prefix, an empty list), a bucket that does not
+            exist, …
     """
     from pipeline.data.images import IMAGE_SUFFIXES
     from pipeline.data.shards import MANIFEST_SUFFIX, manifest_url, read_manifest
@@ -75,24 +108,20 @@ def open_input(spec: str, opts=None) -> Input:
     url = absolute(spec)
     if url.endswith(MANIFEST_SUFFIX) or (not url.endswith("/") and storage.exists(manifest_url(url), opts)):
         manifest = read_manifest(url, opts)
-        return Input("shards", manifest["url"], int(manifest["num_samples"]), [], manifest["shard_urls"])
-    if _is_file(url, opts):
-        sources = _read_uri_list(url, opts)
-        return Input("list", url, len(sources), sources, [])
-    sources, ignored = [], 0
-    for item in storage.list_prefix(url, opts):  # streamed page by page
-        if item.lower().endswith(IMAGE_SUFFIXES):
-            sources.append(item)
-        else:
-            ignored += 1
-    if not sources:
-        what = f"{ignored} other file(s) but" if ignored else "nothing:"
+        counts = [int(s["num_samples"]) for s in manifest["shards"]]
+        return Input("shards", manifest["url"], manifest["shard_urls"], counts)
+    inputs = Input("list" if _is_file(url, opts) else "prefix", url)
+    listing = Listing(inputs, opts)
+    if next(iter(listing), None) is None:
+        if inputs.kind == "list":
+            raise WysiwycError(f"attribute: {storage.redact(url)} lists no image URI; one per line or a JSON list")
+        what = f"{listing.ignored} other file(s) but" if listing.ignored else "nothing:"
         raise WysiwycError(
             f"attribute: {storage.redact(url)} holds {what} no image ending in "
             f"{'/'.join(IMAGE_SUFFIXES)}; check --input (an image prefix, a shard split "
             f"OUT/split or a file listing image URIs)"
         )
-    return Input("prefix", url, len(sources), sorted(sources), [], ignored)
+    return inputs
 
 
 def fetch_image(source: str, opts) -> bytes:
@@ -108,7 +137,9 @@ def fetch_image(source: str, opts) -> bytes:
 
 
 def decode_image(data: bytes, source: str, size: int, max_pixels: int):
-    """Encoded image bytes → ``(normalised (3, size, size) float32 array, width, height)``.
+    """Encoded image bytes → ``((3, size, size) uint8 RGB array, width, height)``: resized as the model
+    sees it, normalised later on the model's device (:func:`pipeline.data.transforms.normalize_uint8`), so
+    decoding needs no torch and a batch travels at a quarter of its float size.
 
     Grayscale, palette and RGBA images are converted to RGB (alpha dropped).
 
@@ -116,13 +147,12 @@ def decode_image(data: bytes, source: str, size: int, max_pixels: int):
         InputError: empty, not an image, truncated, or more than ``max_pixels`` pixels (checked
             from the header, before decoding).
     """
-    from pipeline.data.images import decoded_image
-    from pipeline.data.transforms import image_to_tensor
+    from pipeline.data.images import decoded_image, resized_rgb
 
     with decoded_image(data, source, max_pixels=max_pixels, limit="attribute.max_image_pixels") as im:
         width, height = im.size
-        tensor = image_to_tensor(im, size)
-    return tensor.numpy(), width, height
+        pixels = resized_rgb(im, size)
+    return pixels.transpose(2, 0, 1), width, height
 
 
 def shard_images(url: str, opts):

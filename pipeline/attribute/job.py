@@ -1,13 +1,23 @@
-"""The run: the Ray Data pipeline (read and decode tasks → an actor pool of predictors that write each
-image's outputs and then the batch's index part) and :func:`attribute`, which drives a run from its
-record to its manifest."""
+"""The run: the Ray Data pipeline (chunks of the plan → read and decode tasks → an actor pool of
+predictors that write a batch's outputs and then its index parts) and :func:`attribute`, which drives a
+run from its record to its manifest.
+
+Why not Ray Data's file reads and job-level checkpointing (``DataContext.checkpoint_config``): both hold
+the whole corpus in the driver — a file-based read expands every path (and its size) on the driver before
+the first task, and the checkpoint filter loads every finished id into one array — so the driver's memory
+would grow with the corpus, which is what this stage must not do. The resume is ours and streams: the
+plan (:mod:`pipeline.attribute.plan`) cuts the input into chunks, each chunk's index rows live under
+``parts/CHUNK/`` with their row and error counts in the part names, so a relaunch learns what is done from
+one listing, and a read task skips the images of its chunk that a part already holds. The final index is
+that directory of parts (deduplicated chunk by chunk), never one table in memory.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import resource
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,27 +26,33 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pipeline import storage
-from pipeline.attribute.inputs import Input, absolute, decode_image, fetch_image, open_input, shard_images
+from pipeline.attribute.inputs import absolute, decode_image, fetch_image, open_input, shard_images
 from pipeline.attribute.model import fixed_indices, pin_model
 from pipeline.attribute.outputs import (
+    CLASS_MASKS_MEMBER,
     FORMAT,
-    INDEX,
     MANIFEST,
+    MASK_MEMBER,
     PARTS,
     RUN_RECORD,
+    chunk_parts,
     class_masks_npz,
-    compact_index,
-    done_sources,
+    dedup_chunk,
+    done_counts,
     index_schema,
     output_urls,
     owner,
     part_url,
     read_json,
+    shard_url,
     source_key,
     table_bytes,
+    tar_bytes,
     unwritable,
 )
+from pipeline.attribute.plan import make_plan, read_plan
 from pipeline.attribute.report import index_html, summary, write_previews
+from pipeline.attribute.stats import Stats, drift, drift_png, log_run, previous_run
 from pipeline.errors import InputError, WysiwycError
 
 log = logging.getLogger(__name__)
@@ -45,8 +61,8 @@ log = logging.getLogger(__name__)
 _IO_THREADS = 8
 
 
-# what a resumed run must share with the run it continues (they change the results)
-_RESULT_SETTINGS = ("classes", "threshold", "top_k", "fixed_classes", "max_image_pixels")
+# what a resumed run must share with the run it continues (they change the results or their layout)
+_RESULT_SETTINGS = ("classes", "threshold", "top_k", "fixed_classes", "max_image_pixels", "output_format")
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,9 @@ class Job:
     gpu: bool
     model_name: str
     model_version: str
+    plan_kind: str  # prefix | list | shards
+    output_format: str  # shards | objects
+    batch_size: int  # images per model call
 
 
 def explained_classes(
@@ -88,35 +107,37 @@ def explained_classes(
     return [row[:n] for row, n in zip(order.tolist(), above.tolist())]
 
 
-def _shard_samples(row: dict, job: Job, done_ref) -> list[dict]:
-    """flat_map: one shard → a row per sample not done yet (``source`` = ``SHARD#KEY``)."""
-    import ray
-
-    done = ray.get(done_ref)
-    shard = str(row["shard"])
+def _chunk_rows(row: dict, job: Job) -> list[dict]:
+    """flat_map: one chunk of the plan → a row per image that no part of the chunk holds yet."""
+    chunk, url = str(row["chunk"]), str(row["url"])
+    done = set(chunk_parts(job.root, chunk, job.opts, columns=["source"])[0]["source"].to_pylist())
+    if job.plan_kind == "shards":  # a shard sample's source is SHARD#KEY; its bytes come with it
+        samples = ((f"{url}#{key}", url, key, data) for key, data in shard_images(url, job.opts))
+    else:
+        samples = ((s, "", "", b"") for s in json.loads(storage.read_bytes(url, job.opts)))
     return [
-        {"source": f"{shard}#{key}", "shard": shard, "member": key, "data": data}
-        for key, data in shard_images(shard, job.opts)
-        if f"{shard}#{key}" not in done
+        {"source": source, "chunk": chunk, "shard": shard, "member": member, "data": data}
+        for source, shard, member, data in samples
+        if source not in done
     ]
 
 
 def _prepare(batch: dict, job: Job) -> dict:
-    """map_batches (tasks): read (unless the bytes came from a shard), decode, normalise; errors → rows."""
+    """map_batches (tasks): read (unless the bytes came from a shard), decode, resize (uint8); errors → rows."""
     sources = [str(s) for s in batch["source"]]
+    shards = [str(s) for s in batch["shard"]]
     n = len(sources)
-    datas = list(batch["data"]) if "data" in batch else [None] * n
 
     def load(i: int):
         try:
-            data = datas[i] if datas[i] is not None else fetch_image(sources[i], job.opts)
-            return decode_image(bytes(data), sources[i], job.image_size, job.max_image_pixels)
+            data = bytes(batch["data"][i]) if shards[i] else fetch_image(sources[i], job.opts)
+            return decode_image(data, sources[i], job.image_size, job.max_image_pixels)
         except InputError as exc:
             return str(exc)
 
     with ThreadPoolExecutor(min(_IO_THREADS, n)) as pool:
         results = list(pool.map(load, range(n)))
-    images = np.zeros((n, 3, job.image_size, job.image_size), dtype=np.float32)
+    images = np.zeros((n, 3, job.image_size, job.image_size), dtype=np.uint8)
     width, height, errors = np.zeros(n, np.int64), np.zeros(n, np.int64), []
     for i, result in enumerate(results):
         if isinstance(result, str):
@@ -124,20 +145,21 @@ def _prepare(batch: dict, job: Job) -> dict:
         else:
             images[i], width[i], height[i] = result
             errors.append("")
-    empty = np.array([""] * n, dtype=object)
     return {
         "source": np.array(sources, dtype=object),
+        "chunk": np.asarray(batch["chunk"], dtype=object),
+        "shard": np.array(shards, dtype=object),
+        "member": np.asarray(batch["member"], dtype=object),
         "image": images,
         "width": width,
         "height": height,
         "error": np.array(errors, dtype=object),
-        "shard": np.asarray(batch["shard"], dtype=object) if "shard" in batch else empty,
-        "member": np.asarray(batch["member"], dtype=object) if "member" in batch else empty,
     }
 
 
 class _Attributor:
-    """The stateful predictor of the actor pool: masks for a batch, outputs written, index part last."""
+    """The stateful predictor of the actor pool: for a batch (one output shard, or ``batch_size`` images
+    of the objects format) the masks, the outputs written, and the index parts last."""
 
     def __init__(self, job: Job, predictor_ref):
         import ray
@@ -147,33 +169,87 @@ class _Attributor:
         self.predictor = ray.get(predictor_ref)
         if job.gpu and not torch.cuda.is_available():
             log.warning("attribute: gpus_per_actor > 0 but this actor sees no CUDA device; running on the CPU")
-        self.predictor.to("cuda" if job.gpu and torch.cuda.is_available() else "cpu")
+        self.device = "cuda" if job.gpu and torch.cuda.is_available() else "cpu"
+        self.predictor.to(self.device)
         self.pool = ThreadPoolExecutor(_IO_THREADS)
         self.schema = index_schema()
 
-    def __call__(self, batch: dict) -> dict:
-        import pyarrow as pa
-        import torch
+    def _encode(self, masks8: np.ndarray, idx: list[int], size: tuple[int, int]) -> tuple[bytes, bytes]:
+        """``(aggregated mask PNG at the image's size, per-class NPZ)`` of one image."""
         from PIL import Image
 
         from pipeline.data.sample import encode_png
 
+        aggregated = Image.fromarray(masks8[idx].max(axis=0)).resize(size, Image.BILINEAR)
+        return encode_png(np.asarray(aggregated)), class_masks_npz(masks8[idx], idx, [self.job.classes[c] for c in idx])
+
+    def _rows(self, batch: dict, ok: np.ndarray) -> tuple[list[dict], list[tuple[int, bytes, bytes]]]:
+        """Index rows of the batch and ``(row index, mask PNG, NPZ)`` of its attributed images."""
+        import torch
+
+        from pipeline.data.transforms import normalize_uint8
+
         job, classes = self.job, self.job.classes
+        rows, outputs = [], []
+        ok_at = np.flatnonzero(ok)
+        for start in range(0, len(ok_at), job.batch_size):  # one model call per batch_size images
+            at = ok_at[start : start + job.batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(batch["image"][at]))  # uint8: normalised on the device
+            if self.device == "cuda":
+                x = x.pin_memory().to("cuda", non_blocking=True)
+            prediction = self.predictor(normalize_uint8(x), amp=job.amp)
+            masks, probs = prediction.masks.float(), prediction.probs.float().cpu()
+            areas = masks.mean(dim=(2, 3)).cpu()
+            masks8 = (masks * 255).round().to(torch.uint8).cpu().numpy()
+            chosen = explained_classes(probs, job.mode, job.threshold, job.top_k, job.fixed)
+            sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in at]
+            encoded = self.pool.map(self._encode, masks8, chosen, sizes)
+            for j, (i, (png, npz)) in enumerate(zip(at, encoded)):
+                p, idx = probs[j], chosen[j]
+                predicted = [c for c in torch.argsort(p, descending=True).tolist() if p[c] >= job.threshold]
+                rows.append(
+                    {
+                        "row": int(i),
+                        "status": "ok",
+                        "error": None,
+                        "predicted_classes": [classes[c] for c in predicted],
+                        "predicted_probs": [float(p[c]) for c in predicted],
+                        "probs": [float(v) for v in p.tolist()],
+                        "explained_classes": [classes[c] for c in idx],
+                        "explained_indices": idx,
+                        "mask_areas": [float(areas[j, c]) for c in idx],
+                    }
+                )
+                outputs.append((int(i), png, npz))
+        return rows, outputs
+
+    def __call__(self, batch: dict) -> dict:
+        import pyarrow as pa
+
+        job = self.job
         sources = [str(s) for s in batch["source"]]
         errors = [str(e) for e in batch["error"]]
         ok = np.array([not e for e in errors])
-        rows, writes = [], []
-        if ok.any():
-            prediction = self.predictor(torch.from_numpy(np.ascontiguousarray(batch["image"][ok])), amp=job.amp)
-            masks, probs = prediction.masks.cpu(), prediction.probs.cpu()
-            chosen = explained_classes(probs, job.mode, job.threshold, job.top_k, job.fixed)
-            masks8 = (masks * 255).round().to(torch.uint8).numpy()
-        j = 0
+        attributed, outputs = self._rows(batch, ok) if ok.any() else ([], [])
+        by_row = {r.pop("row"): r for r in attributed}
+        keys = [source_key(s) for s in sources]
+        shard = shard_url(job.root, sources) if job.output_format == "shards" else None
+        if shard is not None and outputs:  # one object for the batch, published atomically
+            members = []
+            for i, png, npz in outputs:
+                members += [(f"{keys[i]}.{MASK_MEMBER}", png), (f"{keys[i]}.{CLASS_MASKS_MEMBER}", npz)]
+            storage.write_bytes(shard, tar_bytes(members), job.opts)
+        elif outputs:
+            writes = [
+                (url, data) for i, png, npz in outputs for url, data in zip(output_urls(job.root, keys[i]), (png, npz))
+            ]
+            list(self.pool.map(lambda w: storage.write_bytes(w[0], w[1], job.opts), writes))
+        parts: dict[str, list[dict]] = {}
         for i, source in enumerate(sources):
-            key = source_key(source)
             row = {
                 "source": source,
-                "key": key,
+                "key": keys[i],
+                "chunk": str(batch["chunk"][i]),
                 "shard": str(batch["shard"][i]) or None,
                 "member": str(batch["member"][i]) or None,
                 "width": int(batch["width"][i]),
@@ -181,47 +257,21 @@ class _Attributor:
                 "model_name": job.model_name,
                 "model_version": job.model_version,
             }
-            if not ok[i]:
-                rows.append({**row, "status": "error", "error": errors[i], "width": None, "height": None})
-                continue
-            p, idx = probs[j], chosen[j]
-            predicted = [c for c in torch.argsort(p, descending=True).tolist() if p[c] >= job.threshold]
-            mask_url, npz_url = output_urls(job.root, key)
-            aggregated = Image.fromarray(masks8[j, idx].max(axis=0)).resize(
-                (row["width"], row["height"]), Image.BILINEAR
-            )
-            writes += [
-                (mask_url, encode_png(np.asarray(aggregated))),
-                (npz_url, class_masks_npz(masks8[j, idx], idx, [classes[c] for c in idx])),
-            ]
-            rows.append(
-                {
-                    **row,
-                    "status": "ok",
-                    "error": None,
-                    "predicted_classes": [classes[c] for c in predicted],
-                    "predicted_probs": [float(p[c]) for c in predicted],
-                    "probs": [float(v) for v in p.tolist()],
-                    "explained_classes": [classes[c] for c in idx],
-                    "explained_indices": idx,
-                    "mask_areas": [float(a) for a in masks[j, idx].mean(dim=(1, 2)).tolist()],
-                    "mask_uri": mask_url,
-                    "class_masks_uri": npz_url,
-                }
-            )
-            j += 1
-        list(self.pool.map(lambda w: storage.write_bytes(w[0], w[1], job.opts), writes))
-        # the part goes last: once it exists, every output it lists exists
-        storage.write_bytes(part_url(job.root, sources), table_bytes(pa.Table.from_pylist(rows, self.schema)), job.opts)
-        return {
-            "source": np.array(sources, dtype=object),
-            "status": np.array([r["status"] for r in rows], dtype=object),
-            "error": np.array([r["error"] or "" for r in rows], dtype=object),
-        }
+            if i in by_row:
+                mask_url, npz_url = output_urls(job.root, keys[i]) if shard is None else (None, None)
+                row.update(by_row[i], output_shard=shard, mask_uri=mask_url, class_masks_uri=npz_url)
+            else:
+                row.update(status="error", error=errors[i], width=None, height=None)
+            parts.setdefault(row["chunk"], []).append(row)
+        # the parts go last: once one exists, every output it lists exists
+        for chunk, rows in parts.items():
+            url = part_url(job.root, chunk, [r["source"] for r in rows], sum(r["status"] == "error" for r in rows))
+            storage.write_bytes(url, table_bytes(pa.Table.from_pylist(rows, self.schema)), job.opts)
+        return {"source": np.array(sources, dtype=object), "error": np.array(errors, dtype=object)}
 
 
-def execute(config, job: Job, inputs: Input, todo: list[str], done: dict[str, str], predictor, bar) -> dict:
-    """Run the Ray Data pipeline over the images not done yet; returns counts of this launch."""
+def execute(config, job: Job, pending: list[dict], total: int, errors: int, predictor, bar) -> dict:
+    """Run the Ray Data pipeline over the pending chunks of the plan; returns counts of this launch."""
     import ray
     import ray.data
 
@@ -233,29 +283,22 @@ def execute(config, job: Job, inputs: Input, todo: list[str], done: dict[str, st
     ensure_ray(ray_config)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
     predictor_ref = ray.put(replace(predictor, checkpoint={}))
-    if inputs.kind == "shards":
-        done_ref = ray.put(frozenset(done))
-        ds = ray.data.from_items([{"shard": u} for u in inputs.shards], override_num_blocks=len(inputs.shards))
-        ds = ds.flat_map(_shard_samples, fn_kwargs={"job": job, "done_ref": done_ref}, num_cpus=a.read_cpus)
-    else:
-        ds = ray.data.from_items(
-            [{"source": s} for s in todo], override_num_blocks=max(1, math.ceil(len(todo) / a.batch_size))
-        )
+    ds = ray.data.from_items([{"chunk": c["name"], "url": c["url"]} for c in pending], override_num_blocks=len(pending))
+    ds = ds.flat_map(_chunk_rows, fn_kwargs={"job": job}, num_cpus=a.read_cpus)
     ds = ds.map_batches(
         _prepare, batch_size=a.batch_size, batch_format="numpy", fn_kwargs={"job": job}, num_cpus=a.read_cpus
     )
     ds = ds.map_batches(
         _Attributor,
-        batch_size=a.batch_size,
+        batch_size=a.shard_size if job.output_format == "shards" else a.batch_size,
         batch_format="numpy",
         fn_constructor_kwargs={"job": job, "predictor_ref": predictor_ref},
         compute=ray.data.ActorPoolStrategy(size=a.num_actors),
         num_cpus=a.cpus_per_actor,
         num_gpus=a.gpus_per_actor or None,
     )
-    limit = a.max_error_fraction * inputs.total
-    errors = sum(1 for e in done.values() if e)
-    processed, first_errors, first_batch = 0, [e for e in done.values() if e][:5], None
+    limit = a.max_error_fraction * total
+    processed, first_errors, first_batch = 0, [], None
     started = time.perf_counter()
     batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     try:
@@ -269,9 +312,10 @@ def execute(config, job: Job, inputs: Input, todo: list[str], done: dict[str, st
             bar.update(len(out["source"]))
             bar.set_postfix(errors=errors)
             if errors > limit:
+                first = f"; first of this launch: {first_errors[0]}" if first_errors else ""
                 raise WysiwycError(
-                    f"attribute: {errors} of {inputs.total} images failed, more than attribute.max_error_fraction="
-                    f"{a.max_error_fraction}; first: {first_errors[0]}. Fix or remove the bad inputs and start a "
+                    f"attribute: {errors} of {total} images failed, more than attribute.max_error_fraction="
+                    f"{a.max_error_fraction}{first}. Fix or remove the bad inputs and start a "
                     f"new --run-id, or rerun this run id with a higher attribute.max_error_fraction to accept "
                     f"them (every failure is an error row in {storage.redact(storage.join(job.root, PARTS))})"
                 )
@@ -284,28 +328,76 @@ def execute(config, job: Job, inputs: Input, todo: list[str], done: dict[str, st
     return {"processed": processed, "seconds": seconds, "startup_seconds": first_batch[0], "steady_rate": steady}
 
 
+def _compared_run(config, run_id: str, output: str, opts) -> str | None:
+    """The run ``attribute.compare_to`` names (checked before any work), or None."""
+    wanted = config.attribute.compare_to
+    if not wanted:
+        return None
+    if wanted == "previous":
+        found = previous_run(output, run_id, opts)
+        if found is None:
+            log.info("attribute: no earlier complete run under %s to compare with", storage.redact(output))
+        return found
+    if read_json(storage.join(output, wanted, MANIFEST), opts) is None:
+        raise WysiwycError(
+            f"attribute: attribute.compare_to={wanted}: no complete run {wanted} under {storage.redact(output)}; "
+            f"give the run id of a finished run, or 'previous' for the last one"
+        )
+    return wanted
+
+
+def _finish(config, root: str, plan: dict, model: dict, opts) -> tuple[Stats, list[str], list[dict]]:
+    """Chunk by chunk (memory: one chunk): dedup its parts, check it is whole, add it to the statistics;
+    returns them with the first error messages and the rows to preview."""
+    a = config.attribute
+    stats, errors, preview_rows = Stats(model["classes"], a.threshold), [], []
+    for chunk in plan["chunks"]:
+        table = dedup_chunk(root, chunk["name"], opts)
+        if table.num_rows != chunk["count"]:
+            raise WysiwycError(
+                f"attribute: {chunk['name']} of run {storage.redact(root)} has {table.num_rows} of its "
+                f"{chunk['count']} images after the run; launch the same run id again to finish it"
+            )
+        stats.add(table)
+        status = table["status"].to_pylist()
+        if len(errors) < 100 and "error" in status:
+            for s, e, st in zip(table["source"].to_pylist(), table["error"].to_pylist(), status):
+                if st == "error" and len(errors) < 100:
+                    errors.append(e if e.startswith(s) else f"{s}: {e}")
+        if len(preview_rows) < a.preview_images:
+            preview_rows += [r for r in table.to_pylist() if r["status"] == "ok"][
+                : a.preview_images - len(preview_rows)
+            ]
+    return stats, errors, preview_rows
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
 def attribute(config, progress: bool = True) -> dict:
     """Attribute every image of ``attribute.input`` with ``explainer.checkpoint``; resumable by run id.
 
     Args:
         config: the resolved :class:`pipeline.config.Config` (``explainer.checkpoint``, ``attribute``,
-            ``output``, ``storage``, ``tracking.uri`` for ``models:/`` URIs).
+            ``output``, ``storage``, ``tracking.uri`` for ``models:/`` URIs and the ``attribution``
+            experiment).
         progress: show a progress bar (images done / total, images/s) on stderr.
 
     Returns:
         The summary: ``status`` (``complete`` or ``already complete``: nothing was written), ``output``
-        (the run's prefix), ``manifest``, ``index``, ``preview`` (index.html), ``run_id``,
-        ``model_uri`` (version-pinned), ``model_name``, ``version``, ``num_samples``, ``num_ok``,
-        ``num_errors`` (= ``skipped``), ``processed`` (this launch), ``resumed`` (done before it),
-        ``images_per_second``, ``seconds``, ``errors`` (the first few).
+        (the run's prefix), ``manifest``, ``index`` (the directory of index parts), ``preview``
+        (index.html), ``run_id``, ``model_uri`` (version-pinned), ``model_name``, ``version``,
+        ``num_samples``, ``num_ok``, ``num_errors`` (= ``skipped``), ``processed`` (this launch),
+        ``resumed`` (done before it), ``images_per_second``, ``seconds``, ``errors`` (the first few),
+        ``output_objects`` (objects under the run's prefix), ``peak_rss_mb`` (this driver's peak), ``drift``
+        (None, or ``compared_to``, ``flagged``, ``per_class``).
 
     Raises:
         WysiwycError: before any work: no model, a model that does not resolve or load, a missing or
-            empty input, a run id started with another model or settings; during the run: more failed
-            images than ``attribute.max_error_fraction`` allows.
+            empty input, a run id started with another model or settings, a ``compare_to`` run that does
+            not exist; during the run: more failed images than ``attribute.max_error_fraction`` allows.
     """
-    import pyarrow as pa
-
     from pipeline.config import dump_config
     from pipeline.progress import progress as progress_bar
     from pipeline.train.checkpoint import public_config
@@ -319,7 +411,8 @@ def attribute(config, progress: bool = True) -> dict:
             "listing image URIs (attribute.input)"
         )
     run_id = a.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
-    root = storage.join(absolute(config.output), run_id)
+    output = absolute(config.output)
+    root = storage.join(output, run_id)
     manifest_url, record_url = storage.join(root, MANIFEST), storage.join(root, RUN_RECORD)
     try:
         finished, record = read_json(manifest_url, opts), read_json(record_url, opts)
@@ -333,11 +426,14 @@ def attribute(config, progress: bool = True) -> dict:
                 f"with --model {finished['model']['model']}, not {config.explainer.checkpoint}: start a "
                 f"new run with another --run-id"
             )
+        if config.tracking.enabled and storage.exists(storage.join(root, "tracking_pending.json"), opts):
+            log_run(config, finished, root, None, opts)  # what the tracking server missed last time
         return summary(finished, "already complete")
 
     # before any work: the run record (its first writer owns the run), the model, the input
     predictor, model = pin_model(config, record, opts)
     inputs = open_input(a.input, opts)
+    compared = _compared_run(config, run_id, output, opts)
     settings = {k: getattr(a, k) for k in _RESULT_SETTINGS}
     if record is None:
         mine = {
@@ -378,6 +474,7 @@ def attribute(config, progress: bool = True) -> dict:
             f"a new run with another --run-id"
         )
     fixed = fixed_indices(a.fixed_classes, model["classes"]) if a.classes == "fixed" else ()
+    plan = read_plan(root, opts) or make_plan(inputs, root, a.shard_size, opts)
     job = Job(
         root=root,
         opts=opts,
@@ -392,81 +489,92 @@ def attribute(config, progress: bool = True) -> dict:
         gpu=a.gpus_per_actor > 0,
         model_name=str(model["model_name"]),
         model_version=str(model["model_version"]),
+        plan_kind=plan["kind"],
+        output_format=a.output_format,
+        batch_size=a.batch_size,
     )
 
-    done = done_sources(root, opts)
-    todo = [s for s in inputs.sources if s not in done]
-    resumed = len(done)
+    done = done_counts(root, opts)
+    total = plan["total"]
+    resumed = sum(min(done.get(c["name"], [0])[0], c["count"]) for c in plan["chunks"])
+    pending = [c for c in plan["chunks"] if done.get(c["name"], [0])[0] < c["count"]]
     if resumed:
-        log.info("attribute: run %s resumes: %d of %d images are done", run_id, resumed, inputs.total)
-    bar = progress_bar(inputs.total, "attribute", unit="img", enabled=progress)
-    bar.update(min(resumed, inputs.total))
+        log.info("attribute: run %s resumes: %d of %d images are done", run_id, resumed, total)
+    bar = progress_bar(total, "attribute", unit="img", enabled=progress)
+    bar.update(resumed)
     try:
-        remaining = len(todo) if inputs.kind != "shards" else inputs.total - resumed
         stats = (
-            execute(config, job, inputs, todo, done, predictor, bar)
-            if remaining > 0
+            execute(config, job, pending, total, sum(e for _, e in done.values()), predictor, bar)
+            if pending
             else {"processed": 0, "seconds": 0.0, "startup_seconds": None, "steady_rate": None}
         )
     finally:
         bar.close()
 
-    table = compact_index(root, opts)
-    errors = [
-        f"{s}: {e}" if not e.startswith(s) else e
-        for s, e, st in zip(table["source"].to_pylist(), table["error"].to_pylist(), table["status"].to_pylist())
-        if st == "error"
-    ]
-    if len(errors) > a.max_error_fraction * inputs.total:  # a resumed run carries its earlier errors
+    counts, errors, preview_rows = _finish(config, root, plan, model, opts)
+    if counts.errors > a.max_error_fraction * total:  # a resumed run carries its earlier errors
         raise WysiwycError(
-            f"attribute: {len(errors)} of {inputs.total} images failed, more than "
+            f"attribute: {counts.errors} of {total} images failed, more than "
             f"attribute.max_error_fraction={a.max_error_fraction}; first: {errors[0]}"
         )
-    previews = write_previews(root, table, a.preview_images, opts) if a.preview_images else {}
-    table = table.append_column(
-        "preview_uri", pa.array([previews.get(s) for s in table["source"].to_pylist()], pa.string())
-    )
-    index_url = storage.join(root, INDEX)
-    storage.write_bytes(index_url, table_bytes(table), opts)
+    previews = write_previews(root, preview_rows, opts)
+    now = counts.as_dict()
+    drift_result, drift_bytes = None, None
+    if a.compare_to:
+        drift_result = {"compared_to": compared, "flagged": [], "per_class": {}}
+        if compared is not None:
+            before = read_json(storage.join(output, compared, MANIFEST), opts)
+            drift_result.update(drift(now, before["stats"], a.drift_psi, a.drift_ks, a.drift_min_images))
+            drift_bytes = drift_png(now, before["stats"], drift_result, f"run {run_id} against run {compared}")
+            storage.write_bytes(storage.join(root, "drift.png"), drift_bytes, opts)
     preview_url = None
-    if previews:
+    if previews or drift_bytes:
         preview_url = storage.join(root, "index.html")
-        storage.write_text(preview_url, index_html(run_id, model, table, previews), opts)
-    num_ok = table.num_rows - len(errors)
+        storage.write_text(preview_url, index_html(run_id, model, previews, drift_result), opts)
+    timings = {
+        "started": record["started"],
+        "this_launch_started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 3),
+        "attribution_seconds": round(stats["seconds"], 3),
+        "images_per_second": round(stats["processed"] / stats["seconds"], 2) if stats["seconds"] else None,
+        "startup_seconds": stats["startup_seconds"] and round(stats["startup_seconds"], 3),
+        "steady_images_per_second": stats["steady_rate"] and round(stats["steady_rate"], 2),
+    }
     manifest = {
         "format": FORMAT,
         "run_id": run_id,
         "status": "complete",
         "output": storage.redact(root),
+        "output_format": a.output_format,
         "manifest": storage.redact(manifest_url),
-        "index": storage.redact(index_url),
+        "index": storage.redact(storage.join(root, PARTS)),
         "preview": storage.redact(preview_url) if preview_url else None,
+        "previews": [{"source": r["source"], "uri": storage.redact(u)} for r, u in previews],
         "input": {
-            "kind": inputs.kind,
-            "url": storage.redact(inputs.url),
-            "images": inputs.total,
-            "ignored_files": inputs.ignored,
+            "kind": plan["kind"],
+            "url": storage.redact(plan["url"]),
+            "images": total,
+            "ignored_files": plan["ignored"],
         },
+        "chunks": [c["name"] for c in plan["chunks"]],
         "model": {**model, "model_uri": storage.redact(model["model_uri"])},
         "counts": {
-            "images": table.num_rows,
-            "ok": num_ok,
-            "errors": len(errors),
+            "images": counts.images,
+            "ok": counts.images - counts.errors,
+            "errors": counts.errors,
             "processed": stats["processed"],
             "resumed": resumed,
         },
-        "timings": {
-            "started": record["started"],
-            "this_launch_started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "seconds": round(time.time() - started, 3),
-            "attribution_seconds": round(stats["seconds"], 3),
-            "images_per_second": round(stats["processed"] / stats["seconds"], 2) if stats["seconds"] else None,
-            "startup_seconds": stats["startup_seconds"] and round(stats["startup_seconds"], 3),
-            "steady_images_per_second": stats["steady_rate"] and round(stats["steady_rate"], 2),
-        },
-        "errors": errors[:100],
+        "stats": now,
+        "drift": drift_result,
+        "timings": timings,
+        "errors": errors,
         "config": public_config(config),
         "config_yaml": dump_config(config),
     }
+    manifest["output_objects"] = sum(1 for _ in storage.list_prefix(root, opts)) + 1  # + the manifest
+    manifest["peak_rss_mb"] = _peak_rss_mb()
     storage.write_text(manifest_url, json.dumps(manifest, indent=1), opts)  # last: the run is complete
+    log_run(config, manifest, root, drift_bytes, opts)
     return summary(manifest, "complete")

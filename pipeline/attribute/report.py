@@ -33,13 +33,10 @@ def _preview_png(image: bytes, mask: bytes, max_side: int = 256) -> bytes:
     return encode_png((np.concatenate([overlay, gap, masked], axis=1) * 255).round().astype(np.uint8))
 
 
-def write_previews(root: str, table, n: int, opts) -> dict[str, str]:
-    """``{source: preview URL}`` for the first ``n`` ok rows of the index (PNG files written)."""
-    rows = [
-        r
-        for r in table.select(["source", "key", "shard", "member", "status", "mask_uri"]).to_pylist()
-        if r["status"] == "ok"
-    ][:n]
+def write_previews(root: str, rows: list[dict], opts) -> list[tuple[dict, str]]:
+    """``(row, preview URL)`` of the given index rows (PNG files written)."""
+    from pipeline.attribute.outputs import output_bytes
+
     shard_cache: dict[str, dict[str, bytes]] = {}
 
     def image_bytes(row) -> bytes:
@@ -50,42 +47,51 @@ def write_previews(root: str, table, n: int, opts) -> dict[str, str]:
             shard_cache[row["shard"]] = {k: d for k, d in shard_images(row["shard"], opts) if k in wanted}
         return shard_cache[row["shard"]][row["member"]]
 
-    out = {}
-    for row in rows:
+    out = []
+    for row, mask, _ in output_bytes(rows, opts):
         url = storage.join(root, "previews", row["key"] + ".png")
-        storage.write_bytes(url, _preview_png(image_bytes(row), storage.read_bytes(row["mask_uri"], opts)), opts)
-        out[row["source"]] = url
-    return out
+        storage.write_bytes(url, _preview_png(image_bytes(row), mask), opts)
+        out.append((row, url))
+    order = {r["source"]: i for i, r in enumerate(rows)}
+    return sorted(out, key=lambda item: order[item[0]["source"]])
 
 
-def index_html(run_id: str, model: dict, table, previews: dict[str, str]) -> str:
-    rows = {
-        r["source"]: r
-        for r in table.select(["source", "explained_classes", "probs", "mask_areas"]).to_pylist()
-        if r["source"] in previews
-    }
+def _drift_html(drift: dict | None) -> str:
+    if not drift:
+        return ""
+    if drift["compared_to"] is None:
+        return "<h2>Drift</h2><p>No earlier complete run under this output to compare with.</p>"
+    flagged = ", ".join(html.escape(c) for c in drift["flagged"]) or "none"
+    return (
+        f"<h2>Drift against run {html.escape(drift['compared_to'])}</h2>"
+        f"<p>Classes past a limit (PSI of the predicted frequency &gt; {drift['psi_limit']}, KS of the mask "
+        f"area &gt; {drift['ks_limit']}): <b>{flagged}</b></p>"
+        '<img src="drift.png" alt="drift per class" style="max-width:100%">'
+    )
+
+
+def index_html(run_id: str, model: dict, previews: list[tuple[dict, str]], drift: dict | None) -> str:
     cards = []
     classes = model["classes"]
-    for source, url in previews.items():
-        r = rows[source]
+    for r, url in previews:
         label = ", ".join(f"{c} {r['probs'][classes.index(c)]:.2f}" for c in r["explained_classes"])
         area = max(r["mask_areas"]) if r["mask_areas"] else 0.0
         cards.append(
             f'<figure><img src="previews/{posixpath.basename(url)}" alt="">'
-            f"<figcaption><b>{html.escape(posixpath.basename(source))}</b><br>{html.escape(label)}"
+            f"<figcaption><b>{html.escape(posixpath.basename(r['source']))}</b><br>{html.escape(label)}"
             f" · largest mask area {area:.2f}</figcaption></figure>"
         )
     style = (
         "body{font-family:sans-serif;margin:1em} .grid{display:grid;"
         "grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:14px} figure{margin:0}"
-        " img{width:100%;image-rendering:pixelated} figcaption{font-size:12px}"
+        " .grid img{width:100%;image-rendering:pixelated} figcaption{font-size:12px}"
     )
     body = (
         f"<h1>Attribution run {html.escape(run_id)}</h1>"
         f"<p>model {html.escape(str(model['model_name']))} version {html.escape(str(model['model_version']))}: "
         f"the first {len(cards)} images; left: the mask of the explained classes (pixel-wise max) over the "
         "image, right: the image as the classifier sees it through that mask. Classes with the Explanandum's "
-        'probability.</p>\n<div class="grid">\n' + "\n".join(cards) + "\n</div>"
+        'probability.</p>\n<div class="grid">\n' + "\n".join(cards) + "\n</div>" + _drift_html(drift)
     )
     return pages.page(f"wysiwyc attribution {run_id}", body, style)
 
@@ -112,4 +118,7 @@ def summary(manifest: dict, status: str) -> dict:
         "images_per_second": manifest["timings"]["images_per_second"] if status == "complete" else None,
         "seconds": manifest["timings"]["seconds"] if status == "complete" else 0.0,
         "errors": manifest["errors"][:5],
+        "output_objects": manifest.get("output_objects"),  # .get: runs of format 1 have none
+        "peak_rss_mb": manifest.get("peak_rss_mb"),
+        "drift": manifest.get("drift"),
     }

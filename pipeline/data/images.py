@@ -41,6 +41,18 @@ class ImageInfo:
     height: int
 
 
+def resized_rgb(image, size: int):
+    """A PIL image as the models see it before normalisation: RGB (grayscale, palette and RGBA converted,
+    alpha dropped), resized bilinearly at full source resolution to ``size``×``size``; an (S, S, 3) uint8
+    array (no torch: decoding tasks stay light)."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image.resize((size, size), Image.BILINEAR))
+
+
 @contextlib.contextmanager
 def decoded_image(
     data: bytes, source: str, *, max_pixels: int | None = None, limit: str = "max_pixels", advice: str = ""

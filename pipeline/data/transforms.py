@@ -36,18 +36,23 @@ _SHIFT = (-torch.tensor(IMAGENET_MEAN, dtype=torch.float32) / torch.tensor(IMAGE
 def image_to_tensor(image: Image.Image, size: int, flip: bool = False) -> torch.Tensor:
     """RGB ``size``×``size`` float tensor (3, size, size), contiguous, ImageNet-normalised.
 
-    Resized (bilinear) at full source resolution, flipped left-right after the resize when ``flip``,
-    then normalised as :func:`normalize` does (the same values up to float rounding, ~5e-7), with
-    one float tensor allocated per image.
+    Resized (bilinear) at full source resolution (:func:`pipeline.data.images.resized_rgb`), flipped
+    left-right after the resize when ``flip``, then normalised as :func:`normalize` does (the same values
+    up to float rounding, ~5e-7), with one float tensor allocated per image.
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    image = image.resize((size, size), Image.BILINEAR)
+    from pipeline.data.images import resized_rgb
+
+    pixels = resized_rgb(image, size)
     if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.array(image))  # (size, size, 3) uint8
-    tensor = pixels.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-    return tensor.mul_(_SCALE).add_(_SHIFT)
+        pixels = pixels[:, ::-1]
+    return normalize_uint8(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+
+
+def normalize_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """(…, 3, H, W) uint8 pixels → the float32 ImageNet-normalised images of :func:`image_to_tensor`
+    (bit for bit): a batch decoded elsewhere is normalised on the model's device."""
+    scale, shift = _SCALE.to(pixels.device), _SHIFT.to(pixels.device)
+    return pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
 
 
 def seg_to_tensor(seg: np.ndarray, size: int, flip: bool = False) -> torch.Tensor:

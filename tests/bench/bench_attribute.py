@@ -1,20 +1,26 @@
-"""Batch attribution benchmark: ``wysiwyc attribute`` on Ray Data versus a plain Python loop, and the
-Explainer versus Grad-CAM and RISE per image.
+"""Batch attribution benchmark: ``wysiwyc attribute`` against the model's own speed, and the Explainer
+versus Grad-CAM and RISE per image.
 
-1. Throughput (images/s) over the same SeaweedFS image prefix with the same predictor, measured in one
-   run: (a) a plain single-process loop (list, read, decode, batch, one predictor call, write the same
-   mask PNG + per-class NPZ per image, sequentially) and (b) ``pipeline.attribute.attribute`` with 2
-   predictor actors × 0.5 CPU (``configs/cpu/attribute.yaml``'s pool). For (b) the stage's own
-   figure (images / execution time, actor start-up included) and the wall time of the call (listing,
-   model load and index compaction included) are printed; ``ray.init`` is done before and not counted.
+1. Throughput (images/s) over the same SeaweedFS image prefix with the same predictor, side by side in
+   one run, each as a ratio to the ceiling:
+   (c) the ceiling: the bare Predictor forward on pre-decoded tensors, ``--batch-size`` at a time;
+   (p) a plain single-process loop doing the whole job (list, read, decode, batch, forward, encode the
+       mask PNG + per-class NPZ, write one tar per ``--shard-size`` images), with the time of each step;
+   (a) ``pipeline.attribute.attribute`` with 2 predictor actors × 0.5 CPU (``configs/cpu/attribute.yaml``'s
+       pool), format ``shards`` and format ``objects``: end to end (the call's wall time: plan, model
+       load, actor start-up, index, manifest) and in steady state (after the first output batch);
+       start-up on its own line. ``ray.init`` is done before and not counted.
 2. Per image, on the same corpus: the Explainer (masks of every class in one forward pass), Grad-CAM
    (one backward pass per class) and RISE (``--rise-masks`` masked forward passes for all classes), all
    on the Explanandum the predictor carries.
 
-Untrained ``small_cnn`` + ``compact`` nets at ``--size`` px: speed does not depend on the weights.
+Untrained nets (default ``small_cnn`` + ``compact`` at ``--size`` px; ``--explainer deeplabv3_resnet50
+--classifier vgg16 --size 224 --device cuda`` is the paper-size GPU run of ``tests/bench/gpu_train.sh``):
+speed does not depend on the weights.
 
 Run: ``.venv/bin/python tests/bench/bench_attribute.py [--images N] [--size S] [--batch-size B]
-[--rise-masks M]``. Starts its own SeaweedFS and local Ray (2 CPUs) and stops them at the end.
+[--shard-size K] [--rise-masks M] [--device cpu|cuda]``. Starts its own SeaweedFS and local Ray and stops
+them at the end.
 """
 
 from __future__ import annotations
@@ -37,11 +43,12 @@ from pipeline import storage
 from pipeline.attribute import attribute
 from pipeline.attribute.inputs import decode_image
 from pipeline.attribute.job import explained_classes
-from pipeline.attribute.outputs import class_masks_npz, output_urls
+from pipeline.attribute.outputs import class_masks_npz, source_key, tar_bytes
 from pipeline.config import load_config
 from pipeline.data.classes import SYNTHETIC_CLASSES
 from pipeline.data.sample import encode_png
 from pipeline.data.synthetic import SyntheticReader
+from pipeline.data.transforms import normalize_uint8
 from pipeline.evaluate import baselines
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import build_explanandum
@@ -50,7 +57,7 @@ from pipeline.stack import SeaweedFS
 from pipeline.train.checkpoint import save_checkpoint
 
 
-def make_models(bucket: str, size: int, opts) -> str:
+def make_models(bucket: str, size: int, opts, explainer: str, classifier: str) -> str:
     classes = list(SYNTHETIC_CLASSES)
     common = {"classes": classes, "image_size": size, "epoch": 0, "step": 0, "config": {}, "metrics": {}}
     clf_uri, exp_uri = f"s3://{bucket}/models/classifier.pt", f"s3://{bucket}/models/explainer.pt"
@@ -58,8 +65,8 @@ def make_models(bucket: str, size: int, opts) -> str:
     sha = save_checkpoint(
         {
             "kind": "classifier",
-            "arch": "small_cnn",
-            "model": build_explanandum("small_cnn", len(classes)).state_dict(),
+            "arch": classifier,
+            "model": build_explanandum(classifier, len(classes)).state_dict(),
             **common,
         },
         clf_uri,
@@ -68,10 +75,10 @@ def make_models(bucket: str, size: int, opts) -> str:
     save_checkpoint(
         {
             "kind": "explainer",
-            "arch": "compact",
-            "model": build_explainer("compact", len(classes)).state_dict(),
+            "arch": explainer,
+            "model": build_explainer(explainer, len(classes)).state_dict(),
             **common,
-            "explanandum": {"uri": clf_uri, "sha256": sha, "arch": "small_cnn"},
+            "explanandum": {"uri": clf_uri, "sha256": sha, "arch": classifier},
         },
         exp_uri,
         opts,
@@ -79,21 +86,54 @@ def make_models(bucket: str, size: int, opts) -> str:
     return exp_uri
 
 
-def plain_loop(predictor, prefix: str, out: str, batch_size: int, opts) -> tuple[int, float]:
-    """The same work as one attribute run, in one process, one image after the other."""
+def ceiling(predictor, x: torch.Tensor, batch_size: int, amp: bool) -> float:
+    """Images/s of the bare forward (masks and probabilities) on pre-decoded tensors."""
+    predictor(x[:batch_size], amp=amp)  # warm-up
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     started = time.perf_counter()
+    for i in range(0, x.shape[0], batch_size):
+        predictor(x[i : i + batch_size], amp=amp).masks.float().cpu()
+    sync()
+    return x.shape[0] / (time.perf_counter() - started)
+
+
+def plain_loop(predictor, prefix: str, out: str, batch_size: int, shard_size: int, amp: bool, opts):
+    """The whole job in one process, one step after the other; returns (images, seconds, seconds per step)."""
+    steps = dict.fromkeys(("list", "read", "decode", "forward", "encode", "write"), 0.0)
+    clock = [time.perf_counter()]
+
+    def lap(step: str) -> None:
+        now = time.perf_counter()
+        steps[step] += now - clock[0]
+        clock[0] = now
+
+    started = clock[0]
     sources = sorted(u for u in storage.list_prefix(prefix, opts) if u.endswith(".png"))
-    classes = predictor.classes
+    lap("list")
+    classes, members = predictor.classes, []
     for start in range(0, len(sources), batch_size):
         chunk = sources[start : start + batch_size]
-        decoded = [decode_image(storage.read_bytes(s, opts), s, predictor.image_size, 50_000_000) for s in chunk]
-        prediction = predictor(torch.from_numpy(np.stack([d[0] for d in decoded])))
-        masks8 = (prediction.masks * 255).round().to(torch.uint8).numpy()
-        for i, (source, idx) in enumerate(zip(chunk, explained_classes(prediction.probs, "threshold"))):
-            mask_url, npz_url = output_urls(out, source[-12:])
-            storage.write_bytes(mask_url, encode_png(masks8[i, idx].max(axis=0)), opts)
-            storage.write_bytes(npz_url, class_masks_npz(masks8[i, idx], idx, [classes[c] for c in idx]), opts)
-    return len(sources), time.perf_counter() - started
+        data = [storage.read_bytes(s, opts) for s in chunk]
+        lap("read")
+        decoded = [decode_image(d, s, predictor.image_size, 50_000_000)[0] for d, s in zip(data, chunk)]
+        lap("decode")
+        prediction = predictor(normalize_uint8(torch.from_numpy(np.stack(decoded)).to(predictor.device)), amp=amp)
+        masks8 = (prediction.masks.float() * 255).round().to(torch.uint8).cpu().numpy()
+        probs = prediction.probs.float().cpu()
+        lap("forward")
+        for i, idx in enumerate(explained_classes(probs, "threshold")):
+            key = source_key(chunk[i])
+            members += [
+                (f"{key}.mask.png", encode_png(masks8[i, idx].max(axis=0))),
+                (f"{key}.class_masks.npz", class_masks_npz(masks8[i, idx], idx, [classes[c] for c in idx])),
+            ]
+        lap("encode")
+        if len(members) >= 2 * shard_size or start + batch_size >= len(sources):
+            storage.write_bytes(f"{out}/shard-{start:06d}.tar", tar_bytes(members), opts)
+            members = []
+            lap("write")
+    return len(sources), time.perf_counter() - started, steps
 
 
 def per_image_ms(fn, x: torch.Tensor, chunk: int) -> float:
@@ -106,20 +146,25 @@ def per_image_ms(fn, x: torch.Tensor, chunk: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=600)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--rise-masks", type=int, default=1000)
     parser.add_argument("--method-images", type=int, default=64, help="images for the per-image comparison")
+    parser.add_argument("--explainer", default="compact")
+    parser.add_argument("--classifier", default="small_cnn")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    gpu = args.device == "cuda"
+    torch.set_num_threads(os.cpu_count() if gpu else 2)
 
     with tempfile.TemporaryDirectory(prefix="bench-attribute-") as tmp, SeaweedFS(Path(tmp) / "weed") as server:
         opts = server.opts
         bucket = server.make_bucket("bench")
         env = {**server.env, "RAY_AUTH_MODE": "disabled"}
         os.environ.update(env)
-        exp_uri = make_models(bucket, args.size, opts)
+        exp_uri = make_models(bucket, args.size, opts, args.explainer, args.classifier)
         reader = SyntheticReader(args.images, seed=0, split="bench", image_size=args.size)
         prefix = f"s3://{bucket}/corpus/"
         with ThreadPoolExecutor(8) as pool:
@@ -129,66 +174,83 @@ def main() -> None:
                     range(args.images),
                 )
             )
-        predictor = load_predictor(exp_uri, opts=opts)
+        predictor = load_predictor(exp_uri, opts=opts).to(args.device)
+        sources = sorted(storage.list_prefix(prefix, opts))
+        x = normalize_uint8(
+            torch.from_numpy(
+                np.stack([decode_image(storage.read_bytes(s, opts), s, args.size, 50_000_000)[0] for s in sources])
+            ).to(args.device)
+        )
 
-        # 1a. the plain loop
-        n, plain_s = plain_loop(predictor, prefix, f"s3://{bucket}/plain", args.batch_size, opts)
+        # (c) the ceiling, (p) the plain loop
+        top = ceiling(predictor, x, args.batch_size, gpu)
+        n, plain_s, steps = plain_loop(
+            predictor, prefix, f"s3://{bucket}/plain", args.batch_size, args.shard_size, gpu, opts
+        )
         plain = n / plain_s
 
-        # 1b. the Ray Data stage (local Ray started first, not timed)
+        # (a) the Ray Data stage (local Ray started first, not timed), both output formats
         import ray
 
         ray.init(
-            num_cpus=2,
+            num_cpus=os.cpu_count() if gpu else 2,
+            num_gpus=torch.cuda.device_count() if gpu else 0,
             include_dashboard=False,
             _temp_dir=str(Path(tmp) / "ray"),
             log_to_driver=False,
             runtime_env={"env_vars": env},
         )
-        config = load_config(
-            None,
-            [
-                f"explainer.checkpoint={exp_uri}",
-                f"attribute.input={prefix}",
-                f"output=s3://{bucket}/out",
-                "attribute.run_id=bench",
-                f"attribute.batch_size={args.batch_size}",
-                "attribute.num_actors=2",
-                "attribute.cpus_per_actor=0.5",
-                "attribute.preview_images=0",
-            ],
-        )
-        started = time.perf_counter()
-        summary = attribute(config, progress=False)
-        wall = time.perf_counter() - started
+        runs = {}
+        for fmt in ("shards", "objects"):
+            config = load_config(
+                None,
+                [
+                    f"explainer.checkpoint={exp_uri}",
+                    f"attribute.input={prefix}",
+                    f"output=s3://{bucket}/out",
+                    f"attribute.run_id=bench-{fmt}",
+                    f"attribute.batch_size={args.batch_size}",
+                    f"attribute.shard_size={args.shard_size}",
+                    f"attribute.output_format={fmt}",
+                    "attribute.num_actors=2",
+                    f"attribute.cpus_per_actor={1 if gpu else 0.5}",
+                    f"attribute.gpus_per_actor={0.5 if gpu else 0}",
+                    f"attribute.amp={str(gpu).lower()}",
+                    "attribute.preview_images=0",
+                    "tracking.enabled=false",
+                ],
+            )
+            started = time.perf_counter()
+            summary = attribute(config, progress=False)
+            wall = time.perf_counter() - started
+            assert summary["num_ok"] == args.images, summary
+            timings = json.loads(storage.read_bytes(summary["manifest"], opts))["timings"]
+            runs[fmt] = (args.images / wall, timings, summary["output_objects"])
         ray.shutdown()
-        assert summary["num_ok"] == args.images, summary
 
         print(
             f"corpus: {args.images} synthetic {args.size}px PNGs in SeaweedFS, batch {args.batch_size}, "
-            f"small_cnn + compact (untrained), torch {torch.__version__}, ray {ray.__version__}"
+            f"shards of {args.shard_size}, {args.classifier} + {args.explainer} (untrained) on {args.device}, "
+            f"torch {torch.__version__}, ray {ray.__version__}, {os.cpu_count()} cores"
         )
-        print(f"(a) plain Python loop           {plain:8.1f} img/s   ({plain_s:.1f} s)")
-        print(
-            f"(b) attribute, 2 actors x 0.5   {summary['images_per_second']:8.1f} img/s   "
-            f"(execution incl. actor start-up; wall {wall:.1f} s = {args.images / wall:.1f} img/s end to end)"
-        )
-        timings = json.loads(storage.read_bytes(summary["manifest"], opts))["timings"]
-        steady = timings["steady_images_per_second"]
-        print(
-            f"    steady state after the first batch ({timings['startup_seconds']:.1f} s actor start-up) "
-            f"{steady:.1f} img/s"
-        )
-        print(
-            f"ratio (b)/(a)                   {summary['images_per_second'] / plain:8.2f}   "
-            f"(end to end {args.images / wall / plain:.2f}, steady state {steady / plain:.2f})"
-        )
+        print(f"(c) ceiling: bare forward on pre-decoded tensors  {top:9.1f} img/s   1.00")
+        print(f"(p) plain loop, decode + encode + write           {plain:9.1f} img/s   {plain / top:.2f}")
+        total = sum(steps.values())
+        print("    where the plain loop's time goes: " + ", ".join(f"{k} {v / total:.0%}" for k, v in steps.items()))
+        for fmt, (end_to_end, timings, objects) in runs.items():
+            steady = timings["steady_images_per_second"]
+            print(
+                f"(a) attribute, format {fmt:7s} end to end       {end_to_end:9.1f} img/s   {end_to_end / top:.2f}"
+                f"   ({objects} objects written)"
+            )
+            print(f"                         steady state           {steady:9.1f} img/s   {steady / top:.2f}")
+            print(
+                f"    start-up (actors, model, first batch) {timings['startup_seconds']:.1f} s; whole call "
+                f"{args.images / end_to_end:.1f} s"
+            )
 
         # 2. per image: Explainer vs Grad-CAM vs RISE, all classes
-        sources = sorted(storage.list_prefix(prefix, opts))[: args.method_images]
-        x = torch.from_numpy(
-            np.stack([decode_image(storage.read_bytes(s, opts), s, args.size, 50_000_000)[0] for s in sources])
-        )
+        x = x[: args.method_images]
         all_classes = list(range(len(predictor.classes)))
         explainer_ms = per_image_ms(lambda b: predictor(b), x, args.batch_size)
         gradcam_ms = per_image_ms(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU training benchmark: one DeepLabv3-ResNet50 Explainer over a VGG-16 Explanandum at 224 px,
+# GPU training and attribution benchmark: one DeepLabv3-ResNet50 Explainer over a VGG-16 Explanandum at 224 px,
 # batch 16 per GPU, AMP bf16, 200 optimizer steps, from synthetic shards on local disk.
 # Prints images/s (steady state: median of epochs 2..N, and over the whole run), the share of step
 # time spent waiting for data, peak GPU memory (torch.cuda.max_memory_allocated) and the fraction of
@@ -104,3 +104,12 @@ if __name__ == "__main__":  # spawn-started workers (ingest, DataLoader) re-impo
     main()
 EOF
 "$PYTHON" "$WORKDIR/gpu_train_bench.py"
+
+# then batch attribution on the same device with the paper-size pair: the bare forward (the ceiling),
+# a plain loop and `wysiwyc attribute` (2 actors sharing the GPU, bf16, format shards), images/s and
+# ratios (tests/bench/bench_attribute.py); ATTRIBUTE=0 skips it, ATTRIBUTE_IMAGES sets the corpus size (default IMAGES)
+if [ "${ATTRIBUTE:-1}" = 1 ]; then
+  "$PYTHON" tests/bench/bench_attribute.py --device "$DEVICE" --explainer deeplabv3_resnet50 --classifier vgg16 \
+    --size "$SIZE" --images "${ATTRIBUTE_IMAGES:-$IMAGES}" --batch-size 64 --shard-size 500 \
+    --method-images 16 --rise-masks 100
+fi

@@ -168,8 +168,9 @@ def test_every_stage_runs_and_is_timed(quickstart):
 
 
 def test_the_explainer_is_promoted_and_attributes_the_corpus(quickstart):
-    import pyarrow.parquet as pq
     from mlflow import MlflowClient
+
+    from pipeline.attribute import read_index
 
     summary, work = quickstart
     assert summary["model_uri"] == "models:/quickstart-explainer@champion"
@@ -178,7 +179,7 @@ def test_the_explainer_is_promoted_and_attributes_the_corpus(quickstart):
     client = MlflowClient(uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias("quickstart-explainer", "champion").version) == "1"
     assert summary["num_samples"] == NUM_CORPUS
-    index = pq.read_table(Path(summary["attribution"]) / "index.parquet").to_pylist()
+    index = read_index(summary["attribution"]).to_pylist()
     assert len(index) == NUM_CORPUS == len({row["source"] for row in index})
     assert {row["status"] for row in index} == {"ok"}
     assert {row["model_version"] for row in index} == {"1"}

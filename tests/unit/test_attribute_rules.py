@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipeline.attribute.inputs import decode_image
 from pipeline.attribute.job import explained_classes
-from pipeline.attribute.outputs import output_urls, part_url, source_key
+from pipeline.attribute.outputs import output_urls, part_url, shard_url, source_key
+from pipeline.data.transforms import image_to_tensor, normalize_uint8
 from pipeline.errors import InputError
 
 PROBS = torch.tensor(
@@ -39,10 +40,15 @@ def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def test_grayscale_and_rgba_decode_to_three_normalised_channels():
-    gray, w, h = decode_image(_encoded(Image.new("L", (30, 20), 128)), "g.png", 16, 10_000)
-    assert gray.shape == (3, 16, 16) and (w, h) == (30, 20)
-    assert np.allclose(gray[0], gray[0, 0, 0]) and gray[0, 0, 0] != gray[2, 0, 0]  # per-channel normalisation
+def test_grayscale_and_rgba_decode_to_the_pixels_the_model_normalises():
+    gray_image = Image.new("L", (30, 20), 128)
+    gray, w, h = decode_image(_encoded(gray_image), "g.png", 16, 10_000)
+    assert gray.shape == (3, 16, 16) and gray.dtype == np.uint8 and (w, h) == (30, 20)
+    assert (gray == 128).all()
+    # normalised on the model's device: bit for bit what training and evaluation feed the nets
+    expected = image_to_tensor(gray_image, 16)
+    assert torch.equal(normalize_uint8(torch.from_numpy(gray[None]))[0], expected)
+    assert expected[0, 0, 0] != expected[2, 0, 0]  # per-channel normalisation
     rgba, _, _ = decode_image(_encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 10))), "a.png", 8, 10_000)
     red, _, _ = decode_image(_encoded(Image.new("RGB", (8, 8), (255, 0, 0))), "r.png", 8, 10_000)
     assert np.array_equal(rgba, red)  # alpha dropped
@@ -70,4 +76,11 @@ def test_output_names_are_deterministic_and_batch_order_free():
         f"s3://o/run/masks/{key[:2]}/{key}.png",
         f"s3://o/run/class_masks/{key[:2]}/{key}.npz",
     )
-    assert part_url("s3://o/run", ["b", "a"]) == part_url("s3://o/run", ["a", "b"]) != part_url("s3://o/run", ["a"])
+    part = part_url("s3://o/run", "chunk-000003", ["b", "a"], 1)
+    assert (
+        part
+        == part_url("s3://o/run", "chunk-000003", ["a", "b"], 1)
+        != part_url("s3://o/run", "chunk-000003", ["a"], 0)
+    )
+    assert part.startswith("s3://o/run/parts/chunk-000003/part-") and part.endswith("-2r1e.parquet")
+    assert shard_url("s3://o/run", ["b", "a"]) == shard_url("s3://o/run", ["a", "b"]) != shard_url("s3://o/run", ["a"])
