@@ -216,6 +216,7 @@ def _reset_after_fork() -> None:
     _CLIENTS_LOCK = threading.Lock()
     _SECRETS_LOCK = threading.Lock()
     _CLIENTS.clear()
+    _ARROW.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -689,6 +690,40 @@ def read_bytes(url: str | os.PathLike, opts: S3Options | None = None) -> bytes:
     """
     with open_read(url, opts) as f:
         return f.read()
+
+
+_ARROW: dict[tuple, Any] = {}  # (opts, pid) → pyarrow S3FileSystem, or None once it failed where boto3 did not
+
+
+def read_small(url: str | os.PathLike, opts: S3Options | None = None) -> bytes:
+    """:func:`read_bytes` for the many small objects of a batch job (one image each).
+
+    On S3 the object is fetched through pyarrow's C++ client, which costs about a third of boto3's CPU
+    per GET (0.6 vs 1.7 ms measured on 32-px PNGs from SeaweedFS; on a CPU-bound worker that is
+    throughput). Any failure there is retried with :func:`read_bytes`, so the errors (``NotFound``,
+    credentials, endpoint, bucket) are exactly its; when boto3 then succeeds, this process stops using
+    pyarrow (e.g. a TLS setting only boto3 knows).
+    """
+    s = _str(url)
+    if _kind(s) != "s3":
+        return read_bytes(s, opts)
+    key = (opts or S3Options(), os.getpid())
+    fs = _ARROW.get(key, False)
+    if fs is False:
+        try:
+            fs = _ARROW[key] = arrow_filesystem(opts)
+        except Exception:  # noqa: BLE001 - pyarrow without S3 support: boto3 it is
+            fs = _ARROW[key] = None
+    if fs is not None:
+        bucket, name = split_s3(s)
+        try:
+            with fs.open_input_stream(f"{bucket}/{name}") as f:
+                return f.read()
+        except Exception:  # noqa: BLE001 - read_bytes below raises the classified error
+            data = read_bytes(s, opts)
+            _ARROW[key] = None
+            return data
+    return read_bytes(s, opts)
 
 
 def read_text(url: str | os.PathLike, opts: S3Options | None = None, encoding: str = "utf-8") -> str:

@@ -127,7 +127,7 @@ def open_input(spec: str, opts=None) -> Input:
 def fetch_image(source: str, opts) -> bytes:
     """The bytes of one input image; a missing or unreadable object is an InputError (an error row)."""
     try:
-        return storage.read_bytes(source, opts)
+        return storage.read_small(source, opts)
     except (storage.CredentialsError, storage.EndpointUnreachable, storage.BucketNotFound):
         raise  # the same for every image: stop the run
     except storage.NotFound:

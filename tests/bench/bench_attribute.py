@@ -114,7 +114,7 @@ def plain_loop(predictor, prefix: str, out: str, batch_size: int, shard_size: in
     classes, members = predictor.classes, []
     for start in range(0, len(sources), batch_size):
         chunk = sources[start : start + batch_size]
-        data = [storage.read_bytes(s, opts) for s in chunk]
+        data = [storage.read_small(s, opts) for s in chunk]
         lap("read")
         decoded = [decode_image(d, s, predictor.image_size, 50_000_000)[0] for d, s in zip(data, chunk)]
         lap("decode")

@@ -34,6 +34,16 @@ def test_round_trip_with_options_from_the_environment(s3_env, s3_bucket):
     assert storage.exists(url)
 
 
+def test_read_small_reads_through_pyarrow_what_read_bytes_reads(s3_server, s3_bucket):
+    urls = [f"s3://{s3_bucket}/small/{i}.bin" for i in range(20)]
+    for i, url in enumerate(urls):
+        storage.write_bytes(url, os.urandom(100 + i), s3_server.opts)
+    small = [storage.read_small(u, s3_server.opts) for u in urls]
+    assert small == [storage.read_bytes(u, s3_server.opts) for u in urls]
+    key = (s3_server.opts, os.getpid())
+    assert storage._ARROW[key] is not None  # the fast path was used (and kept: nothing failed)
+
+
 def test_open_read_streams_a_tar_in_stream_mode(s3_server, s3_bucket):
     url = f"s3://{s3_bucket}/shards/train-000000.tar"
     members = {f"{i:04d}.json": os.urandom(5000) for i in range(20)}
@@ -121,6 +131,7 @@ def test_missing_object_raises_not_found(s3_server, s3_bucket, tmp_path: Path):
     url = f"s3://{s3_bucket}/nope/missing.json"
     for call in (
         lambda: storage.read_bytes(url, s3_server.opts),
+        lambda: storage.read_small(url, s3_server.opts),
         lambda: storage.size(url, s3_server.opts),
         lambda: storage.download_file(url, tmp_path / "x", s3_server.opts),
     ):
@@ -134,6 +145,7 @@ def test_missing_bucket_is_named_with_the_endpoint(s3_server):
     url = "s3://no-such-bucket-here/x/y.json"
     calls = {
         "read": lambda: storage.read_bytes(url, opts),
+        "read_small": lambda: storage.read_small(url, opts),
         "write": lambda: storage.write_bytes(url, b"1", opts),
         "list": lambda: list(storage.list_prefix(url, opts)),
         "exists": lambda: storage.exists(url, opts),
@@ -157,6 +169,7 @@ def test_wrong_credentials_are_rejected_without_showing_the_secret(s3_server, s3
     storage.write_bytes(url, b"1", s3_server.opts)
     calls = [
         lambda: storage.read_bytes(url, opts),
+        lambda: storage.read_small(url, opts),
         lambda: storage.write_bytes(url, b"2", opts),
         lambda: list(storage.list_prefix(f"s3://{s3_bucket}", opts)),
         lambda: storage.exists(url, opts),
