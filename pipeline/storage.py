@@ -1082,6 +1082,25 @@ def list_prefix(url: str | os.PathLike, opts: S3Options | None = None, *, recurs
     return _local_listing(kind, _walk_sorted(root, recursive, ""))
 
 
+def list_dirs(url: str | os.PathLike, opts: S3Options | None = None) -> list[str]:
+    """The names of the "directories" directly under ``url`` (S3: the common prefixes of a ``/``-delimited
+    listing; locally: the subfolders), sorted; nothing when ``url`` does not exist."""
+    s = _str(url)
+    if _kind(s) == "s3":
+        bucket, key = split_s3(s)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        client = _client(opts)
+        names = []
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", ())]
+        except Exception as exc:
+            raise _s3_error(exc, s, client, "list") from exc
+        return sorted(names)
+    root = to_local_path(s)
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
 def list_startswith(url: str | os.PathLike, opts: S3Options | None = None) -> Iterator[str]:
     """Every object whose key starts with the URL's key (raw key-prefix semantics), recursively.
 

@@ -155,7 +155,7 @@ def drift_png(now: dict, before: dict, result: dict, title: str) -> bytes:
 def previous_run(output: str, run_id: str, opts) -> str | None:
     """The last complete run (latest ``timings.finished``) under ``output`` other than ``run_id``."""
     best, when = None, ""
-    for run in _run_dirs(output, opts):
+    for run in storage.list_dirs(output, opts):
         if run == run_id:
             continue
         try:
@@ -166,20 +166,6 @@ def previous_run(output: str, run_id: str, opts) -> str | None:
         if finished > when:
             best, when = run, finished
     return best
-
-
-def _run_dirs(output: str, opts) -> list[str]:
-    if storage.is_s3(output):
-        bucket, key = storage.split_s3(output)
-        prefix = key if not key or key.endswith("/") else key + "/"
-        pages = (
-            storage.s3_client(opts)
-            .get_paginator("list_objects_v2")
-            .paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        )
-        return [p["Prefix"][len(prefix) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
-    root = storage.to_local_path(output)
-    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def log_run(config, manifest: dict, root: str, drift_png_bytes: bytes | None, opts) -> None:

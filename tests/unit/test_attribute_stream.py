@@ -157,3 +157,20 @@ def test_drift_flags_a_class_that_vanished_and_nothing_between_equal_runs():
     assert gone["flagged"] == ["car"]
     assert gone["per_class"]["car"]["ks_mask_area"] is None  # too few images explain it now
     assert gone["per_class"]["car"]["psi_frequency"] > 0.2
+
+
+def test_previous_is_the_last_complete_run_under_the_output(tmp_path):
+    from pipeline.attribute.stats import previous_run
+
+    def run(name: str, finished: str | None) -> None:
+        (tmp_path / name).mkdir()
+        if finished:
+            (tmp_path / name / "_manifest.json").write_text(json.dumps({"timings": {"finished": finished}}))
+
+    run("2026-12-01", "2026-12-01T03:00:00Z")
+    run("2026-12-02", "2026-12-02T03:10:00Z")
+    run("2026-12-03", None)  # killed: no manifest
+    run("rerun-of-01", "2026-11-30T23:00:00Z")  # finished before the others
+    assert previous_run(str(tmp_path), "2026-12-03", None) == "2026-12-02"
+    assert previous_run(str(tmp_path), "2026-12-02", None) == "2026-12-01"
+    assert previous_run(str(tmp_path / "nothing-here"), "x", None) is None
