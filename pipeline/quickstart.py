@@ -312,6 +312,8 @@ def run_quickstart(
         f"explainer.checkpoint=models:/{MODEL_NAME}@champion",
         f"attribute.input={place.url(CORPUS[0])}",
         f"output={place.url('attributions')}",
+        # the corpus is one output batch: a second actor only adds its start-up (31 → 23 s measured)
+        "attribute.num_actors=1",
         user=user,
     )
     attribution = stage("attribute", lambda: attribute(attribute_cfg, progress=True))

@@ -183,6 +183,9 @@ def test_the_explainer_is_promoted_and_attributes_the_corpus(quickstart):
     assert len(index) == NUM_CORPUS == len({row["source"] for row in index})
     assert {row["status"] for row in index} == {"ok"}
     assert {row["model_version"] for row in index} == {"1"}
+    # the attribution run is in the same MLflow, with the version it used and its statistics
+    (attribution,) = client.search_runs([client.get_experiment_by_name("attribution").experiment_id])
+    assert attribution.data.params["model_version"] == "1" and attribution.data.metrics["images"] == NUM_CORPUS
     # both trainings were tracked in the same MLflow as the registry
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert {"cpu-classifier", "cpu-explainer"} <= {r.info.run_name for r in runs}
