@@ -8,7 +8,8 @@ chunk files (``plan/CHUNK-HASH.json``, a JSON list of source URIs each) as it is
 no chunk files: a chunk is a shard of the manifest.
 
 The run attributes what the input held when its plan was made: images added under the prefix later
-belong to the next run. ``_plan.json`` is created exclusively, so of two launches planning at once one
+belong to the next run. A URI list is taken in its order; a URI it names twice within one chunk is
+attributed once (a list should name each image once: across chunks, each occurrence gets its row). ``_plan.json`` is created exclusively, so of two launches planning at once one
 plan wins (the chunk files are named by their contents, so a losing plan never overwrites the winner's).
 """
 
@@ -51,11 +52,15 @@ def make_plan(inputs: Input, root: str, chunk_size: int, opts) -> dict:
             storage.write_bytes(url, body, opts)
             chunks.append({"name": name, "url": url, "count": len(batch)})
 
+        seen: set[str] = set()  # a URI listed twice within one chunk is attributed once
         for source in listing:
+            if source in seen:
+                continue
+            seen.add(source)
             batch.append(source)
             if len(batch) == chunk_size:
                 flush()
-                batch = []
+                batch, seen = [], set()
         if batch:
             flush()
         ignored = listing.ignored

@@ -72,7 +72,7 @@ def test_a_second_plan_of_the_same_run_adopts_the_first(tmp_path):
 
 def test_a_uri_list_is_read_line_by_line_and_an_empty_one_is_refused(tmp_path):
     listing = tmp_path / "list.txt"
-    listing.write_text("\n  \n# comment\na.png\n/abs/b.jpg\ns3://bucket/c.png\n")
+    listing.write_text("\n  \n# comment\na.png\na.png\n/abs/b.jpg\ns3://bucket/c.png\n")  # a.png twice
     plan = make_plan(Input("list", str(listing)), str(tmp_path / "run"), 2, None)
     entries = [json.loads(storage.read_bytes(c["url"])) for c in plan["chunks"]]
     assert entries == [[str(tmp_path / "a.png"), "/abs/b.jpg"], ["s3://bucket/c.png"]]
