@@ -20,14 +20,14 @@ Explanandum it explains) is shipped to the actors through the object store. The 
 - a file listing image URIs (one per line, streamed; or a JSON list; relative entries are read from its
   folder).
 
-Compute (Ray Data): ``from_items(pending chunks)`` → ``flat_map(_chunk_rows)`` (a chunk's images that no
-index part holds yet; a shard chunk's bytes come from its tar) → ``map_batches(_prepare)`` (tasks with
-``attribute.read_cpus``: read the bytes through :mod:`pipeline.storage`, decode, convert to RGB and
-normalise, so a bad image becomes an error row instead of failing Ray's reader) →
+Compute (Ray Data): ``from_items(pending chunks)`` → ``map_batches(_read_chunk)`` (one task per chunk,
+``attribute.read_cpus``: the chunk's images that no index part holds yet, read through
+:mod:`pipeline.storage` or taken from the input shard, decoded, converted to RGB and resized to uint8 by
+a thread pool, so a bad image becomes an error row instead of failing Ray's reader) →
 ``map_batches(_Attributor, compute=ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor,
-num_gpus=gpus_per_actor)``: one Explainer pass per ``batch_size`` images gives the masks of every class and
-the Explanandum's probabilities; the actor writes the batch's outputs and then, atomically, its index
-parts (one per chunk the batch touches).
+num_gpus=gpus_per_actor)``: normalised on the actor's device, one Explainer pass per ``batch_size`` images
+gives the masks of every class and the Explanandum's probabilities; the actor writes the batch's outputs
+and then, atomically, its index parts (one per chunk the batch touches).
 
 Outputs under ``output/RUN_ID/`` (``RUN_ID``: ``attribute.run_id``, default the UTC start time)::
 

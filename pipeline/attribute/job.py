@@ -107,36 +107,30 @@ def explained_classes(
     return [row[:n] for row, n in zip(order.tolist(), above.tolist())]
 
 
-def _chunk_rows(row: dict, job: Job) -> list[dict]:
-    """flat_map: one chunk of the plan → a row per image that no part of the chunk holds yet."""
-    chunk, url = str(row["chunk"]), str(row["url"])
+def _read_chunk(batch: dict, job: Job) -> dict:
+    """map_batches (tasks, one chunk of the plan each): the chunk's images that no part holds yet, read
+    (a shard chunk's bytes come from its tar), decoded and resized (uint8); a bad image → an error row.
+    One task per chunk, its images read and decoded by a thread pool: fewer, larger blocks than a task per
+    ``batch_size`` images (Ray Data's per-block work cost more than the decoding itself, measured)."""
+    (chunk,), (url,) = [str(c) for c in batch["chunk"]], [str(u) for u in batch["url"]]
     done = set(chunk_parts(job.root, chunk, job.opts, columns=["source"])[0]["source"].to_pylist())
     if job.plan_kind == "shards":  # a shard sample's source is SHARD#KEY; its bytes come with it
-        samples = ((f"{url}#{key}", url, key, data) for key, data in shard_images(url, job.opts))
+        samples = [(f"{url}#{key}", key, data) for key, data in shard_images(url, job.opts)]
     else:
-        samples = ((s, "", "", b"") for s in json.loads(storage.read_bytes(url, job.opts)))
-    return [
-        {"source": source, "chunk": chunk, "shard": shard, "member": member, "data": data}
-        for source, shard, member, data in samples
-        if source not in done
-    ]
+        samples = [(s, "", None) for s in json.loads(storage.read_bytes(url, job.opts))]
+    samples = [sample for sample in samples if sample[0] not in done]
+    n = len(samples)
 
-
-def _prepare(batch: dict, job: Job) -> dict:
-    """map_batches (tasks): read (unless the bytes came from a shard), decode, resize (uint8); errors → rows."""
-    sources = [str(s) for s in batch["source"]]
-    shards = [str(s) for s in batch["shard"]]
-    n = len(sources)
-
-    def load(i: int):
+    def load(sample: tuple):
+        source, _, data = sample
         try:
-            data = bytes(batch["data"][i]) if shards[i] else fetch_image(sources[i], job.opts)
-            return decode_image(data, sources[i], job.image_size, job.max_image_pixels)
+            data = data if data is not None else fetch_image(source, job.opts)
+            return decode_image(data, source, job.image_size, job.max_image_pixels)
         except InputError as exc:
             return str(exc)
 
-    with ThreadPoolExecutor(min(_IO_THREADS, n)) as pool:
-        results = list(pool.map(load, range(n)))
+    with ThreadPoolExecutor(max(1, min(_IO_THREADS, n))) as pool:
+        results = list(pool.map(load, samples))
     images = np.zeros((n, 3, job.image_size, job.image_size), dtype=np.uint8)
     width, height, errors = np.zeros(n, np.int64), np.zeros(n, np.int64), []
     for i, result in enumerate(results):
@@ -146,10 +140,10 @@ def _prepare(batch: dict, job: Job) -> dict:
             images[i], width[i], height[i] = result
             errors.append("")
     return {
-        "source": np.array(sources, dtype=object),
-        "chunk": np.asarray(batch["chunk"], dtype=object),
-        "shard": np.array(shards, dtype=object),
-        "member": np.asarray(batch["member"], dtype=object),
+        "source": np.array([s[0] for s in samples], dtype=object),
+        "chunk": np.array([chunk] * n, dtype=object),
+        "shard": np.array([url if job.plan_kind == "shards" else ""] * n, dtype=object),
+        "member": np.array([s[1] for s in samples], dtype=object),
         "image": images,
         "width": width,
         "height": height,
@@ -286,10 +280,7 @@ def execute(config, job: Job, pending: list[dict], total: int, errors: int, pred
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
     predictor_ref = ray.put(replace(predictor, checkpoint={}))
     ds = ray.data.from_items([{"chunk": c["name"], "url": c["url"]} for c in pending], override_num_blocks=len(pending))
-    ds = ds.flat_map(_chunk_rows, fn_kwargs={"job": job}, num_cpus=a.read_cpus)
-    ds = ds.map_batches(
-        _prepare, batch_size=a.batch_size, batch_format="numpy", fn_kwargs={"job": job}, num_cpus=a.read_cpus
-    )
+    ds = ds.map_batches(_read_chunk, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}, num_cpus=a.read_cpus)
     ds = ds.map_batches(
         _Attributor,
         batch_size=a.shard_size if job.output_format == "shards" else a.batch_size,

@@ -1,5 +1,5 @@
 """The plan of a run: its images cut into numbered chunks of ``attribute.shard_size``, written once at the
-first launch and read by every later one (:func:`make_plan`, :func:`read_plan`, :func:`chunk_sources`).
+first launch and read by every later one (:func:`make_plan`, :func:`read_plan`).
 
 A chunk is the unit of resume and of the index: the index rows of its images live under
 ``parts/CHUNK/``, and it is done when those parts hold all its images. The driver holds the plan (one
@@ -9,8 +9,9 @@ no chunk files: a chunk is a shard of the manifest.
 
 The run attributes what the input held when its plan was made: images added under the prefix later
 belong to the next run. A URI list is taken in its order; a URI it names twice within one chunk is
-attributed once (a list should name each image once: across chunks, each occurrence gets its row). ``_plan.json`` is created exclusively, so of two launches planning at once one
-plan wins (the chunk files are named by their contents, so a losing plan never overwrites the winner's).
+attributed once (a list should name each image once: across chunks, each occurrence gets its row).
+``_plan.json`` is created exclusively, so of two launches planning at once one plan wins (the chunk
+files are named by their contents, so a losing plan never overwrites the winner's).
 """
 
 from __future__ import annotations
@@ -85,10 +86,3 @@ def read_plan(root: str, opts) -> dict | None:
         return json.loads(storage.read_bytes(storage.join(root, PLAN), opts))
     except storage.NotFound:
         return None
-
-
-def chunk_sources(plan_kind: str, chunk: dict, opts) -> list[str]:
-    """The source URIs of a prefix or list chunk (a shard chunk's come from its tar)."""
-    if plan_kind == "shards":
-        raise ValueError("a shard chunk's sources are its samples")
-    return json.loads(storage.read_bytes(chunk["url"], opts))
