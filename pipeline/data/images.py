@@ -50,7 +50,7 @@ def resized_rgb(image, size: int):
 
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image.resize((size, size), Image.BILINEAR))
+    return np.array(image.resize((size, size), Image.BILINEAR))  # a writable copy: torch takes it as is
 
 
 @contextlib.contextmanager
