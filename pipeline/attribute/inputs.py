@@ -5,6 +5,7 @@ image is an :class:`~pipeline.errors.InputError`, i.e. an error row)."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,30 +48,21 @@ def _uri_list(url: str, opts) -> Iterator[str]:
     comments skipped) or a JSON list (read whole: use one per line for millions)."""
     parent = url.rsplit("/", 1)[0]
     with storage.open_read(url, opts) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8")
-        first = text.read(1)
-        while first.isspace():
-            first = text.read(1)
-        if first == "[":
+        lines = io.TextIOWrapper(raw, encoding="utf-8")
+        first = next((line for line in lines if line.strip()), "")
+        if first.lstrip().startswith("["):
             try:
-                entries = json.loads(first + text.read())
+                entries = json.loads(first + lines.read())
             except json.JSONDecodeError as exc:
-                raise WysiwycError(
-                    f"attribute: {storage.redact(url)} is not a valid JSON list of URIs ({exc})"
-                ) from None
+                what = f"attribute: {storage.redact(url)} is not a valid JSON list of URIs ({exc})"
+                raise WysiwycError(what) from None
             if not all(isinstance(e, str) for e in entries):
                 raise WysiwycError(f"attribute: {storage.redact(url)} must be a JSON list of strings (image URIs)")
         else:
-            entries = (line.strip() for line in _prepend(first, text))
+            entries = (line.strip() for line in itertools.chain([first], lines))
         for e in entries:
             if e and not e.startswith("#"):
                 yield e if "://" in e or e.startswith("/") else storage.join(parent, e)
-
-
-def _prepend(first: str, text) -> Iterator[str]:
-    lines = iter(text)
-    yield first + next(lines, "")
-    yield from lines
 
 
 class Listing:

@@ -394,6 +394,7 @@ def attribute(config, progress: bool = True) -> dict:
     from pipeline.config import dump_config
     from pipeline.progress import progress as progress_bar
     from pipeline.train.checkpoint import public_config
+    from pipeline.train.tracking import journal_url
 
     started = time.time()
     a = config.attribute
@@ -419,7 +420,7 @@ def attribute(config, progress: bool = True) -> dict:
                 f"with --model {finished['model']['model']}, not {config.explainer.checkpoint}: start a "
                 f"new run with another --run-id"
             )
-        if config.tracking.enabled and storage.exists(storage.join(root, "tracking_pending.json"), opts):
+        if config.tracking.enabled and storage.exists(journal_url(root), opts):
             log_run(config, finished, root, None, opts)  # what the tracking server missed last time
         return summary(finished, "already complete")
 
