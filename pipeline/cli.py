@@ -85,9 +85,12 @@ def _global_options(
     progress.set_enabled(not quiet)
 
 
-def _print_summary(title: str, summary: dict, as_json: bool) -> None:
+def _print_summary(title: str, summary: dict, as_json: bool, text: Callable[[dict], str] | None = None) -> None:
     if as_json:
         print(json.dumps(summary, default=str))
+        return
+    if text is not None:  # a command with a view of its own for a person
+        print(text(summary))
         return
     print(title)
     width = max(len(k) for k in summary) if summary else 0
@@ -99,8 +102,9 @@ def _print_summary(title: str, summary: dict, as_json: bool) -> None:
         print(f"  {key.ljust(width)}  {value}")
 
 
-def _run(title: str, as_json: bool, stage: Callable[[], dict]) -> dict:
-    """Run a stage; print its summary (and return it), or a clear error and exit non-zero."""
+def _run(title: str, as_json: bool, stage: Callable[[], dict], text: Callable[[dict], str] | None = None) -> dict:
+    """Run a stage; print its summary (``text`` formats it for a person; ``--json``: one JSON object) and
+    return it, or a clear error and exit non-zero."""
     from pipeline.errors import WysiwycError
 
     logging.basicConfig(level=_LOG_LEVEL["level"], stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -124,7 +128,7 @@ def _run(title: str, as_json: bool, stage: Callable[[], dict]) -> dict:
             print(json.dumps({"error": message}))
         print(f"error: {message}", file=sys.stderr)
         raise typer.Exit(2) from None
-    _print_summary(title, summary, as_json)
+    _print_summary(title, summary, as_json, text)
     return summary
 
 
@@ -343,24 +347,31 @@ NameOpt = Annotated[str, typer.Option("--name", help="Registered model name, e.g
 def register(
     name: NameOpt,
     checkpoint: Annotated[
-        str | None, typer.Option("--checkpoint", help="Explainer checkpoint URI (local path or s3://).")
+        str | None, typer.Option("--checkpoint", help="Explainer (or, with --classifier, classifier) checkpoint URI.")
     ] = None,
     from_sweep: Annotated[
         str | None, typer.Option("--from-sweep", help="Register the best trial of this sweep (its sweep.json).")
     ] = None,
+    classifier: Annotated[
+        bool, typer.Option("--classifier", help="The checkpoint is a classifier (pyfunc: images → probabilities).")
+    ] = False,
     config: ConfigOpt = None,
     overrides: Overrides = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Package an Explainer as a new MLflow model version with alias `candidate`; prints its model URI."""
+    """Package an Explainer (or a classifier) as a new MLflow model version with alias `candidate`."""
 
     def stage() -> dict:
         from pipeline.errors import WysiwycError
-        from pipeline.registry import register_checkpoint, register_from_sweep
+        from pipeline.registry import register_checkpoint, register_classifier, register_from_sweep
 
         if (checkpoint is None) == (from_sweep is None):
             raise WysiwycError("register: give exactly one of --checkpoint URI or --from-sweep NAME")
         cfg = _load(config, overrides)
+        if classifier:
+            if checkpoint is None:
+                raise WysiwycError("register --classifier: give the classifier's --checkpoint URI")
+            return register_classifier(checkpoint, name, cfg)
         if from_sweep is not None:
             return register_from_sweep(from_sweep, name, cfg)
         return register_checkpoint(checkpoint, name, cfg)
@@ -401,6 +412,63 @@ def promote(
         return registry.promote(name, version, cfg)
 
     _run("promote: rolled back" if rollback else "promote: done", json_, stage)
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option("--model", help="models:/NAME@champion (serve.model).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="HTTP port (serve.port, default 8000).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address (serve.host, default 127.0.0.1).")] = None,
+    replicas: Annotated[int | None, typer.Option("--replicas", help="Model replicas (serve.replicas).")] = None,
+    refresh: Annotated[
+        float | None, typer.Option("--refresh", help="Re-resolve the alias every N seconds (serve.refresh_s).")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Serve a registered Explainer over HTTP on Ray Serve (POST /explain, GET /health) until stopped."""
+
+    def stage() -> dict:
+        from pipeline.serve import serve_forever
+
+        cfg = _load(
+            config,
+            overrides,
+            **{"serve.model": model, "serve.port": port, "serve.host": host, "serve.replicas": replicas},
+            **{"serve.refresh_s": refresh},
+        )
+
+        def ready(url: str, health: dict) -> None:  # the one line a script waits for, on stdout at once
+            line = {"url": url, "model_version": health["model_version"]} if json_ else None
+            text = (
+                json.dumps(line) if json_ else f"serving {cfg.serve.model} (version {health['model_version']}) at {url}"
+            )
+            print(text, file=sys.__stdout__, flush=True)
+
+        return serve_forever(cfg, on_ready=ready)
+
+    _run("serve: stopped", json_, stage)
+
+
+@app.command()
+def lineage(
+    model: Annotated[str, typer.Argument(help="models:/NAME@alias or models:/NAME/V.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Where a registered Explainer comes from and where it went: data digests → classifier version →
+    Explainer version → the attribution runs that used it."""
+
+    def stage() -> dict:
+        from pipeline.registry import lineage as chain
+
+        return chain(model, _load(config, overrides))
+
+    from pipeline.registry.lineage import lineage_text
+
+    _run("lineage", json_, stage, text=lineage_text)
 
 
 @app.command()

@@ -548,6 +548,24 @@ class RegistryConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    """``wysiwyc serve``: a registered Explainer behind HTTP on Ray Serve (``POST /explain``, ``GET /health``)."""
+
+    model: str | None = Field(None, description="models:/NAME@alias (re-resolved every refresh_s) or models:/NAME/V")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a cluster)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    replicas: int = Field(1, ge=1, description="replicas of the model (each loads it)")
+    refresh_s: float = Field(
+        30.0, ge=0, description="re-resolve the alias this often; a new version is loaded and swapped in (0: never)"
+    )
+    max_batch_size: int = Field(16, ge=1, description="concurrent requests that share one forward pass")
+    batch_wait_s: float = Field(0.01, ge=0, description="how long a request waits for others to join its batch")
+    max_image_bytes: int = Field(20_000_000, ge=1, description="larger bodies get 413")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="larger images get 413 (read from the header)")
+    cpus_per_replica: float = Field(1.0, gt=0, description="logical CPUs per replica")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0: CPU)")
+
+
 class GateConfig(_Section):
     """A promotion gate (``configs/gates/*.yaml``): how a version is evaluated and what it must reach.
 
@@ -569,6 +587,11 @@ class GateConfig(_Section):
         description="promote white-box Explainers too (explainer.init=explanandum_copy, or unrecorded); "
         "the default refuses them: the product's Explainer is the paper's black-box method",
     )
+    allow_stale_classifier: bool = Field(
+        False,
+        description="promote an Explainer whose registered classifier version is not that classifier model's "
+        "@champion; the default refuses it (it would explain a classifier that no longer serves)",
+    )
 
 
 class Config(_Section):
@@ -586,6 +609,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     attribute: AttributeConfig = AttributeConfig()
+    serve: ServeConfig = ServeConfig()
     sweep: SweepConfig = SweepConfig()
     sanity: SanityConfig = SanityConfig()
     output: str = Field("runs/output", description="where a command writes its files (evaluate, attribute)")

@@ -29,6 +29,7 @@ import re
 import secrets
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,20 @@ def checkov():
         return report, problems
 
     return scan
+
+
+# ------------------------------------------------------------------------------- the command line
+
+CLI = [sys.executable, "-m", "pipeline.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``wysiwyc ARGS`` as a scheduler runs it (a subprocess, with ``env``); with ``check`` a failure is an
+    AssertionError showing both outputs."""
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}")
+    return proc
 
 
 # ------------------------------------------------------------------------------- local Ray

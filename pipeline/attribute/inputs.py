@@ -1,6 +1,6 @@
 """What ``attribute.input`` names (:func:`open_input`) and its images streamed in a deterministic order
-(:func:`iter_sources`); reading and decoding one image (:func:`fetch_image`, :func:`decode_image`: a bad
-image is an :class:`~pipeline.errors.InputError`, i.e. an error row)."""
+(:func:`iter_sources`); reading one image (:func:`fetch_image`; :func:`pipeline.data.images.decode_image`
+decodes it: a bad image is an :class:`~pipeline.errors.InputError`, i.e. an error row)."""
 
 from __future__ import annotations
 
@@ -126,25 +126,6 @@ def fetch_image(source: str, opts) -> bytes:
         raise InputError(f"{source}: gone since the listing") from None
     except (WysiwycError, OSError) as exc:
         raise InputError(f"{source}: cannot read ({exc})") from None
-
-
-def decode_image(data: bytes, source: str, size: int, max_pixels: int):
-    """Encoded image bytes → ``((3, size, size) uint8 RGB array, width, height)``: resized as the model
-    sees it, normalised later on the model's device (:func:`pipeline.data.transforms.normalize_uint8`), so
-    decoding needs no torch and a batch travels at a quarter of its float size.
-
-    Grayscale, palette and RGBA images are converted to RGB (alpha dropped).
-
-    Raises:
-        InputError: empty, not an image, truncated, or more than ``max_pixels`` pixels (checked
-            from the header, before decoding).
-    """
-    from pipeline.data.images import decoded_image, resized_rgb
-
-    with decoded_image(data, source, max_pixels=max_pixels, limit="attribute.max_image_pixels") as im:
-        width, height = im.size
-        pixels = resized_rgb(im, size)
-    return pixels.transpose(2, 0, 1), width, height
 
 
 def shard_images(url: str, opts):

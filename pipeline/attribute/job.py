@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pipeline import storage
-from pipeline.attribute.inputs import absolute, decode_image, fetch_image, open_input, shard_images
-from pipeline.attribute.model import fixed_indices, pin_model
+from pipeline.attribute.inputs import absolute, fetch_image, open_input, shard_images
+from pipeline.attribute.model import pin_model
 from pipeline.attribute.outputs import (
     CLASS_MASKS_MEMBER,
     FORMAT,
@@ -53,7 +53,9 @@ from pipeline.attribute.outputs import (
 from pipeline.attribute.plan import make_plan, read_plan
 from pipeline.attribute.report import index_html, summary, write_previews
 from pipeline.attribute.stats import Stats, drift, drift_png, log_run, previous_run
+from pipeline.data.images import decode_image
 from pipeline.errors import InputError, WysiwycError
+from pipeline.models.explain import explained_classes, fixed_indices
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +87,6 @@ class Job:
     plan_kind: str  # prefix | list | shards
     output_format: str  # shards | objects
     batch_size: int  # images per model call
-
-
-def explained_classes(
-    probs, mode: str, threshold: float = 0.5, top_k: int = 3, fixed: tuple[int, ...] = ()
-) -> list[list[int]]:
-    """Per image, the class indices to explain, most probable first (fixed: in the given order).
-
-    Args:
-        probs: (B, C) the Explanandum's probabilities.
-        mode: ``threshold`` (p ≥ threshold, at least the top-1), ``topk`` (the top_k) or ``fixed``.
-    """
-    import torch
-
-    if mode == "fixed":
-        return [list(fixed) for _ in range(probs.shape[0])]
-    order = torch.argsort(probs, dim=1, descending=True)
-    if mode == "topk":
-        return order[:, : min(top_k, probs.shape[1])].tolist()
-    above = (probs >= threshold).sum(dim=1).clamp(min=1)  # the top-1 is the floor
-    return [row[:n] for row, n in zip(order.tolist(), above.tolist())]
 
 
 def _read_chunk(batch: dict, job: Job) -> dict:

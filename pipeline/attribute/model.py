@@ -68,13 +68,3 @@ def pin_model(config, record: dict | None, opts=None):
         "image_size": predictor.image_size,
     }
     return predictor, model
-
-
-def fixed_indices(names: list[str], classes: list[str]) -> tuple[int, ...]:
-    unknown = [n for n in names if n not in classes]
-    if unknown or not names:
-        raise WysiwycError(
-            f"attribute: classes=fixed needs attribute.fixed_classes from the model's classes "
-            f"{classes}" + (f"; unknown: {unknown}" if unknown else "")
-        )
-    return tuple(classes.index(n) for n in names)

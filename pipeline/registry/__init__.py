@@ -29,14 +29,19 @@ versions load their pyfunc through ``pipeline.registry.ExplainerModel``.
 """
 
 from pipeline.registry.gates import promote, rollback
+from pipeline.registry.lineage import lineage
 from pipeline.registry.lookup import registry_uri, resolve_model
-from pipeline.registry.package import ExplainerModel, load_explainer, register_checkpoint, register_from_sweep
+from pipeline.registry.package import load_explainer, register_checkpoint, register_classifier, register_from_sweep
+from pipeline.registry.pyfunc import ClassifierModel, ExplainerModel
 
 __all__ = [
+    "ClassifierModel",
     "ExplainerModel",
+    "lineage",
     "load_explainer",
     "promote",
     "register_checkpoint",
+    "register_classifier",
     "register_from_sweep",
     "registry_uri",
     "resolve_model",

@@ -18,6 +18,7 @@ from pipeline.registry.lookup import (
     LOWER_IS_BETTER,
     PREVIOUS,
     alias_versions,
+    classifier_version,
     current_user,
     experiment_for,
     mlflow_client,
@@ -177,6 +178,10 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
     """Run the gate on ``models:/NAME/V``; on success move ``champion`` to V (the old champion to
     ``previous-champion``) and record the gate on the version; on failure change nothing.
 
+    An Explainer whose classifier is registered must explain that classifier model's ``@champion``
+    (unless the gate sets ``allow_stale_classifier``); a classifier version is promoted without the
+    Explainer gate.
+
     The gate (``gate_path``, default ``registry.gate``) evaluates the version on its fixed split
     (``split``, else ``data.test``) when it has no evaluation there yet, checks ``minimum`` /
     ``maximum`` and compares with the current champion (evaluated the same way) within
@@ -193,9 +198,11 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
     uri = registry_uri(config)
     client = mlflow_client(uri)
     version = _existing_version(uri, name, version)
+    tags = client.get_model_version(name, version).tags
+    if tags.get("wysiwyc.kind") == "classifier":
+        return _promote_classifier(client, name, version)
     gate_path = gate_path or config.registry.gate
     gate = load_gate(gate_path)
-    tags = client.get_model_version(name, version).tags
     if tags.get("wysiwyc.black_box") != "true" and not gate.allow_white_box:  # before any evaluation
         raise WysiwycError(
             f"promote: models:/{name}/{version} is not a black-box Explainer (explainer.init="
@@ -204,6 +211,7 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
             f"{gate_path} refuses it (set allow_white_box: true in a gate file of its own to promote such a "
             f"variant on purpose)"
         )
+    classifier_check = _classifier_check(client, name, version, tags, gate, gate_path)
     split = gate.split or config.data.test
     if not split:
         raise WysiwycError(
@@ -220,6 +228,7 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
         checks += [
             _check(m, "champion_margin", values.get(m), b, reference.get(m)) for m, b in gate.champion_margin.items()
         ]
+    checks.append(classifier_check)
     model_uri = f"models:/{name}/{version}"
     failed = [c for c in checks if not c["passed"]]
     if failed:
@@ -228,35 +237,22 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
             f"(champion stays {'v' + champion if champion else 'unset'}): " + "; ".join(c["reason"] for c in failed)
         )
 
-    at, user = utc_now(), current_user()
-    if champion is not None and champion != version:
-        client.set_registered_model_alias(name, PREVIOUS, champion)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    for key, value in {
-        "wysiwyc.promoted_at": at,
-        "wysiwyc.promoted_by": user,
-        "wysiwyc.gate": gate_path,
-        "wysiwyc.gate.config": json.dumps(gate.model_dump(mode="json")),
-        "wysiwyc.gate.split": evaluation["split"],
-        "wysiwyc.gate.split_digest": evaluation["digest"],
-        "wysiwyc.gate.result": "passed",
-        "wysiwyc.gate.checks": json.dumps(checks),
-        "wysiwyc.gate.champion_before": champion or "none",
-    }.items():
-        client.set_model_version_tag(name, version, key, value)
-    _event(
+    _move_champion(
         client,
         name,
+        version,
+        champion,
+        gate_path,
         {
-            "action": "promote",
-            "version": version,
-            "previous_champion": champion,
-            "gate": gate_path,
-            "at": at,
-            "by": user,
+            "wysiwyc.gate": gate_path,
+            "wysiwyc.gate.config": json.dumps(gate.model_dump(mode="json")),
+            "wysiwyc.gate.split": evaluation["split"],
+            "wysiwyc.gate.split_digest": evaluation["digest"],
+            "wysiwyc.gate.result": "passed",
+            "wysiwyc.gate.checks": json.dumps(checks),
+            "wysiwyc.gate.champion_before": champion or "none",
         },
     )
-    log.info("promote: %s is @%s (previous: %s)", model_uri, CHAMPION, champion)
     return {
         "name": name,
         "version": version,
@@ -269,6 +265,72 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
         "metrics": evaluation["metrics_uri"],
         "checks": [c["reason"] for c in checks],
     }
+
+
+def _move_champion(client, name: str, version: str, champion: str | None, gate: str, tags: dict) -> None:
+    """``champion`` → ``version`` (the old champion → ``previous-champion``), the decision's tags on the
+    version and an event on the model."""
+    at, user = utc_now(), current_user()
+    if champion is not None and champion != version:
+        client.set_registered_model_alias(name, PREVIOUS, champion)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    for key, value in {"wysiwyc.promoted_at": at, "wysiwyc.promoted_by": user, **tags}.items():
+        client.set_model_version_tag(name, version, key, value)
+    event = {"action": "promote", "version": version, "previous_champion": champion, "gate": gate, "at": at, "by": user}
+    _event(client, name, event)
+    log.info("promote: models:/%s/%s is @%s (previous: %s)", name, version, CHAMPION, champion)
+
+
+def _promote_classifier(client, name: str, version: str) -> dict:
+    """A classifier version becomes ``champion``: no Explainer gate applies (its owners evaluate it); the
+    Explainers registered for the previous champion now fail the stale-classifier check until one is
+    trained for this version."""
+    champion = alias_versions(client, name).get(CHAMPION)
+    reason = "a classifier: the Explainer gate does not apply"
+    _move_champion(client, name, version, champion, "none", {"wysiwyc.gate.result": reason})
+    return {
+        "name": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "previous_champion": champion,
+        "aliases": alias_versions(client, name),
+        "gate": None,
+        "split": None,
+        "evaluation": {},
+        "metrics": None,
+        "checks": [reason],
+    }
+
+
+def _classifier_check(client, name: str, version: str, tags: dict, gate, gate_path: str) -> dict:
+    """The stale-classifier check of an Explainer version as a gate record; raises WysiwycError (before any
+    evaluation) when the registered classifier it explains is not that model's ``@champion`` and the gate
+    does not allow it."""
+    recorded = tags.get("wysiwyc.classifier_version")
+    if recorded and recorded != "unregistered":
+        found = (tags["wysiwyc.classifier_model"], recorded)
+    else:  # registered before its classifier was: found by the checkpoint's sha256
+        found = classifier_version(client, tags.get("wysiwyc.explanandum_sha256", "-"))
+    record = {"metric": "classifier", "kind": "classifier_champion", "passed": True}
+    if found is None:
+        return {**record, "reason": "its classifier is not registered (`wysiwyc register --classifier`): not checked"}
+    classifier, explained = found
+    champion = alias_versions(client, classifier).get(CHAMPION)
+    if champion == explained:
+        return {**record, "reason": f"explains models:/{classifier}/{explained}, the classifier's @{CHAMPION}"}
+    now = f"v{champion}" if champion else "unset"
+    if gate.allow_stale_classifier:
+        return {
+            **record,
+            "reason": f"explains models:/{classifier}/{explained}, not the classifier's @{CHAMPION} ({now}): "
+            f"allowed by allow_stale_classifier",
+        }
+    raise WysiwycError(
+        f"promote: models:/{name}/{version} explains the classifier models:/{classifier}/{explained}, but "
+        f"models:/{classifier}@{CHAMPION} is {now}: it would explain a classifier that does not serve. Train "
+        f"and register an Explainer for the champion classifier (or promote that classifier version first); to "
+        f"promote it anyway set allow_stale_classifier: true in a gate file of its own (gate: {gate_path})"
+    )
 
 
 def rollback(name: str, config) -> dict:

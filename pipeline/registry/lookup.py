@@ -35,7 +35,12 @@ LOWER_IS_BETTER = ("saliency", "background_coverage", "deletion_auc", "average_d
 MODEL_DIR = "model"  # the pyfunc model under the register run's artifacts
 
 
-PACKAGE_FORMAT = "wysiwyc-registered-explainer/1"
+# /2: image bytes in, records out; the package's code travels with the model (/1: normalised arrays only)
+PACKAGE_FORMAT = "wysiwyc-registered-explainer/2"
+CLASSIFIER_FORMAT = "wysiwyc-registered-classifier/1"
+
+# the version tags holding a checkpoint's sha256 (how a rerun finds its version, an Explainer its classifier)
+EXPLAINER_SHA, CLASSIFIER_SHA = "wysiwyc.explainer_sha256", "wysiwyc.classifier_sha256"
 
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
@@ -143,3 +148,13 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> tuple[str,
         f"{model_uri}: registered model {name!r} has no {what} (versions {versions}, {have}); "
         f"use an existing version, or promote one: `wysiwyc promote --name {name} --version V`"
     )
+
+
+def classifier_version(client, sha256: str) -> tuple[str, str] | None:
+    """``(name, version)`` of the registered classifier whose checkpoint has this sha256 (the oldest such
+    version), or None when that classifier is not registered."""
+    found = client.search_model_versions(f"tags.`{CLASSIFIER_SHA}`='{sha256}'")
+    if not found:
+        return None
+    first = min(found, key=lambda v: (v.name, int(v.version)))
+    return first.name, str(first.version)

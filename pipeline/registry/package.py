@@ -1,5 +1,7 @@
-"""A registered version as a package: what :func:`register_checkpoint` puts in it (the pyfunc model, the
-checkpoints, metadata, lineage tags) and how a consumer loads it (:func:`load_explainer`, or MLflow's pyfunc)."""
+"""A registered version as a package: what :func:`register_checkpoint` (an Explainer) and
+:func:`register_classifier` put in it (the pyfunc model of :mod:`pipeline.registry.pyfunc` with this
+package's code, the checkpoints, metadata, lineage tags) and how a consumer loads it (:func:`load_explainer`,
+or MLflow's pyfunc where this package is not installed)."""
 
 from __future__ import annotations
 
@@ -8,15 +10,14 @@ import importlib.metadata
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
-import torch
 import yaml
 from mlflow.exceptions import MlflowException
 
@@ -25,11 +26,15 @@ from pipeline.errors import WysiwycError
 from pipeline.models.predictor import Predictor
 from pipeline.registry.lookup import (
     CANDIDATE,
+    CLASSIFIER_FORMAT,
+    CLASSIFIER_SHA,
+    EXPLAINER_SHA,
     LAMBDAS,
     MODEL_DIR,
     NAME_PATTERN,
     PACKAGE_FORMAT,
     alias_versions,
+    classifier_version,
     current_user,
     experiment_for,
     git_commit,
@@ -41,36 +46,6 @@ from pipeline.registry.lookup import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ExplainerModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc face of a registered Explainer: normalised images → per-class masks + probabilities.
-
-    ``predict(images)``: ``images`` a float32 (B, 3, S, S) ImageNet-normalised array, any B; returns
-    ``{"masks": (B, C, S, S) in [0, 1], "probs": (B, C)}`` (numpy, float32). Runs on CUDA when present.
-    """
-
-    batch_size = 64  # images per forward pass (bounds memory; any input batch size works)
-
-    def load_context(self, context) -> None:
-        from pipeline.models.predictor import load_predictor
-
-        self.predictor = load_predictor(context.artifacts["explainer"], context.artifacts["explanandum"])
-        if torch.cuda.is_available():
-            self.predictor.to("cuda")
-
-    def predict(self, context, model_input: np.ndarray, params=None):
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise WysiwycError(
-                f"predict: expected a (B, 3, S, S) float32 array of normalised images, got shape "
-                f"{tuple(x.shape)} (use Predictor.preprocess or pipeline.data.transforms)"
-            )
-        outputs = [self.predictor(x[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
-        return {
-            "masks": torch.cat([o.masks for o in outputs]).cpu().numpy(),
-            "probs": torch.cat([o.probs for o in outputs]).cpu().numpy(),
-        }
 
 
 def load_explainer(
@@ -155,19 +130,231 @@ def _read(uri: str, what: str, opts) -> bytes:
 
 
 def _pip_requirements() -> list[str]:
-    names = ("wysiwyc", "torch", "torchvision", "mlflow", "numpy")
+    """What a registered model needs from a package index: the package's own code travels with the model
+    (``code_paths``), so never ``wysiwyc`` itself (no index serves it)."""
+    names = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow")
     return [f"{n}=={importlib.metadata.version(n).split('+')[0]}" for n in names]
 
 
-def _find_version(client, name: str, sha256: str):
-    """The version of ``name`` already holding the Explainer checkpoint ``sha256``, if any."""
+def _package_code(root: Path) -> str:
+    """A copy of this package's source (no bytecode) for ``code_paths``: the model imports it from there."""
+    source = Path(__file__).resolve().parents[1]
+    target = root / "code" / source.name
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(target)
+
+
+def _example_png(size: int) -> bytes:
+    """The input example: a (size × size) PNG of smooth colour (the signature's picture of an input)."""
+    from pipeline.data.sample import encode_png
+
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, ramp[::-1]) / 2, np.full((size, size), 96.0)])
+    return encode_png(pixels.transpose(1, 2, 0).round().astype(np.uint8))
+
+
+def _signature(outputs: list):
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema(
+            [
+                ColSpec("binary", "image", required=False),
+                ColSpec(Array(Array(Array("float"))), "pixels", required=False),
+            ]
+        ),
+        outputs=Schema([ColSpec(Array(kind), column) for column, kind in outputs]),
+        params=ParamSchema(
+            [
+                ParamSpec("classes", "string", "threshold"),
+                ParamSpec("threshold", "double", 0.5),
+                ParamSpec("top_k", "long", 3),
+                ParamSpec("fixed_classes", "string", [], shape=(-1,)),
+            ]
+        ),
+    )
+
+
+def _save_pyfunc(root: Path, loader: str, artifacts: dict[str, Path], outputs: list, size: int, metadata: dict) -> None:
+    """The pyfunc model at ``root/model``: models-from-code (``loader``, a class of
+    :mod:`pipeline.registry.pyfunc`; no pickled object), the package's code, requirements an index
+    serves, a signature with inputs, outputs and params, and a PNG input example."""
+    import pandas as pd
+
+    (root / "loader.py").write_text(
+        "from mlflow.models import set_model\n\n"
+        f"from pipeline.registry.pyfunc import {loader}\n\nset_model({loader}())\n"
+    )
+    mlflow.pyfunc.save_model(
+        str(root / MODEL_DIR),
+        python_model=str(root / "loader.py"),
+        artifacts={k: str(v) for k, v in artifacts.items()},
+        code_paths=[_package_code(root)],
+        signature=_signature(outputs),
+        input_example=pd.DataFrame({"image": [_example_png(size)]}),
+        pip_requirements=_pip_requirements(),
+        metadata=metadata,
+    )
+
+
+def _publish(client, uri: str, config, name: str, root: Path, tags: dict, params: dict, metrics: dict, what: str):
+    """Log the register run (tags, params, metrics, the pyfunc model as artifacts), create the version of
+    ``name`` from it and give it the ``candidate`` alias; returns ``(version, run_id)``."""
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(experiment_for(config, uri), run_name=f"register-{name}", tags=tags)
+    run_id = run.info.run_id
     try:
-        found = client.search_model_versions(f"name='{name}' and tags.`wysiwyc.explainer_sha256`='{sha256}'")
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            params=[Param(k, str(v)) for k, v in params.items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(float(v))],
+        )
+        client.log_artifacts(run_id, str(root / MODEL_DIR), MODEL_DIR)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id)
+    try:
+        client.create_registered_model(name, description=f"wysiwyc {what} (see the wysiwyc.* tags of each version)")
+    except MlflowException as exc:  # it exists already
+        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = str(
+        client.create_model_version(
+            name,
+            source=f"{run.info.artifact_uri}/{MODEL_DIR}",
+            run_id=run_id,
+            tags=tags,
+            description=f"from {tags.get('wysiwyc.checkpoint', '')}",
+        ).version
+    )
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    log.info("register: %s → models:/%s/%s (@%s)", tags.get("wysiwyc.checkpoint"), name, version, CANDIDATE)
+    return version, run_id
+
+
+def _existing(client, uri: str, name: str, sha_tag: str, sha: str, checkpoint: str) -> dict | None:
+    """The summary of the version of ``name`` already holding this checkpoint (a rerun after a failure
+    gets the ``candidate`` alias back when it is the newest version), else None."""
+    existing = _find_version(client, name, sha_tag, sha)
+    if existing is None:
+        return None
+    version = str(existing.version)
+    newest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    if int(version) == newest and not _aliases_of(client, name, version):
+        client.set_registered_model_alias(name, CANDIDATE, version)
+    log.info("register: %s is already models:/%s/%s", storage.redact(checkpoint), name, version)
+    return _register_summary(client, uri, name, version, existing.run_id, existing=True)
+
+
+def _find_version(client, name: str, sha_tag: str, sha256: str):
+    """The version of ``name`` already holding the checkpoint ``sha256`` (tag ``sha_tag``), if any."""
+    try:
+        found = client.search_model_versions(f"name='{name}' and tags.`{sha_tag}`='{sha256}'")
     except MlflowException as exc:  # the model does not exist yet
         if is_missing(exc):
             return None
         raise
     return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _training_tags(state: dict, checkpoint: str, sha: str, digest: str, data: str | None) -> dict:
+    """The lineage tags every version has: kind, checkpoint + sha256, arch, classes, size, data, commit."""
+    return {
+        "wysiwyc.kind": str(state.get("kind")),
+        "wysiwyc.checkpoint": storage.redact(checkpoint),
+        "wysiwyc.classes": json.dumps(list(state.get("classes") or [])),
+        "wysiwyc.image_size": str(state.get("image_size") or 224),
+        "wysiwyc.dataset": storage.redact(str(data)),
+        "wysiwyc.dataset_digest": digest,
+        "wysiwyc.git_commit": git_commit(),
+        "wysiwyc.training_run_id": str(state.get("mlflow_run_id") or "unknown"),
+        "wysiwyc.registered_by": current_user(),
+        "wysiwyc.registered_at": utc_now(),
+    }
+
+
+def register_classifier(checkpoint: str, name: str, config) -> dict:
+    """Package a classifier checkpoint as a new version of registered model ``name`` (alias ``candidate``):
+    a pyfunc of images → class probabilities (:class:`~pipeline.registry.pyfunc.ClassifierModel`), tags
+    ``wysiwyc.kind=classifier`` and ``wysiwyc.classifier_sha256``. An Explainer registered for these bytes
+    records this version (``wysiwyc.classifier_version``); the default gate then promotes it only while
+    this version is the classifier model's ``@champion``. Registering the same bytes again returns their
+    version. Returns the summary of :func:`register_checkpoint`."""
+    client, uri, opts, data, state, sha, found = _checkpoint(checkpoint, name, config, "classifier")
+    if found is not None:
+        return found
+    cfg = state.get("config") or {}
+    train = (cfg.get("data") or {}).get("train")
+    digest = _dataset_digest(train, opts)
+    size = int(state.get("image_size") or 224)
+    with tempfile.TemporaryDirectory(prefix="wysiwyc-register-") as tmp:
+        root = Path(tmp)
+        (root / "classifier.pt").write_bytes(data)
+        metadata = {
+            "format": CLASSIFIER_FORMAT,
+            "classes": list(state["classes"]),
+            "image_size": size,
+            "arch": state.get("arch"),
+            "sha256": sha,
+            "dataset_digest": digest,
+            "git_commit": git_commit(),
+        }
+        _save_pyfunc(
+            root,
+            "ClassifierModel",
+            {"classifier": root / "classifier.pt"},
+            [("classes", "string"), ("probabilities", "double"), ("all_probabilities", "double")],
+            size,
+            metadata,
+        )
+        tags = {
+            **_training_tags(state, checkpoint, sha, digest, train),
+            CLASSIFIER_SHA: sha,
+            "wysiwyc.classifier_arch": str(state.get("arch")),
+        }
+        params = {"classifier.arch": state.get("arch"), "data.image_size": size, "model_name": name}
+        metrics = {k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        version, run_id = _publish(client, uri, config, name, root, tags, params, metrics, "classifier")
+    return _register_summary(client, uri, name, version, run_id, existing=False)
+
+
+# per kind of checkpoint: the version tag of its sha256, and what to give instead of another kind
+_KINDS = {
+    "explainer": (
+        EXPLAINER_SHA,
+        "an Explainer checkpoint (`wysiwyc train explainer` prints it; a classifier registers with --classifier)",
+    ),
+    "classifier": (
+        CLASSIFIER_SHA,
+        "the classifier checkpoint (`wysiwyc train classifier` prints it; an Explainer registers without --classifier)",
+    ),
+}
+
+
+def _checkpoint(checkpoint: str, name: str, config, kind: str) -> tuple:
+    """What registering needs of a checkpoint of ``kind``: ``(client, registry uri, storage opts, bytes,
+    parsed state, sha256, the summary of the version already holding it or None)``; a bad name, a missing
+    checkpoint or one of another kind is a WysiwycError saying what to give."""
+    from pipeline.train.checkpoint import parse_checkpoint
+
+    sha_tag, expected = _KINDS[kind]
+    if not NAME_PATTERN.match(name):
+        raise WysiwycError(f"register: model name {name!r}: use letters, digits, '_', '.', '-' (e.g. voc-vgg16)")
+    opts = config.storage.options()
+    uri = registry_uri(config)
+    client = mlflow_client(uri)
+    data = _read(checkpoint, f"{'Explainer' if kind == 'explainer' else kind} checkpoint", opts)
+    state = parse_checkpoint(data, checkpoint)
+    if state.get("kind") != kind:
+        raise WysiwycError(
+            f"register: {storage.redact(checkpoint)} is a {state.get('kind')} checkpoint; give {expected}"
+        )
+    sha = hashlib.sha256(data).hexdigest()
+    return client, uri, opts, data, state, sha, _existing(client, uri, name, sha_tag, sha, checkpoint)
 
 
 def register_checkpoint(
@@ -180,7 +367,9 @@ def register_checkpoint(
     """Package an Explainer checkpoint as a new version of registered model ``name``, alias ``candidate``.
 
     Registering a checkpoint that a version of ``name`` already holds (same sha256) returns that
-    version instead of adding a copy (a rerun after a failure is safe).
+    version instead of adding a copy (a rerun after a failure is safe). When the classifier it explains
+    is registered (:func:`register_classifier`, found by its sha256), the version records that classifier
+    version (tags ``wysiwyc.classifier_model`` / ``wysiwyc.classifier_version``).
 
     Args:
         checkpoint: the Explainer checkpoint (local path or ``s3://``).
@@ -193,41 +382,19 @@ def register_checkpoint(
     Returns:
         The summary: ``name``, ``version``, ``model_uri``, ``aliases``, ``mlflow_run_id``,
         ``checkpoint``, ``explainer_sha256``, ``explanandum``, ``explanandum_sha256``,
-        ``dataset_digest``, ``git_commit``, ``tracking_uri`` and ``existing`` (already registered).
+        ``classifier_version``, ``dataset_digest``, ``git_commit``, ``tracking_uri`` and ``existing``
+        (already registered).
 
     Raises:
         WysiwycError: a bad name, a missing or non-Explainer checkpoint, an Explanandum that is not
             the recorded one, or an unreachable registry.
     """
-    from mlflow.entities import Metric, Param
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
     from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from pipeline.models.predictor import load_predictor
-    from pipeline.train.checkpoint import parse_checkpoint
 
-    if not NAME_PATTERN.match(name):
-        raise WysiwycError(f"register: model name {name!r}: use letters, digits, '_', '.', '-' (e.g. voc-vgg16)")
-    opts = config.storage.options()
-    uri = registry_uri(config)
-    client = mlflow_client(uri)
-    data = _read(checkpoint, "Explainer checkpoint", opts)
-    state = parse_checkpoint(data, checkpoint)
-    if state.get("kind") != "explainer":
-        raise WysiwycError(
-            f"register: {storage.redact(checkpoint)} is a {state.get('kind')} checkpoint; register "
-            f"an Explainer checkpoint (`wysiwyc train explainer` prints it)"
-        )
-    sha = hashlib.sha256(data).hexdigest()
-    existing = _find_version(client, name, sha)
-    if existing is not None:
-        version = str(existing.version)
-        newest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        if int(version) == newest and not _aliases_of(client, name, version):  # a rerun after a failure
-            client.set_registered_model_alias(name, CANDIDATE, version)
-        log.info("register: %s is already models:/%s/%s", storage.redact(checkpoint), name, version)
-        return _register_summary(client, uri, name, version, existing.run_id, existing=True)
+    client, uri, opts, data, state, sha, found = _checkpoint(checkpoint, name, config, "explainer")
+    if found is not None:
+        return found
 
     record = state.get("explanandum") or {}
     explanandum = config.explanandum.checkpoint or record.get("uri")
@@ -238,6 +405,7 @@ def register_checkpoint(
         )
     cfg = state.get("config") or {}
     loss = cfg.get("loss") or {}
+    train = (cfg.get("data") or {}).get("train")
     with tempfile.TemporaryDirectory(prefix="wysiwyc-register-") as tmp:
         root = Path(tmp)
         files = {
@@ -250,15 +418,30 @@ def register_checkpoint(
         files["explanandum"].write_bytes(_read(explanandum, "Explanandum checkpoint", opts))
         # both load, the Explanandum is the recorded one (sha256), the class lists agree
         predictor = load_predictor(str(files["explainer"]), str(files["explanandum"]))
+        classifier = classifier_version(client, predictor.explanandum_sha256)
         lambdas = {k: loss[k] for k in LAMBDAS if k in loss}
-        digest = _dataset_digest((cfg.get("data") or {}).get("train"), opts)
-        commit = git_commit()
+        digest = _dataset_digest(train, opts)
+        tags = {
+            **_training_tags(state, checkpoint, sha, digest, train),
+            "wysiwyc.explainer": storage.redact(checkpoint),
+            EXPLAINER_SHA: sha,
+            "wysiwyc.explainer_arch": str(state.get("arch")),
+            "wysiwyc.explainer_init": str(state.get("explainer_init", "unknown")),
+            "wysiwyc.black_box": _black_box_tag(state.get("black_box")),
+            "wysiwyc.explanandum": storage.redact(explanandum),
+            "wysiwyc.explanandum_sha256": predictor.explanandum_sha256,
+            "wysiwyc.explanandum_arch": str(record.get("arch")),
+            "wysiwyc.classifier_model": classifier[0] if classifier else "unregistered",
+            "wysiwyc.classifier_version": classifier[1] if classifier else "unregistered",
+            **{f"wysiwyc.lambda.{k}": str(v) for k, v in lambdas.items()},
+            **(extra_tags or {}),
+        }
         metadata = {
             "format": PACKAGE_FORMAT,
             "classes": predictor.classes,
             "image_size": predictor.image_size,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "input": "float32 (B, 3, S, S), RGB scaled to [0, 1] then normalised with mean/std",
+            "input": "image bytes (column image) or float32 (3, S, S) RGB in [0, 1] normalised with mean/std (pixels)",
             "explainer": {
                 "arch": state.get("arch"),
                 "source": storage.redact(checkpoint),
@@ -270,8 +453,9 @@ def register_checkpoint(
                 "arch": record.get("arch"),
                 "source": storage.redact(explanandum),
                 "sha256": predictor.explanandum_sha256,
+                "model_version": f"models:/{classifier[0]}/{classifier[1]}" if classifier else None,
             },
-            "dataset": {"train": storage.redact(str((cfg.get("data") or {}).get("train"))), "digest": digest},
+            "dataset": {"train": tags["wysiwyc.dataset"], "digest": digest},
             "lambdas": lambdas,
             "training": {
                 "epoch": state.get("epoch"),
@@ -279,94 +463,31 @@ def register_checkpoint(
                 "metrics": state.get("metrics") or {},
                 "mlflow_run_id": state.get("mlflow_run_id") or None,
             },
-            "git_commit": commit,
+            "git_commit": tags["wysiwyc.git_commit"],
         }
         files["config"].write_text(yaml.safe_dump(cfg, sort_keys=False))
         files["metadata"].write_text(json.dumps(metadata, indent=1, default=str))
-        size = predictor.image_size
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))]))
-        # models-from-code: the package's loader is this module's ExplainerModel (no pickled object)
-        (root / "explainer_model.py").write_text(
-            "from mlflow.models import set_model\n\nfrom pipeline.registry import ExplainerModel\n\n"
-            "set_model(ExplainerModel())\n"
+        _save_pyfunc(
+            root,
+            "ExplainerModel",
+            files,
+            [("classes", "string"), ("probabilities", "double"), ("masks", "string")],
+            predictor.image_size,
+            {k: metadata[k] for k in ("format", "classes", "image_size", "normalization", "lambdas", "git_commit")},
         )
-        with warnings.catch_warnings():  # the signature is explicit: no input example is needed
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
-            mlflow.pyfunc.save_model(
-                str(root / MODEL_DIR),
-                python_model=str(root / "explainer_model.py"),
-                artifacts={k: str(v) for k, v in files.items()},
-                signature=signature,
-                pip_requirements=_pip_requirements(),
-                metadata={
-                    k: metadata[k]
-                    for k in ("format", "classes", "image_size", "normalization", "lambdas", "git_commit")
-                },
-            )
-
-        tags = {
-            "wysiwyc.explainer": storage.redact(checkpoint),
-            "wysiwyc.explainer_sha256": sha,
-            "wysiwyc.explainer_arch": str(state.get("arch")),
-            "wysiwyc.explainer_init": str(state.get("explainer_init", "unknown")),
-            "wysiwyc.black_box": _black_box_tag(state.get("black_box")),
-            "wysiwyc.explanandum": storage.redact(explanandum),
-            "wysiwyc.explanandum_sha256": predictor.explanandum_sha256,
-            "wysiwyc.explanandum_arch": str(record.get("arch")),
-            "wysiwyc.classes": json.dumps(predictor.classes),
-            "wysiwyc.image_size": str(size),
-            "wysiwyc.dataset": metadata["dataset"]["train"],
-            "wysiwyc.dataset_digest": digest,
-            "wysiwyc.git_commit": commit,
-            "wysiwyc.training_run_id": str(state.get("mlflow_run_id") or "unknown"),
-            "wysiwyc.registered_by": current_user(),
-            "wysiwyc.registered_at": utc_now(),
-            **{f"wysiwyc.lambda.{k}": str(v) for k, v in lambdas.items()},
-            **(extra_tags or {}),
+        params = {
+            **{f"loss.{k}": v for k, v in lambdas.items()},
+            "explainer.arch": state.get("arch"),
+            "explainer.init": state.get("explainer_init", "unknown"),
+            "explanandum.arch": record.get("arch"),
+            "data.image_size": predictor.image_size,
+            "model_name": name,
         }
-        run = client.create_run(experiment_for(config, uri), run_name=f"register-{name}", tags=tags)
-        run_id = run.info.run_id
-        try:
-            now = int(time.time() * 1000)
-            params = {
-                **{f"loss.{k}": v for k, v in lambdas.items()},
-                "explainer.arch": state.get("arch"),
-                "explainer.init": state.get("explainer_init", "unknown"),
-                "explanandum.arch": record.get("arch"),
-                "data.image_size": size,
-                "model_name": name,
-            }
-            metrics = {
-                **{k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))},
-                **(extra_metrics or {}),
-            }
-            client.log_batch(
-                run_id,
-                params=[Param(k, str(v)) for k, v in params.items()],
-                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(float(v))],
-            )
-            client.log_artifacts(run_id, str(root / MODEL_DIR), MODEL_DIR)
-        except BaseException:
-            client.set_terminated(run_id, status="FAILED")
-            raise
-        client.set_terminated(run_id)
-
-    try:
-        client.create_registered_model(name, description="wysiwyc Explainer (see the wysiwyc.* tags of each version)")
-    except MlflowException as exc:  # it exists already
-        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = str(
-        client.create_model_version(
-            name,
-            source=f"{run.info.artifact_uri}/{MODEL_DIR}",
-            run_id=run_id,
-            tags=tags,
-            description=f"from {storage.redact(checkpoint)}",
-        ).version
-    )
-    client.set_registered_model_alias(name, CANDIDATE, version)
-    log.info("register: %s → models:/%s/%s (@%s)", storage.redact(checkpoint), name, version, CANDIDATE)
+        metrics = {
+            **{k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))},
+            **(extra_metrics or {}),
+        }
+        version, run_id = _publish(client, uri, config, name, root, tags, params, metrics, "Explainer")
     return _register_summary(client, uri, name, version, run_id, existing=False)
 
 
@@ -387,15 +508,23 @@ def _register_summary(client, uri: str, name: str, version: str, run_id: str | N
         "model_uri": f"models:/{name}/{version}",
         "aliases": _aliases_of(client, name, version),
         "mlflow_run_id": run_id,
-        "checkpoint": tags.get("wysiwyc.explainer"),
+        "kind": tags.get("wysiwyc.kind", "explainer"),
+        "checkpoint": tags.get("wysiwyc.checkpoint", tags.get("wysiwyc.explainer")),
         "explainer_sha256": tags.get("wysiwyc.explainer_sha256"),
         "explanandum": tags.get("wysiwyc.explanandum"),
         "explanandum_sha256": tags.get("wysiwyc.explanandum_sha256"),
+        "classifier_version": _classifier_uri(tags),
         "dataset_digest": tags.get("wysiwyc.dataset_digest"),
         "git_commit": tags.get("wysiwyc.git_commit"),
         "tracking_uri": storage.redact(uri),
         "existing": existing,
     }
+
+
+def _classifier_uri(tags: dict) -> str | None:
+    """``models:/NAME/V`` of the classifier version an Explainer version records, else None."""
+    name, version = tags.get("wysiwyc.classifier_model"), tags.get("wysiwyc.classifier_version")
+    return f"models:/{name}/{version}" if version and version != "unregistered" else None
 
 
 def register_from_sweep(sweep: str, name: str, config) -> dict:

@@ -41,15 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline import storage
 from pipeline.attribute import attribute
-from pipeline.attribute.inputs import decode_image
-from pipeline.attribute.job import explained_classes
 from pipeline.attribute.outputs import class_masks_npz, source_key, tar_bytes
 from pipeline.config import load_config
 from pipeline.data.classes import SYNTHETIC_CLASSES
+from pipeline.data.images import decode_image
 from pipeline.data.sample import encode_png
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.data.transforms import normalize_uint8
 from pipeline.evaluate import baselines
+from pipeline.models.explain import explained_classes
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import build_explanandum
 from pipeline.models.predictor import load_predictor

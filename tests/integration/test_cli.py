@@ -4,14 +4,7 @@ import json
 import subprocess
 import sys
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
-
-
-def wysiwyc(*args, check=True):
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
-    return proc
+from conftest import run_cli as wysiwyc
 
 
 def test_help_lists_the_stages():

@@ -1,27 +1,22 @@
 """Ingest into a real SeaweedFS (S3) and read back: the issue's "done when" checks, plus bad storage input."""
 
 import json
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 from pipeline import storage
 from pipeline.data import shards
 
 pytestmark = pytest.mark.s3
-CLI = [sys.executable, "-m", "pipeline.cli"]
 
 
 def wysiwyc(env, *args, check=True):
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
-    return proc
+    return run_cli(*args, env=env, check=check)
 
 
 @pytest.fixture

@@ -18,9 +18,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import environ
+from conftest import environ, run_cli
 
 from pipeline import storage
 from pipeline.config import IngestConfig, load_config
@@ -28,6 +29,7 @@ from pipeline.data.ingest import ingest
 from pipeline.data.shards import ShardDataset, read_manifest
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.errors import WysiwycError
+from pipeline.models.explain import mask_from_png
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import build_explanandum
 from pipeline.models.predictor import load_predictor
@@ -36,7 +38,6 @@ from pipeline.train.checkpoint import save_checkpoint
 pytestmark = pytest.mark.s3
 
 SIZE = 32
-CLI = [sys.executable, "-m", "pipeline.cli"]
 LAMBDAS = {
     "entropy_regularizer": 0.5,
     "mask_variation_regularizer": 1.0,
@@ -144,10 +145,7 @@ def reg(s3_server, mlflow_server, tmp_path_factory):
 
 
 def wysiwyc(reg, *args, check=True):
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=reg["env"], check=False)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}")
-    return proc
+    return run_cli(*args, env=reg["env"], check=check)
 
 
 @pytest.fixture(scope="module")
@@ -206,19 +204,22 @@ def test_registered_version_loads_in_a_fresh_process_from_its_uri_alone(reg, reg
     images = torch.randn(5, 3, SIZE, SIZE)
     torch.save(images, root / "images.pt")
     code = (
-        "import sys, torch, mlflow.pyfunc\n"
+        "import sys, torch, mlflow.pyfunc, pandas as pd\n"
         "from pipeline.registry import load_explainer\n"
         "torch.set_num_threads(1)\n"
         "x = torch.load(sys.argv[1])\n"
         "p = load_explainer('models:/expl@candidate')\n"
         "out = p(x)\n"
         "model = mlflow.pyfunc.load_model('models:/expl/3')\n"
-        "five = model.predict(x.numpy())\n"
-        "one = model.predict(x[:1].numpy())\n"
+        "every = {'classes': 'fixed', 'fixed_classes': p.classes}\n"
+        "five = model.predict(pd.DataFrame({'pixels': list(x.numpy())}), params=every)\n"
+        "arrays = model.unwrap_python_model().predict(None, x.numpy())  # the 4-d form of earlier versions\n"
+        "one = model.unwrap_python_model().predict(None, x[:1].numpy())\n"
         "torch.save({'masks': out.masks, 'probs': out.probs, 'name': p.model_name, 'version': p.model_version,\n"
         "            'uri': p.explainer_uri, 'classes': p.classes, 'size': p.image_size,\n"
-        "            'pyfunc_masks': torch.from_numpy(five['masks']),\n"
-        "            'pyfunc_probs': torch.from_numpy(five['probs']),\n"
+        "            'records': five.to_dict(orient='records'),\n"
+        "            'pyfunc_masks': torch.from_numpy(arrays['masks']),\n"
+        "            'pyfunc_probs': torch.from_numpy(arrays['probs']),\n"
         "            'pyfunc_one': torch.from_numpy(one['masks'])}, sys.argv[2])\n"
     )
     # nothing but the tracking URI: no storage credentials (the server serves the artifacts)
@@ -241,6 +242,12 @@ def test_registered_version_loads_in_a_fresh_process_from_its_uri_alone(reg, reg
     assert got["masks"].shape == (5, len(reg["classes"]), SIZE, SIZE)
     assert torch.equal(got["masks"], reference.masks) and torch.equal(got["probs"], reference.probs)
     assert torch.equal(got["pyfunc_masks"], reference.masks) and torch.equal(got["pyfunc_probs"], reference.probs)
+    # the pyfunc's records ('pixels' input, every class): 8-bit PNG masks within 1/255 of the Predictor's
+    assert [r["classes"] for r in got["records"]] == [reg["classes"]] * 5
+    for i, record in enumerate(got["records"]):
+        assert np.allclose(record["probabilities"], reference.probs[i].numpy(), atol=1e-6)
+        masks = np.stack([mask_from_png(m) for m in record["masks"]])
+        assert np.abs(masks - reference.masks[i].numpy()).max() <= 1 / 255 + 1e-6
     # any batch size (another batch size may take other CPU kernels: equal up to float rounding)
     assert torch.allclose(got["pyfunc_one"], reference.masks[:1], rtol=0, atol=1e-6)
 
@@ -271,8 +278,10 @@ def test_a_passing_gate_moves_champion_and_previous_champion_and_records_the_gat
         ("minimum", "cont_iou"),
         ("champion_margin", "cont_iou"),
         ("champion_margin", "mean_f1"),
+        ("classifier_champion", "classifier"),
     ]
     assert all(c["passed"] for c in checks)
+    assert "its classifier is not registered" in checks[-1]["reason"]  # checked only when it is
     # the evaluation is stored on the version (keyed by the split digest) and as an MLflow run
     digest = read_manifest(reg["data"], reg["s3"].opts)["digest"]
     record = json.loads(tags[f"wysiwyc.eval.{digest[:16]}"])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.attribute.inputs import decode_image
-from pipeline.attribute.job import explained_classes
 from pipeline.attribute.outputs import output_urls, part_url, shard_url, source_key
+from pipeline.data.images import decode_image
 from pipeline.data.transforms import image_to_tensor, normalize_uint8
 from pipeline.errors import InputError
+from pipeline.models.explain import explained_classes
 
 PROBS = torch.tensor(
     [

@@ -1,0 +1,440 @@
+"""Consumers of the registry (issue 16), against a real MLflow registry (sqlite file) and real servers on
+127.0.0.1: the registered pyfunc loaded where this package is not importable, ``mlflow models serve``
+answering ``POST /invocations``, ``wysiwyc serve`` on Ray Serve (concurrent requests, 4xx for bad input,
+the version switch after ``wysiwyc promote``, SIGTERM), classifiers in the registry, the stale-classifier
+gate and ``wysiwyc lineage``.
+
+Tiny untrained nets at 32 px on a 24-image synthetic split: what is checked is that every way in gives
+what a direct :class:`~pipeline.models.predictor.Predictor` call gives, not mask quality.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import _free_ports, environ, run_cli
+from PIL import Image
+
+from pipeline.config import IngestConfig, load_config
+from pipeline.data.ingest import ingest
+from pipeline.data.shards import read_manifest
+from pipeline.data.synthetic import SyntheticReader
+from pipeline.errors import WysiwycError
+from pipeline.models.explain import ClassRule, mask_from_png
+from pipeline.models.explainer import build_explainer
+from pipeline.models.explanandum import build_explanandum
+from pipeline.models.predictor import load_predictor
+from pipeline.train.checkpoint import save_checkpoint
+
+SIZE = 32
+BIN = Path(sys.executable).parent
+CLI = [str(BIN / "wysiwyc")]
+SITE_PACKAGES = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+
+# a consumer's environment: torch, torchvision, mlflow, numpy (and what they bring); none of what only
+# this package needs, and not the package itself (python -S: the editable install's hook never runs)
+CLEAN_LOAD = """
+import sys
+sys.path.append(sys.argv[1])
+import importlib.abc, importlib.util
+ONLY_OURS = ("ray", "boto3", "botocore", "webdataset", "pycocotools", "typer", "matplotlib", "psutil", "tqdm")
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ONLY_OURS:
+            raise ImportError(name + " is not installed in this environment")
+assert importlib.util.find_spec("pipeline") is None, "the package is importable before the model is loaded"
+sys.meta_path.insert(0, Refuse())
+import json, mlflow.pyfunc, numpy as np, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[2])
+images = [open(p, "rb").read() for p in sys.argv[4:]]
+out = model.predict(pd.DataFrame({"image": images}), params={"classes": "topk", "top_k": 2})
+listed = model.predict({"image": images[:2]})
+pixels = np.load(sys.argv[3] + ".npy")
+fixed = {"classes": "fixed", "fixed_classes": ["star"]}
+normalised = model.predict(pd.DataFrame({"pixels": list(pixels)}), params=fixed)
+import pipeline
+json.dump({"records": out.to_dict(orient="records"), "listed": listed.to_dict(orient="records"),
+           "pixels": normalised.to_dict(orient="records"), "code": pipeline.__file__,
+           "outputs": str(model.metadata.get_output_schema())}, open(sys.argv[3], "w"))
+"""
+
+
+def _png(seed: int, size=(50, 40)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(_png(seed))).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _explainer_state(classes, classifier: str, sha: str, data: str, seed: int) -> dict:
+    torch.manual_seed(seed)
+    return {
+        "kind": "explainer",
+        "arch": "compact",
+        "classes": classes,
+        "image_size": SIZE,
+        "model": build_explainer("compact", len(classes)).state_dict(),
+        "epoch": 0,
+        "step": 0,
+        "metrics": {"val_loss": 1.0},
+        "config": {"data": {"train": data, "image_size": SIZE}, "loss": {}},
+        "explanandum": {"uri": classifier, "sha256": sha, "arch": "small_cnn"},
+        "explainer_init": "scratch",
+        "black_box": True,
+    }
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory):
+    """A split, two classifiers (A, B) and Explainer checkpoints for each, a sqlite registry, gate files."""
+    root = tmp_path_factory.mktemp("consumers")
+    reader = SyntheticReader(24, seed=3, split="test", image_size=SIZE)
+    ingest(reader, str(root / "data"), "test", IngestConfig(workers=1, shard_size=12), progress=False)
+    data = str(root / "data" / "test")
+    classes = list(reader.classes)
+    checkpoints, shas = {}, {}
+    for key, seed in {"clf_a": 0, "clf_b": 5}.items():
+        torch.manual_seed(seed)
+        checkpoints[key] = str(root / f"{key}.pt")
+        shas[key] = save_checkpoint(
+            {
+                "kind": "classifier",
+                "arch": "small_cnn",
+                "classes": classes,
+                "image_size": SIZE,
+                "model": build_explanandum("small_cnn", len(classes)).state_dict(),
+                "epoch": 0,
+                "step": 0,
+                "config": {"data": {"train": data}},
+                "metrics": {"val_map": 0.5},
+            },
+            checkpoints[key],
+        )
+    for key, (clf, seed) in {"a1": ("clf_a", 1), "a2": ("clf_a", 2), "a3": ("clf_a", 3), "b1": ("clf_b", 4)}.items():
+        checkpoints[key] = str(root / f"{key}.pt")
+        save_checkpoint(_explainer_state(classes, checkpoints[clf], shas[clf], data, seed), checkpoints[key])
+    gate = root / "gate.yaml"
+    gate.write_text(f"split: {data}\nevaluate:\n  methods: [explainer]\n  batch_size: 8\nminimum:\n  cont_iou: 0.0\n")
+    lenient = root / "stale-ok.yaml"
+    lenient.write_text(gate.read_text() + "allow_stale_classifier: true\n")
+    images = {f"{i}.png": _png(i) for i in range(4)} | {"4.jpg": _jpeg(4)}
+    for name, body in images.items():
+        (root / name).write_bytes(body)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `mlflow models serve` runs uvicorn
+        "WYSIWYC_RAY_TMP": str(root / "r"),
+        "RAY_AUTH_MODE": "disabled",
+    }
+    with environ({"MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}):
+        from mlflow.tracking import MlflowClient
+
+        yield {
+            "root": root,
+            "data": data,
+            "classes": classes,
+            "checkpoints": checkpoints,
+            "shas": shas,
+            "gate": str(gate),
+            "lenient": str(lenient),
+            "images": images,
+            "uri": uri,
+            "env": env,
+            "cli": functools.partial(run_cli, env=env),  # `wysiwyc ARGS` with this registry
+            "config": load_config(None, [f"tracking.uri={uri}", "data.loader_workers=0"]),
+            "client": MlflowClient(uri, uri),
+        }
+
+
+@pytest.fixture(scope="module")
+def registered(reg):
+    """Classifier A as models:/clf/1 (the CLI) and @champion; Explainer a1 (for A) as models:/expl/1 @champion."""
+    from pipeline.registry import promote, register_checkpoint
+
+    clf = json.loads(
+        reg["cli"](
+            "register", "--classifier", "--checkpoint", reg["checkpoints"]["clf_a"], "--name", "clf", "--json"
+        ).stdout
+    )
+    promoted_clf = json.loads(reg["cli"]("promote", "--name", "clf", "--version", "1", "--json").stdout)
+    expl = register_checkpoint(reg["checkpoints"]["a1"], "expl", reg["config"])
+    promoted = promote("expl", "1", reg["config"], reg["gate"], progress=False)
+    return {"clf": clf, "promoted_clf": promoted_clf, "expl": expl, "promoted": promoted}
+
+
+def _reference(reg, key: str, image: bytes):
+    """The direct Predictor call on one image (its own preprocessing: PIL → tensor)."""
+    predictor = load_predictor(reg["checkpoints"][key])
+    with Image.open(io.BytesIO(image)) as im:
+        return predictor(predictor.preprocess(im).unsqueeze(0)), predictor.classes
+
+
+def _assert_record_matches(record: dict, reference, classes: list[str], rule: ClassRule) -> None:
+    chosen = rule.indices(reference.probs, classes)[0]
+    assert record["classes"] == [classes[c] for c in chosen]
+    assert np.allclose(record["probabilities"], [float(reference.probs[0, c]) for c in chosen], atol=1e-5)
+    for c, text in zip(chosen, record["masks"]):
+        mask = mask_from_png(text)
+        assert mask.shape == (SIZE, SIZE)
+        assert np.abs(mask - reference.masks[0, c].numpy()).max() <= 1 / 255 + 1e-6
+
+
+def test_classifiers_register_and_an_explainer_records_the_classifier_version_it_explains(reg, registered):
+    clf, expl = registered["clf"], registered["expl"]
+    assert (clf["model_uri"], clf["kind"], clf["aliases"]) == ("models:/clf/1", "classifier", ["candidate"])
+    assert registered["promoted_clf"]["aliases"]["champion"] == "1" and registered["promoted_clf"]["gate"] is None
+    tags = reg["client"].get_model_version("clf", "1").tags
+    assert tags["wysiwyc.classifier_sha256"] == reg["shas"]["clf_a"] and tags["wysiwyc.kind"] == "classifier"
+    assert expl["classifier_version"] == "models:/clf/1"
+    v1 = reg["client"].get_model_version("expl", "1").tags
+    assert (v1["wysiwyc.classifier_model"], v1["wysiwyc.classifier_version"]) == ("clf", "1")
+    assert any("the classifier's @champion" in c for c in registered["promoted"]["checks"])
+    # the classifier's pyfunc: images → probabilities, equal to the classifier's own forward pass
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model("models:/clf@champion")
+    out = model.predict({"image": [reg["images"]["0.png"]]}, params={"classes": "topk", "top_k": 6})
+    reference, classes = _reference(reg, "a1", reg["images"]["0.png"])
+    assert np.allclose(out.iloc[0]["all_probabilities"], reference.probs[0].numpy(), atol=1e-5)
+    assert out.iloc[0]["classes"] == [classes[c] for c in torch.argsort(reference.probs[0], descending=True)]
+    # an Explainer checkpoint given as a classifier (and the reverse) is refused, naming the fix
+    wrong = reg["cli"]("register", "--classifier", "--checkpoint", reg["checkpoints"]["a1"], "--name", "c", check=False)
+    assert wrong.returncode == 2 and "is a explainer checkpoint" in wrong.stderr and "--classifier" in wrong.stderr
+
+
+def test_the_registered_pyfunc_loads_and_predicts_where_the_package_is_not_importable(reg, registered):
+    root = reg["root"]
+    folder = reg["client"].get_model_version_download_uri("expl", "1").removeprefix("file://")
+    requirements = (Path(folder) / "requirements.txt").read_text().split()
+    assert not [r for r in requirements if r.startswith(("wysiwyc", "-e", "file:", "."))], requirements
+    assert {r.split("==")[0] for r in requirements} >= {"torch", "torchvision", "mlflow", "numpy"}
+    assert (Path(folder) / "input_example.json").is_file()
+    pixels = torch.stack([load_predictor(reg["checkpoints"]["a1"]).preprocess(Image.open(root / "1.png"))])
+    np.save(root / "out.json.npy", pixels.numpy())
+    script = root / "clean_load.py"
+    script.write_text(CLEAN_LOAD)
+    files = [str(root / n) for n in reg["images"]]
+    env = {k: v for k, v in reg["env"].items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-S", str(script), SITE_PACKAGES, "models:/expl/1", str(root / "out.json"), *files],
+        cwd=root,  # outside the repository
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((root / "out.json").read_text())
+    assert "/code/pipeline/" in got["code"]  # the code that travelled with the model
+    assert all(f"'{c}'" in got["outputs"] for c in ("classes", "probabilities", "masks"))
+    topk = ClassRule(mode="topk", top_k=2)
+    assert len(got["records"]) == len(files)
+    for name, record in zip(reg["images"], got["records"]):
+        reference, classes = _reference(reg, "a1", reg["images"][name])
+        _assert_record_matches(record, reference, classes, topk)
+    for name, record in zip(("0.png", "1.png"), got["listed"]):  # a plain dict of bytes, the default rule
+        _assert_record_matches(record, *_reference(reg, "a1", reg["images"][name]), ClassRule())
+    reference, classes = _reference(reg, "a1", reg["images"]["1.png"])
+    _assert_record_matches(got["pixels"][0], reference, classes, ClassRule(mode="fixed", fixed=("star",)))
+
+
+def _http(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, body, headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else proc.returncode
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+def test_mlflow_models_serve_answers_invocations_with_the_predictors_masks(reg, registered):
+    (port,) = _free_ports(1)
+    log = open(reg["root"] / "mlflow-serve.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/expl@champion", "--env-manager", "local"]
+        + ["-h", "127.0.0.1", "-p", str(port)],
+        env=reg["env"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", proc, 120)
+        images = [reg["images"]["2.png"], reg["images"]["4.jpg"]]
+        body = {
+            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()] for b in images]},
+            "params": {"classes": "topk", "top_k": 3},
+        }
+        status, answer = _http(
+            f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        assert status == 200, answer
+        for image, record in zip(images, answer["predictions"]):
+            reference, classes = _reference(reg, "a1", image)
+            _assert_record_matches(record, reference, classes, ClassRule(mode="topk", top_k=3))
+        # the example stored with the model is a valid request
+        folder = reg["client"].get_model_version_download_uri("expl", "1").removeprefix("file://")
+        example = (Path(folder) / "serving_input_example.json").read_bytes()
+        status, answer = _http(f"http://127.0.0.1:{port}/invocations", example, {"Content-Type": "application/json"})
+        assert status == 200 and len(answer["predictions"]) == 1 and answer["predictions"][0]["masks"]
+        bad = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}}
+        status, answer = _http(
+            f"http://127.0.0.1:{port}/invocations", json.dumps(bad).encode(), {"Content-Type": "application/json"}
+        )
+        assert status == 400 and "not an image" in json.dumps(answer)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def test_wysiwyc_serve_batches_concurrent_requests_refuses_bad_input_and_follows_a_promotion(reg, registered):
+    from pipeline.registry import register_checkpoint
+
+    (port,) = _free_ports(1)
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--model", "models:/expl@champion", "--port", str(port), "--refresh", "1"]
+        + ["--replicas", "1", "serve.batch_wait_s=0.05", "serve.max_image_bytes=200000", "--json"],
+        env=reg["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready = json.loads(proc.stdout.readline())  # the line a script waits for
+        assert ready == {"url": url, "model_version": "1"}
+        status, health = _http(f"{url}/health")
+        assert status == 200 and health["model_version"] == "1" and health["model_name"] == "expl"
+        names = [f"{i % 5}.png" if i % 5 < 4 else "4.jpg" for i in range(24)]
+
+        def explain(name: str):
+            ctype = "image/jpeg" if name.endswith(".jpg") else "image/png"
+            return _http(f"{url}/explain", reg["images"][name], {"Content-Type": ctype})
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(explain, names))
+        references = {n: _reference(reg, "a1", reg["images"][n]) for n in set(names)}
+        for name, (status, answer) in zip(names, answers):
+            assert status == 200, answer
+            assert 1 <= answer["batch"] <= 16
+            assert answer["model_version"] == "1" and answer["mask_size"] == [SIZE, SIZE]
+            _assert_record_matches(answer, *references[name], ClassRule())
+        status, answer = _http(
+            f"{url}/explain?classes=topk&top_k=2", reg["images"]["0.png"], {"Content-Type": "image/png"}
+        )
+        assert status == 200 and len(answer["classes"]) == 2
+
+        # bad input: a clear 4xx, and the replica still answers
+        refusals = {
+            415: _http(f"{url}/explain", reg["images"]["0.png"], {"Content-Type": "text/plain"}),
+            400: _http(f"{url}/explain", b"not an image", {"Content-Type": "image/png"}),
+            413: _http(f"{url}/explain", b"\x89PNG" + bytes(300_000), {"Content-Type": "image/png"}),
+            404: _http(f"{url}/nowhere"),
+            405: _http(f"{url}/explain"),
+        }
+        for code, (status, answer) in refusals.items():
+            assert status == code and answer["error"], (code, status, answer)
+        assert "image/png" in refusals[415][1]["error"] and "not an image" in refusals[400][1]["error"]
+        assert "serve.max_image_bytes" in refusals[413][1]["error"]
+        status, answer = _http(
+            f"{url}/explain?classes=fixed&fixed_classes=nope", reg["images"]["0.png"], {"Content-Type": "image/png"}
+        )
+        assert status == 400 and "nope" in answer["error"]
+        assert explain("1.png")[0] == 200
+
+        # a promotion reaches the endpoint without a restart, and the answers say which version answered
+        second = register_checkpoint(reg["checkpoints"]["a2"], "expl", reg["config"])
+        reg["cli"]("promote", "--name", "expl", "--version", second["version"], "--gate", reg["gate"])
+        deadline = time.time() + 60
+        while _http(f"{url}/health")[1]["model_version"] != second["version"]:
+            assert time.time() < deadline, "the endpoint did not switch to the promoted version"
+            time.sleep(0.5)
+        status, answer = explain("3.png")
+        assert status == 200 and answer["model_version"] == second["version"]
+        _assert_record_matches(answer, *_reference(reg, "a2", reg["images"]["3.png"]), ClassRule())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]  # SIGTERM ends it cleanly, with its summary
+    assert json.loads(out.strip().splitlines()[-1])["url"] == url
+
+
+def test_the_gate_refuses_an_explainer_of_a_classifier_that_is_not_the_champion_unless_overridden(reg, registered):
+    from pipeline.registry import promote, register_checkpoint, register_classifier
+
+    clf_b = register_classifier(reg["checkpoints"]["clf_b"], "clf", reg["config"])
+    assert clf_b["version"] == "2"
+    # an Explainer for classifier A registered now, while A is still the champion
+    stale = register_checkpoint(reg["checkpoints"]["a3"], "expl", reg["config"])
+    assert stale["classifier_version"] == "models:/clf/1"
+    promote("clf", "2", reg["config"])
+    refused = reg["cli"]("promote", "--name", "expl", "--version", stale["version"], "--gate", reg["gate"], check=False)
+    assert refused.returncode == 2
+    assert "models:/clf/1" in refused.stderr and "@champion is v2" in refused.stderr
+    assert "allow_stale_classifier" in refused.stderr
+    assert reg["client"].get_model_version_by_alias("expl", "champion").version != stale["version"]
+    overridden = promote("expl", stale["version"], reg["config"], reg["lenient"], progress=False)
+    assert overridden["aliases"]["champion"] == stale["version"]
+    assert any("allowed by allow_stale_classifier" in c for c in overridden["checks"])
+    # an Explainer trained for the champion classifier passes the plain gate
+    fresh = register_checkpoint(reg["checkpoints"]["b1"], "expl", reg["config"])
+    assert fresh["classifier_version"] == "models:/clf/2"
+    assert promote("expl", fresh["version"], reg["config"], reg["gate"], progress=False)["version"] == fresh["version"]
+    promote("clf", "1", reg["config"])  # the classifier goes back: that Explainer is stale now
+    with pytest.raises(WysiwycError, match="@champion is v1"):
+        promote("expl", fresh["version"], reg["config"], reg["gate"], progress=False)
+    promote("clf", "2", reg["config"])
+
+
+def test_lineage_chains_data_classifier_explainer(reg, registered):
+    from pipeline.registry import lineage
+
+    proc = reg["cli"]("lineage", "models:/expl@champion", "--json")
+    chain = json.loads(proc.stdout)
+    champion = reg["client"].get_model_version_by_alias("expl", "champion").version
+    assert chain["explainer_version"] == f"models:/expl/{champion}"
+    assert chain["classifier_version"] == "models:/clf/2" and chain["classifier_is_champion"] is True
+    digest = read_manifest(reg["data"])["digest"]
+    assert chain["dataset_digests"] == {"classifier": digest, "explainer": digest}
+    assert chain["attribution_runs"] == []  # none here; the quickstart's e2e test checks a real one
+    text = reg["cli"]("lineage", "models:/expl/1").stdout
+    assert "models:/clf/1" in text and "models:/expl/1" in text and "@champion is models:/clf/2" in text
+    assert lineage("models:/clf/2", reg["config"])["explainer_version"] is None
