@@ -22,6 +22,7 @@ from pipeline import pages, storage
 from pipeline.errors import WysiwycError
 
 MODEL_NAME = "quickstart-explainer"
+CLASSIFIER_NAME = "quickstart-classifier"  # registered too: the Explainer records the version it explains
 SPLITS = (("train", 0), ("val", 1), ("test", 2))  # (split, seed); sizes: train num_images, val/test 100
 EVAL_IMAGES = 100
 CORPUS = ("corpus", 3)  # the held-apart images that the attribution stage explains (num_corpus of them)
@@ -238,7 +239,7 @@ def run_quickstart(
     from pipeline.attribute import attribute
     from pipeline.config import EvaluateConfig
     from pipeline.evaluate.evaluate import evaluate
-    from pipeline.registry import promote, register_checkpoint, resolve_model
+    from pipeline.registry import promote, register_checkpoint, register_classifier, resolve_model, rollback
     from pipeline.train.trainer import train_classifier, train_explainer
 
     place = _place(workdir, with_stack)
@@ -280,16 +281,24 @@ def run_quickstart(
         for k, v in metrics["methods"]["explainer"].items()
         if isinstance(v, (int, float)) and math.isfinite(v)
     }  # for the registry
-    registered = stage(
-        "register",
-        lambda: register_checkpoint(explainer["checkpoint"], MODEL_NAME, evaluate_cfg, extra_metrics=explainer_metrics),
-    )
+
+    def register_both() -> dict:  # the classifier first: the Explainer's version records the classifier's
+        clf = register_classifier(classifier["checkpoint"], CLASSIFIER_NAME, evaluate_cfg)
+        expl = register_checkpoint(explainer["checkpoint"], MODEL_NAME, evaluate_cfg, extra_metrics=explainer_metrics)
+        return {**expl, "classifier": clf}
+
+    registered = stage("register", register_both)
     gate = evaluate_cfg.registry.gate
 
     def gate_and_promote() -> dict:
+        """The classifier and its Explainer go to @champion together; when the gate refuses the Explainer, the
+        classifier goes back too (the champion pair of an earlier quickstart stays, if there is one)."""
+        clf = promote(CLASSIFIER_NAME, registered["classifier"]["version"], evaluate_cfg)
         try:
             return promote(MODEL_NAME, registered["version"], evaluate_cfg, str(gate))
-        except WysiwycError as exc:  # refused: the champion of an earlier quickstart stays (if there is one)
+        except WysiwycError as exc:
+            if clf["previous_champion"] not in (None, clf["version"]):
+                rollback(CLASSIFIER_NAME, evaluate_cfg)
             return {"refused": str(exc)}
 
     promoted = stage("promote", gate_and_promote)
@@ -327,6 +336,7 @@ def run_quickstart(
         "Explainer checkpoint": explainer["checkpoint"],
         "classifier checkpoint": classifier["checkpoint"],
         "registered model": f"models:/{MODEL_NAME}@champion = models:/{MODEL_NAME}/{champion}",
+        "registered classifier": registered["classifier"]["model_uri"],
         "promotion": promotion,
         "MLflow": place.tracking_uri,
     }

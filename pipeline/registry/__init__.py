@@ -14,18 +14,22 @@ the model URI alone is enough to use it:
 
 Aliases: ``candidate`` (newly registered), ``champion`` (serving), ``previous-champion`` (rollback).
 
-Consumers load a version with :func:`load_explainer` (a :class:`~pipeline.models.predictor.Predictor`)
-or, without this package's API, with ``mlflow.pyfunc.load_model(uri).predict(images)`` where
-``images`` is a float32 (B, 3, S, S) ImageNet-normalised array; that returns
-``{"masks": (B, C, S, S), "probs": (B, C)}``.
+Consumers load a version with :func:`load_explainer` (a :class:`~pipeline.models.predictor.Predictor`),
+with ``mlflow.pyfunc.load_model(uri)`` where this package is not installed (the version carries its code:
+``predict(pandas.DataFrame({"image": [bytes, ...]}))`` → one row per image with ``classes``,
+``probabilities``, ``masks``; :mod:`~pipeline.registry.pyfunc`), or over HTTP (``wysiwyc serve``,
+:mod:`pipeline.serve`). Classifiers are registered too (:func:`register_classifier`): an Explainer version
+records the classifier version it explains, the default gate promotes it only while that classifier is
+its model's ``@champion``, and :func:`lineage` follows data → classifier → Explainer → attribution runs.
 
 The registry lives at the tracking URI: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the
 embedded sqlite file beside ``trainer.storage`` (the registry needs a database store).
 
 Modules: :mod:`~pipeline.registry.lookup` (where the registry is, what a ``models:/`` URI names),
-:mod:`~pipeline.registry.package` (registering a version, loading one) and
-:mod:`~pipeline.registry.gates` (promotion and rollback). The names below are the public API; registered
-versions load their pyfunc through ``pipeline.registry.ExplainerModel``.
+:mod:`~pipeline.registry.package` (registering a version, loading one), :mod:`~pipeline.registry.pyfunc`
+(the pyfunc models), :mod:`~pipeline.registry.gates` (promotion and rollback) and
+:mod:`~pipeline.registry.lineage`. The names below are the public API; versions registered before the
+pyfunc moved load it through ``pipeline.registry.ExplainerModel``.
 """
 
 from pipeline.registry.gates import promote, rollback

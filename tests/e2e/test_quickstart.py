@@ -212,3 +212,62 @@ def test_report_is_self_contained_with_table_pictures_and_lambdas(quickstart):
     assert "<tr><td>explainer.levels</td><td>3</td></tr>" in html
     metrics = json.loads(Path(summary["metrics"]).read_text())
     assert f"{metrics['methods']['explainer']['cont_iou']:.3f}" in html
+
+
+def _readme_examples() -> list[tuple[str, str]]:
+    """``(language, code)`` of the fenced blocks of the README's consumer section, in order."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Consume a registered Explainer: three ways in", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.S)
+
+
+def test_lineage_and_the_readme_consumer_examples_on_the_quickstart_registry(installed, quickstart, tmp_path):
+    import signal
+
+    from pipeline.data.shards import read_manifest
+
+    summary, work = quickstart
+    env = _env(MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", TMPDIR=str(tmp_path))
+    run = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    chain = json.loads(subprocess.run([installed / "wysiwyc", "lineage", summary["model_uri"], "--json"], **run).stdout)
+    assert chain["explainer_version"] == "models:/quickstart-explainer/1"
+    assert chain["classifier_version"] == "models:/quickstart-classifier/1" and chain["classifier_is_champion"]
+    train = read_manifest(str(work / "data" / "synthetic" / "train"))["digest"]
+    assert chain["dataset_digests"] == {"classifier": train, "explainer": train}
+    (attribution,) = chain["attribution_runs"]
+    assert attribution["images"] == NUM_CORPUS and attribution["status"] == "FINISHED"
+    assert summary["attribution"].rstrip("/").endswith(attribution["run_id"])
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(tmp_path / "image.png")
+    (with_package, _), (without_package, _), (http, _) = [(c, lang) for lang, c in _readme_examples()]
+    first = subprocess.run([installed / "python", "-c", with_package], **run)
+    assert first.returncode == 0 and first.stdout.startswith("quickstart-explainer 1\n"), first.stderr[-2000:]
+    # without the package: python -S (no .pth hook), only the site-packages holding torch, mlflow, …
+    clean = (
+        f"import sys, importlib.util; sys.path.append({site.getsitepackages()[0]!r}); "
+        "assert importlib.util.find_spec('pipeline') is None; exec(sys.stdin.read())"
+    )
+    second = subprocess.run([sys.executable, "-S", "-c", clean], input=without_package, **run)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Traceback" not in second.stderr and second.stdout.count("[") >= 2
+
+    serve_line, *curls = [line for line in http.strip().splitlines() if line.strip()]
+    server = subprocess.Popen(
+        [str(installed / a) if a == "wysiwyc" else a for a in serve_line.rstrip("&").split()],
+        cwd=tmp_path,
+        env={**env, "WYSIWYC_RAY_TMP": str(tmp_path / "r"), "PATH": f"{installed}:{os.environ['PATH']}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert "http://127.0.0.1:8000" in server.stdout.readline()
+        health, explained = (json.loads(subprocess.run(["bash", "-c", c], **run).stdout) for c in curls)
+        assert health["model_version"] == "1" and explained["model_version"] == "1"
+        assert len(explained["classes"]) == len(explained["masks"]) == 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    assert server.returncode == 0

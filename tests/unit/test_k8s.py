@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import functools
+import gzip
 import importlib.util
 import re
 import shlex
@@ -25,7 +26,8 @@ OVERLAYS = ("local", "aws")
 K8S_VERSION = "1.32.0"  # kubectl/kustomize here are v1.32 / v5.5
 APP_DIR = "/app/"  # the image's WORKDIR, where the Dockerfile copies configs/
 PROJECT_IMAGE = {"local": "wysiwyc:0.1.0", "aws": "123456789012.dkr.ecr.us-east-1.amazonaws.com/wysiwyc:0.1.0"}
-RAY_KINDS = {"RayJob", "RayCluster", "RayCronJob"}
+RAY_KINDS = {"RayJob", "RayCluster", "RayCronJob", "RayService"}
+VENDORED_SCHEMAS = Path(__file__).resolve().parent / "k8s-schemas"  # the RayService CRD (see its SOURCES.md)
 
 
 def _render(overlay: str) -> list[dict]:
@@ -55,8 +57,8 @@ def _pod_specs(doc: dict) -> list[dict]:
         return [spec["template"]["spec"]]
     if doc["kind"] == "CronJob":
         return [spec["jobTemplate"]["spec"]["template"]["spec"]]
-    if doc["kind"] == "RayJob":
-        cluster = spec["rayClusterSpec"]
+    if doc["kind"] in ("RayJob", "RayService"):
+        cluster = spec["rayClusterSpec" if doc["kind"] == "RayJob" else "rayClusterConfig"]
         return [cluster["headGroupSpec"]["template"]["spec"]] + [
             g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])
         ]
@@ -70,10 +72,16 @@ def test_overlays_render_the_workloads(rendered):
     _, docs = rendered
     assert set(_by(docs, "RayJob")) == {"train-explainer-voc-vgg16", "sweep-voc-vgg16-lambdas", "attribute-template"}
     assert set(_by(docs, "CronJob")) == {"attribute-daily"}
+    assert set(_by(docs, "RayService")) == {"explainer-serve"}
     assert "mlflow" in _by(docs, "Deployment") and "mlflow" in _by(docs, "Service")
-    assert {"wysiwyc-train", "wysiwyc-attribute", "wysiwyc-ingest", "mlflow", "wysiwyc-scheduler"} <= set(
-        _by(docs, "ServiceAccount")
-    )
+    assert {
+        "wysiwyc-train",
+        "wysiwyc-attribute",
+        "wysiwyc-ingest",
+        "wysiwyc-serve",
+        "mlflow",
+        "wysiwyc-scheduler",
+    } <= set(_by(docs, "ServiceAccount"))
     assert all(d["metadata"].get("namespace") == "wysiwyc" for d in docs)
 
 
@@ -114,13 +122,18 @@ def _crd_validator(kind: str):
     import jsonschema
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1 MB of YAML
-    crd = yaml.load((SCHEMAS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
+    name = f"ray.io_{kind.lower()}s.yaml"
+    if kind == "RayService":
+        text = gzip.decompress((VENDORED_SCHEMAS / f"{name}.gz").read_bytes()).decode()
+    else:
+        text = (SCHEMAS / name).read_text()
+    crd = yaml.load(text, Loader=loader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
 
 
 def _validate_ray(doc: dict) -> None:
-    if not SCHEMAS.is_dir():
+    if not SCHEMAS.is_dir() and doc["kind"] != "RayService":
         pytest.skip(f"KubeRay CRD schemas not available: {SCHEMAS} does not exist")
     body = {**doc, "metadata": {}}  # metadata is the API server's (the CRD schema leaves it open)
     errors = sorted(_crd_validator(doc["kind"]).iter_errors(body), key=str)
@@ -148,6 +161,30 @@ def test_the_crd_check_catches_a_misspelt_field(rendered):
 # ----------------------------------------------------------------------------------- jobs
 
 
+def test_the_rayservice_runs_the_serve_application_with_serve_keys(rendered):
+    from pipeline.config import ServeConfig
+    from pipeline.serve import app
+
+    overlay, docs = rendered
+    service = _by(docs, "RayService")["explainer-serve"]["spec"]
+    (application,) = yaml.safe_load(service["serveConfigV2"])["applications"]
+    assert application["import_path"] == "pipeline.serve:app" and application["route_prefix"] == "/"
+    args = application["args"]
+    config = ServeConfig(**args)  # every arg is a serve.* key with a valid value
+    assert config.model.startswith("models:/") and config.model.endswith("@champion") and config.refresh_s > 0
+    assert (config.gpus_per_replica > 0) == (overlay == "aws")
+    workers = service["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert config.replicas <= workers["replicas"]  # a pod for every replica
+    deployment = app(args)  # what Ray Serve calls with these args builds the application
+    assert type(deployment).__name__ == "Application"
+    with pytest.raises(Exception, match="unknown argument"):
+        app({**args, "replica": 2})
+    broken = copy.deepcopy(_by(docs, "RayService")["explainer-serve"])  # the vendored CRD schema bites too
+    broken["spec"]["serveConfig"] = broken["spec"].pop("serveConfigV2")
+    with pytest.raises(AssertionError, match="serveConfig"):
+        _validate_ray(broken)
+
+
 def test_rayjobs_resume_on_retry_and_clean_up(rendered):
     _, docs = rendered
     for name, job in _by(docs, "RayJob").items():
@@ -164,8 +201,10 @@ def test_rayjobs_resume_on_retry_and_clean_up(rendered):
 
 def test_gpu_workers_on_aws_cpu_workers_locally(rendered):
     overlay, docs = rendered
-    for name, job in _by(docs, "RayJob").items():
-        for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+    clusters = {n: j["spec"]["rayClusterSpec"] for n, j in _by(docs, "RayJob").items()}
+    clusters |= {n: s["spec"]["rayClusterConfig"] for n, s in _by(docs, "RayService").items()}
+    for name, cluster in clusters.items():
+        for group in cluster["workerGroupSpecs"]:
             limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
             assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] >= 1, name
             if overlay == "aws":
@@ -190,7 +229,7 @@ def test_every_container_has_resources_and_the_project_image_runs_as_non_root(re
                     assert pod["securityContext"]["runAsUser"] == 10001
                 else:  # a third-party image: pinned, never :latest
                     assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), image
-    assert containers >= 8  # 3 RayJobs × (head + worker), MLflow, the submitter (+ SeaweedFS locally)
+    assert containers >= 10  # 3 RayJobs and the RayService × (head + worker), MLflow, the submitter (+ SeaweedFS)
 
 
 def test_aws_uses_irsa_and_no_stored_credentials():
