@@ -7,3 +7,7 @@ class WysiwycError(Exception):
 
 class InputError(WysiwycError):
     """One input item (an image, an annotation) is unusable; ingest may skip it and record why."""
+
+
+class ImageTooLarge(InputError):
+    """An image with more pixels than allowed (read from its header), or too large to decode safely."""

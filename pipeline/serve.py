@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from pipeline.errors import InputError, WysiwycError
+from pipeline.errors import ImageTooLarge, InputError, WysiwycError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,6 @@ class Endpoint:
 
     async def _parse(self, request) -> tuple:
         """``(pixels, body, rule)`` of a request, or an :class:`_HTTPError` with the 4xx to answer."""
-        from pipeline.data.images import decode_image
         from pipeline.models.explain import ClassRule
 
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -157,12 +156,17 @@ class Endpoint:
                 rule.indices(np.zeros((1, len(self.current["predictor"].classes))), self.current["predictor"].classes)
         except WysiwycError as exc:
             raise _HTTPError(400, str(exc)) from None
-        size, pixels = self.current["predictor"].image_size, int(self.settings["max_image_pixels"])
         try:
-            image = await asyncio.to_thread(decode_image, body, "request body", size, pixels, "serve.max_image_pixels")
+            pixels = await asyncio.to_thread(self._decode, body, self.current["predictor"].image_size)
         except InputError as exc:
-            raise _HTTPError(413 if "pixels" in str(exc) and "more than" in str(exc) else 400, str(exc)) from None
-        return image[0], body, rule
+            raise _HTTPError(413 if isinstance(exc, ImageTooLarge) else 400, str(exc)) from None
+        return pixels, body, rule
+
+    def _decode(self, body: bytes, size: int) -> np.ndarray:
+        from pipeline.data.images import decode_image
+
+        limit = int(self.settings["max_image_pixels"])
+        return decode_image(body, "request body", size, limit, "serve.max_image_pixels")[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # set from the settings in __init__
     async def _batched(self, items: list[tuple]) -> list[dict]:
@@ -170,18 +174,14 @@ class Endpoint:
         current = self.current
         return await asyncio.to_thread(self._explain, current, items)
 
-    @staticmethod
-    def _explain(current: dict, items: list[tuple]) -> list[dict]:
+    def _explain(self, current: dict, items: list[tuple]) -> list[dict]:
         import torch
 
-        from pipeline.data.images import decode_image
         from pipeline.models.explain import explain
 
         predictor = current["predictor"]
-        size = predictor.image_size
-        pixels = [
-            p if p.shape[-1] == size else decode_image(body, "request body", size, 10**12)[0] for p, body, _ in items
-        ]
+        size = predictor.image_size  # a request decoded just before a swap to a version of another size
+        pixels = [p if p.shape[-1] == size else self._decode(body, size) for p, body, _ in items]
         records = explain(predictor, torch.from_numpy(np.stack(pixels)), [rule for _, _, rule in items], len(items))
         head = {"model_name": current["name"], "model_version": current["version"], "model_uri": current["uri"]}
         return [{**head, **record, "mask_size": [size, size], "batch": len(items)} for record in records]

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.data.classes import resolve_classes
 from pipeline.data.sample import Reader, Sample, safe_key, unique_keys
-from pipeline.errors import InputError, WysiwycError
+from pipeline.errors import ImageTooLarge, InputError, WysiwycError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
@@ -96,7 +96,7 @@ def decoded_image(
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
             if max_pixels is not None and width * height > max_pixels:
-                raise InputError(f"{source}: {width}x{height} image has more than {limit}={max_pixels} pixels")
+                raise ImageTooLarge(f"{source}: {width}x{height} image has more than {limit}={max_pixels} pixels")
             im.load()
             if width < 1 or height < 1:
                 raise InputError(f"{source}: image has no pixels ({width}x{height})")
@@ -104,7 +104,7 @@ def decoded_image(
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{source}: image too large to decode safely ({exc}){advice}") from exc
+        raise ImageTooLarge(f"{source}: image too large to decode safely ({exc}){advice}") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError … for bad bytes
         reason = str(exc) or type(exc).__name__
         if "truncat" in reason.lower():

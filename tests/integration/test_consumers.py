@@ -332,7 +332,8 @@ def test_wysiwyc_serve_batches_concurrent_requests_refuses_bad_input_and_follows
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [*CLI, "serve", "--model", "models:/expl@champion", "--port", str(port), "--refresh", "1"]
-        + ["--replicas", "1", "serve.batch_wait_s=0.05", "serve.max_image_bytes=200000", "--json"],
+        + ["--replicas", "1", "serve.batch_wait_s=0.05", "serve.max_image_bytes=200000"]
+        + ["serve.max_image_pixels=5000", "--json"],
         env=reg["env"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -374,6 +375,8 @@ def test_wysiwyc_serve_batches_concurrent_requests_refuses_bad_input_and_follows
             assert status == code and answer["error"], (code, status, answer)
         assert "image/png" in refusals[415][1]["error"] and "not an image" in refusals[400][1]["error"]
         assert "serve.max_image_bytes" in refusals[413][1]["error"]
+        status, answer = _http(f"{url}/explain", _png(9, size=(100, 60)), {"Content-Type": "image/png"})
+        assert status == 413 and "serve.max_image_pixels=5000" in answer["error"]  # from the header
         status, answer = _http(
             f"{url}/explain?classes=fixed&fixed_classes=nope", reg["images"]["0.png"], {"Content-Type": "image/png"}
         )

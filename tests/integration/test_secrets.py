@@ -1,21 +1,26 @@
-"""No secret in anything a run leaves behind: a Ray training and a Ray attribution against a real
-SeaweedFS, launched as a user launches them (the CLI, credentials in the environment, a local Ray that
+"""No secret in anything a run leaves behind: a Ray training, a Ray attribution and the Ray Serve endpoint
+against a real SeaweedFS, launched as a user launches them (the CLI, credentials in the environment, a local Ray that
 the command starts itself), then every file of Ray's session folder, the run folders, the MLflow store,
 the commands' output and every object of the bucket is searched for the secret key.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import _free_ports
+from PIL import Image
 
 from pipeline.config import IngestConfig
 from pipeline.data.ingest import ingest
@@ -33,6 +38,12 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
     )
     assert proc.returncode == 0, f"{args[:2]} exit {proc.returncode}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def _probe_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (120, 200, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _hits(secret: bytes, files: dict[str, bytes]) -> list[str]:
@@ -108,10 +119,30 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
     )
     outputs.append(proc.stdout + proc.stderr)
     assert json.loads(proc.stdout)["num_ok"] == 16
+    # the online endpoint (Ray Serve: controller, proxy and a replica reading the checkpoint from the bucket)
+    (port,) = _free_ports(1)
+    server = subprocess.Popen(
+        [*CLI, "serve", "--model", explainer, "--port", str(port), "--json"],
+        env=env,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = json.loads(server.stdout.readline())["url"]
+        request = urllib.request.Request(f"{url}/explain", _probe_png(), {"Content-Type": "image/png"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert json.loads(reply.read())["masks"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-3000:]
+    outputs.append(out + err)
 
     # Ray's session folders are their owner's alone: inside a folder no one else may enter
     sessions = [p for p in ray_tmp.glob("*/session_*") if p.is_dir() and not p.is_symlink()]
-    assert len(sessions) == 2  # one per command that started Ray
+    assert len(sessions) == 3  # one per command that started Ray
     assert stat.S_IMODE(ray_tmp.stat().st_mode) == 0o700
 
     files = {
