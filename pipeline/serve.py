@@ -193,43 +193,30 @@ class _HTTPError(Exception):
         self.status = status
 
 
-def settings(config) -> dict[str, Any]:
-    """The deployment's settings from ``config.serve`` (plain data: what a RayService's ``args`` hold)."""
-    s = config.serve
-    return {
-        "model": s.model,
-        "refresh_s": s.refresh_s,
-        "max_batch_size": s.max_batch_size,
-        "batch_wait_s": s.batch_wait_s,
-        "max_image_bytes": s.max_image_bytes,
-        "max_image_pixels": s.max_image_pixels,
-        "replicas": s.replicas,
-        "cpus_per_replica": s.cpus_per_replica,
-        "gpus_per_replica": s.gpus_per_replica,
-    }
-
-
 def app(args: dict[str, Any]):
-    """The Serve application (an app builder: ``import_path: pipeline.serve:app`` with ``args`` = the keys of
-    ``serve.*``; what is absent takes the config's default)."""
-    from pipeline.config import Config
+    """The Serve application (an app builder: ``import_path: pipeline.serve:app`` with ``args`` = ``serve.*``
+    keys, validated like the config; what is absent takes its default; ``host`` / ``port`` are the HTTP
+    proxy's, not the application's)."""
+    from pydantic import ValidationError
 
-    defaults = settings(Config())
-    unknown = sorted(set(args) - set(defaults))
-    if unknown:
-        raise WysiwycError(f"serve: unknown argument(s) {unknown}; use serve.* keys: {', '.join(defaults)}")
-    values = {**defaults, **args}
+    from pipeline.config import ServeConfig
+
+    try:
+        values = ServeConfig(**args).model_dump(exclude={"host", "port"})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {'unknown argument' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in exc.errors()
+        )
+        raise WysiwycError(f"serve: {problems} (the arguments are serve.* keys: docs/configuration.md)") from None
     if not values["model"]:
         raise WysiwycError("serve: give the model: --model models:/NAME@champion (serve.model)")
     deployment = serve.deployment(
         Endpoint,
         name="Explainer",
-        num_replicas=int(values["replicas"]),
-        max_ongoing_requests=max(32, 4 * int(values["max_batch_size"])),
-        ray_actor_options={
-            "num_cpus": float(values["cpus_per_replica"]),
-            "num_gpus": float(values["gpus_per_replica"]),
-        },
+        num_replicas=values["replicas"],
+        max_ongoing_requests=max(32, 4 * values["max_batch_size"]),
+        ray_actor_options={"num_cpus": values["cpus_per_replica"], "num_gpus": values["gpus_per_replica"]},
     )
     return deployment.bind(values)
 
@@ -260,7 +247,7 @@ def serve_forever(config, on_ready=None) -> dict:
     try:
         serve.start(http_options={"host": host, "port": port})
         try:
-            serve.run(app(settings(config)), name=APP_NAME, route_prefix="/", blocking=False)
+            serve.run(app(s.model_dump(exclude={"host", "port"})), name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as exc:  # a replica's constructor failed: its error, not Serve's wrapper
             raise WysiwycError(f"serve: the model did not load: {str(exc).splitlines()[-1][:500]}") from None
         for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs a SIGTERM handler of its own
