@@ -111,15 +111,15 @@ def lineage_text(chain: dict) -> str:
     if chain["classifier_version"]:
         state = "the @champion" if chain["classifier_is_champion"] else f"@champion is {chain['classifier_champion']}"
         lines.append(
-            f"  data      {datasets['classifier'] or '?'} (manifest digest {digests['classifier'][:16]})\n"
-            f"  classifier {chain['classifier_version']} ({state})"
+            f"  data        {datasets['classifier'] or '?'} (manifest digest {digests['classifier'][:16]})\n"
+            f"  classifier  {chain['classifier_version']} ({state})"
         )
     else:
-        lines.append(f"  classifier not registered (sha256 {str(chain['explanandum_sha256'])[:16]}…)")
+        lines.append(f"  classifier  not registered (sha256 {str(chain['explanandum_sha256'])[:16]}…)")
     if chain["explainer_version"]:
         lines.append(
-            f"  data      {datasets['explainer'] or '?'} (manifest digest {str(digests['explainer'])[:16]})\n"
-            f"  explainer {chain['explainer_version']}"
+            f"  data        {datasets['explainer'] or '?'} (manifest digest {str(digests['explainer'])[:16]})\n"
+            f"  explainer   {chain['explainer_version']}"
         )
         runs = chain["attribution_runs"]
         lines.append(f"  attribution runs: {len(runs)}")

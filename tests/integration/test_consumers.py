@@ -428,16 +428,23 @@ def test_the_gate_refuses_an_explainer_of_a_classifier_that_is_not_the_champion_
 
 
 def test_lineage_chains_data_classifier_explainer(reg, registered):
+    """Whatever the tests before left @champion (alone, the fixture's pair; after the gate test, B's)."""
     from pipeline.registry import lineage
 
-    proc = reg["cli"]("lineage", "models:/expl@champion", "--json")
-    chain = json.loads(proc.stdout)
-    champion = reg["client"].get_model_version_by_alias("expl", "champion").version
+    client = reg["client"]
+    chain = json.loads(reg["cli"]("lineage", "models:/expl@champion", "--json").stdout)
+    champion = str(client.get_model_version_by_alias("expl", "champion").version)
+    explains = client.get_model_version("expl", champion).tags["wysiwyc.classifier_version"]
+    classifier_champion = str(client.get_model_version_by_alias("clf", "champion").version)
     assert chain["explainer_version"] == f"models:/expl/{champion}"
-    assert chain["classifier_version"] == "models:/clf/2" and chain["classifier_is_champion"] is True
+    assert chain["classifier_version"] == f"models:/clf/{explains}"
+    assert chain["classifier_champion"] == f"models:/clf/{classifier_champion}"
+    assert chain["classifier_is_champion"] is (explains == classifier_champion)
     digest = read_manifest(reg["data"])["digest"]
     assert chain["dataset_digests"] == {"classifier": digest, "explainer": digest}
     assert chain["attribution_runs"] == []  # none here; the quickstart's e2e test checks a real one
     text = reg["cli"]("lineage", "models:/expl/1").stdout
-    assert "models:/clf/1" in text and "models:/expl/1" in text and "@champion is models:/clf/2" in text
-    assert lineage("models:/clf/2", reg["config"])["explainer_version"] is None
+    state = "(the @champion)" if classifier_champion == "1" else f"(@champion is models:/clf/{classifier_champion})"
+    assert f"classifier  models:/clf/1 {state}" in text and "explainer   models:/expl/1" in text
+    assert f"manifest digest {digest[:16]}" in text
+    assert lineage(f"models:/clf/{classifier_champion}", reg["config"])["explainer_version"] is None
