@@ -435,8 +435,13 @@ def serve(
         cfg = _load(
             config,
             overrides,
-            **{"serve.model": model, "serve.port": port, "serve.host": host, "serve.replicas": replicas},
-            **{"serve.refresh_s": refresh},
+            **{
+                "serve.model": model,
+                "serve.port": port,
+                "serve.host": host,
+                "serve.replicas": replicas,
+                "serve.refresh_s": refresh,
+            },
         )
 
         def ready(url: str, health: dict) -> None:  # the one line a script waits for, on stdout at once

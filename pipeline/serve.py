@@ -152,8 +152,7 @@ class Endpoint:
         body = bytes(body)
         try:
             rule = ClassRule.from_params(dict(request.query_params))
-            if rule.mode == "fixed":
-                rule.indices(np.zeros((1, len(self.current["predictor"].classes))), self.current["predictor"].classes)
+            rule.fixed_indices(self.current["predictor"].classes)  # unknown class names: 400 now
         except WysiwycError as exc:
             raise _HTTPError(400, str(exc)) from None
         try:

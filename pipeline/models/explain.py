@@ -87,10 +87,13 @@ class ClassRule:
             raise WysiwycError(f"params: threshold {rule.threshold} must lie in [0, 1] and top_k {rule.top_k} be ≥ 1")
         return rule
 
+    def fixed_indices(self, classes: Sequence[str]) -> tuple[int, ...]:
+        """The indices of the ``fixed`` classes under ``mode=fixed`` (else ()); WysiwycError for unknown names."""
+        return fixed_indices(self.fixed, classes, "fixed_classes") if self.mode == "fixed" else ()
+
     def indices(self, probs, classes: Sequence[str]) -> list[list[int]]:
         """Per image, the class indices to explain (:func:`explained_classes`)."""
-        fixed = fixed_indices(self.fixed, classes, "fixed_classes") if self.mode == "fixed" else ()
-        return explained_classes(probs, self.mode, self.threshold, self.top_k, fixed)
+        return explained_classes(probs, self.mode, self.threshold, self.top_k, self.fixed_indices(classes))
 
 
 def mask_png(mask8: np.ndarray) -> str:
@@ -123,10 +126,8 @@ def explain(predictor, images: torch.Tensor, rule: ClassRule | Sequence[ClassRul
         prediction = predictor(normalize_uint8(x) if x.dtype == torch.uint8 else x.float())
         masks8 = (prediction.masks * 255).round().to(torch.uint8).cpu().numpy()
         probs = prediction.probs.cpu()
-        chosen_by_image = [
-            r.indices(probs[j : j + 1], predictor.classes)[0] for j, r in enumerate(rules[start:][: len(probs)])
-        ]
-        for j, chosen in enumerate(chosen_by_image):
+        for j in range(len(probs)):
+            chosen = rules[start + j].indices(probs[j : j + 1], predictor.classes)[0]
             records.append(
                 {
                     "classes": [predictor.classes[c] for c in chosen],

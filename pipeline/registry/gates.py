@@ -18,9 +18,9 @@ from pipeline.registry.lookup import (
     LOWER_IS_BETTER,
     PREVIOUS,
     alias_versions,
-    classifier_version,
     current_user,
     experiment_for,
+    explained_classifier,
     mlflow_client,
     registry_uri,
     resolve_model,
@@ -306,11 +306,7 @@ def _classifier_check(client, name: str, version: str, tags: dict, gate, gate_pa
     """The stale-classifier check of an Explainer version as a gate record; raises WysiwycError (before any
     evaluation) when the registered classifier it explains is not that model's ``@champion`` and the gate
     does not allow it."""
-    recorded = tags.get("wysiwyc.classifier_version")
-    if recorded and recorded != "unregistered":
-        found = (tags["wysiwyc.classifier_model"], recorded)
-    else:  # registered before its classifier was: found by the checkpoint's sha256
-        found = classifier_version(client, tags.get("wysiwyc.explanandum_sha256", "-"))
+    found = explained_classifier(client, tags)
     record = {"metric": "classifier", "kind": "classifier_champion", "passed": True}
     if found is None:
         return {**record, "reason": "its classifier is not registered (`wysiwyc register --classifier`): not checked"}

@@ -13,7 +13,7 @@ from pipeline.errors import WysiwycError
 from pipeline.registry.lookup import (
     CHAMPION,
     alias_versions,
-    classifier_version,
+    explained_classifier,
     mlflow_client,
     registry_uri,
     resolve_model,
@@ -70,11 +70,7 @@ def lineage(model_uri: str, config) -> dict:
         classifier_tags = tags
     else:
         explainer, explainer_tags = (name, version), tags
-        recorded = tags.get("wysiwyc.classifier_version")
-        if recorded and recorded != "unregistered":
-            classifier = (tags["wysiwyc.classifier_model"], recorded)
-        else:
-            classifier = classifier_version(client, tags.get("wysiwyc.explanandum_sha256", "-"))
+        classifier = explained_classifier(client, tags)
         classifier_tags = client.get_model_version(*classifier).tags if classifier else {}
     try:
         champion = alias_versions(client, classifier[0]).get(CHAMPION) if classifier else None

@@ -158,3 +158,15 @@ def classifier_version(client, sha256: str) -> tuple[str, str] | None:
         return None
     first = min(found, key=lambda v: (v.name, int(v.version)))
     return first.name, str(first.version)
+
+
+def recorded_classifier(tags: dict) -> tuple[str, str] | None:
+    """``(name, version)`` of the classifier an Explainer version recorded at registration, else None."""
+    version = tags.get("wysiwyc.classifier_version")
+    return (tags["wysiwyc.classifier_model"], version) if version and version != "unregistered" else None
+
+
+def explained_classifier(client, tags: dict) -> tuple[str, str] | None:
+    """The registered classifier an Explainer version explains: the recorded one, else (registered after
+    the Explainer) the one whose sha256 is its Explanandum's; None when that classifier is not registered."""
+    return recorded_classifier(tags) or classifier_version(client, tags.get("wysiwyc.explanandum_sha256", "-"))

@@ -40,6 +40,7 @@ from pipeline.registry.lookup import (
     git_commit,
     is_missing,
     mlflow_client,
+    recorded_classifier,
     registry_uri,
     resolve_model,
     utc_now,
@@ -513,18 +514,12 @@ def _register_summary(client, uri: str, name: str, version: str, run_id: str | N
         "explainer_sha256": tags.get("wysiwyc.explainer_sha256"),
         "explanandum": tags.get("wysiwyc.explanandum"),
         "explanandum_sha256": tags.get("wysiwyc.explanandum_sha256"),
-        "classifier_version": _classifier_uri(tags),
+        "classifier_version": f"models:/{found[0]}/{found[1]}" if (found := recorded_classifier(tags)) else None,
         "dataset_digest": tags.get("wysiwyc.dataset_digest"),
         "git_commit": tags.get("wysiwyc.git_commit"),
         "tracking_uri": storage.redact(uri),
         "existing": existing,
     }
-
-
-def _classifier_uri(tags: dict) -> str | None:
-    """``models:/NAME/V`` of the classifier version an Explainer version records, else None."""
-    name, version = tags.get("wysiwyc.classifier_model"), tags.get("wysiwyc.classifier_version")
-    return f"models:/{name}/{version}" if version and version != "unregistered" else None
 
 
 def register_from_sweep(sweep: str, name: str, config) -> dict:
