@@ -272,10 +272,10 @@ def ingest_images(
 
 def _train(kind: str, config: str | None, overrides: list[str] | None, as_json: bool) -> None:
     def stage() -> dict:
-        from pipeline.train import trainer
+        from pipeline.train import launch
 
         cfg = _load(config, overrides)
-        return trainer.train_classifier(cfg) if kind == "classifier" else trainer.train_explainer(cfg)
+        return launch.train_classifier(cfg) if kind == "classifier" else launch.train_explainer(cfg)
 
     _run(f"train {kind}: done", as_json, stage)
 
@@ -312,7 +312,7 @@ def sanity(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt
     outcome: dict = {}
 
     def stage() -> dict:
-        from pipeline.evaluate.sanity import run_sanity
+        from pipeline.workflows.sanity import run_sanity
 
         outcome.update(run_sanity(_load(config, overrides)))
         return outcome
@@ -399,17 +399,17 @@ def promote(
     """Run the gate on a version and move `champion` to it (exit 2 with the reason when it fails)."""
 
     def stage() -> dict:
-        from pipeline import registry
         from pipeline.errors import WysiwycError
+        from pipeline.workflows import promotion
 
         cfg = _load(config, overrides, **{"registry.gate": gate})
         if rollback:
             if version is not None:
                 raise WysiwycError("promote: --rollback restores previous-champion; do not give --version")
-            return registry.rollback(name, cfg)
+            return promotion.rollback(name, cfg)
         if version is None:
             raise WysiwycError("promote: give --version V (or --rollback)")
-        return registry.promote(name, version, cfg)
+        return promotion.promote(name, version, cfg)
 
     _run("promote: rolled back" if rollback else "promote: done", json_, stage)
 
@@ -542,7 +542,7 @@ def quickstart(
         typer.echo(f"[{index}/{total}] {name}: {status}", err=True)
 
     def stage() -> dict:
-        from pipeline.quickstart import run_quickstart
+        from pipeline.workflows.quickstart import run_quickstart
 
         return run_quickstart(
             workdir,

@@ -27,8 +27,25 @@ from pydantic import (
 )
 
 from pipeline.errors import WysiwycError
+from pipeline.storage import S3Options
 
 PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+# the ImageNet backbone of each torchvision segmentation Explainer (its file: explainer.backbone_weights)
+BACKBONE_OF = {"deeplabv3_resnet50": "resnet50", "deeplabv3_mobilenet_v3_large": "mobilenet_v3_large"}
+
+
+def backbone_howto(net: str, key: str = "explanandum.pretrained_backbone") -> str:
+    """How to give the config ``key`` a torchvision ``net`` ImageNet state dict (the end of every message
+    about one, for the Explanandum's and the Explainer's backbones alike)."""
+    return (
+        f"set {key} to a local path or s3:// URL of a torchvision {net} state dict; "
+        "download it once on a machine with network, e.g. "
+        f"`python -c \"import torch, torchvision; torch.save(torchvision.models.{net}(weights='DEFAULT')"
+        f".state_dict(), '{net}_imagenet.pth')\"`, then copy the file here (or upload it to object storage). "
+        "Weights are never downloaded at run time."
+    )
 
 
 class _Section(BaseModel):
@@ -39,8 +56,6 @@ def _backbone_file_rule(section: str, init: str, key: str, given: str | None, ne
     """``init=backbone_file`` comes with its ImageNet file (never a silent random backbone), and the file
     only with it; ``net()`` names the torchvision net whose file the message says how to get."""
     if init == "backbone_file" and not given:
-        from pipeline.models.explanandum import backbone_howto  # torch: only on this error
-
         raise ValueError(
             f"{section}.init=backbone_file needs {section}.{key} (never a silent random backbone): "
             f"{backbone_howto(net(), f'{section}.{key}')}"
@@ -59,7 +74,6 @@ class StorageConfig(_Section):
 
     def options(self):
         """The :class:`pipeline.storage.S3Options` these settings describe."""
-        from pipeline.storage import S3Options
 
         def reveal(secret: SecretStr | None) -> str | None:
             return secret.get_secret_value() if secret is not None else None
@@ -179,8 +193,6 @@ class ExplainerConfig(_Section):
         compact = self.arch == "compact"
 
         def net() -> str:
-            from pipeline.models.explainer import BACKBONE_OF  # torch: only on this error
-
             return BACKBONE_OF.get(self.arch, "resnet50")
 
         _backbone_file_rule("explainer", self.init, "backbone_weights", self.backbone_weights, net)

@@ -25,14 +25,28 @@ and what a KubeRay ``RayService`` names as ``import_path: pipeline.serve:app`` (
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
+import threading
 import time
+import urllib.request
 from typing import Any
 
 import numpy as np
+import ray
+import torch
+from pydantic import ValidationError
 from ray import serve
 
+from pipeline import tracking
+from pipeline.config import ServeConfig
+from pipeline.data.images import decode_image
 from pipeline.errors import ImageTooLarge, InputError, WysiwycError
+from pipeline.models.explain import ClassRule, explain
+from pipeline.models.predictor import load_model
+from pipeline.raysession import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +76,19 @@ class Endpoint:
     @staticmethod
     def _load(uri: str) -> dict:
         """``{"predictor", "name", "version", "uri"}`` of a model URI (an alias resolved now)."""
-        import torch
-
-        from pipeline.registry import load_explainer
-
-        predictor = load_explainer(uri, device="cuda" if torch.cuda.is_available() else "cpu")
+        predictor = load_model(uri, device="cuda" if torch.cuda.is_available() else "cpu")
         name = predictor.model_name or predictor.explainer_uri
         version = str(predictor.model_version or predictor.explainer_sha256[:12])
         return {"predictor": predictor, "name": name, "version": version, "uri": predictor.explainer_uri}
 
     async def _refresh(self, every: float) -> None:
         """Re-resolve the alias every ``every`` seconds; load and swap in a new version."""
-        from pipeline.registry import resolve_model
-
-        if not self.model_uri.startswith("models:/"):
+        if not self.model_uri.startswith(tracking.REGISTRY_PREFIX):
             return  # a checkpoint URI names fixed bytes
         while True:
             await asyncio.sleep(every)
             try:
-                name, version = await asyncio.to_thread(resolve_model, self.model_uri)
+                name, version = await asyncio.to_thread(tracking.resolve_model, self.model_uri)
                 if version != self.current["version"]:
                     loaded = await asyncio.to_thread(self._load, f"models:/{name}/{version}")
                     log.warning(
@@ -132,8 +140,6 @@ class Endpoint:
 
     async def _parse(self, request) -> tuple:
         """``(pixels, body, rule)`` of a request, or an :class:`_HTTPError` with the 4xx to answer."""
-        from pipeline.models.explain import ClassRule
-
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in CONTENT_TYPES:
             raise _HTTPError(415, f"Content-Type {ctype or '(none)'}: send the image bytes as image/png or image/jpeg")
@@ -162,8 +168,6 @@ class Endpoint:
         return pixels, body, rule
 
     def _decode(self, body: bytes, size: int) -> np.ndarray:
-        from pipeline.data.images import decode_image
-
         limit = int(self.settings["max_image_pixels"])
         return decode_image(body, "request body", size, limit, "serve.max_image_pixels")[0]
 
@@ -174,10 +178,6 @@ class Endpoint:
         return await asyncio.to_thread(self._explain, current, items)
 
     def _explain(self, current: dict, items: list[tuple]) -> list[dict]:
-        import torch
-
-        from pipeline.models.explain import explain
-
         predictor = current["predictor"]
         size = predictor.image_size  # a request decoded just before a swap to a version of another size
         pixels = [p if p.shape[-1] == size else self._decode(body, size) for p, body, _ in items]
@@ -196,10 +196,6 @@ def app(args: dict[str, Any]):
     """The Serve application (an app builder: ``import_path: pipeline.serve:app`` with ``args`` = ``serve.*``
     keys, validated like the config; what is absent takes its default; ``host`` / ``port`` are the HTTP
     proxy's, not the application's)."""
-    from pydantic import ValidationError
-
-    from pipeline.config import ServeConfig
-
     try:
         values = ServeConfig(**args).model_dump(exclude={"host", "port"})
     except ValidationError as exc:
@@ -223,26 +219,19 @@ def app(args: dict[str, Any]):
 def serve_forever(config, on_ready=None) -> dict:
     """Run :func:`app` on a local Ray (or ``RAY_ADDRESS``) at ``http://serve.host:serve.port`` until SIGTERM /
     SIGINT; ``on_ready(url, health)`` is called once it answers. Returns the summary when stopped."""
-    import json
-    import os
-    import signal
-    import threading
-    import urllib.request
-
-    import ray
-
-    from pipeline.registry import registry_uri
-    from pipeline.train.distributed import ensure_ray
-
     s = config.serve
     host, port = s.host, s.port
     if not s.model:
         raise WysiwycError("serve: give the model: --model models:/NAME@champion (serve.model)")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", registry_uri(config))  # the replicas inherit it (no arg to log)
+    # the replicas inherit the registry (no argument to log)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.registry_uri(config))
     stop = threading.Event()
     started = time.time()
-    gpu = config.model_copy(update={"trainer": config.trainer.model_copy(update={"use_gpu": s.gpus_per_replica > 0})})
-    ensure_ray(gpu, num_cpus=max(os.cpu_count() or 1, int(s.replicas * s.cpus_per_replica + 0.999)))
+    ensure_ray(
+        config.storage.options(),
+        num_cpus=max(os.cpu_count() or 1, int(s.replicas * s.cpus_per_replica + 0.999)),
+        use_gpu=s.gpus_per_replica > 0,
+    )
     try:
         serve.start(http_options={"host": host, "port": port})
         try:

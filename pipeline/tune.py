@@ -48,9 +48,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline import storage
+from pipeline import figures, storage, tracking
 from pipeline.config import Config, config_file, load_config
 from pipeline.errors import WysiwycError
+from pipeline.raysession import ensure_ray
+from pipeline.train.distributed import absolute_paths, checkpoint_uri, fit_ray, storage_target
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +214,6 @@ def _trial(values: dict, base: Config, name: str, kind: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train.distributed import fit_ray
-
     trial_id = tune.get_context().get_trial_id()
     config = apply_values(base, values)
     config.trainer.run_name = f"{name}-{trial_id}"
@@ -331,8 +331,6 @@ def run_sweep(config: Config) -> dict:
         WysiwycError: bad settings, a sweep of that name started with another config, or no trial
             that reported ``sweep.metric`` (sweep.json is written first).
     """
-    from pipeline.train import tracking
-    from pipeline.train.distributed import absolute_paths, ensure_ray
 
     started = time.perf_counter()
     s = config.sweep
@@ -391,7 +389,9 @@ def run_sweep(config: Config) -> dict:
     try:
         t = base.trainer
         need = s.max_concurrent_trials * (s.cpus_per_trial + t.num_workers * t.cpus_per_worker)
-        ensure_ray(base, num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
+        ensure_ray(
+            base.storage.options(), num_cpus=max(os.cpu_count() or 1, math.ceil(need)), use_gpu=base.trainer.use_gpu
+        )
         results = _fit(base, _storage(config))
         rows = _rows(base, results)
         if parent is not None:
@@ -414,8 +414,6 @@ def _fit(base: Config, sweep_storage: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
-
-    from pipeline.train.distributed import storage_target
 
     s = base.sweep
     trainable = tune.with_resources(
@@ -465,7 +463,6 @@ def _fit(base: Config, sweep_storage: str):
 
 def _rows(base: Config, results) -> list[dict]:
     """One record per trial: params, last-epoch metrics, status, checkpoint, error."""
-    from pipeline.train.distributed import checkpoint_uri
 
     s, opts = base.sweep, base.storage.options()
     budget = min(base.trainer.epochs, s.max_t or base.trainer.epochs) if s.scheduler == "asha" else base.trainer.epochs
@@ -587,10 +584,8 @@ def _table(rows: list[dict], keys: list[str], metrics: list[str]) -> tuple[str, 
 
 def _plot_png(rows: list[dict], space: dict, metric: str, best: dict | None) -> bytes:
     """``metric`` against each swept key, one panel per key (failed trials left out; best starred)."""
-    from pipeline.evaluate.report import _new_figure, _png
-
     keys = list(space)
-    fig = _new_figure(3.6 * len(keys), 3.2)
+    fig = figures.new_figure(3.6 * len(keys), 3.2)
     scored = [r for r in rows if r["status"] != "failed" and metric in r["metrics"]]
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), i + 1)
@@ -617,7 +612,7 @@ def _plot_png(rows: list[dict], space: dict, metric: str, best: dict | None) -> 
         ax.set_ylabel(metric if i == 0 else "")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{metric} per trial (★ best, grey: stopped early)", fontsize=10)
-    return _png(fig)
+    return figures.png(fig)
 
 
 def _publish(base: Config, root: str, rows: list[dict], parent) -> dict:

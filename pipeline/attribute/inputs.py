@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pipeline import storage
+from pipeline.data.images import IMAGE_SUFFIXES
+from pipeline.data.shards import MANIFEST_SUFFIX, manifest_url, raw_samples, read_manifest
 from pipeline.errors import InputError, WysiwycError
 
 
@@ -74,7 +76,6 @@ class Listing:
         self.inputs, self.opts, self.ignored = inputs, opts, 0
 
     def __iter__(self) -> Iterator[str]:
-        from pipeline.data.images import IMAGE_SUFFIXES
 
         if self.inputs.kind == "list":
             yield from _uri_list(self.inputs.url, self.opts)
@@ -94,8 +95,6 @@ def open_input(spec: str, opts=None) -> Input:
         WysiwycError: nothing there (a missing or empty prefix, an empty list), a bucket that does not
             exist, …
     """
-    from pipeline.data.images import IMAGE_SUFFIXES
-    from pipeline.data.shards import MANIFEST_SUFFIX, manifest_url, read_manifest
 
     url = absolute(spec)
     if url.endswith(MANIFEST_SUFFIX) or (not url.endswith("/") and storage.exists(manifest_url(url), opts)):
@@ -130,7 +129,6 @@ def fetch_image(source: str, opts) -> bytes:
 
 def shard_images(url: str, opts):
     """``(member key, image bytes)`` of every sample of one shard, in tar order."""
-    from pipeline.data.shards import raw_samples
 
     for raw in raw_samples([url], opts):
         yield raw["__key__"], raw.get("jpg") or raw.get("png") or b""

@@ -53,9 +53,16 @@ from pipeline.attribute.outputs import (
 from pipeline.attribute.plan import make_plan, read_plan
 from pipeline.attribute.report import index_html, summary, write_previews
 from pipeline.attribute.stats import Stats, drift, drift_png, log_run, previous_run
+from pipeline.checkpoint import public_config
+from pipeline.config import dump_config
 from pipeline.data.images import decode_image
+from pipeline.data.sample import encode_png
+from pipeline.data.transforms import normalize_uint8
 from pipeline.errors import InputError, WysiwycError
 from pipeline.models.explain import explained_classes, fixed_indices
+from pipeline.progress import progress as progress_bar
+from pipeline.raysession import ensure_ray
+from pipeline.tracking import journal_url
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +161,12 @@ class _Attributor:
         """``(aggregated mask PNG at the image's size, per-class NPZ)`` of one image."""
         from PIL import Image
 
-        from pipeline.data.sample import encode_png
-
         aggregated = Image.fromarray(masks8[idx].max(axis=0)).resize(size, Image.BILINEAR)
         return encode_png(np.asarray(aggregated)), class_masks_npz(masks8[idx], idx, [self.job.classes[c] for c in idx])
 
     def _rows(self, batch: dict, ok: np.ndarray) -> tuple[list[dict], list[tuple[int, bytes, bytes]]]:
         """Index rows of the batch and ``(row index, mask PNG, NPZ)`` of its attributed images."""
         import torch
-
-        from pipeline.data.transforms import normalize_uint8
 
         job, classes = self.job, self.job.classes
         rows, outputs = [], []
@@ -253,12 +256,8 @@ def execute(config, job: Job, pending: list[dict], total: int, errors: int, pred
     import ray
     import ray.data
 
-    from pipeline.train.distributed import ensure_ray
-
     a = config.attribute
-    ray_config = config.model_copy(deep=True)
-    ray_config.trainer.use_gpu = a.gpus_per_actor > 0  # a local Ray gets the GPUs the actors ask for
-    ensure_ray(ray_config)
+    ensure_ray(config.storage.options(), use_gpu=a.gpus_per_actor > 0)  # a local Ray gets the GPUs the actors ask for
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
     predictor_ref = ray.put(replace(predictor, checkpoint={}))
     ds = ray.data.from_items([{"chunk": c["name"], "url": c["url"]} for c in pending], override_num_blocks=len(pending))
@@ -373,10 +372,6 @@ def attribute(config, progress: bool = True) -> dict:
             empty input, a run id started with another model or settings, a ``compare_to`` run that does
             not exist; during the run: more failed images than ``attribute.max_error_fraction`` allows.
     """
-    from pipeline.config import dump_config
-    from pipeline.progress import progress as progress_bar
-    from pipeline.train.checkpoint import public_config
-    from pipeline.train.tracking import journal_url
 
     started = time.time()
     a = config.attribute

@@ -3,22 +3,11 @@ version it started with (:func:`pin_model`)."""
 
 from __future__ import annotations
 
-from pipeline import storage
+from pipeline import storage, tracking
 from pipeline.attribute.inputs import absolute
 from pipeline.attribute.outputs import owner
 from pipeline.errors import WysiwycError
-
-_REGISTRY_PREFIX = "models:/"
-
-
-def _load_predictor(uri: str, config, opts):
-    if uri.startswith(_REGISTRY_PREFIX):
-        from pipeline.registry import load_explainer, registry_uri
-
-        return load_explainer(uri, registry_uri(config))
-    from pipeline.models.predictor import load_predictor
-
-    return load_predictor(uri, config.explanandum.checkpoint, opts)
+from pipeline.models.predictor import load_model
 
 
 def pin_model(config, record: dict | None, opts=None):
@@ -39,15 +28,13 @@ def pin_model(config, record: dict | None, opts=None):
                 f"new run with another --run-id"
             )
         pinned = record["model"]["model_uri"]
-    elif given.startswith(_REGISTRY_PREFIX):
-        from pipeline.registry import registry_uri, resolve_model
-
-        name, version = resolve_model(given, registry_uri(config))
-        pinned = f"{_REGISTRY_PREFIX}{name}/{version}"
+    elif given.startswith(tracking.REGISTRY_PREFIX):
+        name, version = tracking.resolve_model(given, tracking.registry_uri(config))
+        pinned = f"{tracking.REGISTRY_PREFIX}{name}/{version}"
     else:
         pinned = absolute(given)
     try:
-        predictor = _load_predictor(pinned, config, opts)
+        predictor = load_model(pinned, config.explanandum.checkpoint, opts, tracking_uri=tracking.registry_uri(config))
     except WysiwycError as exc:
         raise WysiwycError(f"attribute: {exc}") from None
     if record is not None and predictor.explainer_sha256 != record["model"]["explainer_sha256"]:
@@ -55,7 +42,7 @@ def pin_model(config, record: dict | None, opts=None):
             f"attribute: the model {storage.redact(pinned)} has changed since run "
             f"{record['run_id']} started (sha256 differs): start a new run with another --run-id"
         )
-    registered = pinned.startswith(_REGISTRY_PREFIX)
+    registered = pinned.startswith(tracking.REGISTRY_PREFIX)
     model = {
         "model": given,
         "model_uri": pinned,

@@ -11,6 +11,9 @@ import numpy as np
 
 from pipeline import pages, storage
 from pipeline.attribute.inputs import shard_images
+from pipeline.attribute.outputs import output_bytes
+from pipeline.data.sample import encode_png
+from pipeline.data.transforms import IMAGENET_MEAN
 
 
 def _preview_png(image: bytes, mask: bytes, max_side: int = 256) -> bytes:
@@ -18,9 +21,6 @@ def _preview_png(image: bytes, mask: bytes, max_side: int = 256) -> bytes:
     the longer side scaled to ``max_side`` (small images are enlarged so that they can be seen)."""
     from matplotlib import colormaps
     from PIL import Image
-
-    from pipeline.data.sample import encode_png
-    from pipeline.data.transforms import IMAGENET_MEAN
 
     with Image.open(io.BytesIO(image)) as im, Image.open(io.BytesIO(mask)) as mk:
         scale = max_side / max(im.size)
@@ -35,7 +35,6 @@ def _preview_png(image: bytes, mask: bytes, max_side: int = 256) -> bytes:
 
 def write_previews(root: str, rows: list[dict], opts) -> list[tuple[dict, str]]:
     """``(row, preview URL)`` of the given index rows (PNG files written)."""
-    from pipeline.attribute.outputs import output_bytes
 
     shard_cache: dict[str, dict[str, bytes]] = {}
 

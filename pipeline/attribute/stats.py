@@ -20,14 +20,14 @@ wait in ``RUN/tracking_pending.json`` and a relaunch of the run sends them.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import figures, storage
+from pipeline.tracking import Tracker, Where, default_uri, journal_url
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +122,10 @@ def drift(now: dict, before: dict, psi_limit: float, ks_limit: float, min_images
 
 def drift_png(now: dict, before: dict, result: dict, title: str) -> bytes:
     """Per class: predicted frequency before / now and the two statistics against their limits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(result["per_class"])
     x = np.arange(len(names))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(names) + 2), 6), sharex=True)
+    fig = figures.new_figure(max(6, 0.5 * len(names) + 2), 6)
+    top, bottom = fig.subplots(2, 1, sharex=True)
     top.bar(x - 0.2, [before["per_class"][n]["predicted_frequency"] for n in names], 0.4, label="before")
     top.bar(x + 0.2, [now["per_class"][n]["predicted_frequency"] for n in names], 0.4, label="this run")
     top.set_ylabel("predicted frequency")
@@ -146,10 +142,7 @@ def drift_png(now: dict, before: dict, result: dict, title: str) -> bytes:
     bottom.set_xticks(x, names, rotation=60, ha="right")
     bottom.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figures.png(fig)
 
 
 def previous_run(output: str, run_id: str, opts) -> str | None:
@@ -172,7 +165,6 @@ def log_run(config, manifest: dict, root: str, drift_png_bytes: bytes | None, op
     """The run in the MLflow experiment ``attribute.experiment`` (bounded; see the module docstring)."""
     if not config.tracking.enabled:
         return
-    from pipeline.train.tracking import Tracker, Where, default_uri, journal_url
 
     stats, model = manifest["stats"], manifest["model"]
     metrics = {

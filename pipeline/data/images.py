@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import storage
 from pipeline.data.classes import resolve_classes
 from pipeline.data.sample import Reader, Sample, safe_key, unique_keys
 from pipeline.errors import ImageTooLarge, InputError, WysiwycError
@@ -144,7 +145,6 @@ def inspect_image(data: bytes, source: str) -> ImageInfo:
 
 def _relative(url: str, prefix: str) -> str | None:
     """The path of ``url`` below ``prefix`` with ``/`` separators, or None when it is not below it."""
-    from pipeline import storage
 
     if storage.is_s3(url) or storage.is_s3(prefix):
         base = prefix.rstrip("/")
@@ -185,7 +185,6 @@ class ImageFolderReader(Reader):
         suffixes: Sequence[str] = IMAGE_SUFFIXES,
         classes: Sequence[str] | None = None,
     ):
-        from pipeline import storage
 
         self.source_url = str(source_url)
         self.opts = opts
@@ -213,7 +212,6 @@ class ImageFolderReader(Reader):
         return list(self._items)
 
     def _list(self) -> list[tuple[str, str]]:
-        from pipeline import storage
 
         try:
             urls = list(storage.list_prefix(self.source_url, self.opts))
@@ -243,13 +241,11 @@ class ImageFolderReader(Reader):
         return [(key, url) for key, (_, url) in zip(keys, found)]
 
     def describe(self, item) -> tuple[str, str]:
-        from pipeline import storage
 
         key, url = item
         return key, storage.redact(url)
 
     def load(self, item) -> Sample:
-        from pipeline import storage
 
         key, url = item
         source = storage.redact(url)

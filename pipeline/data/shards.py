@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 import torch.utils.data as tud
 
-from pipeline import storage
+from pipeline import __version__, storage
 from pipeline.data.sample import Sample, Skipped, encode_png
+from pipeline.data.transforms import decode_sample
 from pipeline.errors import WysiwycError
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -179,7 +180,6 @@ def build_manifest(
     renamed: Mapping[str, str] | None = None,
 ) -> dict:
     """The ``{split}.manifest.json`` document (``renamed``: input id → key of disambiguated keys)."""
-    from pipeline import __version__
 
     return {
         "format": FORMAT,
@@ -328,8 +328,6 @@ class ShardDataset(tud.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
-
-        from pipeline.data.transforms import decode_sample
 
         info = tud.get_worker_info()
         worker = info.id if info is not None else 0

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.data.classes import SYNTHETIC_CLASSES, resolve_classes
 from pipeline.data.sample import Reader, Sample, encode_png, safe_key
+from pipeline.data.voc import voc_colormap
 from pipeline.errors import WysiwycError
 
 # colours closer than this (Euclidean, RGB) to what lies beneath an object are re-drawn
@@ -335,8 +336,6 @@ def write_voc_folder(
         ``root`` as a Path.
     """
     from PIL import Image
-
-    from pipeline.data.voc import voc_colormap
 
     root = Path(root)
     reader = SyntheticReader(num_images, seed, split, image_size=size)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.data.images import resized_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VOID = 255
@@ -40,7 +42,6 @@ def image_to_tensor(image: Image.Image, size: int, flip: bool = False) -> torch.
     left-right after the resize when ``flip``, then normalised as :func:`normalize` does (the same values
     up to float rounding, ~5e-7), with one float tensor allocated per image.
     """
-    from pipeline.data.images import resized_rgb
 
     pixels = resized_rgb(image, size)
     if flip:

@@ -66,6 +66,30 @@ def voc_colormap(n: int = 256) -> np.ndarray:
     return cmap
 
 
+def paper_seg_luminance(classes: list[str] | None = None, voc: bool = True) -> np.ndarray:
+    """The grey value each value of our class-index maps had in the paper's ground-truth images once
+    opened with PIL's ``convert("L")`` (a (256,) uint8 look-up table).
+
+    VOC (``voc``): the class's colour in the SegmentationClass palette, by its VOC name (a subset or
+    another order of the VOC classes keeps each class's own colour; a name VOC does not have, and
+    ``classes=None`` means the 20 VOC classes in order), void (255) its palette colour (224, 224, 192)
+    → 220: grey, not black, so void is object in :func:`pipeline.method.metrics.paper_foreground`.
+    Otherwise the paper's COCO ground truth (``src/evaluation/generate_coco_segmentations.py``): every
+    object white (255) on black, crowd regions (our void) included.
+    """
+    lut = np.zeros(256, dtype=np.uint8)
+    if not voc:
+        lut[1:] = 255
+        return lut
+    rgb = voc_colormap().astype(np.int64)
+    grey = (rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16  # PIL's L = .299R + .587G + .114B
+    names = VOC_CLASSES if classes is None else list(classes)
+    for k, name in enumerate(names[:254]):
+        lut[k + 1] = grey[VOC_CLASSES.index(name) + 1] if name in VOC_CLASSES else 255
+    lut[255] = grey[255]  # void
+    return lut
+
+
 def find_voc_root(root: str | Path) -> Path:
     """The year folder (the one holding ``JPEGImages``) for ``root``.
 

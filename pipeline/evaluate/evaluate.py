@@ -13,7 +13,7 @@ at least one ground-truth class:
   the present classes' masks, the others 0), which gives ``masks_per_second`` measured in the same run
   for every method (scoring excluded, the first batch left out as warm-up when there are more);
 - the masks of the image's ground-truth classes are merged by pixel-wise max and scored against the
-  ground-truth foreground (:func:`~pipeline.evaluate.metrics.segmentation_scores`, void ignored) and
+  ground-truth foreground (:func:`~pipeline.method.metrics.segmentation_scores`, void ignored) and
   with the saliency metric (the Explanandum's sigmoid probabilities on m ⊙ x);
 - for methods with per-class masks (Explainer, Grad-CAM, RISE) the class-specificity matrix
   M[r][c] = mean p_r(x ⊙ M_c) over images holding both r and c.
@@ -24,10 +24,10 @@ counts them per method (``nan_masks``).
 
 ``evaluate.protocol`` picks the definitions. ``project`` (the default) is the above. ``paper``
 reproduces the paper's evaluation code (stevenstalder/NN-Explainer) so the numbers read beside its
-tables: its ground truth (:func:`~pipeline.evaluate.metrics.paper_foreground`: void and
+tables: its ground truth (:func:`~pipeline.method.metrics.paper_foreground`: void and
 bilinear-resized edges are object, from the source-resolution segmentation), its saliency (softmax,
 summed over the image's classes), its notebook's class-specificity matrix (masks of every class
-binarised at 0.1…0.9, softmax; :func:`~pipeline.evaluate.metrics.paper_class_specificity_sums`) and
+binarised at 0.1…0.9, softmax; :func:`~pipeline.method.metrics.paper_class_specificity_sums`) and
 the ideal mask scored as that ground truth itself (the paper's ``perfect``). metrics.json, metrics.md
 say which protocol they show.
 
@@ -51,12 +51,31 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline import storage
-from pipeline.config import EVALUATE_METHODS, EvaluateConfig, dump_config
-from pipeline.data.shards import ShardDataset
+from pipeline import storage, tracking
+from pipeline.config import EVALUATE_METHODS, RT_SALIENCY_HOWTO, EvaluateConfig, dump_config
+from pipeline.data.sample import decode_png
+from pipeline.data.shards import ShardDataset, make_loader, raw_samples, read_manifest
+from pipeline.data.transforms import decode_sample, denormalize
+from pipeline.data.voc import paper_seg_luminance
 from pipeline.errors import WysiwycError
-from pipeline.evaluate.faithfulness import METRICS as FAITHFULNESS_METRICS
-from pipeline.models.predictor import Predictor
+from pipeline.evaluate import baselines, report
+from pipeline.evaluate.extremal import extremal_pairs
+from pipeline.method.faithfulness import BLUR_SIGMA_AT_224, POINTING_TOLERANCE_AT_224, FaithfulnessAccumulator, scaled
+from pipeline.method.faithfulness import METRICS as FAITHFULNESS_METRICS
+from pipeline.method.masks import class_masks
+from pipeline.method.metrics import (
+    ClassSpecificityAccumulator,
+    MetricAccumulator,
+    foreground_and_valid,
+    paper_foreground,
+    paper_saliency,
+    paper_segmentation_scores,
+    saliency,
+    segmentation_scores,
+    zero_nan_masks,
+)
+from pipeline.models.predictor import Predictor, explainer_from_checkpoint, load_model
+from pipeline.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +103,6 @@ METRIC_NAMES = {
 }
 METRIC_KEYS = (*METRIC_NAMES.values(), "masks_per_second", *FAITHFULNESS_METRICS)
 
-_REGISTRY_PREFIX = "models:/"
-
 
 # --------------------------------------------------------------------------------------- loading
 
@@ -94,7 +111,7 @@ def load_models(config, opts=None) -> Predictor:
     """The Explainer of ``explainer.checkpoint`` and the Explanandum it was trained to explain.
 
     ``explainer.checkpoint`` is a checkpoint URI or a registered version (``models:/NAME/V``,
-    ``models:/NAME@alias``, loaded by :func:`pipeline.registry.load_explainer` with the Explanandum
+    ``models:/NAME@alias``, loaded by :func:`pipeline.models.predictor.load_model` with the Explanandum
     it was registered with). For a checkpoint, the Explanandum is ``explanandum.checkpoint`` when
     set, else the one the Explainer checkpoint records; its sha256 must equal the recorded one
     (:func:`pipeline.models.predictor.load_predictor`). The size is ``data.image_size`` when given
@@ -104,8 +121,6 @@ def load_models(config, opts=None) -> Predictor:
         WysiwycError: no checkpoint given, a registry URI that does not resolve, a classifier that is
             not the recorded one, or class lists that differ.
     """
-    from pipeline.models.predictor import load_predictor
-
     uri = config.explainer.checkpoint
     if not uri:
         raise WysiwycError(
@@ -113,27 +128,23 @@ def load_models(config, opts=None) -> Predictor:
             "path or s3://…, e.g. the `checkpoint` printed by `wysiwyc train explainer`) or a "
             "registered version (models:/NAME@champion)"
         )
-    if str(config.explanandum.checkpoint or "").startswith(_REGISTRY_PREFIX):
+    if str(config.explanandum.checkpoint or "").startswith(tracking.REGISTRY_PREFIX):
         raise WysiwycError(
             f"evaluate: explanandum.checkpoint={config.explanandum.checkpoint}: give the classifier "
             f"checkpoint URI; a registered Explainer (explainer.checkpoint=models:/…) carries its own"
         )
     size = config.data.image_size if "image_size" in config.data.model_fields_set else None
     try:
-        if str(uri).startswith(_REGISTRY_PREFIX):
-            from pipeline.registry import load_explainer, registry_uri
-
-            if config.explanandum.checkpoint:
-                log.info("evaluate: %s carries its Explanandum; explanandum.checkpoint is not used", uri)
-            return load_explainer(uri, registry_uri(config), image_size=size)
-        return load_predictor(uri, config.explanandum.checkpoint, opts, image_size=size)
+        return load_model(
+            uri, config.explanandum.checkpoint, opts, tracking_uri=tracking.registry_uri(config), image_size=size
+        )
     except WysiwycError as exc:
         raise WysiwycError(f"evaluate: {exc}") from None
 
 
 class PaperTruthShards(ShardDataset):
     """The test split's samples with the paper's ground truth beside ours: ``paper_fg`` (S, S) bool,
-    :func:`~pipeline.evaluate.metrics.paper_foreground` of the segmentation at its source resolution
+    :func:`~pipeline.method.metrics.paper_foreground` of the segmentation at its source resolution
     (the decoded ``seg`` is already resized by nearest neighbour). In file order, never flipped."""
 
     def __init__(self, spec: str, *, image_size: int, luminance: np.ndarray, **kwargs):
@@ -141,10 +152,6 @@ class PaperTruthShards(ShardDataset):
         self.luminance = luminance
 
     def __iter__(self):
-        from pipeline.data.sample import decode_png
-        from pipeline.data.shards import raw_samples
-        from pipeline.data.transforms import decode_sample
-        from pipeline.evaluate.metrics import paper_foreground
 
         shards = self.local_shards()
         if not shards:
@@ -162,7 +169,6 @@ class PaperTruthShards(ShardDataset):
 def open_test_split(config, classes: list[str], image_size: int, opts=None, protocol: str = "project"):
     """The test split (``data.test``) as a :class:`ShardDataset` (a :class:`PaperTruthShards` for
     ``protocol="paper"``); it must have segmentation."""
-    from pipeline.data.shards import read_manifest
 
     spec = config.data.test
     if not spec:
@@ -183,8 +189,6 @@ def open_test_split(config, classes: list[str], image_size: int, opts=None, prot
             f"the Explainer and Explanandum have {classes}"
         )
     if protocol == "paper":
-        from pipeline.evaluate.metrics import paper_seg_luminance
-
         voc = (manifest.get("source") or {}).get("kind") == "voc"
         return PaperTruthShards(
             spec,
@@ -264,8 +268,6 @@ def load_rt_saliency(uri: str, models: Predictor, opts=None) -> torch.nn.Module:
     Raises:
         WysiwycError: another loss, another classifier, or other classes.
     """
-    from pipeline.config import RT_SALIENCY_HOWTO
-    from pipeline.train.checkpoint import explainer_from_checkpoint
 
     model, state, _ = explainer_from_checkpoint(uri, opts)
     where = f"evaluate.rt_saliency_checkpoint={storage.redact(uri)}"
@@ -291,8 +293,6 @@ def _mask_maker(
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``make(x, seg, y) -> (B, C, H, W)`` per-class masks for method ``name``: of every class, or of the
     present classes (y) for the :data:`PRESENT_CLASS_METHODS`."""
-    from pipeline.evaluate import baselines
-    from pipeline.method.masks import class_masks
 
     all_classes = list(range(len(models.classes)))
     if name == "explainer":
@@ -307,7 +307,6 @@ def _mask_maker(
             with torch.no_grad():
                 return class_masks(rt.to(x.device)(x))  # one forward pass, every class
     elif name == "extremal_perturbation":
-        from pipeline.evaluate.extremal import extremal_pairs
 
         def make(x, seg, y):
             image_of, class_of = (y > 0.5).nonzero(as_tuple=True)
@@ -386,26 +385,6 @@ def evaluate(config, progress: bool = True) -> dict:
         WysiwycError: a missing checkpoint or unresolved registry URI, an Explanandum that is not the
             recorded one, a test split without segmentation or with other classes, or no labelled test image.
     """
-    from pipeline.data.shards import make_loader
-    from pipeline.data.transforms import denormalize
-    from pipeline.evaluate import report
-    from pipeline.evaluate.faithfulness import (
-        BLUR_SIGMA_AT_224,
-        POINTING_TOLERANCE_AT_224,
-        FaithfulnessAccumulator,
-        scaled,
-    )
-    from pipeline.evaluate.metrics import (
-        ClassSpecificityAccumulator,
-        MetricAccumulator,
-        foreground_and_valid,
-        paper_saliency,
-        paper_segmentation_scores,
-        saliency,
-        segmentation_scores,
-        zero_nan_masks,
-    )
-    from pipeline.progress import progress as progress_bar
 
     started = time.perf_counter()
     options = config.evaluate

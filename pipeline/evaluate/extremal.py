@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.evaluate.baselines import class_index_tensor
-from pipeline.evaluate.faithfulness import gaussian_blur, scaled
+from pipeline.method.faithfulness import gaussian_blur, scaled
 
 AREAS = (0.05, 0.1, 0.2, 0.3)
 PAPER_STEPS = 800

@@ -7,11 +7,15 @@ they work on headless machines and in worker processes.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
+from html import escape
 
 import numpy as np
+from matplotlib import colormaps
+
+from pipeline import figures
+from pipeline.method.metrics import specificity_gaps, specificity_means
 
 # metrics.json names of the metrics (in table order), how they read in a table, and which way is better
 METRICS: tuple[tuple[str, str, str], ...] = (
@@ -27,7 +31,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("masks_per_second", "masks/s", "↑"),
 )
 
-# faithfulness to the classifier and localisation (pipeline.evaluate.faithfulness), their own table
+# faithfulness to the classifier and localisation (pipeline.method.faithfulness), their own table
 FAITHFULNESS: tuple[tuple[str, str, str], ...] = (
     ("deletion_auc", "deletion AUC", "↓"),
     ("insertion_auc", "insertion AUC", "↑"),
@@ -67,9 +71,6 @@ PROTOCOLS = {
     ),
 }
 
-_MASK_CMAP = "jet"
-_MASK_ALPHA = 0.5
-
 
 def _title(method: str, black_box: bool | None = None) -> str:
     if method == "explainer":
@@ -102,8 +103,6 @@ def specificity_gap(matrix: Sequence[Sequence[float | None]] | np.ndarray) -> fl
     """Mean of the diagonal − mean of the off-diagonal cells of a class-specificity matrix (NaN/None
     cells, where no image held both classes, are left out); NaN when either part is empty.
     Large for class-specific masks: a class's mask keeps that class and hides the others."""
-    from pipeline.evaluate.metrics import specificity_gaps
-
     m = np.array([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=np.float64)
     return math.nan if m.size == 0 else float(specificity_gaps(m))
 
@@ -190,8 +189,6 @@ def metrics_markdown(
             "| method | mean diagonal | mean off-diagonal | gap [95% interval] |",
             "|---|---:|---:|---:|",
         ]
-        from pipeline.evaluate.metrics import specificity_means
-
         for method, spec in class_specificity.items():
             m = np.array([[math.nan if v is None else v for v in row] for row in spec["matrix"]], dtype=float)
             d, o = (float(x) for x in specificity_means(m))
@@ -312,8 +309,6 @@ def faithfulness_html(methods: Mapping[str, Mapping], black_box: bool | None = N
 
 
 def _html_table(header: list[str], rows: list[list[str]], best: list[list[bool]], caption: str = "") -> str:
-    from html import escape
-
     out = [
         "<table class='metrics'>"
         + (f"<caption>{escape(caption)}</caption>" if caption else "")
@@ -334,28 +329,13 @@ def _html_table(header: list[str], rows: list[list[str]], best: list[list[bool]]
 # ------------------------------------------------------------------------------------- figures
 
 
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", facecolor="white")
-    return buf.getvalue()
-
-
 def f1_curve_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]], title: str = "F1 vs threshold") -> bytes:
     """Discrete F1 of the merged masks against the binarisation threshold, one line per method.
 
     Args:
         curves: ``{method: {"thresholds": [...], "f1": [...]}}``.
     """
-    fig = _new_figure(6.4, 4.2)
+    fig = figures.new_figure(6.4, 4.2)
     ax = fig.add_subplot()
     styles = {"zeros": ":", "half": ":", "ones": ":", "ideal": "--"}
     for method, curve in curves.items():
@@ -377,7 +357,7 @@ def f1_curve_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]], tit
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8, frameon=False)
-    return _png(fig)
+    return figures.png(fig)
 
 
 def faithfulness_curves_png(curves: Mapping[str, Mapping[str, Sequence[float | None]]]) -> bytes:
@@ -387,7 +367,7 @@ def faithfulness_curves_png(curves: Mapping[str, Mapping[str, Sequence[float | N
     Args:
         curves: ``{method: {"deletion": [...], "insertion": [...]}}`` sampled at k/steps.
     """
-    fig = _new_figure(10.0, 4.0)
+    fig = figures.new_figure(10.0, 4.0)
     styles = {"zeros": ":", "half": ":", "ones": ":", "ideal": "--"}
     for col, (name, better) in enumerate((("deletion", "lower"), ("insertion", "higher"))):
         ax = fig.add_subplot(1, 2, col + 1)
@@ -407,7 +387,7 @@ def faithfulness_curves_png(curves: Mapping[str, Mapping[str, Sequence[float | N
         ax.set_title(f"{name} (area: {better} is better)")
         ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8, frameon=False)
-    return _png(fig)
+    return figures.png(fig)
 
 
 def class_specificity_png(
@@ -418,11 +398,9 @@ def class_specificity_png(
     m = np.array([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
     C = len(classes)
     side = min(max(3.5, 0.45 * C + 2.0), 24.0)
-    fig = _new_figure(side + 1.0, side)
+    fig = figures.new_figure(side + 1.0, side)
     ax = fig.add_subplot()
     shown = np.ma.masked_invalid(m)
-    from matplotlib import colormaps
-
     cmap = colormaps["viridis"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="sigmoid probability of row class")
@@ -442,79 +420,9 @@ def class_specificity_png(
                 ax.text(c, r, text, ha="center", va="center", fontsize=max(fontsize - 1, 4), color=colour)
     gap = specificity_gap(m)
     ax.set_title(f"Class specificity — {_title(method)}" + (f" (gap {gap:.2f})" if math.isfinite(gap) else ""))
-    return _png(fig)
-
-
-def segmentation_rgb(seg: np.ndarray, num_classes: int) -> np.ndarray:
-    """Colour a class-index map (0 background, k+1 class k, 255 void): black background, white void,
-    one tab20 colour per class. Returns (H, W, 3) float in [0, 1]."""
-    from matplotlib import colormaps
-
-    palette = colormaps["tab20"](np.arange(max(num_classes, 1)) % 20)[:, :3]
-    out = np.zeros((*seg.shape, 3), dtype=np.float64)
-    for k in range(num_classes):
-        out[seg == k + 1] = palette[k]
-    out[seg == 255] = 1.0
-    return out
-
-
-def class_colour(k: int) -> tuple[float, float, float]:
-    """The colour of class ``k`` in :func:`segmentation_rgb`."""
-    from matplotlib import colormaps
-
-    return tuple(colormaps["tab20"](k % 20)[:3])
+    return figures.png(fig)
 
 
 def overlays_png(rows: Sequence[Mapping], classes: Sequence[str], max_class_columns: int = 4) -> bytes:
-    """Grid of masks over test images.
-
-    Columns: the image, its ground truth, the Explainer's per-class masks of the image's classes
-    (as many columns as the row with most classes needs, at most ``max_class_columns``), then one
-    merged mask per method in ``row["merged"]`` (e.g. Explainer, Grad-CAM, RISE).
-
-    Args:
-        rows: per image ``{"key", "image" (H,W,3) in [0,1], "seg" (H,W) int, "labels" [class idx],
-            "class_masks" {class idx: (H,W)} (the Explainer's; may be empty), "merged" {method: (H,W)}}``.
-        classes: class names.
-    """
-    if not rows:
-        fig = _new_figure(4, 1)
-        fig.text(0.5, 0.5, "no images", ha="center", va="center")
-        return _png(fig)
-    n_cls = min(max((len(r.get("class_masks", {})) for r in rows), default=0), max_class_columns)
-    merged_methods = list(rows[0].get("merged", {}).keys())
-    ncols = 2 + n_cls + len(merged_methods)
-    cell = 1.9
-    fig = _new_figure(cell * ncols + 0.8, cell * len(rows) + 0.3)
-    axes = fig.subplots(len(rows), ncols, squeeze=False)
-    mappable = None
-    for i, row in enumerate(rows):
-        image = np.asarray(row["image"], dtype=np.float64)
-        names = ", ".join(classes[k] for k in row["labels"])
-        cells = axes[i]
-        for ax in cells:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-        cells[0].imshow(image)
-        cells[0].set_title(str(row.get("key", "")), fontsize=7)
-        cells[1].imshow(segmentation_rgb(np.asarray(row["seg"]), len(classes)), interpolation="nearest")
-        cells[1].set_title("ground truth: " + names if len(names) < 28 else names, fontsize=7)
-        for j, (k, mask) in enumerate(list(row.get("class_masks", {}).items())[:n_cls]):
-            ax = cells[2 + j]
-            ax.imshow(image)
-            mappable = ax.imshow(np.asarray(mask), cmap=_MASK_CMAP, alpha=_MASK_ALPHA, vmin=0, vmax=1)
-            ax.set_title(f"Explainer: {classes[k]}", fontsize=7)
-            for spine in ax.spines.values():  # frame in the class colour, as in the ground truth
-                spine.set_visible(True)
-                spine.set_color(class_colour(k))
-                spine.set_linewidth(2)
-        for j, method in enumerate(merged_methods):
-            ax = cells[2 + n_cls + j]
-            ax.imshow(image)
-            mappable = ax.imshow(np.asarray(row["merged"][method]), cmap=_MASK_CMAP, alpha=_MASK_ALPHA, vmin=0, vmax=1)
-            ax.set_title(f"{_title(method)} (merged)", fontsize=7)
-    if mappable is not None:
-        fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.015, pad=0.01, label="mask value")
-    return _png(fig)
+    """:func:`pipeline.figures.overlays_png` with the methods' titles of the report."""
+    return figures.overlays_png(rows, classes, max_class_columns, title=_title)

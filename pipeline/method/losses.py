@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.method.faithfulness import gaussian_blur, scaled
 from pipeline.method.masks import target_and_nontarget_masks
 
 
@@ -167,8 +168,6 @@ def rt_alternative(x: torch.Tensor, kind: str, generator: torch.Generator | None
     """The image that replaces what a mask removes in Φ(x, m) = m·x + (1 − m)·A: ``blur`` (a Gaussian blur
     of σ 10 px at 224 px, scaled), ``noise`` (Gaussian noise of the normalised images' unit variance), or
     ``both`` (either, drawn per batch, as Dabkowski & Gal alternate them)."""
-    from pipeline.evaluate.faithfulness import gaussian_blur, scaled
-
     if kind == "both":
         kind = "blur" if torch.rand((), generator=generator).item() < 0.5 else "noise"
     if kind == "blur":

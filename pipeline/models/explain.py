@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.data.transforms import normalize_uint8
 from pipeline.errors import WysiwycError
 
 MODES = ("threshold", "topk", "fixed")
@@ -117,7 +118,6 @@ def explain(predictor, images: torch.Tensor, rule: ClassRule | Sequence[ClassRul
     """One record per image (module docstring) for a (B, 3, S, S) batch: uint8 pixels (normalised here, on
     the predictor's device) or float ImageNet-normalised images; ``rule`` for every image, or one rule per
     image; ``batch_size`` images per model call."""
-    from pipeline.data.transforms import normalize_uint8
 
     rules = [rule] * images.shape[0] if isinstance(rule, ClassRule) else list(rule)
     records = []

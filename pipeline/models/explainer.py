@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import BACKBONE_OF, backbone_howto
 from pipeline.errors import WysiwycError
 from pipeline.models.blocks import conv_block, encode_blocks
 from pipeline.models.explanandum import (
     SmallCNN,
     StateSource,
-    backbone_howto,
     check_arch,
     load_weights,
     read_state_dict,
@@ -52,8 +52,6 @@ from pipeline.models.explanandum import (
 
 ARCHS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact")
 COMPACT_CHANNELS = (32, 64, 128, 128)  # the compact encoder's blocks (a VGG-style stack of its own)
-
-BACKBONE_OF = {"deeplabv3_resnet50": "resnet50", "deeplabv3_mobilenet_v3_large": "mobilenet_v3_large"}
 
 
 class TorchvisionSegmentationExplainer(nn.Module):

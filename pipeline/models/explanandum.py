@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import storage  # the lead's URL layer (s3://…); imported only when needed
+from pipeline.config import backbone_howto
 from pipeline.errors import WysiwycError
 from pipeline.models.blocks import conv_block, encode_blocks
 
@@ -42,18 +44,6 @@ StateSource = str | os.PathLike | bytes | Mapping | Callable[[], Any]
 
 # Values of ``pretrained_backbone`` that ask for ImageNet weights without saying where the file is
 _PRETRAINED_WITHOUT_FILE = (True, "imagenet", "torchvision", "pretrained", "default", "")
-
-
-def backbone_howto(net: str, key: str = "explanandum.pretrained_backbone") -> str:
-    """How to give the config ``key`` a torchvision ``net`` ImageNet state dict (the end of every message
-    about one, for the Explanandum's and the Explainer's backbones alike)."""
-    return (
-        f"set {key} to a local path or s3:// URL of a torchvision {net} state dict; "
-        "download it once on a machine with network, e.g. "
-        f"`python -c \"import torch, torchvision; torch.save(torchvision.models.{net}(weights='DEFAULT')"
-        f".state_dict(), '{net}_imagenet.pth')\"`, then copy the file here (or upload it to object storage). "
-        "Weights are never downloaded at run time."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,8 +340,6 @@ def _open_binary(obj: Any, what: str, howto: str | None) -> io.IOBase:
     if url.startswith("file://"):
         url = url[len("file://") :]
     if "://" in url:
-        from pipeline import storage  # the lead's URL layer (s3://…); imported only when needed
-
         try:
             f = storage.open_read(url)
             try:

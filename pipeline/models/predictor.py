@@ -1,22 +1,29 @@
 """The Explainer with its Explanandum, ready to use: images → per-class masks + classifier probabilities.
 
-:func:`load_predictor` builds one from an Explainer checkpoint URI (local path or ``s3://``); the
-registry (:mod:`pipeline.registry`) builds one from a ``models:/NAME@alias`` URI. Evaluation, batch
-attribution and consumers of a registered Explainer all go through :class:`Predictor`, so what a
-registered model computes is exactly what ``wysiwyc evaluate`` measured.
+:func:`load_model` builds one from any Explainer URI: a ``models:/NAME@alias`` or ``models:/NAME/V``
+registered version, or a checkpoint URI (local path or ``s3://``, :func:`load_predictor`). Evaluation, batch
+attribution, the endpoint and consumers of a registered Explainer all go through it, so what a registered
+model computes is exactly what ``wysiwyc evaluate`` measured.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
-from pipeline import storage
+from pipeline import checkpoint as ckpt
+from pipeline import storage, tracking
+from pipeline.data.transforms import image_to_tensor
 from pipeline.errors import WysiwycError
+from pipeline.method.masks import class_masks
+from pipeline.models.explainer import build_explainer
+from pipeline.models.explanandum import build_explanandum, freeze_explanandum
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,6 @@ class Predictor:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One PIL image (any mode) → the (3, S, S) normalised tensor the nets take."""
-        from pipeline.data.transforms import image_to_tensor
 
         return image_to_tensor(image, self.image_size)
 
@@ -71,7 +77,6 @@ class Predictor:
 
         ``amp`` runs both nets under bf16 autocast on CUDA (ignored on the CPU); outputs are float32.
         """
-        from pipeline.method.masks import class_masks
 
         x = images.to(self.device, non_blocking=True)
         use_amp = amp and self.device.type == "cuda"
@@ -79,6 +84,31 @@ class Predictor:
             masks = class_masks(self.explainer(x).float())
             probs = torch.sigmoid(self.explanandum(x).float())
         return Prediction(masks=masks.float().contiguous(), probs=probs.float())
+
+
+def _expect(state: dict, kind: str, url: str) -> None:
+    if state.get("kind") != kind:
+        raise WysiwycError(f"{storage.redact(url)} is a {state.get('kind')} checkpoint, expected a {kind} one")
+
+
+def classifier_from_checkpoint(url: str, opts=None, frozen: bool = True) -> tuple[nn.Module, dict, str]:
+    """The classifier of a checkpoint, frozen and locked in eval mode as an Explanandum.
+
+    Returns:
+        ``(model, checkpoint, sha256)``.
+    """
+    state, digest = ckpt.load_checkpoint(url, opts)
+    _expect(state, "classifier", url)
+    model = build_explanandum(state["arch"], len(state["classes"]), weights=state["model"])
+    return (freeze_explanandum(model) if frozen else model), state, digest
+
+
+def explainer_from_checkpoint(url: str, opts=None) -> tuple[nn.Module, dict, str]:
+    """The Explainer of a checkpoint (eval mode). Returns ``(model, checkpoint, sha256)``."""
+    state, digest = ckpt.load_checkpoint(url, opts)
+    _expect(state, "explainer", url)
+    model = build_explainer(state["arch"], len(state["classes"]), weights=state["model"])
+    return model.eval(), state, digest
 
 
 def load_predictor(
@@ -99,8 +129,6 @@ def load_predictor(
         WysiwycError: a missing or unloadable checkpoint, a classifier that is not the recorded one,
             or class lists that differ.
     """
-    from pipeline.train.checkpoint import classifier_from_checkpoint, explainer_from_checkpoint
-
     explainer, ckpt, explainer_sha = explainer_from_checkpoint(explainer_uri, opts)
     record = ckpt.get("explanandum") or {}
     explanandum_uri = explanandum_uri or record.get("uri")
@@ -148,3 +176,75 @@ def load_predictor(
         explanandum_sha256=explanandum_sha,
         checkpoint=ckpt,
     )
+
+
+def load_model(
+    model_uri: str,
+    explanandum_uri: str | None = None,
+    opts=None,
+    *,
+    tracking_uri: str | None = None,
+    device=None,
+    image_size: int | None = None,
+) -> Predictor:
+    """A ready :class:`Predictor` for any Explainer URI: a registered version or a checkpoint (the one way every
+    stage, consumer and the endpoint turns a URI into a Predictor).
+
+    ``models:/NAME@alias`` is resolved once, here: the returned predictor has ``model_name`` and
+    ``model_version`` set (record them), ``explainer_uri`` is ``models:/NAME/V``; the resolution is
+    logged. A plain checkpoint URI (local path or ``s3://``) loads through
+    :func:`load_predictor` (``opts``, else the ``AWS_*`` environment) with ``explanandum_uri`` when given.
+
+    Args:
+        model_uri: ``models:/NAME@alias``, ``models:/NAME/V`` or an Explainer checkpoint URI.
+        explanandum_uri: a checkpoint only: the classifier, to override the recorded location (a registered
+            version carries its own).
+        opts: a checkpoint only: :class:`pipeline.storage.S3Options`.
+        tracking_uri: the registry (default: ``MLFLOW_TRACKING_URI``, else the embedded sqlite file).
+        device: move the nets there (``"cuda"``, ``"cpu"``); default CPU.
+        image_size: run at this size (default: the size the Explainer was trained at).
+
+    Raises:
+        WysiwycError: the URI does not resolve or its files do not load.
+    """
+    if not str(model_uri).startswith(tracking.REGISTRY_PREFIX):
+        predictor = load_predictor(model_uri, explanandum_uri, opts, image_size=image_size)
+    else:
+        if explanandum_uri:
+            log.info("%s carries its Explanandum; %s is not used", model_uri, storage.redact(explanandum_uri))
+        # mlflow: ~3 s to import, only for a registered version (never on the checkpoint path of the pyfunc)
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        uri = tracking_uri or tracking.registry_uri()
+        name, version = tracking.resolve_model(model_uri, uri)
+        client = tracking.mlflow_client(uri)
+        with tempfile.TemporaryDirectory(prefix="wysiwyc-model-") as tmp:
+            try:
+                source = client.get_model_version_download_uri(name, version)
+                folder = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=f"{source}/artifacts", dst_path=tmp, tracking_uri=uri
+                    )
+                )
+            except MlflowException as exc:
+                raise WysiwycError(
+                    f"{model_uri} (version {version}): its files could not be downloaded from the "
+                    f"registry at {storage.redact(uri)}: {str(exc).splitlines()[0][:300]}"
+                ) from None
+            if not (folder / "explainer.pt").is_file():
+                raise WysiwycError(
+                    f"{model_uri} (version {version}) is not a wysiwyc Explainer package "
+                    f"(no artifacts/explainer.pt); register it with `wysiwyc register`"
+                )
+            predictor = load_predictor(
+                str(folder / "explainer.pt"), str(folder / "explanandum.pt"), image_size=image_size
+            )
+        tags = client.get_model_version(name, version).tags
+        predictor.explainer_uri = f"models:/{name}/{version}"
+        predictor.explanandum_uri = tags.get("wysiwyc.explanandum", predictor.explanandum_uri)
+        predictor.model_name, predictor.model_version = name, version
+        log.info("%s resolved to models:/%s/%s", model_uri, name, version)
+    if device is not None:
+        predictor.to(device)
+    return predictor

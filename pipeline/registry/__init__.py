@@ -14,7 +14,8 @@ the model URI alone is enough to use it:
 
 Aliases: ``candidate`` (newly registered), ``champion`` (serving), ``previous-champion`` (rollback).
 
-Consumers load a version with :func:`load_explainer` (a :class:`~pipeline.models.predictor.Predictor`),
+Consumers load a version with :func:`load_explainer` (:func:`pipeline.models.predictor.load_model`, a
+:class:`~pipeline.models.predictor.Predictor`),
 with ``mlflow.pyfunc.load_model(uri)`` where this package is not installed (the version carries its code:
 ``predict(pandas.DataFrame({"image": [bytes, ...]}))`` → one row per image with ``classes``,
 ``probabilities``, ``masks``; :mod:`~pipeline.registry.pyfunc`), or over HTTP (``wysiwyc serve``,
@@ -25,29 +26,28 @@ its model's ``@champion``, and :func:`lineage` follows data → classifier → E
 The registry lives at the tracking URI: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the
 embedded sqlite file beside ``trainer.storage`` (the registry needs a database store).
 
-Modules: :mod:`~pipeline.registry.lookup` (where the registry is, what a ``models:/`` URI names),
-:mod:`~pipeline.registry.package` (registering a version, loading one), :mod:`~pipeline.registry.pyfunc`
-(the pyfunc models), :mod:`~pipeline.registry.gates` (promotion and rollback) and
-:mod:`~pipeline.registry.lineage`. The names below are the public API; versions registered before the
-pyfunc moved load it through ``pipeline.registry.ExplainerModel``.
+Modules: :mod:`~pipeline.registry.lookup` (names, tags and helpers; where the registry is and what a
+``models:/`` URI names: :mod:`pipeline.tracking`), :mod:`~pipeline.registry.package` (registering a
+version), :mod:`~pipeline.registry.pyfunc` (the pyfunc models) and :mod:`~pipeline.registry.lineage`;
+promotion and rollback, which evaluate a candidate, are a workflow (:mod:`pipeline.workflows.promotion`).
+The names below are the public API; versions registered before the pyfunc moved load it through
+``pipeline.registry.ExplainerModel``.
 """
 
-from pipeline.registry.gates import promote, rollback
+from pipeline.models.predictor import load_model as load_explainer  # the documented consumer API name
 from pipeline.registry.lineage import lineage
-from pipeline.registry.lookup import registry_uri, resolve_model
-from pipeline.registry.package import load_explainer, register_checkpoint, register_classifier, register_from_sweep
+from pipeline.registry.package import register_checkpoint, register_classifier, register_from_sweep
 from pipeline.registry.pyfunc import ClassifierModel, ExplainerModel
+from pipeline.tracking import registry_uri, resolve_model
 
 __all__ = [
     "ClassifierModel",
     "ExplainerModel",
     "lineage",
     "load_explainer",
-    "promote",
     "register_checkpoint",
     "register_classifier",
     "register_from_sweep",
     "registry_uri",
     "resolve_model",
-    "rollback",
 ]

@@ -12,12 +12,9 @@ from pipeline import storage
 from pipeline.errors import WysiwycError
 from pipeline.registry.lookup import (
     CHAMPION,
-    alias_versions,
     explained_classifier,
-    mlflow_client,
-    registry_uri,
-    resolve_model,
 )
+from pipeline.tracking import alias_versions, mlflow_client, registry_uri, resolve_model
 
 
 def _attribution_runs(client, name: str, version: str) -> list[dict]:

@@ -22,8 +22,12 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from pipeline import storage
+from pipeline.checkpoint import parse_checkpoint
+from pipeline.data.sample import encode_png
+from pipeline.data.shards import read_manifest
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import WysiwycError
-from pipeline.models.predictor import Predictor
+from pipeline.models.predictor import load_predictor
 from pipeline.registry.lookup import (
     CANDIDATE,
     CLASSIFIER_FORMAT,
@@ -33,83 +37,21 @@ from pipeline.registry.lookup import (
     MODEL_DIR,
     NAME_PATTERN,
     PACKAGE_FORMAT,
-    alias_versions,
     classifier_version,
     current_user,
     experiment_for,
     git_commit,
-    is_missing,
-    mlflow_client,
     recorded_classifier,
-    registry_uri,
-    resolve_model,
     utc_now,
 )
+from pipeline.tracking import alias_versions, is_missing, mlflow_client, registry_uri
+from pipeline.tune import read_sweep
 
 log = logging.getLogger(__name__)
 
 
-def load_explainer(
-    model_uri: str, tracking_uri: str | None = None, device=None, image_size: int | None = None
-) -> Predictor:
-    """A ready :class:`~pipeline.models.predictor.Predictor` for a registered Explainer (or a checkpoint).
-
-    ``models:/NAME@alias`` is resolved once, here: the returned predictor has ``model_name`` and
-    ``model_version`` set (record them), ``explainer_uri`` is ``models:/NAME/V``; the resolution is
-    logged. A plain checkpoint URI (local path or ``s3://``) loads through
-    :func:`~pipeline.models.predictor.load_predictor` with the ``AWS_*`` environment.
-
-    Args:
-        model_uri: ``models:/NAME@alias``, ``models:/NAME/V`` or an Explainer checkpoint URI.
-        tracking_uri: the registry (default: ``MLFLOW_TRACKING_URI``, else the embedded sqlite file).
-        device: move the nets there (``"cuda"``, ``"cpu"``); default CPU.
-        image_size: run at this size (default: the size the Explainer was trained at).
-
-    Raises:
-        WysiwycError: the URI does not resolve or its files do not load.
-    """
-    from pipeline.models.predictor import load_predictor
-
-    if not str(model_uri).startswith("models:/"):
-        predictor = load_predictor(model_uri, image_size=image_size)
-    else:
-        uri = tracking_uri or registry_uri()
-        name, version = resolve_model(model_uri, uri)
-        client = mlflow_client(uri)
-        with tempfile.TemporaryDirectory(prefix="wysiwyc-model-") as tmp:
-            try:
-                source = client.get_model_version_download_uri(name, version)
-                folder = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=f"{source}/artifacts", dst_path=tmp, tracking_uri=uri
-                    )
-                )
-            except MlflowException as exc:
-                raise WysiwycError(
-                    f"{model_uri} (version {version}): its files could not be downloaded from the "
-                    f"registry at {storage.redact(uri)}: {str(exc).splitlines()[0][:300]}"
-                ) from None
-            if not (folder / "explainer.pt").is_file():
-                raise WysiwycError(
-                    f"{model_uri} (version {version}) is not a wysiwyc Explainer package "
-                    f"(no artifacts/explainer.pt); register it with `wysiwyc register`"
-                )
-            predictor = load_predictor(
-                str(folder / "explainer.pt"), str(folder / "explanandum.pt"), image_size=image_size
-            )
-        tags = client.get_model_version(name, version).tags
-        predictor.explainer_uri = f"models:/{name}/{version}"
-        predictor.explanandum_uri = tags.get("wysiwyc.explanandum", predictor.explanandum_uri)
-        predictor.model_name, predictor.model_version = name, version
-        log.info("%s resolved to models:/%s/%s", model_uri, name, version)
-    if device is not None:
-        predictor.to(device)
-    return predictor
-
-
 def _dataset_digest(train: str | None, opts) -> str:
     """The digest of the training split's manifest, or ``unknown`` when it cannot be read now."""
-    from pipeline.data.shards import read_manifest
 
     if not train:
         return "unknown"
@@ -147,7 +89,6 @@ def _package_code(root: Path) -> str:
 
 def _example_png(size: int) -> bytes:
     """The input example: a (size × size) PNG of smooth colour (the signature's picture of an input)."""
-    from pipeline.data.sample import encode_png
 
     ramp = np.linspace(0, 255, size, dtype=np.float32)
     pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, ramp[::-1]) / 2, np.full((size, size), 96.0)])
@@ -340,7 +281,6 @@ def _checkpoint(checkpoint: str, name: str, config, kind: str) -> tuple:
     """What registering needs of a checkpoint of ``kind``: ``(client, registry uri, storage opts, bytes,
     parsed state, sha256, the summary of the version already holding it or None)``; a bad name, a missing
     checkpoint or one of another kind is a WysiwycError saying what to give."""
-    from pipeline.train.checkpoint import parse_checkpoint
 
     sha_tag, expected = _KINDS[kind]
     if not NAME_PATTERN.match(name):
@@ -390,8 +330,6 @@ def register_checkpoint(
         WysiwycError: a bad name, a missing or non-Explainer checkpoint, an Explanandum that is not
             the recorded one, or an unreachable registry.
     """
-    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from pipeline.models.predictor import load_predictor
 
     client, uri, opts, data, state, sha, found = _checkpoint(checkpoint, name, config, "explainer")
     if found is not None:
@@ -524,7 +462,6 @@ def _register_summary(client, uri: str, name: str, version: str, run_id: str | N
 
 def register_from_sweep(sweep: str, name: str, config) -> dict:
     """Register the best trial of sweep ``sweep`` (its ``sweep.json``, :func:`pipeline.tune.read_sweep`)."""
-    from pipeline.tune import read_sweep
 
     result = read_sweep(sweep, config)
     best = result.get("best") or {}

@@ -23,7 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.data.images import decode_image
+from pipeline.data.transforms import normalize_uint8
 from pipeline.errors import InputError, WysiwycError
+from pipeline.models.explain import ClassRule, explain
+from pipeline.models.predictor import classifier_from_checkpoint, load_predictor
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused from their header, before decoding
 
@@ -76,7 +80,6 @@ def model_images(model_input, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> 
                 raise InputError(f"image {i}: text that is not base64; send bytes, or base64 of the file") from None
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise InputError(f"image {i}: a {type(value).__name__}; send the PNG/JPEG file's bytes")
-        from pipeline.data.images import decode_image
 
         decoded.append(decode_image(bytes(value), f"image {i}", size, max_pixels, limit="the model's max pixels")[0])
     return torch.from_numpy(np.stack(decoded)) if decoded else torch.zeros((0, 3, size, size), dtype=torch.uint8)
@@ -97,14 +100,12 @@ class ExplainerModel(mlflow.pyfunc.PythonModel):
     batch_size = 64  # images per forward pass (bounds memory; any input batch size works)
 
     def load_context(self, context) -> None:
-        from pipeline.models.predictor import load_predictor
 
         self.predictor = load_predictor(context.artifacts["explainer"], context.artifacts["explanandum"])
         if torch.cuda.is_available():
             self.predictor.to("cuda")
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        from pipeline.models.explain import ClassRule, explain
 
         if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
             return self._arrays(model_input)
@@ -132,7 +133,6 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     batch_size = 64
 
     def load_context(self, context) -> None:
-        from pipeline.train.checkpoint import classifier_from_checkpoint
 
         self.model, state, _ = classifier_from_checkpoint(context.artifacts["classifier"])
         self.classes, self.image_size = list(state["classes"]), int(state.get("image_size") or 224)
@@ -141,8 +141,6 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
 
     @torch.no_grad()
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        from pipeline.data.transforms import normalize_uint8
-        from pipeline.models.explain import ClassRule
 
         rule = ClassRule.from_params(params)
         images = model_images(model_input, self.image_size)

@@ -12,16 +12,8 @@ Ray Train 2.60 (Train V2) pattern, as in Ray's checkpoint and fault-tolerance gu
 * the run lives in ``RunConfig(storage_path=trainer.storage, name=RUN)``: a local directory or
   ``s3://bucket/prefix`` (through a pyarrow ``S3FileSystem`` built from ``storage.*`` / ``AWS_*``).
 
-Ray itself: an existing session (``ray.init`` done by the caller, or ``RAY_ADDRESS``) is used as is;
-otherwise a local one is started with ``num_cpus`` = max(cores, workers × cpus_per_worker), no
-dashboard, token auth off and its session files under ``runs/ray/r`` (``runs/ray``: or
-``$WYSIWYC_RAY_TMP``, a folder only its owner can enter, 0700; :func:`ray_temp_dir`).
-
-Credentials never travel in a ``runtime_env``: Ray writes a job's runtime environment into the
-session's logs (``runtime_env_agent.log``). A local Ray is started with them in its environment,
-so its workers inherit them; on a cluster (``RAY_ADDRESS``) the workers take them from the pod's
-identity (IRSA) or a mounted secret, and the ``runtime_env`` carries only the settings that are no
-secret (endpoint, region, tracking URI, ...): :func:`worker_env`.
+Ray itself: :func:`pipeline.raysession.ensure_ray` (an existing session, ``RAY_ADDRESS``'s cluster, or a
+local one; credentials never in a ``runtime_env``).
 """
 
 from __future__ import annotations
@@ -32,17 +24,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline import storage
+from pipeline import checkpoint as ckpt
+from pipeline import storage, tracking
 from pipeline.config import Config
 from pipeline.errors import WysiwycError
-from pipeline.train import checkpoint as ckpt
-from pipeline.train import tracking
+from pipeline.raysession import ensure_ray
+from pipeline.train.trainer import run_name, worker_loop
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 SCORE = "monitored_loss"  # val_loss, or train_loss without a validation split
-_ENV_PREFIXES = ("AWS_", "MLFLOW_")
 
 
 class RayRun:
@@ -89,8 +81,6 @@ class RayRun:
 
 def _train_func(payload: dict) -> dict:
     """Entry point of every Ray Train worker."""
-    from pipeline.train.trainer import worker_loop
-
     config, kind = payload["config"], payload["kind"]
     run = RayRun(config, payload["name"])
     return worker_loop(
@@ -123,83 +113,6 @@ def absolute_paths(config: Config) -> Config:
     if out.tracking.uri and not out.tracking.uri.startswith(("http://", "https://", "sqlite:", "databricks")):
         out.tracking.uri = fix(out.tracking.uri)
     return out
-
-
-def worker_env(config: Config, credentials: bool = False) -> dict[str, str]:
-    """Environment for the workers: ``AWS_*`` / ``MLFLOW_*`` of this process and of ``storage.*``.
-
-    Args:
-        credentials: keep the credentials (``storage.CREDENTIAL_ENV_VARS``): only for a local Ray's own
-            environment, never for a ``runtime_env`` (see the module docstring).
-    """
-    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-    env.update(config.storage.options().to_env())
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if credentials:
-        return env
-    return {k: v for k, v in env.items() if k not in storage.CREDENTIAL_ENV_VARS}
-
-
-def ensure_ray(config: Config, num_cpus: int | None = None) -> None:
-    """Use the running Ray session, or ``RAY_ADDRESS``'s cluster, or start a local one.
-
-    ``num_cpus``: logical CPUs of a local cluster (default: max(cores, the workers' reservation)).
-    """
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns token auth on for local clusters
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": worker_env(config)}, log_to_driver=False)
-        return
-    t = config.trainer
-    cpus = num_cpus or max(os.cpu_count() or 1, int(t.num_workers * t.cpus_per_worker + 0.999))
-    temp = ray_temp_dir()
-    # the local Ray's processes (and so every worker) inherit this process's environment at ray.init:
-    # the credentials of storage.* join it for the start, and no runtime_env (which Ray logs) is needed
-    saved = dict(os.environ)
-    os.environ.update(worker_env(config, credentials=True))
-    try:
-        ray.init(
-            num_cpus=cpus,
-            num_gpus=None if t.use_gpu else 0,
-            include_dashboard=False,
-            _temp_dir=str(temp),
-            log_to_driver=False,
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-# what Ray appends to its temp dir for a socket: /session_2026-12-05_19-10-34_654405_29151/sockets/plasma_store
-_RAY_SOCKET_SUFFIX = 62
-_MAX_SOCKET_PATH = 107  # AF_UNIX
-
-
-def ray_temp_dir() -> Path:
-    """The local Ray's temp dir: ``r`` in ``$WYSIWYC_RAY_TMP``, else in ``runs/ray`` of the working folder.
-
-    Ray makes its folders 0777 (every process it starts applies it again): they live in a folder of ours
-    that only its owner may enter (0700), so the session's logs and sockets are that user's alone. A
-    session's socket paths must stay under 108 bytes: when the folder is too deep for that (a deep working
-    folder), ``/tmp/wysiwyc-ray-UID`` is used instead (said in a log line).
-
-    Raises:
-        WysiwycError: the fallback folder exists and belongs to another user.
-    """
-    private = Path(os.environ.get("WYSIWYC_RAY_TMP", "runs/ray")).resolve()
-    if len(str(private / "r")) + _RAY_SOCKET_SUFFIX > _MAX_SOCKET_PATH:
-        fallback = Path("/tmp") / f"wysiwyc-ray-{os.getuid()}"
-        log.info("Ray's session folder goes to %s: %s is too deep for its socket paths", fallback, private)
-        private = fallback
-    private.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if private.stat().st_uid != os.getuid():
-        raise WysiwycError(f"{private} belongs to another user: set WYSIWYC_RAY_TMP to a short folder of yours")
-    private.chmod(0o700)
-    return private / "r"
 
 
 def storage_target(config: Config, root: str | None = None) -> tuple[str, object | None]:
@@ -247,16 +160,18 @@ def fit_ray(kind: str, config: Config, on_epoch_start=None, callbacks: list | No
         validation loss), ``last_checkpoint`` (the last epoch's), ``metrics`` (history.json URI),
         ``storage`` (the Ray run directory).
     """
-    from pipeline.train.trainer import run_name
-
     name = run_name(kind, config)  # from the config as given: the same name for the same run
     config = absolute_paths(config)
     where = tracking.resolve(config, name)
-    ensure_ray(config)
+    t = config.trainer
+    ensure_ray(
+        config.storage.options(),
+        num_cpus=max(os.cpu_count() or 1, int(t.num_workers * t.cpus_per_worker + 0.999)),
+        use_gpu=t.use_gpu,
+    )
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    t = config.trainer
     storage_path, filesystem = storage_target(config)
     trainer = TorchTrainer(
         _train_func,

@@ -9,7 +9,7 @@ on the masked images against the labels minus the mean target-mask area (the sha
 mask keeps). Both lie in [0, 1]; the trivial masks score about 0 (all ones: the classifier's own F1 − 1;
 all zeros: 0 − 0), so a positive score means the masks keep the evidence with less than the whole
 image. With ground truth on the validation split (``has_segmentation``), validation also reports the
-evaluation's ``c_iou``, ``d_f1`` and ``c_f1`` of the target mask (:mod:`pipeline.evaluate.metrics`).
+evaluation's ``c_iou``, ``d_f1`` and ``c_f1`` of the target mask (:mod:`pipeline.method.metrics`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.evaluate.metrics import foreground_and_valid, segmentation_scores
 from pipeline.method.losses import classifier_loss, distillation_loss, explainer_loss, rt_saliency_loss
+from pipeline.method.metrics import foreground_and_valid, segmentation_scores
 
 # a batch → (loss to backpropagate, {name: (sum over the batch, count)} for logging)
 LossFn = Callable[[dict], tuple[torch.Tensor, dict[str, tuple[float, float]]]]

@@ -39,13 +39,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import storage
+from pipeline import checkpoint as ckpt
+from pipeline import storage, tracking
 from pipeline.config import Config, dump_config
 from pipeline.data.shards import ShardDataset, make_loader, read_manifest
+from pipeline.data.transforms import denormalize
 from pipeline.errors import WysiwycError
+from pipeline.figures import overlays_png
+from pipeline.method.masks import class_masks
+from pipeline.models.explainer import build_explainer
+from pipeline.models.explanandum import BlackBox, build_explanandum, classifier_trainable_parameters
+from pipeline.models.predictor import classifier_from_checkpoint
 from pipeline.progress import progress as progress_bar
-from pipeline.train import checkpoint as ckpt
-from pipeline.train import tracking
 from pipeline.train.schedule import build_scheduler, total_optimizer_steps
 from pipeline.train.steps import (
     Stats,
@@ -145,9 +150,6 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
     The Explainer's loss and distillation see the Explanandum only as a function (a ``BlackBox``);
     only the white-box ``explainer.init=explanandum_copy`` hands its weights to ``build_explainer``.
     """
-    from pipeline.models.explainer import build_explainer
-    from pipeline.models.explanandum import BlackBox, build_explanandum, classifier_trainable_parameters
-
     if kind == "classifier":
         model = build_explanandum(
             config.explanandum.arch, len(classes), pretrained_backbone=config.explanandum.pretrained_backbone
@@ -164,7 +166,7 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
             "explanandum.checkpoint is not set: train a classifier first "
             "(`wysiwyc train classifier`) and pass the checkpoint URI it printed"
         )
-    explanandum, state, sha = ckpt.classifier_from_checkpoint(config.explanandum.checkpoint, config.storage.options())
+    explanandum, state, sha = classifier_from_checkpoint(config.explanandum.checkpoint, config.storage.options())
     if list(state["classes"]) != list(classes):
         raise WysiwycError(
             f"the Explanandum {storage.redact(config.explanandum.checkpoint)} was trained on classes "
@@ -321,10 +323,6 @@ def _fixed_images(config: Config, classes: list[str], n: int) -> dict | None:
 @torch.no_grad()
 def _overlay_png(model: nn.Module, batch: dict, classes: list[str], ctx: StepContext) -> bytes:
     """Mask overlay grid of the Explainer on ``batch`` (image, ground truth, per-class masks, merged)."""
-    from pipeline.data.transforms import denormalize
-    from pipeline.evaluate.report import overlays_png
-    from pipeline.method.masks import class_masks
-
     model.eval()
     batch = ctx.to_device(batch)
     with ctx.autocast():
@@ -357,7 +355,7 @@ def worker_loop(
         run: :class:`LocalRun` or :class:`pipeline.train.distributed.RayRun`: ``name``, ``rank``,
             ``world``, ``latest()`` (checkpoint to resume or None), ``commit(state, metrics, best)``
             (called by every rank each epoch; ``state`` only on rank 0), ``write(file, text)``.
-        where: MLflow URI and experiment (:func:`pipeline.train.tracking.resolve`); None: no tracking.
+        where: MLflow URI and experiment (:func:`pipeline.tracking.resolve`); None: no tracking.
         progress: show a progress bar (rank 0).
         on_epoch_start: optional callable ``(epoch, rank)`` run by every rank before each epoch
             (0-based epoch): an instrumentation / fault-injection hook (the FailureConfig test raises
@@ -593,26 +591,3 @@ def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool
         "metrics": storage.redact(run.url("history.json")),
         **summary,
     }
-
-
-def _train(kind: str, config: Config) -> dict:
-    if config.trainer.backend == "local":
-        if config.trainer.num_workers > 1:
-            log.warning(
-                "trainer.backend=local trains in one process: trainer.num_workers=%d is ignored",
-                config.trainer.num_workers,
-            )
-        return fit(kind, config)
-    from pipeline.train.distributed import fit_ray
-
-    return fit_ray(kind, config)
-
-
-def train_classifier(config: Config) -> dict:
-    """Stage: fine-tune / train the Explanandum with BCE on ``data.train``."""
-    return _train("classifier", config)
-
-
-def train_explainer(config: Config) -> dict:
-    """Stage: train an Explainer for the frozen Explanandum ``explanandum.checkpoint``."""
-    return _train("explainer", config)

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pipeline import storage
 from pipeline.attribute import attribute
 from pipeline.attribute.outputs import class_masks_npz, source_key, tar_bytes
+from pipeline.checkpoint import save_checkpoint
 from pipeline.config import load_config
 from pipeline.data.classes import SYNTHETIC_CLASSES
 from pipeline.data.images import decode_image
@@ -54,7 +55,6 @@ from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import build_explanandum
 from pipeline.models.predictor import load_predictor
 from pipeline.stack import SeaweedFS
-from pipeline.train.checkpoint import save_checkpoint
 
 
 def make_models(bucket: str, size: int, opts, explainer: str, classifier: str) -> str:

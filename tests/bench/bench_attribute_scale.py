@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.attribute.outputs import done_counts  # noqa: E402
+from pipeline.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.data.classes import SYNTHETIC_CLASSES  # noqa: E402
 from pipeline.models.explainer import build_explainer  # noqa: E402
 from pipeline.models.explanandum import build_explanandum  # noqa: E402
-from pipeline.train.checkpoint import save_checkpoint  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

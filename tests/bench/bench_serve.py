@@ -36,6 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from pipeline.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.images import decode_image  # noqa: E402
 from pipeline.models.explain import ClassRule, explain  # noqa: E402
@@ -43,7 +44,6 @@ from pipeline.models.explainer import build_explainer  # noqa: E402
 from pipeline.models.explanandum import build_explanandum  # noqa: E402
 from pipeline.models.predictor import load_predictor  # noqa: E402
 from pipeline.registry import register_checkpoint  # noqa: E402
-from pipeline.train.checkpoint import save_checkpoint  # noqa: E402
 
 CLASSES = [f"class{i}" for i in range(20)]
 

@@ -39,7 +39,7 @@ from pipeline.config import IngestConfig, load_config
 from pipeline.data.ingest import ingest
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.models.explanandum import build_explanandum
-from pipeline.train.checkpoint import save_checkpoint
+from pipeline.checkpoint import save_checkpoint
 from pipeline.train.trainer import fit
 
 

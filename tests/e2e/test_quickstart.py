@@ -25,7 +25,8 @@ import pytest
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-NUM_IMAGES, NUM_CORPUS = 200, 40
+# 64 training images: fewer than the 100 a shard holds, so the quickstart must cut them for its 2 ranks
+NUM_IMAGES, NUM_CORPUS = 64, 40
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -165,6 +166,15 @@ def test_every_stage_runs_and_is_timed(quickstart):
     assert summary["timings"]["total"] == pytest.approx(sum(summary["timings"][s] for s in stages), abs=0.5)
     assert Path(summary["checkpoint"]).is_file()
     assert summary["mlflow_ui"].startswith(f"mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}")
+
+
+def test_a_small_training_set_is_cut_into_a_shard_per_reader(quickstart):
+    from pipeline.data.shards import read_manifest
+
+    summary, work = quickstart
+    train = read_manifest(str(work / "data" / "synthetic" / "train"))
+    # the CPU presets read with 2 ranks × 1 loader worker: 64 images in 2 shards of 32
+    assert train["num_samples"] == NUM_IMAGES and [s["num_samples"] for s in train["shards"]] == [32, 32]
 
 
 def test_the_explainer_is_promoted_and_attributes_the_corpus(quickstart):

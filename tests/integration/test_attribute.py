@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.attribute import attribute, iter_masks, read_index, read_masks
+from pipeline.checkpoint import save_checkpoint
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.classes import SYNTHETIC_CLASSES
 from pipeline.data.ingest import ingest
@@ -40,7 +41,6 @@ from pipeline.errors import WysiwycError
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import build_explanandum
 from pipeline.models.predictor import load_predictor
-from pipeline.train.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.s3
 
@@ -430,7 +430,7 @@ def _launch(ctx, run_id: str, model: str, listing: str) -> subprocess.Popen:
 
 
 def test_two_launches_of_one_run_id_at_once_have_one_owner(ctx):
-    from pipeline.train import checkpoint as ckpt
+    from pipeline import checkpoint as ckpt
 
     b, opts = ctx["bucket"], ctx["opts"]
     state, _ = ckpt.load_checkpoint(ctx["exp_uri"], opts)  # another Explainer for the same classifier

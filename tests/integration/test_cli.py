@@ -148,8 +148,8 @@ def test_bad_override_exits_non_zero_naming_the_key(tmp_path):
 
 
 def test_a_text_file_given_as_a_checkpoint_is_an_error_saying_what_a_checkpoint_is(tmp_path):
+    from pipeline.checkpoint import save_checkpoint
     from pipeline.models.explainer import build_explainer
-    from pipeline.train.checkpoint import save_checkpoint
 
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\nline two\n")

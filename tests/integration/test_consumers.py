@@ -30,6 +30,7 @@ import torch
 from conftest import _free_ports, environ, run_cli
 from PIL import Image
 
+from pipeline.checkpoint import save_checkpoint
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.ingest import ingest
 from pipeline.data.shards import read_manifest
@@ -39,7 +40,6 @@ from pipeline.models.explain import ClassRule, mask_from_png
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import build_explanandum
 from pipeline.models.predictor import load_predictor
-from pipeline.train.checkpoint import save_checkpoint
 
 SIZE = 32
 BIN = Path(sys.executable).parent
@@ -173,7 +173,8 @@ def reg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def registered(reg):
     """Classifier A as models:/clf/1 (the CLI) and @champion; Explainer a1 (for A) as models:/expl/1 @champion."""
-    from pipeline.registry import promote, register_checkpoint
+    from pipeline.registry import register_checkpoint
+    from pipeline.workflows.promotion import promote
 
     clf = json.loads(
         reg["cli"](
@@ -401,7 +402,8 @@ def test_wysiwyc_serve_batches_concurrent_requests_refuses_bad_input_and_follows
 
 
 def test_the_gate_refuses_an_explainer_of_a_classifier_that_is_not_the_champion_unless_overridden(reg, registered):
-    from pipeline.registry import promote, register_checkpoint, register_classifier
+    from pipeline.registry import register_checkpoint, register_classifier
+    from pipeline.workflows.promotion import promote
 
     clf_b = register_classifier(reg["checkpoints"]["clf_b"], "clf", reg["config"])
     assert clf_b["version"] == "2"

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from conftest import local_ray
 
+from pipeline import checkpoint as ckpt
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.ingest import ingest
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.stack import MLflowServer
-from pipeline.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.s3
 
@@ -88,7 +88,7 @@ def _keys(stack, prefix):
 
 @pytest.fixture(scope="module")
 def classifier(stack):
-    from pipeline.train.trainer import train_classifier
+    from pipeline.train.launch import train_classifier
 
     config = load_config(None, overrides(stack, "trainer.epochs=3", "trainer.run_name=clf"))
     return train_classifier(config)
@@ -122,7 +122,7 @@ def test_two_worker_classifier_lowers_the_loss_and_is_tracked_in_mlflow(stack, c
 
 
 def test_two_worker_explainer_logs_every_loss_term_and_the_mask_overlay(stack, classifier):
-    from pipeline.train.trainer import train_explainer
+    from pipeline.train.launch import train_explainer
 
     config = load_config(
         None,
@@ -187,7 +187,7 @@ def test_killed_run_resumes_at_the_saved_step(stack):
     assert state["step"] == step and epochs_done < 40  # killed long before the end
     mlflow_run_id = state["mlflow_run_id"]
 
-    from pipeline.train.trainer import train_classifier
+    from pipeline.train.launch import train_classifier
 
     summary = train_classifier(
         load_config(None, overrides(stack, f"trainer.epochs={epochs_done + 1}", "trainer.run_name=killed"))

@@ -24,6 +24,7 @@ import torch
 from conftest import environ, run_cli
 
 from pipeline import storage
+from pipeline.checkpoint import save_checkpoint
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.ingest import ingest
 from pipeline.data.shards import ShardDataset, read_manifest
@@ -33,7 +34,6 @@ from pipeline.models.explain import mask_from_png
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import build_explanandum
 from pipeline.models.predictor import load_predictor
-from pipeline.train.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.s3
 
@@ -255,7 +255,7 @@ def test_registered_version_loads_in_a_fresh_process_from_its_uri_alone(reg, reg
 @pytest.fixture(scope="module")
 def promoted(reg, registered):
     """v1 promoted (no champion yet), then v3 (not worse than v1)."""
-    from pipeline.registry import promote
+    from pipeline.workflows.promotion import promote
 
     first = promote("expl", "1", reg["config"], reg["gate"], progress=False)
     second = promote("expl", "3", reg["config"], reg["gate"], progress=False)
@@ -354,7 +354,8 @@ def test_evaluate_accepts_a_registry_uri(reg, promoted):
 
 
 def test_rollback_restores_the_previous_champion(reg):
-    from pipeline.registry import promote, register_checkpoint, rollback
+    from pipeline.registry import register_checkpoint
+    from pipeline.workflows.promotion import promote, rollback
 
     config = reg["config"]
     for key in ("b", "b2"):
@@ -428,7 +429,8 @@ def test_register_from_sweep_takes_the_best_trial(reg):
 
 
 def test_the_default_gate_refuses_a_white_box_explainer_unless_the_gate_file_allows_it(reg):
-    from pipeline.registry import promote, register_checkpoint
+    from pipeline.registry import register_checkpoint
+    from pipeline.workflows.promotion import promote
 
     version = register_checkpoint(reg["checkpoints"]["white"], "expl-white", reg["config"])["version"]
     tags = reg["client"].get_model_version("expl-white", version).tags

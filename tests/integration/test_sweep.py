@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import local_ray
 
+from pipeline import checkpoint as ckpt
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.ingest import ingest
 from pipeline.data.synthetic import SyntheticReader
-from pipeline.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.s3
 
@@ -50,7 +50,7 @@ def stack(s3_server, mlflow_server, tmp_path_factory):
             IngestConfig(workers=1, shard_size=8),
             progress=False,
         )
-    from pipeline.train.trainer import train_classifier
+    from pipeline.train.launch import train_classifier
 
     classifier = train_classifier(
         load_config(

@@ -19,10 +19,12 @@ import torch
 from PIL import Image
 
 from pipeline import storage
+from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Config, EvaluateConfig, IngestConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.shards import ShardDataset
 from pipeline.data.synthetic import SyntheticReader
+from pipeline.data.voc import paper_seg_luminance
 from pipeline.errors import WysiwycError
 from pipeline.evaluate import evaluate as evaluate_module
 from pipeline.evaluate import report
@@ -33,15 +35,13 @@ from pipeline.evaluate.evaluate import (
     merge_present,
 )
 from pipeline.evaluate.evaluate import evaluate as run_evaluate
-from pipeline.evaluate.metrics import (
+from pipeline.method.metrics import (
     foreground_and_valid,
     paper_foreground,
-    paper_seg_luminance,
     segmentation_scores,
 )
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import build_explanandum
-from pipeline.train.checkpoint import save_checkpoint
 
 torch.set_num_threads(1)
 

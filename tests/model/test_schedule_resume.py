@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline import checkpoint as ckpt
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.ingest import ingest
 from pipeline.data.synthetic import SyntheticReader
-from pipeline.train import checkpoint as ckpt
 from pipeline.train.schedule import lr_factor
 from pipeline.train.trainer import fit
 

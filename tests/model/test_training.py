@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
+from pipeline import checkpoint as ckpt
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.ingest import ingest
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.errors import WysiwycError
-from pipeline.train import checkpoint as ckpt
+from pipeline.models.predictor import explainer_from_checkpoint
 from pipeline.train.trainer import fit, run_name
 
 SIZE = 32
@@ -106,7 +107,7 @@ def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_and_branch_re
             progress=False,
         )
         histories[fmt] = json.loads((tmp_path / "ckpt" / f"exp-{fmt}" / "history.json").read_text())[-1]
-        model, state, _ = ckpt.explainer_from_checkpoint(summary["checkpoint"])
+        model, state, _ = explainer_from_checkpoint(summary["checkpoint"])
         assert len(model.blocks) == 3 and state["config"]["explainer"]["levels"] == 3
         assert model.cam_channels is None
     # the memory format changes the convolution kernels, not the maths: the epoch's losses agree to
@@ -127,7 +128,7 @@ def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_and_branch_re
         ),
         progress=False,
     )
-    model, state, _ = ckpt.explainer_from_checkpoint(summary["checkpoint"])
+    model, state, _ = explainer_from_checkpoint(summary["checkpoint"])
     assert model.cam_channels == (128,) and state["config"]["explainer"]["cam"] is True
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate.faithfulness import (
+from pipeline.method.faithfulness import (
     FaithfulnessAccumulator,
     curve_auc,
     drop_and_increase,

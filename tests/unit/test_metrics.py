@@ -1,4 +1,4 @@
-"""Evaluation metrics (pipeline.evaluate.metrics) on masks small enough to score by hand."""
+"""Evaluation metrics (pipeline.method.metrics) on masks small enough to score by hand."""
 
 import math
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate.metrics import (
+from pipeline.data.voc import paper_seg_luminance, voc_colormap
+from pipeline.method.metrics import (
     ClassSpecificityAccumulator,
     MetricAccumulator,
     class_specificity_matrix,
@@ -15,13 +16,11 @@ from pipeline.evaluate.metrics import (
     paper_class_specificity_sums,
     paper_foreground,
     paper_saliency,
-    paper_seg_luminance,
     paper_segmentation_scores,
     roc_auc,
     saliency,
     segmentation_scores,
     specificity_gaps,
-    voc_palette,
     zero_nan_masks,
 )
 
@@ -260,7 +259,7 @@ def _paper_open_segmentation_mask(seg: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     im = Image.frombytes("P", (seg.shape[1], seg.shape[0]), seg.astype(np.uint8).tobytes())
-    im.putpalette(voc_palette().flatten().tolist())
+    im.putpalette(voc_colormap().flatten().tolist())
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     mask = Image.open(io.BytesIO(buf.getvalue())).convert("L")
@@ -270,16 +269,16 @@ def _paper_open_segmentation_mask(seg: np.ndarray, size: int) -> np.ndarray:
     return mask
 
 
-def test_paper_luminance_is_pil_grey_of_the_voc_palette():
+def test_paper_luminance_is_pil_grey_of_the_voc_colormap():
     from PIL import Image
 
     im = Image.frombytes("P", (16, 16), np.arange(256, dtype=np.uint8).tobytes())
-    im.putpalette(voc_palette().flatten().tolist())
+    im.putpalette(voc_colormap().flatten().tolist())
     grey = np.array(im.convert("L")).flatten()
     used = [*range(21), 255]  # background, the 20 classes, void
     assert paper_seg_luminance()[used].tolist() == grey[used].tolist()
     assert paper_seg_luminance()[255] == 220  # void (224, 224, 192): grey, i.e. object
-    assert voc_palette()[1].tolist() == [128, 0, 0] and voc_palette()[15].tolist() == [192, 128, 128]
+    assert voc_colormap()[1].tolist() == [128, 0, 0] and voc_colormap()[15].tolist() == [192, 128, 128]
     # a subset in another order keeps each class's VOC colour; non-VOC data: every object white
     sub = paper_seg_luminance(["person", "aeroplane"])
     assert sub[1] == paper_seg_luminance()[15] and sub[2] == paper_seg_luminance()[1]
@@ -292,20 +291,22 @@ def test_paper_ground_truth_counts_void_and_bilinear_edges_as_object():
     seg[:, 4] = 255
     seg[0, 0] = 1
     # at the source size: exactly the non-background pixels, void included
-    assert (paper_foreground(seg, 8) == (seg != 0)).all()
+    assert (paper_foreground(seg, 8, paper_seg_luminance()) == (seg != 0)).all()
     # shrunk to 4×4 (PIL bilinear, filter 2 source pixels wide): output column j is centred on source
     # 2j + 1; the void line (centre 4.5) reaches column 1 (distance 1.5 < 2, weight 1/8 → grey 220/8)
     # and column 2 (distance 0.5), not columns 0 and 3; nearest neighbour would sample columns 1, 3, 5, 7
     # and lose the line entirely
-    fg = paper_foreground(seg, 4)
+    fg = paper_foreground(seg, 4, paper_seg_luminance())
     assert fg[:, 1].all() and fg[:, 2].all() and not fg[1:, 0].any() and not fg[:, 3].any()
     assert fg[0, 0]  # the aeroplane pixel (grey 38) still rounds to a grey level ≥ 1 after the filter
     # the same as the paper's own code on the same segmentation saved as a VOC PNG
     for size in (4, 3, 5, 8):
-        assert (paper_foreground(seg, size) == (_paper_open_segmentation_mask(seg, size) == 1)).all(), size
+        assert (
+            paper_foreground(seg, size, paper_seg_luminance()) == (_paper_open_segmentation_mask(seg, size) == 1)
+        ).all(), size
     rng = np.random.default_rng(0)
     big = rng.choice([0, 0, 0, 4, 15, 255], size=(37, 53)).astype(np.uint8)  # boat (darkest grey 15), person, void
-    assert (paper_foreground(big, 16) == (_paper_open_segmentation_mask(big, 16) == 1)).all()
+    assert (paper_foreground(big, 16, paper_seg_luminance()) == (_paper_open_segmentation_mask(big, 16) == 1)).all()
 
 
 def test_paper_segmentation_scores_count_every_pixel_and_give_zero_coverage_where_undefined():

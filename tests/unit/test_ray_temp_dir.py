@@ -8,7 +8,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from pipeline.train.distributed import ray_temp_dir
+from pipeline.raysession import ray_temp_dir
 
 
 def test_the_configured_folder_is_made_private(monkeypatch):

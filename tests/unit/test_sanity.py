@@ -1,4 +1,4 @@
-"""The sanity check's pieces (pipeline.evaluate.sanity): Spearman and SSIM against their peers (scipy,
+"""The sanity check's pieces (pipeline.workflows.sanity): Spearman and SSIM against their peers (scipy,
 scikit-image), the cascading re-initialisation, the label permutation and the verdict rule."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pipeline.config import IngestConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.shards import ShardDataset, read_manifest
 from pipeline.data.synthetic import SyntheticReader
-from pipeline.evaluate.sanity import randomize_top_layers, spearman, ssim, verdict, write_permuted_split
 from pipeline.models.explanandum import build_explanandum
+from pipeline.workflows.sanity import randomize_top_layers, spearman, ssim, verdict, write_permuted_split
 
 torch.set_num_threads(1)
 

@@ -4,7 +4,7 @@ sent, in order, by a later tracker of the same run."""
 import json
 import time
 
-from pipeline.train import tracking
+from pipeline import tracking
 
 
 def test_a_dead_server_costs_seconds_and_the_journal_is_sent_by_the_next_tracker(tmp_path):

@@ -47,8 +47,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import storage
+from pipeline import checkpoint as ckpt
+from pipeline import storage, tracking
+from pipeline.config import Config
+from pipeline.data.sample import Sample, decode_png
+from pipeline.data.shards import ShardWriter, build_manifest, make_loader, raw_samples, read_manifest, write_manifest
 from pipeline.errors import WysiwycError
+from pipeline.evaluate.evaluate import _jsonable, load_models, merge_present, open_test_split
+from pipeline.evaluate.report import specificity_gap
+from pipeline.method.masks import class_masks
+from pipeline.method.metrics import (
+    ClassSpecificityAccumulator,
+    foreground_and_valid,
+    segmentation_scores,
+    zero_nan_masks,
+)
+from pipeline.models.explanandum import build_explanandum
+from pipeline.models.predictor import load_predictor
+from pipeline.train.launch import train_classifier, train_explainer
+from pipeline.train.trainer import run_name
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +102,6 @@ def write_permuted_split(spec: str, out: str, split: str, seed: int, opts=None) 
     images (image i gets the labels of image π(i), π drawn from ``seed``); images and segmentation are
     kept. Two passes over the shards, no image in memory beyond one sample; each shard is published
     atomically and the manifest last. Returns the manifest URL."""
-    from pipeline.data.sample import Sample, decode_png
-    from pipeline.data.shards import ShardWriter, build_manifest, raw_samples, read_manifest, write_manifest
 
     manifest = read_manifest(spec, opts)
     labels = [json.loads(raw["json"])["labels"] for raw in raw_samples(manifest["shard_urls"], opts)]
@@ -170,16 +185,6 @@ def score_explainers(real, others: dict, dataset, *, batch_size: int, max_images
     ({name: Explainer module}) and of the constant-1 mask, and the others' Spearman / SSIM to the real
     masks, over the labelled images of ``dataset``. Class specificity is measured with the real
     classifier for every Explainer."""
-    from pipeline.data.shards import make_loader
-    from pipeline.evaluate.evaluate import merge_present
-    from pipeline.evaluate.metrics import (
-        ClassSpecificityAccumulator,
-        foreground_and_valid,
-        segmentation_scores,
-        zero_nan_masks,
-    )
-    from pipeline.evaluate.report import specificity_gap
-    from pipeline.method.masks import class_masks
 
     C = len(real.classes)
     names = ["real", *others, "ones"]
@@ -263,8 +268,6 @@ def verdict(scores: dict, max_spearman: float, iou_drop: float) -> tuple[bool, d
 
 def _randomized_classifier(classifier_uri: str, url: str, layers: int | None, seed: int, opts) -> tuple[str, list]:
     """The classifier of ``classifier_uri`` with its top layers re-initialised, saved at ``url``."""
-    from pipeline.models.explanandum import build_explanandum
-    from pipeline.train import checkpoint as ckpt
 
     state, _ = ckpt.load_checkpoint(classifier_uri, opts)
     model = build_explanandum(state["arch"], len(state["classes"]), weights=state["model"])
@@ -278,8 +281,6 @@ def _randomized_classifier(classifier_uri: str, url: str, layers: int | None, se
 def _permuted_classifier(config, classifier_state: dict, root: str, run: str, parent_run_id, opts) -> str:
     """Train the permuted-labels classifier (the real classifier's recorded settings, this config's data
     and machine); returns its last checkpoint (random labels: validation loss selects nothing)."""
-    from pipeline.config import Config
-    from pipeline.train.trainer import train_classifier
 
     recorded = Config.model_validate(
         {k: v for k, v in (classifier_state.get("config") or {}).items() if k not in ("storage", "tracking")}
@@ -313,11 +314,6 @@ def run_sanity(config, progress: bool = True) -> dict:
         WysiwycError: no ``explainer.checkpoint`` or ``data.train``, a split without segmentation, or a
             classifier that is not the recorded one.
     """
-    from pipeline.evaluate.evaluate import _jsonable, load_models, open_test_split
-    from pipeline.models.predictor import load_predictor
-    from pipeline.train import checkpoint as ckpt
-    from pipeline.train import tracking
-    from pipeline.train.trainer import run_name, train_explainer
 
     started = time.perf_counter()
     s, opts = config.sanity, config.storage.options()

@@ -362,44 +362,7 @@ def class_specificity_matrix(
 # The paper's protocol (evaluate.protocol: paper)
 
 
-def voc_palette() -> np.ndarray:
-    """The PASCAL VOC colour map (256, 3) uint8 of the SegmentationClass PNGs (the devkit's recipe:
-    bit 3j + ch of the index becomes bit 7 − j of channel ch)."""
-    index = np.arange(256)
-    rgb = np.zeros((256, 3), dtype=np.int64)
-    for j in range(8):  # 8 bit planes × 3 channels, vectorised over the 256 indices
-        for ch in range(3):
-            rgb[:, ch] |= ((index >> (3 * j + ch)) & 1) << (7 - j)
-    return rgb.astype(np.uint8)
-
-
-def paper_seg_luminance(classes: list[str] | None = None, voc: bool = True) -> np.ndarray:
-    """The grey value each value of our class-index maps had in the paper's ground-truth images once
-    opened with PIL's ``convert("L")`` (a (256,) uint8 look-up table).
-
-    VOC (``voc``): the class's colour in the SegmentationClass palette, by its VOC name (a subset or
-    another order of the VOC classes keeps each class's own colour; a name VOC does not have, and
-    ``classes=None`` means the 20 VOC classes in order), void (255) its palette colour (224, 224, 192)
-    → 220: grey, not black, so void is object in :func:`paper_foreground`. Otherwise the paper's COCO
-    ground truth (``src/evaluation/generate_coco_segmentations.py``): every object white (255) on black,
-    crowd regions (our void) included.
-    """
-    from pipeline.data.classes import VOC_CLASSES
-
-    lut = np.zeros(256, dtype=np.uint8)
-    if not voc:
-        lut[1:] = 255
-        return lut
-    rgb = voc_palette().astype(np.int64)
-    grey = (rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16  # PIL's L = .299R + .587G + .114B
-    names = VOC_CLASSES if classes is None else list(classes)
-    for k, name in enumerate(names[:254]):
-        lut[k + 1] = grey[VOC_CLASSES.index(name) + 1] if name in VOC_CLASSES else 255
-    lut[VOID] = grey[VOID]
-    return lut
-
-
-def paper_foreground(seg: np.ndarray, size: int, luminance: np.ndarray | None = None) -> np.ndarray:
+def paper_foreground(seg: np.ndarray, size: int, luminance: np.ndarray) -> np.ndarray:
     """The paper's ground-truth foreground of one image: (size, size) bool.
 
     ``src/evaluation/eval_utils/compute_scores.py``, ``open_segmentation_mask``: the segmentation PNG
@@ -413,11 +376,11 @@ def paper_foreground(seg: np.ndarray, size: int, luminance: np.ndarray | None = 
     Args:
         seg: (H, W) class-index map at the source resolution (0 background, k+1 class k, 255 void).
         size: the side of the evaluated masks (the paper: 224).
-        luminance: :func:`paper_seg_luminance` (default: the VOC palette's grey levels).
+        luminance: the grey level of each class index (:func:`pipeline.data.voc.paper_seg_luminance`).
     """
     from PIL import Image
 
-    lut = paper_seg_luminance() if luminance is None else np.asarray(luminance, dtype=np.uint8)
+    lut = np.asarray(luminance, dtype=np.uint8)
     grey = Image.fromarray(lut[np.asarray(seg, dtype=np.uint8)])  # the PNG as convert("L") sees it
     resized = np.asarray(grey.resize((size, size), Image.BILINEAR))  # T.Resize((224, 224)) on a PIL image
     return resized > 0  # mask[mask > 0] = 1

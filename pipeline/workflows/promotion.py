@@ -12,28 +12,26 @@ import time
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.config import DataConfig, ExplainerConfig, GateConfig, load_config
+from pipeline.data.shards import read_manifest
 from pipeline.errors import WysiwycError
+from pipeline.evaluate.evaluate import METRIC_KEYS, evaluate
 from pipeline.registry.lookup import (
     CHAMPION,
     LOWER_IS_BETTER,
     PREVIOUS,
-    alias_versions,
     current_user,
     experiment_for,
     explained_classifier,
-    mlflow_client,
-    registry_uri,
-    resolve_model,
     utc_now,
 )
+from pipeline.tracking import alias_versions, mlflow_client, registry_uri, resolve_model
 
 log = logging.getLogger(__name__)
 
 
 def load_gate(path: str):
     """The :class:`pipeline.config.GateConfig` of a gate file, with its metric names checked."""
-    from pipeline.config import GateConfig, load_config
-    from pipeline.evaluate.evaluate import METRIC_KEYS
 
     gate = load_config(path, model=GateConfig)
     for section in ("minimum", "maximum", "champion_margin"):
@@ -61,10 +59,6 @@ def ensure_evaluation(name: str, version: str, gate, split: str, config, progres
     version tag ``wysiwyc.eval.<digest>``.
     """
     from mlflow.entities import Metric, Param
-
-    from pipeline.config import DataConfig, ExplainerConfig
-    from pipeline.data.shards import read_manifest
-    from pipeline.evaluate.evaluate import evaluate
 
     uri = registry_uri(config)
     client = mlflow_client(uri)

@@ -13,7 +13,6 @@ import re
 from typing import Any
 
 import torch
-from torch import nn
 
 from pipeline import storage
 from pipeline.errors import WysiwycError
@@ -91,35 +90,6 @@ def load_checkpoint(url: str, opts=None) -> tuple[dict, str]:
             f"URI (explanandum.checkpoint / explainer.checkpoint)"
         ) from None
     return parse_checkpoint(data, url), hashlib.sha256(data).hexdigest()
-
-
-def _expect(state: dict, kind: str, url: str) -> None:
-    if state.get("kind") != kind:
-        raise WysiwycError(f"{storage.redact(url)} is a {state.get('kind')} checkpoint, expected a {kind} one")
-
-
-def classifier_from_checkpoint(url: str, opts=None, frozen: bool = True) -> tuple[nn.Module, dict, str]:
-    """The classifier of a checkpoint, frozen and locked in eval mode as an Explanandum.
-
-    Returns:
-        ``(model, checkpoint, sha256)``.
-    """
-    from pipeline.models.explanandum import build_explanandum, freeze_explanandum
-
-    state, digest = load_checkpoint(url, opts)
-    _expect(state, "classifier", url)
-    model = build_explanandum(state["arch"], len(state["classes"]), weights=state["model"])
-    return (freeze_explanandum(model) if frozen else model), state, digest
-
-
-def explainer_from_checkpoint(url: str, opts=None) -> tuple[nn.Module, dict, str]:
-    """The Explainer of a checkpoint (eval mode). Returns ``(model, checkpoint, sha256)``."""
-    from pipeline.models.explainer import build_explainer
-
-    state, digest = load_checkpoint(url, opts)
-    _expect(state, "explainer", url)
-    model = build_explainer(state["arch"], len(state["classes"]), weights=state["model"])
-    return model.eval(), state, digest
 
 
 def public_config(config: Any) -> dict:

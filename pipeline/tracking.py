@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.config import Config
+from pipeline.errors import WysiwycError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,77 @@ def default_uri(config) -> str:
     """The training runs' and registry's tracking URI (:func:`resolve_uri`; embedded: one sqlite file for
     every run, ``trainer.storage/mlflow.db``)."""
     return resolve_uri(config.tracking.uri, config.trainer.storage)
+
+
+# ---------------------------------------------------------------- the registry: where it is, what a URI names
+
+REGISTRY_PREFIX = "models:/"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+def registry_uri(config=None) -> str:
+    """The registry's tracking URI: the one training logs to (:func:`default_uri`:
+    ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the embedded ``trainer.storage/mlflow.db``)."""
+    return default_uri(config or Config())
+
+
+def mlflow_client(uri: str):
+    """A tracking + registry client of ``uri``."""
+    from mlflow.tracking import MlflowClient  # mlflow: ~3 s to import, not for `wysiwyc --help`
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def is_missing(exc: Exception) -> bool:
+    return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def alias_versions(client, name: str) -> dict[str, str]:
+    """``{alias: version}`` of a registered model."""
+    return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+
+
+def resolve_model(model_uri: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """``(name, version)`` of ``models:/NAME/V`` or ``models:/NAME@alias``.
+
+    Raises:
+        WysiwycError: not a registry URI, or it does not resolve (no such model, version or alias,
+            or no registry answering at the tracking URI).
+    """
+    from mlflow.exceptions import MlflowException  # mlflow: ~3 s to import, not for `wysiwyc --help`
+
+    match = _MODEL_URI.match(str(model_uri))
+    if not match:
+        raise WysiwycError(
+            f"{model_uri!r} is not a registry URI: use models:/NAME/VERSION or models:/NAME@ALIAS "
+            f"(e.g. models:/my-explainer@champion)"
+        )
+    uri = tracking_uri or registry_uri()
+    client = mlflow_client(uri)
+    name, alias, version = match["name"], match["alias"], match["version"]
+    try:
+        aliases = alias_versions(client, name)
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    except MlflowException as exc:
+        if is_missing(exc):
+            raise WysiwycError(
+                f"{model_uri}: no registered model {name!r} in the registry at {storage.redact(uri)}; "
+                f"register one with `wysiwyc register --checkpoint URI --name {name}` (or check "
+                f"tracking.uri / MLFLOW_TRACKING_URI)"
+            ) from None
+        raise WysiwycError(
+            f"{model_uri}: the registry at {storage.redact(uri)} did not answer "
+            f"({str(exc).splitlines()[0][:200]}); check tracking.uri / MLFLOW_TRACKING_URI"
+        ) from None
+    found = aliases.get(alias) if alias else (version if int(version) in versions else None)
+    if found is not None:
+        return name, found
+    what = f"alias {alias!r}" if alias else f"version {version}"
+    have = ", ".join(f"@{a}=v{v}" for a, v in sorted(aliases.items())) or "no aliases"
+    raise WysiwycError(
+        f"{model_uri}: registered model {name!r} has no {what} (versions {versions}, {have}); "
+        f"use an existing version, or promote one: `wysiwyc promote --name {name} --version V`"
+    )
 
 
 def _experiment_id(client, uri: str, name: str) -> str:

@@ -19,10 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import pages, storage
+from pipeline.attribute import attribute
+from pipeline.config import EvaluateConfig, IngestConfig, load_config
+from pipeline.data.ingest import ingest
+from pipeline.data.synthetic import SyntheticReader
 from pipeline.errors import WysiwycError
+from pipeline.evaluate import report
+from pipeline.evaluate.evaluate import evaluate
+from pipeline.registry import register_checkpoint, register_classifier, resolve_model
+from pipeline.stack import running_stack
+from pipeline.tracking import embedded_uri
+from pipeline.train.launch import train_classifier, train_explainer
+from pipeline.workflows.promotion import promote, rollback
 
 MODEL_NAME = "quickstart-explainer"
 CLASSIFIER_NAME = "quickstart-classifier"  # registered too: the Explainer records the version it explains
+SHARD_SIZE = 100
 SPLITS = (("train", 0), ("val", 1), ("test", 2))  # (split, seed); sizes: train num_images, val/test 100
 EVAL_IMAGES = 100
 CORPUS = ("corpus", 3)  # the held-apart images that the attribution stage explains (num_corpus of them)
@@ -48,10 +60,7 @@ def _place(workdir: str, with_stack: bool) -> Place:
     local = Path(workdir).resolve()
     local.mkdir(parents=True, exist_ok=True)
     if not with_stack:
-        from pipeline.train.tracking import embedded_uri
-
         return Place(root=str(local), tracking_uri=embedded_uri(local), local=local)
-    from pipeline.stack import running_stack
 
     stack = running_stack()  # raises with "run `wysiwyc stack up` first" when it is not up
     # endpoint and credentials in the environment before Ray starts, so its workers sign S3 requests too
@@ -61,7 +70,6 @@ def _place(workdir: str, with_stack: bool) -> Place:
 
 def _config(place: Place, preset: str, *overrides: str, user: list[str] = ()):
     """A CPU preset with the work dir's locations, the stage's own settings, then the user's overrides."""
-    from pipeline.config import load_config
 
     data = place.url("data", "synthetic")
     common = [
@@ -75,21 +83,25 @@ def _config(place: Place, preset: str, *overrides: str, user: list[str] = ()):
     return load_config(f"cpu/{preset}", common + list(overrides) + list(user))
 
 
-def _make_data(place: Place, image_size: int, num_images: int, num_corpus: int, opts) -> dict:
+def train_shard_size(num_images: int, readers: int) -> int:
+    """Samples per training shard: 100, or fewer so that each of ``readers`` (ranks × loader workers) gets a
+    shard of its own."""
+    return max(1, min(SHARD_SIZE, num_images // max(1, readers)))
+
+
+def _make_data(place: Place, image_size: int, num_images: int, num_corpus: int, readers: int, opts) -> dict:
     """Synthetic train/val/test shards with exact masks, and a held-apart corpus of PNG files."""
-    from pipeline.config import IngestConfig
-    from pipeline.data.ingest import ingest
-    from pipeline.data.synthetic import SyntheticReader
 
     counts = {}
-    # shards of 100: train has several per rank × loader worker; val and test have one each
+    # shards of 100 (train: fewer per shard when the readers would otherwise share one); val and test one each
     for split, seed in SPLITS:
         count = num_images if split == "train" else EVAL_IMAGES
+        size = train_shard_size(count, readers) if split == "train" else SHARD_SIZE
         result = ingest(
             SyntheticReader(count, seed, split, image_size=image_size),
             place.url("data", "synthetic"),
             split,
-            IngestConfig(shard_size=100, overwrite=True),
+            IngestConfig(shard_size=size, overwrite=True),
             opts,
         )
         counts[split] = result["num_samples"]
@@ -117,7 +129,6 @@ def write_report(
     """One self-contained ``report.html``: the metrics table, the F1-vs-threshold plot, the
     class-specificity matrices, the overlay grid (images embedded), the λ values, the Explainer's
     net and schedule (``explainer``: config key → value), stage timings and links to the outputs."""
-    from pipeline.evaluate import report
 
     def figure(name: str, alt: str, width: str = "100%") -> str:
         try:
@@ -236,11 +247,6 @@ def run_quickstart(
         The summary: ``report``, ``model_uri``, ``version``, ``checkpoint``, ``metrics``, ``output``,
         ``timings`` (seconds per stage), ``mlflow_ui`` (the command that opens the MLflow UI).
     """
-    from pipeline.attribute import attribute
-    from pipeline.config import EvaluateConfig
-    from pipeline.evaluate.evaluate import evaluate
-    from pipeline.registry import promote, register_checkpoint, register_classifier, resolve_model, rollback
-    from pipeline.train.trainer import train_classifier, train_explainer
 
     place = _place(workdir, with_stack)
     timings: dict[str, float] = {}
@@ -261,7 +267,12 @@ def run_quickstart(
     opts = classifier_cfg.storage.options()
     # a fresh run each time: training resumes by run name, so the last run's checkpoints would be reused
     storage.delete_prefix(place.url("checkpoints"), opts)
-    stage("data", lambda: {"counts": _make_data(place, classifier_cfg.data.image_size, num_images, num_corpus, opts)})
+    readers = max(
+        cfg.trainer.num_workers * max(1, cfg.data.loader_workers)
+        for cfg in (classifier_cfg, _config(place, "explainer.yaml", user=user))
+    )
+    size = classifier_cfg.data.image_size
+    stage("data", lambda: {"counts": _make_data(place, size, num_images, num_corpus, readers, opts)})
     classifier = stage("classifier", lambda: train_classifier(classifier_cfg))
     explainer_cfg = _config(place, "explainer.yaml", f"explanandum.checkpoint={classifier['checkpoint']}", user=user)
     explainer = stage("explainer", lambda: train_explainer(explainer_cfg))
