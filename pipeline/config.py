@@ -12,6 +12,7 @@ The presets ship inside the package (``pipeline/presets/``; the checkout's ``con
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +26,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from pipeline.errors import WysiwycError
+from pipeline.method.class_rule import ClassRule, Mode
 from pipeline.storage import S3Options
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -249,6 +252,11 @@ class LossConfig(_Section):
     )
 
 
+# the paper's loss weights and area bounds (every LossConfig key but the loss kind and the rt_saliency
+# variant's): the hyperparameters a registered Explainer carries as wysiwyc.lambda.* tags
+LAMBDAS = tuple(name for name in LossConfig.model_fields if name != "kind" and not name.startswith("rt_"))
+
+
 class OptimConfig(_Section):
     lr: float = Field(1e-5, gt=0, description="Adam learning rate (paper: 1e-5 with pretrained backbones)")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
@@ -414,14 +422,18 @@ class AttributeConfig(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="outputs go to output/RUN_ID/; the same id resumes (default: UTC time)",
     )
-    classes: Literal["threshold", "topk", "fixed"] = Field(
-        "threshold",
+    classes: Mode = Field(
+        ClassRule.mode,
         description="which classes each image explains: predicted ≥ threshold (at least the top-1), "
         "the top_k, or fixed_classes",
     )
-    threshold: float = Field(0.5, ge=0, le=1, description="probability at which a class counts as predicted")
-    top_k: int = Field(3, ge=1, description="classes=topk: how many")
-    fixed_classes: list[str] = Field(default_factory=list, description="classes=fixed: class names")
+    threshold: float = Field(
+        ClassRule.threshold, ge=0, le=1, description="probability at which a class counts as predicted"
+    )
+    top_k: int = Field(ClassRule.top_k, ge=1, description="classes=topk: how many")
+    fixed_classes: list[str] = Field(
+        default_factory=lambda: list(ClassRule.fixed), description="classes=fixed: class names"
+    )
     batch_size: int = Field(32, ge=1, description="images per model call (and per output batch of format objects)")
     output_format: Literal["shards", "objects"] = Field(
         "shards",
@@ -663,17 +675,37 @@ def _set_path(tree: dict, path: list[str], value: Any, sources: dict, source: st
     sources[".".join(path)] = source
 
 
-def _model_at(path: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Config
-    for part in path:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
-    return model
+def section_of(field: FieldInfo) -> type[BaseModel] | None:
+    """The section (pydantic model) that a config field holds, or None for a value."""
+    annotation = field.annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def _explain(err: dict, sources: dict, default_source: str) -> str:
+def config_field(key: str | Sequence, model: type[BaseModel] = Config) -> FieldInfo:
+    """The field of ``model`` that a dotted ``key`` (or its parts) names, through the sections
+    (``loss.entropy_regularizer``); use :func:`section_of` on it to tell a section from a value.
+
+    Raises:
+        WysiwycError: a part that is no key there (the message lists the keys accepted at that level), or
+            a part below a value ("… has no sub-keys").
+    """
+    parts = key.split(".") if isinstance(key, str) else [str(p) for p in key]
+    field: FieldInfo | None = None
+    for i, part in enumerate(parts):
+        if field is not None:
+            model = section_of(field)
+            if model is None:
+                raise WysiwycError(f"{'.'.join(parts[:i])} has no sub-keys")
+        field = model.model_fields.get(part)
+        if field is None:
+            raise WysiwycError(
+                f"unknown key {part!r}; accepted under {'.'.join(parts[:i]) or 'the top level'}: "
+                f"{', '.join(model.model_fields)}"
+            )
+    return field
+
+
+def _explain(err: dict, sources: dict, default_source: str, model: type[BaseModel]) -> str:
     loc = tuple(str(p) for p in err["loc"])
     dotted = ".".join(loc)
     source = next(
@@ -681,7 +713,10 @@ def _explain(err: dict, sources: dict, default_source: str) -> str:
         default_source,
     )
     if err["type"] == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        try:
+            parent = section_of(config_field(loc[:-1], model)) if len(loc) > 1 else model
+        except WysiwycError:
+            parent = None
         accepted = ", ".join(parent.model_fields) if parent else "?"
         where = ".".join(loc[:-1]) or "the top level"
         return f"{source}: unknown key '{dotted}'; accepted keys under {where}: {accepted}"
@@ -749,7 +784,7 @@ def load_config(
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
-        problems = [_explain(e, sources, source) for e in exc.errors()]
+        problems = [_explain(e, sources, source, model) for e in exc.errors()]
         raise WysiwycError("invalid configuration:\n  " + "\n  ".join(problems)) from None
 
 

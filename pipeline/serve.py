@@ -44,7 +44,8 @@ from pipeline import tracking
 from pipeline.config import ServeConfig
 from pipeline.data.images import decode_image
 from pipeline.errors import ImageTooLarge, InputError, WysiwycError
-from pipeline.models.explain import ClassRule, explain
+from pipeline.method.class_rule import ClassRule
+from pipeline.models.explain import explain
 from pipeline.models.predictor import load_model
 from pipeline.raysession import ensure_ray
 

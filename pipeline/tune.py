@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from pipeline import figures, storage, tracking
-from pipeline.config import Config, config_file, load_config
+from pipeline.config import Config, config_field, config_file, load_config, section_of
 from pipeline.errors import WysiwycError
 from pipeline.raysession import ensure_ray
 from pipeline.train.distributed import absolute_paths, checkpoint_uri, fit_ray, storage_target
@@ -127,24 +127,12 @@ def _field_path(key: str) -> None:
             f"sweep.space key {key!r}: the sweep sets it itself (or it holds secrets); "
             f"sweep other keys (loss.*, optim.*, trainer.epochs …)"
         )
-    model: type[BaseModel] = Config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        field = model.model_fields.get(part)
-        if field is None:
-            raise WysiwycError(
-                f"sweep.space key {key!r}: unknown key {part!r}; accepted under "
-                f"{'.'.join(parts[:i]) or 'the top level'}: {', '.join(model.model_fields)}"
-            )
-        annotation = field.annotation
-        last = i == len(parts) - 1
-        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        if last and is_section:
-            raise WysiwycError(f"sweep.space key {key!r} is a section; name one of its keys")
-        if not last:
-            if not is_section:
-                raise WysiwycError(f"sweep.space key {key!r}: {'.'.join(parts[: i + 1])} has no sub-keys")
-            model = annotation
+    try:
+        field = config_field(key)
+    except WysiwycError as exc:
+        raise WysiwycError(f"sweep.space key {key!r}: {exc}") from None
+    if section_of(field) is not None:
+        raise WysiwycError(f"sweep.space key {key!r} is a section; name one of its keys")
 
 
 def apply_values(config: Config, values: dict[str, Any]) -> Config:

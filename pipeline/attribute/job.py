@@ -59,7 +59,7 @@ from pipeline.data.images import decode_image
 from pipeline.data.sample import encode_png
 from pipeline.data.transforms import normalize_uint8
 from pipeline.errors import InputError, WysiwycError
-from pipeline.models.explain import explained_classes, fixed_indices
+from pipeline.method.class_rule import ClassRule
 from pipeline.progress import progress as progress_bar
 from pipeline.raysession import ensure_ray
 from pipeline.tracking import journal_url
@@ -82,10 +82,7 @@ class Job:
     opts: storage.S3Options
     image_size: int
     classes: tuple[str, ...]
-    mode: str
-    threshold: float
-    top_k: int
-    fixed: tuple[int, ...]
+    rule: ClassRule
     max_image_pixels: int
     amp: bool
     gpu: bool
@@ -180,14 +177,14 @@ class _Attributor:
             masks, probs = prediction.masks.float(), prediction.probs.float().cpu()
             areas = masks.mean(dim=(2, 3)).cpu().tolist()
             masks8 = (masks * 255).round().to(torch.uint8).cpu().numpy()
-            chosen = explained_classes(probs, job.mode, job.threshold, job.top_k, job.fixed)
+            chosen = job.rule.indices(probs, classes)
             order = torch.argsort(probs, dim=1, descending=True).tolist()
             probs = probs.tolist()  # per-image work on Python lists: indexing a tensor costs ~10 µs a time
             sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in at]
             encoded = self.pool.map(self._encode, masks8, chosen, sizes)
             for j, (i, (png, npz)) in enumerate(zip(at, encoded)):
                 p, idx = probs[j], chosen[j]
-                predicted = [c for c in order[j] if p[c] >= job.threshold]
+                predicted = [c for c in order[j] if p[c] >= job.rule.threshold]
                 rows.append(
                     {
                         "row": int(i),
@@ -444,17 +441,15 @@ def attribute(config, progress: bool = True) -> dict:
             f"({storage.redact(record_url)}): resume it with the settings it started with, or start "
             f"a new run with another --run-id"
         )
-    fixed = fixed_indices(a.fixed_classes, model["classes"]) if a.classes == "fixed" else ()
+    rule = ClassRule(mode=a.classes, threshold=a.threshold, top_k=a.top_k, fixed=tuple(a.fixed_classes))
+    rule.fixed_indices(model["classes"], "attribute.fixed_classes")  # unknown class names: fail before any work
     plan = read_plan(root, opts) or make_plan(inputs, root, a.shard_size, opts)
     job = Job(
         root=root,
         opts=opts,
         image_size=predictor.image_size,
         classes=tuple(model["classes"]),
-        mode=a.classes,
-        threshold=a.threshold,
-        top_k=a.top_k,
-        fixed=fixed,
+        rule=rule,
         max_image_pixels=a.max_image_pixels,
         amp=a.amp,
         gpu=a.gpus_per_actor > 0,

@@ -5,7 +5,8 @@ batch attribution of a corpus. The listing goes through :mod:`pipeline.storage`,
 an object-store prefix behave the same.
 
 :func:`decoded_image` is the one place that decides whether bytes are a usable image: the readers
-(:func:`inspect_image`, also used by VOC and COCO) and batch attribution decode through it. It decodes
+(:func:`inspect_image`, also used by VOC and COCO) decode through it, and everything that feeds a model
+through :func:`decode_image` on top of it. It decodes
 the whole image (``Image.load()``), which is what catches a truncated JPEG: ``Image.open`` alone reads
 only the header.
 """
@@ -54,17 +55,21 @@ def resized_rgb(image, size: int):
     return np.array(image.resize((size, size), Image.BILINEAR))  # a writable copy: torch takes it as is
 
 
-def decode_image(data: bytes, source: str, size: int, max_pixels: int, limit: str = "attribute.max_image_pixels"):
+def decode_image(
+    data: bytes, source: str, size: int, max_pixels: int | None, limit: str = "attribute.max_image_pixels"
+):
     """Encoded image bytes → ``((3, size, size) uint8 RGB array, width, height)``: resized as the model
     sees it, normalised later on the model's device (:func:`pipeline.data.transforms.normalize_uint8`), so
     decoding needs no torch and a batch travels at a quarter of its float size. Batch attribution, the
-    registered pyfunc and ``wysiwyc serve`` decode every image with it.
+    registered pyfunc, ``wysiwyc serve`` and the shard samples of training and evaluation
+    (:func:`pipeline.data.transforms.decode_sample`) decode every image with it.
 
     Grayscale, palette and RGBA images are converted to RGB (alpha dropped).
 
     Raises:
         InputError: empty, not an image, truncated, or more than ``max_pixels`` pixels (checked
-            from the header, before decoding; ``limit`` names the setting in the message).
+            from the header, before decoding; ``limit`` names the setting in the message; None: no limit
+            but PIL's decompression-bomb guard, the one ingest applies).
     """
     with decoded_image(data, source, max_pixels=max_pixels, limit=limit) as im:
         width, height = im.size

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.images import resized_rgb
+from pipeline.data.images import decode_image, resized_rgb
+from pipeline.data.sample import decode_png
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,15 +72,18 @@ def decode_sample(raw: dict, *, image_size: int, num_classes: int, flip: bool = 
         is all void (255) when the sample has no segmentation.
     """
     meta = json.loads(raw["json"])
-    data = raw.get("jpg") or raw.get("png")
-    with Image.open(io.BytesIO(data)) as im:
-        image = image_to_tensor(im, image_size, flip)
+    key = raw["__key__"]
+    source = f"{raw['__url__']}#{key}" if raw.get("__url__") else key
+    # no pixel limit: ingest wrote only images that passed its checks (PIL's decompression-bomb guard applies)
+    pixels = decode_image(raw.get("jpg") or raw.get("png"), source, image_size, None)[0]
+    if flip:
+        pixels = np.ascontiguousarray(pixels[:, :, ::-1])
+    image = normalize_uint8(torch.from_numpy(pixels))
     labels = torch.zeros(num_classes)
     if meta["labels"]:
         labels[torch.tensor(meta["labels"])] = 1.0
     if "seg.png" in raw:
-        with Image.open(io.BytesIO(raw["seg.png"])) as im:
-            seg = seg_to_tensor(np.array(im), image_size, flip)
+        seg = seg_to_tensor(decode_png(raw["seg.png"]), image_size, flip)
     else:
         seg = torch.full((image_size, image_size), VOID, dtype=torch.long)
-    return {"key": raw["__key__"], "image": image, "labels": labels, "seg": seg}
+    return {"key": key, "image": image, "labels": labels, "seg": seg}

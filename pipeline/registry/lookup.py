@@ -14,17 +14,6 @@ from pipeline import tracking
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
 
 
-LAMBDAS = (
-    "entropy_regularizer",
-    "mask_variation_regularizer",
-    "mask_area_constraint_regularizer",
-    "mask_total_area_regularizer",
-    "ncmask_total_area_regularizer",
-    "class_mask_min_area",
-    "class_mask_max_area",
-)
-
-
 # every other metrics.json value: higher is better
 LOWER_IS_BETTER = ("saliency", "background_coverage", "deletion_auc", "average_drop")
 

@@ -23,17 +23,18 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import storage
 from pipeline.checkpoint import parse_checkpoint
+from pipeline.config import LAMBDAS
 from pipeline.data.sample import encode_png
 from pipeline.data.shards import read_manifest
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import WysiwycError
+from pipeline.method.class_rule import ClassRule
 from pipeline.models.predictor import load_predictor
 from pipeline.registry.lookup import (
     CANDIDATE,
     CLASSIFIER_FORMAT,
     CLASSIFIER_SHA,
     EXPLAINER_SHA,
-    LAMBDAS,
     MODEL_DIR,
     NAME_PATTERN,
     PACKAGE_FORMAT,
@@ -109,10 +110,10 @@ def _signature(outputs: list):
         outputs=Schema([ColSpec(Array(kind), column) for column, kind in outputs]),
         params=ParamSchema(
             [
-                ParamSpec("classes", "string", "threshold"),
-                ParamSpec("threshold", "double", 0.5),
-                ParamSpec("top_k", "long", 3),
-                ParamSpec("fixed_classes", "string", [], shape=(-1,)),
+                ParamSpec("classes", "string", ClassRule.mode),
+                ParamSpec("threshold", "double", ClassRule.threshold),
+                ParamSpec("top_k", "long", ClassRule.top_k),
+                ParamSpec("fixed_classes", "string", list(ClassRule.fixed), shape=(-1,)),
             ]
         ),
     )

@@ -6,7 +6,7 @@ base64 text is decoded, which is how JSON carries bytes to ``mlflow models serve
 list of images, or a plain dict ``{"image": [...]}`` — or ImageNet-normalised arrays as
 ``{"pixels": [(3, S, S) float32, ...]}``. Bytes are decoded, resized and normalised as in training
 (:func:`pipeline.data.images.decode_image`, :func:`pipeline.data.transforms.normalize_uint8`). The class
-choice is the rule of ``wysiwyc attribute`` (:class:`pipeline.models.explain.ClassRule`), set by the
+choice is the rule of ``wysiwyc attribute`` (:class:`pipeline.method.class_rule.ClassRule`), set by the
 ``params`` ``classes`` (threshold | topk | fixed), ``threshold``, ``top_k``, ``fixed_classes``.
 
 A registered version carries this package's code (``code_paths``) and loads where it is not installed:
@@ -26,7 +26,8 @@ import torch
 from pipeline.data.images import decode_image
 from pipeline.data.transforms import normalize_uint8
 from pipeline.errors import InputError, WysiwycError
-from pipeline.models.explain import ClassRule, explain
+from pipeline.method.class_rule import ClassRule
+from pipeline.models.explain import explain
 from pipeline.models.predictor import classifier_from_checkpoint, load_predictor
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused from their header, before decoding
