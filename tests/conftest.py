@@ -23,7 +23,9 @@ Fixtures:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -227,11 +229,46 @@ CLI = [sys.executable, "-m", "pipeline.cli"]
 
 def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """``wysiwyc ARGS`` as a scheduler runs it (a subprocess, with ``env``); with ``check`` a failure is an
-    AssertionError showing both outputs."""
+    AssertionError showing both outputs. For exit codes and ``--json`` as a process sees them; most tests call
+    :func:`cli` (in this process: no interpreter start, no imports paid again, the session's Ray joined)."""
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}")
     return proc
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What :func:`cli` saw: the exit code, the summary on stdout, messages and logs on stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> CliResult:
+    """``wysiwyc ARGS`` in this process (Typer's runner): ``env`` is laid over ``os.environ`` for the call, the
+    logs of the call are part of ``stderr``; with ``check`` a failure is an AssertionError showing both."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    logs = io.StringIO()
+    handler = logging.StreamHandler(logs)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        result = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    out = CliResult(result.exit_code, result.stdout, result.stderr + logs.getvalue())
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\nstdout: {out.stdout}\nstderr: {out.stderr[-3000:]}")
+    return out
 
 
 # ------------------------------------------------------------------------------- local Ray

@@ -34,7 +34,9 @@ def pin_model(config, record: dict | None, opts=None):
     else:
         pinned = absolute(given)
     try:
-        predictor = load_model(pinned, config.explanandum.checkpoint, opts, tracking_uri=tracking.registry_uri(config))
+        predictor = load_model(
+            pinned, tracking.registry_uri(config), explanandum_uri=config.explanandum.checkpoint, opts=opts
+        )
     except WysiwycError as exc:
         raise WysiwycError(f"attribute: {exc}") from None
     if record is not None and predictor.explainer_sha256 != record["model"]["explainer_sha256"]:

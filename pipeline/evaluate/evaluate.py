@@ -136,7 +136,11 @@ def load_models(config, opts=None) -> Predictor:
     size = config.data.image_size if "image_size" in config.data.model_fields_set else None
     try:
         return load_model(
-            uri, config.explanandum.checkpoint, opts, tracking_uri=tracking.registry_uri(config), image_size=size
+            uri,
+            tracking.registry_uri(config),
+            image_size=size,
+            explanandum_uri=config.explanandum.checkpoint,
+            opts=opts,
         )
     except WysiwycError as exc:
         raise WysiwycError(f"evaluate: {exc}") from None

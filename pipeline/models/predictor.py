@@ -180,12 +180,12 @@ def load_predictor(
 
 def load_model(
     model_uri: str,
-    explanandum_uri: str | None = None,
-    opts=None,
-    *,
     tracking_uri: str | None = None,
     device=None,
     image_size: int | None = None,
+    *,
+    explanandum_uri: str | None = None,
+    opts=None,
 ) -> Predictor:
     """A ready :class:`Predictor` for any Explainer URI: a registered version or a checkpoint (the one way every
     stage, consumer and the endpoint turns a URI into a Predictor).

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli
 from PIL import Image
 
 from pipeline import storage
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.s3
 
 
 def wysiwyc(env, *args, check=True):
-    return run_cli(*args, env=env, check=check)
+    return cli(*args, env=env, check=check)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import environ, run_cli
+from conftest import cli, environ
 
 from pipeline import storage
 from pipeline.checkpoint import save_checkpoint
@@ -145,7 +145,7 @@ def reg(s3_server, mlflow_server, tmp_path_factory):
 
 
 def wysiwyc(reg, *args, check=True):
-    return run_cli(*args, env=reg["env"], check=check)
+    return cli(*args, env=reg["env"], check=check)
 
 
 @pytest.fixture(scope="module")
