@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.dev-stamp
 CHECKOV_VERSION := 3.3.30
 CHECKOV := $(VENV)/tools/checkov/bin/checkov
 
-.PHONY: install quickstart test lint lock bench clean
+.PHONY: install quickstart test test-slow lint lock bench clean
 
 install: $(STAMP)
 
@@ -34,9 +34,13 @@ $(CHECKOV): Makefile
 quickstart: install
 	$(BIN)/wysiwyc quickstart --workdir runs/quickstart
 
-# lint and format first (seconds), then the suite
+# lint and format first (seconds), then the suite without the slow tier (15 minutes on 2 cores)
 test: $(DEV_STAMP) $(CHECKOV) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# the slow tier: behaviours that truly need minutes (kills and resumes, outages); CI runs it after `make test`
+test-slow: $(DEV_STAMP) $(CHECKOV)
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

@@ -16,6 +16,7 @@ Fixtures:
     s3_env: (function) ``os.environ`` patched with the server's ``AWS_*`` variables; yields them.
     mlflow_server: (session) its MLflow server: an :class:`MLflowEndpoint` (``.uri``, ``.client()``).
         Clients need only ``.uri``: the server proxies the artifacts.
+    ray_cluster: (session) one local Ray (3 logical CPUs) whose workers see the S3 credentials; its GCS address.
     checkov: (session) ``scan(directory, framework) -> (report, problems)`` with the checkov of
         ``.venv/tools/checkov`` (skips when absent).
 """
@@ -289,20 +290,22 @@ def environ(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def local_ray(root: Path, env: dict[str, str], num_cpus: int) -> Iterator[str]:
-    """A local Ray session under ``root/ray`` whose workers see ``env`` (also put in ``os.environ`` for the
-    driver until the end); yields its GCS address (for subprocesses that join it via ``RAY_ADDRESS``).
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One local Ray for every Ray test of the session (Train, Tune, Data, and the stages the in-process CLI
+    runs, which join the running session); yields its GCS address (for subprocesses: ``RAY_ADDRESS``).
 
-    ``num_cpus`` is logical: above the 2 real cores when trials or actors hold a CPU of their own
-    (a trial or actor holds a CPU of its own all along), so that workers still get scheduled.
+    3 logical CPUs on the 2 real cores: a trial or an actor holds a CPU of its own all along, so that workers
+    still get scheduled. Its processes start with the S3 server's credentials in their environment (workers
+    inherit it: a runtime_env would write the secrets into Ray's logs); the driver's environment is as it was
+    once it has started (a module that reads S3 through the environment sets it itself, :func:`environ`).
     """
     import ray
 
-    with environ(env):
-        # workers inherit the driver's environment (a runtime_env would write the secrets into Ray's logs)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False)
-        try:
-            yield ray.get_runtime_context().gcs_address
-        finally:
-            ray.shutdown()
+    root = tmp_path_factory.mktemp("ray")
+    with environ({**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}):
+        ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

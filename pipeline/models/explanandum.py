@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import storage  # the lead's URL layer (s3://…); imported only when needed
+from pipeline import storage  # the URL layer (s3://…)
 from pipeline.config import backbone_howto
 from pipeline.errors import WysiwycError
 from pipeline.models.blocks import conv_block, encode_blocks

@@ -46,7 +46,6 @@ from pipeline.registry.lookup import (
     utc_now,
 )
 from pipeline.tracking import alias_versions, is_missing, mlflow_client, registry_uri
-from pipeline.tune import read_sweep
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +462,9 @@ def _register_summary(client, uri: str, name: str, version: str, run_id: str | N
 
 def register_from_sweep(sweep: str, name: str, config) -> dict:
     """Register the best trial of sweep ``sweep`` (its ``sweep.json``, :func:`pipeline.tune.read_sweep`)."""
+    # here, not at the top: this package travels inside every registered model, whose loader must not need
+    # what the sweep module imports (Ray Tune, matplotlib)
+    from pipeline.tune import read_sweep
 
     result = read_sweep(sweep, config)
     best = result.get("best") or {}

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import local_ray
+from conftest import environ
 from PIL import Image
 
 from pipeline import storage
@@ -109,14 +109,13 @@ def _threshold(probs: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def ctx(s3_server, mlflow_server, tmp_path_factory):
-    """Bucket with corpus, odd inputs and models; the model registered (@champion); a local Ray session."""
-    root = tmp_path_factory.mktemp("attribute")
+def ctx(s3_server, mlflow_server, ray_cluster):
+    """Bucket with corpus, odd inputs and models; the model registered (@champion); the session's Ray."""
     bucket = s3_server.make_bucket("attribute")
     opts = s3_server.opts
     env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
     # the env before anything reads s3:// through it (registration, Ray workers)
-    with local_ray(root, env, num_cpus=2) as gcs:
+    with environ(env):
         exp_uri = _checkpoints(bucket, opts)
         reader = SyntheticReader(NUM_IMAGES, seed=0, split="corpus", image_size=SIZE)
         corpus = {f"s3://{bucket}/corpus/img_{i:04d}.png": reader.load(i).image for i in range(NUM_IMAGES)}
@@ -154,7 +153,7 @@ def ctx(s3_server, mlflow_server, tmp_path_factory):
             "tracking": mlflow_server.uri,
             "mlflow": mlflow_server,
             "odd": odd,
-            "gcs": gcs,
+            "gcs": ray_cluster,
         }
 
 
@@ -337,6 +336,7 @@ def test_too_many_bad_images_abort_with_a_clear_message(ctx):
     assert "out/odd-strict/_manifest.json" not in _objects(ctx, "out/odd-strict/")
 
 
+@pytest.mark.slow  # minutes: a kill and a relaunch (`make test-slow`)
 @pytest.mark.parametrize("fmt", ["shards", "objects"])
 def test_killed_run_relaunched_has_every_image_exactly_once(ctx, fmt):
     run = f"killed-{fmt}"
@@ -429,6 +429,7 @@ def _launch(ctx, run_id: str, model: str, listing: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # minutes: two launches of one run racing for it (`make test-slow`)
 def test_two_launches_of_one_run_id_at_once_have_one_owner(ctx):
     from pipeline import checkpoint as ckpt
 

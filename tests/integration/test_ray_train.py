@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import local_ray
+from conftest import environ
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import IngestConfig, load_config
@@ -31,8 +31,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def stack(s3_server, mlflow_server, session_stack, tmp_path_factory):
-    """Bucket with train/val shards, the MLflow server, and a local Ray session (2 CPUs)."""
+def stack(s3_server, mlflow_server, session_stack, ray_cluster, tmp_path_factory):
+    """Bucket with train/val shards, the MLflow server, and the session's Ray."""
     root = tmp_path_factory.mktemp("raytrain")
     bucket = s3_server.make_bucket("raytrain")
     env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
@@ -45,14 +45,14 @@ def stack(s3_server, mlflow_server, session_stack, tmp_path_factory):
             opts=s3_server.opts,
             progress=False,
         )
-    with local_ray(root, env, num_cpus=3) as gcs:
+    with environ(env):
         yield {
             "bucket": bucket,
             "uri": mlflow_server.uri,
             "artifacts": session_stack.bucket,  # the MLflow server keeps artifacts in s3://ARTIFACTS/mlflow
             "root": root,
             "s3": s3_server,
-            "gcs": gcs,
+            "gcs": ray_cluster,
         }
 
 
@@ -151,6 +151,7 @@ def test_two_worker_explainer_logs_every_loss_term_and_the_mask_overlay(stack, c
     assert any(k.endswith("/overlays/epoch_002.png") for k in stored), stored
 
 
+@pytest.mark.slow  # minutes: a kill and a relaunch (`make test-slow`)
 def test_killed_run_resumes_at_the_saved_step(stack):
     args = overrides(stack, "trainer.epochs=40", "trainer.run_name=killed")
     env = {**os.environ, "RAY_ADDRESS": stack["gcs"]}
@@ -236,6 +237,7 @@ def test_two_workers_see_disjoint_shards(stack):
     assert a and b and not set(a) & set(b) and len(a) + len(b) == 64
 
 
+@pytest.mark.slow  # minutes: a worker group failed and restarted from its checkpoint (`make test-slow`)
 def test_failed_worker_group_restarts_from_the_latest_checkpoint(stack):
     from pipeline.train.distributed import fit_ray
 
@@ -274,6 +276,7 @@ def test_failed_worker_group_restarts_from_the_latest_checkpoint(stack):
     assert _client(stack).get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # minutes: the tracking server killed mid-run and started again (`make test-slow`)
 def test_tracking_outage_costs_no_epoch_and_the_records_arrive_after_the_server_returns(stack, classifier):
     """The MLflow server is SIGKILLed after epoch 1 of 3: training finishes every epoch within a bound and
     exits cleanly; relaunching the finished run once the server is back sends what waited."""

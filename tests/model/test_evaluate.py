@@ -463,16 +463,14 @@ def test_rt_saliency_row_needs_an_rt_saliency_explainer_of_the_same_classifier(w
 
 
 def test_extremal_perturbation_masks_only_the_present_classes(workdir, monkeypatch):
-    import pipeline.evaluate.extremal as extremal
-
     calls = []
-    original = extremal.extremal_pairs
+    original = evaluate_module.extremal_pairs
 
     def spy(model, x, image_of, class_of, **settings):
         calls.append((image_of.tolist(), class_of.tolist(), list(settings["areas"]), settings["steps"]))
         return original(model, x, image_of, class_of, **settings)
 
-    monkeypatch.setattr(extremal, "extremal_pairs", spy)
+    monkeypatch.setattr(evaluate_module, "extremal_pairs", spy)  # the name evaluate calls
     config = _config(
         workdir,
         output=str(workdir / "out-ep"),

@@ -3,8 +3,6 @@
 import copy
 import io
 import pickle
-import sys
-import types
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import pipeline
+import pipeline.models.explanandum as explanandum_module
 from pipeline.errors import WysiwycError
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import (
@@ -114,9 +112,7 @@ def test_non_local_urls_are_read_through_pipeline_storage(monkeypatch):
         opened.append(url)
         return io.BytesIO(buffer.getvalue())
 
-    fake = types.SimpleNamespace(open_read=open_read)
-    monkeypatch.setattr(pipeline, "storage", fake, raising=False)
-    monkeypatch.setitem(sys.modules, "pipeline.storage", fake)
+    monkeypatch.setattr(explanandum_module.storage, "open_read", open_read)
     loaded = build_explanandum("small_cnn", 2, weights="s3://bucket/ckpt/classifier.pt")
     assert opened == ["s3://bucket/ckpt/classifier.pt"]
     assert torch.equal(loaded.fc.weight, state["fc.weight"])

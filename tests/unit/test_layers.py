@@ -151,3 +151,23 @@ def test_the_cycle_finder_finds_a_cycle():
     tree = "def f():\n    from pipeline.cli import main\n"
     node = ast.parse(tree).body[0].body[0]
     assert isinstance(node, ast.ImportFrom) and _target(node.module) == "pipeline.cli"
+
+
+def test_the_code_a_registered_model_carries_imports_without_the_services_libraries():
+    """A registered version's loader imports ``pipeline.registry.pyfunc`` (and so ``pipeline.registry``) where only
+    torch, PIL, numpy, pandas and MLflow are installed (tests/integration/test_consumers.py loads one there)."""
+    import subprocess
+    import sys
+
+    blocked = ("ray", "boto3", "botocore", "webdataset", "pycocotools", "typer", "matplotlib", "psutil", "tqdm")
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import pipeline.registry.pyfunc\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
