@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import environ
+from conftest import cli, environ
 from PIL import Image
 
 from pipeline import storage
@@ -518,13 +518,7 @@ def test_drift_between_runs_of_a_schedule_and_their_mlflow_runs(ctx):
         "attribute.compare_to=week1",
         "attribute.fail_on_drift=true",
     )
-    done = subprocess.run(
-        [str(BIN / "wysiwyc"), "attribute", *args, "--json"],
-        env={**os.environ, "RAY_ADDRESS": ctx["gcs"]},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = cli("attribute", *args, "--json", check=False)  # in this process: the session's Ray
     assert done.returncode == 3, done.stderr[-3000:]
     third = json.loads(done.stdout)
     assert third["status"] == "complete" and third["num_samples"] == len(kept)
