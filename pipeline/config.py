@@ -305,6 +305,12 @@ class TrainerConfig(_Section):
     )
     seed: int = Field(0, description="torch / numpy / python seeds")
 
+    @field_validator("amp", "cpu_amp", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted ``off`` (in a file or an override) as False: it means "off" here."""
+        return "off" if value is False else value
+
 
 # how to train the Explainer of evaluate's rt_saliency row (the CPU preset, only the loss changed)
 RT_SALIENCY_HOWTO = "`wysiwyc train explainer -c cpu/explainer loss.kind=rt_saliency trainer.run_name=cpu-rt-saliency`"

@@ -19,6 +19,9 @@ Fixtures:
     ray_cluster: (session) one local Ray (3 logical CPUs) whose workers see the S3 credentials; its GCS address.
     checkov: (session) ``scan(directory, framework) -> (report, problems)`` with the checkov of
         ``.venv/tools/checkov`` (skips when absent).
+
+Helpers: :func:`cli` / :func:`run_cli` (the command line in this process / as a subprocess), :func:`environ`,
+:func:`classifier_state` / :func:`explainer_state` (untrained models as wysiwyc checkpoints hold them).
 """
 
 from __future__ import annotations
@@ -30,17 +33,22 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from pipeline.errors import WysiwycError
+from pipeline.models.explainer import build_explainer
+from pipeline.models.explanandum import build_explanandum
 from pipeline.stack import WeedNotFound, running_stack, stack_down, stack_up
 from pipeline.storage import S3Options
 
@@ -228,11 +236,13 @@ def checkov():
 CLI = [sys.executable, "-m", "pipeline.cli"]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """``wysiwyc ARGS`` as a scheduler runs it (a subprocess, with ``env``); with ``check`` a failure is an
-    AssertionError showing both outputs. For exit codes and ``--json`` as a process sees them; most tests call
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, check: bool = True, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``wysiwyc ARGS`` as a scheduler runs it (a subprocess, with ``env``, in ``cwd``); with ``check`` a failure is
+    an AssertionError showing both outputs. For exit codes and ``--json`` as a process sees them; most tests call
     :func:`cli` (in this process: no interpreter start, no imports paid again, the session's Ray joined)."""
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env, check=False)
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}")
     return proc
@@ -272,6 +282,52 @@ def cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> Cl
     return out
 
 
+# ------------------------------------------------------------------------------- untrained models
+
+
+def _state(kind: str, arch: str, model: torch.nn.Module, classes: list[str], size: int, fields: dict) -> dict:
+    return {
+        "kind": kind,
+        "arch": arch,
+        "classes": classes,
+        "image_size": size,
+        "model": model.state_dict(),
+        "epoch": 0,
+        "step": 0,
+        "config": {},
+        "metrics": {},
+        **fields,
+    }
+
+
+def classifier_state(classes: list[str], size: int, seed: int = 0, **fields: Any) -> dict:
+    """What a wysiwyc classifier checkpoint holds, for an untrained ``small_cnn`` (``torch.manual_seed(seed)``);
+    ``fields`` add to or replace the checkpoint's fields (``metrics``, ``config``, ...)."""
+    torch.manual_seed(seed)
+    return _state("classifier", "small_cnn", build_explanandum("small_cnn", len(classes)), classes, size, fields)
+
+
+def explainer_state(
+    classes: list[str],
+    size: int,
+    classifier_uri: str,
+    classifier_sha: str,
+    seed: int = 1,
+    blank: bool = False,
+    **fields: Any,
+) -> dict:
+    """What a wysiwyc Explainer checkpoint holds, for an untrained ``compact`` Explainer of the classifier at
+    ``classifier_uri`` (its sha256 as :func:`pipeline.checkpoint.save_checkpoint` returned it); ``blank``: every
+    mask ≈ 0 (head logits −30); ``fields`` add to or replace the checkpoint's fields."""
+    torch.manual_seed(seed)
+    model = build_explainer("compact", len(classes))
+    if blank:
+        torch.nn.init.zeros_(model.head.weight)
+        torch.nn.init.constant_(model.head.bias, -30.0)
+    explanandum = {"uri": classifier_uri, "sha256": classifier_sha, "arch": "small_cnn"}
+    return _state("explainer", "compact", model, classes, size, {"explanandum": explanandum, **fields})
+
+
 # ------------------------------------------------------------------------------- local Ray
 
 
@@ -291,7 +347,7 @@ def environ(env: dict[str, str]) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ray_cluster(s3_server) -> Iterator[str]:
     """One local Ray for every Ray test of the session (Train, Tune, Data, and the stages the in-process CLI
     runs, which join the running session); yields its GCS address (for subprocesses: ``RAY_ADDRESS``).
 
@@ -302,10 +358,12 @@ def ray_cluster(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """
     import ray
 
-    root = tmp_path_factory.mktemp("ray")
+    # Ray's socket paths must stay under 108 bytes: a short folder of its own, not pytest's (deeper per xdist worker)
+    root = Path(tempfile.mkdtemp(prefix="wy-ray-"))
     with environ({**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}):
         ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)

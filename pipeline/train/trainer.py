@@ -536,9 +536,11 @@ def worker_loop(
                     **extra,
                 }
                 run.write("history.json", json.dumps(history, indent=1))
+            if tracker is not None:  # before the report: a trial that Tune stops at it still has this epoch in
+                # MLflow; while the server is away the record waits in the queue (one probe, it never raises)
+                tracker.log_epoch(step, record)
             run.commit(state, {**record, "monitored_loss": monitored}, improved)
             if tracker is not None:  # after the checkpoint: a tracking outage never costs the epoch
-                tracker.log_epoch(step, record)
                 if fixed is not None and not distilling:
                     tracker.log_bytes(_overlay_png(model, fixed, classes, ctx), f"overlays/epoch_{epoch + 1:03d}.png")
                 tracker.save()

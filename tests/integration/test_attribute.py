@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli, environ
+from conftest import classifier_state, cli, environ, explainer_state
 from PIL import Image
 
 from pipeline import storage
@@ -38,8 +38,6 @@ from pipeline.data.classes import SYNTHETIC_CLASSES
 from pipeline.data.ingest import ingest
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.errors import WysiwycError
-from pipeline.models.explainer import build_explainer
-from pipeline.models.explanandum import build_explanandum
 from pipeline.models.predictor import load_predictor
 
 pytestmark = pytest.mark.s3
@@ -53,29 +51,13 @@ BIN = Path(sys.executable).parent
 def _checkpoints(bucket: str, opts) -> str:
     """An untrained small_cnn + compact pair in the bucket; returns the Explainer checkpoint URI."""
     classes = list(SYNTHETIC_CLASSES)
-    torch.manual_seed(0)
-    classifier = build_explanandum("small_cnn", len(classes))
+    classifier = classifier_state(classes, SIZE)
     with torch.no_grad():  # BatchNorm at init keeps features tiny: spread the logits
-        classifier.fc.weight.mul_(300)
-        classifier.fc.bias.zero_()
+        classifier["model"]["fc.weight"].mul_(300)
+        classifier["model"]["fc.bias"].zero_()
     clf_uri, exp_uri = f"s3://{bucket}/models/classifier.pt", f"s3://{bucket}/models/explainer.pt"
-    common = {"classes": classes, "image_size": SIZE, "epoch": 0, "step": 0, "config": {}, "metrics": {}}
-    sha = save_checkpoint(
-        {"kind": "classifier", "arch": "small_cnn", "model": classifier.state_dict(), **common}, clf_uri, opts
-    )
-    torch.manual_seed(1)
-    explainer = build_explainer("compact", len(classes))
-    save_checkpoint(
-        {
-            "kind": "explainer",
-            "arch": "compact",
-            "model": explainer.state_dict(),
-            **common,
-            "explanandum": {"uri": clf_uri, "sha256": sha, "arch": "small_cnn"},
-        },
-        exp_uri,
-        opts,
-    )
+    sha = save_checkpoint(classifier, clf_uri, opts)
+    save_checkpoint(explainer_state(classes, SIZE, clf_uri, sha), exp_uri, opts)
     return exp_uri
 
 

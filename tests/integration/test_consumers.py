@@ -11,7 +11,6 @@ what a direct :class:`~pipeline.models.predictor.Predictor` call gives, not mask
 from __future__ import annotations
 
 import base64
-import functools
 import io
 import json
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import _free_ports, environ, run_cli
+from conftest import _free_ports, classifier_state, cli, environ, explainer_state
 from PIL import Image
 
 from pipeline.checkpoint import save_checkpoint
@@ -37,8 +36,6 @@ from pipeline.data.shards import read_manifest
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.errors import WysiwycError
 from pipeline.models.explain import ClassRule, mask_from_png
-from pipeline.models.explainer import build_explainer
-from pipeline.models.explanandum import build_explanandum
 from pipeline.models.predictor import load_predictor
 
 SIZE = 32
@@ -87,24 +84,6 @@ def _jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def _explainer_state(classes, classifier: str, sha: str, data: str, seed: int) -> dict:
-    torch.manual_seed(seed)
-    return {
-        "kind": "explainer",
-        "arch": "compact",
-        "classes": classes,
-        "image_size": SIZE,
-        "model": build_explainer("compact", len(classes)).state_dict(),
-        "epoch": 0,
-        "step": 0,
-        "metrics": {"val_loss": 1.0},
-        "config": {"data": {"train": data, "image_size": SIZE}, "loss": {}},
-        "explanandum": {"uri": classifier, "sha256": sha, "arch": "small_cnn"},
-        "explainer_init": "scratch",
-        "black_box": True,
-    }
-
-
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory):
     """A split, two classifiers (A, B) and Explainer checkpoints for each, a sqlite registry, gate files."""
@@ -115,25 +94,23 @@ def reg(tmp_path_factory):
     classes = list(reader.classes)
     checkpoints, shas = {}, {}
     for key, seed in {"clf_a": 0, "clf_b": 5}.items():
-        torch.manual_seed(seed)
         checkpoints[key] = str(root / f"{key}.pt")
-        shas[key] = save_checkpoint(
-            {
-                "kind": "classifier",
-                "arch": "small_cnn",
-                "classes": classes,
-                "image_size": SIZE,
-                "model": build_explanandum("small_cnn", len(classes)).state_dict(),
-                "epoch": 0,
-                "step": 0,
-                "config": {"data": {"train": data}},
-                "metrics": {"val_map": 0.5},
-            },
-            checkpoints[key],
-        )
+        state = classifier_state(classes, SIZE, seed, config={"data": {"train": data}}, metrics={"val_map": 0.5})
+        shas[key] = save_checkpoint(state, checkpoints[key])
     for key, (clf, seed) in {"a1": ("clf_a", 1), "a2": ("clf_a", 2), "a3": ("clf_a", 3), "b1": ("clf_b", 4)}.items():
         checkpoints[key] = str(root / f"{key}.pt")
-        save_checkpoint(_explainer_state(classes, checkpoints[clf], shas[clf], data, seed), checkpoints[key])
+        state = explainer_state(
+            classes,
+            SIZE,
+            checkpoints[clf],
+            shas[clf],
+            seed,
+            metrics={"val_loss": 1.0},
+            config={"data": {"train": data, "image_size": SIZE}, "loss": {}},
+            explainer_init="scratch",
+            black_box=True,
+        )
+        save_checkpoint(state, checkpoints[key])
     gate = root / "gate.yaml"
     gate.write_text(f"split: {data}\nevaluate:\n  methods: [explainer]\n  batch_size: 8\nminimum:\n  cont_iou: 0.0\n")
     lenient = root / "stale-ok.yaml"
@@ -164,7 +141,7 @@ def reg(tmp_path_factory):
             "images": images,
             "uri": uri,
             "env": env,
-            "cli": functools.partial(run_cli, env=env),  # `wysiwyc ARGS` with this registry
+            "cli": cli,  # `wysiwyc ARGS` in this process, with this registry (the environment set here)
             "config": load_config(None, [f"tracking.uri={uri}", "data.loader_workers=0"]),
             "client": MlflowClient(uri, uri),
         }

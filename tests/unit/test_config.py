@@ -35,6 +35,15 @@ def test_parse_override_reads_scientific_notation_as_number():
     assert parse_override("output=s3://bucket/x.y") == (["output"], "s3://bucket/x.y")
 
 
+def test_an_unquoted_off_turns_mixed_precision_off_in_a_file_and_an_override(tmp_path):
+    # YAML 1.1 reads `off` as False: `trainer.cpu_amp=off` was refused ("got False")
+    assert load_config(None, ["trainer.cpu_amp=off", "trainer.amp=off"]).trainer.cpu_amp == "off"
+    cfg = load_config(write(tmp_path, "trainer:\n  cpu_amp: off\n  amp: off\n"))
+    assert (cfg.trainer.cpu_amp, cfg.trainer.amp) == ("off", "off")
+    with pytest.raises(WysiwycError, match="'off', 'bf16' or 'auto'"):
+        load_config(None, ["trainer.cpu_amp=true"])
+
+
 def test_unknown_key_names_key_file_and_accepted_keys(tmp_path):
     path = write(tmp_path, "optim:\n  learning_rate: 0.1\n")
     with pytest.raises(WysiwycError) as err:
