@@ -36,8 +36,10 @@ $(CHECKOV): Makefile
 	$(VENV)/tools/checkov/bin/python -m pip install --quiet --disable-pip-version-check 'checkov==$(CHECKOV_VERSION)'
 	touch $(CHECKOV)
 
+# QUICKSTART_ARGS: overrides for every stage, e.g. trainer.cpu_amp=off (a CPU without native bf16, as measured)
+QUICKSTART_ARGS ?=
 quickstart: install
-	$(BIN)/wysiwyc quickstart --workdir runs/quickstart
+	$(BIN)/wysiwyc quickstart --workdir runs/quickstart $(QUICKSTART_ARGS)
 
 # the suite runs in TEST_WORKERS processes (pytest-xdist), a test module at a time each (its module fixtures
 # built once): the end-to-end module first (the longest, tests/conftest.py FIRST_MODULE), then the modules with

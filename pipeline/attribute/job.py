@@ -402,12 +402,89 @@ def attribute(config, progress: bool = True) -> dict:
     predictor, model = pin_model(config, record, opts)
     inputs = open_input(a.input, opts)
     compared = _compared_run(config, run_id, output, opts)
+    record = _claim_run(config, run_id, record, record_url, model, inputs.url, started, opts)
+    rule = ClassRule(mode=a.classes, threshold=a.threshold, top_k=a.top_k, fixed=tuple(a.fixed_classes))
+    rule.fixed_indices(model["classes"], "attribute.fixed_classes")  # unknown class names: fail before any work
+    plan = read_plan(root, opts) or make_plan(inputs, root, a.shard_size, opts)
+    job = Job(
+        root=root,
+        opts=opts,
+        image_size=predictor.image_size,
+        classes=tuple(model["classes"]),
+        rule=rule,
+        max_image_pixels=a.max_image_pixels,
+        amp=a.amp,
+        gpu=a.gpus_per_actor > 0,
+        model_name=str(model["model_name"]),
+        model_version=str(model["model_version"]),
+        plan_kind=plan["kind"],
+        output_format=a.output_format,
+        batch_size=a.batch_size,
+    )
+    stats, resumed = _attribute_pending(config, run_id, job, plan, predictor, progress)
+
+    counts, errors, preview_rows = _finish(config, root, plan, model, opts)
+    if counts.errors > a.max_error_fraction * plan["total"]:  # a resumed run carries its earlier errors
+        raise WysiwycError(
+            f"attribute: {counts.errors} of {plan['total']} images failed, more than "
+            f"attribute.max_error_fraction={a.max_error_fraction}; first: {errors[0]}"
+        )
+    now = counts.as_dict()
+    drift_result, drift_bytes = _drift(config, root, output, run_id, compared, now, opts)
+    previews = write_previews(root, preview_rows, opts)
+    preview_url = None
+    if previews or drift_bytes:
+        preview_url = storage.join(root, "index.html")
+        storage.write_text(preview_url, index_html(run_id, model, previews, drift_result), opts)
+    manifest = {
+        "format": FORMAT,
+        "run_id": run_id,
+        "status": "complete",
+        "output": storage.redact(root),
+        "output_format": a.output_format,
+        "manifest": storage.redact(manifest_url),
+        "index": storage.redact(storage.join(root, PARTS)),
+        "preview": storage.redact(preview_url) if preview_url else None,
+        "previews": [{"source": r["source"], "uri": storage.redact(u)} for r, u in previews],
+        "input": {
+            "kind": plan["kind"],
+            "url": storage.redact(plan["url"]),
+            "images": plan["total"],
+            "ignored_files": plan["ignored"],
+        },
+        "chunks": [c["name"] for c in plan["chunks"]],
+        "model": {**model, "model_uri": storage.redact(model["model_uri"])},
+        "counts": {
+            "images": counts.images,
+            "ok": counts.images - counts.errors,
+            "errors": counts.errors,
+            "processed": stats["processed"],
+            "resumed": resumed,
+        },
+        "stats": now,
+        "drift": drift_result,
+        "timings": _timings(record, started, stats),
+        "errors": errors,
+        "config": public_config(config),
+        "config_yaml": dump_config(config),
+    }
+    manifest["output_objects"] = sum(1 for _ in storage.list_prefix(root, opts)) + 1  # + the manifest
+    manifest["peak_rss_mb"] = _peak_rss_mb()
+    storage.write_text(manifest_url, json.dumps(manifest, indent=1), opts)  # last: the run is complete
+    log_run(config, manifest, root, drift_bytes, opts)
+    return summary(manifest, "complete")
+
+
+def _claim_run(config, run_id: str, record, record_url: str, model: dict, input_url: str, started: float, opts) -> dict:
+    """The run's record: written by this launch when it is the first (exclusive create), else the first
+    launch's, which must use the same model, input and result settings (a clear refusal otherwise)."""
+    a = config.attribute
     settings = {k: getattr(a, k) for k in _RESULT_SETTINGS}
     if record is None:
         mine = {
             "format": FORMAT,
             "run_id": run_id,
-            "input": inputs.url,
+            "input": input_url,
             "model": model,
             "settings": settings,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -434,33 +511,19 @@ def attribute(config, progress: bool = True) -> dict:
                 owner(record),
             )
     changed = [k for k in _RESULT_SETTINGS if record["settings"].get(k) != settings[k]]
-    if record["input"] != inputs.url or changed:
-        what = "input" if record["input"] != inputs.url else "attribute." + ", attribute.".join(changed)
+    if record["input"] != input_url or changed:
+        what = "input" if record["input"] != input_url else "attribute." + ", attribute.".join(changed)
         raise WysiwycError(
             f"attribute: run {run_id} was started by {owner(record)} with another {what} "
             f"({storage.redact(record_url)}): resume it with the settings it started with, or start "
             f"a new run with another --run-id"
         )
-    rule = ClassRule(mode=a.classes, threshold=a.threshold, top_k=a.top_k, fixed=tuple(a.fixed_classes))
-    rule.fixed_indices(model["classes"], "attribute.fixed_classes")  # unknown class names: fail before any work
-    plan = read_plan(root, opts) or make_plan(inputs, root, a.shard_size, opts)
-    job = Job(
-        root=root,
-        opts=opts,
-        image_size=predictor.image_size,
-        classes=tuple(model["classes"]),
-        rule=rule,
-        max_image_pixels=a.max_image_pixels,
-        amp=a.amp,
-        gpu=a.gpus_per_actor > 0,
-        model_name=str(model["model_name"]),
-        model_version=str(model["model_version"]),
-        plan_kind=plan["kind"],
-        output_format=a.output_format,
-        batch_size=a.batch_size,
-    )
+    return record
 
-    done = done_counts(root, opts)
+
+def _attribute_pending(config, run_id: str, job: Job, plan: dict, predictor, progress: bool) -> tuple[dict, int]:
+    """The chunks not yet done, through the Ray Data pipeline: ``(execution stats, images done before)``."""
+    done = done_counts(job.root, job.opts)
     total = plan["total"]
     resumed = sum(min(done.get(c["name"], [0])[0], c["count"]) for c in plan["chunks"])
     pending = [c for c in plan["chunks"] if done.get(c["name"], [0])[0] < c["count"]]
@@ -476,28 +539,27 @@ def attribute(config, progress: bool = True) -> dict:
         )
     finally:
         bar.close()
+    return stats, resumed
 
-    counts, errors, preview_rows = _finish(config, root, plan, model, opts)
-    if counts.errors > a.max_error_fraction * total:  # a resumed run carries its earlier errors
-        raise WysiwycError(
-            f"attribute: {counts.errors} of {total} images failed, more than "
-            f"attribute.max_error_fraction={a.max_error_fraction}; first: {errors[0]}"
-        )
-    previews = write_previews(root, preview_rows, opts)
-    now = counts.as_dict()
-    drift_result, drift_bytes = None, None
-    if a.compare_to:
-        drift_result = {"compared_to": compared, "flagged": [], "per_class": {}}
-        if compared is not None:
-            before = read_json(storage.join(output, compared, MANIFEST), opts)
-            drift_result.update(drift(now, before["stats"], a.drift_psi, a.drift_ks, a.drift_min_images))
-            drift_bytes = drift_png(now, before["stats"], drift_result, f"run {run_id} against run {compared}")
-            storage.write_bytes(storage.join(root, "drift.png"), drift_bytes, opts)
-    preview_url = None
-    if previews or drift_bytes:
-        preview_url = storage.join(root, "index.html")
-        storage.write_text(preview_url, index_html(run_id, model, previews, drift_result), opts)
-    timings = {
+
+def _drift(config, root: str, output: str, run_id: str, compared: str | None, now: dict, opts):
+    """``attribute.compare_to``: ``(drift result or None, drift.png bytes or None)``, the figure written."""
+    a = config.attribute
+    if not a.compare_to:
+        return None, None
+    result = {"compared_to": compared, "flagged": [], "per_class": {}}
+    if compared is None:
+        return result, None
+    before = read_json(storage.join(output, compared, MANIFEST), opts)
+    result.update(drift(now, before["stats"], a.drift_psi, a.drift_ks, a.drift_min_images))
+    figure = drift_png(now, before["stats"], result, f"run {run_id} against run {compared}")
+    storage.write_bytes(storage.join(root, "drift.png"), figure, opts)
+    return result, figure
+
+
+def _timings(record: dict, started: float, stats: dict) -> dict:
+    """The manifest's timings: the run's start, this launch's, the end, throughput and start-up."""
+    return {
         "started": record["started"],
         "this_launch_started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -507,40 +569,3 @@ def attribute(config, progress: bool = True) -> dict:
         "startup_seconds": stats["startup_seconds"] and round(stats["startup_seconds"], 3),
         "steady_images_per_second": stats["steady_rate"] and round(stats["steady_rate"], 2),
     }
-    manifest = {
-        "format": FORMAT,
-        "run_id": run_id,
-        "status": "complete",
-        "output": storage.redact(root),
-        "output_format": a.output_format,
-        "manifest": storage.redact(manifest_url),
-        "index": storage.redact(storage.join(root, PARTS)),
-        "preview": storage.redact(preview_url) if preview_url else None,
-        "previews": [{"source": r["source"], "uri": storage.redact(u)} for r, u in previews],
-        "input": {
-            "kind": plan["kind"],
-            "url": storage.redact(plan["url"]),
-            "images": total,
-            "ignored_files": plan["ignored"],
-        },
-        "chunks": [c["name"] for c in plan["chunks"]],
-        "model": {**model, "model_uri": storage.redact(model["model_uri"])},
-        "counts": {
-            "images": counts.images,
-            "ok": counts.images - counts.errors,
-            "errors": counts.errors,
-            "processed": stats["processed"],
-            "resumed": resumed,
-        },
-        "stats": now,
-        "drift": drift_result,
-        "timings": timings,
-        "errors": errors,
-        "config": public_config(config),
-        "config_yaml": dump_config(config),
-    }
-    manifest["output_objects"] = sum(1 for _ in storage.list_prefix(root, opts)) + 1  # + the manifest
-    manifest["peak_rss_mb"] = _peak_rss_mb()
-    storage.write_text(manifest_url, json.dumps(manifest, indent=1), opts)  # last: the run is complete
-    log_run(config, manifest, root, drift_bytes, opts)
-    return summary(manifest, "complete")

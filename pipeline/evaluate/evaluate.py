@@ -392,58 +392,17 @@ def evaluate(config, progress: bool = True) -> dict:
 
     started = time.perf_counter()
     options = config.evaluate
-    paper = options.protocol == "paper"
     opts = config.storage.options()
     models = load_models(config, opts)
     dataset = open_test_split(config, models.classes, models.image_size, opts, protocol=options.protocol)
     loader = make_loader(dataset, options.batch_size, min(config.data.loader_workers, len(dataset.urls)))
-
-    use_gpu = bool(config.trainer.use_gpu) and torch.cuda.is_available()
-    if config.trainer.use_gpu and not use_gpu:
-        log.warning("evaluate: trainer.use_gpu is set but CUDA is not available; running on the CPU")
-    device = torch.device("cuda" if use_gpu else "cpu")
+    device = _evaluation_device(config.trainer.use_gpu)
     models.to(device)
-    C = len(models.classes)
-
-    def probs(images: torch.Tensor) -> torch.Tensor:  # the Explanandum's sigmoid probabilities
-        with torch.no_grad():
-            return torch.sigmoid(models.explanandum(images))
-
-    def softmax_probs(images: torch.Tensor) -> torch.Tensor:  # the paper's: softmax over the classes
-        with torch.no_grad():
-            return models.explanandum(images).float().softmax(dim=1)
-
-    methods = options.chosen_methods()
-    makers = {name: _mask_maker(name, models, options, opts) for name in methods}
-    size = models.image_size
-    faithful = {
-        "steps": options.faithfulness_steps,
-        "tolerance": scaled(POINTING_TOLERANCE_AT_224, size)
-        if options.pointing_tolerance is None
-        else options.pointing_tolerance,
-        "blur_sigma": scaled(BLUR_SIGMA_AT_224, size)
-        if options.insertion_blur_sigma is None
-        else options.insertion_blur_sigma,
-    }
-    results = {
-        name: _MethodResult(
-            MetricAccumulator(),
-            ClassSpecificityAccumulator(C, rule=options.protocol)
-            if name in PER_CLASS_METHODS and not (paper and name in PRESENT_CLASS_METHODS)  # paper: every class
-            else None,
-            FaithfulnessAccumulator(**faithful, ranking=name not in CONSTANT_METHODS)
-            if options.faithfulness_images != 0
-            else None,
-        )
-        for name in methods
-    }
-    faithfulness_limit = math.inf if options.faithfulness_images is None else options.faithfulness_images
-    overlay_rows: list[dict] = []
+    run = _Run(models, options, opts, device)
     total = dataset.manifest["num_samples"]
     if options.max_images is not None:
         total = min(total, options.max_images)
-    num_images = skipped = seen = faithfulness_images = 0
-
+    seen = 0
     bar = progress_bar(total, "evaluate", unit="img", enabled=progress)
     try:
         for batch in loader:
@@ -452,179 +411,27 @@ def evaluate(config, progress: bool = True) -> dict:
             take = min(batch["image"].shape[0], total - seen)
             seen += take
             bar.update(take)
-            labels = batch["labels"][:take]
-            keep = labels.sum(1) > 0  # an image without a class has no mask to evaluate
-            skipped += int((~keep).sum())
-            if not keep.any():
-                continue
-            x = batch["image"][:take][keep].to(device)
-            y = labels[keep].to(device)
-            seg = batch["seg"][:take][keep].to(device)
-            keys = [k for k, kept in zip(batch["key"][:take], keep.tolist()) if kept]
-            if paper:  # the paper's ground truth: void and resized edges are object, every pixel counts
-                foreground = batch["paper_fg"][:take][keep].to(device)
-                valid = torch.ones_like(foreground)
-            else:
-                foreground, valid = foreground_and_valid(seg)
-            B = x.shape[0]
-            num_images += B
-            n_faithful = int(min(B, faithfulness_limit - faithfulness_images))
-            faithfulness_images += n_faithful
-
-            want_rows = max(0, options.overlay_images - len(overlay_rows))
-            new_rows = [
-                {
-                    "key": keys[i],
-                    "image": denormalize(x[i].float().cpu()).permute(1, 2, 0).numpy(),
-                    "seg": seg[i].cpu().numpy(),
-                    "labels": y[i].nonzero().flatten().tolist(),
-                    "class_masks": {},
-                    "merged": {},
-                }
-                for i in range(min(B, want_rows))
-            ]
-
-            for name in methods:
-                result = results[name]
-                # per-class masks of every class (of the present ones: PRESENT_CLASS_METHODS), timed
-                # (scoring below is not)
-                _sync(device)
-                tic = time.perf_counter()
-                maps = makers[name](x, seg, y)
-                _sync(device)
-                made = int((y > 0.5).sum()) if name in PRESENT_CLASS_METHODS else B * C
-                result.timings.append((time.perf_counter() - tic, made))
-
-                with torch.no_grad():
-                    maps = maps.float()
-                    # NaN rule, the one place masks enter scoring: a mask holding a NaN is 0 everywhere
-                    merged, merged_nan = zero_nan_masks(merge_present(maps, y))  # (B, H, W)
-                    maps, maps_nan = zero_nan_masks(maps)  # (B, C, H, W)
-                    result.nan_masks += int(merged_nan.sum())
-                    if result.specificity is not None:  # the per-class masks the matrix uses
-                        result.nan_masks += int((maps_nan if paper else maps_nan & (y > 0.5)).sum())
-                    if paper:
-                        if name == "ideal":  # the paper's "perfect" mask: its ground truth itself
-                            merged = foreground.float()
-                        scores = paper_segmentation_scores(merged, foreground)
-                        logits = models.explanandum(merged.unsqueeze(1) * x)  # f(m ⊙ x)
-                        scores["saliency"] = paper_saliency(merged, logits, y)
-                    else:
-                        scores = segmentation_scores(merged, foreground, valid)
-                        scores["saliency"] = saliency(merged, probs(merged.unsqueeze(1) * x), y)  # m ⊙ x
-                    result.scores.update(scores)
-                    result.add_f1(f1_at_thresholds(merged, foreground, valid))
-                    if result.specificity is not None:
-                        result.specificity.update(
-                            softmax_probs if paper else probs, x, y, maps, chunk_size=max(32, options.batch_size)
-                        )
-                    if result.faithfulness is not None and n_faithful > 0:  # sigmoid in either protocol
-                        result.faithfulness.update(
-                            probs, x[:n_faithful], y[:n_faithful], seg[:n_faithful], maps[:n_faithful]
-                        )
-                for i, row in enumerate(new_rows):
-                    if name == "explainer":
-                        row["class_masks"] = {k: maps[i, k].cpu().numpy() for k in row["labels"]}
-                    if name in OVERLAY_METHODS:
-                        row["merged"][name] = merged[i].cpu().numpy()
-                del maps, merged
-            overlay_rows.extend(new_rows)
-            if "explainer" in results:
-                running = results["explainer"].scores.compute()
+            run.add_batch(batch, take)
+            if "explainer" in run.results:
+                running = run.results["explainer"].scores.compute()
                 bar.set_postfix(
                     cont_iou=f"{running.get('c_iou', math.nan):.3f}", mean_f1=f"{running.get('d_f1', math.nan):.3f}"
                 )
     finally:
         bar.close()
-    if num_images == 0:
+    if run.num_images == 0:
         raise WysiwycError(
             f"evaluate: no test image of {storage.redact(dataset.manifest['url'])} has a "
-            f"ground-truth class ({skipped} without one): nothing to evaluate"
+            f"ground-truth class ({run.skipped} without one): nothing to evaluate"
         )
-
-    # ------------------------------------------------------------------ metrics.json
-    methods_out: dict[str, dict] = {}
-    specificity_out: dict[str, dict] = {}
-    curves: dict[str, dict] = {}
-    faithfulness_curves: dict[str, dict] = {}
-    for name, result in results.items():
-        means = result.scores.compute()
-        row = {out: means.get(key, math.nan) for key, out in METRIC_NAMES.items()}
-        row["masks_per_second"] = result.masks_per_second()
-        row["nan_masks"] = result.nan_masks
-        if result.faithfulness is not None and faithfulness_images:
-            row.update(result.faithfulness.means())
-            row["faithfulness_ci95"] = result.faithfulness.intervals()
-            if result.faithfulness.ranking:
-                faithfulness_curves[name] = result.faithfulness.mean_curves()
-        methods_out[name] = row
-        curves[name] = {"thresholds": list(F1_CURVE_THRESHOLDS), "f1": result.f1_curve()}
-        if result.specificity is not None:
-            matrix = result.specificity.matrix()
-            specificity_out[name] = {
-                "classes": list(models.classes),
-                "matrix": matrix.tolist(),
-                "gap": report.specificity_gap(matrix.tolist()),
-                "gap_ci95": list(result.specificity.gap_interval()),
-            }
-    state = models.checkpoint or {}
-    metrics = _jsonable(
-        {
-            "protocol": options.protocol,
-            "explainer_init": state.get("explainer_init", "unknown"),
-            "black_box": state.get("black_box"),
-            "methods": methods_out,
-            "class_specificity": specificity_out,
-            "num_images": num_images,
-            "f1_curve": curves,
-            "faithfulness": {
-                "images": faithfulness_images,
-                "steps": faithful["steps"],
-                "deletion_baseline": "0 in normalised space (the mean colour)",
-                "insertion_start": f"Gaussian blur, sigma {faithful['blur_sigma']:.2f} px",
-                "pointing_tolerance_px": faithful["tolerance"],
-                "probability": "sigmoid",
-            },
-            "faithfulness_curves": faithfulness_curves,
-        }
-    )
-
-    # ------------------------------------------------------------------ files
-    out = config.output
-    written: dict[str, str] = {}
-
-    def put(name: str, data: bytes) -> None:
-        url = storage.join(out, name)
-        storage.write_bytes(url, data, opts)
-        written[name] = url
-
-    put("metrics.json", json.dumps(metrics, indent=1, allow_nan=False).encode())
-    title = f"Evaluation of {storage.redact(models.explainer_uri)}"
-    put(
-        "metrics.md",
-        report.metrics_markdown(
-            metrics["methods"],
-            metrics["class_specificity"],
-            num_images,
-            title=title,
-            protocol=metrics["protocol"],
-            black_box=metrics["black_box"],
-        ).encode(),
-    )
-    put("f1_vs_threshold.png", report.f1_curve_png(metrics["f1_curve"]))
-    if metrics["faithfulness_curves"]:
-        put("faithfulness_curves.png", report.faithfulness_curves_png(metrics["faithfulness_curves"]))
-    for name, spec in metrics["class_specificity"].items():
-        put(f"class_specificity_{name}.png", report.class_specificity_png(spec["matrix"], spec["classes"], name))
-    put("overlays.png", report.overlays_png(overlay_rows, models.classes))
-    put("config.yaml", dump_config(config).encode())
-
+    metrics = run.metrics()
+    written = _write_outputs(config, metrics, models, run.overlay_rows, opts)
     return {
         "metrics": storage.redact(written["metrics.json"]),
         "report": storage.redact(written["metrics.md"]),
-        "output": storage.redact(out),
-        "num_images": num_images,
-        "skipped_unlabelled": skipped,
+        "output": storage.redact(config.output),
+        "num_images": run.num_images,
+        "skipped_unlabelled": run.skipped,
         "figures": [storage.redact(u) for n, u in written.items() if n.endswith(".png")],
         "explainer": storage.redact(models.explainer_uri),
         "explanandum": storage.redact(models.explanandum_uri),
@@ -637,3 +444,223 @@ def evaluate(config, progress: bool = True) -> dict:
             name: {"cont_iou": row["cont_iou"], "mean_f1": row["mean_f1"]} for name, row in metrics["methods"].items()
         },
     }
+
+
+def _evaluation_device(use_gpu: bool) -> torch.device:
+    """CUDA when asked for and present; the CPU otherwise (with a warning when it was asked for)."""
+    if use_gpu and not torch.cuda.is_available():
+        log.warning("evaluate: trainer.use_gpu is set but CUDA is not available; running on the CPU")
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+class _Run:
+    """The evaluation's accumulators over the test batches: every method's masks, scores and overlay rows."""
+
+    def __init__(self, models: Predictor, options: EvaluateConfig, opts, device: torch.device):
+        self.models, self.options, self.device = models, options, device
+        self.paper = options.protocol == "paper"
+        self.methods = options.chosen_methods()
+        self.makers = {name: _mask_maker(name, models, options, opts) for name in self.methods}
+        size = models.image_size
+        self.faithful = {
+            "steps": options.faithfulness_steps,
+            "tolerance": scaled(POINTING_TOLERANCE_AT_224, size)
+            if options.pointing_tolerance is None
+            else options.pointing_tolerance,
+            "blur_sigma": scaled(BLUR_SIGMA_AT_224, size)
+            if options.insertion_blur_sigma is None
+            else options.insertion_blur_sigma,
+        }
+        self.results = {name: self._accumulators(name, len(models.classes)) for name in self.methods}
+        limit = options.faithfulness_images
+        self.faithfulness_limit = math.inf if limit is None else limit
+        self.overlay_rows: list[dict] = []
+        self.num_images = self.skipped = self.faithfulness_images = 0
+
+    def _accumulators(self, name: str, num_classes: int) -> _MethodResult:
+        options = self.options
+        per_class = name in PER_CLASS_METHODS and not (
+            self.paper and name in PRESENT_CLASS_METHODS
+        )  # paper: every class
+        return _MethodResult(
+            MetricAccumulator(),
+            ClassSpecificityAccumulator(num_classes, rule=options.protocol) if per_class else None,
+            FaithfulnessAccumulator(**self.faithful, ranking=name not in CONSTANT_METHODS)
+            if options.faithfulness_images != 0
+            else None,
+        )
+
+    def probs(self, images: torch.Tensor) -> torch.Tensor:
+        """The Explanandum's sigmoid probabilities."""
+        with torch.no_grad():
+            return torch.sigmoid(self.models.explanandum(images))
+
+    def softmax_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """The paper's: softmax over the classes."""
+        with torch.no_grad():
+            return self.models.explanandum(images).float().softmax(dim=1)
+
+    def add_batch(self, batch: dict, take: int) -> None:
+        """The first ``take`` images of a test batch: those with a class, through every method."""
+        labels = batch["labels"][:take]
+        keep = labels.sum(1) > 0  # an image without a class has no mask to evaluate
+        self.skipped += int((~keep).sum())
+        if not keep.any():
+            return
+        device = self.device
+        x = batch["image"][:take][keep].to(device)
+        y = labels[keep].to(device)
+        seg = batch["seg"][:take][keep].to(device)
+        keys = [k for k, kept in zip(batch["key"][:take], keep.tolist()) if kept]
+        if self.paper:  # the paper's ground truth: void and resized edges are object, every pixel counts
+            foreground = batch["paper_fg"][:take][keep].to(device)
+            valid = torch.ones_like(foreground)
+        else:
+            foreground, valid = foreground_and_valid(seg)
+        B = x.shape[0]
+        self.num_images += B
+        n_faithful = int(min(B, self.faithfulness_limit - self.faithfulness_images))
+        self.faithfulness_images += n_faithful
+        want_rows = max(0, self.options.overlay_images - len(self.overlay_rows))
+        new_rows = [
+            {
+                "key": keys[i],
+                "image": denormalize(x[i].float().cpu()).permute(1, 2, 0).numpy(),
+                "seg": seg[i].cpu().numpy(),
+                "labels": y[i].nonzero().flatten().tolist(),
+                "class_masks": {},
+                "merged": {},
+            }
+            for i in range(min(B, want_rows))
+        ]
+        for name in self.methods:
+            self._add_method(name, x, y, seg, foreground, valid, n_faithful, new_rows)
+        self.overlay_rows.extend(new_rows)
+
+    def _add_method(self, name, x, y, seg, foreground, valid, n_faithful: int, rows: list[dict]) -> None:
+        """One method's per-class masks of a batch (of every class; of the present ones for
+        PRESENT_CLASS_METHODS), timed (scoring is not), then scored; its columns of the overlay rows."""
+        result, paper, device = self.results[name], self.paper, self.device
+        _sync(device)
+        tic = time.perf_counter()
+        maps = self.makers[name](x, seg, y)
+        _sync(device)
+        made = int((y > 0.5).sum()) if name in PRESENT_CLASS_METHODS else x.shape[0] * len(self.models.classes)
+        result.timings.append((time.perf_counter() - tic, made))
+
+        with torch.no_grad():
+            maps = maps.float()
+            # NaN rule, the one place masks enter scoring: a mask holding a NaN is 0 everywhere
+            merged, merged_nan = zero_nan_masks(merge_present(maps, y))  # (B, H, W)
+            maps, maps_nan = zero_nan_masks(maps)  # (B, C, H, W)
+            result.nan_masks += int(merged_nan.sum())
+            if result.specificity is not None:  # the per-class masks the matrix uses
+                result.nan_masks += int((maps_nan if paper else maps_nan & (y > 0.5)).sum())
+            if paper:
+                if name == "ideal":  # the paper's "perfect" mask: its ground truth itself
+                    merged = foreground.float()
+                scores = paper_segmentation_scores(merged, foreground)
+                logits = self.models.explanandum(merged.unsqueeze(1) * x)  # f(m ⊙ x)
+                scores["saliency"] = paper_saliency(merged, logits, y)
+            else:
+                scores = segmentation_scores(merged, foreground, valid)
+                scores["saliency"] = saliency(merged, self.probs(merged.unsqueeze(1) * x), y)  # m ⊙ x
+            result.scores.update(scores)
+            result.add_f1(f1_at_thresholds(merged, foreground, valid))
+            if result.specificity is not None:
+                result.specificity.update(
+                    self.softmax_probs if paper else self.probs,
+                    x,
+                    y,
+                    maps,
+                    chunk_size=max(32, self.options.batch_size),
+                )
+            if result.faithfulness is not None and n_faithful > 0:  # sigmoid in either protocol
+                result.faithfulness.update(
+                    self.probs, x[:n_faithful], y[:n_faithful], seg[:n_faithful], maps[:n_faithful]
+                )
+        for i, row in enumerate(rows):
+            if name == "explainer":
+                row["class_masks"] = {k: maps[i, k].cpu().numpy() for k in row["labels"]}
+            if name in OVERLAY_METHODS:
+                row["merged"][name] = merged[i].cpu().numpy()
+
+    def metrics(self) -> dict:
+        """metrics.json: every method's means, F1 curve, class specificity and faithfulness, JSON-safe."""
+        methods_out: dict[str, dict] = {}
+        specificity_out: dict[str, dict] = {}
+        curves: dict[str, dict] = {}
+        faithfulness_curves: dict[str, dict] = {}
+        for name, result in self.results.items():
+            means = result.scores.compute()
+            row = {out: means.get(key, math.nan) for key, out in METRIC_NAMES.items()}
+            row["masks_per_second"] = result.masks_per_second()
+            row["nan_masks"] = result.nan_masks
+            if result.faithfulness is not None and self.faithfulness_images:
+                row.update(result.faithfulness.means())
+                row["faithfulness_ci95"] = result.faithfulness.intervals()
+                if result.faithfulness.ranking:
+                    faithfulness_curves[name] = result.faithfulness.mean_curves()
+            methods_out[name] = row
+            curves[name] = {"thresholds": list(F1_CURVE_THRESHOLDS), "f1": result.f1_curve()}
+            if result.specificity is not None:
+                matrix = result.specificity.matrix()
+                specificity_out[name] = {
+                    "classes": list(self.models.classes),
+                    "matrix": matrix.tolist(),
+                    "gap": report.specificity_gap(matrix.tolist()),
+                    "gap_ci95": list(result.specificity.gap_interval()),
+                }
+        state = self.models.checkpoint or {}
+        return _jsonable(
+            {
+                "protocol": self.options.protocol,
+                "explainer_init": state.get("explainer_init", "unknown"),
+                "black_box": state.get("black_box"),
+                "methods": methods_out,
+                "class_specificity": specificity_out,
+                "num_images": self.num_images,
+                "f1_curve": curves,
+                "faithfulness": {
+                    "images": self.faithfulness_images,
+                    "steps": self.faithful["steps"],
+                    "deletion_baseline": "0 in normalised space (the mean colour)",
+                    "insertion_start": f"Gaussian blur, sigma {self.faithful['blur_sigma']:.2f} px",
+                    "pointing_tolerance_px": self.faithful["tolerance"],
+                    "probability": "sigmoid",
+                },
+                "faithfulness_curves": faithfulness_curves,
+            }
+        )
+
+
+def _write_outputs(config, metrics: dict, models: Predictor, overlay_rows: list[dict], opts) -> dict[str, str]:
+    """metrics.json, metrics.md, the figures and config.yaml under ``output``: ``{file name: URI}``."""
+    written: dict[str, str] = {}
+
+    def put(name: str, data: bytes) -> None:
+        url = storage.join(config.output, name)
+        storage.write_bytes(url, data, opts)
+        written[name] = url
+
+    put("metrics.json", json.dumps(metrics, indent=1, allow_nan=False).encode())
+    title = f"Evaluation of {storage.redact(models.explainer_uri)}"
+    put(
+        "metrics.md",
+        report.metrics_markdown(
+            metrics["methods"],
+            metrics["class_specificity"],
+            metrics["num_images"],
+            title=title,
+            protocol=metrics["protocol"],
+            black_box=metrics["black_box"],
+        ).encode(),
+    )
+    put("f1_vs_threshold.png", report.f1_curve_png(metrics["f1_curve"]))
+    if metrics["faithfulness_curves"]:
+        put("faithfulness_curves.png", report.faithfulness_curves_png(metrics["faithfulness_curves"]))
+    for name, spec in metrics["class_specificity"].items():
+        put(f"class_specificity_{name}.png", report.class_specificity_png(spec["matrix"], spec["classes"], name))
+    put("overlays.png", report.overlays_png(overlay_rows, models.classes))
+    put("config.yaml", dump_config(config).encode())
+    return written

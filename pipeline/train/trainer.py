@@ -34,6 +34,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,8 +42,8 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline import storage, tracking
-from pipeline.config import Config, dump_config
-from pipeline.data.shards import ShardDataset, make_loader, read_manifest
+from pipeline.config import Config, DataConfig, TrainerConfig, dump_config
+from pipeline.data.shards import ShardDataset, make_loader
 from pipeline.data.transforms import denormalize
 from pipeline.errors import WysiwycError
 from pipeline.figures import overlays_png
@@ -94,50 +95,48 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def step_context(config: Config, device: torch.device) -> StepContext:
+def step_context(trainer: TrainerConfig, device: torch.device) -> StepContext:
     """AMP as configured: ``trainer.amp`` on GPU, ``trainer.cpu_amp`` on CPU; channels_last on both."""
     on_gpu = device.type == "cuda"
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    cpu_amp = config.trainer.cpu_amp
+    cpu_amp = trainer.cpu_amp
     if cpu_amp == "auto":
         cpu_amp = "bf16" if cpu_has_native_bf16() else "off"
-    amp = dtypes.get(config.trainer.amp if on_gpu else cpu_amp)
+    amp = dtypes.get(trainer.amp if on_gpu else cpu_amp)
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     return StepContext(
         device=device,
         amp_dtype=amp,
         scaler=scaler,
-        grad_accum=config.trainer.grad_accum,
-        channels_last=config.trainer.channels_last,
+        grad_accum=trainer.grad_accum,
+        channels_last=trainer.channels_last,
     )
 
 
-def _device(config: Config) -> torch.device:
-    if config.trainer.use_gpu:
+def _device(use_gpu: bool) -> torch.device:
+    if use_gpu:
         if not torch.cuda.is_available():
             raise WysiwycError("trainer.use_gpu is true but no CUDA device is visible: set trainer.use_gpu=false")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _datasets(config: Config, rank: int, world: int):
-    opts = config.storage.options()
-    if not config.data.train:
+def _datasets(data: DataConfig, seed: int, rank: int, world: int, opts):
+    """The training split of this rank and the validation split (or None)."""
+    if not data.train:
         raise WysiwycError("data.train is not set: give the train split (OUT/train or its manifest URL)")
     common = dict(
-        image_size=config.data.image_size,
-        seed=config.trainer.seed,
+        image_size=data.image_size,
+        seed=seed,
         rank=rank,
         world_size=world,
         opts=opts,
-        classes=config.data.classes,
+        classes=data.classes,
     )
-    train = ShardDataset(
-        config.data.train, train=True, flip=config.data.flip, shuffle_buffer=config.data.shuffle_buffer, **common
-    )
+    train = ShardDataset(data.train, train=True, flip=data.flip, shuffle_buffer=data.shuffle_buffer, **common)
     # validation only evaluates (no gradient all-reduce), so it may have fewer shards than ranks:
     # ranks past the last shard evaluate nothing and add zero counts to the all-reduced Stats
-    val = ShardDataset(config.data.val, train=False, allow_idle_ranks=True, **common) if config.data.val else None
+    val = ShardDataset(data.val, train=False, allow_idle_ranks=True, **common) if data.val else None
     if val is not None and val.classes != train.classes:
         raise WysiwycError(f"data.val classes {val.classes} differ from data.train classes {train.classes}")
     return train, val
@@ -365,213 +364,250 @@ def worker_loop(
         The summary: ``run_name``, ``mlflow_run_id``, ``epochs``, ``steps``, ``stopped_early``,
         ``resumed_from_epoch``, ``best_loss``, ``final`` (last epoch's metrics), ``seconds``.
     """
-    rank, world, name = run.rank, run.world, run.name
-    seed_everything(config.trainer.seed + rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    device = _device(config)
-    train_ds, val_ds = _datasets(config, rank, world)
-    classes = train_ds.classes
-    model, params, make_loss, extra, make_distill = _build(kind, config, classes, device)
-    ctx = step_context(config, device)
-    if ctx.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    t = config.trainer
-    # explainer.init=distilled: the first epochs distil the Explanandum's outputs, then trainer.epochs of L_E
-    distill_epochs = config.explainer.distill_epochs if make_distill is not None else 0
-    total_epochs = distill_epochs + t.epochs
-    scheduler = build_scheduler(
-        optimizer,
-        config.optim.schedule,
-        config.optim.warmup_steps,
-        total_optimizer_steps(
-            total_epochs, train_ds.manifest["num_samples"], world, t.batch_size, t.grad_accum, t.max_steps
-        ),
-    )
-
-    history, epoch0, step, best_loss, stale, mlflow_run_id = [], 0, 0, math.inf, 0, None
-    resumed = run.latest()
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        if scheduler is not None and resumed.get("scheduler"):
-            scheduler.load_state_dict(resumed["scheduler"])
-        if ctx.scaler is not None and resumed.get("scaler"):
-            ctx.scaler.load_state_dict(resumed["scaler"])
-        epoch0, step = resumed["epoch"] + 1, resumed["step"]
-        history = json.loads(resumed["history"])
-        best_loss, stale = resumed["best_loss"], resumed["stale_epochs"]
-        mlflow_run_id = resumed.get("mlflow_run_id") or None
-        log.info("rank %d: resuming %s from epoch %d, step %d", rank, name, epoch0, step)
-
-    # DDP averages gradients across ranks (gloo on CPU, NCCL on GPU: the process group is Ray's)
-    trained = model
-    if _distributed(world):
-        # distillation leaves the decoder without gradients: DDP must look for unused parameters then
-        trained = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=distill_epochs > 0,
-        )
-    loss_fn = make_loss(trained, ctx)
-    distill_fn = make_distill(trained, ctx) if make_distill is not None else None
-    val_distill_fn = make_distill(model, ctx) if make_distill is not None else None
-    # validation through the plain module: a DDP forward may broadcast buffers, a collective that
-    # ranks with fewer (or no) validation batches would never join; with segmentation on the validation
-    # split the Explainer's masks are also scored against it (val_c_iou, val_d_f1, val_c_f1)
-    val_loss_fn = make_loss(model, ctx, bool(val_ds is not None and val_ds.manifest.get("has_segmentation")))
-
-    tracker = None
+    loop = _Training(kind, config, run, progress)
+    state = loop.resume()
+    resumed_from = state.epoch if state.resumed else None
+    tracker = loop.open_tracker(where, state.mlflow_run_id) if run.rank == 0 else None
     fixed = None
-    if rank == 0:
-        run.write("config.yaml", dump_config(config))
-        if where is not None:
-            tracker = tracking.Tracker(where, name, mlflow_run_id, tracking.journal_url(run.root), run.opts)
-            mlflow_run_id = tracker.run_id or mlflow_run_id
-            tracker.log_params(
-                {**tracking.flatten(ckpt.public_config(config)), "run.kind": kind, "run.world_size": str(world)}
-            )
-            tracker.log_input(train_ds.manifest, "training")
-            if val_ds is not None:
-                tracker.log_input(val_ds.manifest, "validation")
-            tracker.log_bytes(dump_config(config).encode(), "config.yaml")
-            if kind == "explainer":
-                fixed = _fixed_images(config, classes, config.tracking.overlay_images)
-
-    workers = config.data.loader_workers
-    train_loader = make_loader(train_ds, config.trainer.batch_size, min(workers, len(train_ds.urls) // world))
-    val_loader = (
-        make_loader(val_ds, config.trainer.batch_size, min(workers, len(val_ds.urls) // world))
-        if val_ds is not None
-        else None
-    )
-    total = read_manifest(config.data.train, config.storage.options())["num_samples"]
-    started = time.perf_counter()
-    stopped_early = False
-    status = "FAILED"
+    if tracker is not None and kind == "explainer":
+        fixed = _fixed_images(config, loop.classes, config.tracking.overlay_images)
+    started, stopped_early, status = time.perf_counter(), False, "FAILED"
     try:
-        for epoch in range(epoch0, total_epochs):
-            if config.trainer.max_steps is not None and step >= config.trainer.max_steps:
+        for epoch in range(state.epoch, loop.total_epochs):
+            if config.trainer.max_steps is not None and state.step >= config.trainer.max_steps:
                 break
             if on_epoch_start is not None:
-                on_epoch_start(epoch, rank)
-            train_ds.set_epoch(epoch)
-            distilling = epoch < distill_epochs
-            prefix = "distill_" if distilling else ""  # distillation's metrics keep names of their own
-            title = (
-                f"distil epoch {epoch + 1}/{distill_epochs}"
-                if distilling
-                else f"{kind} epoch {epoch + 1 - distill_epochs}/{config.trainer.epochs}"
-            )
-            bar = progress_bar(
-                math.ceil(total / world / config.trainer.batch_size), title, "batch", enabled=progress and rank == 0
-            )
-
-            def on_step(global_step: int, metrics: dict, bar=bar, prefix=prefix) -> None:
-                bar.update(ctx.grad_accum)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if tracker is not None:  # rank 0's own batch: every loss term, per step
-                    tracker.log_step(global_step, {prefix + k: v for k, v in metrics.items()})
-
-            stats, step, timing = train_one_epoch(
-                distill_fn if distilling else loss_fn,
-                [trained],
-                params,
-                _even_batches(train_loader, world),
-                optimizer,
-                ctx,
-                max_steps=config.trainer.max_steps,
-                on_step=on_step,
-                start_step=step,
-                scheduler=scheduler,
-            )
-            bar.close()
-            stats, timing = _all_reduce_stats(stats, world), _all_reduce_timing(timing, world)
-            record = {
-                "epoch": epoch + 1,
-                "step": step,
-                **{f"{prefix}train_{k}": v for k, v in stats.compute().items()},
-                "images_per_second": timing["images"] / max(timing["seconds"], 1e-9),
-                "data_wait_share": timing["data_seconds"] / max(timing["seconds"], 1e-9),
-            }
-            if val_loader is not None:
-                val = _all_reduce_stats(
-                    evaluate_epoch(val_distill_fn if distilling else val_loss_fn, [model], val_loader, ctx), world
-                )
-                record.update({f"{prefix}val_{k}": v for k, v in val.compute().items()})
-            if distilling:  # no checkpoint of this phase is "best" (L_E has not started); finite, because
-                # Ray's run snapshot stores inf as null and a resumed run cannot rank a null score
-                monitored, improved = DISTILLATION_SCORE, False
-            else:
-                monitored = record.get("val_loss", record["train_loss"])
-                improved = monitored < best_loss - config.trainer.min_delta
-                best_loss, stale = (monitored, 0) if improved else (best_loss, stale + 1)
-            history.append(record)
-            log.info(
-                "%s epoch %d: %s",
-                kind,
-                epoch + 1,
-                ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)),
-            )
-            state = None
-            if rank == 0:
+                on_epoch_start(epoch, run.rank)
+            record = loop.train_epoch(epoch, state, tracker)
+            monitored, improved = state.score(record, loop.distilling(epoch), config.trainer.min_delta)
+            state.history.append(record)
+            log.info("%s epoch %d: %s", kind, epoch + 1, _metrics_text(record))
+            checkpoint = None
+            if run.rank == 0:
                 if tracker is not None:  # a run created while the server was away has its id now
-                    mlflow_run_id = tracker.run_id or mlflow_run_id
-                state = {
-                    "kind": kind,
-                    "classes": classes,
-                    "image_size": config.data.image_size,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                    "scaler": ctx.scaler.state_dict() if ctx.scaler else {},
-                    "epoch": epoch,
-                    "step": step,
-                    "config": ckpt.public_config(config),
-                    "metrics": record,
-                    "history": json.dumps(history),
-                    "best_loss": best_loss,
-                    "stale_epochs": stale,
-                    "mlflow_run_id": mlflow_run_id or "",
-                    **extra,
-                }
-                run.write("history.json", json.dumps(history, indent=1))
+                    state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
+                checkpoint = loop.checkpoint(epoch, record, state)
+                run.write("history.json", json.dumps(state.history, indent=1))
             if tracker is not None:  # before the report: a trial that Tune stops at it still has this epoch in
                 # MLflow; while the server is away the record waits in the queue (one probe, it never raises)
-                tracker.log_epoch(step, record)
-            run.commit(state, {**record, "monitored_loss": monitored}, improved)
+                tracker.log_epoch(state.step, record)
+            run.commit(checkpoint, {**record, "monitored_loss": monitored}, improved)
             if tracker is not None:  # after the checkpoint: a tracking outage never costs the epoch
-                if fixed is not None and not distilling:
-                    tracker.log_bytes(_overlay_png(model, fixed, classes, ctx), f"overlays/epoch_{epoch + 1:03d}.png")
+                if fixed is not None and not loop.distilling(epoch):
+                    overlay = _overlay_png(loop.model, fixed, loop.classes, loop.ctx)
+                    tracker.log_bytes(overlay, f"overlays/epoch_{epoch + 1:03d}.png")
                 tracker.save()
-            if config.trainer.patience is not None and stale >= config.trainer.patience:
+            if config.trainer.patience is not None and state.stale >= config.trainer.patience:
                 stopped_early = True
-                log.info(
-                    "early stop: no improvement of %s for %d epochs",
-                    "val_loss" if val_loader is not None else "train_loss",
-                    stale,
-                )
+                what = "val_loss" if loop.val_loader is not None else "train_loss"
+                log.info("early stop: no improvement of %s for %d epochs", what, state.stale)
                 break
         status = "FINISHED"
     finally:
         if tracker is not None:
             tracker.end(status)
-            mlflow_run_id = tracker.run_id or mlflow_run_id
+            state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
 
-    if not history:
-        raise WysiwycError(f"run {name} trained no epoch (trainer.epochs={config.trainer.epochs} already done?)")
-    final = history[-1]
+    if not state.history:
+        raise WysiwycError(f"run {run.name} trained no epoch (trainer.epochs={config.trainer.epochs} already done?)")
+    final = state.history[-1]
     return {
-        "run_name": name,
-        "mlflow_run_id": mlflow_run_id,
+        "run_name": run.name,
+        "mlflow_run_id": state.mlflow_run_id,
         "epochs": final["epoch"],
         "steps": final["step"],
         "stopped_early": stopped_early,
-        "resumed_from_epoch": epoch0 if resumed is not None else None,
-        "best_loss": round(best_loss, 5),
+        "resumed_from_epoch": resumed_from,
+        "best_loss": round(state.best_loss, 5),
         "final": {k: round(v, 4) for k, v in final.items() if isinstance(v, float)},
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _metrics_text(record: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+
+
+@dataclass
+class _RunState:
+    """Where a run stands: the next epoch (0-based), the step, the history and the early-stopping count;
+    from the checkpoint it resumes, or the start."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    best_loss: float = math.inf
+    stale: int = 0
+    mlflow_run_id: str | None = None
+    resumed: bool = False
+
+    def score(self, record: dict, distilling: bool, min_delta: float) -> tuple[float, bool]:
+        """``(monitored loss, improved)`` of an epoch's record; updates the best loss and the stale count."""
+        if distilling:  # no checkpoint of this phase is "best" (L_E has not started); finite, because
+            # Ray's run snapshot stores inf as null and a resumed run cannot rank a null score
+            return DISTILLATION_SCORE, False
+        monitored = record.get("val_loss", record["train_loss"])
+        improved = monitored < self.best_loss - min_delta
+        self.best_loss, self.stale = (monitored, 0) if improved else (self.best_loss, self.stale + 1)
+        return monitored, improved
+
+
+class _Training:
+    """One rank's model, optimizer, schedule, data and losses, set up from the config (:func:`worker_loop`)."""
+
+    def __init__(self, kind: str, config: Config, run, progress: bool):
+        self.kind, self.config, self.run, self.progress = kind, config, run, progress
+        rank, world = run.rank, run.world
+        seed_everything(config.trainer.seed + rank)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        device = _device(config.trainer.use_gpu)
+        self.train_ds, val_ds = _datasets(config.data, config.trainer.seed, rank, world, config.storage.options())
+        self.classes = self.train_ds.classes
+        model, self.params, make_loss, self.extra, make_distill = _build(kind, config, self.classes, device)
+        self.ctx = step_context(config.trainer, device)
+        self.model = model.to(memory_format=torch.channels_last) if self.ctx.channels_last else model
+        t = config.trainer
+        self.optimizer = torch.optim.Adam(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        # explainer.init=distilled: the first epochs distil the Explanandum's outputs, then trainer.epochs of L_E
+        self.distill_epochs = config.explainer.distill_epochs if make_distill is not None else 0
+        self.total_epochs = self.distill_epochs + t.epochs
+        self.num_samples = self.train_ds.manifest["num_samples"]
+        steps = total_optimizer_steps(
+            self.total_epochs, self.num_samples, world, t.batch_size, t.grad_accum, t.max_steps
+        )
+        self.scheduler = build_scheduler(self.optimizer, config.optim.schedule, config.optim.warmup_steps, steps)
+        # DDP averages gradients across ranks (gloo on CPU, NCCL on GPU: the process group is Ray's)
+        self.trained = self.model
+        if _distributed(world):
+            # distillation leaves the decoder without gradients: DDP must look for unused parameters then
+            self.trained = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=self.distill_epochs > 0,
+            )
+        self.loss_fn = make_loss(self.trained, self.ctx)
+        self.distill_fn = make_distill(self.trained, self.ctx) if make_distill is not None else None
+        self.val_distill_fn = make_distill(self.model, self.ctx) if make_distill is not None else None
+        # validation through the plain module: a DDP forward may broadcast buffers, a collective that
+        # ranks with fewer (or no) validation batches would never join; with segmentation on the validation
+        # split the Explainer's masks are also scored against it (val_c_iou, val_d_f1, val_c_f1)
+        segmented = bool(val_ds is not None and val_ds.manifest.get("has_segmentation"))
+        self.val_loss_fn = make_loss(self.model, self.ctx, segmented)
+        workers = config.data.loader_workers
+        self.train_loader = make_loader(self.train_ds, t.batch_size, min(workers, len(self.train_ds.urls) // world))
+        self.val_loader = (
+            make_loader(val_ds, t.batch_size, min(workers, len(val_ds.urls) // world)) if val_ds is not None else None
+        )
+        self.val_ds = val_ds
+
+    def distilling(self, epoch: int) -> bool:
+        return epoch < self.distill_epochs
+
+    def resume(self) -> _RunState:
+        """The latest checkpoint's weights, optimizer, schedule and progress, or a fresh start."""
+        resumed = self.run.latest()
+        if resumed is None:
+            return _RunState()
+        self.model.load_state_dict(resumed["model"])
+        self.optimizer.load_state_dict(resumed["optimizer"])
+        if self.scheduler is not None and resumed.get("scheduler"):
+            self.scheduler.load_state_dict(resumed["scheduler"])
+        if self.ctx.scaler is not None and resumed.get("scaler"):
+            self.ctx.scaler.load_state_dict(resumed["scaler"])
+        state = _RunState(
+            epoch=resumed["epoch"] + 1,
+            step=resumed["step"],
+            history=json.loads(resumed["history"]),
+            best_loss=resumed["best_loss"],
+            stale=resumed["stale_epochs"],
+            mlflow_run_id=resumed.get("mlflow_run_id") or None,
+            resumed=True,
+        )
+        log.info("rank %d: resuming %s from epoch %d, step %d", self.run.rank, self.run.name, state.epoch, state.step)
+        return state
+
+    def open_tracker(self, where: tracking.Where | None, mlflow_run_id: str | None) -> tracking.Tracker | None:
+        """Rank 0: the run's config.yaml, and its MLflow run (params, inputs, config) when tracking is on."""
+        config, run = self.config, self.run
+        run.write("config.yaml", dump_config(config))
+        if where is None:
+            return None
+        tracker = tracking.Tracker(where, run.name, mlflow_run_id, tracking.journal_url(run.root), run.opts)
+        params = tracking.flatten(ckpt.public_config(config))
+        tracker.log_params({**params, "run.kind": self.kind, "run.world_size": str(run.world)})
+        tracker.log_input(self.train_ds.manifest, "training")
+        if self.val_ds is not None:
+            tracker.log_input(self.val_ds.manifest, "validation")
+        tracker.log_bytes(dump_config(config).encode(), "config.yaml")
+        return tracker
+
+    def train_epoch(self, epoch: int, state: _RunState, tracker: tracking.Tracker | None) -> dict:
+        """One epoch of training (distillation or the run's loss) and validation: the epoch's record."""
+        world, t = self.run.world, self.config.trainer
+        self.train_ds.set_epoch(epoch)
+        distilling = self.distilling(epoch)
+        prefix = "distill_" if distilling else ""  # distillation's metrics keep names of their own
+        title = (
+            f"distil epoch {epoch + 1}/{self.distill_epochs}"
+            if distilling
+            else f"{self.kind} epoch {epoch + 1 - self.distill_epochs}/{t.epochs}"
+        )
+        batches = math.ceil(self.num_samples / world / t.batch_size)
+        bar = progress_bar(batches, title, "batch", enabled=self.progress and self.run.rank == 0)
+
+        def on_step(global_step: int, metrics: dict) -> None:
+            bar.update(self.ctx.grad_accum)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if tracker is not None:  # rank 0's own batch: every loss term, per step
+                tracker.log_step(global_step, {prefix + k: v for k, v in metrics.items()})
+
+        stats, state.step, timing = train_one_epoch(
+            self.distill_fn if distilling else self.loss_fn,
+            [self.trained],
+            self.params,
+            _even_batches(self.train_loader, world),
+            self.optimizer,
+            self.ctx,
+            max_steps=t.max_steps,
+            on_step=on_step,
+            start_step=state.step,
+            scheduler=self.scheduler,
+        )
+        bar.close()
+        stats, timing = _all_reduce_stats(stats, world), _all_reduce_timing(timing, world)
+        record = {
+            "epoch": epoch + 1,
+            "step": state.step,
+            **{f"{prefix}train_{k}": v for k, v in stats.compute().items()},
+            "images_per_second": timing["images"] / max(timing["seconds"], 1e-9),
+            "data_wait_share": timing["data_seconds"] / max(timing["seconds"], 1e-9),
+        }
+        if self.val_loader is not None:
+            val_fn = self.val_distill_fn if distilling else self.val_loss_fn
+            val = _all_reduce_stats(evaluate_epoch(val_fn, [self.model], self.val_loader, self.ctx), world)
+            record.update({f"{prefix}val_{k}": v for k, v in val.compute().items()})
+        return record
+
+    def checkpoint(self, epoch: int, record: dict, state: _RunState) -> dict:
+        """Rank 0's checkpoint after an epoch: weights, optimizer, schedule, progress, config, metrics."""
+        return {
+            "kind": self.kind,
+            "classes": self.classes,
+            "image_size": self.config.data.image_size,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler else {},
+            "epoch": epoch,
+            "step": state.step,
+            "config": ckpt.public_config(self.config),
+            "metrics": record,
+            "history": json.dumps(state.history),
+            "best_loss": state.best_loss,
+            "stale_epochs": state.stale,
+            "mlflow_run_id": state.mlflow_run_id or "",
+            **self.extra,
+        }
 
 
 def fit(kind: str, config: Config, rank: int = 0, world: int = 1, progress: bool = True) -> dict:

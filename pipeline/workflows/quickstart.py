@@ -287,44 +287,12 @@ def run_quickstart(
     )
     evaluation = stage("evaluate", lambda: evaluate(evaluate_cfg, progress=True))
     metrics = json.loads(storage.read_bytes(storage.join(evaluation_dir, "metrics.json"), opts))
-    explainer_metrics = {
-        f"eval_{k}": float(v)
-        for k, v in metrics["methods"]["explainer"].items()
-        if isinstance(v, (int, float)) and math.isfinite(v)
-    }  # for the registry
 
-    def register_both() -> dict:  # the classifier first: the Explainer's version records the classifier's
-        clf = register_classifier(classifier["checkpoint"], CLASSIFIER_NAME, evaluate_cfg)
-        expl = register_checkpoint(explainer["checkpoint"], MODEL_NAME, evaluate_cfg, extra_metrics=explainer_metrics)
-        return {**expl, "classifier": clf}
-
-    registered = stage("register", register_both)
-    gate = evaluate_cfg.registry.gate
-
-    def gate_and_promote() -> dict:
-        """The classifier and its Explainer go to @champion together; when the gate refuses the Explainer, the
-        classifier goes back too (the champion pair of an earlier quickstart stays, if there is one)."""
-        clf = promote(CLASSIFIER_NAME, registered["classifier"]["version"], evaluate_cfg)
-        try:
-            return promote(MODEL_NAME, registered["version"], evaluate_cfg, str(gate))
-        except WysiwycError as exc:
-            if clf["previous_champion"] not in (None, clf["version"]):
-                rollback(CLASSIFIER_NAME, evaluate_cfg)
-            return {"refused": str(exc)}
-
-    promoted = stage("promote", gate_and_promote)
-    try:
-        _, champion = resolve_model(f"models:/{MODEL_NAME}@champion", place.tracking_uri)
-    except WysiwycError:
-        raise WysiwycError(
-            f"quickstart: the gate refused the new Explainer and there is no earlier champion "
-            f"to attribute with: {promoted['refused']}"
-        ) from None
-    promotion = (
-        f"v{champion} is @champion"
-        if "refused" not in promoted
-        else f"v{registered['version']} refused by the gate, v{champion} stays @champion: {promoted['refused']}"
+    registered = stage(
+        "register", lambda: _register_both(classifier["checkpoint"], explainer["checkpoint"], evaluate_cfg, metrics)
     )
+    promoted = stage("promote", lambda: _gate_and_promote(registered, evaluate_cfg))
+    champion, promotion = _champion(place, registered, promoted)
 
     attribute_cfg = _config(
         place,
@@ -379,6 +347,45 @@ def run_quickstart(
         "timings": timings,
         "mlflow_ui": _mlflow_ui(place),
     }
+
+
+def _register_both(classifier: str, explainer: str, config, metrics: dict) -> dict:
+    """The classifier first (the Explainer's version records the classifier's), then the Explainer with its
+    evaluation's numbers."""
+    explainer_metrics = {
+        f"eval_{k}": float(v)
+        for k, v in metrics["methods"]["explainer"].items()
+        if isinstance(v, (int, float)) and math.isfinite(v)
+    }
+    clf = register_classifier(classifier, CLASSIFIER_NAME, config)
+    expl = register_checkpoint(explainer, MODEL_NAME, config, extra_metrics=explainer_metrics)
+    return {**expl, "classifier": clf}
+
+
+def _gate_and_promote(registered: dict, config) -> dict:
+    """The classifier and its Explainer go to @champion together; when the gate refuses the Explainer, the
+    classifier goes back too (the champion pair of an earlier quickstart stays, if there is one)."""
+    clf = promote(CLASSIFIER_NAME, registered["classifier"]["version"], config)
+    try:
+        return promote(MODEL_NAME, registered["version"], config, str(config.registry.gate))
+    except WysiwycError as exc:
+        if clf["previous_champion"] not in (None, clf["version"]):
+            rollback(CLASSIFIER_NAME, config)
+        return {"refused": str(exc)}
+
+
+def _champion(place: Place, registered: dict, promoted: dict) -> tuple[str, str]:
+    """``(the @champion version, a line saying how it got there)``; an error when there is none."""
+    try:
+        _, champion = resolve_model(f"models:/{MODEL_NAME}@champion", place.tracking_uri)
+    except WysiwycError:
+        raise WysiwycError(
+            f"quickstart: the gate refused the new Explainer and there is no earlier champion "
+            f"to attribute with: {promoted['refused']}"
+        ) from None
+    if "refused" not in promoted:
+        return champion, f"v{champion} is @champion"
+    return champion, f"v{registered['version']} refused by the gate, v{champion} stays @champion: {promoted['refused']}"
 
 
 def _mlflow_ui(place: Place) -> str:

@@ -334,58 +334,12 @@ def run_sanity(config, progress: bool = True) -> dict:
 
     name = f"{run_name('explainer', config)}-sanity"
     root = storage.join(config.trainer.storage, name)
-    state_url = storage.join(root, STATE_FILE)
-    state = json.loads(storage.read_text(state_url, opts)) if storage.exists(state_url, opts) else {}
-
-    def save() -> None:
-        storage.write_text(state_url, json.dumps(state, indent=1), opts)
-
-    tracker = None
-    if config.tracking.enabled:  # nested under the evaluated Explainer's run
-        nested = config.model_copy(deep=True)
-        nested.tracking.parent_run_id = (real.checkpoint or {}).get("mlflow_run_id") or None
-        where = tracking.resolve(nested, name)
-        tracker = tracking.Tracker(where, name, state.get("mlflow_run_id"), tracking.journal_url(root), opts)
-        tracker.set_tags({"wysiwyc.sanity_of": storage.redact(real.explainer_uri)})
-        tracker.log_params(
-            {
-                "explainer.checkpoint": storage.redact(real.explainer_uri),
-                "explanandum.checkpoint": storage.redact(real.explanandum_uri),
-                **{f"sanity.{k}": str(v) for k, v in s.model_dump().items()},
-            }
-        )
-        state["mlflow_run_id"] = tracker.run_id or state.get("mlflow_run_id")
-    parent = state.get("mlflow_run_id")
-
+    progress_file = _Progress(storage.join(root, STATE_FILE), opts)
+    state = progress_file.state
+    tracker = _sanity_tracker(config, real, name, root, state, opts) if config.tracking.enabled else None
     status = "FAILED"
     try:
-        if "randomized_classifier" not in state:
-            url, names = _randomized_classifier(
-                real.explanandum_uri, storage.join(root, "randomized_classifier.pt"), s.randomized_layers, s.seed, opts
-            )
-            state.update(randomized_classifier=url, randomized_layers=names)
-            save()
-        if "permuted_classifier" not in state:
-            classifier_state, _ = ckpt.load_checkpoint(real.explanandum_uri, opts)
-            state["permuted_classifier"] = _permuted_classifier(
-                config, classifier_state, root, f"{name}-permuted-classifier", parent, opts
-            )
-            save()
-        explainers = state.setdefault("explainers", {})
-        for variant, classifier in (
-            ("randomized", state["randomized_classifier"]),
-            ("permuted_labels", state["permuted_classifier"]),
-        ):
-            if variant in explainers:
-                continue
-            cfg = config.model_copy(deep=True)
-            cfg.explanandum.checkpoint = classifier
-            cfg.explainer.checkpoint = None
-            cfg.trainer.run_name = f"{name}-{variant}"
-            cfg.tracking.parent_run_id = parent
-            explainers[variant] = train_explainer(cfg)["checkpoint"]
-            save()
-
+        explainers = _control_explainers(config, real, name, root, progress_file, opts)
         use_gpu = bool(config.trainer.use_gpu) and torch.cuda.is_available()
         device = torch.device("cuda" if use_gpu else "cpu")
         real.to(device)
@@ -407,20 +361,10 @@ def run_sanity(config, progress: bool = True) -> dict:
         if tracker is not None and status == "FAILED":
             tracker.end(status)
 
-    def describe(v: str) -> str:
-        row = scores[v]
-        return f"{v}: Spearman {row['spearman']:.2f}, SSIM {row['ssim']:.2f}, cont. IoU {row['cont_iou']:.3f}"
-
     bound = checks["randomized"]["iou_bound"]
-    line = (
-        f"{'PASSED' if passed else 'FAILED'}: real cont. IoU {scores['real']['cont_iou']:.3f} "
-        f"(constant 1: {scores['ones']['cont_iou']:.3f}, bound {bound:.3f}); "
-        + "; ".join(describe(v) for v in VARIANTS)
-        + f" (needs Spearman < {s.max_spearman} and cont. IoU ≤ {bound:.3f})"
-    )
     result = {
         "passed": passed,
-        "verdict": line,
+        "verdict": _verdict_line(passed, scores, bound, s.max_spearman),
         "real": {**scores["real"], "checkpoint": storage.redact(real.explainer_uri)},
         **{v: {**scores[v], **checks[v], "checkpoint": storage.redact(explainers[v])} for v in VARIANTS},
         "ones": scores["ones"],
@@ -433,7 +377,7 @@ def run_sanity(config, progress: bool = True) -> dict:
             "permuted_labels": storage.redact(state["permuted_classifier"]),
         },
         "output": storage.redact(root),
-        "mlflow_run_id": parent,
+        "mlflow_run_id": state.get("mlflow_run_id"),
     }
     result = _jsonable(result)  # NaN → null
     storage.write_text(storage.join(root, "result.json"), json.dumps(result, indent=1), opts)
@@ -447,3 +391,79 @@ def run_sanity(config, progress: bool = True) -> dict:
         tracker.end("FINISHED")
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+class _Progress:
+    """The check's progress file (which classifiers and Explainers exist): a rerun resumes from it."""
+
+    def __init__(self, url: str, opts):
+        self.url, self.opts = url, opts
+        self.state: dict = json.loads(storage.read_text(url, opts)) if storage.exists(url, opts) else {}
+
+    def save(self) -> None:
+        storage.write_text(self.url, json.dumps(self.state, indent=1), self.opts)
+
+
+def _sanity_tracker(config, real, name: str, root: str, state: dict, opts) -> tracking.Tracker:
+    """The check's MLflow run, nested under the evaluated Explainer's run; its id goes into ``state``."""
+    nested = config.model_copy(deep=True)
+    nested.tracking.parent_run_id = (real.checkpoint or {}).get("mlflow_run_id") or None
+    where = tracking.resolve(nested, name)
+    tracker = tracking.Tracker(where, name, state.get("mlflow_run_id"), tracking.journal_url(root), opts)
+    tracker.set_tags({"wysiwyc.sanity_of": storage.redact(real.explainer_uri)})
+    tracker.log_params(
+        {
+            "explainer.checkpoint": storage.redact(real.explainer_uri),
+            "explanandum.checkpoint": storage.redact(real.explanandum_uri),
+            **{f"sanity.{k}": str(v) for k, v in config.sanity.model_dump().items()},
+        }
+    )
+    state["mlflow_run_id"] = tracker.run_id or state.get("mlflow_run_id")
+    return tracker
+
+
+def _control_explainers(config, real, name: str, root: str, progress: _Progress, opts) -> dict[str, str]:
+    """The randomized and the permuted-labels classifier, and an Explainer retrained for each (what is done
+    already is taken from the progress file): ``{variant: Explainer checkpoint URI}``."""
+    s, state = config.sanity, progress.state
+    parent = state.get("mlflow_run_id")
+    if "randomized_classifier" not in state:
+        url, names = _randomized_classifier(
+            real.explanandum_uri, storage.join(root, "randomized_classifier.pt"), s.randomized_layers, s.seed, opts
+        )
+        state.update(randomized_classifier=url, randomized_layers=names)
+        progress.save()
+    if "permuted_classifier" not in state:
+        classifier_state, _ = ckpt.load_checkpoint(real.explanandum_uri, opts)
+        state["permuted_classifier"] = _permuted_classifier(
+            config, classifier_state, root, f"{name}-permuted-classifier", parent, opts
+        )
+        progress.save()
+    explainers = state.setdefault("explainers", {})
+    for variant, classifier in (
+        ("randomized", state["randomized_classifier"]),
+        ("permuted_labels", state["permuted_classifier"]),
+    ):
+        if variant in explainers:
+            continue
+        cfg = config.model_copy(deep=True)
+        cfg.explanandum.checkpoint = classifier
+        cfg.explainer.checkpoint = None
+        cfg.trainer.run_name = f"{name}-{variant}"
+        cfg.tracking.parent_run_id = parent
+        explainers[variant] = train_explainer(cfg)["checkpoint"]
+        progress.save()
+    return explainers
+
+
+def _verdict_line(passed: bool, scores: dict, bound: float, max_spearman: float) -> str:
+    def describe(v: str) -> str:
+        row = scores[v]
+        return f"{v}: Spearman {row['spearman']:.2f}, SSIM {row['ssim']:.2f}, cont. IoU {row['cont_iou']:.3f}"
+
+    return (
+        f"{'PASSED' if passed else 'FAILED'}: real cont. IoU {scores['real']['cont_iou']:.3f} "
+        f"(constant 1: {scores['ones']['cont_iou']:.3f}, bound {bound:.3f}); "
+        + "; ".join(describe(v) for v in VARIANTS)
+        + f" (needs Spearman < {max_spearman} and cont. IoU ≤ {bound:.3f})"
+    )

@@ -137,8 +137,8 @@ def test_cpu_amp_bf16_runs_the_steps_under_bf16_autocast_and_keeps_float32_weigh
     from pipeline.train.trainer import step_context
 
     cpu = torch.device("cpu")
-    assert step_context(config(data, tmp_path), cpu).amp_dtype is None  # the default: fp32 on the CPU
-    ctx = step_context(config(data, tmp_path, "trainer.cpu_amp=bf16"), cpu)
+    assert step_context(config(data, tmp_path).trainer, cpu).amp_dtype is None  # the default: fp32 on the CPU
+    ctx = step_context(config(data, tmp_path, "trainer.cpu_amp=bf16").trainer, cpu)
     with ctx.autocast():
         assert SmallCNN(3)(torch.randn(2, 3, SIZE, SIZE)).dtype == torch.bfloat16
     # auto: bf16 where the CPU flags say native bf16
@@ -149,10 +149,11 @@ def test_cpu_amp_bf16_runs_the_steps_under_bf16_autocast_and_keeps_float32_weigh
     assert cpu_has_native_bf16(str(flags)) is True
     flags.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f\n")
     assert cpu_has_native_bf16(str(flags)) is False and cpu_has_native_bf16(str(tmp_path / "absent")) is False
-    auto = step_context(config(data, tmp_path, "trainer.cpu_amp=auto"), cpu).amp_dtype
+    auto = step_context(config(data, tmp_path, "trainer.cpu_amp=auto").trainer, cpu).amp_dtype
     assert auto is (torch.bfloat16 if cpu_has_native_bf16() else None)
     # on a GPU, trainer.amp decides and cpu_amp is not read
-    assert step_context(config(data, tmp_path, "trainer.amp=bf16"), torch.device("cuda")).amp_dtype is torch.bfloat16
+    gpu = step_context(config(data, tmp_path, "trainer.amp=bf16").trainer, torch.device("cuda"))
+    assert gpu.amp_dtype is torch.bfloat16
     torch.manual_seed(0)
     clf = fit(
         "classifier",
