@@ -13,6 +13,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.artifacts
@@ -360,50 +361,9 @@ def register_checkpoint(
         classifier = classifier_version(client, predictor.explanandum_sha256)
         lambdas = {k: loss[k] for k in LAMBDAS if k in loss}
         digest = _dataset_digest(train, opts)
-        tags = {
-            **_training_tags(state, checkpoint, sha, digest, train),
-            "wysiwyc.explainer": storage.redact(checkpoint),
-            EXPLAINER_SHA: sha,
-            "wysiwyc.explainer_arch": str(state.get("arch")),
-            "wysiwyc.explainer_init": str(state.get("explainer_init", "unknown")),
-            "wysiwyc.black_box": _black_box_tag(state.get("black_box")),
-            "wysiwyc.explanandum": storage.redact(explanandum),
-            "wysiwyc.explanandum_sha256": predictor.explanandum_sha256,
-            "wysiwyc.explanandum_arch": str(record.get("arch")),
-            "wysiwyc.classifier_model": classifier[0] if classifier else "unregistered",
-            "wysiwyc.classifier_version": classifier[1] if classifier else "unregistered",
-            **{f"wysiwyc.lambda.{k}": str(v) for k, v in lambdas.items()},
-            **(extra_tags or {}),
-        }
-        metadata = {
-            "format": PACKAGE_FORMAT,
-            "classes": predictor.classes,
-            "image_size": predictor.image_size,
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "input": "image bytes (column image) or float32 (3, S, S) RGB in [0, 1] normalised with mean/std (pixels)",
-            "explainer": {
-                "arch": state.get("arch"),
-                "source": storage.redact(checkpoint),
-                "sha256": sha,
-                "init": state.get("explainer_init", "unknown"),
-                "black_box": state.get("black_box"),
-            },
-            "explanandum": {
-                "arch": record.get("arch"),
-                "source": storage.redact(explanandum),
-                "sha256": predictor.explanandum_sha256,
-                "model_version": f"models:/{classifier[0]}/{classifier[1]}" if classifier else None,
-            },
-            "dataset": {"train": tags["wysiwyc.dataset"], "digest": digest},
-            "lambdas": lambdas,
-            "training": {
-                "epoch": state.get("epoch"),
-                "step": state.get("step"),
-                "metrics": state.get("metrics") or {},
-                "mlflow_run_id": state.get("mlflow_run_id") or None,
-            },
-            "git_commit": tags["wysiwyc.git_commit"],
-        }
+        lineage = _Lineage(checkpoint, sha, state, explanandum, predictor, classifier, digest, train, lambdas)
+        tags = {**lineage.tags(), **(extra_tags or {})}
+        metadata = lineage.metadata(tags)
         files["config"].write_text(yaml.safe_dump(cfg, sort_keys=False))
         files["metadata"].write_text(json.dumps(metadata, indent=1, default=str))
         _save_pyfunc(
@@ -428,6 +388,70 @@ def register_checkpoint(
         }
         version, run_id = _publish(client, uri, config, name, root, tags, params, metrics, "Explainer")
     return _register_summary(client, uri, name, version, run_id, existing=False)
+
+
+@dataclass
+class _Lineage:
+    """What an Explainer version records of where it came from: its tags and its ``wysiwyc.json``."""
+
+    checkpoint: str
+    sha: str
+    state: dict
+    explanandum: str
+    predictor: object  # the loaded Predictor (its Explanandum's sha256, classes, image size)
+    classifier: tuple[str, str] | None  # the registered classifier version it explains, if any
+    digest: str | None
+    train: str | None
+    lambdas: dict
+
+    def tags(self) -> dict[str, str]:
+        state, record, classifier = self.state, self.state.get("explanandum") or {}, self.classifier
+        return {
+            **_training_tags(state, self.checkpoint, self.sha, self.digest, self.train),
+            "wysiwyc.explainer": storage.redact(self.checkpoint),
+            EXPLAINER_SHA: self.sha,
+            "wysiwyc.explainer_arch": str(state.get("arch")),
+            "wysiwyc.explainer_init": str(state.get("explainer_init", "unknown")),
+            "wysiwyc.black_box": _black_box_tag(state.get("black_box")),
+            "wysiwyc.explanandum": storage.redact(self.explanandum),
+            "wysiwyc.explanandum_sha256": self.predictor.explanandum_sha256,
+            "wysiwyc.explanandum_arch": str(record.get("arch")),
+            "wysiwyc.classifier_model": classifier[0] if classifier else "unregistered",
+            "wysiwyc.classifier_version": classifier[1] if classifier else "unregistered",
+            **{f"wysiwyc.lambda.{k}": str(v) for k, v in self.lambdas.items()},
+        }
+
+    def metadata(self, tags: dict[str, str]) -> dict:
+        state, record, classifier = self.state, self.state.get("explanandum") or {}, self.classifier
+        return {
+            "format": PACKAGE_FORMAT,
+            "classes": self.predictor.classes,
+            "image_size": self.predictor.image_size,
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "input": "image bytes (column image) or float32 (3, S, S) RGB in [0, 1] normalised with mean/std (pixels)",
+            "explainer": {
+                "arch": state.get("arch"),
+                "source": storage.redact(self.checkpoint),
+                "sha256": self.sha,
+                "init": state.get("explainer_init", "unknown"),
+                "black_box": state.get("black_box"),
+            },
+            "explanandum": {
+                "arch": record.get("arch"),
+                "source": storage.redact(self.explanandum),
+                "sha256": self.predictor.explanandum_sha256,
+                "model_version": f"models:/{classifier[0]}/{classifier[1]}" if classifier else None,
+            },
+            "dataset": {"train": tags["wysiwyc.dataset"], "digest": self.digest},
+            "lambdas": self.lambdas,
+            "training": {
+                "epoch": state.get("epoch"),
+                "step": state.get("step"),
+                "metrics": state.get("metrics") or {},
+                "mlflow_run_id": state.get("mlflow_run_id") or None,
+            },
+            "git_commit": tags["wysiwyc.git_commit"],
+        }
 
 
 def _black_box_tag(value) -> str:
