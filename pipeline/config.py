@@ -93,8 +93,8 @@ class DataConfig(_Section):
     """Where the shards are and how training reads them."""
 
     train: str | None = Field(None, description="split prefix (…/train) or manifest URL")
-    val: str | None = Field(None, description="validation split (…/val) or manifest URL")
-    test: str | None = Field(None, description="test split with segmentation (evaluate, promotion gates)")
+    val: str | None = Field(None, description="validation split (…/val) or manifest URL (training, promotion gates)")
+    test: str | None = Field(None, description="test split with segmentation (evaluate: the final numbers)")
     classes: list[str] | None = Field(None, description="class names to use (default: the manifest's)")
     image_size: int = Field(224, gt=0, description="square side in pixels the nets see")
     loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
@@ -602,7 +602,11 @@ class GateConfig(_Section):
     Metric names are those of ``metrics.json`` for the Explainer (``cont_iou``, ``mean_f1``, …).
     """
 
-    split: str | None = Field(None, description="the fixed evaluation split with segmentation (default: data.test)")
+    split: str | None = Field(
+        None,
+        description="the fixed evaluation split with segmentation (default: data.val; a gate chooses a model, so "
+        "it never reads the test split that reports the final numbers)",
+    )
     evaluate: EvaluateConfig = Field(
         default_factory=lambda: EvaluateConfig(methods=["explainer"]),
         description="evaluation settings, the same for every version compared",

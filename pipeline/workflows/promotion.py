@@ -177,8 +177,8 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
     Explainer gate.
 
     The gate (``gate_path``, default ``registry.gate``) evaluates the version on its fixed split
-    (``split``, else ``data.test``) when it has no evaluation there yet, checks ``minimum`` /
-    ``maximum`` and compares with the current champion (evaluated the same way) within
+    (``split``, else ``data.val``: a gate chooses, so never the test split) when it has no evaluation
+    there yet, checks ``minimum`` / ``maximum`` and compares with the current champion (evaluated the same way) within
     ``champion_margin``.
 
     Returns:
@@ -206,11 +206,12 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
             f"variant on purpose)"
         )
     classifier_check = _classifier_check(client, name, version, tags, gate, gate_path)
-    split = gate.split or config.data.test
+    split = gate.split or config.data.val
     if not split:
         raise WysiwycError(
-            f"promote: gate {gate_path} has no split and data.test is not set: name the fixed "
-            f"evaluation split (with segmentation) in the gate file or as data.test=…"
+            f"promote: gate {gate_path} has no split and data.val is not set: name the fixed validation "
+            f"split (with segmentation) in the gate file or as data.val=… (a gate chooses the champion, so it "
+            f"never evaluates on data.test, the split of the final numbers)"
         )
     evaluation = ensure_evaluation(name, version, gate, split, config, progress)
     values = evaluation["metrics"]

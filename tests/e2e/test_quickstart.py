@@ -181,6 +181,7 @@ def test_the_explainer_is_promoted_and_attributes_the_corpus(quickstart):
     from mlflow import MlflowClient
 
     from pipeline.attribute import read_index
+    from pipeline.data.shards import read_manifest
 
     summary, work = quickstart
     assert summary["model_uri"] == "models:/quickstart-explainer@champion"
@@ -188,6 +189,9 @@ def test_the_explainer_is_promoted_and_attributes_the_corpus(quickstart):
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias("quickstart-explainer", "champion").version) == "1"
+    # the gate chose on the validation split; the test split only reported (evaluate)
+    gate_split = client.get_model_version("quickstart-explainer", "1").tags["wysiwyc.gate.split"]
+    assert gate_split == read_manifest(str(work / "data" / "synthetic" / "val"))["url"]
     assert summary["num_samples"] == NUM_CORPUS
     index = read_index(summary["attribution"]).to_pylist()
     assert len(index) == NUM_CORPUS == len({row["source"] for row in index})

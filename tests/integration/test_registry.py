@@ -437,3 +437,30 @@ def test_the_default_gate_refuses_a_white_box_explainer_unless_the_gate_file_all
     allowing.write_text(open(reg["gate"]).read() + "allow_white_box: true\n")
     assert promote("expl-white", version, reg["config"], str(allowing), progress=False)["version"] == version
     assert reg["client"].get_registered_model("expl-white").aliases["champion"] == version
+
+
+def test_a_gate_without_a_split_chooses_on_data_val_and_never_reads_data_test(reg):
+    """The default gate's ``split: null`` means the validation split: a gate chooses the champion, and the test
+    split reports the final numbers only. With only data.test set, promote refuses before any evaluation."""
+    from pipeline.registry import register_checkpoint
+    from pipeline.workflows.promotion import load_gate, promote
+
+    assert load_gate("gates/default").split is None  # the default gate: data.val
+    version = register_checkpoint(reg["checkpoints"]["b"], "expl-val", reg["config"])["version"]
+    text = open(reg["gate"]).read()
+    gate = reg["root"] / "gate-no-split.yaml"
+    gate.write_text(text.replace(f"split: {reg['data']}\n", ""))
+    assert load_gate(str(gate)).split is None
+    only_test = load_config(None, [*reg["overrides"], f"data.test={reg['data']}"])
+    with pytest.raises(WysiwycError, match=r"has no split and data\.val is not set.*never evaluates on data\.test"):
+        promote("expl-val", version, only_test, str(gate), progress=False)
+    client = reg["client"]
+    assert "champion" not in client.get_registered_model("expl-val").aliases
+    assert not any(k.startswith("wysiwyc.eval.") for k in client.get_model_version("expl-val", version).tags)
+    with_val = load_config(None, [*reg["overrides"], f"data.val={reg['data']}"])
+    summary = promote("expl-val", version, with_val, str(gate), progress=False)
+    manifest = read_manifest(reg["data"], reg["s3"].opts)
+    assert summary["split"] == storage.redact(manifest["url"])
+    tags = client.get_model_version("expl-val", version).tags
+    assert (tags["wysiwyc.gate.split"], tags["wysiwyc.gate.split_digest"]) == (summary["split"], manifest["digest"])
+    assert client.get_registered_model("expl-val").aliases["champion"] == version
