@@ -36,6 +36,8 @@ PRESETS = Path(__file__).resolve().parent / "presets"
 
 
 # the ImageNet backbone of each torchvision segmentation Explainer (its file: explainer.backbone_weights)
+# a name that becomes a folder under a storage root (trainer.run_name, sweep.name): no separator, no leading dot
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 BACKBONE_OF = {"deeplabv3_resnet50": "resnet50", "deeplabv3_mobilenet_v3_large": "mobilenet_v3_large"}
 
 
@@ -301,7 +303,9 @@ class TrainerConfig(_Section):
     min_delta: float = Field(0.0, ge=0, description="early stopping: smallest val-loss improvement")
     storage: str = Field("runs/checkpoints", description="checkpoint root (local dir or s3://)")
     run_name: str | None = Field(
-        None, description="checkpoint folder and MLflow run name; the same name resumes (default: a hash of the config)"
+        None,
+        pattern=NAME_PATTERN,
+        description="checkpoint folder and MLflow run name; the same name resumes (default: a hash of the config)",
     )
     seed: int = Field(0, description="torch / numpy / python seeds")
 
@@ -498,7 +502,7 @@ class SweepConfig(_Section):
 
     name: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        pattern=NAME_PATTERN,
         description="the sweep's name: results in storage/NAME; the same name resumes",
     )
     base: str | None = Field(

@@ -117,6 +117,9 @@ def default_uri(config) -> str:
 # ---------------------------------------------------------------- the registry: where it is, what a URI names
 
 REGISTRY_PREFIX = "models:/"
+# the version tags holding a checkpoint's sha256 (how a rerun finds its version, an Explainer its classifier, a
+# loader that the downloaded file is the registered one)
+EXPLAINER_SHA, CLASSIFIER_SHA = "wysiwyc.explainer_sha256", "wysiwyc.classifier_sha256"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 

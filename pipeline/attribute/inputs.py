@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pipeline import storage
 from pipeline.data.images import IMAGE_SUFFIXES
-from pipeline.data.shards import MANIFEST_SUFFIX, manifest_url, raw_samples, read_manifest
+from pipeline.data.shards import MANIFEST_SUFFIX, manifest_url, raw_samples, read_manifest, shard_sources
 from pipeline.errors import InputError, WysiwycError
 
 
@@ -24,8 +24,8 @@ class Input:
 
     kind: str
     url: str
-    shards: list[str] = field(default_factory=list)  # shard inputs: the shard URLs of the manifest
-    counts: list[int] = field(default_factory=list)  # shard inputs: samples per shard
+    # shard inputs: the manifest's shards, each {"url", "sha256", "num_samples"} (pipeline.data.shards.shard_sources)
+    shards: list[dict] = field(default_factory=list)
 
 
 def absolute(url: str) -> str:
@@ -99,8 +99,7 @@ def open_input(spec: str, opts=None) -> Input:
     url = absolute(spec)
     if url.endswith(MANIFEST_SUFFIX) or (not url.endswith("/") and storage.exists(manifest_url(url), opts)):
         manifest = read_manifest(url, opts)
-        counts = [int(s["num_samples"]) for s in manifest["shards"]]
-        return Input("shards", manifest["url"], manifest["shard_urls"], counts)
+        return Input("shards", manifest["url"], shard_sources(manifest))
     inputs = Input("list" if _is_file(url, opts) else "prefix", url)
     listing = Listing(inputs, opts)
     if next(iter(listing), None) is None:
@@ -127,8 +126,9 @@ def fetch_image(source: str, opts) -> bytes:
         raise InputError(f"{source}: cannot read ({exc})") from None
 
 
-def shard_images(url: str, opts):
-    """``(member key, image bytes)`` of every sample of one shard, in tar order."""
+def shard_images(source: dict, opts):
+    """``(member key, image bytes)`` of every sample of one shard (``{"url", "sha256", "num_samples"}``, checked
+    against them before any sample is read), in tar order."""
 
-    for raw in raw_samples([url], opts):
+    for raw in raw_samples([source], opts):
         yield raw["__key__"], raw.get("jpg") or raw.get("png") or b""

@@ -101,7 +101,10 @@ def _read_chunk(batch: dict, job: Job) -> dict:
     (chunk,), (url,) = [str(c) for c in batch["chunk"]], [str(u) for u in batch["url"]]
     done = set(chunk_parts(job.root, chunk, job.opts, columns=["source"])[0]["source"].to_pylist())
     if job.plan_kind == "shards":  # a shard sample's source is SHARD#KEY; its bytes come with it
-        samples = [(f"{url}#{key}", key, data) for key, data in shard_images(url, job.opts)]
+        shard = {"url": url, "sha256": str(batch["sha256"][0]), "num_samples": int(batch["count"][0])}
+        if not shard["sha256"]:  # a plan written before chunks recorded their shard's sha256: read as it is
+            shard = {"url": url}
+        samples = [(f"{url}#{key}", key, data) for key, data in shard_images(shard, job.opts)]
     else:
         samples = [(s, "", None) for s in json.loads(storage.read_bytes(url, job.opts))]
     samples = [sample for sample in samples if sample[0] not in done]
@@ -257,7 +260,8 @@ def execute(config, job: Job, pending: list[dict], total: int, errors: int, pred
     ensure_ray(config.storage.options(), use_gpu=a.gpus_per_actor > 0)  # a local Ray gets the GPUs the actors ask for
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
     predictor_ref = ray.put(replace(predictor, checkpoint={}))
-    ds = ray.data.from_items([{"chunk": c["name"], "url": c["url"]} for c in pending], override_num_blocks=len(pending))
+    items = [{"chunk": c["name"], "url": c["url"], "count": c["count"], "sha256": c.get("sha256", "")} for c in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(pending))
     ds = ds.map_batches(_read_chunk, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}, num_cpus=a.read_cpus)
     ds = ds.map_batches(
         _Attributor,

@@ -35,12 +35,12 @@ def make_plan(inputs: Input, root: str, chunk_size: int, opts) -> dict:
 
     Returns:
         ``{"kind", "url", "total", "ignored", "chunks": [{"name", "url", "count"}]}``; ``url`` of a chunk:
-        its chunk file, or its shard for a shard input.
+        its chunk file, or its shard for a shard input (whose chunk also has the shard's ``sha256``).
     """
     if inputs.kind == "shards":
         chunks = [
-            {"name": _chunk_name(i), "url": url, "count": count}
-            for i, (url, count) in enumerate(zip(inputs.shards, inputs.counts))
+            {"name": _chunk_name(i), "url": s["url"], "count": s["num_samples"], "sha256": s["sha256"]}
+            for i, s in enumerate(inputs.shards)
         ]
         ignored = 0
     else:

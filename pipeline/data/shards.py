@@ -229,29 +229,67 @@ def current_rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def shard_sources(manifest: dict, urls: list[str] | None = None) -> list[dict]:
+    """The shards ``urls`` of a split (default: all of them), each with what its manifest says it holds
+    (``url``, ``sha256``, ``num_samples``): :func:`raw_samples` checks them before reading a sample."""
+    entries = dict(zip(manifest["shard_urls"], manifest["shards"]))
+    return [
+        {"url": url, "sha256": entries[url]["sha256"], "num_samples": entries[url]["num_samples"]}
+        for url in (manifest["shard_urls"] if urls is None else urls)
+    ]
+
+
+def check_shard(source: dict, data: bytes) -> None:
+    """A shard's bytes against its manifest entry: the sha256, then the number of samples; a mismatch
+    names the shard and what to do (nothing of it has been read yet)."""
+    url = storage.redact(source["url"])
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != source["sha256"]:
+        raise WysiwycError(
+            f"shard {url} does not match its manifest (sha256 {source['sha256'][:12]}… recorded, "
+            f"{digest[:12]}… read: {len(data)} bytes): it was changed, truncated or overwritten after its "
+            f"ingest; re-ingest the split (`wysiwyc ingest … --overwrite`) or restore the shard"
+        )
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # webdataset's grouping: the key before the first dot
+        keys = {m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+    if len(keys) != source["num_samples"]:
+        raise WysiwycError(
+            f"shard {url} holds {len(keys)} samples, its manifest says {source['num_samples']}: the manifest "
+            f"does not describe this split; re-ingest it (`wysiwyc ingest … --overwrite`)"
+        )
+
+
 class OpenShards:
-    """Pipeline stage: ``{"url"}`` → ``{"url", "stream"}`` through :mod:`pipeline.storage` (boto3 for s3)."""
+    """Pipeline stage: ``{"url", "sha256"?, "num_samples"?}`` → ``{"url", "stream"}`` through
+    :mod:`pipeline.storage` (boto3 for s3). A shard with a manifest entry is read whole and checked
+    (:func:`check_shard`) before any of its samples goes on (shards are bounded in size)."""
 
     def __init__(self, opts):
         self.opts = opts
 
     def __call__(self, sources: Iterable[dict]) -> Iterator[dict]:
         for source in sources:
-            stream = storage.open_read(source["url"], self.opts)
+            if "sha256" in source:
+                data = storage.read_bytes(source["url"], self.opts)
+                check_shard(source, data)
+                stream = io.BytesIO(data)
+            else:
+                stream = storage.open_read(source["url"], self.opts)
             try:
                 yield {"url": source["url"], "stream": stream}
             finally:
                 stream.close()
 
 
-def raw_samples(urls: list[str], opts=None, *stages):
-    """The undecoded samples (``{"__key__", "json", "png" | "jpg", "seg.png"?}``) of the shards ``urls`` in
-    order, through :class:`OpenShards`; ``stages``: more pipeline stages after grouping (e.g. a shuffle)."""
+def raw_samples(sources: list[dict | str], opts=None, *stages):
+    """The undecoded samples (``{"__key__", "json", "png" | "jpg", "seg.png"?}``) of the shards in order,
+    through :class:`OpenShards`: ``sources`` from :func:`shard_sources` (checked against the manifest) or
+    bare URLs (read as they are); ``stages``: more pipeline stages after grouping (e.g. a shuffle)."""
     import webdataset as wds
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    shards = wds.SimpleShardList(list(urls))
-    return wds.DataPipeline(shards, OpenShards(opts), tar_file_expander, group_by_keys, *stages)
+    listed = [source if isinstance(source, dict) else {"url": source} for source in sources]
+    return wds.DataPipeline(lambda: iter(listed), OpenShards(opts), tar_file_expander, group_by_keys, *stages)
 
 
 class ShardDataset(tud.IterableDataset):
@@ -338,7 +376,7 @@ class ShardDataset(tud.IterableDataset):
         stages = []
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
-        for raw in raw_samples(shards, self.opts, *stages):
+        for raw in raw_samples(shard_sources(self.manifest, shards), self.opts, *stages):
             yield decode_sample(
                 raw, image_size=self.image_size, num_classes=len(self.classes), flip=self.flip and rng.random() < 0.5
             )

@@ -54,7 +54,7 @@ import torch
 from pipeline import storage, tracking
 from pipeline.config import EVALUATE_METHODS, RT_SALIENCY_HOWTO, EvaluateConfig, dump_config
 from pipeline.data.sample import decode_png
-from pipeline.data.shards import ShardDataset, make_loader, raw_samples, read_manifest
+from pipeline.data.shards import ShardDataset, make_loader, raw_samples, read_manifest, shard_sources
 from pipeline.data.transforms import decode_sample, denormalize
 from pipeline.data.voc import paper_seg_luminance
 from pipeline.errors import WysiwycError
@@ -160,7 +160,7 @@ class PaperTruthShards(ShardDataset):
         shards = self.local_shards()
         if not shards:
             return
-        for raw in raw_samples(shards, self.opts):
+        for raw in raw_samples(shard_sources(self.manifest, shards), self.opts):
             sample = decode_sample(raw, image_size=self.image_size, num_classes=len(self.classes))
             if "seg.png" in raw:
                 fg = paper_foreground(decode_png(raw["seg.png"]), self.image_size, self.luminance)

@@ -241,6 +241,14 @@ def load_model(
                 str(folder / "explainer.pt"), str(folder / "explanandum.pt"), image_size=image_size
             )
         tags = client.get_model_version(name, version).tags
+        recorded = tags.get(tracking.EXPLAINER_SHA)
+        if recorded and recorded != predictor.explainer_sha256:
+            raise WysiwycError(
+                f"{model_uri} (version {version}): the downloaded explainer.pt (sha256 "
+                f"{predictor.explainer_sha256[:16]}…) is not the registered one ({tracking.EXPLAINER_SHA} "
+                f"{recorded[:16]}…): the version's files were changed after registration; register the "
+                f"checkpoint again or restore the artifact"
+            )
         predictor.explainer_uri = f"models:/{name}/{version}"
         predictor.explanandum_uri = tags.get("wysiwyc.explanandum", predictor.explanandum_uri)
         predictor.model_name, predictor.model_version = name, version

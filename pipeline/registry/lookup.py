@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline import tracking
+from pipeline.tracking import CLASSIFIER_SHA
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
 
@@ -24,9 +25,6 @@ MODEL_DIR = "model"  # the pyfunc model under the register run's artifacts
 # /2: image bytes in, records out; the package's code travels with the model (/1: normalised arrays only)
 PACKAGE_FORMAT = "wysiwyc-registered-explainer/2"
 CLASSIFIER_FORMAT = "wysiwyc-registered-classifier/1"
-
-# the version tags holding a checkpoint's sha256 (how a rerun finds its version, an Explainer its classifier)
-EXPLAINER_SHA, CLASSIFIER_SHA = "wysiwyc.explainer_sha256", "wysiwyc.classifier_sha256"
 
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -34,8 +34,6 @@ from pipeline.models.predictor import load_predictor
 from pipeline.registry.lookup import (
     CANDIDATE,
     CLASSIFIER_FORMAT,
-    CLASSIFIER_SHA,
-    EXPLAINER_SHA,
     MODEL_DIR,
     NAME_PATTERN,
     PACKAGE_FORMAT,
@@ -46,7 +44,7 @@ from pipeline.registry.lookup import (
     recorded_classifier,
     utc_now,
 )
-from pipeline.tracking import alias_versions, is_missing, mlflow_client, registry_uri
+from pipeline.tracking import CLASSIFIER_SHA, EXPLAINER_SHA, alias_versions, is_missing, mlflow_client, registry_uri
 
 log = logging.getLogger(__name__)
 

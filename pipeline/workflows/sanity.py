@@ -51,7 +51,15 @@ from pipeline import checkpoint as ckpt
 from pipeline import storage, tracking
 from pipeline.config import Config
 from pipeline.data.sample import Sample, decode_png
-from pipeline.data.shards import ShardWriter, build_manifest, make_loader, raw_samples, read_manifest, write_manifest
+from pipeline.data.shards import (
+    ShardWriter,
+    build_manifest,
+    make_loader,
+    raw_samples,
+    read_manifest,
+    shard_sources,
+    write_manifest,
+)
 from pipeline.errors import WysiwycError
 from pipeline.evaluate.evaluate import _jsonable, load_models, merge_present, open_test_split
 from pipeline.evaluate.report import specificity_gap
@@ -104,11 +112,11 @@ def write_permuted_split(spec: str, out: str, split: str, seed: int, opts=None) 
     atomically and the manifest last. Returns the manifest URL."""
 
     manifest = read_manifest(spec, opts)
-    labels = [json.loads(raw["json"])["labels"] for raw in raw_samples(manifest["shard_urls"], opts)]
+    labels = [json.loads(raw["json"])["labels"] for raw in raw_samples(shard_sources(manifest), opts)]
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
     writer = ShardWriter(out, split, opts=opts)
     try:
-        for i, raw in enumerate(raw_samples(manifest["shard_urls"], opts)):
+        for i, raw in enumerate(raw_samples(shard_sources(manifest), opts)):
             meta = json.loads(raw["json"])
             ext = "png" if "png" in raw else "jpg"
             writer.write(

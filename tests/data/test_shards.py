@@ -225,3 +225,41 @@ def test_parallel_encoding_gives_the_same_shards_as_one_process(tmp_path):
     one = run(SyntheticReader(24, 5, "train", image_size=32), tmp_path / "one", shard_size=10, workers=1)
     two = run(SyntheticReader(24, 5, "train", image_size=32), tmp_path / "two", shard_size=10, workers=2)
     assert one["digest"] == two["digest"] and one["num_samples"] == 24
+
+
+def _truncate_at_member(path, keep_members):
+    """The tar cut after its first ``keep_members`` members (a clean member boundary, as a copy killed midway)."""
+    with tarfile.open(path) as tar:
+        end = tar.getmembers()[keep_members].offset
+    data = path.read_bytes()[:end] + b"\0" * 1024  # still a readable tar: its end-of-archive blocks
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated at a member", "manifest count"])
+def test_a_shard_that_does_not_match_its_manifest_fails_before_any_of_its_samples(tmp_path, damage):
+    run(TinyReader(8), tmp_path, shard_size=4)
+    second = tmp_path / "train-000001.tar"
+    intact = list(shards.raw_samples([str(second)]))  # bare URLs: read as they are
+    assert len(intact) == 4
+    if damage == "flipped byte":
+        data = bytearray(second.read_bytes())
+        data[600] ^= 0x01  # inside the first member's bytes: the tar still reads
+        second.write_bytes(bytes(data))
+    elif damage == "truncated at a member":
+        _truncate_at_member(second, 6)  # 2 of its 4 samples' members are left
+        assert len(list(shards.raw_samples([str(second)]))) < 4  # unchecked, it reads fewer, silently
+    else:
+        manifest_path = tmp_path / "train.manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["shards"][1]["num_samples"] = 5
+        manifest_path.write_text(json.dumps(manifest))
+    ds = shards.ShardDataset(str(tmp_path / "train"), image_size=8, train=False)
+    got = []
+    with pytest.raises(WysiwycError) as error:
+        for sample in ds:
+            got.append(sample["key"])
+    message = str(error.value)
+    assert str(second) in message and "re-ingest" in message
+    expected = "holds 4 samples, its manifest says 5" if damage == "manifest count" else "does not match its manifest"
+    assert expected in message
+    assert got == ["s0000", "s0001", "s0002", "s0003"]  # the intact first shard, nothing of the second

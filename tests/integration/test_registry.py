@@ -464,3 +464,15 @@ def test_a_gate_without_a_split_chooses_on_data_val_and_never_reads_data_test(re
     tags = client.get_model_version("expl-val", version).tags
     assert (tags["wysiwyc.gate.split"], tags["wysiwyc.gate.split_digest"]) == (summary["split"], manifest["digest"])
     assert client.get_registered_model("expl-val").aliases["champion"] == version
+
+
+def test_a_version_whose_file_is_not_the_registered_one_does_not_load(reg):
+    """The downloaded explainer.pt is compared with the version's recorded sha256 (tag) before any use."""
+    from pipeline.registry import load_explainer, register_checkpoint
+
+    version = register_checkpoint(reg["checkpoints"]["b2"], "expl-sha", reg["config"])["version"]
+    uri = f"models:/expl-sha/{version}"
+    assert load_explainer(uri, reg["uri"]).explainer_sha256 == reg["shas"]["b2"]
+    reg["client"].set_model_version_tag("expl-sha", version, "wysiwyc.explainer_sha256", reg["shas"]["a"])
+    with pytest.raises(WysiwycError, match=r"the downloaded explainer\.pt .* is not the registered one"):
+        load_explainer(uri, reg["uri"])

@@ -67,6 +67,15 @@ def test_wrong_type_names_key_and_value(tmp_path):
     assert "trainer.epochs" in str(err.value) and "'many'" in str(err.value) and "integer" in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["../../..", "../escape", "a/b", ".hidden"])
+def test_a_run_name_that_is_not_one_folder_name_is_refused(name):
+    """trainer.run_name becomes trainer.storage/NAME: no separator, no parent, no leading dot (as sweep.name)."""
+    with pytest.raises(WysiwycError) as err:
+        load_config(None, [f"trainer.run_name={name}"])
+    assert "trainer.run_name" in str(err.value) and "^[A-Za-z0-9][A-Za-z0-9._-]*$" in str(err.value)
+    assert load_config(None, ["trainer.run_name=cpu-explainer_v1.2"]).trainer.run_name == "cpu-explainer_v1.2"
+
+
 def test_literal_error_lists_accepted_values():
     with pytest.raises(WysiwycError) as err:
         load_config(None, ["ingest.on_error=ignore"])
