@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from typing import Any
 
 import torch
 
@@ -90,8 +89,3 @@ def load_checkpoint(url: str, opts=None) -> tuple[dict, str]:
             f"URI (explanandum.checkpoint / explainer.checkpoint)"
         ) from None
     return parse_checkpoint(data, url), hashlib.sha256(data).hexdigest()
-
-
-def public_config(config: Any) -> dict:
-    """The resolved config as plain data for a checkpoint or MLflow (secrets masked)."""
-    return config.model_dump(mode="json")

@@ -30,7 +30,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline.errors import WysiwycError
 from pipeline.method.class_rule import ClassRule, Mode
-from pipeline.storage import S3Options
+from pipeline.storage import S3Options, redact
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 
@@ -802,9 +802,24 @@ def load_config(
         raise WysiwycError("invalid configuration:\n  " + "\n  ".join(problems)) from None
 
 
+def public_config(config: BaseModel) -> dict:
+    """The resolved config as plain data to record (checkpoints, MLflow, manifests, config.yaml): secret
+    fields appear as ``'**********'`` and every value passes :func:`pipeline.storage.redact` (the password of a
+    ``scheme://user:password@host`` URI, a signed URL's signature)."""
+
+    def masked(value):
+        if isinstance(value, dict):
+            return {k: masked(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [masked(v) for v in value]
+        return redact(value) if isinstance(value, str) else value
+
+    return masked(config.model_dump(mode="json"))
+
+
 def dump_config(config: BaseModel) -> str:
-    """The resolved config as YAML; secrets appear as ``'**********'``."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, as :func:`public_config` records it (no secret)."""
+    return yaml.safe_dump(public_config(config), sort_keys=False)
 
 
 def reference_markdown() -> str:

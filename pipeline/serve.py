@@ -40,7 +40,7 @@ import torch
 from pydantic import ValidationError
 from ray import serve
 
-from pipeline import tracking
+from pipeline import storage, tracking
 from pipeline.config import ServeConfig
 from pipeline.data.images import decode_image
 from pipeline.errors import ImageTooLarge, InputError, WysiwycError
@@ -101,14 +101,15 @@ class Endpoint:
                     self.current = loaded
                 self.checked_at, self.refresh_error = time.time(), None
             except Exception as exc:  # keep serving the version that works; /health says why
-                if str(exc) != self.refresh_error:
+                error = storage.redact(str(exc))  # e.g. a tracking URI's user:password
+                if error != self.refresh_error:
                     log.warning(
                         "serve: re-checking %s failed (still serving version %s): %s",
                         self.model_uri,
                         self.current["version"],
-                        exc,
+                        error,
                     )
-                self.refresh_error = str(exc)
+                self.refresh_error = error
 
     def _health(self) -> dict:
         current = self.current

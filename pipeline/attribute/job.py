@@ -53,8 +53,7 @@ from pipeline.attribute.outputs import (
 from pipeline.attribute.plan import make_plan, read_plan
 from pipeline.attribute.report import index_html, summary, write_previews
 from pipeline.attribute.stats import Stats, drift, drift_png, log_run, previous_run
-from pipeline.checkpoint import public_config
-from pipeline.config import dump_config
+from pipeline.config import dump_config, public_config
 from pipeline.data.images import decode_image
 from pipeline.data.sample import encode_png
 from pipeline.data.transforms import normalize_uint8

@@ -42,7 +42,7 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline import storage, tracking
-from pipeline.config import Config, DataConfig, TrainerConfig, dump_config
+from pipeline.config import Config, DataConfig, TrainerConfig, dump_config, public_config
 from pipeline.data.shards import ShardDataset, make_loader
 from pipeline.data.transforms import denormalize
 from pipeline.errors import WysiwycError
@@ -74,7 +74,7 @@ def run_name(kind: str, config: Config) -> str:
     if config.trainer.run_name:
         return config.trainer.run_name
     arch = config.explanandum.arch if kind == "classifier" else config.explainer.arch
-    digest = hashlib.sha256(json.dumps(ckpt.public_config(config), sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(public_config(config), sort_keys=True).encode()).hexdigest()
     return f"{kind}-{arch}-{digest[:10]}"
 
 
@@ -533,7 +533,7 @@ class _Training:
         if where is None:
             return None
         tracker = tracking.Tracker(where, run.name, mlflow_run_id, tracking.journal_url(run.root), run.opts)
-        params = tracking.flatten(ckpt.public_config(config))
+        params = tracking.flatten(public_config(config))
         tracker.log_params({**params, "run.kind": self.kind, "run.world_size": str(run.world)})
         tracker.log_input(self.train_ds.manifest, "training")
         if self.val_ds is not None:
@@ -600,7 +600,7 @@ class _Training:
             "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler else {},
             "epoch": epoch,
             "step": state.step,
-            "config": ckpt.public_config(self.config),
+            "config": public_config(self.config),
             "metrics": record,
             "history": json.dumps(state.history),
             "best_loss": state.best_loss,

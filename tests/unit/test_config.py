@@ -110,6 +110,28 @@ def test_dump_round_trips_and_hides_secrets(tmp_path):
     assert Config.model_validate(again).optim.lr == 0.01
 
 
+def test_a_password_inside_a_uri_is_masked_wherever_the_config_is_recorded():
+    """Checkpoints, MLflow params, config.yaml and manifests record public_config / dump_config: a URI's
+    user:password is masked there (the user stays, for the reader), the config in memory keeps it."""
+    from pipeline.config import public_config
+
+    cfg = load_config(
+        None,
+        [
+            "tracking.uri=http://alice:Hunter2-tracking-pw@mlflow.example:5000",
+            "data.train=s3://bucket/train",
+            "attribute.input=https://bob:Hunter2-input-pw@images.example/list.txt",
+        ],
+    )
+    assert cfg.tracking.uri == "http://alice:Hunter2-tracking-pw@mlflow.example:5000"
+    recorded = public_config(cfg)
+    assert recorded["tracking"]["uri"] == "http://alice:***@mlflow.example:5000"
+    assert recorded["attribute"]["input"] == "https://bob:***@images.example/list.txt"
+    assert recorded["data"]["train"] == "s3://bucket/train"  # nothing else changes
+    text = dump_config(cfg)
+    assert "Hunter2" not in text and "Hunter2" not in str(recorded)
+
+
 def test_secret_value_is_not_echoed_in_errors():
     with pytest.raises(WysiwycError) as err:
         load_config(None, ["storage.secret_access_key=[zzsecretzz]"])
