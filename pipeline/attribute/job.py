@@ -439,16 +439,44 @@ def attribute(config, progress: bool = True) -> dict:
     if previews or drift_bytes:
         preview_url = storage.join(root, "index.html")
         storage.write_text(preview_url, index_html(run_id, model, previews, drift_result), opts)
-    manifest = {
+    manifest = _manifest(config, run_id, root, plan, model, counts, stats, resumed, errors, record, started)
+    manifest.update(
+        preview=storage.redact(preview_url) if preview_url else None,
+        previews=[{"source": r["source"], "uri": storage.redact(u)} for r, u in previews],
+        drift=drift_result,
+    )
+    manifest["output_objects"] = sum(1 for _ in storage.list_prefix(root, opts)) + 1  # + the manifest
+    manifest["peak_rss_mb"] = _peak_rss_mb()
+    storage.write_text(manifest_url, json.dumps(manifest, indent=1), opts)  # last: the run is complete
+    log_run(config, manifest, root, drift_bytes, opts)
+    return summary(manifest, "complete")
+
+
+def _manifest(
+    config,
+    run_id: str,
+    root: str,
+    plan: dict,
+    model: dict,
+    counts,
+    stats: dict,
+    resumed: int,
+    errors,
+    record: dict,
+    started: float,
+) -> dict:
+    """The run's ``_manifest.json`` (without previews and drift, which the caller adds)."""
+    a = config.attribute
+    return {
         "format": FORMAT,
         "run_id": run_id,
         "status": "complete",
         "output": storage.redact(root),
         "output_format": a.output_format,
-        "manifest": storage.redact(manifest_url),
+        "manifest": storage.redact(storage.join(root, MANIFEST)),
         "index": storage.redact(storage.join(root, PARTS)),
-        "preview": storage.redact(preview_url) if preview_url else None,
-        "previews": [{"source": r["source"], "uri": storage.redact(u)} for r, u in previews],
+        "preview": None,
+        "previews": [],
         "input": {
             "kind": plan["kind"],
             "url": storage.redact(plan["url"]),
@@ -464,18 +492,13 @@ def attribute(config, progress: bool = True) -> dict:
             "processed": stats["processed"],
             "resumed": resumed,
         },
-        "stats": now,
-        "drift": drift_result,
+        "stats": counts.as_dict(),
+        "drift": None,
         "timings": _timings(record, started, stats),
         "errors": errors,
         "config": public_config(config),
         "config_yaml": dump_config(config),
     }
-    manifest["output_objects"] = sum(1 for _ in storage.list_prefix(root, opts)) + 1  # + the manifest
-    manifest["peak_rss_mb"] = _peak_rss_mb()
-    storage.write_text(manifest_url, json.dumps(manifest, indent=1), opts)  # last: the run is complete
-    log_run(config, manifest, root, drift_bytes, opts)
-    return summary(manifest, "complete")
 
 
 def _claim_run(config, run_id: str, record, record_url: str, model: dict, input_url: str, started: float, opts) -> dict:
