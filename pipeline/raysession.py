@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from pipeline import storage
@@ -62,6 +63,7 @@ def ensure_ray(options: S3Options, num_cpus: int | None = None, use_gpu: bool = 
         return
     cpus = num_cpus or os.cpu_count() or 1
     temp = ray_temp_dir()
+    prune_sessions(temp)
     # the local Ray's processes (and so every worker) inherit this process's environment at ray.init:
     # the credentials of storage.* join it for the start, and no runtime_env (which Ray logs) is needed
     saved = dict(os.environ)
@@ -77,6 +79,35 @@ def ensure_ray(options: S3Options, num_cpus: int | None = None, use_gpu: bool = 
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+SESSIONS_KEPT = 10  # a local Ray leaves a session folder (logs, ~1 MB and more) per command: the newest ones stay
+
+
+def prune_sessions(temp: Path, keep: int = SESSIONS_KEPT) -> list[Path]:
+    """Delete all but the ``keep`` newest ``session_*`` folders of a local Ray's temp dir (their names sort by
+    start time and end with the pid of the process that started the session); a session whose process still
+    runs stays whatever its age, and ``session_latest`` and anything else stay. Returns the folders deleted."""
+    if not temp.is_dir():
+        return []
+    sessions = sorted(p for p in temp.iterdir() if p.name.startswith("session_2") and p.is_dir() and not p.is_symlink())
+    old = [p for p in sessions[: max(0, len(sessions) - keep)] if not _running(p.name.rsplit("_", 1)[-1])]
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    if old:
+        log.info("removed %d old Ray session folder(s) under %s (the newest %d stay)", len(old), temp, keep)
+    return old
+
+
+def _running(pid: str) -> bool:
+    """Whether the process ``pid`` (a session folder's last part) exists; True when it cannot be told."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError, OSError):
+        return True
+    return True
 
 
 # what Ray appends to its temp dir for a socket: /session_2026-12-05_19-10-34_654405_29151/sockets/plasma_store
