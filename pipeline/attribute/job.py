@@ -100,9 +100,9 @@ def _read_chunk(batch: dict, job: Job) -> dict:
     (chunk,), (url,) = [str(c) for c in batch["chunk"]], [str(u) for u in batch["url"]]
     done = set(chunk_parts(job.root, chunk, job.opts, columns=["source"])[0]["source"].to_pylist())
     if job.plan_kind == "shards":  # a shard sample's source is SHARD#KEY; its bytes come with it
-        shard = {"url": url, "sha256": str(batch["sha256"][0]), "num_samples": int(batch["count"][0])}
-        if not shard["sha256"]:  # a plan written before chunks recorded their shard's sha256: read as it is
-            shard = {"url": url}
+        shard = {"url": url}
+        if batch["sha256"][0]:  # checked against it (a plan written before chunks recorded it: read as it is)
+            shard.update(sha256=str(batch["sha256"][0]), num_samples=int(batch["count"][0]))
         samples = [(f"{url}#{key}", key, data) for key, data in shard_images(shard, job.opts)]
     else:
         samples = [(s, "", None) for s in json.loads(storage.read_bytes(url, job.opts))]
@@ -439,12 +439,12 @@ def attribute(config, progress: bool = True) -> dict:
     if previews or drift_bytes:
         preview_url = storage.join(root, "index.html")
         storage.write_text(preview_url, index_html(run_id, model, previews, drift_result), opts)
-    manifest = _manifest(config, run_id, root, plan, model, counts, stats, resumed, errors, record, started)
-    manifest.update(
-        preview=storage.redact(preview_url) if preview_url else None,
-        previews=[{"source": r["source"], "uri": storage.redact(u)} for r, u in previews],
-        drift=drift_result,
-    )
+    published = {
+        "preview": storage.redact(preview_url) if preview_url else None,
+        "previews": [{"source": r["source"], "uri": storage.redact(u)} for r, u in previews],
+        "drift": drift_result,
+    }
+    manifest = _manifest(config, run_id, root, plan, model, counts, stats, resumed, errors, record, started, published)
     manifest["output_objects"] = sum(1 for _ in storage.list_prefix(root, opts)) + 1  # + the manifest
     manifest["peak_rss_mb"] = _peak_rss_mb()
     storage.write_text(manifest_url, json.dumps(manifest, indent=1), opts)  # last: the run is complete
@@ -464,8 +464,9 @@ def _manifest(
     errors,
     record: dict,
     started: float,
+    published: dict,
 ) -> dict:
-    """The run's ``_manifest.json`` (without previews and drift, which the caller adds)."""
+    """The run's ``_manifest.json``; ``published``: its ``preview``, ``previews`` and ``drift``."""
     a = config.attribute
     return {
         "format": FORMAT,
@@ -475,8 +476,8 @@ def _manifest(
         "output_format": a.output_format,
         "manifest": storage.redact(storage.join(root, MANIFEST)),
         "index": storage.redact(storage.join(root, PARTS)),
-        "preview": None,
-        "previews": [],
+        "preview": published["preview"],
+        "previews": published["previews"],
         "input": {
             "kind": plan["kind"],
             "url": storage.redact(plan["url"]),
@@ -493,7 +494,7 @@ def _manifest(
             "resumed": resumed,
         },
         "stats": counts.as_dict(),
-        "drift": None,
+        "drift": published["drift"],
         "timings": _timings(record, started, stats),
         "errors": errors,
         "config": public_config(config),

@@ -396,7 +396,7 @@ def evaluate(config, progress: bool = True) -> dict:
     models = load_models(config, opts)
     dataset = open_test_split(config, models.classes, models.image_size, opts, protocol=options.protocol)
     loader = make_loader(dataset, options.batch_size, min(config.data.loader_workers, len(dataset.urls)))
-    device = _evaluation_device(config.trainer.use_gpu)
+    device = evaluation_device(config.trainer.use_gpu)
     models.to(device)
     run = _Run(models, options, opts, device)
     total = dataset.manifest["num_samples"]
@@ -446,7 +446,7 @@ def evaluate(config, progress: bool = True) -> dict:
     }
 
 
-def _evaluation_device(use_gpu: bool) -> torch.device:
+def evaluation_device(use_gpu: bool) -> torch.device:
     """CUDA when asked for and present; the CPU otherwise (with a warning when it was asked for)."""
     if use_gpu and not torch.cuda.is_available():
         log.warning("evaluate: trainer.use_gpu is set but CUDA is not available; running on the CPU")

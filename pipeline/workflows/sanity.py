@@ -61,7 +61,7 @@ from pipeline.data.shards import (
     write_manifest,
 )
 from pipeline.errors import WysiwycError
-from pipeline.evaluate.evaluate import _jsonable, load_models, merge_present, open_test_split
+from pipeline.evaluate.evaluate import _jsonable, evaluation_device, load_models, merge_present, open_test_split
 from pipeline.evaluate.report import specificity_gap
 from pipeline.method.masks import class_masks
 from pipeline.method.metrics import (
@@ -342,14 +342,13 @@ def run_sanity(config, progress: bool = True) -> dict:
 
     name = f"{run_name('explainer', config)}-sanity"
     root = storage.join(config.trainer.storage, name)
-    progress_file = _Progress(storage.join(root, STATE_FILE), opts)
-    state = progress_file.state
+    state_file = _StateFile(storage.join(root, STATE_FILE), opts)
+    state = state_file.state
     tracker = _sanity_tracker(config, real, name, root, state, opts) if config.tracking.enabled else None
     status = "FAILED"
     try:
-        explainers = _control_explainers(config, real, name, root, progress_file, opts)
-        use_gpu = bool(config.trainer.use_gpu) and torch.cuda.is_available()
-        device = torch.device("cuda" if use_gpu else "cpu")
+        explainers = _control_explainers(config, real, name, root, state_file, opts)
+        device = evaluation_device(config.trainer.use_gpu)
         real.to(device)
         others = {
             v: load_predictor(explainers[v], None, opts, image_size=real.image_size).explainer.to(device).eval()
@@ -401,7 +400,7 @@ def run_sanity(config, progress: bool = True) -> dict:
     return result
 
 
-class _Progress:
+class _StateFile:
     """The check's progress file (which classifiers and Explainers exist): a rerun resumes from it."""
 
     def __init__(self, url: str, opts):
@@ -430,23 +429,23 @@ def _sanity_tracker(config, real, name: str, root: str, state: dict, opts) -> tr
     return tracker
 
 
-def _control_explainers(config, real, name: str, root: str, progress: _Progress, opts) -> dict[str, str]:
+def _control_explainers(config, real, name: str, root: str, state_file: _StateFile, opts) -> dict[str, str]:
     """The randomized and the permuted-labels classifier, and an Explainer retrained for each (what is done
     already is taken from the progress file): ``{variant: Explainer checkpoint URI}``."""
-    s, state = config.sanity, progress.state
+    s, state = config.sanity, state_file.state
     parent = state.get("mlflow_run_id")
     if "randomized_classifier" not in state:
         url, names = _randomized_classifier(
             real.explanandum_uri, storage.join(root, "randomized_classifier.pt"), s.randomized_layers, s.seed, opts
         )
         state.update(randomized_classifier=url, randomized_layers=names)
-        progress.save()
+        state_file.save()
     if "permuted_classifier" not in state:
         classifier_state, _ = ckpt.load_checkpoint(real.explanandum_uri, opts)
         state["permuted_classifier"] = _permuted_classifier(
             config, classifier_state, root, f"{name}-permuted-classifier", parent, opts
         )
-        progress.save()
+        state_file.save()
     explainers = state.setdefault("explainers", {})
     for variant, classifier in (
         ("randomized", state["randomized_classifier"]),
@@ -460,7 +459,7 @@ def _control_explainers(config, real, name: str, root: str, progress: _Progress,
         cfg.trainer.run_name = f"{name}-{variant}"
         cfg.tracking.parent_run_id = parent
         explainers[variant] = train_explainer(cfg)["checkpoint"]
-        progress.save()
+        state_file.save()
     return explainers
 
 
