@@ -86,6 +86,6 @@ def load_checkpoint(url: str, opts=None) -> tuple[dict, str]:
     except storage.NotFound:
         raise WysiwycError(
             f"checkpoint {storage.redact(url)} does not exist: train one first or fix the "
-            f"URI (explanandum.checkpoint / explainer.checkpoint)"
+            f"URI (explanandum.model / explainer.checkpoint)"
         ) from None
     return parse_checkpoint(data, url), hashlib.sha256(data).hexdigest()

@@ -288,7 +288,7 @@ def train_classifier(config: ConfigOpt = None, overrides: Overrides = None, json
 
 @train_app.command("explainer")
 def train_explainer(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False) -> None:
-    """Train an Explainer for the frozen explanandum.checkpoint; prints the best checkpoint URI."""
+    """Train an Explainer for the frozen explanandum.model; prints the best checkpoint URI."""
     _train("explainer", config, overrides, json_)
 
 

@@ -102,6 +102,11 @@ class DataConfig(_Section):
     loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(1000, ge=0, description="samples in the training shuffle buffer")
     flip: bool = Field(True, description="random horizontal flip of image and segmentation")
+    labels: Literal["dataset", "explanandum"] = Field(
+        "dataset",
+        description="train explainer: the classes to explain per image: dataset (the shards' labels) or "
+        "explanandum (F's own prediction on the clean image: unlabelled shards work; explanandum.threshold)",
+    )
 
     @model_validator(mode="after")
     def _no_selection_on_test(self):
@@ -129,12 +134,40 @@ class IngestConfig(_Section):
 
 
 class ExplanandumConfig(_Section):
-    """The frozen classifier being explained."""
+    """The frozen classifier being explained (F), and the one ``train classifier`` trains."""
 
-    arch: Literal["vgg16", "resnet50", "resnet18", "small_cnn"] = Field(
-        "small_cnn", description="the classifier (paper heads for vgg16 / resnet50)"
+    arch: str = Field(
+        "small_cnn",
+        description="the classifier: vgg16, resnet50, resnet18 or small_cnn (wysiwyc's; paper heads for vgg16 / "
+        "resnet50), or torchvision:NAME (any torchvision classification model; its state dict in weights)",
     )
-    checkpoint: str | None = Field(None, description="classifier checkpoint URI (the Explanandum of train explainer)")
+    model: str | None = Field(
+        None,
+        description="the classifier to explain (URI, local or s3://): a wysiwyc classifier checkpoint, a TorchScript "
+        "file, a torch.export program (.pt2), or models:/NAME@alias | models:/NAME/V (a wysiwyc-registered "
+        "classifier or an MLflow pytorch-flavour model)",
+    )
+    checkpoint: str | None = Field(None, description="alias of model (the name before BYO classifiers)")
+    weights: str | None = Field(None, description="arch=torchvision:NAME: URI of the classifier's whole state dict")
+    classes: list[str] | str | None = Field(
+        None,
+        description="F's class names in output order (a list, or the URI of a text file, one name a line); "
+        "default: what the model carries",
+    )
+    output: Literal["sigmoid", "softmax"] | None = Field(
+        None, description="sigmoid (multi-label) or softmax (single-label); default: what the model carries"
+    )
+    image_size: int | None = Field(
+        None, gt=0, description="the side F takes (masked images are resized to it); default: data.image_size"
+    )
+    mean: list[float] | None = Field(None, description="F's input normalisation: mean of RGB pixels in [0, 1]")
+    std: list[float] | None = Field(None, description="F's input normalisation: std of RGB pixels in [0, 1]")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="data.labels=explanandum: a sigmoid F's labels are its probabilities ≥ this"
+    )
+    allow_pickle: bool = Field(
+        False, description="load an MLflow pytorch model saved as a pickle (runs code from the file: trusted only)"
+    )
     init: Literal["scratch", "backbone_file"] = Field(
         "scratch",
         description="train classifier: how the classifier starts: scratch (random; small_cnn), or "
@@ -145,11 +178,33 @@ class ExplanandumConfig(_Section):
         None, description="init=backbone_file: a torchvision ImageNet state dict of the arch (local path or s3:// URL)"
     )
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch in ("vgg16", "resnet50", "resnet18", "small_cnn") or (
+            arch.startswith("torchvision:") and len(arch) > len("torchvision:")
+        ):
+            return arch
+        raise ValueError(f"unknown arch {arch!r}: vgg16, resnet50, resnet18, small_cnn or torchvision:NAME")
+
     @model_validator(mode="after")
     def _backbone_file_given(self):
         _backbone_file_rule(
             "explanandum", self.init, "pretrained_backbone", self.pretrained_backbone, lambda: self.arch
         )
+        return self
+
+    @model_validator(mode="after")
+    def _model_alias(self):
+        if self.model and self.checkpoint and self.model != self.checkpoint:
+            raise ValueError(
+                f"explanandum.model={redact(self.model)} and its alias explanandum.checkpoint="
+                f"{redact(self.checkpoint)} differ: set one of them"
+            )
+        if self.checkpoint and not self.model:  # the one name dumped configs and MLflow params use
+            object.__setattr__(self, "model", self.checkpoint)
+        if self.checkpoint:
+            object.__setattr__(self, "checkpoint", None)
         return self
 
 
@@ -794,6 +849,8 @@ def load_config(
         tree = loaded
     for text in overrides or []:
         key_path, value = parse_override(text)
+        if tuple(key_path) == ("explanandum", "checkpoint"):  # the alias on the command line replaces the file's model
+            key_path = ["explanandum", "model"]
         _set_path(tree, key_path, value, sources, f"command-line override {text.split('=', 1)[0]}=…")
     try:
         return model.model_validate(tree)

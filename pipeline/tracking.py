@@ -188,6 +188,43 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> tuple[str,
     )
 
 
+@dataclass
+class Downloaded:
+    """A registered version's files in a temporary folder (:func:`downloaded_version`)."""
+
+    name: str
+    version: str
+    folder: Path  # the version's model folder (MLmodel, artifacts/, data/ …)
+    tags: dict
+
+
+@contextlib.contextmanager
+def downloaded_version(model_uri: str, tracking_uri: str | None = None) -> Iterator[Downloaded]:
+    """Resolve ``models:/NAME@alias`` or ``models:/NAME/V`` once and download the version's model folder
+    into a temporary folder, removed when the ``with`` block ends.
+
+    Raises:
+        WysiwycError: the URI does not resolve or its files cannot be downloaded.
+    """
+    import mlflow.artifacts  # mlflow: ~3 s to import, only for a registered version
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or registry_uri()
+    name, version = resolve_model(model_uri, uri)
+    client = mlflow_client(uri)
+    with tempfile.TemporaryDirectory(prefix="wysiwyc-model-") as tmp:
+        try:
+            source = client.get_model_version_download_uri(name, version)
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+        except MlflowException as exc:
+            raise WysiwycError(
+                f"{model_uri} (version {version}): its files could not be downloaded from the "
+                f"registry at {storage.redact(uri)}: {str(exc).splitlines()[0][:300]}"
+            ) from None
+        log.info("%s resolved to models:/%s/%s", model_uri, name, version)
+        yield Downloaded(name, str(version), Path(folder), dict(client.get_model_version(name, version).tags))
+
+
 def _experiment_id(client, uri: str, name: str) -> str:
     """The id of experiment ``name`` at ``uri``, created if missing."""
     experiment = client.get_experiment_by_name(name)

@@ -56,7 +56,6 @@ from pipeline.attribute.stats import Stats, drift, drift_png, log_run, previous_
 from pipeline.config import dump_config, public_config
 from pipeline.data.images import decode_image
 from pipeline.data.sample import encode_png
-from pipeline.data.transforms import normalize_uint8
 from pipeline.errors import InputError, WysiwycError
 from pipeline.method.class_rule import ClassRule
 from pipeline.progress import progress as progress_bar
@@ -175,7 +174,7 @@ class _Attributor:
             x = torch.from_numpy(np.ascontiguousarray(batch["image"][at]))  # uint8: normalised on the device
             if self.device == "cuda":
                 x = x.pin_memory().to("cuda", non_blocking=True)
-            prediction = self.predictor(normalize_uint8(x), amp=job.amp)
+            prediction = self.predictor(self.predictor.normalize(x), amp=job.amp)
             masks, probs = prediction.masks.float(), prediction.probs.float().cpu()
             areas = masks.mean(dim=(2, 3)).cpu().tolist()
             masks8 = (masks * 255).round().to(torch.uint8).cpu().numpy()

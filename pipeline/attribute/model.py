@@ -35,7 +35,7 @@ def pin_model(config, record: dict | None, opts=None):
         pinned = absolute(given)
     try:
         predictor = load_model(
-            pinned, tracking.registry_uri(config), explanandum_uri=config.explanandum.checkpoint, opts=opts
+            pinned, tracking.registry_uri(config), explanandum_uri=config.explanandum.model, opts=opts
         )
     except WysiwycError as exc:
         raise WysiwycError(f"attribute: {exc}") from None

@@ -27,7 +27,7 @@ import torch.utils.data as tud
 
 from pipeline import __version__, storage
 from pipeline.data.sample import Sample, Skipped, encode_png
-from pipeline.data.transforms import decode_sample
+from pipeline.data.transforms import IMAGENET, Normalization, decode_sample
 from pipeline.errors import WysiwycError
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -319,6 +319,7 @@ class ShardDataset(tud.IterableDataset):
         opts=None,
         classes: list[str] | None = None,
         allow_idle_ranks: bool = False,
+        norm: Normalization = IMAGENET,
     ):
         self.manifest = read_manifest(spec, opts)
         self.classes = self.manifest["classes"]
@@ -334,6 +335,7 @@ class ShardDataset(tud.IterableDataset):
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.seed, self.epoch, self.opts = seed, 0, opts
         self.allow_idle_ranks = allow_idle_ranks
+        self.norm = norm  # the explained classifier's normalisation (ImageNet's by default)
         if len(self.urls) < world_size and not allow_idle_ranks:
             raise WysiwycError(self._too_few_shards(world_size, 1))
 
@@ -378,7 +380,11 @@ class ShardDataset(tud.IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
         for raw in raw_samples(shard_sources(self.manifest, shards), self.opts, *stages):
             yield decode_sample(
-                raw, image_size=self.image_size, num_classes=len(self.classes), flip=self.flip and rng.random() < 0.5
+                raw,
+                image_size=self.image_size,
+                num_classes=len(self.classes),
+                flip=self.flip and rng.random() < 0.5,
+                norm=self.norm,
             )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,27 +17,53 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VOID = 255
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of (…, 3, H, W) images in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images - mean) / std
+@dataclass(frozen=True)
+class Normalization:
+    """A classifier's input normalisation of pixels in [0, 1]: ``(x - mean) / std`` per RGB channel. The
+    Explainer and F see images normalised F's way, so a masked pixel (0) is F's mean colour."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def _view(self, values, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(…, 3, H, W) images in [0, 1] → normalised."""
+        return (images - self._view(self.mean, images)) / self._view(self.std, images)
+
+    def inverse(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images → [0, 1], clamped (for pictures)."""
+        return (images * self._view(self.std, images) + self._view(self.mean, images)).clamp(0, 1)
+
+    def uint8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(…, 3, H, W) uint8 pixels → float32 normalised images, one multiply-add on 0..255 values (a batch
+        decoded elsewhere is normalised on the model's device)."""
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device)
+        scale = (1.0 / (255.0 * std)).view(3, 1, 1)
+        shift = (-torch.tensor(self.mean, dtype=torch.float32, device=pixels.device) / std).view(3, 1, 1)
+        return pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
+
+    def mean_colour(self) -> np.ndarray:
+        """The colour of a normalised 0 (a masked pixel), RGB in [0, 1]."""
+        return np.asarray(self.mean, dtype=np.float32)
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
+IMAGENET = Normalization()
+
+
+def normalize(images: torch.Tensor, norm: Normalization = IMAGENET) -> torch.Tensor:
+    """``norm`` (ImageNet's by default) of (…, 3, H, W) images in [0, 1]."""
+    return norm(images)
+
+
+def denormalize(images: torch.Tensor, norm: Normalization = IMAGENET) -> torch.Tensor:
     """Inverse of :func:`normalize`, clamped to [0, 1] (for pictures)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images * std + mean).clamp(0, 1)
+    return norm.inverse(images)
 
 
-# image_to_tensor's normalisation folded into one multiply-add on 0..255 values: (x/255 - mean)/std
-_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD, dtype=torch.float32))).view(3, 1, 1)
-_SHIFT = (-torch.tensor(IMAGENET_MEAN, dtype=torch.float32) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
-
-
-def image_to_tensor(image: Image.Image, size: int, flip: bool = False) -> torch.Tensor:
-    """RGB ``size``×``size`` float tensor (3, size, size), contiguous, ImageNet-normalised.
+def image_to_tensor(image: Image.Image, size: int, flip: bool = False, norm: Normalization = IMAGENET) -> torch.Tensor:
+    """RGB ``size``×``size`` float tensor (3, size, size), contiguous, normalised (``norm``, ImageNet's by default).
 
     Resized (bilinear) at full source resolution (:func:`pipeline.data.images.resized_rgb`), flipped
     left-right after the resize when ``flip``, then normalised as :func:`normalize` does (the same values
@@ -46,14 +73,12 @@ def image_to_tensor(image: Image.Image, size: int, flip: bool = False) -> torch.
     pixels = resized_rgb(image, size)
     if flip:
         pixels = pixels[:, ::-1]
-    return normalize_uint8(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+    return norm.uint8(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
 
 
-def normalize_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """(…, 3, H, W) uint8 pixels → the float32 ImageNet-normalised images of :func:`image_to_tensor`
-    (bit for bit): a batch decoded elsewhere is normalised on the model's device."""
-    scale, shift = _SCALE.to(pixels.device), _SHIFT.to(pixels.device)
-    return pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
+def normalize_uint8(pixels: torch.Tensor, norm: Normalization = IMAGENET) -> torch.Tensor:
+    """(…, 3, H, W) uint8 pixels → the float32 normalised images of :func:`image_to_tensor` (bit for bit)."""
+    return norm.uint8(pixels)
 
 
 def seg_to_tensor(seg: np.ndarray, size: int, flip: bool = False) -> torch.Tensor:
@@ -64,7 +89,9 @@ def seg_to_tensor(seg: np.ndarray, size: int, flip: bool = False) -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(resized)).long()
 
 
-def decode_sample(raw: dict, *, image_size: int, num_classes: int, flip: bool = False) -> dict:
+def decode_sample(
+    raw: dict, *, image_size: int, num_classes: int, flip: bool = False, norm: Normalization = IMAGENET
+) -> dict:
     """A shard sample (``{"__key__", "jpg"|"png", "json", "seg.png"?}``) → training tensors.
 
     Returns:
@@ -78,7 +105,7 @@ def decode_sample(raw: dict, *, image_size: int, num_classes: int, flip: bool = 
     pixels = decode_image(raw.get("jpg") or raw.get("png"), source, image_size, None)[0]
     if flip:
         pixels = np.ascontiguousarray(pixels[:, :, ::-1])
-    image = normalize_uint8(torch.from_numpy(pixels))
+    image = norm.uint8(torch.from_numpy(pixels))
     labels = torch.zeros(num_classes)
     if meta["labels"]:
         labels[torch.tensor(meta["labels"])] = 1.0

@@ -1,7 +1,7 @@
 """The ``evaluate`` stage: the paper's metrics for an Explainer against the baselines, with a report.
 
 Inputs: an Explainer checkpoint (``explainer.checkpoint``), the Explanandum it explains (the one its
-checkpoint records, or ``explanandum.checkpoint``; its sha256 must match the record) and a split with
+checkpoint records, or ``explanandum.model``; its sha256 must match the record) and a split with
 segmentation (``data.test``). For every method (``explainer``, ``grad_cam``, ``rise``,
 ``extremal_perturbation``, ``rt_saliency``, ``zeros``, ``half``, ``ones``, ``ideal``) and every image with
 at least one ground-truth class:
@@ -55,7 +55,7 @@ from pipeline import storage, tracking
 from pipeline.config import EVALUATE_METHODS, RT_SALIENCY_HOWTO, EvaluateConfig, dump_config
 from pipeline.data.sample import decode_png
 from pipeline.data.shards import ShardDataset, make_loader, raw_samples, read_manifest, shard_sources
-from pipeline.data.transforms import decode_sample, denormalize
+from pipeline.data.transforms import IMAGENET, Normalization, decode_sample
 from pipeline.data.voc import paper_seg_luminance
 from pipeline.errors import WysiwycError
 from pipeline.evaluate import baselines, report
@@ -112,7 +112,7 @@ def load_models(config, opts=None) -> Predictor:
 
     ``explainer.checkpoint`` is a checkpoint URI or a registered version (``models:/NAME/V``,
     ``models:/NAME@alias``, loaded by :func:`pipeline.models.predictor.load_model` with the Explanandum
-    it was registered with). For a checkpoint, the Explanandum is ``explanandum.checkpoint`` when
+    it was registered with). For a checkpoint, the Explanandum is ``explanandum.model`` when
     set, else the one the Explainer checkpoint records; its sha256 must equal the recorded one
     (:func:`pipeline.models.predictor.load_predictor`). The size is ``data.image_size`` when given
     explicitly, else the one the Explainer was trained at.
@@ -128,9 +128,9 @@ def load_models(config, opts=None) -> Predictor:
             "path or s3://…, e.g. the `checkpoint` printed by `wysiwyc train explainer`) or a "
             "registered version (models:/NAME@champion)"
         )
-    if str(config.explanandum.checkpoint or "").startswith(tracking.REGISTRY_PREFIX):
+    if str(config.explanandum.model or "").startswith(tracking.REGISTRY_PREFIX):
         raise WysiwycError(
-            f"evaluate: explanandum.checkpoint={config.explanandum.checkpoint}: give the classifier "
+            f"evaluate: explanandum.model={config.explanandum.model}: give the classifier "
             f"checkpoint URI; a registered Explainer (explainer.checkpoint=models:/…) carries its own"
         )
     size = config.data.image_size if "image_size" in config.data.model_fields_set else None
@@ -139,7 +139,7 @@ def load_models(config, opts=None) -> Predictor:
             uri,
             tracking.registry_uri(config),
             image_size=size,
-            explanandum_uri=config.explanandum.checkpoint,
+            explanandum_uri=config.explanandum.model,
             opts=opts,
         )
     except WysiwycError as exc:
@@ -161,7 +161,7 @@ class PaperTruthShards(ShardDataset):
         if not shards:
             return
         for raw in raw_samples(shard_sources(self.manifest, shards), self.opts):
-            sample = decode_sample(raw, image_size=self.image_size, num_classes=len(self.classes))
+            sample = decode_sample(raw, image_size=self.image_size, num_classes=len(self.classes), norm=self.norm)
             if "seg.png" in raw:
                 fg = paper_foreground(decode_png(raw["seg.png"]), self.image_size, self.luminance)
             else:  # no segmentation: nothing is object (open_test_split refuses splits without any)
@@ -170,7 +170,9 @@ class PaperTruthShards(ShardDataset):
             yield sample
 
 
-def open_test_split(config, classes: list[str], image_size: int, opts=None, protocol: str = "project"):
+def open_test_split(
+    config, classes: list[str], image_size: int, opts=None, protocol: str = "project", norm: Normalization = IMAGENET
+):
     """The test split (``data.test``) as a :class:`ShardDataset` (a :class:`PaperTruthShards` for
     ``protocol="paper"``); it must have segmentation."""
 
@@ -200,8 +202,9 @@ def open_test_split(config, classes: list[str], image_size: int, opts=None, prot
             luminance=paper_seg_luminance(classes, voc=voc),
             opts=opts,
             classes=config.data.classes,
+            norm=norm,
         )
-    return ShardDataset(spec, image_size=image_size, train=False, opts=opts, classes=config.data.classes)
+    return ShardDataset(spec, image_size=image_size, train=False, opts=opts, classes=config.data.classes, norm=norm)
 
 
 # ------------------------------------------------------------------------------------ the math
@@ -285,7 +288,7 @@ def load_rt_saliency(uri: str, models: Predictor, opts=None) -> torch.nn.Module:
         raise WysiwycError(
             f"{where} explains the classifier with sha256 {recorded}, not the evaluated one "
             f"({models.explanandum_sha256}): train it with "
-            f"explanandum.checkpoint={storage.redact(models.explanandum_uri)}"
+            f"explanandum.model={storage.redact(models.explanandum_uri)}"
         )
     if list(state["classes"]) != list(models.classes):
         raise WysiwycError(f"{where} has classes {state['classes']}, the evaluated Explainer {models.classes}")
@@ -322,7 +325,7 @@ def _mask_maker(
     elif name == "grad_cam":
 
         def make(x, seg, y):  # needs gradients (w.r.t. the activations): no no_grad here
-            return baselines.gradcam(models.explanandum, x, all_classes)
+            return baselines.gradcam(models.explanandum.module, x, all_classes)
     elif name == "rise":
 
         def make(x, seg, y):
@@ -394,7 +397,9 @@ def evaluate(config, progress: bool = True) -> dict:
     options = config.evaluate
     opts = config.storage.options()
     models = load_models(config, opts)
-    dataset = open_test_split(config, models.classes, models.image_size, opts, protocol=options.protocol)
+    dataset = open_test_split(
+        config, models.classes, models.image_size, opts, protocol=options.protocol, norm=models.norm
+    )
     loader = make_loader(dataset, options.batch_size, min(config.data.loader_workers, len(dataset.urls)))
     device = evaluation_device(config.trainer.use_gpu)
     models.to(device)
@@ -491,9 +496,9 @@ class _Run:
         )
 
     def probs(self, images: torch.Tensor) -> torch.Tensor:
-        """The Explanandum's sigmoid probabilities."""
+        """The Explanandum's probabilities (sigmoid; softmax for a single-label one)."""
         with torch.no_grad():
-            return torch.sigmoid(self.models.explanandum(images))
+            return self.models.explanandum.probabilities(self.models.explanandum(images))
 
     def softmax_probs(self, images: torch.Tensor) -> torch.Tensor:
         """The paper's: softmax over the classes."""
@@ -525,7 +530,7 @@ class _Run:
         new_rows = [
             {
                 "key": keys[i],
-                "image": denormalize(x[i].float().cpu()).permute(1, 2, 0).numpy(),
+                "image": self.models.norm.inverse(x[i].float().cpu()).permute(1, 2, 0).numpy(),
                 "seg": seg[i].cpu().numpy(),
                 "labels": y[i].nonzero().flatten().tolist(),
                 "class_masks": {},

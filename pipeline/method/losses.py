@@ -53,9 +53,14 @@ def classifier_loss(logits: torch.Tensor, y: torch.Tensor, single_label: bool = 
     return classification_loss(logits, y, single_label=single_label)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, single_label: bool = False
+) -> torch.Tensor:
     """L_d = BCEWithLogits(student logits, p_F): the student reproduces the Explanandum's sigmoid
-    probabilities (soft targets), class by class (``explainer.init=distilled``)."""
+    probabilities (soft targets), class by class (``explainer.init=distilled``); for a single-label
+    (softmax) F the cross-entropy of the student's softmax against F's softmax (soft targets)."""
+    if single_label:
+        return F.cross_entropy(student_logits, teacher_probs)
     return F.binary_cross_entropy_with_logits(student_logits, teacher_probs)
 
 

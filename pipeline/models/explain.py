@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pipeline.data.transforms import normalize_uint8
 from pipeline.method.class_rule import ClassRule
 from pipeline.method.class_rule import explained_classes as explained_classes  # re-exported beside ClassRule
 
@@ -44,14 +43,14 @@ def mask_from_png(text: str) -> np.ndarray:
 
 def explain(predictor, images: torch.Tensor, rule: ClassRule | Sequence[ClassRule], batch_size: int = 64) -> list[dict]:
     """One record per image (module docstring) for a (B, 3, S, S) batch: uint8 pixels (normalised here, on
-    the predictor's device) or float ImageNet-normalised images; ``rule`` for every image, or one rule per
-    image; ``batch_size`` images per model call."""
+    the predictor's device, its classifier's way) or float images normalised so; ``rule`` for every image, or
+    one rule per image; ``batch_size`` images per model call."""
 
     rules = [rule] * images.shape[0] if isinstance(rule, ClassRule) else list(rule)
     records = []
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(predictor.device)
-        prediction = predictor(normalize_uint8(x) if x.dtype == torch.uint8 else x.float())
+        prediction = predictor(predictor.normalize(x))
         masks8 = (prediction.masks * 255).round().to(torch.uint8).cpu().numpy()
         probs = prediction.probs.cpu()
         for j in range(len(probs)):

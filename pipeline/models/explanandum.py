@@ -33,7 +33,7 @@ from torch import nn
 
 from pipeline import storage  # the URL layer (s3://…)
 from pipeline.config import backbone_howto
-from pipeline.errors import WysiwycError
+from pipeline.errors import WysiwycError, first_line
 from pipeline.models.blocks import conv_block, encode_blocks
 
 ARCHS = ("vgg16", "resnet50", "resnet18", "small_cnn")
@@ -140,16 +140,16 @@ def check_arch(role: str, arch: str, archs: tuple[str, ...], num_classes: int) -
     return arch
 
 
-def load_weights(model: nn.Module, weights: StateSource, role: str, num_classes: int) -> None:
-    """Load a whole trained model's state dict; a mismatch names ``{role}.checkpoint`` and the arch."""
+def load_weights(model: nn.Module, weights: StateSource, role: str, num_classes: int, key: str = "checkpoint") -> None:
+    """Load a whole trained model's state dict; a mismatch names ``{role}.{key}`` and the arch."""
     arch = getattr(model, "wysiwyc_arch", type(model).__name__)
-    state = read_state_dict(weights, what=f"{role} weights ({arch})")
+    state = read_state_dict(weights, what=f"{role}.{key} ({arch})")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise WysiwycError(
-            f"{role}.checkpoint: the state dict does not fit a {arch} with {num_classes} classes "
-            f"({_first_line(e)}); check {role}.arch and the class list"
+            f"{role}.{key}: the state dict does not fit a {arch} with {num_classes} classes "
+            f"({first_line(e)}); check {role}.arch and the class list"
         ) from e
 
 
@@ -206,7 +206,7 @@ def _load_backbone(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor
         result = model.load_state_dict(backbone_state, strict=False)
     except RuntimeError as e:  # shapes differ
         raise WysiwycError(
-            f"explanandum.pretrained_backbone: not a torchvision {arch} state dict ({_first_line(e)}); "
+            f"explanandum.pretrained_backbone: not a torchvision {arch} state dict ({first_line(e)}); "
             + backbone_howto(arch)
         ) from e
     missing = [k for k in result.missing_keys if not k.startswith(head)]
@@ -318,7 +318,7 @@ def read_state_dict(source: StateSource, what: str = "weights", howto: str | Non
             raise
         except Exception as e:  # noqa: BLE001 - any unpickling problem means "not a usable file"
             raise WysiwycError(
-                f"{what}: cannot load {_describe(source)} as a torch state dict ({_first_line(e)})"
+                f"{what}: cannot load {_describe(source)} as a torch state dict ({first_line(e)})"
             ) from e
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
@@ -351,7 +351,7 @@ def _open_binary(obj: Any, what: str, howto: str | None) -> io.IOBase:
         except WysiwycError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise WysiwycError(f"{what}: cannot read {url} ({_first_line(e)})" + (f"; {howto}" if howto else "")) from e
+            raise WysiwycError(f"{what}: cannot read {url} ({first_line(e)})" + (f"; {howto}" if howto else "")) from e
     path = Path(url).expanduser()
     if not path.is_file():
         raise WysiwycError(f"{what}: file not found: {path}" + (f"; {howto}" if howto else ""))
@@ -362,8 +362,3 @@ def _describe(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
     return f"the given {type(source).__name__}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

@@ -9,9 +9,7 @@ model computes is exactly what ``wysiwyc evaluate`` measured.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -19,11 +17,11 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline import storage, tracking
-from pipeline.data.transforms import image_to_tensor
+from pipeline.data.transforms import Normalization, image_to_tensor
 from pipeline.errors import WysiwycError
 from pipeline.method.masks import class_masks
+from pipeline.models.classifier import Classifier, recorded_classifier
 from pipeline.models.explainer import build_explainer
-from pipeline.models.explanandum import build_explanandum, freeze_explanandum
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +29,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prediction:
     """``masks``: (B, C, H, W) per-class masks in [0, 1] (every class, one Explainer pass);
-    ``probs``: (B, C) the Explanandum's sigmoid probabilities on the unmasked images."""
+    ``probs``: (B, C) the Explanandum's probabilities (sigmoid, or softmax for a single-label F) on the unmasked
+    images."""
 
     masks: torch.Tensor
     probs: torch.Tensor
@@ -41,12 +40,12 @@ class Prediction:
 class Predictor:
     """An Explainer, the frozen Explanandum it explains, and what is recorded about both.
 
-    Inputs are ImageNet-normalised (B, 3, S, S) batches (:meth:`preprocess` makes one image's tensor
-    from a PIL image); any batch size works.
+    Inputs are (B, 3, S, S) batches normalised the Explanandum's way (:meth:`normalize` of uint8 pixels,
+    :meth:`preprocess` of a PIL image); any batch size works.
     """
 
     explainer: nn.Module
-    explanandum: nn.Module
+    explanandum: Classifier
     classes: list[str]
     image_size: int
     explainer_uri: str
@@ -66,10 +65,19 @@ class Predictor:
         self.explanandum.to(self.device, memory_format=torch.channels_last)
         return self
 
+    @property
+    def norm(self) -> Normalization:
+        """The Explanandum's input normalisation (the Explainer sees the same images)."""
+        return self.explanandum.interface.normalization
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(…, 3, S, S) uint8 pixels → the float images the nets take (float input is taken as normalised)."""
+        return self.norm.uint8(pixels) if pixels.dtype == torch.uint8 else pixels.float()
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One PIL image (any mode) → the (3, S, S) normalised tensor the nets take."""
 
-        return image_to_tensor(image, self.image_size)
+        return image_to_tensor(image, self.image_size, norm=self.norm)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, amp: bool = False) -> Prediction:
@@ -82,25 +90,13 @@ class Predictor:
         use_amp = amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             masks = class_masks(self.explainer(x).float())
-            probs = torch.sigmoid(self.explanandum(x).float())
+            probs = self.explanandum.probabilities(self.explanandum(x).float())
         return Prediction(masks=masks.float().contiguous(), probs=probs.float())
 
 
 def _expect(state: dict, kind: str, url: str) -> None:
     if state.get("kind") != kind:
         raise WysiwycError(f"{storage.redact(url)} is a {state.get('kind')} checkpoint, expected a {kind} one")
-
-
-def classifier_from_checkpoint(url: str, opts=None, frozen: bool = True) -> tuple[nn.Module, dict, str]:
-    """The classifier of a checkpoint, frozen and locked in eval mode as an Explanandum.
-
-    Returns:
-        ``(model, checkpoint, sha256)``.
-    """
-    state, digest = ckpt.load_checkpoint(url, opts)
-    _expect(state, "classifier", url)
-    model = build_explanandum(state["arch"], len(state["classes"]), weights=state["model"])
-    return (freeze_explanandum(model) if frozen else model), state, digest
 
 
 def explainer_from_checkpoint(url: str, opts=None) -> tuple[nn.Module, dict, str]:
@@ -112,7 +108,11 @@ def explainer_from_checkpoint(url: str, opts=None) -> tuple[nn.Module, dict, str
 
 
 def load_predictor(
-    explainer_uri: str, explanandum_uri: str | None = None, opts=None, image_size: int | None = None
+    explainer_uri: str,
+    explanandum_uri: str | None = None,
+    opts=None,
+    image_size: int | None = None,
+    registry: str | None = None,
 ) -> Predictor:
     """The Explainer of a checkpoint and the Explanandum it was trained to explain.
 
@@ -121,9 +121,10 @@ def load_predictor(
 
     Args:
         explainer_uri: Explainer checkpoint (local path or ``s3://``).
-        explanandum_uri: the classifier checkpoint, to override the recorded location (same bytes).
+        explanandum_uri: the classifier, to override the recorded location (same bytes, same form).
         opts: :class:`pipeline.storage.S3Options`.
         image_size: the size to run at (default: the size the Explainer was trained at).
+        registry: the MLflow registry of a recorded ``models:/`` classifier.
 
     Raises:
         WysiwycError: a missing or unloadable checkpoint, a classifier that is not the recorded one,
@@ -135,16 +136,16 @@ def load_predictor(
     if not explanandum_uri:
         raise WysiwycError(
             f"the Explainer checkpoint {storage.redact(explainer_uri)} does not record its "
-            f"Explanandum; set explanandum.checkpoint to the classifier it explains"
+            f"Explanandum; set explanandum.model to the classifier it explains"
         )
-    explanandum, cls_ckpt, explanandum_sha = classifier_from_checkpoint(explanandum_uri, opts)
+    explanandum = recorded_classifier(record, explanandum_uri, opts, registry)
     expected = record.get("sha256")
-    if expected and explanandum_sha != expected:
+    if expected and explanandum.sha256 != expected:
         raise WysiwycError(
-            f"the Explanandum {storage.redact(explanandum_uri)} (sha256 {explanandum_sha[:16]}…) is not "
+            f"the Explanandum {storage.redact(explanandum_uri)} (sha256 {explanandum.sha256[:16]}…) is not "
             f"the classifier the Explainer {storage.redact(explainer_uri)} was trained to explain (recorded: "
             f"{storage.redact(str(record.get('uri')))}, sha256 {expected[:16]}…); the file was changed or "
-            f"replaced: point explanandum.checkpoint at the recorded classifier, or use an Explainer "
+            f"replaced: point explanandum.model at the recorded classifier, or use an Explainer "
             f"trained for this one"
         )
     if not expected:
@@ -154,10 +155,10 @@ def load_predictor(
             storage.redact(explanandum_uri),
         )
     classes = list(ckpt["classes"])
-    if list(cls_ckpt["classes"]) != classes:
+    if explanandum.classes != classes:
         raise WysiwycError(
             f"the Explainer {storage.redact(explainer_uri)} has classes {classes} but the "
-            f"Explanandum {storage.redact(explanandum_uri)} has {list(cls_ckpt['classes'])}"
+            f"Explanandum {storage.redact(explanandum_uri)} has {explanandum.classes}"
         )
     trained_at = int(ckpt.get("image_size") or 0)
     size = int(image_size or trained_at or 224)
@@ -173,7 +174,7 @@ def load_predictor(
         explainer_uri=explainer_uri,
         explainer_sha256=explainer_sha,
         explanandum_uri=explanandum_uri,
-        explanandum_sha256=explanandum_sha,
+        explanandum_sha256=explanandum.sha256,
         checkpoint=ckpt,
     )
 
@@ -212,47 +213,29 @@ def load_model(
     else:
         if explanandum_uri:
             log.info("%s carries its Explanandum; %s is not used", model_uri, storage.redact(explanandum_uri))
-        # mlflow: ~3 s to import, only for a registered version (never on the checkpoint path of the pyfunc)
-        import mlflow.artifacts
-        from mlflow.exceptions import MlflowException
-
         uri = tracking_uri or tracking.registry_uri()
-        name, version = tracking.resolve_model(model_uri, uri)
-        client = tracking.mlflow_client(uri)
-        with tempfile.TemporaryDirectory(prefix="wysiwyc-model-") as tmp:
-            try:
-                source = client.get_model_version_download_uri(name, version)
-                folder = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=f"{source}/artifacts", dst_path=tmp, tracking_uri=uri
-                    )
-                )
-            except MlflowException as exc:
+        with tracking.downloaded_version(model_uri, uri) as version:
+            artifacts = version.folder / "artifacts"
+            if not (artifacts / "explainer.pt").is_file():
                 raise WysiwycError(
-                    f"{model_uri} (version {version}): its files could not be downloaded from the "
-                    f"registry at {storage.redact(uri)}: {str(exc).splitlines()[0][:300]}"
-                ) from None
-            if not (folder / "explainer.pt").is_file():
-                raise WysiwycError(
-                    f"{model_uri} (version {version}) is not a wysiwyc Explainer package "
+                    f"{model_uri} (version {version.version}) is not a wysiwyc Explainer package "
                     f"(no artifacts/explainer.pt); register it with `wysiwyc register`"
                 )
             predictor = load_predictor(
-                str(folder / "explainer.pt"), str(folder / "explanandum.pt"), image_size=image_size
+                str(artifacts / "explainer.pt"), str(artifacts / "explanandum.pt"), image_size=image_size, registry=uri
             )
-        tags = client.get_model_version(name, version).tags
+        name, number, tags = version.name, version.version, version.tags
         recorded = tags.get(tracking.EXPLAINER_SHA)
         if recorded and recorded != predictor.explainer_sha256:
             raise WysiwycError(
-                f"{model_uri} (version {version}): the downloaded explainer.pt (sha256 "
+                f"{model_uri} (version {number}): the downloaded explainer.pt (sha256 "
                 f"{predictor.explainer_sha256[:16]}…) is not the registered one ({tracking.EXPLAINER_SHA} "
                 f"{recorded[:16]}…): the version's files were changed after registration; register the "
                 f"checkpoint again or restore the artifact"
             )
-        predictor.explainer_uri = f"models:/{name}/{version}"
+        predictor.explainer_uri = f"models:/{name}/{number}"
         predictor.explanandum_uri = tags.get("wysiwyc.explanandum", predictor.explanandum_uri)
-        predictor.model_name, predictor.model_version = name, version
-        log.info("%s resolved to models:/%s/%s", model_uri, name, version)
+        predictor.model_name, predictor.model_version = name, number
     if device is not None:
         predictor.to(device)
     return predictor

@@ -27,7 +27,6 @@ from pipeline.checkpoint import parse_checkpoint
 from pipeline.config import LAMBDAS
 from pipeline.data.sample import encode_png
 from pipeline.data.shards import read_manifest
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import WysiwycError
 from pipeline.method.class_rule import ClassRule
 from pipeline.models.predictor import load_predictor
@@ -314,7 +313,7 @@ def register_checkpoint(
     Args:
         checkpoint: the Explainer checkpoint (local path or ``s3://``).
         name: registered model name (letters, digits, ``_.-``).
-        config: :class:`pipeline.config.Config` (``tracking``, ``storage``; ``explanandum.checkpoint``
+        config: :class:`pipeline.config.Config` (``tracking``, ``storage``; ``explanandum.model``
             overrides where the recorded Explanandum is read from — the sha256 must match).
         extra_tags: more lineage tags for the version (e.g. the sweep it came from).
         extra_metrics: more metrics for the register run (e.g. the sweep's selection metric).
@@ -335,11 +334,11 @@ def register_checkpoint(
         return found
 
     record = state.get("explanandum") or {}
-    explanandum = config.explanandum.checkpoint or record.get("uri")
+    explanandum = config.explanandum.model or record.get("uri")
     if not explanandum:
         raise WysiwycError(
             f"register: {storage.redact(checkpoint)} does not record its Explanandum; set "
-            f"explanandum.checkpoint to the classifier it explains"
+            f"explanandum.model to the classifier it explains"
         )
     cfg = state.get("config") or {}
     loss = cfg.get("loss") or {}
@@ -425,7 +424,7 @@ class _Lineage:
             "format": PACKAGE_FORMAT,
             "classes": self.predictor.classes,
             "image_size": self.predictor.image_size,
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "normalization": {"mean": list(self.predictor.norm.mean), "std": list(self.predictor.norm.std)},
             "input": "image bytes (column image) or float32 (3, S, S) RGB in [0, 1] normalised with mean/std (pixels)",
             "explainer": {
                 "arch": state.get("arch"),

@@ -3,9 +3,9 @@ their probabilities and masks) and :class:`ClassifierModel` (images → class pr
 
 Both take image bytes — ``pandas.DataFrame({"image": [bytes, ...]})`` (PNG/JPEG/any format PIL reads;
 base64 text is decoded, which is how JSON carries bytes to ``mlflow models serve``), a cell may hold a
-list of images, or a plain dict ``{"image": [...]}`` — or ImageNet-normalised arrays as
+list of images, or a plain dict ``{"image": [...]}`` — or arrays normalised the classifier's way as
 ``{"pixels": [(3, S, S) float32, ...]}``. Bytes are decoded, resized and normalised as in training
-(:func:`pipeline.data.images.decode_image`, :func:`pipeline.data.transforms.normalize_uint8`). The class
+(:func:`pipeline.data.images.decode_image`, the classifier's :class:`pipeline.data.transforms.Normalization`). The class
 choice is the rule of ``wysiwyc attribute`` (:class:`pipeline.method.class_rule.ClassRule`), set by the
 ``params`` ``classes`` (threshold | topk | fixed), ``threshold``, ``top_k``, ``fixed_classes``.
 
@@ -23,12 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.config import ExplanandumConfig
 from pipeline.data.images import decode_image
-from pipeline.data.transforms import normalize_uint8
 from pipeline.errors import InputError, WysiwycError
 from pipeline.method.class_rule import ClassRule
+from pipeline.models.classifier import load_classifier
 from pipeline.models.explain import explain
-from pipeline.models.predictor import classifier_from_checkpoint, load_predictor
+from pipeline.models.predictor import load_predictor
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused from their header, before decoding
 
@@ -135,8 +136,8 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
 
-        self.model, state, _ = classifier_from_checkpoint(context.artifacts["classifier"])
-        self.classes, self.image_size = list(state["classes"]), int(state.get("image_size") or 224)
+        self.model = load_classifier(ExplanandumConfig(model=context.artifacts["classifier"]))
+        self.classes, self.image_size = self.model.classes, int(self.model.interface.image_size or 224)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
 
@@ -148,7 +149,8 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         records = []
         for start in range(0, images.shape[0], self.batch_size):
             x = images[start : start + self.batch_size].to(self.device)
-            probs = torch.sigmoid(self.model(normalize_uint8(x) if x.dtype == torch.uint8 else x).float()).cpu()
+            x = self.model.interface.normalization.uint8(x) if x.dtype == torch.uint8 else x.float()
+            probs = self.model.probabilities(self.model(x).float()).cpu()
             for row, chosen in zip(probs.tolist(), rule.indices(probs, self.classes)):
                 records.append(
                     {

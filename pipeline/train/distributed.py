@@ -100,14 +100,17 @@ def absolute_paths(config: Config) -> Config:
     """A copy of ``config`` with local paths made absolute (Ray workers run in other directories)."""
 
     def fix(value: str | None) -> str | None:
-        if not value or storage.is_s3(value) or "://" in value:
+        if not value or storage.is_s3(value) or "://" in value or value.startswith("models:/"):
             return value
         return str(Path(value).resolve())
 
     out = config.model_copy(deep=True)
     out.data.train, out.data.val, out.data.test = fix(out.data.train), fix(out.data.val), fix(out.data.test)
     out.trainer.storage = fix(out.trainer.storage)
-    out.explanandum.checkpoint = fix(out.explanandum.checkpoint)
+    e = out.explanandum
+    e.model, e.weights = fix(e.model), fix(e.weights)
+    if isinstance(e.classes, str):
+        e.classes = fix(e.classes)
     out.explanandum.pretrained_backbone = fix(out.explanandum.pretrained_backbone)
     out.explainer.backbone_weights = fix(out.explainer.backbone_weights)
     if out.tracking.uri and not out.tracking.uri.startswith(("http://", "https://", "sqlite:", "databricks")):

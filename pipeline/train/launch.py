@@ -28,5 +28,5 @@ def train_classifier(config: Config) -> dict:
 
 
 def train_explainer(config: Config) -> dict:
-    """Stage: train an Explainer for the frozen Explanandum ``explanandum.checkpoint``."""
+    """Stage: train an Explainer for the frozen Explanandum ``explanandum.model``."""
     return _train("explainer", config)

@@ -15,6 +15,7 @@ evaluation's ``c_iou``, ``d_f1`` and ``c_f1`` of the target mask (:mod:`pipeline
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -113,13 +114,19 @@ def classifier_loss_fn(model: nn.Module, ctx: StepContext) -> LossFn:
 
 
 def explainer_loss_fn(
-    explainer: nn.Module, explanandum: nn.Module, weights, ctx: StepContext, ground_truth: bool = False
+    explainer: nn.Module,
+    explanandum: nn.Module,
+    weights,
+    ctx: StepContext,
+    ground_truth: bool = False,
+    single_label: bool = False,
 ) -> LossFn:
     """L_E of the Explainer on the batch (or, with ``loss.kind=rt_saliency``, Dabkowski & Gal's loss); logs
     every term, masked-image accuracy/F1 and mask areas.
 
     With ``ground_truth`` (a validation split with segmentation) also the target mask's ``c_iou``,
     ``d_f1`` and ``c_f1`` against the ground-truth foreground, over labelled images, void ignored.
+    ``single_label`` (a softmax F): L_c is the cross-entropy of the explained class, probabilities softmax.
     """
 
     rt = getattr(weights, "kind", "paper") == "rt_saliency"
@@ -133,12 +140,13 @@ def explainer_loss_fn(
             if rt:
                 out = rt_saliency_loss(explanandum, x, y, S.float(), weights)
             else:
-                out = explainer_loss(explanandum, x, y, S.float(), weights)
+                out = explainer_loss(explanandum, x, y, S.float(), weights, single_label=single_label)
         n = float(len(y))
         logged = {name: (float(out[name].detach()) * n, n) for name in ("total", *terms, "tv", "mask_area")}
         logged["loss"] = logged.pop("total")
         # the masked image should keep the classes, the inverted one should lose them
-        p_inv = torch.sigmoid(out["logits_inverted"].detach().float())
+        inverted = out["logits_inverted"].detach().float()
+        p_inv = inverted.softmax(dim=1) if single_label else torch.sigmoid(inverted)
         present = y > 0.5
         logged["inverted_true_class_prob"] = (float((p_inv * present).sum()), float(present.sum()))
         logged.update(_f1_counts(out["logits_masked"].detach(), y))
@@ -154,22 +162,24 @@ def explainer_loss_fn(
     return compute
 
 
-def distillation_loss_fn(student: nn.Module, explanandum, ctx: StepContext) -> LossFn:
+def distillation_loss_fn(student: nn.Module, explanandum, ctx: StepContext, single_label: bool = False) -> LossFn:
     """Distillation from outputs (``explainer.init=distilled``): the Explainer's encoder and
     class-activation branch read as a classifier (``student(x, classify=True)``) learn the Explanandum's
     sigmoid probabilities on the same batch. ``explanandum`` is only called (a
     :class:`~pipeline.models.explanandum.BlackBox`). Logs the loss, ``prob_error`` (mean |p_student − p_F|)
-    and the student's accuracy / micro-F1 against F's own predictions (p_F ≥ 0.5), i.e. agreement."""
+    and the student's accuracy / micro-F1 against F's own predictions (p_F ≥ 0.5), i.e. agreement.
+    ``single_label`` (a softmax F): the student's softmax learns F's softmax (cross-entropy, soft targets)."""
+    probabilities = functools.partial(torch.softmax, dim=1) if single_label else torch.sigmoid
 
     def compute(batch: dict):
         x = batch["image"]
         with torch.no_grad(), ctx.autocast():
-            target = torch.sigmoid(explanandum(x).float())
+            target = probabilities(explanandum(x).float())
         with ctx.autocast():
             logits = student(x, classify=True).float()
-        loss = distillation_loss(logits, target)
+        loss = distillation_loss(logits, target, single_label)
         n = float(len(x))
-        error = (torch.sigmoid(logits.detach()) - target).abs().mean(dim=1)
+        error = (probabilities(logits.detach()) - target).abs().mean(dim=1)
         return loss, {
             "loss": (float(loss.detach()) * n, n),
             "prob_error": (float(error.sum()), n),

@@ -44,13 +44,13 @@ from pipeline import checkpoint as ckpt
 from pipeline import storage, tracking
 from pipeline.config import Config, DataConfig, TrainerConfig, dump_config, public_config
 from pipeline.data.shards import ShardDataset, make_loader
-from pipeline.data.transforms import denormalize
+from pipeline.data.transforms import IMAGENET, Normalization
 from pipeline.errors import WysiwycError
 from pipeline.figures import overlays_png
 from pipeline.method.masks import class_masks
+from pipeline.models.classifier import Classifier, load_classifier
 from pipeline.models.explainer import build_explainer
 from pipeline.models.explanandum import BlackBox, build_explanandum, classifier_trainable_parameters
-from pipeline.models.predictor import classifier_from_checkpoint
 from pipeline.progress import progress as progress_bar
 from pipeline.train.schedule import build_scheduler, total_optimizer_steps
 from pipeline.train.steps import (
@@ -121,8 +121,8 @@ def _device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def _datasets(data: DataConfig, seed: int, rank: int, world: int, opts):
-    """The training split of this rank and the validation split (or None)."""
+def _datasets(data: DataConfig, seed: int, rank: int, world: int, opts, norm: Normalization = IMAGENET):
+    """The training split of this rank and the validation split (or None), normalised ``norm``'s way."""
     if not data.train:
         raise WysiwycError("data.train is not set: give the train split (OUT/train or its manifest URL)")
     common = dict(
@@ -132,6 +132,7 @@ def _datasets(data: DataConfig, seed: int, rank: int, world: int, opts):
         world_size=world,
         opts=opts,
         classes=data.classes,
+        norm=norm,
     )
     train = ShardDataset(data.train, train=True, flip=data.flip, shuffle_buffer=data.shuffle_buffer, **common)
     # validation only evaluates (no gradient all-reduce), so it may have fewer shards than ranks:
@@ -142,11 +143,11 @@ def _datasets(data: DataConfig, seed: int, rank: int, world: int, opts):
     return train, val
 
 
-def _build(kind: str, config: Config, classes: list[str], device: torch.device):
+def _build(kind: str, config: Config, classes: list[str], device: torch.device, f: Classifier | None):
     """(trained module, parameters to optimise, loss-function factory ``(module, ctx, ground_truth)``,
     extra checkpoint fields, distillation loss factory ``(module, ctx)`` or None).
 
-    The Explainer's loss and distillation see the Explanandum only as a function (a ``BlackBox``);
+    The Explainer's loss and distillation see the Explanandum ``f`` only as a function (a ``BlackBox``);
     only the white-box ``explainer.init=explanandum_copy`` hands its weights to ``build_explainer``.
     """
     if kind == "classifier":
@@ -160,50 +161,81 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device):
             {"arch": config.explanandum.arch},
             None,
         )
-    if not config.explanandum.checkpoint:
-        raise WysiwycError(
-            "explanandum.checkpoint is not set: train a classifier first "
-            "(`wysiwyc train classifier`) and pass the checkpoint URI it printed"
-        )
-    explanandum, state, sha = classifier_from_checkpoint(config.explanandum.checkpoint, config.storage.options())
-    if list(state["classes"]) != list(classes):
-        raise WysiwycError(
-            f"the Explanandum {storage.redact(config.explanandum.checkpoint)} was trained on classes "
-            f"{state['classes']}, the data has {classes}"
-        )
-    explanandum.to(device)
-    if config.trainer.channels_last:  # the masked batches arrive channels_last: convs without conversions
-        explanandum.to(memory_format=torch.channels_last)
+    f.to(device, memory_format=torch.channels_last if config.trainer.channels_last else None)
     e = config.explainer
-    if e.init == "explanandum_copy" and state["arch"] != "small_cnn":
+    if e.init == "explanandum_copy" and f.arch != "small_cnn":
         raise WysiwycError(
             f"explainer.init=explanandum_copy copies a small_cnn Explanandum's conv blocks; this one is "
-            f"{state['arch']}: use explainer.init=scratch or distilled"
+            f"{f.arch or f.form}: use explainer.init=scratch or distilled"
         )
     model = build_explainer(
         e.arch,
         len(classes),
         backbone_weights=e.backbone_weights,
-        encoder_from=explanandum if e.init == "explanandum_copy" else None,
+        encoder_from=f.module if e.init == "explanandum_copy" else None,
         levels=e.levels,
         cam=e.cam,
     ).to(device)
-    f = BlackBox(explanandum)
+    black_box = BlackBox(f)
     extra = {
         "arch": e.arch,
         "explainer_init": e.init,
         "black_box": e.black_box,
         "loss_kind": config.loss.kind,
-        "explanandum": {"uri": storage.redact(config.explanandum.checkpoint), "sha256": sha, "arch": state["arch"]},
+        "labels": config.data.labels,
+        "explanandum": f.record(),
     }
-    distill = (lambda m, ctx: distillation_loss_fn(m, f, ctx)) if e.init == "distilled" else None
+    single = f.single_label
+    distill = (lambda m, ctx: distillation_loss_fn(m, black_box, ctx, single)) if e.init == "distilled" else None
     return (
         model,
         list(model.parameters()),
-        lambda m, ctx, gt=False: explainer_loss_fn(m, f, config.loss, ctx, ground_truth=gt),
+        lambda m, ctx, gt=False: explainer_loss_fn(
+            m, black_box, config.loss, ctx, ground_truth=gt, single_label=single
+        ),
         extra,
         distill,
     )
+
+
+def explanandum_labels(f: Classifier, data: DataConfig, data_classes: list[str], threshold: float, ctx: StepContext):
+    """What a batch's ``labels`` become for the Explainer: F's own prediction on the clean image
+    (``data.labels=explanandum``), or the data set's labels of F's classes, matched by name."""
+    if data.labels == "explanandum":
+        black_box = BlackBox(f)
+
+        @torch.no_grad()
+        def from_f(batch: dict) -> dict:
+            with ctx.autocast():
+                logits = black_box(batch["image"]).float()
+            return {**batch, "labels": f.labels(logits, threshold)}
+
+        return from_f
+    if not data_classes:
+        raise WysiwycError(
+            f"{data.train} has no labels (unlabelled images): set data.labels=explanandum to explain F's own "
+            "predictions on them"
+        )
+    missing = [c for c in f.classes if c not in data_classes]
+    if missing:
+        raise WysiwycError(
+            f"data.labels=dataset: F's classes {missing} are not classes of {data.train} ({data_classes}); "
+            "set data.labels=explanandum (F's own predictions), or train on a split that labels them"
+        )
+    if list(data_classes) == f.classes:
+        return None
+    index = torch.tensor([data_classes.index(c) for c in f.classes])
+    log.info(
+        "the data set's classes not among F's are not explained: %s", [c for c in data_classes if c not in f.classes]
+    )
+    return lambda batch: {**batch, "labels": batch["labels"][:, index.to(batch["labels"].device)]}
+
+
+def _relabelled(make_loss, relabel):
+    """A loss factory whose losses see ``relabel(batch)`` (F's classes, or F's own labels); as is without one."""
+    if make_loss is None or relabel is None:
+        return make_loss
+    return lambda *args: (lambda compute: lambda batch: compute(relabel(batch)))(make_loss(*args))
 
 
 class LocalRun:
@@ -297,7 +329,7 @@ def _even_batches(loader, world: int):
 # ---------------------------------------------------------------- the loop
 
 
-def _fixed_images(config: Config, classes: list[str], n: int) -> dict | None:
+def _fixed_images(config: Config, n: int, norm: Normalization) -> dict | None:
     """The first ``n`` validation (else training) images, unshuffled: the per-epoch overlay's rows."""
     if n <= 0:
         return None
@@ -309,7 +341,7 @@ def _fixed_images(config: Config, classes: list[str], n: int) -> dict | None:
         rank=0,
         world_size=1,
         opts=config.storage.options(),
-        classes=classes,
+        norm=norm,
     )
     samples = []
     for sample in dataset:
@@ -320,10 +352,12 @@ def _fixed_images(config: Config, classes: list[str], n: int) -> dict | None:
 
 
 @torch.no_grad()
-def _overlay_png(model: nn.Module, batch: dict, classes: list[str], ctx: StepContext) -> bytes:
+def _overlay_png(model: nn.Module, batch: dict, loop: _Training) -> bytes:
     """Mask overlay grid of the Explainer on ``batch`` (image, ground truth, per-class masks, merged)."""
     model.eval()
+    ctx = loop.ctx
     batch = ctx.to_device(batch)
+    batch = loop.relabel(batch) if loop.relabel is not None else batch
     with ctx.autocast():
         maps = class_masks(model(batch["image"]).float())
     rows = []
@@ -333,14 +367,14 @@ def _overlay_png(model: nn.Module, batch: dict, classes: list[str], ctx: StepCon
         rows.append(
             {
                 "key": batch["key"][i],
-                "image": denormalize(batch["image"][i].float().cpu()).permute(1, 2, 0).numpy(),
+                "image": loop.norm.inverse(batch["image"][i].float().cpu()).permute(1, 2, 0).numpy(),
                 "seg": batch["seg"][i].cpu().numpy(),
                 "labels": labels,
                 "class_masks": {k: maps[i, k].cpu().numpy() for k in labels},
                 "merged": {"explainer": merged.cpu().numpy()},
             }
         )
-    return overlays_png(rows, classes)
+    return overlays_png(rows, loop.classes)
 
 
 def worker_loop(
@@ -370,7 +404,7 @@ def worker_loop(
     tracker = loop.open_tracker(where, state.mlflow_run_id) if run.rank == 0 else None
     fixed = None
     if tracker is not None and kind == "explainer":
-        fixed = _fixed_images(config, loop.classes, config.tracking.overlay_images)
+        fixed = _fixed_images(config, config.tracking.overlay_images, loop.norm)
     started, stopped_early, status = time.perf_counter(), False, "FAILED"
     try:
         for epoch in range(state.epoch, loop.total_epochs):
@@ -394,7 +428,7 @@ def worker_loop(
             run.commit(checkpoint, {**record, "monitored_loss": monitored}, improved)
             if tracker is not None:  # after the checkpoint: a tracking outage never costs the epoch
                 if fixed is not None and not loop.distilling(epoch):
-                    overlay = _overlay_png(loop.model, fixed, loop.classes, loop.ctx)
+                    overlay = _overlay_png(loop.model, fixed, loop)
                     tracker.log_bytes(overlay, f"overlays/epoch_{epoch + 1:03d}.png")
                 tracker.save()
             if config.trainer.patience is not None and state.stale >= config.trainer.patience:
@@ -461,10 +495,22 @@ class _Training:
         seed_everything(config.trainer.seed + rank)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         device = _device(config.trainer.use_gpu)
-        self.train_ds, val_ds = _datasets(config.data, config.trainer.seed, rank, world, config.storage.options())
-        self.classes = self.train_ds.classes
-        model, self.params, make_loss, self.extra, make_distill = _build(kind, config, self.classes, device)
+        opts = config.storage.options()
+        f = None
+        if kind == "explainer":  # F first: the images are normalised its way
+            registry = tracking.registry_uri(config)
+            f = load_classifier(config.explanandum, opts, probe_size=config.data.image_size, registry=registry)
+        self.norm = f.interface.normalization if f is not None else IMAGENET
+        self.train_ds, val_ds = _datasets(config.data, config.trainer.seed, rank, world, opts, self.norm)
+        self.classes = self.train_ds.classes if f is None else f.classes
+        model, self.params, make_loss, self.extra, make_distill = _build(kind, config, self.classes, device, f)
         self.ctx = step_context(config.trainer, device)
+        self.relabel = None
+        if f is not None:
+            self.relabel = explanandum_labels(
+                f, config.data, self.train_ds.classes, config.explanandum.threshold, self.ctx
+            )
+            make_loss, make_distill = _relabelled(make_loss, self.relabel), _relabelled(make_distill, self.relabel)
         self.model = model.to(memory_format=torch.channels_last) if self.ctx.channels_last else model
         t = config.trainer
         self.optimizer = torch.optim.Adam(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)

@@ -274,7 +274,7 @@ def run_quickstart(
     size = classifier_cfg.data.image_size
     stage("data", lambda: {"counts": _make_data(place, size, num_images, num_corpus, readers, opts)})
     classifier = stage("classifier", lambda: train_classifier(classifier_cfg))
-    explainer_cfg = _config(place, "explainer.yaml", f"explanandum.checkpoint={classifier['checkpoint']}", user=user)
+    explainer_cfg = _config(place, "explainer.yaml", f"explanandum.model={classifier['checkpoint']}", user=user)
     explainer = stage("explainer", lambda: train_explainer(explainer_cfg))
     evaluation_dir = place.url("evaluation")
     evaluate_cfg = _config(

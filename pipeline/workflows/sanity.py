@@ -202,7 +202,7 @@ def score_explainers(real, others: dict, dataset, *, batch_size: int, max_images
 
     def probs(images):
         with torch.no_grad():
-            return torch.sigmoid(real.explanandum(images))
+            return real.explanandum.probabilities(real.explanandum(images))
 
     seen = 0
     for batch in make_loader(dataset, batch_size, 0):
@@ -338,7 +338,7 @@ def run_sanity(config, progress: bool = True) -> dict:
     scoring.data.test = config.data.test or config.data.val
     if not scoring.data.test:
         raise WysiwycError("sanity: set data.test (or data.val) to a split with segmentation to score the masks on")
-    dataset = open_test_split(scoring, real.classes, real.image_size, opts)
+    dataset = open_test_split(scoring, real.classes, real.image_size, opts, norm=real.norm)
 
     name = f"{run_name('explainer', config)}-sanity"
     root = storage.join(config.trainer.storage, name)
@@ -421,7 +421,7 @@ def _sanity_tracker(config, real, name: str, root: str, state: dict, opts) -> tr
     tracker.log_params(
         {
             "explainer.checkpoint": storage.redact(real.explainer_uri),
-            "explanandum.checkpoint": storage.redact(real.explanandum_uri),
+            "explanandum.model": storage.redact(real.explanandum_uri),
             **{f"sanity.{k}": str(v) for k, v in config.sanity.model_dump().items()},
         }
     )
@@ -454,7 +454,7 @@ def _control_explainers(config, real, name: str, root: str, state_file: _StateFi
         if variant in explainers:
             continue
         cfg = config.model_copy(deep=True)
-        cfg.explanandum.checkpoint = classifier
+        cfg.explanandum.model = classifier
         cfg.explainer.checkpoint = None
         cfg.trainer.run_name = f"{name}-{variant}"
         cfg.tracking.parent_run_id = parent

@@ -228,7 +228,7 @@ def test_early_stopping_stops_when_validation_stops_improving(data, tmp_path):
 
 
 def test_explainer_without_explanandum_or_with_wrong_checkpoint_is_clear(data, tmp_path):
-    with pytest.raises(WysiwycError, match="explanandum.checkpoint is not set"):
+    with pytest.raises(WysiwycError, match="explanandum.model is not set"):
         fit("explainer", config(data, tmp_path), progress=False)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -336,7 +336,7 @@ def test_validation_split_with_fewer_shards_than_ranks_gives_the_single_rank_met
     # the same weights evaluated by one rank over the whole validation split
     state, _ = ckpt.load_checkpoint(str(tmp_path / "ckpt" / "ddp" / "last.pt"))
     cfg = load_config(None, overrides)
-    model, _, _, _, _ = _build("classifier", cfg, state["classes"], torch.device("cpu"))
+    model, _, _, _, _ = _build("classifier", cfg, state["classes"], torch.device("cpu"), None)
     model.load_state_dict(state["model"])
     step_ctx = StepContext()
     single = ShardDataset(val, image_size=SIZE, train=False, rank=0, world_size=1)
@@ -361,6 +361,7 @@ def _explanandum_tensors(checkpoint: str) -> list[torch.Tensor]:
     ],
 )
 def test_black_box_inits_start_from_no_tensor_of_the_explanandum(data, tmp_path, init, extra, copies):
+    from pipeline.models.classifier import load_classifier
     from pipeline.train.trainer import _build
 
     clf = fit("classifier", config(data, tmp_path, "trainer.max_steps=2", "trainer.run_name=clf"), progress=False)
@@ -373,7 +374,8 @@ def test_black_box_inits_start_from_no_tensor_of_the_explanandum(data, tmp_path,
         f"explanandum.checkpoint={clf['checkpoint']}",
     )
     classes = ckpt.load_checkpoint(clf["checkpoint"])[0]["classes"]
-    model, _, _, extra_fields, distill = _build("explainer", cfg, classes, torch.device("cpu"))
+    f = load_classifier(cfg.explanandum)
+    model, _, _, extra_fields, distill = _build("explainer", cfg, classes, torch.device("cpu"), f)
     theirs = _explanandum_tensors(clf["checkpoint"])
     copied = [
         name

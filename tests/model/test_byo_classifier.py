@@ -1,0 +1,330 @@
+"""Explaining the user's own classifier: every form ``explanandum.model`` reads, its interface, safe loading,
+single-label (softmax) classifiers and labels from F, through the loader and a training run.
+
+The classifiers come from ``tests/model/outside.py`` (torch and torchvision only, a normalisation that is not
+ImageNet's)."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from outside import MEAN, STD, resnet18, save_export, save_torchscript, sidecar, tiny
+
+from pipeline import storage
+from pipeline.config import ExplanandumConfig, load_config
+from pipeline.errors import WysiwycError
+from pipeline.method.losses import classification_loss, distillation_loss
+from pipeline.models.classifier import check_pickle_free, load_classifier
+from pipeline.models.explanandum import BlackBox
+
+CLASSES = ["circle", "square", "triangle"]
+SIZE = 16
+
+
+def _x(n: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def forms(tmp_path_factory) -> dict:
+    """One tiny classifier in every file form, each with its sidecar; and a resnet18's state dict."""
+    root = tmp_path_factory.mktemp("byo")
+    model = tiny(len(CLASSES))
+    out = {"module": model, "root": root}
+    out["export"] = save_export(model, root / "tiny.pt2", SIZE)
+    out["torchscript"] = save_torchscript(model, root / "tiny_script.pt")
+    for name in ("tiny.pt2", "tiny_script.pt"):
+        sidecar(root / name, CLASSES, "sigmoid")
+    net = resnet18(len(CLASSES))
+    torch.save(net.state_dict(), root / "resnet18.pth")
+    out["resnet18"] = net
+    out["resnet18_script"] = save_torchscript(net, root / "resnet18_script.pt")
+    return out
+
+
+def _cfg(**keys) -> ExplanandumConfig:
+    return ExplanandumConfig(**keys)
+
+
+@pytest.mark.parametrize("form", ["export", "torchscript"])
+def test_a_file_loads_by_its_content_with_its_sidecar_and_gives_the_modules_logits(forms, form):
+    f = load_classifier(_cfg(model=str(forms[form])))
+    assert f.form == form
+    assert f.classes == CLASSES and f.interface.output == "sigmoid"
+    assert f.interface.mean == MEAN and f.interface.std == STD
+    x = _x()
+    torch.testing.assert_close(f(x), forms["module"](x), rtol=1e-5, atol=1e-5)
+    assert all(not p.requires_grad for p in f.module.parameters())
+    # gradients flow through F to the input (the loss backpropagates through its outputs)
+    x.requires_grad_(True)
+    f(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # the stages see it only as a function
+    box = BlackBox(f)
+    torch.testing.assert_close(box(x.detach()), f(x.detach()))
+    with pytest.raises(WysiwycError, match="black box"):
+        box.module  # noqa: B018
+
+
+def test_torchvision_name_and_state_dict_equal_the_torchscript_file_of_the_same_weights(forms):
+    by_name = load_classifier(
+        _cfg(
+            arch="torchvision:resnet18",
+            weights=str(forms["root"] / "resnet18.pth"),
+            classes=CLASSES,
+            output="sigmoid",
+            mean=list(MEAN),
+            std=list(STD),
+        )
+    )
+    scripted = load_classifier(
+        _cfg(model=str(forms["resnet18_script"]), classes=CLASSES, output="sigmoid", mean=list(MEAN), std=list(STD))
+    )
+    assert by_name.form == "torchvision" and by_name.arch == "torchvision:resnet18"
+    x = _x(2)
+    torch.testing.assert_close(by_name(x), scripted(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(by_name(x), forms["resnet18"](x), rtol=1e-5, atol=1e-5)
+    assert not by_name.module.training  # frozen in eval mode
+
+
+def test_an_export_without_a_dynamic_batch_is_refused_saying_how_to_export(forms, tmp_path):
+    path = save_export(forms["module"], tmp_path / "static.pt2", SIZE, dynamic=False)
+    sidecar(path, CLASSES, "sigmoid")
+    with pytest.raises(WysiwycError, match=r"fails on a batch of 1 images.*dynamic_shapes"):
+        load_classifier(_cfg(model=str(path)))
+
+
+def test_wrong_class_count_and_missing_interface_keys_name_the_key(forms, tmp_path):
+    with pytest.raises(WysiwycError, match=r"explanandum.classes: 2 classes, but .* returns 3 outputs"):
+        load_classifier(
+            _cfg(
+                model=str(forms["resnet18_script"]),
+                classes=["a", "b"],
+                output="sigmoid",
+                mean=list(MEAN),
+                std=list(STD),
+            )
+        )
+    bare = tmp_path / "bare.pt2"
+    bare.write_bytes(forms["export"].read_bytes())  # no sidecar
+    with pytest.raises(WysiwycError, match=r"set explanandum.classes, explanandum.output, explanandum.mean"):
+        load_classifier(_cfg(model=str(bare)))
+    with pytest.raises(WysiwycError, match=r"explanandum.output=\"softmax\" but .* carries output \"sigmoid\""):
+        load_classifier(_cfg(model=str(forms["export"]), output="softmax"))
+    names = tmp_path / "classes.txt"
+    names.write_text("circle\nsquare\n\ncircle\n")
+    with pytest.raises(WysiwycError, match=r"explanandum.classes: class names must be unique, 'circle'"):
+        load_classifier(_cfg(model=str(bare), classes=str(names), output="sigmoid", mean=list(MEAN), std=list(STD)))
+    names.write_text("circle\nsquare\ntriangle\n")  # a class file in output order works
+    f = load_classifier(_cfg(model=str(bare), classes=str(names), output="softmax", mean=list(MEAN), std=list(STD)))
+    assert f.classes == CLASSES and f.single_label
+
+
+def test_bare_state_dict_and_pickled_module_are_refused_with_the_way_to_give_them(forms, tmp_path):
+    with pytest.raises(WysiwycError, match=r"bare state dict .* explanandum.arch=torchvision:NAME"):
+        load_classifier(_cfg(model=str(forms["root"] / "resnet18.pth")))
+    pickled = tmp_path / "module.pt"
+    torch.save(forms["module"], pickled)  # the whole module: loading it would unpickle code
+    with pytest.raises(WysiwycError, match="could run code"):
+        load_classifier(_cfg(model=str(pickled)))
+    with pytest.raises(WysiwycError, match="torchvision has no classification model 'nonet'"):
+        load_classifier(_cfg(arch="torchvision:nonet", weights=str(pickled), classes=CLASSES))
+
+
+def test_model_and_its_alias_checkpoint_set_differently_is_a_config_error(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("explanandum:\n  model: a.pt\n  checkpoint: b.pt\n")
+    with pytest.raises(WysiwycError, match="its alias explanandum.checkpoint=b.pt differ: set one of them"):
+        load_config(both)
+    # the alias alone (and on the command line, over a file's model) is the model; dumped configs say model
+    cfg = load_config("cpu/explainer", ["explanandum.checkpoint=c.pt"])
+    assert cfg.explanandum.model == "c.pt" and cfg.explanandum.checkpoint is None
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("PWNED",))
+
+
+def _with_record(archive: bytes, name: str, data: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        prefix = src.namelist()[0].split("/", 1)[0]
+        dst.writestr(f"{prefix}/{name}", data)
+    return out.getvalue()
+
+
+def test_pickle_check_refuses_crafted_archives_and_agrees_with_mlflows(forms, tmp_path, capfd):
+    from mlflow.exceptions import MlflowException
+    from mlflow.pytorch import _validate_pt2_archive_is_pickle_free as mlflow_check  # the peer
+
+    honest = forms["export"].read_bytes()
+    buf = io.BytesIO()
+    torch.save({"x": _Evil()}, buf)  # a torch file whose pickle imports our class (weights_only refuses it)
+    crafted = {
+        "bare pickle": _with_record(honest, "data/constants/opaque_obj_0", pickle.dumps(_Evil())),
+        "torch file with an object": _with_record(honest, "data/sample_inputs/extra.pt", buf.getvalue()),
+    }
+    (tmp_path / "honest.pt2").write_bytes(honest)
+    check_pickle_free(honest, "honest.pt2")
+    mlflow_check(str(tmp_path / "honest.pt2"))
+    for name, data in crafted.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.pt2"
+        path.write_bytes(data)
+        with pytest.raises(WysiwycError, match="could run code"):
+            check_pickle_free(data, str(path))
+        with pytest.raises(MlflowException):
+            mlflow_check(str(path))
+        sidecar(path, CLASSES, "sigmoid")
+        with pytest.raises(WysiwycError, match="refused"):
+            load_classifier(_cfg(model=str(path)))
+    assert "PWNED" not in capfd.readouterr().out  # nothing of the crafted records ran
+
+
+def test_a_classifier_on_s3_loads_with_its_sidecar(forms, s3_server, s3_bucket):
+    opts = s3_server.opts
+    url = f"s3://{s3_bucket}/models/tiny.pt2"
+    storage.write_bytes(url, forms["export"].read_bytes(), opts)
+    storage.write_bytes(url.replace(".pt2", ".json"), (forms["root"] / "tiny.json").read_bytes(), opts)
+    f = load_classifier(_cfg(model=url), opts)
+    assert f.form == "export" and f.classes == CLASSES
+    torch.testing.assert_close(f(_x()), forms["module"](_x()), rtol=1e-5, atol=1e-5)
+
+
+def test_mlflow_pytorch_models_in_a_sqlite_registry(forms, tmp_path, monkeypatch):
+    import mlflow
+    import mlflow.pytorch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry is the tracking store
+    mlflow.set_tracking_uri(uri)  # also sets MLFLOW_TRACKING_URI for subprocesses: unset below
+    interface = {"classes": CLASSES, "output": "softmax", "mean": list(MEAN), "std": list(STD)}
+    x = _x(2).numpy()
+    try:
+        # artifacts in tmp_path (a sqlite store's default is ./mlruns of the working folder)
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("byo", (tmp_path / "artifacts").as_uri()))
+        with mlflow.start_run():
+            mlflow.pytorch.log_model(
+                forms["module"], name="pt2", input_example=x, registered_model_name="outside", metadata=interface
+            )
+            mlflow.pytorch.log_model(
+                forms["module"],
+                name="pickled",
+                input_example=x,
+                serialization_format="pickle",
+                registered_model_name="outside-pickled",
+                metadata=interface,
+            )
+    finally:
+        mlflow.set_tracking_uri(None)
+    f = load_classifier(_cfg(model="models:/outside/1"), registry=uri)
+    assert f.form == "export" and f.uri == "models:/outside/1" and f.single_label
+    torch.testing.assert_close(f(_x()), forms["module"](_x()), rtol=1e-5, atol=1e-5)
+    probs = f.probabilities(f(_x()))
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(4))
+    with pytest.raises(WysiwycError, match=r"saved as a pickle .* explanandum.allow_pickle=true"):
+        load_classifier(_cfg(model="models:/outside-pickled/1"), registry=uri)
+    trusted = load_classifier(_cfg(model="models:/outside-pickled/1", allow_pickle=True), registry=uri)
+    assert trusted.form == "mlflow-pickle"
+    torch.testing.assert_close(trusted(_x()), forms["module"](_x()), rtol=1e-5, atol=1e-5)
+
+
+def test_labels_from_f_are_its_thresholded_or_top1_predictions(forms):
+    f = load_classifier(_cfg(model=str(forms["export"])))
+    logits = torch.tensor([[2.0, -1.0, 0.1], [-3.0, -2.0, -0.5]])
+    assert f.labels(logits, threshold=0.5).tolist() == [[1, 0, 1], [0, 0, 0]]
+    assert f.labels(logits, threshold=0.6).tolist() == [[1, 0, 0], [0, 0, 0]]
+    soft = load_classifier(_cfg(model=str(forms["export"]), classes=None, output=None))
+    assert not soft.single_label
+    single = load_classifier(
+        _cfg(model=str(forms["resnet18_script"]), classes=CLASSES, output="softmax", mean=list(MEAN), std=list(STD))
+    )
+    assert single.labels(logits).tolist() == [[1, 0, 0], [0, 0, 1]]
+    torch.testing.assert_close(single.probabilities(logits), logits.softmax(dim=1))
+
+
+def test_the_softmax_losses_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    p = logits.exp() / logits.exp().sum(dim=1, keepdim=True)
+    by_hand = -(p[0, 0].log() + p[1, 1].log()) / 2  # cross-entropy of the explained class
+    torch.testing.assert_close(classification_loss(logits, y, single_label=True), by_hand)
+    target = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    by_hand = -(target * p.log()).sum(dim=1).mean()  # the student's softmax against F's (soft targets)
+    torch.testing.assert_close(distillation_loss(logits, target, single_label=True), by_hand)
+    assert not torch.allclose(distillation_loss(logits, target), by_hand)  # the multi-label BCE differs
+
+
+def test_an_image_size_of_its_own_resizes_the_masked_images(forms, tmp_path):
+    path = save_export(forms["module"], tmp_path / "at24.pt2", 24)
+    sidecar(path, CLASSES, "sigmoid", image_size=24)
+    f = load_classifier(_cfg(model=str(path)))
+    x = _x()
+    expected = forms["module"](F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(f(x), expected, rtol=1e-5, atol=1e-5)
+    assert json.loads(json.dumps(f.record()))["interface"]["image_size"] == 24
+
+
+def test_an_explainer_for_an_exported_softmax_classifier_trains_on_unlabelled_images(forms, tmp_path):
+    """Items 1–4 through training: F a .pt2 of its own normalisation, single-label; the shards unlabelled;
+    each image's class is F's top-1; the checkpoint records F; the loaded predictor gives F's softmax."""
+    from pipeline.config import IngestConfig
+    from pipeline.data.images import ImageFolderReader
+    from pipeline.data.ingest import ingest
+    from pipeline.data.synthetic import SyntheticReader
+    from pipeline.models.predictor import load_model
+    from pipeline.train.trainer import fit
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for sample in SyntheticReader(48, 5, "photos", image_size=32):
+        (folder / f"{sample.key}.{sample.ext}").write_bytes(sample.image)
+    ingest(
+        ImageFolderReader(str(folder)),
+        str(tmp_path / "data"),
+        "train",
+        IngestConfig(workers=1, shard_size=16),
+        progress=False,
+    )
+    model = tmp_path / "single.pt2"
+    save_export(forms["module"], model, SIZE)
+    (tmp_path / "single.json").write_text(
+        json.dumps({"classes": CLASSES, "output": "softmax", "mean": list(MEAN), "std": list(STD)})
+    )
+    overrides = [
+        f"data.train={tmp_path / 'data'}/train",
+        f"data.image_size={SIZE}",
+        "data.loader_workers=0",
+        "data.shuffle_buffer=16",
+        "trainer.batch_size=16",
+        "trainer.epochs=1",
+        f"trainer.storage={tmp_path}/ckpt",
+        "trainer.run_name=byo",
+        "trainer.backend=local",
+        "tracking.enabled=false",
+        f"explanandum.model={model}",
+        "explainer.init=scratch",
+        "explainer.cam=false",
+    ]
+    with pytest.raises(WysiwycError, match="has no labels .* set data.labels=explanandum"):
+        fit("explainer", load_config(None, overrides), progress=False)
+    summary = fit("explainer", load_config(None, [*overrides, "data.labels=explanandum"]), progress=False)
+    assert summary["steps"] == 3
+    predictor = load_model(summary["checkpoint"])
+    record = predictor.checkpoint["explanandum"]
+    assert record["form"] == "export" and record["interface"]["output"] == "softmax"
+    assert record["interface"]["mean"] == list(MEAN) and predictor.checkpoint["labels"] == "explanandum"
+    assert predictor.classes == CLASSES and predictor.norm.mean == MEAN
+    pixels = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
+    out = predictor(predictor.normalize(pixels))
+    x = (pixels.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    torch.testing.assert_close(out.probs, forms["module"](x).softmax(dim=1), rtol=1e-5, atol=1e-5)
+    assert out.masks.shape == (2, len(CLASSES), SIZE, SIZE)
