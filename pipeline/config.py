@@ -389,6 +389,11 @@ EVALUATE_METHODS = (
 class EvaluateConfig(_Section):
     """``wysiwyc evaluate``: the paper's metrics for an Explainer against the baselines."""
 
+    gradcam_layer: str | None = Field(
+        None,
+        description="the module path Grad-CAM looks at (e.g. layer4.1); default: the paper's layer for wysiwyc's "
+        "archs, encoder.layers[-1].ln_1 of a torchvision ViT, else the classifier's last Conv2d",
+    )
     methods: list[str] = Field(
         default_factory=lambda: [m for m in EVALUATE_METHODS if m != "rt_saliency"],
         description=f"methods to evaluate, from: {', '.join(EVALUATE_METHODS)} (default: all; rt_saliency "

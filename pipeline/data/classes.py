@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from pipeline.errors import WysiwycError
 
 # PASCAL VOC, in the official order (the order of the VOC devkit and of the SegmentationClass values 1..20)
@@ -98,3 +100,56 @@ def resolve_classes(given: Sequence[str] | None, default: Sequence[str]) -> list
     if len(classes) > 254:
         raise WysiwycError(f"{source} has {len(classes)} classes; at most 254 fit in a segmentation map (255 is void)")
     return classes
+
+
+class ClassMatch:
+    """The classifier's classes matched **by name** to a labelled split's (never by index): labels and
+    segmentation maps of the split re-indexed to the classifier's order. A split class the classifier does not
+    have becomes void in the maps (neither object nor background) and no label; a classifier class the split
+    does not label is never present.
+
+    Args:
+        model_classes: the classifier's outputs, in order.
+        split_classes: the split's class list (its manifest's), in label order.
+        split: the split's name or URL, for messages.
+
+    Raises:
+        WysiwycError: the two lists share no name.
+    """
+
+    def __init__(self, model_classes: Sequence[str], split_classes: Sequence[str], split: str):
+        self.model_classes, self.split_classes = list(model_classes), list(split_classes)
+        index = class_index(self.split_classes)
+        self.matched = [c for c in self.model_classes if c in index]
+        self.unmatched_model = [c for c in self.model_classes if c not in index]
+        self.unmatched_split = [c for c in self.split_classes if c not in set(self.model_classes)]
+        if not self.matched:
+            raise WysiwycError(
+                f"{split} has classes {self.split_classes}, none of the classifier's {self.model_classes}: classes are "
+                "matched by name; use a split that labels some of them"
+            )
+        self.identity = self.model_classes == self.split_classes
+        own = class_index(self.model_classes)
+        # seg values: 0 background, k + 1 split class k, 255 void → the classifier's k' + 1, or void
+        self._seg = [0] + [own[c] + 1 if c in own else 255 for c in self.split_classes]
+        self._labels = [index.get(c, -1) for c in self.model_classes]
+
+    def summary(self) -> dict:
+        return {
+            "matched": self.matched,
+            "unmatched_classifier": self.unmatched_model,
+            "unmatched_split": self.unmatched_split,
+        }
+
+    def apply(self, batch: dict) -> dict:
+        """A batch (``labels`` (B, K), ``seg`` (B, H, W)) of the split in the classifier's classes."""
+        if self.identity:
+            return batch
+        labels = batch["labels"]
+        out = torch.zeros(labels.shape[0], len(self.model_classes), dtype=labels.dtype, device=labels.device)
+        for j, k in enumerate(self._labels):
+            if k >= 0:
+                out[:, j] = labels[:, k]
+        lut = torch.full((256,), 255, dtype=batch["seg"].dtype, device=batch["seg"].device)
+        lut[: len(self._seg)] = torch.tensor(self._seg, dtype=lut.dtype)
+        return {**batch, "labels": out, "seg": lut[batch["seg"]]}

@@ -47,21 +47,56 @@ def class_index_tensor(classes, batch_size: int, device=None) -> torch.Tensor:
 # Grad-CAM
 
 
-def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM looks at: the end of the last conv block.
+def gradcam_target_layer(model: nn.Module, path: str | None = None) -> nn.Module:
+    """The layer Grad-CAM looks at: ``path`` (a module path, ``evaluate.gradcam_layer``), else the end of the
+    last conv block.
 
     small_cnn ``blocks[-1]``; as the paper's ``src/evaluation/grad_cam.py`` (NN-Explainer): VGG
     ``features[-1]`` (its ``feature_extractor[-1]``, the last max-pooling) and ResNet ``layer4[-1]``
-    (its ``feature_extractor[-2][-1]``, the last bottleneck, whose output is ``layer4``'s).
+    (its ``feature_extractor[-2][-1]``, the last bottleneck, whose output is ``layer4``'s); a torchvision
+    vision transformer: the first LayerNorm of its last encoder block (``encoder.layers[-1].ln_1``, the
+    grad-cam package's choice for ViTs; :func:`vit_tokens_to_map` reshapes its tokens); any other model: its
+    last ``Conv2d``.
     """
+    if path:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            raise WysiwycError(
+                f"evaluate.gradcam_layer={path}: the classifier has no such module; give a module path of it, "
+                "e.g. layer4.1 or features.28 (print(model) lists them)"
+            ) from None
     arch = getattr(model, "wysiwyc_arch", None)
     if arch == "small_cnn" or (arch is None and hasattr(model, "blocks")):
         return model.blocks[-1]
-    if arch == "vgg16" or (arch is None and hasattr(model, "features")):
+    if arch == "vgg16" or (arch is None and hasattr(model, "features") and isinstance(model.features, nn.Sequential)):
         return model.features[-1]
     if arch in ("resnet50", "resnet18") or (arch is None and hasattr(model, "layer4")):
         return model.layer4[-1]
-    raise WysiwycError(f"gradcam: no default target layer for {type(model).__name__}; pass target_layer=")
+    if _is_vit(model):
+        return model.encoder.layers[-1].ln_1
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if convs:
+        return convs[-1]
+    raise WysiwycError(
+        f"gradcam: no convolution in {type(model).__name__} to look at; set evaluate.gradcam_layer to a module path"
+    )
+
+
+def _is_vit(model: nn.Module) -> bool:
+    import torchvision
+
+    return isinstance(model, torchvision.models.VisionTransformer)
+
+
+def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
+    """A ViT block's tokens (B, 1 + h·w, D) → a feature map (B, D, h, w): the class token dropped, the patch
+    tokens laid out on their square grid (the grad-cam package's ``reshape_transform`` for ViTs)."""
+    B, n, D = tokens.shape
+    side = int(round((n - 1) ** 0.5))
+    if side * side != n - 1:
+        raise WysiwycError(f"gradcam: {n - 1} patch tokens do not form a square grid")
+    return tokens[:, 1:, :].reshape(B, side, side, D).permute(0, 3, 1, 2)
 
 
 def _normalise_gradcam(maps: torch.Tensor) -> torch.Tensor:
@@ -77,24 +112,35 @@ def _normalise_gradcam(maps: torch.Tensor) -> torch.Tensor:
     return out.view_as(maps)
 
 
-def gradcam(model: nn.Module, x: torch.Tensor, classes, target_layer: nn.Module | None = None) -> torch.Tensor:
-    """Grad-CAM maps (B, K, H, W) in [0, 1] for the requested classes."""
+def gradcam(
+    model: nn.Module, x: torch.Tensor, classes, target_layer: nn.Module | None = None, forward=None
+) -> torch.Tensor:
+    """Grad-CAM maps (B, K, H, W) in [0, 1] for the requested classes.
+
+    ``forward`` (default ``model``) computes the logits from ``x`` (the classifier's own resizing, say);
+    ``target_layer`` is a module of ``model`` (default :func:`gradcam_target_layer`). A torchvision ViT's
+    tokens are laid out on their grid (:func:`vit_tokens_to_map`) before the weighting.
+    """
     B, _, H, W = x.shape
     cls = class_index_tensor(classes, B, device=x.device)
     layer = target_layer if target_layer is not None else gradcam_target_layer(model)
+    reshape = vit_tokens_to_map if _is_vit(model) else None
+    forward = forward or model
 
     store: dict[str, torch.Tensor] = {}
     handle = layer.register_forward_hook(lambda mod, inp, out: store.__setitem__("a", out))
     try:
         with torch.enable_grad():
             # the input carries the graph: a frozen model has no parameter that requires grad
-            logits = model(x.detach().requires_grad_(True))
-            act = store["a"]  # (B, Ch, h, w)
+            logits = forward(x.detach().requires_grad_(True))
+            act = store["a"]  # (B, Ch, h, w); a ViT's (B, 1 + h·w, D)
             maps = []
             for k in range(cls.shape[1]):
                 # images are independent in eval mode: the gradient of the sum is per image
                 score = logits.gather(1, cls[:, k : k + 1]).sum()
-                (grad,) = torch.autograd.grad(score, act, retain_graph=k < cls.shape[1] - 1)
+                (grad,) = torch.autograd.grad(score, store["a"], retain_graph=k < cls.shape[1] - 1)
+                if reshape is not None:
+                    act, grad = reshape(store["a"]), reshape(grad)
                 weights = grad.mean(dim=(2, 3), keepdim=True)  # α_k^c
                 maps.append(F.relu((weights * act).sum(dim=1)).detach())  # relu(Σ_k α_k A_k)
     finally:

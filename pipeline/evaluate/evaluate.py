@@ -53,6 +53,7 @@ import torch
 
 from pipeline import storage, tracking
 from pipeline.config import EVALUATE_METHODS, RT_SALIENCY_HOWTO, EvaluateConfig, dump_config
+from pipeline.data.classes import ClassMatch
 from pipeline.data.sample import decode_png
 from pipeline.data.shards import ShardDataset, make_loader, raw_samples, read_manifest, shard_sources
 from pipeline.data.transforms import IMAGENET, Normalization, decode_sample
@@ -174,7 +175,8 @@ def open_test_split(
     config, classes: list[str], image_size: int, opts=None, protocol: str = "project", norm: Normalization = IMAGENET
 ):
     """The test split (``data.test``) as a :class:`ShardDataset` (a :class:`PaperTruthShards` for
-    ``protocol="paper"``); it must have segmentation."""
+    ``protocol="paper"``; it must have segmentation) and its :class:`~pipeline.data.classes.ClassMatch` to the
+    classifier's ``classes`` (by name; no shared name raises)."""
 
     spec = config.data.test
     if not spec:
@@ -189,22 +191,22 @@ def open_test_split(
             f"false); evaluation compares masks with ground-truth segmentation: use a split "
             f"ingested with segmentation (VOC SegmentationClass, COCO, synthetic)"
         )
-    if list(manifest["classes"]) != list(classes):
-        raise WysiwycError(
-            f"evaluate: {storage.redact(manifest['url'])} has classes {manifest['classes']} but "
-            f"the Explainer and Explanandum have {classes}"
-        )
+    match = ClassMatch(classes, manifest["classes"], f"evaluate: {storage.redact(manifest['url'])}")
+    if match.unmatched_model or match.unmatched_split:
+        log.info("evaluate: classes matched by name: %s", match.summary())
     if protocol == "paper":
         voc = (manifest.get("source") or {}).get("kind") == "voc"
         return PaperTruthShards(
             spec,
             image_size=image_size,
-            luminance=paper_seg_luminance(classes, voc=voc),
+            luminance=paper_seg_luminance(manifest["classes"], voc=voc),
             opts=opts,
             classes=config.data.classes,
             norm=norm,
-        )
-    return ShardDataset(spec, image_size=image_size, train=False, opts=opts, classes=config.data.classes, norm=norm)
+        ), match
+    return ShardDataset(
+        spec, image_size=image_size, train=False, opts=opts, classes=config.data.classes, norm=norm
+    ), match
 
 
 # ------------------------------------------------------------------------------------ the math
@@ -323,9 +325,11 @@ def _mask_maker(
             )
             return maps
     elif name == "grad_cam":
+        f = models.explanandum
+        layer = baselines.gradcam_target_layer(f.module, options.gradcam_layer)
 
         def make(x, seg, y):  # needs gradients (w.r.t. the activations): no no_grad here
-            return baselines.gradcam(models.explanandum.module, x, all_classes)
+            return baselines.gradcam(f.module, x, all_classes, layer, forward=f)
     elif name == "rise":
 
         def make(x, seg, y):
@@ -385,7 +389,8 @@ def evaluate(config, progress: bool = True) -> dict:
     Returns:
         The summary: ``metrics`` (URI of metrics.json), ``report`` (URI of metrics.md), ``output``,
         ``num_images``, ``skipped_unlabelled``, ``figures``, ``explainer``, ``explanandum``,
-        ``explanandum_sha256``, ``test``, ``device``, ``seconds``, ``protocol`` and ``table``
+        ``explanandum_sha256``, ``test``, ``classes`` (the classifier's matched by name to the split's:
+        ``matched``, ``unmatched_classifier``, ``unmatched_split``), ``device``, ``seconds``, ``protocol`` and ``table``
         (``{method: {"cont_iou", "mean_f1"}}``).
 
     Raises:
@@ -397,7 +402,7 @@ def evaluate(config, progress: bool = True) -> dict:
     options = config.evaluate
     opts = config.storage.options()
     models = load_models(config, opts)
-    dataset = open_test_split(
+    dataset, match = open_test_split(
         config, models.classes, models.image_size, opts, protocol=options.protocol, norm=models.norm
     )
     loader = make_loader(dataset, options.batch_size, min(config.data.loader_workers, len(dataset.urls)))
@@ -416,7 +421,7 @@ def evaluate(config, progress: bool = True) -> dict:
             take = min(batch["image"].shape[0], total - seen)
             seen += take
             bar.update(take)
-            run.add_batch(batch, take)
+            run.add_batch(match.apply(batch), take)
             if "explainer" in run.results:
                 running = run.results["explainer"].scores.compute()
                 bar.set_postfix(
@@ -429,7 +434,7 @@ def evaluate(config, progress: bool = True) -> dict:
             f"evaluate: no test image of {storage.redact(dataset.manifest['url'])} has a "
             f"ground-truth class ({run.skipped} without one): nothing to evaluate"
         )
-    metrics = run.metrics()
+    metrics = {**run.metrics(), "classes": match.summary()}
     written = _write_outputs(config, metrics, models, run.overlay_rows, opts)
     return {
         "metrics": storage.redact(written["metrics.json"]),
@@ -442,13 +447,29 @@ def evaluate(config, progress: bool = True) -> dict:
         "explanandum": storage.redact(models.explanandum_uri),
         "explanandum_sha256": models.explanandum_sha256,
         "test": storage.redact(dataset.manifest["url"]),
+        "classes": match.summary(),
         "device": device.type,
         "seconds": round(time.perf_counter() - started, 3),
         "protocol": options.protocol,
         "table": {
-            name: {"cont_iou": row["cont_iou"], "mean_f1": row["mean_f1"]} for name, row in metrics["methods"].items()
+            name: {"skipped": row["skipped"]}
+            if "skipped" in row
+            else {"cont_iou": row["cont_iou"], "mean_f1": row["mean_f1"]}
+            for name, row in metrics["methods"].items()
         },
     }
+
+
+def skipped_methods(methods: list[str], f) -> dict[str, str]:
+    """``{method: why}`` of the chosen methods this classifier cannot have: Grad-CAM reads a layer's activations
+    through a hook, which a TorchScript file or an exported program does not run."""
+    if "grad_cam" in methods and f.form in ("torchscript", "export"):
+        what = "TorchScript file" if f.form == "torchscript" else "torch.export program"
+        return {
+            "grad_cam": f"the classifier is a {what}, whose layers take no hooks; give it as "
+            "explanandum.arch=torchvision:NAME + explanandum.weights (or a wysiwyc checkpoint) for Grad-CAM"
+        }
+    return {}
 
 
 def evaluation_device(use_gpu: bool) -> torch.device:
@@ -464,7 +485,8 @@ class _Run:
     def __init__(self, models: Predictor, options: EvaluateConfig, opts, device: torch.device):
         self.models, self.options, self.device = models, options, device
         self.paper = options.protocol == "paper"
-        self.methods = options.chosen_methods()
+        self.not_run = skipped_methods(options.chosen_methods(), models.explanandum)
+        self.methods = [m for m in options.chosen_methods() if m not in self.not_run]
         self.makers = {name: _mask_maker(name, models, options, opts) for name in self.methods}
         size = models.image_size
         self.faithful = {
@@ -616,6 +638,7 @@ class _Run:
                     "gap": report.specificity_gap(matrix.tolist()),
                     "gap_ci95": list(result.specificity.gap_interval()),
                 }
+        methods_out.update({name: {"skipped": why} for name, why in self.not_run.items()})
         state = self.models.checkpoint or {}
         return _jsonable(
             {
@@ -632,7 +655,7 @@ class _Run:
                     "deletion_baseline": "0 in normalised space (the mean colour)",
                     "insertion_start": f"Gaussian blur, sigma {self.faithful['blur_sigma']:.2f} px",
                     "pointing_tolerance_px": self.faithful["tolerance"],
-                    "probability": "sigmoid",
+                    "probability": self.models.explanandum.interface.output,
                 },
                 "faithfulness_curves": faithfulness_curves,
             }

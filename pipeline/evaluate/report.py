@@ -99,6 +99,11 @@ def _fmt(value: float | None, key: str = "") -> str:
     return f"{value:.3f}"
 
 
+def scored(methods: Mapping[str, Mapping]) -> dict[str, Mapping]:
+    """The methods of metrics.json that ran (a method the classifier cannot have carries ``skipped``, a reason)."""
+    return {m: v for m, v in methods.items() if "skipped" not in v}
+
+
 def specificity_gap(matrix: Sequence[Sequence[float | None]] | np.ndarray) -> float:
     """Mean of the diagonal − mean of the off-diagonal cells of a class-specificity matrix (NaN/None
     cells, where no image held both classes, are left out); NaN when either part is empty.
@@ -159,6 +164,9 @@ def metrics_markdown(
             "(all classes of every image, scoring excluded)."
         ),
     ]
+    skipped = {m: v["skipped"] for m, v in methods.items() if "skipped" in v}
+    if skipped:
+        lines += ["", *(f"{_title(m, black_box)} was not run: {why}." for m, why in skipped.items())]
     nan = {m: v.get("nan_masks") for m, v in methods.items() if v.get("nan_masks")}
     if nan:
         lines += [
@@ -229,6 +237,7 @@ def metrics_rows(
     of column j among the methods that explain (the constant and ideal masks are references). The
     Explainer row is called :func:`explainer_title` of ``black_box``."""
     class_specificity = class_specificity or {}
+    methods = scored(methods)
     header = ["method"] + [f"{label} {arrow}" for _, label, arrow in METRICS] + ["spec. gap ↑"]
     columns = [(key, arrow) for key, _, arrow in METRICS] + [("gap", "↑")]
     with_gaps = {
@@ -251,6 +260,7 @@ def faithfulness_rows(
 ) -> tuple[list[str], list[list[str]], list[list[bool]]]:
     """The faithfulness table (:data:`FAITHFULNESS`) as text cells, like :func:`metrics_rows`; a value
     carries its 95% bootstrap interval (``faithfulness_ci95`` of the method) in brackets."""
+    methods = scored(methods)
     header = ["method"] + [f"{label} {arrow}" for _, label, arrow in FAITHFULNESS]
     columns = [(key, arrow) for key, _, arrow in FAITHFULNESS]
     values, marks = _marked_rows(methods, columns)

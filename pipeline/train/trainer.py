@@ -43,6 +43,7 @@ from torch import nn
 from pipeline import checkpoint as ckpt
 from pipeline import storage, tracking
 from pipeline.config import Config, DataConfig, TrainerConfig, dump_config, public_config
+from pipeline.data.classes import ClassMatch
 from pipeline.data.shards import ShardDataset, make_loader
 from pipeline.data.transforms import IMAGENET, Normalization
 from pipeline.errors import WysiwycError
@@ -216,19 +217,15 @@ def explanandum_labels(f: Classifier, data: DataConfig, data_classes: list[str],
             f"{data.train} has no labels (unlabelled images): set data.labels=explanandum to explain F's own "
             "predictions on them"
         )
-    missing = [c for c in f.classes if c not in data_classes]
-    if missing:
+    match = ClassMatch(f.classes, data_classes, f"data.train {data.train}")
+    if match.unmatched_model:
         raise WysiwycError(
-            f"data.labels=dataset: F's classes {missing} are not classes of {data.train} ({data_classes}); "
-            "set data.labels=explanandum (F's own predictions), or train on a split that labels them"
+            f"data.labels=dataset: F's classes {match.unmatched_model} are not classes of {data.train} "
+            f"({data_classes}); set data.labels=explanandum (F's own predictions), or train on a split that labels them"
         )
-    if list(data_classes) == f.classes:
-        return None
-    index = torch.tensor([data_classes.index(c) for c in f.classes])
-    log.info(
-        "the data set's classes not among F's are not explained: %s", [c for c in data_classes if c not in f.classes]
-    )
-    return lambda batch: {**batch, "labels": batch["labels"][:, index.to(batch["labels"].device)]}
+    if match.unmatched_split:
+        log.info("the data set's classes that F does not have are not explained: %s", match.unmatched_split)
+    return None if match.identity else match.apply
 
 
 def _relabelled(make_loss, relabel):

@@ -50,6 +50,7 @@ from torch import nn
 from pipeline import checkpoint as ckpt
 from pipeline import storage, tracking
 from pipeline.config import Config
+from pipeline.data.classes import ClassMatch
 from pipeline.data.sample import Sample, decode_png
 from pipeline.data.shards import (
     ShardWriter,
@@ -188,11 +189,13 @@ def ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5, window: int = 11)
     return s.mean(dim=(1, 2, 3))
 
 
-def score_explainers(real, others: dict, dataset, *, batch_size: int, max_images: int | None, device) -> dict:
+def score_explainers(
+    real, others: dict, dataset, *, batch_size: int, max_images: int | None, device, match: ClassMatch | None = None
+) -> dict:
     """Continuous IoU and class-specificity gap of the real Explainer (a Predictor), of each of ``others``
     ({name: Explainer module}) and of the constant-1 mask, and the others' Spearman / SSIM to the real
-    masks, over the labelled images of ``dataset``. Class specificity is measured with the real
-    classifier for every Explainer."""
+    masks, over the labelled images of ``dataset`` (in the classifier's classes through ``match``). Class
+    specificity is measured with the real classifier for every Explainer."""
 
     C = len(real.classes)
     names = ["real", *others, "ones"]
@@ -208,6 +211,7 @@ def score_explainers(real, others: dict, dataset, *, batch_size: int, max_images
     for batch in make_loader(dataset, batch_size, 0):
         if max_images is not None and seen >= max_images:
             break
+        batch = match.apply(batch) if match is not None else batch
         take = batch["image"].shape[0] if max_images is None else min(batch["image"].shape[0], max_images - seen)
         seen += take
         keep = batch["labels"][:take].sum(1) > 0
@@ -338,7 +342,7 @@ def run_sanity(config, progress: bool = True) -> dict:
     scoring.data.test = config.data.test or config.data.val
     if not scoring.data.test:
         raise WysiwycError("sanity: set data.test (or data.val) to a split with segmentation to score the masks on")
-    dataset = open_test_split(scoring, real.classes, real.image_size, opts, norm=real.norm)
+    dataset, match = open_test_split(scoring, real.classes, real.image_size, opts, norm=real.norm)
 
     name = f"{run_name('explainer', config)}-sanity"
     root = storage.join(config.trainer.storage, name)
@@ -361,6 +365,7 @@ def run_sanity(config, progress: bool = True) -> dict:
             batch_size=config.evaluate.batch_size,
             max_images=config.evaluate.max_images,
             device=device,
+            match=match,
         )
         passed, checks = verdict(scores, s.max_spearman, s.iou_drop)
         status = "FINISHED"

@@ -10,6 +10,7 @@ import io
 import json
 import pickle
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,3 +329,55 @@ def test_an_explainer_for_an_exported_softmax_classifier_trains_on_unlabelled_im
     x = (pixels.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     torch.testing.assert_close(out.probs, forms["module"](x).softmax(dim=1), rtol=1e-5, atol=1e-5)
     assert out.masks.shape == (2, len(CLASSES), SIZE, SIZE)
+
+
+def test_evaluation_of_a_torchscript_classifier_skips_grad_cam_with_the_reason(tmp_path):
+    """RISE needs F as a function only and runs; Grad-CAM needs a layer's activations, which a TorchScript
+    file does not hand out: skipped, the reason in metrics.json, the summary and the report."""
+    import hashlib
+
+    from conftest import explainer_state
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import Config, IngestConfig
+    from pipeline.data.classes import SYNTHETIC_CLASSES
+    from pipeline.data.ingest import ingest
+    from pipeline.data.synthetic import SyntheticReader
+    from pipeline.evaluate.evaluate import evaluate
+
+    ingest(
+        SyntheticReader(8, 3, "test", image_size=32),
+        str(tmp_path / "data"),
+        "test",
+        IngestConfig(workers=1, shard_size=8),
+        progress=False,
+    )
+    script = save_torchscript(tiny(len(SYNTHETIC_CLASSES)), tmp_path / "f.pt")
+    record = {
+        "uri": str(script),
+        "sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
+        "form": "torchscript",
+        "interface": {"classes": SYNTHETIC_CLASSES, "output": "sigmoid", "mean": list(MEAN), "std": list(STD)},
+    }
+    state = explainer_state(SYNTHETIC_CLASSES, SIZE, str(script), record["sha256"], explanandum=record)
+    save_checkpoint(state, str(tmp_path / "explainer.pt"))
+    config = Config.model_validate(
+        {
+            "data": {"test": str(tmp_path / "data" / "test"), "loader_workers": 0},
+            "explainer": {"checkpoint": str(tmp_path / "explainer.pt")},
+            "output": str(tmp_path / "out"),
+            "evaluate": {
+                "methods": ["explainer", "grad_cam", "rise"],
+                "rise_masks": 16,
+                "rise_batch_size": 16,
+                "faithfulness_images": 0,
+                "overlay_images": 0,
+            },
+        }
+    )
+    summary = evaluate(config, progress=False)
+    metrics = json.loads(Path(summary["metrics"]).read_text())
+    assert "TorchScript file" in metrics["methods"]["grad_cam"]["skipped"]
+    assert summary["table"]["grad_cam"] == metrics["methods"]["grad_cam"]
+    assert 0 <= metrics["methods"]["rise"]["cont_iou"] <= 1 and 0 <= metrics["methods"]["explainer"]["cont_iou"] <= 1
+    assert "Grad-CAM was not run: the classifier is a TorchScript file" in Path(summary["report"]).read_text()

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,8 +133,10 @@ def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
         "f1_curve",
         "faithfulness",
         "faithfulness_curves",
+        "classes",
     }
     assert metrics["protocol"] == "project"
+    assert metrics["classes"]["unmatched_classifier"] == metrics["classes"]["unmatched_split"] == []
     # a checkpoint without the records (written before they existed): unknown / null
     assert metrics["explainer_init"] == "unknown" and metrics["black_box"] is None
     assert list(metrics["methods"]) == list(METHODS)
@@ -572,3 +575,50 @@ def test_faithfulness_can_be_limited_to_the_first_images_or_switched_off(workdir
     metrics = json.loads((off / "metrics.json").read_text())
     assert metrics["faithfulness"]["images"] == 0 and metrics["faithfulness_curves"] == {}
     assert "deletion_auc" not in metrics["methods"]["ideal"] and not (off / "faithfulness_curves.png").exists()
+
+
+def test_classes_are_matched_by_name_between_the_classifier_and_the_split(workdir, tmp_path):
+    """A classifier of 2 of the split's classes, in another order: evaluated on those, the others listed;
+    a classifier sharing no name with the split is refused."""
+    from pipeline.data.classes import SYNTHETIC_CLASSES, ClassMatch
+
+    match = ClassMatch(["square", "circle"], SYNTHETIC_CLASSES, "test")
+    batch = {
+        "labels": torch.tensor([[1.0, 1.0, 0, 0, 0, 1.0]]),  # circle, square, ring
+        "seg": torch.tensor([[[0, 1, 2, 6, 255]]]),
+    }
+    out = match.apply(batch)
+    assert out["labels"].tolist() == [[1.0, 1.0]]  # in the classifier's order: square, circle
+    assert out["seg"].tolist() == [[[0, 2, 1, 255, 255]]]  # ring: void (neither object nor background)
+    assert match.summary() == {
+        "matched": ["square", "circle"],
+        "unmatched_classifier": [],
+        "unmatched_split": ["triangle", "star", "cross", "ring"],
+    }
+
+    classes = ["square", "circle", "hexagon"]  # hexagon: not a class of the split
+    classifier = str(tmp_path / "classifier.pt")
+    sha = save_checkpoint(classifier_state(classes, SIZE, seed=0), classifier)
+    save_checkpoint(explainer_state(classes, SIZE, classifier, sha), str(tmp_path / "explainer.pt"))
+    config = _config(workdir, explainer__checkpoint=str(tmp_path / "explainer.pt"), output=str(tmp_path / "out"))
+    config.evaluate.methods = ["explainer"]
+    config.evaluate.faithfulness_images = 0
+    summary = run_evaluate(config, progress=False)
+    assert summary["classes"] == {
+        "matched": ["square", "circle"],
+        "unmatched_classifier": ["hexagon"],
+        "unmatched_split": ["triangle", "star", "cross", "ring"],
+    }
+    metrics = json.loads(Path(summary["metrics"]).read_text())
+    assert metrics["classes"] == summary["classes"]
+    # the images with a circle or a square only (the others have no class of the classifier)
+    shown = [s for s in ShardDataset(str(workdir / "data" / "test"), image_size=SIZE, train=False)]
+    with_one = sum(1 for s in shown if s["labels"][:2].sum() > 0)
+    assert 0 < summary["num_images"] == with_one < NUM_IMAGES
+
+    other = str(tmp_path / "other.pt")
+    sha = save_checkpoint(classifier_state(["cat", "dog"], SIZE, seed=0), other)
+    save_checkpoint(explainer_state(["cat", "dog"], SIZE, other, sha), str(tmp_path / "disjoint.pt"))
+    config = _config(workdir, explainer__checkpoint=str(tmp_path / "disjoint.pt"), output=str(tmp_path / "o2"))
+    with pytest.raises(WysiwycError, match=r"none of the classifier's \['cat', 'dog'\]"):
+        run_evaluate(config, progress=False)

@@ -31,6 +31,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 
 from pipeline.data.synthetic import SyntheticReader  # noqa: E402
 from pipeline.data.transforms import normalize  # noqa: E402
+from pipeline.errors import WysiwycError  # noqa: E402
 from pipeline.evaluate.baselines import gradcam, gradcam_target_layer  # noqa: E402
 from pipeline.models.explanandum import build_explanandum, freeze_explanandum  # noqa: E402
 
@@ -138,3 +139,56 @@ def test_gradcam_on_resnet_layer4_equals_its_last_bottleneck():
     default = gradcam(model, x, [0, 2])
     assert torch.equal(default, gradcam(model, x, [0, 2], target_layer=model.layer4[-1]))
     assert torch.equal(default, gradcam(model, x, [0, 2], target_layer=model.layer4))  # the same tensor
+
+
+def _tiny_vit() -> nn.Module:
+    """A torchvision vision transformer at CPU size (32 px, 8-px patches: a 4 × 4 grid of tokens)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=NUM_CLASSES
+    )
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts the head at 0: no gradient
+    return freeze_explanandum(model)
+
+
+def test_gradcam_on_a_vit_equals_pytorch_grad_cam_with_its_reshape_transform():
+    model = _tiny_vit()
+    layer = gradcam_target_layer(model)
+    assert layer is model.encoder.layers[-1].ln_1  # the package's documented choice for ViTs
+    x = _images(32, 32)
+
+    def reshape_transform(tensor, height=4, width=4):  # the package's ViT example (tutorials/vision_transformers)
+        result = tensor[:, 1:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+        return result.transpose(2, 3).transpose(1, 2)
+
+    cls = torch.tensor(CLASSES).expand(BATCH, -1)
+    cam = GradCAM(model=model, target_layers=[layer], reshape_transform=reshape_transform)
+    try:
+        package = torch.from_numpy(
+            np.stack(
+                [
+                    cam(
+                        input_tensor=x.clone().requires_grad_(True),
+                        targets=[ClassifierOutputTarget(int(c)) for c in cls[:, k]],
+                    )
+                    for k in range(NUM_CLASSES)
+                ],
+                axis=1,
+            )
+        )
+    finally:
+        cam.activations_and_grads.release()
+    ours = gradcam(model, x, CLASSES)
+    assert ours.shape == package.shape == (BATCH, NUM_CLASSES, 32, 32)
+    assert int((package.amax(dim=(2, 3)) > 0.5).sum()) >= BATCH * NUM_CLASSES // 2
+    assert (ours - package).abs().max().item() <= 1e-3
+
+
+def test_gradcam_layer_of_any_cnn_is_its_last_conv_or_the_configured_path():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    assert gradcam_target_layer(model) is model[2]
+    assert gradcam_target_layer(model, "0") is model[0]
+    with pytest.raises(WysiwycError, match="evaluate.gradcam_layer=head: the classifier has no such module"):
+        gradcam_target_layer(model, "head")
