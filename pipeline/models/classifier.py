@@ -27,6 +27,7 @@ they differ and returns F's logits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -459,23 +460,35 @@ def recorded_classifier(record: dict, uri: str, opts=None, registry: str | None 
     return load_classifier(cfg, opts, registry=registry)
 
 
-def _registered(uri: str, cfg, opts, registry: str | None) -> Classifier:
-    """A classifier registered with ``wysiwyc register --classifier``, or an MLflow pytorch-flavour model (its
-    interface in the ``metadata`` of its MLmodel file, else in ``explanandum.*``)."""
+@dataclass
+class _Version:
+    """A registered classifier version's model file: ``kind`` wysiwyc (artifacts/classifier.pt), pt2 or
+    pickle (an MLflow pytorch model's data/model.pt2 | model.pth), the interface its MLmodel ``metadata``
+    carries, and the version's folder (removed when the ``with`` of :func:`_version_file` ends)."""
+
+    pinned: str  # models:/NAME/V
+    path: Path
+    kind: str
+    carried: dict
+    folder: Path
+
+
+@contextlib.contextmanager
+def _version_file(uri: str, registry: str | None):
     import yaml
 
     with tracking.downloaded_version(uri, registry) as version:
         pinned = f"models:/{version.name}/{version.version}"
         wysiwyc_file = version.folder / "artifacts" / "classifier.pt"
         if wysiwyc_file.is_file():
-            classifier = _from_bytes(wysiwyc_file.read_bytes(), pinned, cfg, opts, sidecar=False)
             recorded = version.tags.get(tracking.CLASSIFIER_SHA)
-            if recorded and recorded != classifier.sha256:
+            if recorded and recorded != hashlib.sha256(wysiwyc_file.read_bytes()).hexdigest():
                 raise WysiwycError(
                     f"{uri} (version {version.version}): the downloaded classifier.pt is not the registered one "
                     f"({tracking.CLASSIFIER_SHA} {recorded[:16]}…); register the checkpoint again"
                 )
-            return classifier
+            yield _Version(pinned, wysiwyc_file, "wysiwyc", {}, version.folder)
+            return
         mlmodel = version.folder / "MLmodel"
         spec = yaml.safe_load(mlmodel.read_text()) if mlmodel.is_file() else {}
         flavour = (spec.get("flavors") or {}).get("pytorch")
@@ -486,13 +499,34 @@ def _registered(uri: str, cfg, opts, registry: str | None) -> Classifier:
             )
         carried = {k: v for k, v in (spec.get("metadata") or {}).items() if k in Interface.__dataclass_fields__}
         data = version.folder / str(flavour.get("model_data") or "data")
-        if (data / "model.pth").is_file():
-            return _pickled(data / "model.pth", version.folder, pinned, cfg, opts, carried)
-        if not (data / "model.pt2").is_file():
+        for name, kind in (("model.pth", "pickle"), ("model.pt2", "pt2")):
+            if (data / name).is_file():
+                yield _Version(pinned, data / name, kind, carried, version.folder)
+                return
+        raise WysiwycError(f"explanandum.model: {uri} (version {version.version}) has no model file in {data.name}/")
+
+
+def _registered(uri: str, cfg, opts, registry: str | None) -> Classifier:
+    """A classifier registered with ``wysiwyc register --classifier``, or an MLflow pytorch-flavour model (its
+    interface in the ``metadata`` of its MLmodel file, else in ``explanandum.*``)."""
+    with _version_file(uri, registry) as found:
+        if found.kind == "pickle":
+            return _pickled(found.path, found.folder, found.pinned, cfg, opts, found.carried)
+        return _from_bytes(found.path.read_bytes(), found.pinned, cfg, opts, sidecar=False, carried=found.carried)
+
+
+def classifier_file(uri: str, opts=None, registry: str | None = None) -> bytes:
+    """The bytes of the classifier at ``uri`` that a registered Explainer carries beside it: the file itself,
+    or a registered version's model file (a pickled one is refused: it is not code-free)."""
+    if not uri.startswith(tracking.REGISTRY_PREFIX):
+        return _read(uri, opts)
+    with _version_file(uri, registry) as found:
+        if found.kind == "pickle":
             raise WysiwycError(
-                f"explanandum.model: {uri} (version {version.version}) has no model file in {data.name}/"
+                f"{uri} is an MLflow pytorch model saved as a pickle: a registered Explainer carries its classifier "
+                "in a code-free form; log the classifier again in the pt2 format (serialization_format='pt2')"
             )
-        return _from_bytes((data / "model.pt2").read_bytes(), pinned, cfg, opts, sidecar=False, carried=carried)
+        return found.path.read_bytes()
 
 
 def _pickled(path: Path, folder: Path, uri: str, cfg, opts, carried: dict) -> Classifier:

@@ -29,6 +29,7 @@ from pipeline.data.sample import encode_png
 from pipeline.data.shards import read_manifest
 from pipeline.errors import WysiwycError
 from pipeline.method.class_rule import ClassRule
+from pipeline.models.classifier import classifier_file
 from pipeline.models.predictor import load_predictor
 from pipeline.registry.lookup import (
     CANDIDATE,
@@ -43,7 +44,16 @@ from pipeline.registry.lookup import (
     recorded_classifier,
     utc_now,
 )
-from pipeline.tracking import CLASSIFIER_SHA, EXPLAINER_SHA, alias_versions, is_missing, mlflow_client, registry_uri
+from pipeline.tracking import (
+    CLASSIFIER_SHA,
+    EXPLAINER_SHA,
+    REGISTRY_PREFIX,
+    alias_versions,
+    is_missing,
+    mlflow_client,
+    registry_uri,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -352,10 +362,14 @@ def register_checkpoint(
             "metadata": root / "wysiwyc.json",
         }
         files["explainer"].write_bytes(data)
-        files["explanandum"].write_bytes(_read(explanandum, "Explanandum checkpoint", opts))
+        files["explanandum"].write_bytes(classifier_file(explanandum, opts, uri))
         # both load, the Explanandum is the recorded one (sha256), the class lists agree
-        predictor = load_predictor(str(files["explainer"]), str(files["explanandum"]))
-        classifier = classifier_version(client, predictor.explanandum_sha256)
+        predictor = load_predictor(str(files["explainer"]), str(files["explanandum"]), registry=uri)
+        classifier = (
+            resolve_model(explanandum, uri)
+            if explanandum.startswith(REGISTRY_PREFIX)  # F is a version of this registry
+            else classifier_version(client, predictor.explanandum_sha256)
+        )
         lambdas = {k: loss[k] for k in LAMBDAS if k in loss}
         digest = _dataset_digest(train, opts)
         lineage = _Lineage(checkpoint, sha, state, explanandum, predictor, classifier, digest, train, lambdas)
@@ -413,6 +427,7 @@ class _Lineage:
             "wysiwyc.explanandum": storage.redact(self.explanandum),
             "wysiwyc.explanandum_sha256": self.predictor.explanandum_sha256,
             "wysiwyc.explanandum_arch": str(record.get("arch")),
+            "wysiwyc.explanandum_form": self.predictor.explanandum.form,
             "wysiwyc.classifier_model": classifier[0] if classifier else "unregistered",
             "wysiwyc.classifier_version": classifier[1] if classifier else "unregistered",
             **{f"wysiwyc.lambda.{k}": str(v) for k, v in self.lambdas.items()},
@@ -438,6 +453,8 @@ class _Lineage:
                 "source": storage.redact(self.explanandum),
                 "sha256": self.predictor.explanandum_sha256,
                 "model_version": f"models:/{classifier[0]}/{classifier[1]}" if classifier else None,
+                "form": self.predictor.explanandum.form,
+                "interface": self.predictor.explanandum.interface.record(),
             },
             "dataset": {"train": tags["wysiwyc.dataset"], "digest": self.digest},
             "lambdas": self.lambdas,

@@ -44,18 +44,15 @@ CLI = [str(BIN / "wysiwyc")]
 SITE_PACKAGES = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
 
 # a consumer's environment: torch, torchvision, mlflow, numpy (and what they bring); none of what only
-# this package needs, and not the package itself (python -S: the editable install's hook never runs)
+# this package needs (absent from the site folder the script sees: `_consumer_site`), and not the package
+# itself (python -S: the editable install's hook never runs)
+ONLY_OURS = ("ray", "boto3", "botocore", "webdataset", "pycocotools", "typer", "matplotlib", "psutil", "tqdm")
 CLEAN_LOAD = """
 import sys
 sys.path.append(sys.argv[1])
-import importlib.abc, importlib.util
-ONLY_OURS = ("ray", "boto3", "botocore", "webdataset", "pycocotools", "typer", "matplotlib", "psutil", "tqdm")
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ONLY_OURS:
-            raise ImportError(name + " is not installed in this environment")
+import importlib.util
 assert importlib.util.find_spec("pipeline") is None, "the package is importable before the model is loaded"
-sys.meta_path.insert(0, Refuse())
+assert importlib.util.find_spec("tqdm") is None, "a package only wysiwyc needs is installed"
 import json, mlflow.pyfunc, numpy as np, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[2])
 images = [open(p, "rb").read() for p in sys.argv[4:]]
@@ -69,6 +66,19 @@ json.dump({"records": out.to_dict(orient="records"), "listed": listed.to_dict(or
            "pixels": normalised.to_dict(orient="records"), "code": pipeline.__file__,
            "outputs": str(model.metadata.get_output_schema())}, open(sys.argv[3], "w"))
 """
+
+
+def _consumer_site(root: Path) -> str:
+    """A site-packages folder without what only this package needs (links to everything else): there such a
+    package is absent as it is in a consumer's environment (``importlib.util.find_spec`` gives None)."""
+    site = root / "consumer-site"
+    if not site.is_dir():
+        site.mkdir()
+        for entry in Path(SITE_PACKAGES).iterdir():
+            top = entry.name.split("-")[0].split(".")[0].lower()
+            if top not in ONLY_OURS and not entry.name.startswith(("__editable__", "wysiwyc")):
+                (site / entry.name).symlink_to(entry)
+    return str(site)
 
 
 def _png(seed: int, size=(50, 40)) -> bytes:
@@ -218,7 +228,7 @@ def test_the_registered_pyfunc_loads_and_predicts_where_the_package_is_not_impor
     files = [str(root / n) for n in reg["images"]]
     env = {k: v for k, v in reg["env"].items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-S", str(script), SITE_PACKAGES, "models:/expl/1", str(root / "out.json"), *files],
+        [sys.executable, "-S", str(script), _consumer_site(root), "models:/expl/1", str(root / "out.json"), *files],
         cwd=root,  # outside the repository
         env=env,
         capture_output=True,
@@ -427,3 +437,95 @@ def test_lineage_chains_data_classifier_explainer(reg, registered):
     assert f"classifier  models:/clf/1 {state}" in text and "explainer   models:/expl/1" in text
     assert f"manifest digest {digest[:16]}" in text
     assert lineage(f"models:/clf/{classifier_champion}", reg["config"])["explainer_version"] is None
+
+
+def test_an_explainer_of_an_mlflow_pytorch_classifier_registers_promotes_goes_stale_and_loads_portably(reg, registered):
+    """F trained "outside" and logged as an MLflow pytorch model (pt2, its interface in the metadata) in the same
+    registry: the Explainer version records that version (the stale-classifier gate follows its @champion),
+    carries F's exported program, and its pyfunc gives the direct predictor's answers where the package is not
+    importable."""
+    import mlflow.pytorch
+    from outside import MEAN, STD, tiny
+
+    from pipeline.config import ExplanandumConfig
+    from pipeline.models.classifier import load_classifier
+    from pipeline.registry import register_checkpoint
+    from pipeline.workflows.promotion import promote
+
+    root, classes, client = reg["root"], reg["classes"], reg["client"]
+    interface = {"classes": classes, "output": "sigmoid", "mean": list(MEAN), "std": list(STD)}
+    x = torch.zeros(2, 3, SIZE, SIZE).numpy()
+    mlflow.set_experiment(experiment_id=client.create_experiment("outside", (root / "outside").as_uri()))
+    for seed in (0, 1):  # versions 1 and 2 of the team's classifier
+        with mlflow.start_run():
+            mlflow.pytorch.log_model(
+                tiny(len(classes), seed), name="f", input_example=x, registered_model_name="outside", metadata=interface
+            )
+    client.set_registered_model_alias("outside", "champion", "1")
+    f = load_classifier(ExplanandumConfig(model="models:/outside@champion"), registry=reg["uri"])
+    assert (f.form, f.uri) == ("export", "models:/outside/1")
+    checkpoints = {}
+    for key, seed in (("byo1", 7), ("byo2", 8)):
+        checkpoints[key] = str(root / f"{key}.pt")
+        state = explainer_state(
+            classes,
+            SIZE,
+            f.uri,
+            f.sha256,
+            seed,
+            explanandum=f.record(),
+            metrics={"val_loss": 1.0},
+            config={"data": {"train": reg["data"], "image_size": SIZE}, "loss": {}},
+            explainer_init="scratch",
+            black_box=True,
+        )
+        save_checkpoint(state, checkpoints[key])
+    first = register_checkpoint(checkpoints["byo1"], "byo-expl", reg["config"])
+    assert first["classifier_version"] == "models:/outside/1"
+    tags = client.get_model_version("byo-expl", first["version"]).tags
+    assert (tags["wysiwyc.classifier_model"], tags["wysiwyc.classifier_version"]) == ("outside", "1")
+    assert tags["wysiwyc.explanandum_form"] == "export"
+    promoted = promote("byo-expl", first["version"], reg["config"], reg["gate"], progress=False)
+    assert promoted["aliases"]["champion"] == first["version"]
+    # the team moves its champion to version 2: an Explainer of version 1 is stale now
+    client.set_registered_model_alias("outside", "champion", "2")
+    second = register_checkpoint(checkpoints["byo2"], "byo-expl", reg["config"])
+    refused = reg["cli"](
+        "promote", "--name", "byo-expl", "--version", second["version"], "--gate", reg["gate"], check=False
+    )
+    assert refused.returncode == 2 and "allow_stale_classifier" in refused.stderr
+
+    # the portable pyfunc of version 1: F travels as its exported program, normalised its own way
+    pixels = torch.stack(
+        [load_predictor(checkpoints["byo1"], registry=reg["uri"]).preprocess(Image.open(root / "1.png"))]
+    )
+    np.save(root / "byo.json.npy", pixels.numpy())
+    script = root / "clean_load.py"
+    script.write_text(CLEAN_LOAD)
+    files = [str(root / n) for n in reg["images"]]
+    env = {k: v for k, v in reg["env"].items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            str(script),
+            _consumer_site(root),
+            f"models:/byo-expl/{first['version']}",
+            str(root / "byo.json"),
+            *files,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((root / "byo.json").read_text())
+    predictor = load_predictor(checkpoints["byo1"], registry=reg["uri"])
+    assert predictor.norm.mean == MEAN
+    for name, record in zip(reg["images"], got["records"]):
+        with Image.open(io.BytesIO(reg["images"][name])) as im:
+            reference = predictor(predictor.preprocess(im).unsqueeze(0))
+        _assert_record_matches(record, reference, predictor.classes, ClassRule(mode="topk", top_k=2))
