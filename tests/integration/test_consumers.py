@@ -215,20 +215,36 @@ def test_classifiers_register_and_an_explainer_records_the_classifier_version_it
 
 
 def test_the_registered_pyfunc_loads_and_predicts_where_the_package_is_not_importable(reg, registered):
-    root = reg["root"]
     folder = reg["client"].get_model_version_download_uri("expl", "1").removeprefix("file://")
     requirements = (Path(folder) / "requirements.txt").read_text().split()
     assert not [r for r in requirements if r.startswith(("wysiwyc", "-e", "file:", "."))], requirements
     assert {r.split("==")[0] for r in requirements} >= {"torch", "torchvision", "mlflow", "numpy"}
     assert (Path(folder) / "input_example.json").is_file()
-    pixels = torch.stack([load_predictor(reg["checkpoints"]["a1"]).preprocess(Image.open(root / "1.png"))])
-    np.save(root / "out.json.npy", pixels.numpy())
+    got = _clean_load(reg, "models:/expl/1", load_predictor(reg["checkpoints"]["a1"]), "out.json")
+    assert "/code/pipeline/" in got["code"]  # the code that travelled with the model
+    assert all(f"'{c}'" in got["outputs"] for c in ("classes", "probabilities", "masks"))
+    topk = ClassRule(mode="topk", top_k=2)
+    assert len(got["records"]) == len(reg["images"])
+    for name, record in zip(reg["images"], got["records"]):
+        reference, classes = _reference(reg, "a1", reg["images"][name])
+        _assert_record_matches(record, reference, classes, topk)
+    for name, record in zip(("0.png", "1.png"), got["listed"]):  # a plain dict of bytes, the default rule
+        _assert_record_matches(record, *_reference(reg, "a1", reg["images"][name]), ClassRule())
+    reference, classes = _reference(reg, "a1", reg["images"]["1.png"])
+    _assert_record_matches(got["pixels"][0], reference, classes, ClassRule(mode="fixed", fixed=("star",)))
+
+
+def _clean_load(reg, model_uri: str, predictor, out: str) -> dict:
+    """Run :data:`CLEAN_LOAD` on ``model_uri`` in a consumer's environment (outside the repository): what the
+    registered pyfunc answered. Its ``pixels`` input is image 1.png as ``predictor`` normalises it."""
+    root = reg["root"]
+    np.save(root / f"{out}.npy", torch.stack([predictor.preprocess(Image.open(root / "1.png"))]).numpy())
     script = root / "clean_load.py"
     script.write_text(CLEAN_LOAD)
     files = [str(root / n) for n in reg["images"]]
     env = {k: v for k, v in reg["env"].items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-S", str(script), _consumer_site(root), "models:/expl/1", str(root / "out.json"), *files],
+        [sys.executable, "-S", str(script), _consumer_site(root), model_uri, str(root / out), *files],
         cwd=root,  # outside the repository
         env=env,
         capture_output=True,
@@ -237,18 +253,7 @@ def test_the_registered_pyfunc_loads_and_predicts_where_the_package_is_not_impor
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads((root / "out.json").read_text())
-    assert "/code/pipeline/" in got["code"]  # the code that travelled with the model
-    assert all(f"'{c}'" in got["outputs"] for c in ("classes", "probabilities", "masks"))
-    topk = ClassRule(mode="topk", top_k=2)
-    assert len(got["records"]) == len(files)
-    for name, record in zip(reg["images"], got["records"]):
-        reference, classes = _reference(reg, "a1", reg["images"][name])
-        _assert_record_matches(record, reference, classes, topk)
-    for name, record in zip(("0.png", "1.png"), got["listed"]):  # a plain dict of bytes, the default rule
-        _assert_record_matches(record, *_reference(reg, "a1", reg["images"][name]), ClassRule())
-    reference, classes = _reference(reg, "a1", reg["images"]["1.png"])
-    _assert_record_matches(got["pixels"][0], reference, classes, ClassRule(mode="fixed", fixed=("star",)))
+    return json.loads((root / out).read_text())
 
 
 def _http(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
@@ -496,36 +501,12 @@ def test_an_explainer_of_an_mlflow_pytorch_classifier_registers_promotes_goes_st
     assert refused.returncode == 2 and "allow_stale_classifier" in refused.stderr
 
     # the portable pyfunc of version 1: F travels as its exported program, normalised its own way
-    pixels = torch.stack(
-        [load_predictor(checkpoints["byo1"], registry=reg["uri"]).preprocess(Image.open(root / "1.png"))]
-    )
-    np.save(root / "byo.json.npy", pixels.numpy())
-    script = root / "clean_load.py"
-    script.write_text(CLEAN_LOAD)
-    files = [str(root / n) for n in reg["images"]]
-    env = {k: v for k, v in reg["env"].items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-S",
-            str(script),
-            _consumer_site(root),
-            f"models:/byo-expl/{first['version']}",
-            str(root / "byo.json"),
-            *files,
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads((root / "byo.json").read_text())
-    predictor = load_predictor(checkpoints["byo1"], registry=reg["uri"])
-    assert predictor.norm.mean == MEAN
+    byo = load_predictor(checkpoints["byo1"], registry=reg["uri"])
+    got = _clean_load(reg, f"models:/byo-expl/{first['version']}", byo, "byo.json")
+    assert byo.norm.mean == MEAN and len(got["records"]) == len(reg["images"])
     for name, record in zip(reg["images"], got["records"]):
         with Image.open(io.BytesIO(reg["images"][name])) as im:
-            reference = predictor(predictor.preprocess(im).unsqueeze(0))
-        _assert_record_matches(record, reference, predictor.classes, ClassRule(mode="topk", top_k=2))
+            reference = byo(byo.preprocess(im).unsqueeze(0))
+        _assert_record_matches(record, reference, byo.classes, ClassRule(mode="topk", top_k=2))
+    one = byo(byo.preprocess(Image.open(reg["root"] / "1.png")).unsqueeze(0))  # the pixels input: F's normalisation
+    _assert_record_matches(got["pixels"][0], one, byo.classes, ClassRule(mode="fixed", fixed=("star",)))
