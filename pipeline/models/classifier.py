@@ -607,10 +607,11 @@ def _torchvision(name: str, cfg, opts) -> Classifier:
             f"explanandum.arch=torchvision:{name} needs explanandum.weights: the URI of the classifier's whole "
             "state dict (model.state_dict() saved with torch.save)"
         )
-    if cfg.model or cfg.checkpoint:
-        raise WysiwycError(
-            f"explanandum.arch=torchvision:{name} takes its weights from explanandum.weights; "
-            "leave explanandum.model unset"
+    if cfg.model:  # a preset's default, say: the torchvision form names F by its weights
+        log.warning(
+            "explanandum.model=%s is not read: explanandum.arch=torchvision:%s takes F from explanandum.weights",
+            storage.redact(cfg.model),
+            name,
         )
     builder = getattr(torchvision.models, name, None)
     if name.startswith("_") or not callable(builder) or name not in torchvision.models.list_models():

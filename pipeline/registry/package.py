@@ -428,6 +428,7 @@ class _Lineage:
             "wysiwyc.explanandum_sha256": self.predictor.explanandum_sha256,
             "wysiwyc.explanandum_arch": str(record.get("arch")),
             "wysiwyc.explanandum_form": self.predictor.explanandum.form,
+            "wysiwyc.labels": str(state.get("labels", "dataset")),  # the dataset's, or F's own predictions
             "wysiwyc.classifier_model": classifier[0] if classifier else "unregistered",
             "wysiwyc.classifier_version": classifier[1] if classifier else "unregistered",
             **{f"wysiwyc.lambda.{k}": str(v) for k, v in self.lambdas.items()},

@@ -489,7 +489,7 @@ def test_an_explainer_of_an_mlflow_pytorch_classifier_registers_promotes_goes_st
     assert first["classifier_version"] == "models:/outside/1"
     tags = client.get_model_version("byo-expl", first["version"]).tags
     assert (tags["wysiwyc.classifier_model"], tags["wysiwyc.classifier_version"]) == ("outside", "1")
-    assert tags["wysiwyc.explanandum_form"] == "export"
+    assert tags["wysiwyc.explanandum_form"] == "export" and tags["wysiwyc.labels"] == "dataset"
     promoted = promote("byo-expl", first["version"], reg["config"], reg["gate"], progress=False)
     assert promoted["aliases"]["champion"] == first["version"]
     # the team moves its champion to version 2: an Explainer of version 1 is stale now

@@ -381,3 +381,87 @@ def test_evaluation_of_a_torchscript_classifier_skips_grad_cam_with_the_reason(t
     assert summary["table"]["grad_cam"] == metrics["methods"]["grad_cam"]
     assert 0 <= metrics["methods"]["rise"]["cont_iou"] <= 1 and 0 <= metrics["methods"]["explainer"]["cont_iou"] <= 1
     assert "Grad-CAM was not run: the classifier is a TorchScript file" in Path(summary["report"]).read_text()
+
+
+def _readme_forms() -> list[list[str]]:
+    """The command lines of the README's "Explain your own classifier" block, as argument lists."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Explain your own classifier", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```\n(.*?)```", section, flags=re.S)[0]
+    return [line.split("#")[0].split()[1:] for line in block.splitlines() if line.startswith("wysiwyc ")]
+
+
+def test_the_readme_command_line_of_every_form_trains_an_explainer(forms, tmp_path, s3_server, s3_bucket, s3_env):
+    """Each README line runs as written, with the README's files replaced by ours (the same forms, each with its
+    sidecar or metadata) and a tiny schedule: the Explainer records the form it explains."""
+    import mlflow
+    import mlflow.pytorch
+    from conftest import classifier_state, cli
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import IngestConfig
+    from pipeline.data.classes import SYNTHETIC_CLASSES
+    from pipeline.data.ingest import ingest
+    from pipeline.data.synthetic import SyntheticReader
+
+    classes = SYNTHETIC_CLASSES
+    ingest(
+        SyntheticReader(32, 5, "train", image_size=32),
+        str(tmp_path / "data"),
+        "train",
+        IngestConfig(workers=1, shard_size=16),
+        progress=False,
+    )
+    net = tiny(len(classes))
+    save_checkpoint(classifier_state(classes, SIZE), str(tmp_path / "best.pt"))
+    for name in ("mine.pt2", "mine_script.pt", "mine.pth"):
+        sidecar(tmp_path / name, classes, "sigmoid")
+    save_export(net, tmp_path / "mine.pt2", SIZE)
+    storage.write_bytes(f"s3://{s3_bucket}/mine.pt2", (tmp_path / "mine.pt2").read_bytes(), s3_server.opts)
+    storage.write_bytes(f"s3://{s3_bucket}/mine.json", (tmp_path / "mine.json").read_bytes(), s3_server.opts)
+    save_torchscript(net, tmp_path / "mine_script.pt")
+    torch.save(resnet18(len(classes)).state_dict(), tmp_path / "mine.pth")
+    registry = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(registry)
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("mine", (tmp_path / "artifacts").as_uri()))
+        with mlflow.start_run():
+            interface = {"classes": classes, "output": "sigmoid", "mean": list(MEAN), "std": list(STD)}
+            x = _x(2).numpy()
+            mlflow.pytorch.log_model(net, name="f", input_example=x, registered_model_name="mine", metadata=interface)
+        mlflow.MlflowClient(registry, registry).set_registered_model_alias("mine", "champion", "1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    ours = {
+        "explanandum.model=runs/checkpoints/cpu-classifier/best.pt": f"explanandum.model={tmp_path / 'best.pt'}",
+        "explanandum.model=s3://models/mine.pt2": f"explanandum.model=s3://{s3_bucket}/mine.pt2",
+        "explanandum.model=mine_script.pt": f"explanandum.model={tmp_path / 'mine_script.pt'}",
+        "explanandum.weights=mine.pth": f"explanandum.weights={tmp_path / 'mine.pth'}",
+    }
+    tiny_run = [
+        f"data.train={tmp_path / 'data'}/train",
+        "data.val=",
+        f"data.image_size={SIZE}",
+        "data.loader_workers=0",
+        "data.shuffle_buffer=16",
+        "trainer.batch_size=16",
+        "trainer.epochs=1",
+        "trainer.num_workers=1",
+        "trainer.backend=local",
+        f"trainer.storage={tmp_path / 'ckpt'}",
+        f"tracking.uri={registry}",
+        "tracking.enabled=false",
+        "explainer.init=scratch",
+        "--json",
+    ]
+    lines = _readme_forms()
+    expected = ["wysiwyc", "export", "torchscript", "export", "torchvision"]
+    assert len(lines) == len(expected)
+    for i, (line, form) in enumerate(zip(lines, expected)):
+        args = [ours.get(a, a) for a in line]
+        summary = json.loads(cli(*args, *tiny_run, f"trainer.run_name=form{i}").stdout)
+        record = torch.load(summary["checkpoint"], weights_only=True)["explanandum"]
+        assert record["form"] == form, line
+    assert record["arch"] == "torchvision:resnet18"
