@@ -482,6 +482,11 @@ class AttributeConfig(_Section):
     """``wysiwyc attribute``: Ray Data batch attribution of an image corpus with ``explainer.checkpoint``
     (a checkpoint URI or ``models:/NAME@alias``), written under ``output/RUN_ID/``."""
 
+    class_source: Literal["explanandum", "explainer"] = Field(
+        "explanandum",
+        description="whose probabilities choose the classes to explain: explanandum (F's, as evaluated) or "
+        "explainer (the distilled Explainer's own class head: one forward pass, no call of F)",
+    )
     input: str | None = Field(
         None,
         description="image prefix (local or s3://), shard split (OUT/split or its "

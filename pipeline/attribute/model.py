@@ -37,6 +37,7 @@ def pin_model(config, record: dict | None, opts=None):
         predictor = load_model(
             pinned, tracking.registry_uri(config), explanandum_uri=config.explanandum.model, opts=opts
         )
+        predictor.choose_classes_with(config.attribute.class_source)
     except WysiwycError as exc:
         raise WysiwycError(f"attribute: {exc}") from None
     if record is not None and predictor.explainer_sha256 != record["model"]["explainer_sha256"]:
@@ -55,5 +56,6 @@ def pin_model(config, record: dict | None, opts=None):
         "explanandum_sha256": predictor.explanandum_sha256,
         "classes": list(predictor.classes),
         "image_size": predictor.image_size,
+        "class_source": predictor.class_source,
     }
     return predictor, model

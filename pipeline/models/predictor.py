@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Prediction:
     """``masks``: (B, C, H, W) per-class masks in [0, 1] (every class, one Explainer pass);
     ``probs``: (B, C) the Explanandum's probabilities (sigmoid, or softmax for a single-label F) on the unmasked
-    images."""
+    images (or, with ``class_source="explainer"``, the Explainer's class head's)."""
 
     masks: torch.Tensor
     probs: torch.Tensor
@@ -56,6 +56,18 @@ class Predictor:
     model_name: str | None = None  # registered model name and version, when loaded from the registry
     model_version: str | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    class_source: str = "explanandum"  # whose probabilities choose classes: F's, or the Explainer's class head
+
+    def choose_classes_with(self, source: str) -> Predictor:
+        """``explanandum`` (F's probabilities, the default) or ``explainer`` (the distilled Explainer's own class
+        head, with F's output activation: no F call at all); returns self."""
+        if source == "explainer" and getattr(self.explainer, "cam_channels", None) is None:
+            raise WysiwycError(
+                f"attribute.class_source=explainer: the Explainer {storage.redact(self.explainer_uri)} has no class "
+                "head (a compact Explainer with explainer.cam=true, distilled, has one); use class_source=explanandum"
+            )
+        self.class_source = source
+        return self
 
     def to(self, device: str | torch.device) -> Predictor:
         """Move both nets to ``device`` (``"cuda"``, ``"cpu"``) in channels_last memory format (on 2 CPU cores
@@ -90,7 +102,11 @@ class Predictor:
         use_amp = amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             masks = class_masks(self.explainer(x).float())
-            probs = self.explanandum.probabilities(self.explanandum(x).float())
+            if self.class_source == "explainer":
+                logits = self.explainer(x, classify=True)
+            else:
+                logits = self.explanandum(x)
+            probs = self.explanandum.probabilities(logits.float())
         return Prediction(masks=masks.float().contiguous(), probs=probs.float())
 
 

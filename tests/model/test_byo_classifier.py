@@ -465,3 +465,29 @@ def test_the_readme_command_line_of_every_form_trains_an_explainer(forms, tmp_pa
         record = torch.load(summary["checkpoint"], weights_only=True)["explanandum"]
         assert record["form"] == form, line
     assert record["arch"] == "torchvision:resnet18"
+
+
+def test_classes_chosen_by_the_explainers_own_class_head_call_no_classifier(forms):
+    """attribute.class_source=explainer: the distilled Explainer's class head gives the probabilities (with F's
+    output activation), and F is not called; an Explainer without a class head is refused."""
+    from pipeline.models.explainer import build_explainer
+    from pipeline.models.predictor import Predictor
+
+    f = load_classifier(_cfg(model=str(forms["export"]), output=None))
+    calls = []
+    original = f.module
+    f.module = lambda x: calls.append(1) or original(x)
+
+    def predictor(explainer):
+        return Predictor(explainer.eval(), f, CLASSES, SIZE, "e.pt", "0" * 64, f.uri, f.sha256)
+
+    torch.manual_seed(0)
+    with_head = build_explainer("compact", len(CLASSES), levels=2, cam=True)
+    p = predictor(with_head).choose_classes_with("explainer")
+    x = _x(2)
+    out = p(x)
+    assert not calls
+    torch.testing.assert_close(out.probs, torch.sigmoid(with_head.class_logits(x)))
+    assert predictor(with_head)(x).probs.shape == (2, 3) and calls  # the default asks F
+    with pytest.raises(WysiwycError, match="has no class head"):
+        predictor(build_explainer("compact", len(CLASSES), levels=2)).choose_classes_with("explainer")
