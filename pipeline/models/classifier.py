@@ -35,7 +35,7 @@ import logging
 import pickletools
 import re
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,24 @@ class Classifier:
     sha256: str
     form: str
     arch: str | None = None
+    data: bytes | None = field(default=None, repr=False)  # the file of a TorchScript / exported F (pickling)
+
+    def __getstate__(self) -> dict:
+        """Pickled (a Ray object, an actor's argument) as its file's bytes when F is a TorchScript file or an
+        exported program, whose modules do not pickle; it is loaded again on the other side."""
+        state = dict(self.__dict__)
+        if self.data is not None:
+            state["module"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.module is None:
+            self.module = (
+                _load_export(self.data, self.uri)[0]
+                if self.form == "export"
+                else _load_torchscript(self.data, self.uri)
+            )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         size = self.interface.image_size
@@ -563,7 +581,7 @@ def _from_bytes(data: bytes, uri: str, cfg, opts, sidecar: bool, carried: dict |
     if kind in ("export", "torchscript"):
         module, own = _load_export(data, uri) if kind == "export" else (_load_torchscript(data, uri), {})
         given = {**own, **(_sidecar(uri, opts) if sidecar else {}), **(carried or {})}
-        return Classifier(module, resolve_interface(given, cfg, uri, opts), uri, sha, kind)
+        return Classifier(module, resolve_interface(given, cfg, uri, opts), uri, sha, kind, data=data)
     state = _torch_file(data, uri)
     if state.get("kind") != "classifier":
         raise WysiwycError(

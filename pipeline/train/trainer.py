@@ -139,7 +139,9 @@ def _datasets(data: DataConfig, seed: int, rank: int, world: int, opts, norm: No
     # validation only evaluates (no gradient all-reduce), so it may have fewer shards than ranks:
     # ranks past the last shard evaluate nothing and add zero counts to the all-reduced Stats
     val = ShardDataset(data.val, train=False, allow_idle_ranks=True, **common) if data.val else None
-    if val is not None and val.classes != train.classes:
+    # the same labels on both splits, unless both get F's own (data.labels=explanandum: unlabelled training images
+    # beside a labelled validation split, whose segmentation still scores the masks)
+    if val is not None and val.classes != train.classes and data.labels == "dataset":
         raise WysiwycError(f"data.val classes {val.classes} differ from data.train classes {train.classes}")
     return train, val
 

@@ -337,6 +337,12 @@ def run_sanity(config, progress: bool = True) -> dict:
     if not config.data.train:
         raise WysiwycError("sanity: set data.train (the Explainers are retrained on it, as the real one was)")
     real = load_models(config, opts)
+    if real.explanandum.form != "wysiwyc":
+        raise WysiwycError(
+            f"sanity: the classifier {storage.redact(real.explanandum_uri)} is a {real.explanandum.form} model; the "
+            "randomisation checks re-initialise its layers and retrain it on permuted labels, which needs a "
+            "classifier wysiwyc can rebuild and train (a `wysiwyc train classifier` checkpoint)"
+        )
     split = "test" if config.data.test else "val"
     scoring = config.model_copy(deep=True)
     scoring.data.test = config.data.test or config.data.val

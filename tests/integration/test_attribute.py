@@ -527,3 +527,41 @@ def test_drift_between_runs_of_a_schedule_and_their_mlflow_runs(ctx):
     assert week3.metrics["images"] == len(kept) and week3.metrics["error_rate"] == 0
     assert week3.metrics[f"frequency.{name}"] == 0 and week3.metrics[f"drift_psi.{name}"] > 1
     assert runs["week1"].data.metrics[f"frequency.{name}"] == pytest.approx(float(share[k]), abs=1e-6)
+
+
+def test_a_corpus_explained_for_an_exported_softmax_classifier_on_s3(ctx, tmp_path):
+    """F a torch.export program of its own normalisation, single-label, in the bucket beside its sidecar: the Ray
+    actors get it as its file (an exported module does not pickle) and every row is the direct call's."""
+    import hashlib
+
+    from outside import MEAN, STD, save_export, tiny
+
+    b, opts = ctx["bucket"], ctx["opts"]
+    local = tmp_path / "f.pt2"
+    save_export(tiny(len(SYNTHETIC_CLASSES)), local, SIZE)
+    f_uri = f"s3://{b}/byo/f.pt2"
+    storage.write_bytes(f_uri, local.read_bytes(), opts)
+    interface = {"classes": list(SYNTHETIC_CLASSES), "output": "softmax", "mean": list(MEAN), "std": list(STD)}
+    storage.write_bytes(f"s3://{b}/byo/f.json", json.dumps(interface).encode(), opts)
+    record = {
+        "uri": f_uri,
+        "sha256": hashlib.sha256(local.read_bytes()).hexdigest(),
+        "form": "export",
+        "interface": interface,
+    }
+    exp_uri = f"s3://{b}/byo/explainer.pt"
+    save_checkpoint(
+        explainer_state(list(SYNTHETIC_CLASSES), SIZE, f_uri, record["sha256"], explanandum=record), exp_uri, opts
+    )
+    predictor = load_predictor(exp_uri, opts=opts)
+    x = torch.stack([predictor.preprocess(Image.open(io.BytesIO(storage.read_bytes(s, opts)))) for s in ctx["sources"]])
+    direct = predictor(x)
+    torch.testing.assert_close(direct.probs.sum(dim=1), torch.ones(len(x)))  # F's softmax
+    summary = attribute(
+        _config(ctx, "byo", f"explainer.checkpoint={exp_uri}", "attribute.threshold=0.9"), progress=False
+    )
+    assert summary["status"] == "complete" and summary["num_ok"] == NUM_IMAGES
+    rows = _index(ctx, "byo")
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(row["probs"], direct.probs[i].numpy(), atol=1e-4)
+        assert row["explained_classes"] == _expected_classes(direct.probs[i], 0.9)

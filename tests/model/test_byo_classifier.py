@@ -66,6 +66,10 @@ def test_a_file_loads_by_its_content_with_its_sidecar_and_gives_the_modules_logi
     x.requires_grad_(True)
     f(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    # pickled (a Ray object: batch attribution's actors) as its file, loaded again on the other side
+    again = pickle.loads(pickle.dumps(f))
+    torch.testing.assert_close(again(x.detach()), f(x.detach()))
+    assert again.form == form and again.sha256 == f.sha256
     # the stages see it only as a function
     box = BlackBox(f)
     torch.testing.assert_close(box(x.detach()), f(x.detach()))
@@ -289,6 +293,13 @@ def test_an_explainer_for_an_exported_softmax_classifier_trains_on_unlabelled_im
     for sample in SyntheticReader(48, 5, "photos", image_size=32):
         (folder / f"{sample.key}.{sample.ext}").write_bytes(sample.image)
     ingest(
+        SyntheticReader(16, 6, "val", image_size=32),
+        str(tmp_path / "data"),
+        "val",
+        IngestConfig(workers=1),
+        progress=False,
+    )
+    ingest(
         ImageFolderReader(str(folder)),
         str(tmp_path / "data"),
         "train",
@@ -317,8 +328,10 @@ def test_an_explainer_for_an_exported_softmax_classifier_trains_on_unlabelled_im
     ]
     with pytest.raises(WysiwycError, match="has no labels .* set data.labels=explanandum"):
         fit("explainer", load_config(None, overrides), progress=False)
-    summary = fit("explainer", load_config(None, [*overrides, "data.labels=explanandum"]), progress=False)
-    assert summary["steps"] == 3
+    # a labelled validation split beside the unlabelled training images: F labels both, its masks score the masks
+    labelled_val = [*overrides, "data.labels=explanandum", f"data.val={tmp_path / 'data'}/val"]
+    summary = fit("explainer", load_config(None, labelled_val), progress=False)
+    assert summary["steps"] == 3 and 0 <= summary["final"]["val_c_iou"] <= 1
     predictor = load_model(summary["checkpoint"])
     record = predictor.checkpoint["explanandum"]
     assert record["form"] == "export" and record["interface"]["output"] == "softmax"
@@ -381,6 +394,12 @@ def test_evaluation_of_a_torchscript_classifier_skips_grad_cam_with_the_reason(t
     assert summary["table"]["grad_cam"] == metrics["methods"]["grad_cam"]
     assert 0 <= metrics["methods"]["rise"]["cont_iou"] <= 1 and 0 <= metrics["methods"]["explainer"]["cont_iou"] <= 1
     assert "Grad-CAM was not run: the classifier is a TorchScript file" in Path(summary["report"]).read_text()
+    # the sanity check retrains the classifier: it needs one wysiwyc can rebuild, and says so before any work
+    from pipeline.workflows.sanity import run_sanity
+
+    config.data.train = config.data.test
+    with pytest.raises(WysiwycError, match=r"sanity: the classifier .* is a torchscript model; .* re-initialise"):
+        run_sanity(config, progress=False)
 
 
 def _readme_forms() -> list[list[str]]:
