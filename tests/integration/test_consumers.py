@@ -510,3 +510,24 @@ def test_an_explainer_of_an_mlflow_pytorch_classifier_registers_promotes_goes_st
         _assert_record_matches(record, reference, byo.classes, ClassRule(mode="topk", top_k=2))
     one = byo(byo.preprocess(Image.open(reg["root"] / "1.png")).unsqueeze(0))  # the pixels input: F's normalisation
     _assert_record_matches(got["pixels"][0], one, byo.classes, ClassRule(mode="fixed", fixed=("star",)))
+
+    # served: the endpoint loads the champion with its exported F and answers as the direct predictor
+    (port,) = _free_ports(1)
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--model", "models:/byo-expl@champion", "--port", str(port), "--replicas", "1", "--json"],
+        env=reg["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert json.loads(proc.stdout.readline())["model_version"] == first["version"]
+        status, answer = _http(
+            f"http://127.0.0.1:{port}/explain", reg["images"]["1.png"], {"Content-Type": "image/png"}
+        )
+        assert status == 200, answer
+        with Image.open(io.BytesIO(reg["images"]["1.png"])) as im:
+            _assert_record_matches(answer, byo(byo.preprocess(im).unsqueeze(0)), byo.classes, ClassRule())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
