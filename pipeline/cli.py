@@ -226,6 +226,10 @@ def ingest_synthetic(
     image_size: Annotated[
         int | None, typer.Option("--image-size", help="Side in pixels (default data.image_size).")
     ] = None,
+    difficulty: Annotated[
+        str,
+        typer.Option("--difficulty", help="standard (the quickstart's) or hard (smaller objects, more clutter)."),
+    ] = "standard",
     shard_size: ShardSizeOpt = None,
     on_error: OnErrorOpt = None,
     overwrite: OverwriteOpt = False,
@@ -240,8 +244,9 @@ def ingest_synthetic(
     def make_reader(cfg, opts):
         from pipeline.data.synthetic import SyntheticReader
 
+        size = image_size or cfg.data.image_size
         return SyntheticReader(
-            num_images, seed, split, image_size=image_size or cfg.data.image_size, classes=cfg.data.classes
+            num_images, seed, split, image_size=size, classes=cfg.data.classes, difficulty=difficulty
         )
 
     _ingest("synthetic", make_reader, split, out, config, overrides, shard_size, on_error, overwrite, workers, json_)

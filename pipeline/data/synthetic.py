@@ -14,6 +14,11 @@ An object is only placed where it leaves every earlier object at least ``min_vis
 every label is visible and ``labels == set(seg) - {0}`` (minus one).
 
 Sample ``i`` depends only on ``(seed, split, i)``, so items load in any order and in any process.
+
+``difficulty="hard"`` (the harder set that evaluations beside the quickstart's use) draws smaller objects
+(circumradius 7–20% of the side instead of 14–30%), twice the distractor strokes and filled distractor
+ellipses of aspect ratio 2.5–4 (elongated: never a circle or a ring, so not any class), with 1–3 objects as
+before.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pipeline.errors import WysiwycError
 _MIN_CONTRAST = 90.0
 _PLACEMENT_TRIES = 20
 _COLOUR_TRIES = 30
+# per difficulty: object circumradius (share of the side), distractor strokes, filled distractor ellipses
+DIFFICULTIES = {"standard": ((0.14, 0.30), (2, 7), (0, 0)), "hard": ((0.07, 0.20), (4, 13), (1, 4))}
 
 
 @dataclass
@@ -126,6 +133,7 @@ class SyntheticReader(Reader):
         image_format: ``"png"`` (lossless, default) or ``"jpg"``.
         jpeg_quality: quality when ``image_format="jpg"``.
         segmentation: attach ``seg`` to every sample (default True).
+        difficulty: ``standard`` (the quickstart's) or ``hard`` (smaller objects, more clutter; module docstring).
     """
 
     name = "synthetic"
@@ -142,7 +150,10 @@ class SyntheticReader(Reader):
         image_format: str = "png",
         jpeg_quality: int = 95,
         segmentation: bool = True,
+        difficulty: str = "standard",
     ):
+        if difficulty not in DIFFICULTIES:
+            raise WysiwycError(f"synthetic: difficulty={difficulty!r}; use {' or '.join(DIFFICULTIES)}")
         if int(num_images) < 1:
             raise WysiwycError(f"synthetic: num_images={num_images}; give at least 1")
         if int(seed) < 0:
@@ -169,7 +180,10 @@ class SyntheticReader(Reader):
         self.image_format = fmt
         self.jpeg_quality = int(jpeg_quality)
         self.segmentation = bool(segmentation)
-        self.source = f"synthetic://{self.split}?seed={self.seed}&size={self.width}x{self.height}"
+        self.difficulty = difficulty
+        self.source = f"synthetic://{self.split}?seed={self.seed}&size={self.width}x{self.height}" + (
+            f"&difficulty={difficulty}" if difficulty != "standard" else ""
+        )
         self._split_code = zlib.crc32(self.split.encode())  # stable across processes, unlike hash()
 
     def items(self) -> list[int]:
@@ -198,7 +212,20 @@ class SyntheticReader(Reader):
         # distractors: thin lines, polylines and arcs in random colours (not any class)
         draw = ImageDraw.Draw(im)
         scale = max(1, round(min(w, h) / 64))
-        for _ in range(int(rng.integers(2, 7))):
+        _, strokes, blobs = DIFFICULTIES[self.difficulty]
+        for _ in range(int(rng.integers(*blobs)) if blobs[1] > blobs[0] else 0):  # elongated: never a class
+            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            long_side = rng.uniform(0.08, 0.16) * min(w, h)
+            short_side = long_side / rng.uniform(2.5, 4.0)
+            cx, cy = rng.uniform(0, 1, size=2) * (w, h)
+            turn = float(rng.uniform(0, math.pi))
+            pts = [
+                (cx + long_side * math.cos(t) * math.cos(turn) - short_side * math.sin(t) * math.sin(turn),
+                 cy + long_side * math.cos(t) * math.sin(turn) + short_side * math.sin(t) * math.cos(turn))
+                for t in np.linspace(0, 2 * math.pi, 24, endpoint=False)
+            ]  # fmt: skip
+            draw.polygon(pts, fill=colour)
+        for _ in range(int(rng.integers(*strokes))):
             colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
             kind = int(rng.integers(0, 3))
             width = int(rng.integers(1, 3)) * scale
@@ -237,8 +264,9 @@ class SyntheticReader(Reader):
         for _ in range(int(rng.integers(1, self.max_objects + 1))):
             label = int(rng.integers(0, len(self.classes)))
             shape = self.classes[label]
+            low, high = DIFFICULTIES[self.difficulty][0]
             for _try in range(_PLACEMENT_TRIES):
-                r = float(rng.uniform(0.14, 0.30)) * side
+                r = float(rng.uniform(low, high)) * side
                 cx = float(rng.uniform(r * 0.8, w - r * 0.8))
                 cy = float(rng.uniform(r * 0.8, h - r * 0.8))
                 angle = float(rng.uniform(0, 2 * math.pi))

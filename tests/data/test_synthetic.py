@@ -182,3 +182,39 @@ def test_voc_folder_round_trips_through_the_voc_reader(tmp_path: Path):
     ]
     with Image.open(root / "SegmentationClass" / "val_000000.png") as mask:
         assert mask.mode == "P"
+
+
+def test_the_hard_set_has_smaller_objects_more_clutter_and_the_same_exact_ground_truth():
+    hard = SyntheticReader(120, seed=7, split="train", difficulty="hard")
+    standard = SyntheticReader(120, seed=7, split="train")
+    assert hard.source.endswith("&difficulty=hard") and "difficulty" not in standard.source
+    h = [hard.render(i) for i in range(120)]
+    s = [standard.render(i) for i in range(120)]
+    radius = [o.radius / 64 for r in h for o in r.objects]
+    assert 0.07 <= min(radius) and max(radius) <= 0.20  # circumradius 7–20% of the side (standard 14–30%)
+    assert np.mean([(r.seg > 0).mean() for r in h]) < 0.6 * np.mean([(r.seg > 0).mean() for r in s])
+    assert {len(r.objects) for r in h} == {1, 2, 3}
+    for r in h:  # the ground truth stays exact: seg is where each object's colour is visible, labels its classes
+        assert {int(v) - 1 for v in np.unique(r.seg) if v} == set(r.labels)
+        for j, obj in enumerate(r.objects):
+            assert (r.image[r.instances == j + 1] == obj.colour).all()
+    # clutter: the background away from objects varies more than the standard set's
+    spread = [r.image[r.seg == 0].std(axis=0).mean() for r in h]
+    assert np.median(spread) > np.median([r.image[r.seg == 0].std(axis=0).mean() for r in s])
+    with pytest.raises(WysiwycError, match="difficulty='harder'; use standard or hard"):
+        SyntheticReader(1, seed=0, split="x", difficulty="harder")
+
+
+def test_ingest_synthetic_takes_the_difficulty(tmp_path):
+    import json
+
+    from conftest import cli
+
+    out = json.loads(
+        cli("ingest", "synthetic", "--num-images", "4", "--seed", "0", "--split", "t", "--out", str(tmp_path),
+            "--image-size", "32", "--difficulty", "hard", "--json").stdout
+    )  # fmt: skip
+    assert out["source"] == "synthetic://t?seed=0&size=32x32&difficulty=hard" and out["num_samples"] == 4
+    bad = cli("ingest", "synthetic", "--num-images", "4", "--seed", "0", "--split", "t", "--out", str(tmp_path),
+              "--difficulty", "extreme", check=False)  # fmt: skip
+    assert bad.returncode == 2 and "difficulty='extreme'; use standard or hard" in bad.stderr
