@@ -3,7 +3,7 @@
 
 Reads WebDataset shards as plain tar files (``NAME.png`` + ``NAME.json`` with ``labels``, the classes in the
 split's ``SPLIT.manifest.json``), trains a torchvision architecture from scratch, multi-label (sigmoid, BCE) or
-single-label (softmax, cross-entropy on each image's first label), and writes what wysiwyc reads:
+single-label (softmax, cross-entropy; on the images that show one object), and writes what wysiwyc reads:
 
 - ``OUT/NAME.pth``: the state dict (``explanandum.arch=torchvision:ARCH explanandum.weights=OUT/NAME.pth``),
 - ``OUT/NAME_script.pt``: TorchScript of the same weights,
@@ -91,9 +91,12 @@ def main() -> None:
     classes, train_images, train_labels = read_split(args.train)
     _, val_images, val_labels = read_split(args.val)
     single = args.output == "softmax"
-    if single:  # a single-label task: each image's first object
-        train_labels = [ls[:1] for ls in train_labels]
-        val_labels = [ls[:1] for ls in val_labels]
+    if single:  # a single-label task: the images that show one object
+        train_images, train_labels = zip(*[(i, ls) for i, ls in zip(train_images, train_labels) if len(ls) == 1])
+        val_images, val_labels = zip(*[(i, ls) for i, ls in zip(val_images, val_labels) if len(ls) == 1])
+        train_images, train_labels, val_images, val_labels = map(
+            list, (train_images, train_labels, val_images, val_labels)
+        )
     x, y = tensors(train_images, train_labels, len(classes))
     xv, yv = tensors(val_images, val_labels, len(classes))
     size = x.shape[-1]
@@ -141,7 +144,8 @@ def main() -> None:
     torch.export.save(torch.export.export(model, example, dynamic_shapes=({0: batch},)), str(out / f"{args.name}.pt2"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.trace(model, example), str(out / f"{args.name}_script.pt"))
+        # a ViT's trace has shape checks that the tracer's own re-run flags: the traced graph is still the model's
+        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(out / f"{args.name}_script.pt"))
     for stem in (args.name, f"{args.name}_script"):
         (out / f"{stem}.json").write_text(json.dumps(interface))
     print(json.dumps({"classes": classes, "val_score": round(score, 4), "out": str(out)}))
