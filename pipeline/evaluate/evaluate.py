@@ -129,11 +129,6 @@ def load_models(config, opts=None) -> Predictor:
             "path or s3://…, e.g. the `checkpoint` printed by `wysiwyc train explainer`) or a "
             "registered version (models:/NAME@champion)"
         )
-    if str(config.explanandum.model or "").startswith(tracking.REGISTRY_PREFIX):
-        raise WysiwycError(
-            f"evaluate: explanandum.model={config.explanandum.model}: give the classifier "
-            f"checkpoint URI; a registered Explainer (explainer.checkpoint=models:/…) carries its own"
-        )
     size = config.data.image_size if "image_size" in config.data.model_fields_set else None
     try:
         return load_model(

@@ -217,15 +217,16 @@ def load_model(
         explanandum_uri: a checkpoint only: the classifier, to override the recorded location (a registered
             version carries its own).
         opts: a checkpoint only: :class:`pipeline.storage.S3Options`.
-        tracking_uri: the registry (default: ``MLFLOW_TRACKING_URI``, else the embedded sqlite file).
+        tracking_uri: the registry (default: ``MLFLOW_TRACKING_URI``, else the embedded sqlite file), also of a
+            classifier the Explainer records as ``models:/…``.
         device: move the nets there (``"cuda"``, ``"cpu"``); default CPU.
         image_size: run at this size (default: the size the Explainer was trained at).
 
     Raises:
         WysiwycError: the URI does not resolve or its files do not load.
     """
-    if not str(model_uri).startswith(tracking.REGISTRY_PREFIX):
-        predictor = load_predictor(model_uri, explanandum_uri, opts, image_size=image_size)
+    if not str(model_uri).startswith(tracking.REGISTRY_PREFIX):  # its classifier may be a version of the registry
+        predictor = load_predictor(model_uri, explanandum_uri, opts, image_size=image_size, registry=tracking_uri)
     else:
         if explanandum_uri:
             log.info("%s carries its Explanandum; %s is not used", model_uri, storage.redact(explanandum_uri))

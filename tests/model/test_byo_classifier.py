@@ -241,6 +241,19 @@ def test_mlflow_pytorch_models_in_a_sqlite_registry(forms, tmp_path, monkeypatch
     assert trusted.form == "mlflow-pickle"
     torch.testing.assert_close(trusted(_x()), forms["module"](_x()), rtol=1e-5, atol=1e-5)
 
+    # an Explainer checkpoint whose classifier is this version: evaluation finds it in tracking.uri's registry
+    # (not the environment's, nor the default one)
+    from conftest import explainer_state
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.evaluate.evaluate import load_models
+
+    state = explainer_state(CLASSES, SIZE, f.uri, f.sha256, explanandum=f.record())
+    save_checkpoint(state, str(tmp_path / "explainer.pt"))
+    config = load_config(None, [f"explainer.checkpoint={tmp_path / 'explainer.pt'}", f"tracking.uri={uri}"])
+    predictor = load_models(config)
+    assert predictor.explanandum.uri == "models:/outside/1" and predictor.explanandum.single_label
+
 
 def test_labels_from_f_are_its_thresholded_or_top1_predictions(forms):
     f = load_classifier(_cfg(model=str(forms["export"])))
