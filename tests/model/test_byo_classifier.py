@@ -32,6 +32,38 @@ def _x(n: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
+def _synthetic(tmp_path: Path, num_images: int, seed: int, split: str, shard_size: int = 16) -> str:
+    """A synthetic split of 32-px images under ``tmp_path/data``; returns its prefix."""
+    from pipeline.config import IngestConfig
+    from pipeline.data.ingest import ingest
+    from pipeline.data.synthetic import SyntheticReader
+
+    reader = SyntheticReader(num_images, seed, split, image_size=32)
+    ingest(reader, str(tmp_path / "data"), split, IngestConfig(workers=1, shard_size=shard_size), progress=False)
+    return f"{tmp_path / 'data'}/{split}"
+
+
+def _registry(tmp_path: Path, models: dict[str, tuple], interface: dict) -> str:
+    """A sqlite MLflow registry in ``tmp_path`` with ``{name: (module, log_model kwargs)}`` logged as versions 1
+    (artifacts in tmp_path: a sqlite store's default is ./mlruns of the working folder); returns its URI."""
+    import mlflow
+    import mlflow.pytorch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)  # also sets MLFLOW_TRACKING_URI for subprocesses: unset below
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("byo", (tmp_path / "artifacts").as_uri()))
+        with mlflow.start_run():
+            for name, (module, kwargs) in models.items():
+                mlflow.pytorch.log_model(
+                    module, name=name, input_example=_x(2).numpy(), registered_model_name=name, metadata=interface,
+                    **kwargs,
+                )  # fmt: skip
+    finally:
+        mlflow.set_tracking_uri(None)
+    return uri
+
+
 @pytest.fixture(scope="module")
 def forms(tmp_path_factory) -> dict:
     """One tiny classifier in every file form, each with its sidecar; and a resnet18's state dict."""
@@ -205,31 +237,12 @@ def test_a_classifier_on_s3_loads_with_its_sidecar(forms, s3_server, s3_bucket):
 
 
 def test_mlflow_pytorch_models_in_a_sqlite_registry(forms, tmp_path, monkeypatch):
-    import mlflow
-    import mlflow.pytorch
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry is the tracking store
-    mlflow.set_tracking_uri(uri)  # also sets MLFLOW_TRACKING_URI for subprocesses: unset below
     interface = {"classes": CLASSES, "output": "softmax", "mean": list(MEAN), "std": list(STD)}
-    x = _x(2).numpy()
-    try:
-        # artifacts in tmp_path (a sqlite store's default is ./mlruns of the working folder)
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("byo", (tmp_path / "artifacts").as_uri()))
-        with mlflow.start_run():
-            mlflow.pytorch.log_model(
-                forms["module"], name="pt2", input_example=x, registered_model_name="outside", metadata=interface
-            )
-            mlflow.pytorch.log_model(
-                forms["module"],
-                name="pickled",
-                input_example=x,
-                serialization_format="pickle",
-                registered_model_name="outside-pickled",
-                metadata=interface,
-            )
-    finally:
-        mlflow.set_tracking_uri(None)
+    pickled = {"serialization_format": "pickle"}
+    uri = _registry(
+        tmp_path, {"outside": (forms["module"], {}), "outside-pickled": (forms["module"], pickled)}, interface
+    )
     f = load_classifier(_cfg(model="models:/outside/1"), registry=uri)
     assert f.form == "export" and f.uri == "models:/outside/1" and f.single_label
     torch.testing.assert_close(f(_x()), forms["module"](_x()), rtol=1e-5, atol=1e-5)
@@ -305,13 +318,7 @@ def test_an_explainer_for_an_exported_softmax_classifier_trains_on_unlabelled_im
     folder.mkdir()
     for sample in SyntheticReader(48, 5, "photos", image_size=32):
         (folder / f"{sample.key}.{sample.ext}").write_bytes(sample.image)
-    ingest(
-        SyntheticReader(16, 6, "val", image_size=32),
-        str(tmp_path / "data"),
-        "val",
-        IngestConfig(workers=1),
-        progress=False,
-    )
+    _synthetic(tmp_path, 16, 6, "val")
     ingest(
         ImageFolderReader(str(folder)),
         str(tmp_path / "data"),
@@ -365,19 +372,11 @@ def test_evaluation_of_a_torchscript_classifier_skips_grad_cam_with_the_reason(t
     from conftest import explainer_state
 
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.config import Config, IngestConfig
+    from pipeline.config import Config
     from pipeline.data.classes import SYNTHETIC_CLASSES
-    from pipeline.data.ingest import ingest
-    from pipeline.data.synthetic import SyntheticReader
     from pipeline.evaluate.evaluate import evaluate
 
-    ingest(
-        SyntheticReader(8, 3, "test", image_size=32),
-        str(tmp_path / "data"),
-        "test",
-        IngestConfig(workers=1, shard_size=8),
-        progress=False,
-    )
+    _synthetic(tmp_path, 8, 3, "test", shard_size=8)
     script = save_torchscript(tiny(len(SYNTHETIC_CLASSES)), tmp_path / "f.pt")
     record = {
         "uri": str(script),
@@ -433,19 +432,10 @@ def test_the_readme_command_line_of_every_form_trains_an_explainer(forms, tmp_pa
     from conftest import classifier_state, cli
 
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.config import IngestConfig
     from pipeline.data.classes import SYNTHETIC_CLASSES
-    from pipeline.data.ingest import ingest
-    from pipeline.data.synthetic import SyntheticReader
 
     classes = SYNTHETIC_CLASSES
-    ingest(
-        SyntheticReader(32, 5, "train", image_size=32),
-        str(tmp_path / "data"),
-        "train",
-        IngestConfig(workers=1, shard_size=16),
-        progress=False,
-    )
+    _synthetic(tmp_path, 32, 5, "train")
     net = tiny(len(classes))
     save_checkpoint(classifier_state(classes, SIZE), str(tmp_path / "best.pt"))
     for name in ("mine.pt2", "mine_script.pt", "mine.pth"):
@@ -455,17 +445,9 @@ def test_the_readme_command_line_of_every_form_trains_an_explainer(forms, tmp_pa
     storage.write_bytes(f"s3://{s3_bucket}/mine.json", (tmp_path / "mine.json").read_bytes(), s3_server.opts)
     save_torchscript(net, tmp_path / "mine_script.pt")
     torch.save(resnet18(len(classes)).state_dict(), tmp_path / "mine.pth")
-    registry = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(registry)
-    try:
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("mine", (tmp_path / "artifacts").as_uri()))
-        with mlflow.start_run():
-            interface = {"classes": classes, "output": "sigmoid", "mean": list(MEAN), "std": list(STD)}
-            x = _x(2).numpy()
-            mlflow.pytorch.log_model(net, name="f", input_example=x, registered_model_name="mine", metadata=interface)
-        mlflow.MlflowClient(registry, registry).set_registered_model_alias("mine", "champion", "1")
-    finally:
-        mlflow.set_tracking_uri(None)
+    interface = {"classes": classes, "output": "sigmoid", "mean": list(MEAN), "std": list(STD)}
+    registry = _registry(tmp_path, {"mine": (net, {})}, interface)
+    mlflow.MlflowClient(registry, registry).set_registered_model_alias("mine", "champion", "1")
     ours = {
         "explanandum.model=runs/checkpoints/cpu-classifier/best.pt": f"explanandum.model={tmp_path / 'best.pt'}",
         "explanandum.model=s3://models/mine.pt2": f"explanandum.model=s3://{s3_bucket}/mine.pt2",
