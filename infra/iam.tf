@@ -64,6 +64,8 @@ locals {
       { actions = ["s3:ListBucket"], resources = [local.bucket_arn["attributions"]], prefix = null },
       { actions = ["s3:GetObject"], resources = ["${local.bucket_arn["shards"]}/corpus/*", "${local.bucket_arn["checkpoints"]}/*"], prefix = null },
       { actions = ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"], resources = ["${local.bucket_arn["attributions"]}/*"], prefix = null },
+      # the final pass merges a run's index parts into one file and deletes them: only parts/ may be deleted
+      { actions = ["s3:DeleteObject"], resources = ["${local.bucket_arn["attributions"]}/*/parts/*"], prefix = null },
     ]
     mlflow = [
       { actions = ["s3:ListBucket"], resources = [local.bucket_arn["mlflow-artifacts"]], prefix = null },

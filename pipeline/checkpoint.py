@@ -3,12 +3,17 @@
 A checkpoint is ``{"format", "kind" ("classifier" | "explainer"), "arch", "classes", "image_size",
 "model", "optimizer", "scaler", "epoch", "step", "config", "metrics", "explanandum"?}``. It is read
 with ``torch.load(weights_only=True)``, so a checkpoint from untrusted storage cannot run code.
+
+Each checkpoint written here has a record beside it, ``FILE.sha256`` (``sha256sum``'s format), written after
+the file: a checkpoint whose bytes no longer match its record (altered, damaged, half-replaced) is refused when
+read, naming both. A checkpoint without a record (written before records existed, or by hand) loads as it is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 import re
 
 import torch
@@ -17,6 +22,7 @@ from pipeline import storage
 from pipeline.errors import WysiwycError
 
 FORMAT = "wysiwyc-checkpoint/1"
+RECORD_SUFFIX = ".sha256"  # FILE.sha256 beside FILE: "<hex>  <name>\n", as sha256sum writes it
 # the end of every "not a checkpoint" message: what the file should have been
 _WHAT_A_CHECKPOINT_IS = (
     "a checkpoint is the .pt file that `wysiwyc train classifier` or `wysiwyc train explainer` writes "
@@ -26,12 +32,36 @@ _WHAT_A_CHECKPOINT_IS = (
 
 
 def save_checkpoint(state: dict, url: str, opts=None) -> str:
-    """Write ``state`` atomically to ``url`` (local path or s3://); returns its sha256."""
+    """Write ``state`` atomically to ``url`` (local path or s3://), then its record ``url.sha256``; returns the
+    sha256."""
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
     data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
     storage.write_bytes(url, data, opts)
-    return hashlib.sha256(data).hexdigest()
+    storage.write_bytes(url + RECORD_SUFFIX, f"{digest}  {posixpath.basename(url)}\n".encode(), opts)
+    return digest
+
+
+def checked_digest(data: bytes, url: str, opts=None) -> str:
+    """The sha256 of ``data`` read from ``url``, checked against the record beside it when there is one.
+
+    Raises:
+        WysiwycError: the bytes are not the ones recorded (naming the file, both digests and what to do).
+    """
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        record = storage.read_bytes(url + RECORD_SUFFIX, opts).decode("ascii", "replace").split()
+    except storage.NotFound:
+        return digest
+    if not record or record[0] != digest:
+        recorded = record[0] if record else "(an empty record)"
+        raise WysiwycError(
+            f"checkpoint {storage.redact(url)}: its sha256 is {digest} but {posixpath.basename(url)}{RECORD_SUFFIX} "
+            f"beside it records {recorded}: the file changed after it was written (damaged or altered); restore it "
+            "or train it again"
+        )
+    return digest
 
 
 def parse_checkpoint(data: bytes, source: str) -> dict:
@@ -88,4 +118,5 @@ def load_checkpoint(url: str, opts=None) -> tuple[dict, str]:
             f"checkpoint {storage.redact(url)} does not exist: train one first or fix the "
             f"URI (explanandum.model / explainer.checkpoint)"
         ) from None
-    return parse_checkpoint(data, url), hashlib.sha256(data).hexdigest()
+    digest = checked_digest(data, url, opts)
+    return parse_checkpoint(data, url), digest

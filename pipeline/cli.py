@@ -157,7 +157,8 @@ def _ingest(
             },
         )
         opts = cfg.storage.options()
-        return ingest(make_reader(cfg, opts), out, split, cfg.ingest, opts, progress=True)
+        reader = make_reader(cfg, opts)
+        return ingest(reader, out, split, cfg.ingest, opts, progress=True, max_pixels=cfg.data.max_image_pixels)
 
     _run(f"ingest {kind}: done", as_json, stage)
 

@@ -37,6 +37,9 @@ PRESETS = Path(__file__).resolve().parent / "presets"
 
 # the ImageNet backbone of each torchvision segmentation Explainer (its file: explainer.backbone_weights)
 # a name that becomes a folder under a storage root (trainer.run_name, sweep.name): no separator, no leading dot
+# the one default pixel limit (data.max_image_pixels, attribute.max_image_pixels, serve.max_image_pixels, the
+# registered pyfunc): a 24-megapixel photo passes; checked from the header, before decoding
+MAX_IMAGE_PIXELS = 25_000_000
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 BACKBONE_OF = {"deeplabv3_resnet50": "resnet50", "deeplabv3_mobilenet_v3_large": "mobilenet_v3_large"}
 
@@ -98,6 +101,12 @@ class DataConfig(_Section):
     val: str | None = Field(None, description="validation split (…/val) or manifest URL (training, promotion gates)")
     test: str | None = Field(None, description="test split with segmentation (evaluate: the final numbers)")
     classes: list[str] | None = Field(None, description="class names to use (default: the manifest's)")
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS,
+        ge=1,
+        description="ingest skips larger images (a listed input error) and training and evaluation refuse them, "
+        "read from the header before decoding (the default of serve.* and attribute.* too)",
+    )
     image_size: int = Field(224, gt=0, description="square side in pixels the nets see")
     loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(1000, ge=0, description="samples in the training shuffle buffer")
@@ -211,9 +220,9 @@ class ExplanandumConfig(_Section):
 class ExplainerConfig(_Section):
     """The segmentation network that produces the masks, and how its weights start."""
 
-    arch: Literal["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact"] = Field(
-        "compact", description="segmentation net (deeplabv3_resnet50: the paper's)"
-    )
+    arch: Literal[
+        "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact", "resunet", "resunet_os4", "mobileunet"
+    ] = Field("compact", description="segmentation net (deeplabv3_resnet50: the paper's)")
     checkpoint: str | None = Field(None, description="checkpoint URI or models:/NAME@alias")
     init: Literal["scratch", "distilled", "backbone_file", "explanandum_copy"] = Field(
         "scratch",
@@ -250,7 +259,7 @@ class ExplainerConfig(_Section):
 
     @model_validator(mode="after")
     def _init_fits_arch(self):
-        compact = self.arch == "compact"
+        compact = self.arch in ("compact", "resunet", "resunet_os4", "mobileunet")
 
         def net() -> str:
             return BACKBONE_OF.get(self.arch, "resnet50")
@@ -270,6 +279,8 @@ class ExplainerConfig(_Section):
             )
         if self.cam and not compact:
             raise ValueError(f"explainer.cam is only for the compact Explainer, not {self.arch}")
+        if self.levels is not None and self.arch != "compact":
+            raise ValueError(f"explainer.levels is only for the compact Explainer, not {self.arch}: set it to null")
         return self
 
     @property
@@ -526,7 +537,9 @@ class AttributeConfig(_Section):
     read_cpus: float = Field(0.25, gt=0, description="logical CPUs per read/decode task")
     amp: bool = Field(False, description="bf16 autocast on GPU")
     max_error_fraction: float = Field(0.1, ge=0, le=1, description="abort when more images than this share fail")
-    max_image_pixels: int = Field(50_000_000, ge=1, description="larger images are error rows, not decoded")
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS, ge=1, description="larger images are error rows, not decoded (read from the header)"
+    )
     preview_images: int = Field(16, ge=0, description="masked-image previews + index.html for the first N images")
     compare_to: str | None = Field(
         None,
@@ -660,8 +673,14 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(16, ge=1, description="concurrent requests that share one forward pass")
     batch_wait_s: float = Field(0.01, ge=0, description="how long a request waits for others to join its batch")
     max_image_bytes: int = Field(20_000_000, ge=1, description="larger bodies get 413")
-    max_image_pixels: int = Field(50_000_000, ge=1, description="larger images get 413 (read from the header)")
-    cpus_per_replica: float = Field(1.0, gt=0, description="logical CPUs per replica")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="larger images get 413 (read from the header)")
+    max_queued_requests: int = Field(
+        64, ge=1, description="requests that may wait for a replica at each caller (proxy); more are answered 503"
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="a request not answered within this is answered 503 (the decode and batch it waits for)"
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, description="logical CPUs per replica (and its image decoders)")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0: CPU)")
 
 

@@ -18,6 +18,12 @@ that serves and is reported in ``/health``). Bad input is a 4xx with a JSON ``er
 model: 415 (another content type), 413 (more than ``serve.max_image_bytes`` bytes or
 ``serve.max_image_pixels`` pixels), 400 (not an image, bad parameters), 404 / 405 (another path or method).
 
+One client cannot stall the others: ``fixed_classes`` is deduplicated (never more masks than the model's
+classes), images are decoded in a pool as large as the replica's CPUs (``serve.cpus_per_replica``) behind a
+semaphore, a JPEG is decoded at the smallest scale that still covers the model's input, at most
+``serve.max_queued_requests`` requests wait per caller (more get Ray Serve's 503), and a request that takes
+more than ``serve.request_timeout_s`` is answered 503 (the proxy-wide timeout of Ray Serve is left alone).
+
 The application is built by :func:`app` — what ``wysiwyc serve`` runs on a local Ray (or ``RAY_ADDRESS``)
 and what a KubeRay ``RayService`` names as ``import_path: pipeline.serve:app`` (``k8s/base/rayservice.yaml``).
 """
@@ -27,11 +33,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -55,10 +63,23 @@ CONTENT_TYPES = ("image/png", "image/jpeg")
 APP_NAME = "wysiwyc"
 
 
-def _json(status: int, body: dict):
+def _json(status: int, body: dict, headers: dict[str, str] | None = None):
     from starlette.responses import JSONResponse
 
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def answer_within(seconds: float, answer) -> Any:
+    """``await answer`` (a coroutine giving the response), or a 503 with ``Retry-After`` once ``seconds`` have
+    passed (the work is cancelled; ``serve.request_timeout_s``)."""
+    try:
+        return await asyncio.wait_for(answer, timeout=seconds)
+    except TimeoutError:
+        return _json(
+            503,
+            {"error": f"the request took more than serve.request_timeout_s={seconds:g} s: the endpoint is busy, retry"},
+            {"Retry-After": "1"},
+        )
 
 
 class Endpoint:
@@ -69,6 +90,10 @@ class Endpoint:
         self.model_uri = settings["model"]
         self.current = await asyncio.to_thread(self._load, self.model_uri)
         self.checked_at, self.refresh_error = time.time(), None
+        # decoding takes the replica's CPUs at most, whatever the node has (asyncio's default pool: the node's)
+        decoders = max(1, math.ceil(float(settings["cpus_per_replica"])))
+        self._decoders = ThreadPoolExecutor(decoders, thread_name_prefix="decode")
+        self._decoding = asyncio.Semaphore(decoders)
         self._batched.set_max_batch_size(int(settings["max_batch_size"]))
         self._batched.set_batch_wait_timeout_s(float(settings["batch_wait_s"]))
         refresh = float(settings["refresh_s"])
@@ -134,6 +159,9 @@ class Endpoint:
             return _json(404, {"error": f"no {path}: POST /explain (image bytes) or GET /health"})
         if request.method != "POST":
             return _json(405, {"error": "/explain answers POST with the image bytes as the body"})
+        return await answer_within(float(self.settings["request_timeout_s"]), self._answer(request))
+
+    async def _answer(self, request):
         try:
             item = await self._parse(request)
         except _HTTPError as exc:
@@ -164,7 +192,10 @@ class Endpoint:
         except WysiwycError as exc:
             raise _HTTPError(400, str(exc)) from None
         try:
-            pixels = await asyncio.to_thread(self._decode, body, self.current["predictor"].image_size)
+            async with self._decoding:  # requests beyond the decoders wait here, not in a thread of the node's pool
+                loop = asyncio.get_running_loop()
+                size = self.current["predictor"].image_size
+                pixels = await loop.run_in_executor(self._decoders, self._decode, body, size)
         except InputError as exc:
             raise _HTTPError(413 if isinstance(exc, ImageTooLarge) else 400, str(exc)) from None
         return pixels, body, rule
@@ -213,6 +244,7 @@ def app(args: dict[str, Any]):
         name="Explainer",
         num_replicas=values["replicas"],
         max_ongoing_requests=max(32, 4 * values["max_batch_size"]),
+        max_queued_requests=values["max_queued_requests"],  # more wait at no caller: Ray Serve answers 503
         ray_actor_options={"num_cpus": values["cpus_per_replica"], "num_gpus": values["gpus_per_replica"]},
     )
     return deployment.bind(values)

@@ -433,7 +433,7 @@ def attribute(config, progress: bool = True) -> dict:
         )
     now = counts.as_dict()
     drift_result, drift_bytes = _drift(config, root, output, run_id, compared, now, opts)
-    previews = write_previews(root, preview_rows, opts)
+    previews = write_previews(root, preview_rows, opts, fill=predictor.norm.mean)
     preview_url = None
     if previews or drift_bytes:
         preview_url = storage.join(root, "index.html")

@@ -16,9 +16,12 @@ from pipeline.data.sample import encode_png
 from pipeline.data.transforms import IMAGENET_MEAN
 
 
-def _preview_png(image: bytes, mask: bytes, max_side: int = 256) -> bytes:
-    """Two panels: the aggregated mask over the image (jet) and the masked image (hidden → mean colour),
-    the longer side scaled to ``max_side`` (small images are enlarged so that they can be seen)."""
+def _preview_png(
+    image: bytes, mask: bytes, max_side: int = 256, fill: tuple[float, float, float] = IMAGENET_MEAN
+) -> bytes:
+    """Two panels: the aggregated mask over the image (jet) and the masked image (hidden → ``fill``, the
+    classifier's mean colour, what F saw there), the longer side scaled to ``max_side`` (small images are
+    enlarged so that they can be seen)."""
     from matplotlib import colormaps
     from PIL import Image
 
@@ -28,13 +31,15 @@ def _preview_png(image: bytes, mask: bytes, max_side: int = 256) -> bytes:
         x = np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) / 255
         m = np.asarray(mk.convert("L").resize(size, Image.BILINEAR), dtype=np.float32)[..., None] / 255
     overlay = 0.5 * x + 0.5 * colormaps["jet"](m[..., 0])[..., :3]
-    masked = m * x + (1 - m) * np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    masked = m * x + (1 - m) * np.asarray(fill, dtype=np.float32)
     gap = np.ones((size[1], 4, 3), dtype=np.float32)
     return encode_png((np.concatenate([overlay, gap, masked], axis=1) * 255).round().astype(np.uint8))
 
 
-def write_previews(root: str, rows: list[dict], opts) -> list[tuple[dict, str]]:
-    """``(row, preview URL)`` of the given index rows (PNG files written)."""
+def write_previews(
+    root: str, rows: list[dict], opts, fill: tuple[float, float, float] = IMAGENET_MEAN
+) -> list[tuple[dict, str]]:
+    """``(row, preview URL)`` of the given index rows (PNG files written; hidden pixels in ``fill``)."""
 
     shard_cache: dict[str, dict[str, bytes]] = {}
 
@@ -49,7 +54,7 @@ def write_previews(root: str, rows: list[dict], opts) -> list[tuple[dict, str]]:
     out = []
     for row, mask, _ in output_bytes(rows, opts):
         url = storage.join(root, "previews", row["key"] + ".png")
-        storage.write_bytes(url, _preview_png(image_bytes(row), mask), opts)
+        storage.write_bytes(url, _preview_png(image_bytes(row), mask, fill=fill), opts)
         out.append((row, url))
     order = {r["source"]: i for i, r in enumerate(rows)}
     return sorted(out, key=lambda item: order[item[0]["source"]])

@@ -199,7 +199,7 @@ class COCOReader(Reader):
             )
         if not item["file_name"] or not path.is_file():
             raise InputError(f"{path}: image file missing (named by {self.annotations}, image {item['id']})")
-        info = inspect_image(path.read_bytes(), str(path))
+        info = inspect_image(path.read_bytes(), str(path), self.max_pixels)
         width, height = item["width"], item["height"]
         if (width, height) != (info.width, info.height):
             if width is not None and height is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import storage
+from pipeline.config import MAX_IMAGE_PIXELS
 from pipeline.data.classes import resolve_classes
 from pipeline.data.sample import Reader, Sample, safe_key, unique_keys
 from pipeline.errors import ImageTooLarge, InputError, WysiwycError
@@ -31,6 +32,12 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 # PIL format name → Sample.ext for the formats whose bytes are kept as they are (MPO is a JPEG with
 # extra frames that phones write; its first frame is an ordinary JPEG any decoder reads)
 _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
+# the formats decoded at all, told by their bytes (Pillow's ``formats=``), never by a name or a Content-Type:
+# a TIFF, BMP, ICO … is refused before any of Pillow's other decoders sees it
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")  # a phone's MPO opens as a JPEG
+IMAGE_FORMAT_NAMES = "PNG, JPEG or WebP"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -45,14 +52,26 @@ class ImageInfo:
 
 def resized_rgb(image, size: int):
     """A PIL image as the models see it before normalisation: RGB (grayscale, palette and RGBA converted,
-    alpha dropped), resized bilinearly at full source resolution to ``size``×``size``; an (S, S, 3) uint8
-    array (no torch: decoding tasks stay light)."""
+    alpha dropped), resized bilinearly to ``size``×``size``; an (S, S, 3) uint8 array (no torch: decoding
+    tasks stay light)."""
     import numpy as np
     from PIL import Image
 
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.array(image.resize((size, size), Image.BILINEAR))  # a writable copy: torch takes it as is
+
+
+def _eight_bit(image):
+    """A 16-bit grayscale image (``I;16*``, or ``I`` as Pillow opens some 16-bit PNGs) scaled to 8 bits
+    (``L``): Pillow's own conversion clips at 255, which turns every such image white."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
 
 
 def decode_image(
@@ -71,17 +90,27 @@ def decode_image(
             from the header, before decoding; ``limit`` names the setting in the message; None: no limit
             but PIL's decompression-bomb guard, the one ingest applies).
     """
-    with decoded_image(data, source, max_pixels=max_pixels, limit=limit) as im:
-        width, height = im.size
+    with decoded_image(data, source, max_pixels=max_pixels, limit=limit, draft=size) as (im, (width, height)):
         pixels = resized_rgb(im, size)
     return pixels.transpose(2, 0, 1), width, height
 
 
 @contextlib.contextmanager
 def decoded_image(
-    data: bytes, source: str, *, max_pixels: int | None = None, limit: str = "max_pixels", advice: str = ""
+    data: bytes,
+    source: str,
+    *,
+    max_pixels: int | None = None,
+    limit: str = "max_pixels",
+    advice: str = "",
+    draft: int | None = None,
 ) -> Iterator[Any]:
-    """The PIL image of ``data``, every pixel decoded (a truncated file fails here, not at open).
+    """``(PIL image, (width, height))`` of ``data`` as a viewer shows it, every pixel decoded (a truncated
+    file fails here, not at open).
+
+    Only :data:`IMAGE_FORMATS` are decoded, told by their bytes. The EXIF orientation is applied (the image
+    and the masks line up with what a viewer shows) and 16-bit grayscale is scaled to 8 bits. ``(width,
+    height)`` is the full size as shown.
 
     Args:
         data: the encoded image.
@@ -89,24 +118,32 @@ def decoded_image(
         max_pixels: refuse larger images from the header alone, before decoding; ``limit`` names the
             setting in the message.
         advice: appended to each message (what the user can do).
+        draft: the side the image will be reduced to: a JPEG is then decoded at the smallest of its DCT
+            scales (1/2, 1/4, 1/8) that keeps both sides at least this (``Image.draft``), a fraction of the
+            work for a large photo.
 
     Raises:
-        InputError: empty, not an image, truncated, too large (also for an error of the ``with`` block
-            itself, e.g. a conversion that the bytes make fail).
+        InputError: empty, not an image of those formats, truncated, too large (also for an error of the
+            ``with`` block itself, e.g. a conversion that the bytes make fail).
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if not data:
         raise InputError(f"{source}: empty file (0 bytes){advice}")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             width, height = im.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLarge(f"{source}: {width}x{height} image has more than {limit}={max_pixels} pixels")
+            if draft is not None and im.format in ("JPEG", "MPO"):
+                im.draft("RGB", (draft, draft))
             im.load()
             if width < 1 or height < 1:
                 raise InputError(f"{source}: image has no pixels ({width}x{height})")
-            yield im
+            if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn
+                width, height = height, width
+            ImageOps.exif_transpose(im, in_place=True)  # keeps im.format: a JPEG's bytes stay as they are
+            yield _eight_bit(im), (width, height)
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
@@ -116,30 +153,36 @@ def decoded_image(
         if "truncat" in reason.lower():
             reason = f"truncated file ({reason})"
         elif isinstance(exc, Image.UnidentifiedImageError):
-            reason = "not an image (PIL cannot identify it)"
+            reason = f"not an image that is decoded here ({IMAGE_FORMAT_NAMES}, told by its bytes; convert others)"
         raise InputError(f"{source}: {reason}{advice}") from exc
 
 
-def inspect_image(data: bytes, source: str) -> ImageInfo:
+def inspect_image(data: bytes, source: str, max_pixels: int | None = None) -> ImageInfo:
     """Decode ``data`` fully (:func:`decoded_image`) and describe it.
 
-    JPEG and PNG bytes are kept as they are. Any other format PIL reads (a ``.jpg`` that is really a
-    WebP, a BMP …) is re-encoded losslessly as PNG. Width and height are the stored pixel size; an EXIF
-    orientation tag is not applied.
+    JPEG and 8-bit PNG bytes are kept as they are (decoders apply their EXIF orientation the same way
+    later). A WebP or a 16-bit grayscale PNG is re-encoded losslessly as an 8-bit PNG, as shown. Width and
+    height are the size as shown (EXIF orientation applied).
 
     Args:
         data: the encoded image.
         source: the file or URI the bytes came from (for the error message).
+        max_pixels: larger images are refused from their header (``data.max_image_pixels``; None:
+            :data:`MAX_IMAGE_PIXELS`).
 
     Returns:
         The bytes to store with their extension and size.
 
     Raises:
-        InputError: empty, truncated, not an image, or too large to decode safely.
+        InputError: empty, truncated, not a PNG/JPEG/WebP image, or too large.
     """
-    with decoded_image(data, source, advice="; re-copy the file or remove it") as im:
-        width, height = im.size
-        ext = _KEPT_FORMATS.get(im.format or "")
+    advice = "; re-copy the file or remove it"
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    with decoded_image(data, source, max_pixels=limit, limit="data.max_image_pixels", advice=advice) as (
+        im,
+        (width, height),
+    ):
+        ext = _KEPT_FORMATS.get(im.format or "")  # a 16-bit PNG, now 8-bit, is stored as such
         if ext is None:
             rgb = im.convert("RGBA" if "A" in im.getbands() else "RGB")
             buf = io.BytesIO()
@@ -268,7 +311,7 @@ class ImageFolderReader(Reader):
             if _is_missing_object(exc):
                 raise InputError(f"{source}: object disappeared after listing ({exc})") from exc
             raise
-        info = inspect_image(data, source)
+        info = inspect_image(data, source, self.max_pixels)
         return Sample(
             key=key,
             image=info.data,

@@ -149,6 +149,8 @@ class Reader(abc.ABC):
     # {input id: key} of the inputs whose key was disambiguated (see unique_keys), known once items()
     # has run; ingest records it in the manifest. Readers assign their own mapping, never mutate this one.
     renamed: Mapping[str, str] = MappingProxyType({})
+    # the pixel limit of the images it decodes (ingest sets data.max_image_pixels; None: inspect_image's default)
+    max_pixels: int | None = None
 
     @abc.abstractmethod
     def items(self) -> list:

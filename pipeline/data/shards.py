@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch.utils.data as tud
 
 from pipeline import __version__, storage
+from pipeline.config import MAX_IMAGE_PIXELS
 from pipeline.data.sample import Sample, Skipped, encode_png
 from pipeline.data.transforms import IMAGENET, Normalization, decode_sample
 from pipeline.errors import WysiwycError
@@ -320,6 +321,7 @@ class ShardDataset(tud.IterableDataset):
         classes: list[str] | None = None,
         allow_idle_ranks: bool = False,
         norm: Normalization = IMAGENET,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ):
         self.manifest = read_manifest(spec, opts)
         self.classes = self.manifest["classes"]
@@ -336,6 +338,7 @@ class ShardDataset(tud.IterableDataset):
         self.seed, self.epoch, self.opts = seed, 0, opts
         self.allow_idle_ranks = allow_idle_ranks
         self.norm = norm  # the explained classifier's normalisation (ImageNet's by default)
+        self.max_pixels = max_pixels  # data.max_image_pixels
         if len(self.urls) < world_size and not allow_idle_ranks:
             raise WysiwycError(self._too_few_shards(world_size, 1))
 
@@ -385,6 +388,7 @@ class ShardDataset(tud.IterableDataset):
                 num_classes=len(self.classes),
                 flip=self.flip and rng.random() < 0.5,
                 norm=self.norm,
+                max_pixels=self.max_pixels,
             )
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.config import MAX_IMAGE_PIXELS
 from pipeline.data.images import decode_image, resized_rgb
 from pipeline.data.sample import decode_png
 
@@ -90,7 +91,13 @@ def seg_to_tensor(seg: np.ndarray, size: int, flip: bool = False) -> torch.Tenso
 
 
 def decode_sample(
-    raw: dict, *, image_size: int, num_classes: int, flip: bool = False, norm: Normalization = IMAGENET
+    raw: dict,
+    *,
+    image_size: int,
+    num_classes: int,
+    flip: bool = False,
+    norm: Normalization = IMAGENET,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict:
     """A shard sample (``{"__key__", "jpg"|"png", "json", "seg.png"?}``) → training tensors.
 
@@ -101,8 +108,9 @@ def decode_sample(
     meta = json.loads(raw["json"])
     key = raw["__key__"]
     source = f"{raw['__url__']}#{key}" if raw.get("__url__") else key
-    # no pixel limit: ingest wrote only images that passed its checks (PIL's decompression-bomb guard applies)
-    pixels = decode_image(raw.get("jpg") or raw.get("png"), source, image_size, None)[0]
+    # data.max_image_pixels from the header: shards written elsewhere, or with a higher limit, cannot make
+    # every loader worker decode a huge image
+    pixels = decode_image(raw.get("jpg") or raw.get("png"), source, image_size, max_pixels, "data.max_image_pixels")[0]
     if flip:
         pixels = np.ascontiguousarray(pixels[:, :, ::-1])
     image = norm.uint8(torch.from_numpy(pixels))

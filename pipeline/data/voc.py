@@ -316,7 +316,7 @@ class VOCReader(Reader):
         labels, void_classes = self.labels_of(xml)
         if not jpg.is_file():
             raise InputError(f"{jpg}: image file missing (listed in {self.split_file()})")
-        info = inspect_image(jpg.read_bytes(), str(jpg))
+        info = inspect_image(jpg.read_bytes(), str(jpg), self.max_pixels)
         seg = None
         if self.segmentation != "off":
             if png.is_file():

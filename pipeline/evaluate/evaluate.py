@@ -157,7 +157,13 @@ class PaperTruthShards(ShardDataset):
         if not shards:
             return
         for raw in raw_samples(shard_sources(self.manifest, shards), self.opts):
-            sample = decode_sample(raw, image_size=self.image_size, num_classes=len(self.classes), norm=self.norm)
+            sample = decode_sample(
+                raw,
+                image_size=self.image_size,
+                num_classes=len(self.classes),
+                norm=self.norm,
+                max_pixels=self.max_pixels,
+            )
             if "seg.png" in raw:
                 fg = paper_foreground(decode_png(raw["seg.png"]), self.image_size, self.luminance)
             else:  # no segmentation: nothing is object (open_test_split refuses splits without any)
@@ -198,9 +204,16 @@ def open_test_split(
             opts=opts,
             classes=config.data.classes,
             norm=norm,
+            max_pixels=config.data.max_image_pixels,
         ), match
     return ShardDataset(
-        spec, image_size=image_size, train=False, opts=opts, classes=config.data.classes, norm=norm
+        spec,
+        image_size=image_size,
+        train=False,
+        opts=opts,
+        classes=config.data.classes,
+        norm=norm,
+        max_pixels=config.data.max_image_pixels,
     ), match
 
 

@@ -32,6 +32,11 @@ class ClassRule:
     top_k: int = 3
     fixed: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # each name once, in its first place: never more masks than the model has classes (a request naming
+        # one class 4,000 times asked for 4,000 masks)
+        object.__setattr__(self, "fixed", tuple(dict.fromkeys(self.fixed)))
+
     @classmethod
     def from_params(cls, params: Mapping | None) -> ClassRule:
         """The rule of pyfunc / HTTP ``params`` (``classes``, ``threshold``, ``top_k``, ``fixed_classes``:

@@ -583,6 +583,8 @@ def _from_bytes(data: bytes, uri: str, cfg, opts, sidecar: bool, carried: dict |
         given = {**own, **(_sidecar(uri, opts) if sidecar else {}), **(carried or {})}
         return Classifier(module, resolve_interface(given, cfg, uri, opts), uri, sha, kind, data=data)
     state = _torch_file(data, uri)
+    if sidecar:  # a file of its own (not one carried by a registered version, checked against its tag)
+        ckpt.checked_digest(data, uri, opts)
     if state.get("kind") != "classifier":
         raise WysiwycError(
             f"explanandum.model: {storage.redact(uri)} is a {state.get('kind')} checkpoint, not a classifier"

@@ -23,15 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.config import ExplanandumConfig
+from pipeline.config import MAX_IMAGE_PIXELS, ExplanandumConfig
 from pipeline.data.images import decode_image
 from pipeline.errors import InputError, WysiwycError
 from pipeline.method.class_rule import ClassRule
 from pipeline.models.classifier import load_classifier
 from pipeline.models.explain import explain
 from pipeline.models.predictor import load_predictor
-
-MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused from their header, before decoding
 
 
 def _column(frame, name: str, expand: bool = True) -> list | None:

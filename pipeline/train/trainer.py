@@ -134,6 +134,7 @@ def _datasets(data: DataConfig, seed: int, rank: int, world: int, opts, norm: No
         opts=opts,
         classes=data.classes,
         norm=norm,
+        max_pixels=data.max_image_pixels,
     )
     train = ShardDataset(data.train, train=True, flip=data.flip, shuffle_buffer=data.shuffle_buffer, **common)
     # validation only evaluates (no gradient all-reduce), so it may have fewer shards than ranks:
@@ -341,6 +342,7 @@ def _fixed_images(config: Config, n: int, norm: Normalization) -> dict | None:
         world_size=1,
         opts=config.storage.options(),
         norm=norm,
+        max_pixels=config.data.max_image_pixels,
     )
     samples = []
     for sample in dataset:

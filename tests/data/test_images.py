@@ -17,9 +17,9 @@ from pipeline.errors import InputError, WysiwycError
 REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 
 
-def encoded(fmt: str, size=(20, 10), colour=(10, 200, 60)) -> bytes:
+def encoded(fmt: str, size=(20, 10), colour=(10, 200, 60), **options) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format=fmt)
+    Image.new("RGB", size, colour).save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -98,16 +98,21 @@ def test_zero_byte_truncated_and_non_image_files_are_input_errors_naming_the_uri
     assert isinstance(skipped, Skipped) and skipped.source == by_key["empty_jpg"]
 
 
-def test_content_decides_the_extension_and_other_formats_become_png(folder: Path):
+def test_content_decides_the_extension_webp_becomes_png_and_other_formats_are_refused(folder: Path):
     (folder / "really_jpeg.png").write_bytes(encoded("JPEG", (6, 4)))
-    (folder / "really_bmp.jpg").write_bytes(encoded("BMP", (6, 4)))
+    (folder / "really_webp.jpg").write_bytes(encoded("WEBP", (6, 4), lossless=True))
     reader = ImageFolderReader(str(folder))
     by_key = dict(reader.items())
     assert reader.load(("k", by_key["really_jpeg_png"])).ext == "jpg"
-    converted = reader.load(("k", by_key["really_bmp_jpg"]))
+    converted = reader.load(("k", by_key["really_webp_jpg"]))
     assert converted.ext == "png" and converted.image.startswith(b"\x89PNG")
     with Image.open(io.BytesIO(converted.image)) as im:
         assert im.size == (6, 4) and im.getpixel((0, 0)) == (10, 200, 60)
+    # formats are told by their bytes: a BMP, TIFF or ICO named .png/.jpg is never handed to its decoder
+    for fmt in ("BMP", "TIFF", "ICO", "GIF"):
+        (folder / f"really_{fmt.lower()}.png").write_bytes(encoded(fmt, (6, 4)))
+        with pytest.raises(InputError, match=r"really_\w+.png: not an image that is decoded here \(PNG, JPEG or WebP"):
+            reader.load(("k", str(folder / f"really_{fmt.lower()}.png")))
 
 
 def test_file_removed_after_listing_is_an_input_error(folder: Path):
@@ -179,3 +184,35 @@ def test_inspect_image_reads_real_voc_and_coco_jpegs():
     reader = ImageFolderReader(str(REALDATA / "coco2017" / "icevision_coco" / "images"))
     assert len(reader.items()) == 6
     assert all(not isinstance(reader.load_or_skip(item), Skipped) for item in reader.items())
+
+
+def test_data_max_image_pixels_skips_a_huge_image_at_ingest_and_refuses_it_in_training(tmp_path: Path):
+    """One pixel limit from ingest to training (``data.max_image_pixels``), read from the header: the 4,000 ×
+    3,000 PNG below costs ~50 kB on disk and 48 MB decoded, in every loader worker that meets it."""
+    import json
+
+    from pipeline.config import MAX_IMAGE_PIXELS, IngestConfig
+    from pipeline.data.ingest import ingest
+    from pipeline.data.transforms import decode_sample
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "small.png").write_bytes(encoded("PNG", (40, 30)))
+    (corpus / "huge.png").write_bytes(encoded("PNG", (4000, 3000)))
+    summary = ingest(
+        ImageFolderReader(str(corpus)),
+        str(tmp_path / "out"),
+        "c",
+        IngestConfig(workers=1),
+        progress=False,
+        max_pixels=10**6,
+    )
+    assert summary["num_samples"] == 1 and summary["skipped"] == 1
+    reason = summary["first_skipped"]["reason"]
+    assert "huge.png: 4000x3000 image has more than data.max_image_pixels=1000000 pixels" in reason
+    # the default limit passes it; a shard written with it is refused by a training that sets a lower one
+    assert ImageFolderReader(str(corpus)).load(("k", str(corpus / "huge.png"))).width == 4000 < MAX_IMAGE_PIXELS
+    raw = {"__key__": "k", "png": encoded("PNG", (4000, 3000)), "json": json.dumps({"labels": []}).encode()}
+    assert decode_sample(raw, image_size=8, num_classes=2)["image"].shape == (3, 8, 8)
+    with pytest.raises(InputError, match=r"k: 4000x3000 image has more than data.max_image_pixels=1000000"):
+        decode_sample(raw, image_size=8, num_classes=2, max_pixels=10**6)

@@ -375,6 +375,13 @@ def test_wysiwyc_serve_batches_concurrent_requests_refuses_bad_input_and_follows
         )
         assert status == 400 and "nope" in answer["error"]
         assert explain("1.png")[0] == 200
+        # one class named 1,000 times is one mask, not 1,000 (the query stays under the HTTP server's 16 kB line)
+        first = health["classes"][0]
+        many = ",".join([first] * 1000)
+        status, answer = _http(
+            f"{url}/explain?classes=fixed&fixed_classes={many}", reg["images"]["0.png"], {"Content-Type": "image/png"}
+        )
+        assert status == 200 and answer["classes"] == [first] and len(answer["masks"]) == 1
 
         # a promotion reaches the endpoint without a restart, and the answers say which version answered
         second = register_checkpoint(reg["checkpoints"]["a2"], "expl", reg["config"])

@@ -252,6 +252,26 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
         ckpt.load_checkpoint(str(path))
 
 
+def test_a_checkpoint_whose_bytes_changed_after_it_was_written_is_refused(tmp_path):
+    path = tmp_path / "best.pt"
+    weights = torch.arange(64, dtype=torch.float32)
+    digest = ckpt.save_checkpoint({"kind": "classifier", "model": {"w": weights}}, str(path))
+    assert (tmp_path / "best.pt.sha256").read_text() == f"{digest}  best.pt\n"  # sha256sum's format
+    state, loaded = ckpt.load_checkpoint(str(path))
+    assert loaded == digest and torch.equal(state["model"]["w"], weights)
+    # one tensor byte altered: torch.load alone reads the changed value without a word
+    data = bytearray(path.read_bytes())
+    offset = bytes(data).index(weights[1:].numpy().tobytes())
+    data[offset + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"], weights)
+    with pytest.raises(WysiwycError, match=r"checkpoint .*best.pt: its sha256 is \w+ but best.pt.sha256 beside it "):
+        ckpt.load_checkpoint(str(path))
+    # a checkpoint without a record (older, or copied by hand) loads as it is
+    (tmp_path / "best.pt.sha256").unlink()
+    assert ckpt.load_checkpoint(str(path))[1] != digest
+
+
 # ---------------------------------------------------------------- two DDP ranks, one validation shard
 
 

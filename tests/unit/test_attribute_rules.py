@@ -84,3 +84,42 @@ def test_output_names_are_deterministic_and_batch_order_free():
     )
     assert part.startswith("s3://o/run/parts/chunk-000003/part-") and part.endswith("-2r1e.parquet")
     assert shard_url("s3://o/run", ["b", "a"]) == shard_url("s3://o/run", ["a", "b"]) != shard_url("s3://o/run", ["a"])
+
+
+def test_a_sixteen_bit_png_is_scaled_to_eight_bits_not_saturated():
+    for value, expected in ((1000, 4), (32896, 128), (65535, 255)):  # value / 257, rounded
+        image = Image.fromarray(np.full((6, 10), value, dtype=np.uint16))  # mode I;16
+        pixels, w, h = decode_image(_encoded(image), "deep.png", 8, 10_000)
+        assert (w, h) == (10, 6) and (pixels == expected).all(), (value, np.unique(pixels))
+        with Image.open(io.BytesIO(_encoded(image))) as opened:  # what Pillow's own conversion gives
+            assert opened.mode == "I;16" and np.asarray(opened.convert("RGB")).min() == 255
+
+
+def test_the_exif_orientation_is_applied_as_a_viewer_shows_the_image():
+    stored = np.zeros((16, 32, 3), dtype=np.uint8)  # 32 wide, 16 high: left half red, right half blue
+    stored[:, :16, 0] = 255
+    stored[:, 16:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif)
+    pixels, w, h = decode_image(buf.getvalue(), "phone.jpg", 16, 10_000)
+    assert (w, h) == (16, 32)  # the size as shown: a quarter turn
+    # turned clockwise, the stored left half (red) is the top half
+    assert pixels[0, 2, 8] > 200 and pixels[2, 2, 8] < 50
+    assert pixels[2, 13, 8] > 200 and pixels[0, 13, 8] < 50
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_result():
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    photo = Image.fromarray(coarse).resize((1600, 1200), Image.BILINEAR)
+    data = _encoded(photo, "JPEG")
+    pixels, w, h = decode_image(data, "big.jpg", 48, 10**7)
+    assert (w, h) == (1600, 1200)  # the full size, for the masks
+    with Image.open(io.BytesIO(data)) as full:  # decoded at full scale, then resized the same way
+        reference = np.asarray(full.convert("RGB").resize((48, 48), Image.BILINEAR)).transpose(2, 0, 1)
+    assert np.abs(pixels.astype(int) - reference.astype(int)).mean() < 2.0
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (48, 48))
+        assert im.size == (200, 150)  # what the decoder did: 1/8 of the work per side

@@ -185,6 +185,9 @@ def test_irsa_roles_are_per_workload_and_least_privilege(tf):
     assert [r for r in corpus if "shards" in r] == ['${local.bucket_arn["shards"]}/corpus/*']
     listing = [s for s in attribute if s["actions"] == ["s3:ListBucket"] and "shards" in s["resources"][0]]
     assert listing[0]["prefix"] == "corpus/*"
+    # its final pass deletes the index parts it merged (attribute/outputs.dedup_chunk), and nothing else
+    deletes = [r for s in attribute if "s3:DeleteObject" in s["actions"] for r in s["resources"]]
+    assert deletes == ['${local.bucket_arn["attributions"]}/*/parts/*']
     # KMS: only the data key, only use (no administration)
     kms = tf["data"][("aws_iam_policy_document", "workload")]["statement"][0]
     assert kms["resources"] == ["${aws_kms_key.data.arn}"] and tf["locals"]["kms_use"] == [

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,30 @@ def test_every_container_has_resources_and_the_project_image_runs_as_non_root(re
     assert containers >= 10  # 3 RayJobs and the RayService × (head + worker), MLflow, the submitter (+ SeaweedFS)
 
 
+def test_ray_pods_run_confined_and_the_endpoint_holds_no_storage_keys(rendered):
+    """Every Ray head and worker: the runtime's seccomp profile, no privilege escalation, no capabilities;
+    the serving pods read models through MLflow's artifact proxy, so they are given no S3 keys."""
+    _, docs = rendered
+    ray_containers = 0
+    for doc in docs:
+        if doc["kind"] not in RAY_KINDS:
+            continue
+        for pod in _pod_specs(doc):
+            for container in pod["containers"]:
+                if container["name"] not in ("ray-head", "ray-worker"):
+                    continue
+                ray_containers += 1
+                where = f"{doc['metadata']['name']}/{container['name']}"
+                assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+                confined = container.get("securityContext", {})
+                assert confined.get("allowPrivilegeEscalation") is False, where
+                assert confined.get("capabilities", {}).get("drop") == ["ALL"], where
+                if doc["kind"] == "RayService":
+                    refs = [e.get("secretRef", {}).get("name") for e in container.get("envFrom", [])]
+                    assert "wysiwyc-s3" not in refs, where
+    assert ray_containers == 8  # 3 RayJobs / RayCronJobs and the RayService × (head + worker)
+
+
 def test_aws_uses_irsa_and_no_stored_credentials():
     docs = _render("aws")
     assert not _by(docs, "Secret")
@@ -355,20 +380,104 @@ def test_commands_config_files_and_keys_exist(rendered):
             load_config(path, overrides)
 
 
+def _dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[_canonical(name)] = version
+    return pins
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pip_installs(instructions: list[tuple[str, str]]) -> list[list[str]]:
+    """The arguments after ``pip install`` of every RUN that has one (``python -m pip`` alike)."""
+    found = []
+    for op, args in instructions:
+        if op != "RUN":
+            continue
+        for command in re.split(r"&&|;", args):
+            words = shlex.split(command)
+            for i in range(len(words) - 1):
+                if words[i].endswith("pip") and words[i + 1] == "install":
+                    found.append(words[i + 2 :])
+    return found
+
+
 def test_the_image_holds_the_package_and_configs_at_app():
-    dockerfile = (REPO / "Dockerfile").read_text()
-    lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.startswith("#")]
-    base = [line for line in lines if line.startswith("FROM ")]
-    assert len(base) == 1 and re.fullmatch(r"FROM pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base[0])
-    assert "WORKDIR /app" in lines and "COPY configs ./configs" in lines and "COPY pipeline ./pipeline" in lines
-    assert any(line.startswith("RUN pip install . ") for line in lines)
-    user = [line for line in lines if line.startswith("USER ")]
-    assert user == ["USER 10001"], user  # the manifests' runAsUser, not root
-    assert lines.index(user[0]) > max(i for i, line in enumerate(lines) if line.startswith("RUN "))
-    assert 'ENTRYPOINT ["wysiwyc"]' in lines
+    instructions = _dockerfile()
+    assert ("WORKDIR", "/app") in instructions
+    assert ("COPY", "configs ./configs") in instructions and ("COPY", "pipeline ./pipeline") in instructions
+    user = [args for op, args in instructions if op == "USER"]
+    assert user == ["10001"], user  # the manifests' runAsUser, not root
+    last_run = max(i for i, (op, _) in enumerate(instructions) if op == "RUN")
+    assert instructions.index(("USER", "10001")) > last_run
+    assert ("ENTRYPOINT", '["wysiwyc"]') in instructions
     assert "[project.scripts]\nwysiwyc = " in (REPO / "pyproject.toml").read_text()
     ignored = (REPO / ".dockerignore").read_text().split()
-    assert {".git", ".venv", "runs", "tests"} <= set(ignored) and "configs" not in ignored and "pipeline" not in ignored
+    assert {".git", ".venv", "runs", "tests"} <= set(ignored)
+    assert not {"configs", "pipeline", "requirements.lock"} & set(ignored)
+
+
+def _image_problems(instructions: list[tuple[str, str]], lock: dict[str, str]) -> list[str]:
+    """What keeps an image from being the lock's: a base other than a pinned python:X.Y.Z-slim of the lock's
+    Python (a framework image brings its own torch), a pip install not constrained by requirements.lock or
+    before it is copied in, a version pinned in the Dockerfile that differs from the lock's."""
+    problems = []
+    bases = [args for op, args in instructions if op == "FROM"]
+    match = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim-\w+", bases[0]) if len(bases) == 1 else None
+    if match is None:
+        problems.append(f"base {bases}: not one pinned python:X.Y.Z-slim image")
+    elif tuple(map(int, match.groups()[:2])) != sys.version_info[:2]:
+        problems.append(f"base {bases[0]}: not the lock's Python {sys.version_info[:2]}")
+    installs = _pip_installs(instructions)
+    if not installs:
+        problems.append("no pip install")
+    copied = [i for i, (op, args) in enumerate(instructions) if op == "COPY" and "requirements.lock" in args.split()]
+    runs = [i for i, (op, args) in enumerate(instructions) if op == "RUN" and "install" in args]
+    if not copied or (runs and copied[0] > runs[0]):
+        problems.append("requirements.lock is not copied in before the install")
+    for args in installs:
+        constraints = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--constraint")]
+        if constraints != ["requirements.lock"]:
+            problems.append(f"pip install {' '.join(args)}: not constrained by requirements.lock")
+        for requirement in (a for a in args if "==" in a):
+            name, version = requirement.split("==")
+            if lock.get(_canonical(name), version) != version:
+                problems.append(f"{requirement}: the lock has {lock[_canonical(name)]}")
+    return problems
+
+
+def test_the_image_installs_exactly_the_locked_versions_on_the_python_of_the_lock():
+    """Checked statically (no docker here): the Dockerfile's base and install lines against the lock."""
+    lock = _lock()
+    assert lock["torch"] == "2.14.1" and lock["torchvision"] == "0.29.1"  # what the suite ran with
+    assert _image_problems(_dockerfile(), lock) == []
+
+
+def test_the_image_check_fails_the_dockerfile_it_replaced(tmp_path, monkeypatch):
+    old = (
+        "FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime\nWORKDIR /app\nCOPY pyproject.toml README.md ./\n"
+        'RUN pip install . "torch==2.5.1" \\\n  && pip check\n'
+    )
+    (tmp_path / "Dockerfile").write_text(old)
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert _image_problems(_dockerfile(), {"torch": "2.14.1"}) == [
+        "base ['pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime']: not one pinned python:X.Y.Z-slim image",
+        "requirements.lock is not copied in before the install",
+        "pip install . torch==2.5.1: not constrained by requirements.lock",
+        "torch==2.5.1: the lock has 2.14.1",
+    ]
 
 
 def test_checkov_finds_no_unexplained_failure_in_the_rendered_overlays(checkov, tmp_path):

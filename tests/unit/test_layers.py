@@ -25,6 +25,7 @@ LAYERS = [
     ("pipeline.figures", 2),
     ("pipeline.config", 3),
     ("pipeline.checkpoint", 4),
+    ("pipeline.lease", 4),
     ("pipeline.tracking", 4),
     ("pipeline.raysession", 4),
     ("pipeline.stack", 4),
