@@ -50,7 +50,7 @@ from pipeline.models.explanandum import (
     read_state_dict,
 )
 
-ARCHS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact")
+ARCHS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact", "resunet", "resunet_os4", "mobileunet")
 COMPACT_CHANNELS = (32, 64, 128, 128)  # the compact encoder's blocks (a VGG-style stack of its own)
 
 
@@ -181,6 +181,140 @@ class CompactExplainer(nn.Module):
                 self.cam_fc.bias.copy_(classifier.fc.bias)
 
 
+class ResidualBlock(nn.Module):
+    """ResNet's basic block: conv3×3(stride, dilation)-BN-ReLU-conv3×3-BN plus the input (a strided 1×1
+    conv-BN where the shape changes), ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and in_channels == out_channels
+            else nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expansion (×``expand``)-BN-ReLU6, depthwise 3×3 (stride, dilation)-BN-ReLU6,
+    1×1 projection-BN, plus the input where the shape is kept."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1, expand: int = 4):
+        super().__init__()
+        hidden = in_channels * expand
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, padding=dilation, dilation=dilation, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+UNET_DESIGNS: dict[str, dict] = {
+    # arch: the block, the encoder's channels per level (each level after the first halves the resolution with
+    # a strided block), the class branch's channels and whether it keeps the deepest level's resolution
+    # (dilated) instead of halving it again
+    "resunet": {"block": "residual", "channels": (24, 48, 96), "cam_channels": 192, "dilated": False},
+    "resunet_os4": {"block": "residual", "channels": (24, 48, 96), "cam_channels": 192, "dilated": True},
+    "mobileunet": {"block": "inverted", "channels": (16, 32, 64), "cam_channels": 128, "dilated": False},
+}
+
+
+class UNetExplainer(nn.Module):
+    """A U-Net Explainer of its own design (the F-independent default; ``arch`` one of :data:`UNET_DESIGNS`).
+
+    Encoder: a 3×3 stem and one block per level, each level after the first halving the resolution with a
+    strided block (no max pooling). Decoder: bilinear upsampling to the skip's size, concatenation, one block
+    to half the level's channels, back to the full input resolution; a 1×1 conv gives C mask logits. With
+    ``cam``, a class branch continues the encoder by one block (strided, or dilated at the same resolution),
+    and a linear layer on the concatenation of its features' spatial mean and maximum gives the class
+    logits (:meth:`class_logits`, what ``explainer.init=distilled`` fits to F's outputs); the same linear
+    layer applied at every position (its mean and max halves summed) is added, upsampled, to the mask logits.
+    """
+
+    def __init__(self, num_classes: int, design: str, cam: bool = False):
+        super().__init__()
+        spec = UNET_DESIGNS[design]
+        block = ResidualBlock if spec["block"] == "residual" else InvertedResidual
+        channels = spec["channels"]
+        self.design = design
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, channels[0], 3, padding=1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True)
+        )
+        ins = (channels[0],) + channels[:-1]
+        self.encoder = nn.ModuleList(
+            block(i, o, stride=1 if k == 0 else 2) for k, (i, o) in enumerate(zip(ins, channels))
+        )
+        below = (channels[-1],) + tuple(c // 2 for c in channels[1:-1][::-1])
+        self.decoder = nn.ModuleList(
+            block(up + channels[i], channels[i] // 2) for up, i in zip(below, reversed(range(len(channels) - 1)))
+        )
+        self.head = nn.Conv2d(channels[0] // 2, num_classes, 1)
+        self.cam_channels = (spec["cam_channels"],) if cam else None
+        if cam:
+            c = spec["cam_channels"]
+            self.cam_block = block(channels[-1], c, dilation=2) if spec["dilated"] else block(channels[-1], c, stride=2)
+            self.cam_fc = nn.Linear(2 * c, num_classes)
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        feats = []
+        for block in self.encoder:
+            x = block(x)
+            feats.append(x)
+        return feats
+
+    def _cam(self, deepest: torch.Tensor) -> torch.Tensor:
+        """The class branch's logits per position (B, C, h, w)."""
+        z = self.cam_block(deepest)
+        c = z.shape[1]
+        weight = (self.cam_fc.weight[:, :c] + self.cam_fc.weight[:, c:])[:, :, None, None]
+        return F.conv2d(z, weight, self.cam_fc.bias)
+
+    def forward(self, x: torch.Tensor, classify: bool = False) -> torch.Tensor:
+        """Per-class mask logits (B, C, H, W); with ``classify``, :meth:`class_logits` instead."""
+        if classify:
+            return self.class_logits(x)
+        skips = self._encode(x)
+        z = deepest = skips.pop()
+        for dec in self.decoder:
+            skip = skips.pop()
+            z = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            z = dec(torch.cat([z, skip], dim=1))
+        out = self.head(z)
+        if self.cam_channels is not None:
+            out = out + F.interpolate(self._cam(deepest), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder and class branch as a classifier (B, C): the linear layer on [mean, max] of the branch's
+        features over positions. The decoder is not used."""
+        if self.cam_channels is None:
+            raise WysiwycError("explainer: class_logits needs the class-activation branch (explainer.cam=true)")
+        z = self.cam_block(self._encode(x)[-1])
+        return self.cam_fc(torch.cat([z.mean(dim=(-2, -1)), z.amax(dim=(-2, -1))], dim=1))
+
+
 def build_explainer(
     arch: str,
     num_classes: int,
@@ -236,6 +370,15 @@ def build_explainer(
         )
         if encoder_from is not None:
             model.load_encoder_from(encoder_from)
+    elif arch in UNET_DESIGNS:
+        if backbone_weights is not None or encoder_from is not None or levels is not None:
+            raise WysiwycError(
+                f"explainer: the {arch} Explainer takes neither backbone weights, explanandum_copy nor levels"
+            )
+        if weights is not None:
+            weights = read_state_dict(weights, what=f"explainer weights ({arch})")
+            cam = "cam_fc.weight" in weights
+        model = UNetExplainer(num_classes, arch, cam=cam)
     else:
         if encoder_from is not None:
             raise WysiwycError(

@@ -61,14 +61,42 @@ def tensors(images: list[np.ndarray], labels: list[list[int]], classes: int) -> 
     return x, y
 
 
+class TokenMaxViT(nn.Module):
+    """A CPU-sized hybrid vision transformer (ViT-Hybrid, Dosovitskiy et al. 2021: convolutions make the patch
+    embeddings): torchvision's ``VisionTransformer`` with a convolutional stem of four 3×3 conv-BN-ReLU layers
+    (strides 1, 2, 1, 2: 4-px patches, a 12 × 12 token grid at 48 px), 4 encoder blocks, the class read from the
+    maximum over the patch tokens. Measured on the hard synthetic set (small objects in clutter), torchvision's
+    class-token ViT stayed at chance (loss ln 6) with its patchify stem (27 epochs) and with a two-layer stem,
+    class token or token maximum (3-9 epochs): as global average pooling for the small CNNs, a few patches of a
+    small object must be able to decide."""
+
+    def __init__(self, classes: int, size: int):
+        super().__init__()
+        from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
+
+        stem = [ConvStemConfig(32, 3, 1), ConvStemConfig(32, 3, 2), ConvStemConfig(64, 3, 1), ConvStemConfig(64, 3, 2)]
+        self.vit = VisionTransformer(
+            image_size=size,
+            patch_size=4,
+            num_layers=4,
+            num_heads=4,
+            hidden_dim=96,
+            mlp_dim=192,
+            num_classes=classes,
+            conv_stem_configs=stem,
+        )
+        self.head = nn.Linear(96, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit._process_input(x)  # (B, N, D) patch embeddings
+        cls = self.vit.class_token.expand(x.shape[0], -1, -1)
+        tokens = self.vit.encoder(torch.cat([cls, tokens], dim=1))  # position embedding, blocks, final LayerNorm
+        return self.head(tokens[:, 1:].amax(dim=1))
+
+
 def build(arch: str, classes: int, size: int) -> nn.Module:
     if arch.startswith("vit"):
-        from torchvision.models.vision_transformer import VisionTransformer
-
-        # a CPU-sized ViT (torchvision's class): 8-px patches, 4 blocks
-        return VisionTransformer(
-            image_size=size, patch_size=8, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=classes
-        )
+        return TokenMaxViT(classes, size)
     return getattr(torchvision.models, arch)(weights=None, num_classes=classes)
 
 

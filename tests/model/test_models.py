@@ -38,7 +38,15 @@ def test_every_explanandum_gives_one_logit_per_class(arch, request):
 
 @pytest.mark.parametrize(
     "arch,batch,size",
-    [("compact", 2, 40), ("compact", 1, 37), ("deeplabv3_mobilenet_v3_large", 1, 64), ("deeplabv3_resnet50", 1, 64)],
+    [
+        ("compact", 2, 40),
+        ("compact", 1, 37),
+        ("resunet", 2, 37),
+        ("resunet_os4", 1, 30),
+        ("mobileunet", 2, 41),
+        ("deeplabv3_mobilenet_v3_large", 1, 64),
+        ("deeplabv3_resnet50", 1, 64),
+    ],
 )
 def test_every_explainer_gives_per_class_logits_at_the_input_size(arch, batch, size):
     model = build_explainer(arch, 4).eval()
@@ -222,6 +230,34 @@ def test_black_box_class_activation_branch_is_the_explainers_own_classifier():
     assert build_explainer("compact", 5, cam=True).cam_channels == ()  # 4 levels: the fc on the deepest
     with pytest.raises(WysiwycError, match="class_logits needs the class-activation branch"):
         build_explainer("compact", 5).class_logits(x)
+
+
+@pytest.mark.parametrize("arch", ["resunet", "resunet_os4", "mobileunet"])
+def test_unet_explainers_class_head_is_a_linear_layer_on_mean_and_max_and_its_map_the_same_layer(arch):
+    torch.manual_seed(3)
+    explainer = build_explainer(arch, 5, cam=True).eval()
+    x = torch.randn(2, 3, 40, 36)
+    with torch.no_grad():
+        z = explainer.cam_block(explainer._encode(x)[-1])
+        pooled = torch.cat([z.mean(dim=(-2, -1)), z.amax(dim=(-2, -1))], dim=1)
+        torch.testing.assert_close(
+            explainer(x, classify=True), pooled @ explainer.cam_fc.weight.T + explainer.cam_fc.bias
+        )
+        # per position: the same layer applied to (z, z), i.e. its two halves summed, added upsampled to the masks
+        cam = torch.einsum("bchw,kc->bkhw", torch.cat([z, z], dim=1), explainer.cam_fc.weight)
+        cam = cam + explainer.cam_fc.bias[:, None, None]
+        without = build_explainer(arch, 5).eval()
+        without.load_state_dict({k: v for k, v in explainer.state_dict().items() if not k.startswith("cam_")})
+        upsampled = F.interpolate(cam, size=(40, 36), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(explainer(x), without(x) + upsampled)
+        # a checkpoint's weights rebuild the same net, with or without the branch
+        again = build_explainer(arch, 5, weights=explainer.state_dict()).eval()
+        torch.testing.assert_close(again(x), explainer(x), rtol=0, atol=0)
+    assert build_explainer(arch, 5, weights=without.state_dict()).cam_channels is None
+    resolution = {"resunet": 5, "resunet_os4": 10, "mobileunet": 5}[arch]  # 40 px: 1/8, dilated 1/4
+    assert z.shape[-2] == resolution
+    with pytest.raises(WysiwycError, match="neither backbone weights, explanandum_copy nor levels"):
+        build_explainer(arch, 5, levels=3)
 
 
 def test_freeze_keeps_eval_mode_through_train_calls_copies_and_pickling():
