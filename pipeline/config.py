@@ -658,6 +658,11 @@ class RegistryConfig(_Section):
         "configs/gates/default.yaml",
         description="promotion gate: a GateConfig YAML file or a preset name (gates/default)",
     )
+    lease: str | None = Field(
+        None,
+        description="folder or s3:// prefix where promote and rollback take their lease on a model's aliases (one "
+        "at a time; shared by everyone who promotes); default: trainer.storage/leases",
+    )
 
 
 class ServeConfig(_Section):

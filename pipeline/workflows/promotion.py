@@ -16,6 +16,7 @@ from pipeline.config import DataConfig, ExplainerConfig, GateConfig, load_config
 from pipeline.data.shards import read_manifest
 from pipeline.errors import WysiwycError
 from pipeline.evaluate.evaluate import METRIC_KEYS, evaluate
+from pipeline.lease import Lease
 from pipeline.registry.lookup import (
     CHAMPION,
     LOWER_IS_BETTER,
@@ -162,6 +163,33 @@ def _event(client, name: str, event: dict) -> None:
     client.set_registered_model_tag(name, f"wysiwyc.event.{int(time.time() * 1000)}", json.dumps(event))
 
 
+PROMOTION_LEASE_S = 2 * 3600  # a promotion evaluates for minutes; a crashed one frees the aliases after this
+
+
+def _aliases_lease(name: str, config) -> Lease:
+    """The lease on ``name``'s aliases (``registry.lease``, else ``trainer.storage/leases``): one promotion or
+    rollback at a time. MLflow's alias API has no compare-and-set; this is the lock, and the champion is read
+    again before it moves."""
+    prefix = config.registry.lease or storage.join(config.trainer.storage, "leases")
+    return Lease.take(
+        storage.join(prefix, f"{name}.aliases.lease"),
+        f"the aliases of the registered model {name} (a promote or rollback)",
+        PROMOTION_LEASE_S,
+        config.storage.options(),
+    )
+
+
+def _unchanged(client, name: str, champion: str | None, lease: Lease) -> None:
+    """Refuse to move the aliases when ``champion`` is no longer what it was when the decision was made."""
+    now = alias_versions(client, name).get(CHAMPION)
+    if now != champion or not lease.still_held():
+        moved = f"moved from {'v' + champion if champion else 'unset'} to {'v' + now if now else 'unset'}"
+        raise WysiwycError(
+            f"promote: models:/{name}@{CHAMPION} {moved if now != champion else 'is no longer under this lease'} "
+            "while the gate ran (outside a wysiwyc promote: the MLflow UI or API?); nothing was changed: run it again"
+        )
+
+
 def _existing_version(uri: str, name: str, version: str) -> str:
     """``version`` (a number or an alias) as a version number of ``name``; WysiwycError when absent."""
     ref = f"models:/{name}/{version}" if str(version).isdigit() else f"models:/{name}@{version}"
@@ -192,9 +220,14 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
     uri = registry_uri(config)
     client = mlflow_client(uri)
     version = _existing_version(uri, name, version)
+    with _aliases_lease(name, config) as lease:
+        return _promote(client, name, version, config, gate_path, progress, lease)
+
+
+def _promote(client, name: str, version: str, config, gate_path: str | None, progress: bool, lease: Lease) -> dict:
     tags = client.get_model_version(name, version).tags
     if tags.get("wysiwyc.kind") == "classifier":
-        return _promote_classifier(client, name, version)
+        return _promote_classifier(client, name, version, lease)
     gate_path = gate_path or config.registry.gate
     gate = load_gate(gate_path)
     if tags.get("wysiwyc.black_box") != "true" and not gate.allow_white_box:  # before any evaluation
@@ -232,6 +265,7 @@ def promote(name: str, version: str, config, gate_path: str | None = None, progr
             f"(champion stays {'v' + champion if champion else 'unset'}): " + "; ".join(c["reason"] for c in failed)
         )
 
+    _unchanged(client, name, champion, lease)
     _move_champion(
         client,
         name,
@@ -276,12 +310,13 @@ def _move_champion(client, name: str, version: str, champion: str | None, gate: 
     log.info("promote: models:/%s/%s is @%s (previous: %s)", name, version, CHAMPION, champion)
 
 
-def _promote_classifier(client, name: str, version: str) -> dict:
+def _promote_classifier(client, name: str, version: str, lease: Lease) -> dict:
     """A classifier version becomes ``champion``: no Explainer gate applies (its owners evaluate it); the
     Explainers registered for the previous champion now fail the stale-classifier check until one is
     trained for this version."""
     champion = alias_versions(client, name).get(CHAMPION)
     reason = "a classifier: the Explainer gate does not apply"
+    _unchanged(client, name, champion, lease)
     _move_champion(client, name, version, champion, "none", {"wysiwyc.gate.result": reason})
     return {
         "name": name,
@@ -332,6 +367,11 @@ def rollback(name: str, config) -> dict:
     """
     uri = registry_uri(config)
     client = mlflow_client(uri)
+    with _aliases_lease(name, config):
+        return _rollback(client, uri, name)
+
+
+def _rollback(client, uri: str, name: str) -> dict:
     previous = resolve_model(f"models:/{name}@{PREVIOUS}", uri)[1]  # a clear error: nothing to roll back to
     champion = alias_versions(client, name).get(CHAMPION)
     at, user = utc_now(), current_user()

@@ -476,3 +476,61 @@ def test_a_version_whose_file_is_not_the_registered_one_does_not_load(reg):
     reg["client"].set_model_version_tag("expl-sha", version, "wysiwyc.explainer_sha256", reg["shas"]["a"])
     with pytest.raises(WysiwycError, match=r"the downloaded explainer\.pt .* is not the registered one"):
         load_explainer(uri, reg["uri"])
+
+
+def test_promotions_of_one_model_take_turns_and_a_champion_moved_meanwhile_stops_the_move(reg, monkeypatch):
+    """MLflow's aliases have no compare-and-set: the lease makes promote and rollback take turns (forced here: a
+    promotion is held inside the champion's evaluation, after it read the champion), and the champion is read
+    again before it moves."""
+    import threading
+
+    from pipeline.registry import register_checkpoint
+    from pipeline.workflows import promotion
+
+    config = load_config(None, [*reg["overrides"], f"registry.lease=s3://{reg['bucket']}/leases"])
+    for key in ("b", "b2"):
+        register_checkpoint(reg["checkpoints"][key], "race", config)
+    promotion.promote("race", "1", config, reg["gate"], progress=False)
+    inside, go_on, outcome = threading.Event(), threading.Event(), {}
+    real = promotion.ensure_evaluation
+
+    def held_evaluation(name, version, *args, **kwargs):
+        if version == "1":  # the champion's evaluation, while v2 is being promoted
+            inside.set()
+            assert go_on.wait(120)
+        return real(name, version, *args, **kwargs)
+
+    def promoting():
+        try:
+            outcome["v2"] = promotion.promote("race", "2", config, reg["gate"], progress=False)
+        except WysiwycError as exc:
+            outcome["v2"] = exc
+
+    leases = lambda: reg["s3"].client().list_objects_v2(Bucket=reg["bucket"], Prefix="leases/")["KeyCount"]  # noqa: E731
+    monkeypatch.setattr(promotion, "ensure_evaluation", held_evaluation)
+    thread = threading.Thread(target=promoting)
+    thread.start()
+    try:
+        assert inside.wait(120)
+        assert leases() == 1
+        for other in (
+            lambda: promotion.promote("race", "1", config, reg["gate"]),
+            lambda: promotion.rollback("race", config),
+        ):
+            with pytest.raises(
+                WysiwycError, match=r"the aliases of the registered model race .* is held by \w+ \(pid \d+"
+            ):
+                other()
+        # meanwhile the champion is moved outside wysiwyc (the MLflow UI, say): the promotion moves nothing
+        reg["client"].set_registered_model_alias("race", "champion", "2")
+    finally:
+        go_on.set()
+        thread.join(300)
+    assert isinstance(outcome["v2"], WysiwycError), outcome
+    assert "models:/race@champion moved from v1 to v2 while the gate ran" in str(outcome["v2"])
+    assert dict(reg["client"].get_registered_model("race").aliases) == {"champion": "2", "candidate": "2"}
+    assert "wysiwyc.promoted_at" not in reg["client"].get_model_version("race", "2").tags
+    # the lease was released: the next promotion goes through
+    monkeypatch.setattr(promotion, "ensure_evaluation", real)
+    assert promotion.promote("race", "1", config, reg["gate"], progress=False)["previous_champion"] == "2"
+    assert leases() == 0
