@@ -65,6 +65,21 @@ class TorchvisionSegmentationExplainer(nn.Module):
         return self.net(x)["out"]  # torchvision already upsamples to the input size
 
 
+def _unet_forward(net: nn.Module, skips: list[torch.Tensor]) -> torch.Tensor:
+    """The decoder of a U-Net Explainer over its encoder's outputs (highest resolution first): at each level,
+    bilinear upsampling to the skip's size, concatenation, ``net.decoder[j]``; ``net.head`` at full resolution,
+    plus the class branch's logits (``net._cam`` of the deepest level) upsampled when there is one."""
+    z = deepest = skips.pop()
+    for dec in net.decoder:
+        skip = skips.pop()
+        z = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        z = dec(torch.cat([z, skip], dim=1))
+    out = net.head(z)
+    if net.cam_channels is not None:
+        out = out + F.interpolate(net._cam(deepest), size=out.shape[-2:], mode="bilinear", align_corners=False)
+    return out
+
+
 class CompactExplainer(nn.Module):
     """U-Net-like Explainer: a conv-block encoder, a decoder back to the full input resolution.
 
@@ -130,16 +145,7 @@ class CompactExplainer(nn.Module):
         ``forward`` rather than a method of its own so that a DDP-wrapped Explainer can distil)."""
         if classify:
             return self.class_logits(x)
-        skips = self._encode(x)
-        z = deepest = skips.pop()
-        for dec in self.decoder:
-            skip = skips.pop()
-            z = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            z = dec(torch.cat([z, skip], dim=1))
-        out = self.head(z)
-        if self.cam_channels is not None:
-            out = out + F.interpolate(self._cam(deepest), size=out.shape[-2:], mode="bilinear", align_corners=False)
-        return out
+        return _unet_forward(self, self._encode(x))
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder and class-activation branch as a classifier (B, C): the branch's features
@@ -295,16 +301,7 @@ class UNetExplainer(nn.Module):
         """Per-class mask logits (B, C, H, W); with ``classify``, :meth:`class_logits` instead."""
         if classify:
             return self.class_logits(x)
-        skips = self._encode(x)
-        z = deepest = skips.pop()
-        for dec in self.decoder:
-            skip = skips.pop()
-            z = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            z = dec(torch.cat([z, skip], dim=1))
-        out = self.head(z)
-        if self.cam_channels is not None:
-            out = out + F.interpolate(self._cam(deepest), size=out.shape[-2:], mode="bilinear", align_corners=False)
-        return out
+        return _unet_forward(self, self._encode(x))
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder and class branch as a classifier (B, C): the linear layer on [mean, max] of the branch's
