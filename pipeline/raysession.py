@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -52,7 +53,6 @@ def ensure_ray(options: S3Options, num_cpus: int | None = None, use_gpu: bool = 
         num_cpus: logical CPUs of a local cluster (default: the cores; more when trials or actors each hold one).
         use_gpu: a local cluster gets the GPUs (else none).
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns token auth on for local clusters
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import ray
 
@@ -64,6 +64,7 @@ def ensure_ray(options: S3Options, num_cpus: int | None = None, use_gpu: bool = 
     cpus = num_cpus or os.cpu_count() or 1
     temp = ray_temp_dir()
     prune_sessions(temp)
+    auth_token(temp.parent)
     # the local Ray's processes (and so every worker) inherit this process's environment at ray.init:
     # the credentials of storage.* join it for the start, and no runtime_env (which Ray logs) is needed
     saved = dict(os.environ)
@@ -79,6 +80,27 @@ def ensure_ray(options: S3Options, num_cpus: int | None = None, use_gpu: bool = 
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def auth_token(folder: Path) -> Path | None:
+    """Ray's token authentication (on by default since Ray 2.60) for a local cluster, with the token in our private
+    folder (``runs/ray/auth_token``, 0600 in a 0700 folder) rather than ``~/.ray``: made once, exported as
+    ``RAY_AUTH_TOKEN_PATH`` to this process and so to every Ray process and worker it starts. Nothing is done
+    when the environment already names a token (``RAY_AUTH_TOKEN``, or a ``RAY_AUTH_TOKEN_PATH`` file that exists:
+    a cluster's) or turns auth off (``RAY_AUTH_MODE=disabled``). Returns the token file (None when not ours)."""
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if (
+        os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled"
+        or os.environ.get("RAY_AUTH_TOKEN")
+        or (named and Path(named).is_file())
+    ):
+        return None
+    path = folder / "auth_token"
+    # whole or not at all (a process starting at the same moment reads the same token); kept by later commands
+    if storage.create_exclusive(str(path), secrets.token_hex(32).encode()):
+        path.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    return path
 
 
 SESSIONS_KEPT = 10  # a local Ray leaves a session folder (logs, ~1 MB and more) per command: the newest ones stay

@@ -377,7 +377,7 @@ def ray_cluster(s3_server) -> Iterator[str]:
 
     # Ray's socket paths must stay under 108 bytes: a short folder of its own, not pytest's (deeper per xdist worker)
     root = Path(tempfile.mkdtemp(prefix="wy-ray-"))
-    with environ({**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}):
+    with environ({**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true"}):
         ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(root / "ray"), log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address

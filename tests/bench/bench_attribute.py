@@ -162,7 +162,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-attribute-") as tmp, SeaweedFS(Path(tmp) / "weed") as server:
         opts = server.opts
         bucket = server.make_bucket("bench")
-        env = {**server.env, "RAY_AUTH_MODE": "disabled"}
+        env = {**os.environ, **server.env}
         os.environ.update(env)
         exp_uri = make_models(bucket, args.size, opts, args.explainer, args.classifier)
         reader = SyntheticReader(args.images, seed=0, split="bench", image_size=args.size)

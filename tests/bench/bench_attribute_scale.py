@@ -131,7 +131,7 @@ def launch(model: str, corpus: Path, output: Path, run_id: str, tmp: Path, kill_
         "tracking.enabled=false",
         "--json",
     ]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
     proc = subprocess.Popen(

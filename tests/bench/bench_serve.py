@@ -145,7 +145,6 @@ def main() -> None:
             **os.environ,
             "MLFLOW_TRACKING_URI": uri,
             "WYSIWYC_RAY_TMP": str(root / "r"),
-            "RAY_AUTH_MODE": "disabled",
         }
         started = time.perf_counter()
         server = subprocess.Popen(

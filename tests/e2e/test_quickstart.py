@@ -31,7 +31,7 @@ NUM_IMAGES, NUM_CORPUS = 64, 40
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return {**env, "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
+    return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def ctx(s3_server, mlflow_server, ray_cluster):
     """Bucket with corpus, odd inputs and models; the model registered (@champion); the session's Ray."""
     bucket = s3_server.make_bucket("attribute")
     opts = s3_server.opts
-    env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
+    env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true"}
     # the env before anything reads s3:// through it (registration, Ray workers)
     with environ(env):
         exp_uri = _checkpoints(bucket, opts)

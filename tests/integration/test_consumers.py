@@ -135,7 +135,6 @@ def reg(tmp_path_factory):
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `mlflow models serve` runs uvicorn
         "WYSIWYC_RAY_TMP": str(root / "r"),
-        "RAY_AUTH_MODE": "disabled",
     }
     with environ({"MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}):
         from mlflow.tracking import MlflowClient

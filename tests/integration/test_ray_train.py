@@ -35,7 +35,7 @@ def stack(s3_server, mlflow_server, session_stack, ray_cluster, tmp_path_factory
     """Bucket with train/val shards, the MLflow server, and the session's Ray."""
     root = tmp_path_factory.mktemp("raytrain")
     bucket = s3_server.make_bucket("raytrain")
-    env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
+    env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true"}
     for split, n, seed in (("train", 64, 0), ("val", 32, 1)):
         ingest(
             SyntheticReader(n, seed, split, image_size=SIZE),

@@ -64,8 +64,8 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
     # Ray's socket paths must stay under 108 bytes: a short folder of its own, searched like the rest
     ray_tmp, work = Path(tempfile.mkdtemp(prefix="wy-ray-")), tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    env.update(s3_server.env, WYSIWYC_RAY_TMP=str(ray_tmp), MLFLOW_DISABLE_TELEMETRY="true", RAY_AUTH_MODE="disabled")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
+    env.update(s3_server.env, WYSIWYC_RAY_TMP=str(ray_tmp), MLFLOW_DISABLE_TELEMETRY="true")
     common = [
         f"data.train=s3://{b}/data/train",
         f"data.val=s3://{b}/data/val",
@@ -139,6 +139,9 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
         if p.is_file() and not p.is_symlink()
     }
     shutil.rmtree(ray_tmp, ignore_errors=True)
+    # Ray's token authentication was on, its token in the private folder alone: in no log, output or object
+    token = files.pop(str(ray_tmp / "auth_token"))
+    assert len(token) == 64
     assert any("runtime_env" in name for name in files) and any(name.endswith("mlflow.db") for name in files)
     client = s3_server.client()
     keys = [
@@ -151,3 +154,4 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
     files.update({f"output of command {i}": out.encode() for i, out in enumerate(outputs)})
     assert len(files) > 100
     assert _hits(secret.encode(), files) == []
+    assert _hits(token, files) == []

@@ -42,7 +42,7 @@ def stack(s3_server, mlflow_server, ray_cluster, tmp_path_factory):
     """Local shards, a trained classifier, a bucket for the sweeps and the session's Ray."""
     root = tmp_path_factory.mktemp("sweep")
     bucket = s3_server.make_bucket("sweeps")
-    env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
+    env = {**s3_server.env, "MLFLOW_DISABLE_TELEMETRY": "true"}
     for split, n, seed in (("train", 32, 0), ("val", 16, 1)):
         ingest(
             SyntheticReader(n, seed, split, image_size=SIZE),

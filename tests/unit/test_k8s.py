@@ -151,6 +151,23 @@ def test_ray_resources_validate_against_the_kuberay_crds(rendered):
         _validate_ray(doc)
 
 
+def test_every_ray_cluster_takes_token_authentication(rendered):
+    """KubeRay's authOptions (≥ 1.5.1): a token Secret per cluster, RAY_AUTH_MODE/RAY_AUTH_TOKEN in each Ray container,
+    so that no pod that merely reaches a head's GCS, dashboard or client port can run code on it."""
+    _, docs = rendered
+    clusters = {}
+    for doc in docs:
+        if doc["kind"] not in RAY_KINDS:
+            continue
+        spec = doc["spec"]
+        cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")  # RayService / RayJob
+        clusters[f"{doc['kind']}/{doc['metadata']['name']}"] = cluster
+    assert len(clusters) == 4, sorted(clusters)
+    for name, cluster in clusters.items():
+        assert cluster.get("authOptions", {}).get("mode") == "token", name
+        assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52), name  # Ray's token auth
+
+
 def test_the_crd_check_catches_a_misspelt_field(rendered):
     _, docs = rendered
     broken = copy.deepcopy(_by(docs, "RayJob")["train-explainer-voc-vgg16"])

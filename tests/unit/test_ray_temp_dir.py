@@ -51,3 +51,27 @@ def test_only_the_newest_session_folders_stay(tmp_path):
     assert left == sorted([running, *names[6:], "session_latest", "other"])
     assert (temp / "session_latest" / "logs" / "raylet.out").read_text() == "log"
     assert prune_sessions(temp) == [] and prune_sessions(tmp_path / "absent") == []
+
+
+def test_rays_token_is_made_once_in_the_private_folder_and_exported(tmp_path, monkeypatch):
+    from pipeline.raysession import auth_token
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    path = auth_token(tmp_path)
+    assert path == tmp_path / "auth_token" and os.environ["RAY_AUTH_TOKEN_PATH"] == str(path)
+    token = path.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    assert auth_token(tmp_path) == path and path.read_text() == token  # the next command: the same token
+    # a cluster's own token, or auth turned off, is left alone; a named file that is gone is not a token
+    theirs = tmp_path / "theirs"
+    theirs.write_text("t" * 64)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(theirs))
+    assert auth_token(tmp_path / "x") is None and os.environ["RAY_AUTH_TOKEN_PATH"] == str(theirs)
+    theirs.unlink()  # e.g. inherited from a command whose folder was removed since
+    (tmp_path / "x").mkdir()
+    assert auth_token(tmp_path / "x") == tmp_path / "x" / "auth_token" == Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert auth_token(tmp_path / "y") is None and not (tmp_path / "y").exists()
