@@ -15,7 +15,6 @@ Expiries long enough for the work (and :meth:`Lease.still_held` before publishin
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import socket
@@ -25,13 +24,7 @@ from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.errors import WysiwycError
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a container user without a passwd entry
-        return str(os.getuid())
+from pipeline.tracking import current_user
 
 
 def _alive(pid: int) -> bool:
@@ -62,7 +55,7 @@ class Lease:
             "token": uuid.uuid4().hex,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "user": _user(),
+            "user": current_user(),
             "taken_at": now,
             "expires_at": now + ttl_s,
         }

@@ -640,6 +640,16 @@ def running_stack(state_dir: str | os.PathLike | None = None) -> RunningStack:
         )
 
 
+# MLflow's basic-auth app (mlflow[auth]): NO_PERMISSIONS by default (its own default, READ, lets every user read
+# every model); the admin's password comes from the environment, never from this file
+AUTH_CONFIG = """[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = sqlite:///{db}
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
 class MLflowServer:
     """One ``mlflow server`` on 127.0.0.1 (see the module docstring)::
 
@@ -675,6 +685,7 @@ class MLflowServer:
         s3_env: Mapping[str, str],
         start_timeout: float = 120.0,
         stop_timeout: float = 30.0,
+        admin_password: str | None = None,
     ) -> None:
         self.root = Path(root).expanduser().absolute()
         self.bucket = bucket
@@ -698,6 +709,10 @@ class MLflowServer:
             "--workers",
             "1",
         ]  # 2 processes, ~0.5 GB (the default starts 13, 2.1 GB)
+        # MLflow's basic-auth app: every request authenticated, nobody may do anything not granted
+        self._admin_password = admin_password
+        if admin_password is not None:
+            self.command += ["--app-name", "basic-auth"]
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self._s3_env = dict(s3_env)
         self.record: dict | None = None
@@ -729,6 +744,15 @@ class MLflowServer:
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
+        if self._admin_password is not None:
+            config = self.root / "basic_auth.ini"
+            storage.write_text(config, AUTH_CONFIG.format(db=self.root / "basic_auth.db"), private=True)
+            # the admin's password only in the server's environment (read once, when the user store is made)
+            env.update(
+                MLFLOW_AUTH_CONFIG_PATH=str(config),
+                MLFLOW_AUTH_ADMIN_PASSWORD=self._admin_password,
+                MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),  # the UI's CSRF tokens (one server)
+            )
         with open(self.log, "ab") as log:  # the server keeps its own copy of the descriptor
             process = subprocess.Popen(
                 self.command,

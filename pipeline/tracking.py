@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -121,6 +122,17 @@ REGISTRY_PREFIX = "models:/"
 # loader that the downloaded file is the registered one)
 EXPLAINER_SHA, CLASSIFIER_SHA = "wysiwyc.explainer_sha256", "wysiwyc.classifier_sha256"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+def current_user() -> str:
+    """Who acts (``promoted_by``, ``registered_by``, a lease's holder): the MLflow identity the client
+    authenticates as (``MLFLOW_TRACKING_USERNAME``), else the operating-system user."""
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return os.environ["MLFLOW_TRACKING_USERNAME"]
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return "unknown"
 
 
 def registry_uri(config=None) -> str:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import getpass
 import re
 import subprocess
 from datetime import datetime, timezone
@@ -38,13 +37,6 @@ def experiment_for(config, uri: str) -> str:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def current_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a container user without a passwd entry
-        return "unknown"
 
 
 def git_commit() -> str:

@@ -21,12 +21,11 @@ from pipeline.registry.lookup import (
     CHAMPION,
     LOWER_IS_BETTER,
     PREVIOUS,
-    current_user,
     experiment_for,
     explained_classifier,
     utc_now,
 )
-from pipeline.tracking import alias_versions, mlflow_client, registry_uri, resolve_model
+from pipeline.tracking import alias_versions, current_user, mlflow_client, registry_uri, resolve_model
 
 log = logging.getLogger(__name__)
 
