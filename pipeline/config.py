@@ -222,12 +222,17 @@ class ExplainerConfig(_Section):
 
     arch: Literal[
         "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "compact", "resunet", "resunet_os4", "mobileunet"
-    ] = Field("compact", description="segmentation net (deeplabv3_resnet50: the paper's)")
+    ] = Field(
+        "resunet",
+        description="segmentation net: deeplabv3_resnet50 (the paper's), deeplabv3_mobilenet_v3_large, resunet (the "
+        "CPU default, a U-Net of its own), resunet_os4, mobileunet, compact (the earlier default: small_cnn's "
+        "blocks)",
+    )
     checkpoint: str | None = Field(None, description="checkpoint URI or models:/NAME@alias")
     init: Literal["scratch", "distilled", "backbone_file", "explanandum_copy"] = Field(
         "scratch",
         description="how the weights start. Black-box (the Explanandum is used only as a function): "
-        "scratch (random); distilled (compact + cam: first distill_epochs epochs train the "
+        "scratch (random); distilled (resunet/…/compact + cam: first distill_epochs epochs train the "
         "encoder and class-activation branch to reproduce the Explanandum's output "
         "probabilities, then the paper's loss); backbone_file (DeepLab archs: the ImageNet "
         "backbone of backbone_weights, the paper's). White-box variant, refused by the default "
@@ -251,34 +256,38 @@ class ExplainerConfig(_Section):
     )
     cam: bool = Field(
         False,
-        description="compact arch: add the Explainer's own class-activation branch (the encoder's remaining "
-        "blocks and a linear layer per position) to the mask logits: random, or with init=distilled "
-        "trained on the Explanandum's outputs only; init=explanandum_copy (white-box) alone copies the "
-        "Explanandum's weights into it",
+        description="resunet, resunet_os4, mobileunet, compact: add the Explainer's own class-activation branch "
+        "(one more encoder block and a linear layer, applied per position) to the mask logits: random, or with "
+        "init=distilled trained on the Explanandum's outputs only; init=explanandum_copy (white-box, compact) alone "
+        "copies the Explanandum's weights into it",
     )
 
     @model_validator(mode="after")
     def _init_fits_arch(self):
-        compact = self.arch in ("compact", "resunet", "resunet_os4", "mobileunet")
+        own = self.arch in ("compact", "resunet", "resunet_os4", "mobileunet")  # wysiwyc's small Explainers
 
         def net() -> str:
             return BACKBONE_OF.get(self.arch, "resnet50")
 
         _backbone_file_rule("explainer", self.init, "backbone_weights", self.backbone_weights, net)
-        if self.init == "backbone_file" and compact:
+        if self.init == "backbone_file" and own:
             raise ValueError(
-                "explainer.init=backbone_file: the compact Explainer has no ImageNet backbone; "
+                f"explainer.init=backbone_file: the {self.arch} Explainer has no ImageNet backbone; "
                 "use init=scratch or distilled"
             )
-        if self.init in ("distilled", "explanandum_copy") and not compact:
-            raise ValueError(f"explainer.init={self.init} is for the compact Explainer, not {self.arch}")
+        if self.init == "distilled" and not own:
+            raise ValueError(f"explainer.init=distilled is for wysiwyc's own Explainers (resunet, …), not {self.arch}")
+        if self.init == "explanandum_copy" and self.arch != "compact":
+            raise ValueError(
+                f"explainer.init=explanandum_copy copies small_cnn's blocks into the compact Explainer, not {self.arch}"
+            )
         if self.init == "distilled" and not self.cam:
             raise ValueError(
                 "explainer.init=distilled trains the class-activation branch as the distilled "
                 "classifier's head: set explainer.cam=true"
             )
-        if self.cam and not compact:
-            raise ValueError(f"explainer.cam is only for the compact Explainer, not {self.arch}")
+        if self.cam and not own:
+            raise ValueError(f"explainer.cam is only for wysiwyc's own Explainers (resunet, …), not {self.arch}")
         if self.levels is not None and self.arch != "compact":
             raise ValueError(f"explainer.levels is only for the compact Explainer, not {self.arch}: set it to null")
         return self

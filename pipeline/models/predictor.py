@@ -64,7 +64,7 @@ class Predictor:
         if source == "explainer" and getattr(self.explainer, "cam_channels", None) is None:
             raise WysiwycError(
                 f"attribute.class_source=explainer: the Explainer {storage.redact(self.explainer_uri)} has no class "
-                "head (a compact Explainer with explainer.cam=true, distilled, has one); use class_source=explanandum"
+                "head (a distilled Explainer with explainer.cam=true has one); use class_source=explanandum"
             )
         self.class_source = source
         return self

@@ -194,7 +194,7 @@ def _net_and_schedule(config) -> dict:
         "black box (the classifier only called)": e.black_box,
         **({"explainer.distill_epochs": e.distill_epochs} if e.init == "distilled" else {}),
         "explainer.arch": e.arch,
-        "explainer.levels": e.levels,
+        **({"explainer.levels": e.levels} if e.arch == "compact" else {}),
         "explainer.cam": e.cam,
         "trainer.epochs": t.epochs,
         "trainer.batch_size (per worker)": t.batch_size,

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
+from pipeline.config import load_config  # noqa: E402
 from pipeline.data.synthetic import SyntheticReader  # noqa: E402
 from pipeline.data.transforms import normalize  # noqa: E402
 from pipeline.evaluate import baselines  # noqa: E402
@@ -74,7 +75,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     classifier = freeze_explanandum(build_explanandum("small_cnn", args.classes))
-    explainer = build_explainer("compact", args.classes, levels=3, cam=True).eval()  # configs/cpu/explainer.yaml's net
+    e = load_config("cpu/explainer").explainer  # the CPU preset's net
+    explainer = build_explainer(e.arch, args.classes, levels=e.levels, cam=e.cam).eval()
     x = images(args.images, args.size)
     all_classes = list(range(args.classes))
     layer = baselines.gradcam_target_layer(classifier)

@@ -223,7 +223,7 @@ def test_report_is_self_contained_with_table_pictures_and_lambdas(quickstart):
     assert "The Explainer is black-box, as the paper" in html  # the report leads with what it shows
     assert "<tr><td>explainer.init</td><td>distilled</td></tr>" in html
     assert "<tr><td>explainer.cam</td><td>True</td></tr>" in html
-    assert "<tr><td>explainer.levels</td><td>3</td></tr>" in html
+    assert "<tr><td>explainer.arch</td><td>resunet</td></tr>" in html and "explainer.levels" not in html
     metrics = json.loads(Path(summary["metrics"]).read_text())
     assert f"{metrics['methods']['explainer']['cont_iou']:.3f}" in html
 

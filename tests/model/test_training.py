@@ -101,6 +101,7 @@ def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_and_branch_re
                 "trainer.epochs=1",
                 f"trainer.run_name=exp-{fmt}",
                 f"trainer.channels_last={fmt}",
+                "explainer.arch=compact",
                 "explainer.levels=3",
                 f"explanandum.checkpoint={clf['checkpoint']}",
             ),
@@ -122,6 +123,7 @@ def test_channels_last_on_cpu_trains_the_same_explainer_and_levels_and_branch_re
             tmp_path,
             "trainer.epochs=1",
             "trainer.run_name=exp-cam",
+            "explainer.arch=compact",
             "explainer.levels=3",
             "explainer.cam=true",
             f"explanandum.checkpoint={clf['checkpoint']}",
@@ -389,6 +391,7 @@ def test_black_box_inits_start_from_no_tensor_of_the_explanandum(data, tmp_path,
         data,
         tmp_path,
         f"explainer.init={init}",
+        "explainer.arch=compact",
         "explainer.levels=3",
         *extra,
         f"explanandum.checkpoint={clf['checkpoint']}",
@@ -428,9 +431,8 @@ def test_distilled_init_distils_the_outputs_then_trains_the_papers_loss_calling_
     cfg = [
         f"explanandum.checkpoint={clf['checkpoint']}",
         "trainer.run_name=dist",
-        "explainer.init=distilled",
+        "explainer.init=distilled",  # the default Explainer's own class branch (resunet)
         "explainer.cam=true",
-        "explainer.levels=3",
         "explainer.distill_epochs=2",
     ]
     summary = fit("explainer", config(data, tmp_path, "trainer.epochs=1", *cfg), progress=False)
@@ -474,6 +476,6 @@ def test_rt_saliency_loss_kind_trains_the_same_explainer_with_dabkowski_and_gals
     assert terms <= set(history[-1])
     assert "train_entropy" not in history[-1]  # none of the paper's terms
     state, _ = ckpt.load_checkpoint(summary["checkpoint"])
-    assert state["loss_kind"] == "rt_saliency" and state["arch"] == "compact" and state["black_box"] is True
+    assert state["loss_kind"] == "rt_saliency" and state["arch"] == "resunet" and state["black_box"] is True
     # the paper's loss records its kind too
     assert ckpt.load_checkpoint(clf["checkpoint"])[0].get("loss_kind") is None  # a classifier has none

@@ -134,6 +134,37 @@ def test_the_cpu_explainer_preset_is_black_box():
     assert (e.init, e.black_box, e.cam) == ("distilled", True, True)
 
 
+def _layer_shapes(net) -> list[tuple]:
+    """(kind, weight shape) of every convolution and linear layer, in the order they are built."""
+    from torch import nn
+
+    return [(type(m).__name__, tuple(m.weight.shape)) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@pytest.mark.parametrize("classes", [6, 20])
+def test_the_default_explainer_is_designed_without_looking_at_any_classifier(classes):
+    """The CPU preset's Explainer (and the config's default arch) rebuilds no part of small_cnn: no two of its
+    consecutive conv/linear layer shapes appear in a row in the Explainer, and its class head is not a global
+    max pool + linear layer (its linear layer reads the branch's mean and maximum)."""
+    from pipeline.config import ExplainerConfig
+    from pipeline.models.explainer import build_explainer
+    from pipeline.models.explanandum import build_explanandum
+
+    e = load_config(CONFIGS / "cpu" / "explainer.yaml").explainer
+    assert e.arch == ExplainerConfig().arch != "compact"
+    explainer = build_explainer(e.arch, classes, levels=e.levels, cam=e.cam)
+    ours, theirs = _layer_shapes(explainer), _layer_shapes(build_explanandum("small_cnn", classes))
+    runs = {tuple(ours[i : i + 2]) for i in range(len(ours) - 1)}
+    assert not [theirs[i : i + 2] for i in range(len(theirs) - 1) if tuple(theirs[i : i + 2]) in runs]
+    width = explainer.cam_channels[-1]
+    assert explainer.cam_fc.in_features == 2 * width  # [mean, max] of the branch, not max alone
+    # the check can fail: today's compact Explainer is small_cnn's block sequence
+    compact = _layer_shapes(build_explainer("compact", classes, levels=3, cam=True))
+    assert any(
+        tuple(theirs[i : i + 2]) in {tuple(compact[j : j + 2]) for j in range(len(compact) - 1)} for i in range(6)
+    )
+
+
 def test_a_preset_loads_by_its_short_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here: the names resolve to the files shipped in the package
     by_file = load_config(CONFIGS / "cpu" / "explainer.yaml")
