@@ -118,7 +118,7 @@ def test_selection_score_is_masked_image_f1_minus_mask_area():
 
 
 def test_a_sweep_of_distilled_explainers_is_refused_naming_the_way_out(tmp_path):
-    base = "explainer:\n  init: distilled\n  cam: true\n  levels: 3\ntrainer:\n  epochs: 2\n"
+    base = "explainer:\n  init: distilled\n  cam: true\ntrainer:\n  epochs: 2\n"
     sweep = _write(
         tmp_path,
         "sweep:\n  name: s\n  base: ../base.yaml\n  space:\n    loss.entropy_regularizer: {grid: [0.5, 1.0]}\n",
