@@ -27,12 +27,13 @@ from pipeline.errors import WysiwycError
 from pipeline.tracking import current_user
 
 
-def _alive(pid: int) -> bool:
+def process_running(pid: int | str) -> bool:
+    """Whether the process ``pid`` of this host exists; True when it cannot be told (another user's, not a pid)."""
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process: alive
+    except (ValueError, OSError):  # PermissionError: another user's process
         return True
     return True
 
@@ -89,7 +90,7 @@ class Lease:
     def _dead(held: dict, now: float) -> bool:
         if float(held.get("expires_at", 0)) < now:
             return True
-        return held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", 0)))
+        return held.get("host") == socket.gethostname() and not process_running(held.get("pid", 0))
 
     def still_held(self) -> bool:
         """Whether the object at the URL is still this lease (not expired and taken over by another)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.errors import WysiwycError
+from pipeline.lease import process_running
 from pipeline.storage import S3Options
 
 log = logging.getLogger(__name__)
@@ -113,23 +114,12 @@ def prune_sessions(temp: Path, keep: int = SESSIONS_KEPT) -> list[Path]:
     if not temp.is_dir():
         return []
     sessions = sorted(p for p in temp.iterdir() if p.name.startswith("session_2") and p.is_dir() and not p.is_symlink())
-    old = [p for p in sessions[: max(0, len(sessions) - keep)] if not _running(p.name.rsplit("_", 1)[-1])]
+    old = [p for p in sessions[: max(0, len(sessions) - keep)] if not process_running(p.name.rsplit("_", 1)[-1])]
     for folder in old:
         shutil.rmtree(folder, ignore_errors=True)
     if old:
         log.info("removed %d old Ray session folder(s) under %s (the newest %d stay)", len(old), temp, keep)
     return old
-
-
-def _running(pid: str) -> bool:
-    """Whether the process ``pid`` (a session folder's last part) exists; True when it cannot be told."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, PermissionError, OSError):
-        return True
-    return True
 
 
 # what Ray appends to its temp dir for a socket: /session_2026-12-05_19-10-34_654405_29151/sockets/plasma_store

@@ -157,7 +157,7 @@ def decoded_image(
         raise InputError(f"{source}: {reason}{advice}") from exc
 
 
-def inspect_image(data: bytes, source: str, max_pixels: int | None = None) -> ImageInfo:
+def inspect_image(data: bytes, source: str, max_pixels: int = MAX_IMAGE_PIXELS) -> ImageInfo:
     """Decode ``data`` fully (:func:`decoded_image`) and describe it.
 
     JPEG and 8-bit PNG bytes are kept as they are (decoders apply their EXIF orientation the same way
@@ -167,8 +167,7 @@ def inspect_image(data: bytes, source: str, max_pixels: int | None = None) -> Im
     Args:
         data: the encoded image.
         source: the file or URI the bytes came from (for the error message).
-        max_pixels: larger images are refused from their header (``data.max_image_pixels``; None:
-            :data:`MAX_IMAGE_PIXELS`).
+        max_pixels: larger images are refused from their header (``data.max_image_pixels``).
 
     Returns:
         The bytes to store with their extension and size.
@@ -177,8 +176,7 @@ def inspect_image(data: bytes, source: str, max_pixels: int | None = None) -> Im
         InputError: empty, truncated, not a PNG/JPEG/WebP image, or too large.
     """
     advice = "; re-copy the file or remove it"
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    with decoded_image(data, source, max_pixels=limit, limit="data.max_image_pixels", advice=advice) as (
+    with decoded_image(data, source, max_pixels=max_pixels, limit="data.max_image_pixels", advice=advice) as (
         im,
         (width, height),
     ):

@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from pipeline.config import MAX_IMAGE_PIXELS
 from pipeline.errors import InputError, WysiwycError
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]+")
@@ -149,8 +150,8 @@ class Reader(abc.ABC):
     # {input id: key} of the inputs whose key was disambiguated (see unique_keys), known once items()
     # has run; ingest records it in the manifest. Readers assign their own mapping, never mutate this one.
     renamed: Mapping[str, str] = MappingProxyType({})
-    # the pixel limit of the images it decodes (ingest sets data.max_image_pixels; None: inspect_image's default)
-    max_pixels: int | None = None
+    # the pixel limit of the images it decodes (ingest sets data.max_image_pixels)
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     @abc.abstractmethod
     def items(self) -> list:

@@ -212,28 +212,14 @@ class ResidualBlock(nn.Module):
         return F.relu(self.body(x) + self.shortcut(x))
 
 
-class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1×1 expansion (×``expand``)-BN-ReLU6, depthwise 3×3 (stride, dilation)-BN-ReLU6,
-    1×1 projection-BN, plus the input where the shape is kept."""
+def _inverted_residual(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Module:
+    """torchvision's MobileNetV2 block with expansion 4 (1×1 expansion, depthwise 3×3, 1×1 projection, the input
+    added where the shape is kept); it takes no dilation."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1, expand: int = 4):
-        super().__init__()
-        hidden = in_channels * expand
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU6(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride, padding=dilation, dilation=dilation, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU6(inplace=True),
-            nn.Conv2d(hidden, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
-        self.residual = stride == 1 and in_channels == out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.body(x)
-        return x + y if self.residual else y
+    if dilation != 1:
+        raise ValueError("the inverted-residual block takes no dilation")
+    return InvertedResidual(in_channels, out_channels, stride, expand_ratio=4)
 
 
 UNET_DESIGNS: dict[str, dict] = {
@@ -261,7 +247,7 @@ class UNetExplainer(nn.Module):
     def __init__(self, num_classes: int, design: str, cam: bool = False):
         super().__init__()
         spec = UNET_DESIGNS[design]
-        block = ResidualBlock if spec["block"] == "residual" else InvertedResidual
+        block = ResidualBlock if spec["block"] == "residual" else _inverted_residual
         channels = spec["channels"]
         self.design = design
         self.stem = nn.Sequential(
