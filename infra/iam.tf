@@ -4,12 +4,15 @@
 #   attribute  (scheduled RayJob)       reads shards/corpus/* and checkpoints, writes attributions
 #   mlflow     (tracking server)        reads/writes the MLflow artifact bucket
 #   ingest     (`wysiwyc ingest` jobs)  reads/writes shards (--overwrite replaces a split)
+#   mlflow-db-secret (External Secrets) reads the database's RDS-managed master password, nothing in S3
 locals {
   workloads = {
     train     = "wysiwyc-train"
     attribute = "wysiwyc-attribute"
     mlflow    = "mlflow"
     ingest    = "wysiwyc-ingest"
+    # the External Secrets Operator, for the Secret `mlflow-db`: reads the RDS-managed password (rds.tf)
+    mlflow-db-secret = "mlflow-db-secret"
   }
   kms_use = ["kms:Decrypt", "kms:GenerateDataKey"] # SSE-KMS reads and writes
 }
@@ -75,6 +78,7 @@ locals {
       { actions = ["s3:ListBucket"], resources = [local.bucket_arn["shards"]], prefix = null },
       { actions = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"], resources = ["${local.bucket_arn["shards"]}/*"], prefix = null },
     ]
+    mlflow-db-secret = [] # its one grant, the database's secret, is in rds.tf
   }
 }
 

@@ -97,3 +97,20 @@ resource "aws_db_instance" "mlflow" {
   performance_insights_kms_key_id       = aws_kms_key.data.arn
   performance_insights_retention_period = 7
 }
+
+# The master password rotates (RDS-managed rotation, every 7 days). The External Secrets Operator copies it
+# into the Secret `mlflow-db` every 5 minutes (k8s/overlays/aws/mlflow-db.yaml) and Reloader restarts MLflow
+# when it changes; the role it assumes (iam.tf, ServiceAccount mlflow-db-secret) reads that secret alone.
+data "aws_iam_policy_document" "mlflow_db_secret" {
+  statement {
+    sid       = "ReadTheDatabasePassword"
+    actions   = ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"]
+    resources = [aws_db_instance.mlflow.master_user_secret[0].secret_arn]
+  }
+}
+
+resource "aws_iam_role_policy" "mlflow_db_secret" {
+  name   = "${var.name}-mlflow-db-secret-read"
+  role   = aws_iam_role.workload["mlflow-db-secret"].id
+  policy = data.aws_iam_policy_document.mlflow_db_secret.json
+}

@@ -672,6 +672,11 @@ class RegistryConfig(_Section):
         description="folder or s3:// prefix where promote and rollback take their lease on a model's aliases (one "
         "at a time; shared by everyone who promotes); default: trainer.storage/leases",
     )
+    readers: list[str] = Field(
+        default_factory=list,
+        description="MLflow identities (basic-auth user names: serve, attribute) granted READ on each model this "
+        "registers and on its run's experiment (the artifacts): they resolve aliases and load, never move them",
+    )
 
 
 class ServeConfig(_Section):

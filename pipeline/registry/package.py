@@ -182,8 +182,33 @@ def _publish(client, uri: str, config, name: str, root: Path, tags: dict, params
         ).version
     )
     client.set_registered_model_alias(name, CANDIDATE, version)
+    _grant_readers(uri, config.registry.readers, name, run.info.experiment_id)
     log.info("register: %s → models:/%s/%s (@%s)", tags.get("wysiwyc.checkpoint"), name, version, CANDIDATE)
     return version, run_id
+
+
+def _grant_readers(uri: str, readers: list[str], name: str, experiment_id: str) -> None:
+    """READ for each of ``registry.readers`` on model ``name`` and on the experiment that holds its artifacts
+    (MLflow's basic-auth app: what an alias resolves to is downloaded through the run's experiment). The
+    registering identity MANAGEs both (it created them), which is what granting needs."""
+    if not readers:
+        return
+    from mlflow.server import get_app_client
+
+    accounts = get_app_client("basic-auth", tracking_uri=uri)
+    for reader in readers:
+        for kind, resource in (("registered_model", name), ("experiment", experiment_id)):
+            try:
+                accounts.grant_user_permission(reader, kind, resource, "READ")
+            except MlflowException as exc:
+                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                    raise WysiwycError(
+                        f"registry.readers: MLflow at {storage.redact(uri)} has no user {reader!r}; create it "
+                        f"(`wysiwyc stack up` makes `reader`) or remove it from registry.readers"
+                    ) from None
+                if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":  # granted before: kept as it is
+                    raise
+    log.info("register: READ on models:/%s and experiment %s for %s", name, experiment_id, ", ".join(readers))
 
 
 def _existing(client, uri: str, name: str, sha_tag: str, sha: str, checkpoint: str) -> dict | None:

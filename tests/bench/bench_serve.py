@@ -10,8 +10,14 @@ endpoint / direct.
 The model: an untrained ``--explainer`` / ``--classifier`` pair at ``--size`` px registered in a temporary
 sqlite registry (speed does not depend on the weights); ``--device cuda`` serves it with one GPU per replica.
 
+With ``--abuse``, each level runs twice: as above, then with one more client that sends, back to back, what
+issue 29 measured stalling the endpoint: a 7000 × 7000 PNG (a few hundred kB that decode to 147 MB) and a request
+for ``fixed_classes`` naming one class 1,000 times. The p99 of the normal requests is reported for both, and
+what the abusive requests got. The endpoint runs from the code beside this file (``python -m pipeline.cli`` with
+this repository first on the path), so a checkout of an older commit measures that commit's endpoint.
+
 Run: ``.venv/bin/python tests/bench/bench_serve.py [--requests N] [--size S] [--replicas R] [--device cpu|cuda]
-[--explainer deeplabv3_resnet50 --classifier vgg16 --size 224]``.
+[--abuse] [--explainer deeplabv3_resnet50 --classifier vgg16 --size 224]``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,6 +105,44 @@ def _direct(checkpoint: str, images: list[bytes], device: str) -> dict:
     return _stats(latencies, time.perf_counter() - start)
 
 
+def _abusive() -> list[tuple[str, bytes]]:
+    """The abusive requests: (path, body)."""
+    big = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (90, 140, 30)).save(big, format="PNG")
+    small = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 140, 30)).save(small, format="PNG")
+    repeated = ",".join([CLASSES[0]] * 1000)
+    return [("/explain", big.getvalue()), (f"/explain?classes=fixed&fixed_classes={repeated}", small.getvalue())]
+
+
+def _abuse(port: int, stop) -> dict:
+    """Send the abusive requests until ``stop`` is set; what they got: status → count, and the seconds spent."""
+    got: dict = {}
+    requests = _abusive()
+    i = 0
+    while not stop.is_set():
+        path, body = requests[i % len(requests)]
+        label = "fixed×1000" if "?" in path else "7000² PNG"
+        i += 1
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        t = time.perf_counter()
+        try:
+            connection.request("POST", path, body, {"Content-Type": "image/png"})
+            reply = connection.getresponse()
+            payload = reply.read()
+            key = f"{label} {reply.status}"
+            if reply.status == 200 and "?" in path:
+                key += f" ({len(json.loads(payload)['masks'])} masks, {len(payload) / 1e6:.1f} MB)"
+        except (OSError, http.client.HTTPException) as exc:
+            key = f"{label} {type(exc).__name__}"
+        finally:
+            connection.close()
+        entry = got.setdefault(key, [0, 0.0])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t
+    return got
+
+
 def _load(port: int, images: list[bytes], clients: int) -> tuple[dict, float]:
     """``clients`` threads with a keep-alive connection each share ``images``; stats and mean batch size."""
 
@@ -130,6 +175,7 @@ def main() -> None:
     parser.add_argument("--explainer", default="compact")
     parser.add_argument("--classifier", default="small_cnn")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--abuse", action="store_true", help="each level again with an abusive client beside it")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -141,16 +187,18 @@ def main() -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         gpus = "1" if args.device == "cuda" else "0"
+        repo = str(Path(__file__).resolve().parents[2])
         env = {
             **os.environ,
             "MLFLOW_TRACKING_URI": uri,
             "WYSIWYC_RAY_TMP": str(root / "r"),
+            "PYTHONPATH": os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])]),
         }
         started = time.perf_counter()
         server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "wysiwyc"), "serve", "--model", "models:/bench@candidate",
+            [sys.executable, "-m", "pipeline.cli", "serve", "--model", "models:/bench@candidate",
              "--port", str(port), "--replicas", str(args.replicas), f"serve.gpus_per_replica={gpus}", "--json"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=repo,
         )  # fmt: skip
         try:
             ready = json.loads(server.stdout.readline())
@@ -165,6 +213,16 @@ def main() -> None:
                 stats, batch = _load(port, images, clients)
                 print(f"{f'endpoint, {clients} client(s)':24} {stats['rps']:8.1f} {stats['p50']:8.2f} "
                       f"{stats['p99']:8.2f} {batch:11.1f} {stats['rps'] / direct['rps']:15.2f}")  # fmt: skip
+                if args.abuse:
+                    stop = threading.Event()
+                    with ThreadPoolExecutor(1) as pool:
+                        abuser = pool.submit(_abuse, port, stop)
+                        stats, batch = _load(port, images, clients)
+                        stop.set()
+                        got = abuser.result()
+                    print(f"{'  + 1 abusive client':24} {stats['rps']:8.1f} {stats['p50']:8.2f} "
+                          f"{stats['p99']:8.2f} {batch:11.1f} {stats['rps'] / direct['rps']:15.2f}   abusive: "
+                          + ", ".join(f"{k}: {n}× {t / n:.2f} s" for k, (n, t) in sorted(got.items())))  # fmt: skip
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=120)

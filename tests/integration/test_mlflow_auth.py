@@ -6,30 +6,16 @@ client: these permissions are what enforce who may move ``@champion``."""
 
 from __future__ import annotations
 
-import base64
 import os
 import secrets
-import urllib.error
-import urllib.request
 
 import pytest
-from conftest import environ
+from conftest import environ, http_status
 
 from pipeline.stack import MLflowServer
 from pipeline.tracking import current_user
 
 pytestmark = pytest.mark.s3
-
-
-def _status(url: str, user: tuple[str, str] | None = None) -> int:
-    request = urllib.request.Request(url)
-    if user:
-        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(user).encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +36,11 @@ def test_only_granted_identities_reach_the_registry_and_only_the_promoter_moves_
     from mlflow.tracking import MlflowClient
 
     started, admin, root = server
+    session_user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     search = f"{started.uri}/api/2.0/mlflow/registered-models/search"
-    assert _status(search) == 401  # unauthenticated
-    assert _status(search, ("admin", admin)) == 200
-    assert _status(search, ("admin", "password1234")) == 401  # MLflow's old default admin password
+    assert http_status(search) == 401  # unauthenticated
+    assert http_status(search, ("admin", admin)) == 200
+    assert http_status(search, ("admin", "password1234")) == 401  # MLflow's old default admin password
     # the password is in no file of the server's (its config has none; its log does not echo it)
     assert admin not in (root / "basic_auth.ini").read_text() and admin not in started.log_tail(100_000)
     users = {
@@ -82,5 +69,5 @@ def test_only_granted_identities_reach_the_registry_and_only_the_promoter_moves_
     with _as("promoter", users["promoter"]):
         client.set_registered_model_alias("expl", "champion", version)
         assert client.get_registered_model("expl").aliases == {"candidate": version, "champion": version}
-    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ  # the identities were this test's alone
+    assert os.environ.get("MLFLOW_TRACKING_USERNAME") == session_user  # the identities were this test's alone
     assert "default_permission = NO_PERMISSIONS" in (root / "basic_auth.ini").read_text()

@@ -64,7 +64,7 @@ def _explainer_state(classes, classifier_uri, classifier_sha, data, seed, blank=
 
 
 @pytest.fixture(scope="module")
-def reg(s3_server, mlflow_server, tmp_path_factory):
+def reg(s3_server, mlflow_server, session_stack, tmp_path_factory):
     """Shards, a classifier and three Explainer checkpoints in SeaweedFS; config and env for the registry."""
     root = tmp_path_factory.mktemp("registry")
     bucket = s3_server.make_bucket("registry")
@@ -97,7 +97,12 @@ def reg(s3_server, mlflow_server, tmp_path_factory):
         f"split: {data}\nevaluate:\n  methods: [explainer]\n  batch_size: 8\n"
         "minimum:\n  cont_iou: 0.0\nchampion_margin:\n  cont_iou: 0.05\n  mean_f1: 0.05\n"
     )
-    overrides = [f"tracking.uri={mlflow_server.uri}", "tracking.experiment=registry-tests", "data.loader_workers=0"]
+    overrides = [
+        f"tracking.uri={mlflow_server.uri}",
+        "tracking.experiment=registry-tests",
+        "data.loader_workers=0",
+        "registry.readers=[reader]",  # the stack's read-only identity (serve, attribute)
+    ]
     env = {
         **os.environ,
         **s3_server.env,
@@ -121,6 +126,7 @@ def reg(s3_server, mlflow_server, tmp_path_factory):
             "uri": mlflow_server.uri,
             "client": mlflow_server.client(),
             "s3": s3_server,
+            "reader_env": {k: v for k, v in session_stack.reader_env.items() if k.startswith("MLFLOW_TRACKING_")},
         }
 
 
@@ -195,15 +201,21 @@ def test_registered_version_loads_in_a_fresh_process_from_its_uri_alone(reg, reg
         "five = model.predict(pd.DataFrame({'pixels': list(x.numpy())}), params=every)\n"
         "arrays = model.unwrap_python_model().predict(None, x.numpy())  # the 4-d form of earlier versions\n"
         "one = model.unwrap_python_model().predict(None, x[:1].numpy())\n"
+        "try:\n"
+        "    mlflow.MlflowClient().set_registered_model_alias('expl', 'champion', '3')\n"
+        "    refused = ''\n"
+        "except mlflow.exceptions.MlflowException as exc:\n"
+        "    refused = str(exc)\n"
         "torch.save({'masks': out.masks, 'probs': out.probs, 'name': p.model_name, 'version': p.model_version,\n"
         "            'uri': p.explainer_uri, 'classes': p.classes, 'size': p.image_size,\n"
         "            'records': five.to_dict(orient='records'),\n"
         "            'pyfunc_masks': torch.from_numpy(arrays['masks']),\n"
         "            'pyfunc_probs': torch.from_numpy(arrays['probs']),\n"
-        "            'pyfunc_one': torch.from_numpy(one['masks'])}, sys.argv[2])\n"
+        "            'pyfunc_one': torch.from_numpy(one['masks']), 'refused': refused}, sys.argv[2])\n"
     )
-    # nothing but the tracking URI: no storage credentials (the server serves the artifacts)
-    env = {k: v for k, v in reg["env"].items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
+    # nothing but the tracking URI and the read-only identity (registry.readers): no storage credentials (the server
+    # serves the artifacts), no right to move an alias
+    env = {k: v for k, v in reg["env"].items() if not k.startswith(("AWS_", "MLFLOW_S3"))} | reg["reader_env"]
     proc = subprocess.run(
         [sys.executable, "-c", code, str(root / "images.pt"), str(root / "out.pt")],
         env=env,
@@ -216,6 +228,7 @@ def test_registered_version_loads_in_a_fresh_process_from_its_uri_alone(reg, reg
     got = torch.load(root / "out.pt")
     assert (got["name"], got["version"], got["uri"]) == ("expl", "3", "models:/expl/3")
     assert got["classes"] == reg["classes"] and got["size"] == SIZE
+    assert "PERMISSION_DENIED" in got["refused"] or "403" in got["refused"], got["refused"]  # READ only
 
     torch.set_num_threads(1)
     reference = load_predictor(reg["checkpoints"]["a2"], opts=reg["s3"].opts)(images)
@@ -359,7 +372,8 @@ def test_registry_uris_that_do_not_resolve_are_refused_naming_what_is_missing(re
         load_explainer("models:/expl@nope", reg["uri"])
     with pytest.raises(WysiwycError, match=r"registered model 'expl' has no version 9"):
         load_explainer("models:/expl/9", reg["uri"])
-    with pytest.raises(WysiwycError, match=r"no registered model 'missing'.*wysiwyc register"):
+    # MLflow's basic-auth answers 403 alike for a model that does not exist and one the identity may not read
+    with pytest.raises(WysiwycError, match=r"refused 'promoter' .*no registered model 'missing'.*wysiwyc register"):
         load_explainer("models:/missing@champion", reg["uri"])
     proc = wysiwyc(reg, "promote", "--name", "missing", "--version", "1", *reg["overrides"], check=False)
     assert proc.returncode == 2 and "no registered model 'missing'" in proc.stderr

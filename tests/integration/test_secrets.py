@@ -48,9 +48,14 @@ def _hits(secret: bytes, files: dict[str, bytes]) -> list[str]:
     return sorted(name for name, data in files.items() if secret in data)
 
 
-def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_bucket, tmp_path):
+def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_bucket, session_stack, tmp_path):
     secret = s3_server.secret_key
     assert len(secret) >= 30  # distinctive: no accidental match
+    # attribution and the endpoint reach the registry with the password inside the tracking URI (user:password@, as
+    # some teams write it): MLflow's auth app needs it, and it must land in no config, param, manifest or page
+    password = session_stack.env["MLFLOW_TRACKING_PASSWORD"]
+    assert len(password) >= 24
+    tracking = session_stack.tracking_uri.replace("http://", f"http://promoter:{password}@")
     b = s3_bucket
     for split, n, seed in (("train", 32, 0), ("val", 16, 1)):
         ingest(
@@ -64,7 +69,11 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
     # Ray's socket paths must stay under 108 bytes: a short folder of its own, searched like the rest
     ray_tmp, work = Path(tempfile.mkdtemp(prefix="wy-ray-")), tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_"))
+    }
     env.update(s3_server.env, WYSIWYC_RAY_TMP=str(ray_tmp), MLFLOW_DISABLE_TELEMETRY="true")
     common = [
         f"data.train=s3://{b}/data/train",
@@ -100,16 +109,25 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
             "r1",
             "attribute.batch_size=8",
             "attribute.preview_images=2",
+            f"tracking.uri={tracking}",
         ],
         env,
         work,
     )
     outputs.append(proc.stdout + proc.stderr)
     assert json.loads(proc.stdout)["num_ok"] == 16
+    # its MLflow run, in the stack's server: logged through the URI's credentials, with the URI masked
+    from mlflow import MlflowClient
+
+    client = MlflowClient(session_stack.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("attribution").experiment_id])
+    logged = json.dumps([{"params": r.data.params, "tags": r.data.tags} for r in runs])
+    assert runs  # the credentials in the URI were what let it in
+    outputs.append(logged)
     # the online endpoint (Ray Serve: controller, proxy and a replica reading the checkpoint from the bucket)
     (port,) = _free_ports(1)
     server = subprocess.Popen(
-        [*CLI, "serve", "--model", explainer, "--port", str(port), "--json"],
+        [*CLI, "serve", "--model", explainer, "--port", str(port), f"tracking.uri={tracking}", "--json"],
         env=env,
         cwd=work,
         stdout=subprocess.PIPE,
@@ -121,6 +139,8 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
         request = urllib.request.Request(f"{url}/explain", _probe_png(), {"Content-Type": "image/png"})
         with urllib.request.urlopen(request, timeout=60) as reply:
             assert json.loads(reply.read())["masks"]
+        with urllib.request.urlopen(f"{url}/health", timeout=60) as reply:
+            outputs.append(reply.read().decode())
     finally:
         server.send_signal(signal.SIGTERM)
         out, err = server.communicate(timeout=120)
@@ -155,3 +175,4 @@ def test_ray_training_and_attribution_leave_the_secret_nowhere(s3_server, s3_buc
     assert len(files) > 100
     assert _hits(secret.encode(), files) == []
     assert _hits(token, files) == []
+    assert _hits(password.encode(), files) == []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import _free_ports, run_cli
+from conftest import _free_ports, http_status, run_cli
 
 from pipeline.errors import WysiwycError
 from pipeline.stack import find_weed, running_stack
@@ -83,11 +83,23 @@ def test_up_status_down_keeps_data_and_leaves_no_process(tmp_path, monkeypatch):
         secret = creds["secret_access_key"]
         assert len(secret) >= 30 and secret not in proc.stdout and secret not in proc.stderr
         assert "AWS_SECRET_ACCESS_KEY" not in up["env"] and up["env_file"] == str(state / "env")
-        env = {**up["env"], "AWS_SECRET_ACCESS_KEY": secret}
+        # MLflow behind basic-auth: generated passwords, printed nowhere, the env file's identity the promoter
+        passwords = creds["mlflow"]
+        assert set(passwords) == set(up["mlflow_users"]) == {"admin", "promoter", "reader"}
+        assert all(len(pw) >= 24 and pw not in proc.stdout + proc.stderr for pw in passwords.values())
+        assert "MLFLOW_TRACKING_PASSWORD" not in up["env"] and up["env"]["MLFLOW_TRACKING_USERNAME"] == "promoter"
+        env = {**up["env"], "AWS_SECRET_ACCESS_KEY": secret, "MLFLOW_TRACKING_PASSWORD": passwords["promoter"]}
+        reader_env = (state / "reader.env").read_text()
+        assert up["reader_env_file"] == str(state / "reader.env") and "MLFLOW_TRACKING_USERNAME=reader" in reader_env
+        assert f"MLFLOW_TRACKING_PASSWORD={passwords['reader']}" in reader_env
+        assert passwords["admin"] not in (state / "env").read_text() + reader_env  # the admin's only in credentials
+        search = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert http_status(search) == 401 and http_status(search, ("promoter", "wrong" * 6)) == 401
+        assert http_status(search, ("promoter", passwords["promoter"])) == 200
         assert up["started"] == ["s3", "mlflow"] and up["already_running"] is False
         assert env["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{s3_port}" == env["MLFLOW_S3_ENDPOINT_URL"]
         assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{mlflow_port}"
-        for name in ("credentials.json", "env"):
+        for name in ("credentials.json", "env", "reader.env"):
             assert (state / name).stat().st_mode & 0o777 == 0o600, name
         assert f"export AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}" in (state / "env").read_text()
         # the command has exited: the services live on in the background

@@ -152,6 +152,7 @@ def test_irsa_roles_are_per_workload_and_least_privilege(tf):
         "attribute": "wysiwyc-attribute",
         "mlflow": "mlflow",
         "ingest": "wysiwyc-ingest",
+        "mlflow-db-secret": "mlflow-db-secret",  # the External Secrets Operator (k8s/overlays/aws/mlflow-db.yaml)
     }
     trust = tf["data"][("aws_iam_policy_document", "irsa_trust")]["statement"][0]
     assert trust["actions"] == ["sts:AssumeRoleWithWebIdentity"]
@@ -188,6 +189,13 @@ def test_irsa_roles_are_per_workload_and_least_privilege(tf):
     # its final pass deletes the index parts it merged (attribute/outputs.dedup_chunk), and nothing else
     deletes = [r for s in attribute if "s3:DeleteObject" in s["actions"] for r in s["resources"]]
     assert deletes == ['${local.bucket_arn["attributions"]}/*/parts/*']
+    # the secret syncer: nothing in S3, the database's RDS-managed secret and nothing else (read, not write)
+    assert _grants(tf)["mlflow-db-secret"] == []
+    secret = tf["data"][("aws_iam_policy_document", "mlflow_db_secret")]["statement"]
+    assert secret == [{**secret[0], "actions": ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"]}]
+    assert secret[0]["resources"] == ["${aws_db_instance.mlflow.master_user_secret[0].secret_arn}"]
+    policy = tf["resource"][("aws_iam_role_policy", "mlflow_db_secret")]
+    assert policy["role"] == '${aws_iam_role.workload["mlflow-db-secret"].id}'
     # KMS: only the data key, only use (no administration)
     kms = tf["data"][("aws_iam_policy_document", "workload")]["statement"][0]
     assert kms["resources"] == ["${aws_kms_key.data.arn}"] and tf["locals"]["kms_use"] == [
@@ -225,7 +233,8 @@ def test_irsa_role_names_match_the_aws_overlay():
     """k8s/overlays/aws annotates each ServiceAccount with the role infra/ creates for it."""
     variables = _blocks(_load(INFRA / "variables.tf"), "variable")
     name = variables["name"]["default"]
-    text = (REPO / "k8s" / "overlays" / "aws" / "irsa.yaml").read_text()
+    overlay = REPO / "k8s" / "overlays" / "aws"
+    text = (overlay / "irsa.yaml").read_text() + (overlay / "mlflow-db.yaml").read_text()
     annotated = dict(
         re.findall(
             r"name: ([\w-]+)\n  annotations:\n    eks.amazonaws.com/role-arn: "

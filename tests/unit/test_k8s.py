@@ -28,7 +28,8 @@ K8S_VERSION = "1.32.0"  # kubectl/kustomize here are v1.32 / v5.5
 APP_DIR = "/app/"  # the image's WORKDIR, where the Dockerfile copies configs/
 PROJECT_IMAGE = {"local": "wysiwyc:0.1.0", "aws": "123456789012.dkr.ecr.us-east-1.amazonaws.com/wysiwyc:0.1.0"}
 RAY_KINDS = {"RayJob", "RayCluster", "RayCronJob", "RayService"}
-VENDORED_SCHEMAS = Path(__file__).resolve().parent / "k8s-schemas"  # the RayService CRD (see its SOURCES.md)
+ESO_KINDS = {"ExternalSecret", "SecretStore"}  # the External Secrets Operator's (aws overlay)
+VENDORED_SCHEMAS = Path(__file__).resolve().parent / "k8s-schemas"  # RayService and ESO CRDs (see its SOURCES.md)
 
 
 def _render(overlay: str) -> list[dict]:
@@ -89,7 +90,7 @@ def test_overlays_render_the_workloads(rendered):
 def test_core_resources_validate_against_kubernetes_schemas(rendered):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     _, docs = rendered
-    core = [d for d in docs if d["kind"] not in RAY_KINDS]
+    core = [d for d in docs if d["kind"] not in RAY_KINDS | ESO_KINDS]
     assert len(core) >= 10
     for doc in core:
         # strict: an unknown field (a typo) is an error, as `kubectl apply --validate=strict` would say
@@ -123,8 +124,9 @@ def _crd_validator(kind: str):
     import jsonschema
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1 MB of YAML
-    name = f"ray.io_{kind.lower()}s.yaml"
-    if kind == "RayService":
+    group = "external-secrets.io" if kind in ESO_KINDS else "ray.io"
+    name = f"{group}_{kind.lower()}s.yaml"
+    if kind == "RayService" or kind in ESO_KINDS:
         text = gzip.decompress((VENDORED_SCHEMAS / f"{name}.gz").read_bytes()).decode()
     else:
         text = (SCHEMAS / name).read_text()
@@ -134,7 +136,7 @@ def _crd_validator(kind: str):
 
 
 def _validate_ray(doc: dict) -> None:
-    if not SCHEMAS.is_dir() and doc["kind"] != "RayService":
+    if not SCHEMAS.is_dir() and doc["kind"] in RAY_KINDS - {"RayService"}:
         pytest.skip(f"KubeRay CRD schemas not available: {SCHEMAS} does not exist")
     body = {**doc, "metadata": {}}  # metadata is the API server's (the CRD schema leaves it open)
     errors = sorted(_crd_validator(doc["kind"]).iter_errors(body), key=str)
@@ -272,6 +274,183 @@ def test_ray_pods_run_confined_and_the_endpoint_holds_no_storage_keys(rendered):
                     refs = [e.get("secretRef", {}).get("name") for e in container.get("envFrom", [])]
                     assert "wysiwyc-s3" not in refs, where
     assert ray_containers == 8  # 3 RayJobs / RayCronJobs and the RayService × (head + worker)
+
+
+def _ray_pod_templates(doc: dict) -> dict[str, dict]:
+    """The pod templates KubeRay makes pods from: head, each worker group and (RayJob) the submitter."""
+    spec = doc["spec"]
+    cluster = spec["rayClusterSpec" if doc["kind"] == "RayJob" else "rayClusterConfig"]
+    found = {"head": cluster["headGroupSpec"]["template"]}
+    found |= {f"worker:{g['groupName']}": g["template"] for g in cluster.get("workerGroupSpecs", [])}
+    if doc["kind"] == "RayJob":
+        found["submitter"] = spec.get("submitterPodTemplate", {})  # KubeRay's default carries no label of ours
+    return found
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and not selector.get(
+        "matchExpressions"
+    )
+
+
+def _admitted(policies: list[dict], source: dict, target: dict, port: int) -> bool:
+    """Whether Kubernetes' NetworkPolicy semantics let a TCP connection from pod ``source`` reach ``target`` on
+    ``port`` (each ``{"labels", "namespace"}``; namespaces carry only their name label): a pod no Ingress
+    policy selects takes everything, a selected one only what one of its policies' rules allows."""
+    selecting = [
+        p
+        for p in policies
+        if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and p["metadata"]["namespace"] == target["namespace"]
+        and _matches(p["spec"]["podSelector"], target["labels"])
+    ]
+    if not selecting:
+        return True
+    namespace_labels = {"kubernetes.io/metadata.name": source["namespace"]}
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+                continue
+            for peer in rule.get("from", [{}]):  # no `from`: every source
+                if "namespaceSelector" in peer:
+                    in_namespace = _matches(peer["namespaceSelector"], namespace_labels)
+                else:
+                    in_namespace = source["namespace"] == policy["metadata"]["namespace"]
+                if in_namespace and _matches(peer.get("podSelector", {}), source["labels"]):
+                    return True
+    return False
+
+
+RAY_PORTS = (6379, 8265, 10001, 20000)  # GCS, dashboard / job API, client, a worker port Ray picked
+
+
+def test_ray_ports_admit_only_the_clusters_own_pods_its_submitter_and_the_operator(rendered):
+    """Whoever reaches a Ray head's GCS, dashboard or client port can run code there: every head, worker and
+    submitter pod template carries its cluster's label, and the NetworkPolicies (evaluated with Kubernetes'
+    rules) let in only the pods of that cluster, the KubeRay operator on the dashboard (and the Serve proxy it
+    health-checks) and, for the endpoint, its clients on Serve's port. Before the policies every pod got in."""
+    _, docs = rendered
+    policies = list(_by(docs, "NetworkPolicy").values())
+    pods = {}  # "workload/template" -> pod
+    for doc in docs:
+        if doc["kind"] in RAY_KINDS:
+            for role, template in _ray_pod_templates(doc).items():
+                labels = template.get("metadata", {}).get("labels", {})
+                pods[f"{doc['metadata']['name']}/{role}"] = {"labels": labels, "namespace": "wysiwyc"}
+    clusters = {pod["labels"].get("wysiwyc.io/ray-cluster") for pod in pods.values()}
+    assert clusters == {"train-explainer", "sweep", "attribute", "serve"}, pods  # every template labelled
+    operator = {"labels": {"app.kubernetes.io/name": "kuberay-operator"}, "namespace": "kuberay-system"}
+    others = {
+        "mlflow": {"labels": _by(docs, "Deployment")["mlflow"]["spec"]["template"]["metadata"]["labels"]},
+        "any pod": {"labels": {}},
+        "scheduler": {"labels": {"batch.kubernetes.io/job-name": "attribute-daily-1"}},
+    }
+    others = {name: {**pod, "namespace": "wysiwyc"} for name, pod in others.items()}
+    others["another namespace"] = {"labels": {"wysiwyc.io/ray-cluster": "serve"}, "namespace": "default"}
+    for name, pod in pods.items():
+        cluster = pod["labels"]["wysiwyc.io/ray-cluster"]
+        own = [p for n, p in pods.items() if p["labels"]["wysiwyc.io/ray-cluster"] == cluster and n != name]
+        strangers = [p for p in pods.values() if p["labels"]["wysiwyc.io/ray-cluster"] != cluster]
+        for port in RAY_PORTS:
+            assert all(_admitted(policies, p, pod, port) for p in own), (name, port)
+            for source in [*strangers, *others.values()]:
+                assert not _admitted(policies, source, pod, port), (name, port, source)
+            assert _admitted(policies, operator, pod, port) == (port == 8265), (name, port)
+        # Serve's HTTP port: the endpoint's clients in the namespace, and the operator's health check
+        serve = cluster == "serve"
+        assert _admitted(policies, others["any pod"], pod, 8000) == serve, name
+        assert _admitted(policies, operator, pod, 8000) == serve, name
+    # the check itself: with no policy every pod gets in (the manifests before this one)
+    any_head = pods["train-explainer-voc-vgg16/head"]
+    assert _admitted([p for p in policies if not p["metadata"]["name"].startswith("ray-")], operator, any_head, 6379)
+
+
+def test_mlflow_runs_its_auth_app_and_every_ray_pod_authenticates_as_its_own_identity(rendered):
+    """MLflow's basic-auth app (default permission NO_PERMISSIONS, admin password from a Secret nobody writes in a
+    file); the pipeline's identities made by the `mlflow-users` Job from the same Secret; train and sweep as
+    `promoter`, the endpoint and attribution as read-only identities of their own."""
+    overlay, docs = rendered
+    mlflow = _by(docs, "Deployment")["mlflow"]["spec"]["template"]["spec"]
+    container = mlflow["containers"][0]
+    assert "--app-name=basic-auth" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mlflow-auth",
+        "key": "admin-password",
+    }
+    assert "value" not in env["MLFLOW_AUTH_ADMIN_PASSWORD"] and "mlflow-auth" not in _by(docs, "Secret")
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    config_dir, _, config_file = env["MLFLOW_AUTH_CONFIG_PATH"]["value"].rpartition("/")
+    volume = {v["name"]: v for v in mlflow["volumes"]}[mounts[config_dir]]["secret"]
+    assert volume["secretName"].startswith("mlflow-db")  # the local overlay's generated name has a hash suffix
+    assert volume["items"] == [{"key": config_file, "path": config_file}]
+    if overlay == "local":  # on aws the ExternalSecret writes the same key (test_the_database_password_...)
+        ini = _by(docs, "Secret")
+        (secret,) = [d for name, d in ini.items() if name.startswith("mlflow-db")]
+        text = _secret_text(secret, config_file)
+        assert "default_permission = NO_PERMISSIONS" in text and "admin_password" not in text
+    identities = {}
+    for doc in docs:
+        if doc["kind"] not in RAY_KINDS:
+            continue
+        for pod in _pod_specs(doc):
+            for ray in pod["containers"]:
+                variables = {e["name"]: e for e in ray.get("env", [])}
+                user = variables["MLFLOW_TRACKING_USERNAME"]["value"]
+                assert variables["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+                    "name": "mlflow-auth",
+                    "key": f"{user}-password",
+                }
+                identities.setdefault(doc["metadata"]["name"], set()).add(user)
+    assert identities == {
+        "train-explainer-voc-vgg16": {"promoter"},
+        "sweep-voc-vgg16-lambdas": {"promoter"},
+        "attribute-template": {"attribute"},
+        "explainer-serve": {"serve"},
+    }
+    job = _by(docs, "Job")["mlflow-users"]["spec"]["template"]["spec"]
+    made = job["containers"][0]
+    keys = {e["valueFrom"]["secretKeyRef"]["key"] for e in made["env"]}
+    assert keys == {"admin-password"} | {f"{user}-password" for users in identities.values() for user in users}
+    assert "make_mlflow_users" in made["args"][0] and job["automountServiceAccountToken"] is False
+
+
+def _secret_text(secret: dict, key: str) -> str:
+    import base64
+
+    if key in secret.get("stringData", {}):
+        return secret["stringData"][key]
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def test_the_database_password_follows_its_rotation():
+    """RDS rotates the master password (managed, 7 days): the External Secrets Operator syncs it into the Secret
+    `mlflow-db` every few minutes (both keys MLflow reads, from the RDS secret's JSON), with an IRSA role that may
+    read that secret alone, and Reloader restarts MLflow when it changes. Checked against the operator's v1 CRDs
+    (static: no cluster here)."""
+    docs = _render("aws")
+    for doc in docs:
+        if doc["kind"] in ESO_KINDS:
+            _validate_ray(doc)  # the same strict CRD check, with the vendored ESO schemas
+    external = _by(docs, "ExternalSecret")["mlflow-db"]["spec"]
+    assert external["target"]["name"] == "mlflow-db"
+    assert set(external["target"]["template"]["data"]) == {"uri", "basic_auth.ini"}
+    minutes = {"m": 1, "h": 60}[external["refreshInterval"][-1]] * int(external["refreshInterval"][:-1])
+    assert minutes <= 15
+    refs = {d["secretKey"]: d["remoteRef"] for d in external["data"]}
+    assert {k: r["property"] for k, r in refs.items()} == {"username": "username", "password": "password"}
+    assert all(r["key"].startswith("arn:aws:secretsmanager:") and ":secret:rds!" in r["key"] for r in refs.values())
+    for value in external["target"]["template"]["data"].values():
+        assert "{{ .password | urlquery }}" in value and "sslmode=require" in value
+    store = _by(docs, "SecretStore")[external["secretStoreRef"]["name"]]["spec"]["provider"]["aws"]
+    account = store["auth"]["jwt"]["serviceAccountRef"]["name"]
+    role = _by(docs, "ServiceAccount")[account]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert role.endswith("-mlflow-db-secret") and store["service"] == "SecretsManager"
+    mlflow = _by(docs, "Deployment")["mlflow"]
+    assert mlflow["metadata"]["annotations"]["secret.reloader.stakater.com/reload"] == "mlflow-db"
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("mlflow-db")]
+    assert "create secret generic mlflow-db" not in (K8S / "overlays" / "aws" / "kustomization.yaml").read_text()
 
 
 def test_aws_uses_irsa_and_no_stored_credentials():
