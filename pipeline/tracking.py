@@ -43,6 +43,11 @@ from pipeline.errors import WysiwycError
 
 log = logging.getLogger(__name__)
 
+# MLflow prints "View run NAME at: TRACKING_URI/#/…" on stdout when a run ends: with credentials inside the URI
+# (http://user:password@host, which some teams write) that line puts the password into every log. Every process
+# that logs through this module (the CLI, Ray's workers) imports it; an explicit setting is kept
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 PENDING_FILE = "tracking_pending.json"
 # MLflow's HTTP client settings while this module talks to the server; a value the user exported wins
 _BOUNDS = {
