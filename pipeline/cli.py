@@ -42,7 +42,7 @@ ConfigOpt = Annotated[
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. data.image_size=64.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")]
 OutOpt = Annotated[str, typer.Option("--out", help="Output prefix: a local directory or s3://bucket/prefix.")]
-SplitOpt = Annotated[str, typer.Option("--split", help="Split name (shards are SPLIT-000000.tar).")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Split name (shards are SPLIT-RUN-000000.tar).")]
 ShardSizeOpt = Annotated[int | None, typer.Option("--shard-size", help="Samples per shard (default 1000).")]
 OnErrorOpt = Annotated[
     OnError | None,

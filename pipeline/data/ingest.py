@@ -67,7 +67,7 @@ def ingest(
     progress: bool = True,
     max_pixels: int | None = None,
 ) -> dict:
-    """Write ``reader``'s samples as ``{split}-NNNNNN.tar`` shards + ``{split}.manifest.json`` under ``out``.
+    """Write ``reader``'s samples as ``{split}-RUN-NNNNNN.tar`` shards + ``{split}.manifest.json`` under ``out``.
 
     Args:
         reader: the source (VOC, COCO, synthetic, images).
@@ -105,8 +105,7 @@ def ingest(
         items = reader.items()
         if not items:
             raise WysiwycError(f"{reader.source}: split '{split}' is empty: nothing to ingest")
-        if had_manifest:  # un-commit the old split first: a reader never mixes old and new shards
-            storage.delete(manifest_url, opts)
+        # the old split stays readable until the new manifest replaces it: the new shards have names of their own
         stale = set(shards.existing_shards(out, split, opts))
         if stale and not had_manifest:
             log.warning(
@@ -160,7 +159,7 @@ def ingest(
             )
         shards.write_manifest(out, split, manifest, opts)
         current = {storage.join(out, s["name"]) for s in published}
-        for url in stale - current:  # leftovers of a larger earlier split
+        for url in stale - current:  # the replaced split's shards (and any of an unfinished ingest)
             storage.delete(url, opts)
 
     return {

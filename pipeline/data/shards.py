@@ -2,8 +2,9 @@
 
 Layout of one split under an output prefix ``OUT``::
 
-    OUT/{split}-000000.tar, OUT/{split}-000001.tar, ...   (published atomically, one by one)
-    OUT/{split}.manifest.json                             (written last: the commit marker)
+    OUT/{split}-RUN-000000.tar, OUT/{split}-RUN-000001.tar, ...   (published atomically, one by one; RUN: 8 hex
+                                                                  digits, the writing ingest's own)
+    OUT/{split}.manifest.json                                     (written last: the commit marker)
 
 A split is addressed as ``OUT/{split}`` (its *prefix*) or by its manifest URL. Readers only trust
 shards that the manifest lists, so an interrupted ingest (shards, no manifest) is never read.
@@ -17,6 +18,7 @@ import json
 import os
 import random
 import re
+import secrets
 import tarfile
 import tempfile
 import time
@@ -35,12 +37,14 @@ MANIFEST_SUFFIX = ".manifest.json"
 FORMAT = "wysiwyc-shards/1"
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
+def shard_name(split: str, index: int, run: str) -> str:
+    """``SPLIT-RUN-NNNNNN.tar``: ``run`` names the writing ingest, so two ingests never write one object."""
+    return f"{split}-{run}-{index:06d}.tar"
 
 
 def _shard_pattern(split: str) -> re.Pattern:
-    return re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$")
+    # SPLIT-RUN-NNNNNN.tar, and SPLIT-NNNNNN.tar of the shards written before the ingest's own name
+    return re.compile(rf"^{re.escape(split)}-(?:[0-9a-f]{{8}}-)?\d{{6}}\.tar$")
 
 
 def manifest_url(spec: str) -> str:
@@ -54,9 +58,10 @@ def _parent(url: str) -> str:
 
 
 def dataset_digest(classes: list[str], shards: list[dict]) -> str:
-    """sha256 over the class list and the shards' names and sha256 (the training input's identity)."""
+    """sha256 over the class list and the shards' sha256 in order (the training input's identity): their bytes, not
+    their names, which each ingest makes its own, so identical inputs give one digest."""
     canonical = json.dumps(
-        {"classes": classes, "shards": [[s["name"], s["sha256"]] for s in shards]},
+        {"classes": classes, "shards": [s["sha256"] for s in shards]},
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -83,7 +88,8 @@ class ShardWriter:
     """Writes samples into size-capped tar shards and publishes each one atomically.
 
     A shard is built in a local temporary file and published with :func:`storage.upload_file`
-    (``os.replace`` locally; a completed upload on S3), so readers never see half a shard.
+    (``os.replace`` locally; a completed upload on S3), so readers never see half a shard. Its name carries
+    ``run``, random per writer: no two ingests (one that lost its lease, say) ever write the same object.
     """
 
     out: str
@@ -91,6 +97,7 @@ class ShardWriter:
     shard_size: int = 1000
     max_bytes: int = 256 * 2**20
     opts: storage.S3Options | None = None
+    run: str = field(default_factory=lambda: secrets.token_hex(4))
     shards: list[dict] = field(default_factory=list)
     _tar: tarfile.TarFile | None = field(default=None, repr=False)
     _tmp: str | None = field(default=None, repr=False)
@@ -119,7 +126,7 @@ class ShardWriter:
 
     def _publish(self) -> None:
         self._tar.close()
-        name = shard_name(self.split, len(self.shards))
+        name = shard_name(self.split, len(self.shards), self.run)
         digest = hashlib.sha256()
         with open(self._tmp, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -61,12 +61,19 @@ def run(reader, out, split="train", **kw):
     return ingest(reader, str(out), split, cfg, progress=False)
 
 
+def shard(out, index, split="train"):
+    """The path of shard ``index`` of ``split`` under ``out`` (its name carries the ingest's own RUN)."""
+    (found,) = out.glob(f"{split}-*-{index:06d}.tar")
+    return found
+
+
 def test_manifest_lists_shards_with_counts_sha256_and_skipped(tmp_path):
     result = run(TinyReader(23, bad={4, 9}), tmp_path, shard_size=5)
     manifest = json.loads((tmp_path / "train.manifest.json").read_text())
     assert result["num_samples"] == manifest["num_samples"] == 21
     assert result["skipped"] == manifest["num_skipped"] == 2
-    assert [s["name"] for s in manifest["shards"]] == [f"train-{i:06d}.tar" for i in range(5)]
+    (run_id,) = {s["name"].split("-")[1] for s in manifest["shards"]}  # one ingest, one name of its own
+    assert [s["name"] for s in manifest["shards"]] == [f"train-{run_id}-{i:06d}.tar" for i in range(5)]
     assert [s["num_samples"] for s in manifest["shards"]] == [5, 5, 5, 5, 1]
     for shard in manifest["shards"]:
         data = (tmp_path / shard["name"]).read_bytes()
@@ -83,7 +90,7 @@ def test_manifest_lists_shards_with_counts_sha256_and_skipped(tmp_path):
 
 def test_sample_members_follow_the_data_contract(tmp_path):
     run(TinyReader(3), tmp_path)
-    with tarfile.open(tmp_path / "train-000000.tar") as tar:
+    with tarfile.open(shard(tmp_path, 0)) as tar:
         names = tar.getnames()
         meta = json.loads(tar.extractfile("s0002.json").read())
     assert names[:3] == ["s0000.png", "s0000.json", "s0000.seg.png"]
@@ -94,7 +101,8 @@ def test_same_input_gives_byte_identical_shards_and_digest(tmp_path):
     a = run(TinyReader(12), tmp_path / "a", shard_size=4)
     b = run(TinyReader(12), tmp_path / "b", shard_size=4)
     assert a["digest"] == b["digest"]
-    assert (tmp_path / "a/train-000002.tar").read_bytes() == (tmp_path / "b/train-000002.tar").read_bytes()
+    assert shard(tmp_path / "a", 2).read_bytes() == shard(tmp_path / "b", 2).read_bytes()
+    assert shard(tmp_path / "a", 2).name != shard(tmp_path / "b", 2).name  # each ingest writes objects of its own
 
 
 def test_max_bytes_rolls_over_to_a_new_shard(tmp_path):
@@ -117,9 +125,23 @@ def test_existing_split_is_refused_unless_overwrite(tmp_path):
         run(TinyReader(4), tmp_path, shard_size=2)
     assert shards.read_manifest(str(tmp_path / "train"))["num_samples"] == 10
     run(TinyReader(4), tmp_path, shard_size=2, overwrite=True)
-    assert shards.read_manifest(str(tmp_path / "train"))["num_samples"] == 4
-    # the three shards of the larger earlier split are gone
-    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    manifest = shards.read_manifest(str(tmp_path / "train"))
+    assert manifest["num_samples"] == 4
+    # the five shards of the earlier split are gone, once the new manifest replaced theirs
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == sorted(s["name"] for s in manifest["shards"])
+
+
+def test_a_failed_overwrite_leaves_the_old_split_whole(tmp_path):
+    """The new shards have names of their own: the old split is read, intact, until the new manifest replaces it
+    (the overwrite used to delete the old manifest first, so a failure lost the split)."""
+    run(TinyReader(10), tmp_path, shard_size=4)
+    before = shards.read_manifest(str(tmp_path / "train"))
+    with pytest.raises(WysiwycError, match="on-error fail"):
+        run(TinyReader(12, bad={9}), tmp_path, shard_size=4, overwrite=True, on_error="fail")
+    assert shards.read_manifest(str(tmp_path / "train")) == before
+    keys = [s["key"] for s in shards.ShardDataset(str(tmp_path / "train"), image_size=8, train=False)]
+    assert len(keys) == 10  # every shard still matches its recorded sha256
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == sorted(s["name"] for s in before["shards"])
 
 
 def test_other_split_in_same_prefix_is_untouched(tmp_path):
@@ -162,7 +184,7 @@ def test_reading_back_gives_the_written_labels_and_segmentation(tmp_path):
 
 def test_resize_keeps_segmentation_aligned_and_flip_moves_both(tmp_path):
     run(TinyReader(8), tmp_path)  # item 4: left 4 of 8 columns are class b
-    raw = next(s for s in _raw_samples(tmp_path / "train-000000.tar") if s["__key__"] == "s0004")
+    raw = next(s for s in _raw_samples(shard(tmp_path, 0)) if s["__key__"] == "s0004")
     from pipeline.data.transforms import decode_sample
 
     plain = decode_sample(raw, image_size=16, num_classes=3)
@@ -238,7 +260,7 @@ def _truncate_at_member(path, keep_members):
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated at a member", "manifest count"])
 def test_a_shard_that_does_not_match_its_manifest_fails_before_any_of_its_samples(tmp_path, damage):
     run(TinyReader(8), tmp_path, shard_size=4)
-    second = tmp_path / "train-000001.tar"
+    second = shard(tmp_path, 1)
     intact = list(shards.raw_samples([str(second)]))  # bare URLs: read as they are
     assert len(intact) == 4
     if damage == "flipped byte":
