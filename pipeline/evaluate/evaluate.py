@@ -68,6 +68,7 @@ from pipeline.method.metrics import (
     ClassSpecificityAccumulator,
     MetricAccumulator,
     foreground_and_valid,
+    paired_difference,
     paper_foreground,
     paper_saliency,
     paper_segmentation_scores,
@@ -88,6 +89,7 @@ OVERLAY_METHODS = ("explainer", "grad_cam", "rise", "extremal_perturbation", "rt
 # per-image optimisation: masks of the image's present classes only (others are 0); masks/s counts those
 PRESENT_CLASS_METHODS = ("extremal_perturbation",)
 CONSTANT_METHODS = ("zeros", "half", "ones")  # maps that rank no pixel above another
+PAIRED_FAITHFULNESS = ("deletion_auc", "insertion_auc", "road_morf", "road_lerf")  # those of `paired` (headline)
 F1_CURVE_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95
 
 # metrics.py key → metrics.json key
@@ -627,15 +629,19 @@ class _Run:
         curves: dict[str, dict] = {}
         faithfulness_curves: dict[str, dict] = {}
         for name, result in self.results.items():
-            means = result.scores.compute()
+            means, intervals = result.scores.compute(), result.scores.intervals()
             row = {out: means.get(key, math.nan) for key, out in METRIC_NAMES.items()}
             row["masks_per_second"] = result.masks_per_second()
             row["nan_masks"] = result.nan_masks
+            row["ci95"] = {out: intervals.get(key, [math.nan, math.nan]) for key, out in METRIC_NAMES.items()}
             if result.faithfulness is not None and self.faithfulness_images:
                 row.update(result.faithfulness.means())
                 row["faithfulness_ci95"] = result.faithfulness.intervals()
+                row["ci95"].update(row["faithfulness_ci95"])
                 if result.faithfulness.ranking:
                     faithfulness_curves[name] = result.faithfulness.mean_curves()
+            if result.specificity is not None:
+                row["ci95"]["gap"] = list(result.specificity.gap_interval())
             methods_out[name] = row
             curves[name] = {"thresholds": list(F1_CURVE_THRESHOLDS), "f1": result.f1_curve()}
             if result.specificity is not None:
@@ -666,8 +672,31 @@ class _Run:
                     "probability": self.models.explanandum.interface.output,
                 },
                 "faithfulness_curves": faithfulness_curves,
+                "paired": self.paired(),
             }
         )
+
+    def paired(self) -> dict[str, dict[str, dict]]:
+        """``{baseline: {metric: {"delta", "ci95", "images"}}}``: the Explainer's per-image value minus the
+        baseline's on the same images, for the headline metrics each has (a paired bootstrap over images)."""
+        if "explainer" not in self.results:
+            return {}
+        ours = self.results["explainer"]
+        out: dict[str, dict[str, dict]] = {}
+        for name, other in self.results.items():
+            if name == "explainer" or name in report.REFERENCE_METHODS:
+                continue
+            deltas = {
+                out_key: paired_difference(ours.scores.per_image(key), other.scores.per_image(key))
+                for key, out_key in (("c_iou", "cont_iou"), ("d_f1", "mean_f1"))
+            }
+            if ours.specificity is not None and other.specificity is not None:
+                deltas["gap"] = ours.specificity.paired_gap(other.specificity)
+            if ours.faithfulness is not None and other.faithfulness is not None and other.faithfulness.ranking:
+                for key in PAIRED_FAITHFULNESS:
+                    deltas[key] = paired_difference(ours.faithfulness.per_image(key), other.faithfulness.per_image(key))
+            out[name] = deltas
+        return out
 
 
 def _write_outputs(config, metrics: dict, models: Predictor, overlay_rows: list[dict], opts) -> dict[str, str]:
@@ -690,6 +719,7 @@ def _write_outputs(config, metrics: dict, models: Predictor, overlay_rows: list[
             title=title,
             protocol=metrics["protocol"],
             black_box=metrics["black_box"],
+            paired=metrics.get("paired"),
         ).encode(),
     )
     put("f1_vs_threshold.png", report.f1_curve_png(metrics["f1_curve"]))

@@ -13,6 +13,7 @@ from html import escape
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.patches import Rectangle
 
 from pipeline import figures
 from pipeline.method.metrics import specificity_gaps, specificity_means
@@ -39,6 +40,8 @@ FAITHFULNESS: tuple[tuple[str, str, str], ...] = (
     ("relevance_mass", "relevance mass", "↑"),
     ("average_drop", "avg. drop %", "↓"),
     ("average_increase", "avg. increase", "↑"),
+    ("road_morf", "ROAD MoRF", "↓"),
+    ("road_lerf", "ROAD LeRF", "↑"),
 )
 
 # how methods are called in titles and tables
@@ -128,8 +131,10 @@ def metrics_markdown(
     title: str = "Evaluation",
     protocol: str | None = None,
     black_box: bool | None = None,
+    paired: Mapping[str, Mapping[str, Mapping]] | None = None,
 ) -> str:
-    """A Markdown report: methods × metrics (arrows say which way is better) and the specificity gap.
+    """A Markdown report: methods × metrics (arrows say which way is better), the specificity gap and the
+    Explainer's paired differences to each baseline.
 
     Args:
         methods: ``{method: {metric: value}}`` as in metrics.json (None/NaN shown as "–").
@@ -138,6 +143,7 @@ def metrics_markdown(
         title: the heading.
         protocol: metrics.json's ``protocol`` (``project`` | ``paper``), said in a line under the heading.
         black_box: metrics.json's ``black_box``; False labels the Explainer row "Explainer (white-box init)".
+        paired: metrics.json's ``paired`` (baseline → metric → ``delta``, ``ci95``).
     """
     class_specificity = class_specificity or {}
     paper = protocol == "paper"
@@ -205,7 +211,53 @@ def metrics_markdown(
         header, rows, _ = faithfulness_rows(methods, black_box)
         lines += ["", "## Faithfulness to the classifier and localisation", "", FAITHFULNESS_NOTE, ""]
         lines += _markdown_table(header, rows)
+    if paired:
+        lines += ["", f"## {_title('explainer', black_box)} − each baseline, paired", "", PAIRED_NOTE, ""]
+        lines += _markdown_table(*paired_rows(paired, black_box))
     return "\n".join(lines) + "\n"
+
+
+#: the columns of the paired table: (metrics.json key, label, which way favours the Explainer)
+PAIRED = (
+    ("cont_iou", "Δ cont. IoU", "↑"),
+    ("mean_f1", "Δ mean F1", "↑"),
+    ("gap", "Δ spec. gap", "↑"),
+    ("deletion_auc", "Δ deletion", "↓"),
+    ("insertion_auc", "Δ insertion", "↑"),
+    ("road_morf", "Δ ROAD MoRF", "↓"),
+    ("road_lerf", "Δ ROAD LeRF", "↑"),
+)
+PAIRED_NOTE = (
+    "Per image, the Explainer's value minus the baseline's on the same image (the gap: recomputed from the same "
+    "resampled images for both), averaged; in brackets the 95% paired bootstrap interval over images (1,000 "
+    "resamples, seeded). **Bold**: the interval excludes 0, in the direction that favours the Explainer; "
+    "*italic*: it excludes 0 against it; plain: no difference the data can tell."
+)
+
+
+def paired_rows(
+    paired: Mapping[str, Mapping[str, Mapping]], black_box: bool | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """The paired table (:data:`PAIRED`) as text cells: ``(header, rows)``, one row per baseline."""
+    header = ["baseline"] + [f"{label} {arrow}" for _, label, arrow in PAIRED]
+    rows = []
+    for baseline, deltas in paired.items():
+        cells = []
+        for key, _, arrow in PAIRED:
+            entry = deltas.get(key)
+            if not entry or entry.get("delta") is None or not math.isfinite(entry["delta"]):
+                cells.append("–")
+                continue
+            lo, hi = entry.get("ci95") or (None, None)
+            text = f"{entry['delta']:+.3f}"
+            if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+                text += f" [{lo:+.3f}, {hi:+.3f}]"
+                favours = lo > 0 if arrow == "↑" else hi < 0
+                against = hi < 0 if arrow == "↑" else lo > 0
+                text = f"**{text}**" if favours else f"*{text}*" if against else text
+            cells.append(text)
+        rows.append([_title(baseline, black_box)] + cells)
+    return header, rows
 
 
 def _marked_rows(
@@ -285,7 +337,11 @@ FAITHFULNESS_NOTE = (
     "Gaussian-blurred copy in equal steps; area under the class's sigmoid probability over the fraction. "
     "Pointing game (Zhang et al. 2018): the map's maximum within the tolerance of the class's pixels. "
     "Relevance mass (Arras et al. 2022): share of the map inside them. Avg. drop / increase (Chattopadhay "
-    "et al. 2018): on m ⊙ x against x."
+    "et al. 2018): on m ⊙ x against x. ROAD (Rong et al. 2022): 10…90% of the pixels removed, most (MoRF) or "
+    "least (LeRF) relevant first, and filled by noisy linear imputation from their neighbours; the mean "
+    "probability over the fractions. Deletion, average drop / increase, saliency and class specificity "
+    "replace the removed pixels by the mean colour, which is the operator the Explainer is trained with, so they "
+    "favour it; insertion (from a blur), ROAD (imputed), pointing game and relevance mass do not use it."
 )
 
 
@@ -404,8 +460,12 @@ def class_specificity_png(
     matrix: Sequence[Sequence[float | None]] | np.ndarray, classes: Sequence[str], method: str = "explainer"
 ) -> bytes:
     """Annotated heatmap of the class-specificity matrix M[r][c] (rows: probability of class r; columns:
-    the mask of class c). Cells without an image holding both classes are grey and marked "–"."""
-    m = np.array([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    the mask of class c), over the classes the split holds (:func:`held_classes`); the diagonal is outlined.
+    Cells without an image holding both classes are grey and marked "–"."""
+    full = np.array([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    held = held_classes(full)
+    m = full[np.ix_(held, held)]
+    classes = [classes[k] for k in held]
     C = len(classes)
     side = min(max(3.5, 0.45 * C + 2.0), 24.0)
     fig = figures.new_figure(side + 1.0, side)
@@ -428,9 +488,23 @@ def class_specificity_png(
                 text = "–" if not math.isfinite(v) else f"{v:.2f}"
                 colour = "black" if (not math.isfinite(v) or v > 0.6) else "white"
                 ax.text(c, r, text, ha="center", va="center", fontsize=max(fontsize - 1, 4), color=colour)
+    for k in range(C):  # the diagonal: each class's own mask, what should stand out
+        ax.add_patch(Rectangle((k - 0.5, k - 0.5), 1, 1, fill=False, edgecolor="#d62728", linewidth=1.5))
     gap = specificity_gap(m)
-    ax.set_title(f"Class specificity — {_title(method)}" + (f" (gap {gap:.2f})" if math.isfinite(gap) else ""))
+    hidden = len(full) - C
+    ax.set_title(
+        f"Class specificity — {_title(method)}"
+        + (f" (gap {gap:.2f})" if math.isfinite(gap) else "")
+        + (f"\n{C} classes the split holds ({hidden} it does not hold left out)" if hidden else "")
+    )
     return figures.png(fig)
+
+
+def held_classes(matrix: np.ndarray) -> list[int]:
+    """The classes with a value in their row or column: those the split holds (a class no image holds has no
+    cell at all). The matrix's own order."""
+    finite = np.isfinite(np.asarray(matrix, dtype=float))
+    return [k for k in range(finite.shape[0]) if finite[k].any() or finite[:, k].any()]
 
 
 def overlays_png(rows: Sequence[Mapping], classes: Sequence[str], max_class_columns: int = 4) -> bytes:

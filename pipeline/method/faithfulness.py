@@ -20,6 +20,13 @@ classifier is multi-label; its probability of a class is the sigmoid of that cla
 - **Average drop / increase in confidence** (Chattopadhay et al. 2018, Grad-CAM++): with Y = p_c(x)
   and O = p_c(m ⊙ x), drop = max(0, Y − O) / Y · 100 (percent, lower is better) and increase = 1 when
   O > Y (the share of pairs, higher is better).
+- **ROAD** (Rong et al. 2022, "Remove and Debias"): at each fraction f of :data:`ROAD_FRACTIONS` that share of
+  the pixels, ranked by the map, is removed, most relevant first (MoRF) or least relevant first (LeRF)
+  (:func:`road_removed`), and filled by **noisy linear imputation** (each removed pixel the mean of its 8 neighbours,
+  direct ones weighted 1/6, diagonal 1/12, those outside the image left out: one sparse linear system per
+  image; then Gaussian noise of σ = :data:`ROAD_NOISE` in normalised space, seeded). Unlike deletion's mean
+  colour, the fill carries no trace of the removed pixels' shape, so it favours no method trained with a
+  fill. ``road_morf`` / ``road_lerf``: the mean of p_c over the fractions (lower / higher is better).
 
 Undefined values are NaN and left out of means: pointing game and relevance mass without ground-truth
 pixels of the class, relevance mass of an all-zero map, average drop where Y = 0, and deletion,
@@ -41,7 +48,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-METRICS = ("deletion_auc", "insertion_auc", "pointing_game", "relevance_mass", "average_drop", "average_increase")
+from pipeline.method.metrics import bootstrap_interval
+
+METRICS = (
+    "deletion_auc",
+    "insertion_auc",
+    "pointing_game",
+    "relevance_mass",
+    "average_drop",
+    "average_increase",
+    "road_morf",
+    "road_lerf",
+)
+ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the ROAD paper's and grad-cam's
+ROAD_NOISE = 0.01  # σ of the imputation noise (grad-cam's NoisyLinearImputer default), in normalised space
+_NEIGHBOURS = ((-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12), (0, -1, 1 / 6),
+               (0, 1, 1 / 6), (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12))  # fmt: skip
 PAPER_SIZE = 224  # the size the papers' pixel settings refer to
 POINTING_TOLERANCE_AT_224 = 15.0
 BLUR_SIGMA_AT_224 = 5.0
@@ -117,6 +139,86 @@ def perturbation_curves(
     return curves
 
 
+def linear_impute(
+    image: torch.Tensor, removed: torch.Tensor, noise: float = ROAD_NOISE, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """ROAD's noisy linear imputation of ``image`` (C, H, W) where ``removed`` (H, W) is True: every removed pixel
+    is the weighted mean of its in-image 8-neighbours (known or themselves imputed: one sparse system for all of
+    them), plus Gaussian noise of σ ``noise``. Every channel alike; known pixels unchanged."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.linalg import spsolve
+
+    C, H, W = image.shape
+    gone = removed.reshape(-1).cpu().numpy().astype(bool)
+    where = np.flatnonzero(gone)
+    n = where.size
+    out = image.detach().reshape(C, -1).cpu().double().clone()
+    if n == 0:
+        return out.reshape(C, H, W).to(image)
+    if n == H * W:
+        raise ValueError("linear_impute: every pixel is removed, there is nothing to impute from")
+    variable = np.full(H * W, -1)
+    variable[where] = np.arange(n)
+    r, c = np.divmod(where, W)
+    known = out.numpy().T  # (H·W, C)
+    weight_sum, rhs = np.zeros(n), np.zeros((n, C))
+    rows, cols, values = [], [], []
+    for dr, dc, w in _NEIGHBOURS:
+        rr, cc = r + dr, c + dc
+        inside = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
+        equation, neighbour = np.flatnonzero(inside), rr[inside] * W + cc[inside]
+        weight_sum[equation] += w
+        unknown = gone[neighbour]
+        rows.append(equation[unknown])
+        cols.append(variable[neighbour[unknown]])
+        values.append(np.full(int(unknown.sum()), w))
+        np.subtract.at(rhs, equation[~unknown], w * known[neighbour[~unknown]])
+    rows.append(np.arange(n))
+    cols.append(np.arange(n))
+    values.append(-weight_sum)
+    system = coo_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    solved = torch.from_numpy(np.asarray(spsolve(system.tocsc(), rhs)).reshape(n, C)).T  # (C, n)
+    if noise:
+        solved = solved + noise * torch.randn(solved.shape, generator=generator, dtype=torch.float64)
+    out[:, torch.from_numpy(where)] = solved
+    return out.reshape(C, H, W).to(image)
+
+
+def road_removed(maps: torch.Tensor, fraction: float, most_relevant_first: bool) -> torch.Tensor:
+    """(P, H, W) bool: the pixels ROAD removes at ``fraction``. Of the N pixels, k = round((1 − fraction)(N − 1))
+    are kept, the least relevant (MoRF) or the most relevant (LeRF), and the other N − k removed: grad-cam's count
+    at percentile 100(1 − fraction) (``np.percentile``'s k-th value, the pixels below it kept). Ranked, ties in
+    raster order (as deletion), so a map with many equal values (Grad-CAM's zeros) still loses that share."""
+    n = maps.shape[-2] * maps.shape[-1]
+    keep = round((1.0 - fraction) * (n - 1))
+    ranks = descending_ranks(maps.detach().cpu())  # 0: the most relevant pixel
+    gone = ranks < n - keep if most_relevant_first else ranks >= keep
+    return gone.view(maps.shape)
+
+
+def road_curves(
+    prob_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    classes: torch.Tensor,
+    most_relevant_first: bool,
+    fractions: tuple[float, ...] = ROAD_FRACTIONS,
+    noise: float = ROAD_NOISE,
+    seed: int = 0,
+) -> torch.Tensor:
+    """p_c of each pair at each ROAD fraction: (P, len(fractions)) float64 (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    P = images.shape[0]
+    curves = torch.empty(P, len(fractions), dtype=torch.float64)
+    for j, fraction in enumerate(fractions):
+        gone = road_removed(maps, fraction, most_relevant_first)
+        filled = torch.stack([linear_impute(images[i], gone[i], noise, generator) for i in range(P)])
+        with torch.no_grad():
+            p = prob_fn(filled.to(images.device))
+        curves[:, j] = p[torch.arange(P, device=p.device), classes.to(p.device)].double().cpu()
+    return curves
+
+
 def curve_auc(curves: torch.Tensor) -> torch.Tensor:
     """Area under curves sampled at k/K, k = 0 … K (trapezoids on [0, 1]): (P, K + 1) → (P,)."""
     K = curves.shape[1] - 1
@@ -173,6 +275,8 @@ class FaithfulnessAccumulator:
         self._curve_sums = {
             "deletion": torch.zeros(steps + 1, dtype=torch.float64),
             "insertion": torch.zeros(steps + 1, dtype=torch.float64),
+            "road_morf": torch.zeros(len(ROAD_FRACTIONS), dtype=torch.float64),
+            "road_lerf": torch.zeros(len(ROAD_FRACTIONS), dtype=torch.float64),
         }
         self._pairs = 0
 
@@ -203,8 +307,14 @@ class FaithfulnessAccumulator:
             insertion = perturbation_curves(
                 prob_fn, x, m, c, self.steps, start=gaussian_blur(x, self.blur_sigma), chunk_images=chunk_images
             )
+            road = {
+                name: road_curves(prob_fn, x, m, c, most_relevant_first=first)
+                for name, first in (("road_morf", True), ("road_lerf", False))
+            }
             self._curve_sums["deletion"] += deletion.sum(0)
             self._curve_sums["insertion"] += insertion.sum(0)
+            for name, curves in road.items():
+                self._curve_sums[name] += curves.sum(0)
             self._pairs += i.numel()
         values = {
             "deletion_auc": curve_auc(deletion) if self.ranking else undefined,
@@ -213,6 +323,8 @@ class FaithfulnessAccumulator:
             "relevance_mass": relevance_mass(m, truth),
             "average_drop": drop,
             "average_increase": increase,
+            "road_morf": road["road_morf"].mean(1) if self.ranking else undefined,
+            "road_lerf": road["road_lerf"].mean(1) if self.ranking else undefined,
         }
         image_of_pair = i.cpu()
         images_in_batch = labels.shape[0]
@@ -241,25 +353,12 @@ class FaithfulnessAccumulator:
 
     def intervals(self, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
         """Percentile bootstrap interval of each mean over the images (seeded, so reruns agree)."""
-        out = {}
-        rng = np.random.default_rng(seed)
-        tail = (1.0 - level) / 2 * 100
-        for key in METRICS:
-            v = self.per_image(key)
-            v = v[np.isfinite(v)]
-            if v.size < 2:
-                out[key] = [math.nan, math.nan]
-                continue
-            draws = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
-            out[key] = [float(x) for x in np.percentile(draws, [tail, 100 - tail])]
-        return out
+        return {key: bootstrap_interval(self.per_image(key), resamples, level, seed) for key in METRICS}
 
     def mean_curves(self) -> dict[str, list[float]]:
-        """The deletion and insertion curves averaged over every pair, at k/steps (empty without ranking)."""
+        """The deletion and insertion curves averaged over every pair, at k/steps, and the ROAD curves at
+        :data:`ROAD_FRACTIONS` (empty without ranking)."""
         if not self.ranking:
             return {}
         n = max(self._pairs, 1)
-        return {
-            name: (s / n).tolist() if self._pairs else [math.nan] * (self.steps + 1)
-            for name, s in self._curve_sums.items()
-        }
+        return {name: (s / n).tolist() if self._pairs else [math.nan] * len(s) for name, s in self._curve_sums.items()}

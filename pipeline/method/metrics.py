@@ -192,30 +192,84 @@ def saliency(
     return torch.where(n > 0, out, torch.full_like(out, math.nan))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Intervals over images (percentile bootstrap, seeded: reruns agree, and methods compared draw alike)
+
+
+def bootstrap_draws(n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """(resamples, n) image indices drawn with replacement."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def percentile_interval(draws: np.ndarray, level: float = 0.95) -> list[float]:
+    """The central ``level`` interval of bootstrap replicates ([NaN, NaN] without a finite one)."""
+    draws = np.asarray(draws, dtype=float)
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0:
+        return [math.nan, math.nan]
+    tail = (1.0 - level) / 2 * 100
+    return [float(x) for x in np.percentile(draws, [tail, 100 - tail])]
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` over the images where it is finite."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return [math.nan, math.nan]
+    return percentile_interval(v[bootstrap_draws(v.size, resamples, seed)].mean(axis=1), level)
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, float | list[float] | int]:
+    """Mean of the per-image difference ``a − b`` (two methods on the same images, in the same order) over the
+    images where both are defined, and its percentile bootstrap interval (the images resampled, each keeping its
+    pair): ``{"delta", "ci95", "images"}``."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference: {a.shape[0]} against {b.shape[0]} images; pair them first")
+    d = a - b
+    d = d[np.isfinite(d)]
+    delta = float(d.mean()) if d.size else math.nan
+    return {"delta": delta, "ci95": bootstrap_interval(d, resamples, level, seed), "images": int(d.size)}
+
+
 class MetricAccumulator:
-    """Sums per-image metric values over batches; ``compute`` gives the mean of each (NaN skipped)."""
+    """Per-image metric values over batches: ``compute`` gives the mean of each (NaN skipped), ``per_image``
+    the values in the order seen, ``intervals`` their bootstrap intervals."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.values: dict[str, list[np.ndarray]] = {}
 
     def update(self, scores: Mapping[str, torch.Tensor]) -> None:
-        """Add per-image values (tensors of shape (B,) or scalars); NaN/inf values are not counted."""
+        """Add per-image values (tensors of shape (B,) or scalars); NaN/inf values are kept as undefined."""
         for key, value in scores.items():
-            t = torch.as_tensor(value).detach().double().flatten()
-            ok = torch.isfinite(t)
-            self.sums[key] = self.sums.get(key, 0.0) + float(t[ok].sum())
-            self.counts[key] = self.counts.get(key, 0) + int(ok.sum())
+            t = torch.as_tensor(value).detach().double().flatten().cpu().numpy()
+            self.values.setdefault(key, []).append(np.where(np.isfinite(t), t, math.nan))
 
     def merge(self, other: MetricAccumulator) -> None:
-        """Add another accumulator's sums (e.g. from another worker)."""
-        for key, total in other.sums.items():
-            self.sums[key] = self.sums.get(key, 0.0) + total
-            self.counts[key] = self.counts.get(key, 0) + other.counts[key]
+        """Add another accumulator's images after this one's (e.g. from another worker)."""
+        for key, parts in other.values.items():
+            self.values.setdefault(key, []).extend(parts)
+
+    def per_image(self, key: str) -> np.ndarray:
+        """Each image's value of ``key`` (NaN where undefined), in the order seen."""
+        parts = self.values.get(key, [])
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def compute(self) -> dict[str, float]:
         """The mean of every metric over the images where it was defined (NaN if none)."""
-        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else math.nan) for k in self.sums}
+        out = {}
+        for key in self.values:
+            v = self.per_image(key)
+            v = v[np.isfinite(v)]
+            out[key] = float(v.mean()) if v.size else math.nan
+        return out
+
+    def intervals(self, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+        """The percentile bootstrap interval of each mean over the images."""
+        return {key: bootstrap_interval(self.per_image(key), resamples, level, seed) for key in self.values}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,28 +372,41 @@ class ClassSpecificityAccumulator:
         sums, counts = (t.sum(dim=0) for t in self._per_image())
         return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, math.nan))
 
+    def num_images(self) -> int:
+        return self._per_image()[0].shape[0]
+
+    def gaps_of(self, draws: np.ndarray) -> np.ndarray:
+        """The specificity gap recomputed from each row of image indices ``draws`` (R, n): NaN where undefined."""
+        sums, counts = self._per_image()
+        weights = torch.zeros(draws.shape[0], sums.shape[0], dtype=torch.float64).scatter_add_(
+            1, torch.as_tensor(draws), torch.ones(draws.shape, dtype=torch.float64)
+        )  # how often each image was drawn
+        s = torch.einsum("kn,nrc->krc", weights, sums)
+        c = torch.einsum("kn,nrc->krc", weights, counts)
+        return specificity_gaps(torch.where(c > 0, s / c.clamp(min=1), torch.full_like(s, math.nan)))
+
+    def gap(self) -> float:
+        return float(specificity_gaps(self.matrix()[None])[0])
+
     def gap_interval(self, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
         """Percentile bootstrap interval of the specificity gap over the test images: the images are
         drawn with replacement ``resamples`` times (seeded, so reruns agree) and the gap recomputed from
         the drawn images' sums. (NaN, NaN) with fewer than two images."""
-        sums, counts = self._per_image()
-        n = sums.shape[0]
+        n = self.num_images()
         if n < 2:
             return math.nan, math.nan
-        gen = torch.Generator().manual_seed(seed)
-        draws = torch.randint(0, n, (resamples, n), generator=gen)
-        weights = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
-            1, draws, torch.ones(resamples, n, dtype=torch.float64)
-        )  # how often each image was drawn
-        s = torch.einsum("kn,nrc->krc", weights, sums)
-        c = torch.einsum("kn,nrc->krc", weights, counts)
-        gaps = specificity_gaps(torch.where(c > 0, s / c.clamp(min=1), torch.full_like(s, math.nan)))
-        gaps = gaps[np.isfinite(gaps)]
-        if gaps.size == 0:
-            return math.nan, math.nan
-        tail = (1.0 - level) / 2 * 100
-        lo, hi = np.percentile(gaps, [tail, 100 - tail])
-        return float(lo), float(hi)
+        lo, hi = percentile_interval(self.gaps_of(bootstrap_draws(n, resamples, seed)), level)
+        return lo, hi
+
+    def paired_gap(self, other: ClassSpecificityAccumulator, resamples: int = 1000, level: float = 0.95, seed: int = 0):
+        """The gap of this method minus ``other``'s (the same images, in the same order), with the percentile
+        interval of that difference when the images are resampled together: ``{"delta", "ci95", "images"}``."""
+        n = self.num_images()
+        if other.num_images() != n:
+            raise ValueError(f"paired_gap: {n} against {other.num_images()} images; pair them first")
+        draws = bootstrap_draws(n, resamples, seed)
+        ci = percentile_interval(self.gaps_of(draws) - other.gaps_of(draws), level) if n >= 2 else [math.nan] * 2
+        return {"delta": self.gap() - other.gap(), "ci95": ci, "images": n}
 
 
 def class_specificity_matrix(

@@ -36,6 +36,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.config import IngestConfig, load_config
 from pipeline.data.classes import SYNTHETIC_CLASSES
 from pipeline.data.ingest import ingest
+from pipeline.data.shards import read_manifest
 from pipeline.data.synthetic import SyntheticReader
 from pipeline.errors import WysiwycError
 from pipeline.models.predictor import load_predictor
@@ -368,7 +369,8 @@ def test_shard_split_input_reads_every_sample_of_the_manifest(ctx):
     rows = _index(ctx, "shards")
     assert summary["num_samples"] == summary["num_ok"] == 12
     shards = sorted({r["shard"] for r in rows})
-    assert shards == [f"s3://{b}/shards/test-{i:06d}.tar" for i in range(3)]
+    listed = read_manifest(f"s3://{b}/shards/test", ctx["opts"])["shards"]
+    assert shards == [f"s3://{b}/shards/{s['name']}" for s in listed] and len(shards) == 3
     assert all(r["source"] == f"{r['shard']}#{r['member']}" for r in rows)
     assert sorted(r["member"] for r in rows) == [f"syn_test_{i:06d}" for i in range(12)]
     previews = json.loads(storage.read_bytes(summary["manifest"], ctx["opts"]))["previews"]

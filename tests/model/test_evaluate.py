@@ -15,6 +15,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import classifier_state, explainer_state
@@ -66,7 +67,10 @@ CONTRACT_METRICS = {
     "relevance_mass",
     "average_drop",
     "average_increase",
+    "road_morf",
+    "road_lerf",
     "faithfulness_ci95",
+    "ci95",  # every metric's 95% bootstrap interval over images
 }
 
 
@@ -134,6 +138,7 @@ def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
         "faithfulness",
         "faithfulness_curves",
         "classes",
+        "paired",
     }
     assert metrics["protocol"] == "project"
     assert metrics["classes"]["unmatched_classifier"] == metrics["classes"]["unmatched_split"] == []
@@ -155,6 +160,39 @@ def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
     for curve in metrics["f1_curve"].values():
         assert curve["thresholds"] == pytest.approx([0.05 * k for k in range(1, 20)])
         assert len(curve["f1"]) == 19
+
+
+def test_every_metric_has_its_interval_and_the_explainer_its_paired_difference_to_each_baseline(run, workdir):
+    """ci95 per metric of every method (the mean inside it, or a point interval for a metric with one value); paired:
+    Explainer − baseline per image for the headline metrics, the mean difference the difference of the means where
+    both are defined on the same images, its interval around it; metrics.md shows them."""
+    _, metrics = run
+    methods = metrics["methods"]
+    for method, values in methods.items():
+        for key, (lo, hi) in values["ci95"].items():
+            if values.get(key) is None or lo is None:
+                continue
+            assert lo - 1e-9 <= values[key] <= hi + 1e-9, (method, key)
+        assert set(values["ci95"]) >= {"cont_iou", "mean_f1", "saliency", "deletion_auc", "insertion_auc"}
+    baselines = {"grad_cam", "rise", "extremal_perturbation", "rt_saliency"}
+    assert set(metrics["paired"]) == baselines
+    for baseline, deltas in metrics["paired"].items():
+        headline = {"cont_iou", "mean_f1", "gap", "deletion_auc", "insertion_auc", "road_morf", "road_lerf"}
+        assert set(deltas) == headline, baseline
+        for key in headline - {"gap"}:
+            entry = deltas[key]
+            # every labelled image has both values: the paired mean is the difference of the means
+            assert entry["delta"] == pytest.approx(methods["explainer"][key] - methods[baseline][key], abs=1e-9)
+            lo, hi = entry["ci95"]
+            assert lo <= entry["delta"] <= hi, (baseline, key)
+            # the RT-Saliency checkpoint here holds the Explainer's own (untrained) weights: no difference at all
+            assert (hi - lo > 0) != (baseline == "rt_saliency" and entry["delta"] == lo == hi == 0), (baseline, key)
+        spec = metrics["class_specificity"]
+        gap = deltas["gap"]
+        assert gap["delta"] == pytest.approx(spec["explainer"]["gap"] - spec[baseline]["gap"], abs=1e-9)
+        assert gap["ci95"][0] <= gap["delta"] <= gap["ci95"][1]
+    text = (workdir / "out" / "metrics.md").read_text()
+    assert "− each baseline, paired" in text and "| Grad-CAM |" in text.split("− each baseline, paired")[1]
 
 
 def test_every_labelled_test_image_is_evaluated(run, workdir):
@@ -325,7 +363,7 @@ def test_nan_masks_score_as_all_zero_masks_in_every_metric_and_are_counted(workd
         runs[label] = (json.loads((workdir / f"out-{label}" / "metrics.json").read_text()), touched)
     (nan, touched), (zero, _) = runs["nan"], runs["zero"]
     a, b = nan["methods"]["explainer"], zero["methods"]["explainer"]
-    for key in CONTRACT_METRICS - {"masks_per_second", "nan_masks", "faithfulness_ci95"}:
+    for key in CONTRACT_METRICS - {"masks_per_second", "nan_masks", "faithfulness_ci95", "ci95"}:
         assert a[key] is not None and a[key] == pytest.approx(b[key], abs=1e-9), key
     assert nan["f1_curve"]["explainer"]["f1"] == pytest.approx(zero["f1_curve"]["explainer"]["f1"], abs=1e-9)
     sa, sb = nan["class_specificity"]["explainer"], zero["class_specificity"]["explainer"]
@@ -522,10 +560,23 @@ def test_specificity_gap_ignores_cells_without_images():
     assert math.isnan(report.specificity_gap([[None]]))
 
 
-def test_specificity_heatmap_is_a_png():
+def test_specificity_heatmap_is_a_png_of_the_classes_the_split_holds():
     data = report.class_specificity_png([[0.9, None], [0.2, 0.8]], ["a", "b"], "explainer")
     with Image.open(io.BytesIO(data)) as im:
         assert im.format == "PNG" and im.width > 200
+    # a 5-class split in a 20-class layout: 15 classes no image holds have no cell and are left out
+    matrix = np.full((20, 20), np.nan)
+    held = [1, 4, 7, 11, 19]
+    for r in held:
+        for c in held:
+            matrix[r, c] = 0.9 if r == c else 0.1
+    matrix[4, 7] = np.nan  # one pair no image holds together: the classes stay
+    assert report.held_classes(matrix) == held
+    names = [f"c{k}" for k in range(20)]
+    small = report.class_specificity_png(matrix.tolist(), names, "explainer")
+    full = report.class_specificity_png(np.where(np.isnan(matrix), 0.0, matrix).tolist(), names, "explainer")
+    with Image.open(io.BytesIO(small)) as a, Image.open(io.BytesIO(full)) as b:
+        assert a.height < 0.6 * b.height  # drawn at the size of 5 classes, not 20
 
 
 def test_faithfulness_metrics_of_every_method_are_stated_bounded_and_exact_for_the_ideal_mask(run, workdir):
@@ -536,15 +587,17 @@ def test_faithfulness_metrics_of_every_method_are_stated_bounded_and_exact_for_t
     for method, values in metrics["methods"].items():
         if method in ("zeros", "half", "ones"):  # a constant ranks no pixel: no curve, no pointing
             assert values["deletion_auc"] is values["insertion_auc"] is values["pointing_game"] is None
+            assert values["road_morf"] is values["road_lerf"] is None
             assert method not in metrics["faithfulness_curves"] and 0.0 <= values["average_increase"] <= 1.0
             continue
-        for key in ("deletion_auc", "insertion_auc", "pointing_game", "average_increase"):
+        for key in ("deletion_auc", "insertion_auc", "pointing_game", "average_increase", "road_morf", "road_lerf"):
             assert 0.0 <= values[key] <= 1.0, (method, key)
             lo, hi = values["faithfulness_ci95"][key]
             assert lo <= values[key] <= hi, (method, key)
         curves = metrics["faithfulness_curves"][method]
         assert len(curves["deletion"]) == len(curves["insertion"]) == 21
         assert curves["deletion"][0] == pytest.approx(curves["insertion"][-1])  # both: the whole image
+        assert len(curves["road_morf"]) == len(curves["road_lerf"]) == 9  # at 10 … 90% removed
     ideal, zeros = metrics["methods"]["ideal"], metrics["methods"]["zeros"]
     assert ideal["pointing_game"] == 1.0 and ideal["relevance_mass"] == pytest.approx(1.0)
     assert zeros["relevance_mass"] is None  # an all-zero map has no mass

@@ -15,9 +15,12 @@ from pipeline.method.faithfulness import (
     curve_auc,
     drop_and_increase,
     gaussian_blur,
+    linear_impute,
     perturbation_curves,
     pointing_game,
     relevance_mass,
+    road_curves,
+    road_removed,
     scaled,
 )
 
@@ -142,6 +145,9 @@ def test_the_accumulator_averages_pairs_per_image_then_images():
     assert 0.5 <= lo <= 0.75 <= hi <= 1.0
     curves = acc.mean_curves()
     assert len(curves["deletion"]) == len(curves["insertion"]) == 5
+    assert len(curves["road_morf"]) == len(curves["road_lerf"]) == 9
+    # ROAD: removing class 0's most relevant pixels (its whole region) lowers p_0 below removing its least relevant
+    assert acc.per_image("road_morf")[1] < acc.per_image("road_lerf")[1]
     assert scaled(15, 48) == pytest.approx(15 * 48 / 224)
 
 
@@ -228,3 +234,63 @@ def test_a_constant_map_ranks_no_pixel_so_its_ranking_metrics_are_undefined():
     assert means["relevance_mass"] == pytest.approx(64 / 256)  # the object's share of a flat map
     full, half = torch.sigmoid(model(x))[0, 0].item(), torch.sigmoid(model(0.5 * x))[0, 0].item()
     assert means["average_drop"] == pytest.approx((full - half) / full * 100)
+
+
+# ------------------------------------------------------------------------------- ROAD, grad-cam a peer
+
+
+def test_linear_imputation_fills_a_hole_with_the_mean_of_its_neighbours_and_keeps_the_rest():
+    image = torch.arange(3 * 5 * 5, dtype=torch.float64).view(3, 5, 5)  # each channel a linear ramp
+    hole = torch.zeros(5, 5, dtype=torch.bool)
+    hole[1:4, 1:4] = True
+    filled = linear_impute(image, hole, noise=0.0)
+    assert torch.equal(filled[:, ~hole], image[:, ~hole])
+    assert torch.allclose(filled, image)  # a linear ramp is its neighbours' weighted mean everywhere
+    one = torch.zeros(5, 5, dtype=torch.bool)
+    one[0, 0] = True  # a corner: 3 neighbours, weights 1/6, 1/6, 1/12 renormalised
+    corner = linear_impute(image, one, noise=0.0)[0, 0, 0]
+    assert corner == pytest.approx((image[0, 0, 1] * 2 + image[0, 1, 0] * 2 + image[0, 1, 1]) / 5)
+    noisy = linear_impute(image, hole, noise=0.01, generator=torch.Generator().manual_seed(0))
+    assert 0 < (noisy - image).abs().max() < 0.06
+
+
+@pytest.mark.parametrize("most_relevant_first", [True, False])
+def test_road_equals_grad_cams_road_at_the_same_percentiles_without_noise(most_relevant_first):
+    """grad-cam's ROAD (pytorch_grad_cam.metrics.road) at kept-pixel percentile p removes what ours removes at the
+    fraction 1 − p/100 (MoRF) or p/100 (LeRF) and returns the mean change of the score: ours, mapped the same
+    way, with noise 0 in both (its imputer adds 0.01·randn by default, unseeded)."""
+    from pytorch_grad_cam.metrics.perturbation_confidence import (
+        AveragerAcrossThresholds,
+        PerturbationConfidenceMetric,
+        RemoveLeastRelevantFirst,
+        RemoveMostRelevantFirst,
+    )
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    torch.manual_seed(0)
+    size = 11  # 121 pixels: every percentile 10…90 falls on a pixel's value
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 5)
+    ).eval()
+    x = torch.randn(4, 3, size, size)
+    maps = torch.rand(4, size, size)
+    classes = torch.tensor([0, 3, 1, 4])
+    remove = RemoveMostRelevantFirst if most_relevant_first else RemoveLeastRelevantFirst
+    percentiles = [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    averager = AveragerAcrossThresholds(
+        lambda p: PerturbationConfidenceMetric(remove(p, NoisyLinearImputer(noise=0.0))), percentiles
+    )
+    targets = [lambda out, c=int(c): torch.sigmoid(out[c]) for c in classes]
+    theirs = averager(x, maps.numpy(), targets, model)  # at percentile p, 100 − p % of the pixels removed
+    fractions = tuple(1 - p / 100 for p in percentiles)
+    probs = _sigmoid_probs(model)
+    with torch.no_grad():
+        curves = road_curves(probs, x, maps, classes, most_relevant_first, fractions=fractions, noise=0.0)
+        full = probs(x)[torch.arange(4), classes].double()
+    ours = (curves - full[:, None]).mean(1)
+    assert ours.numpy() == pytest.approx(theirs, abs=1e-5)
+    # the pixels removed at 30%: 121 − round(0.7 · 120) = 37, the most (least) relevant ones
+    removed = road_removed(maps, 0.3, most_relevant_first)
+    assert removed.flatten(1).sum(1).tolist() == [37] * 4
+    ranked = maps.flatten(1).argsort(1, descending=most_relevant_first)[:, :37]
+    assert all(removed[i].flatten()[ranked[i]].all() for i in range(4))
