@@ -300,12 +300,21 @@ def train_explainer(config: ConfigOpt = None, overrides: Overrides = None, json_
 
 @app.command()
 def evaluate(config: ConfigOpt = None, overrides: Overrides = None, json_: JsonOpt = False) -> None:
-    """The paper's metrics for explainer.checkpoint against Grad-CAM, RISE and constant masks on data.test."""
+    """The paper's metrics for explainer.checkpoint against Grad-CAM, RISE and constant masks on data.test.
+
+    A registered version (models:/…) keeps the digest of the split its numbers came from: a promotion gate on that
+    split is refused (a number that chooses is a validation number)."""
 
     def stage() -> dict:
+        from pipeline import tracking
         from pipeline.evaluate.evaluate import evaluate as run_evaluate
+        from pipeline.workflows.promotion import record_published_split
 
-        return run_evaluate(_load(config, overrides))
+        loaded = _load(config, overrides)
+        summary = run_evaluate(loaded)
+        if summary["explainer"].startswith("models:/"):
+            record_published_split(summary["explainer"], summary["test_digest"], tracking.registry_uri(loaded))
+        return summary
 
     _run("evaluate: done", json_, stage)
 

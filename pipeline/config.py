@@ -711,8 +711,14 @@ class GateConfig(_Section):
 
     split: str | None = Field(
         None,
-        description="the fixed evaluation split with segmentation (default: data.val; a gate chooses a model, so "
-        "it never reads the test split that reports the final numbers)",
+        description="the fixed evaluation split with segmentation: train | val | test name that data.* key, anything "
+        "else is a URL (default: data.val; a gate chooses a model, so it never reads the test split that reports "
+        "the final numbers)",
+    )
+    allow_test_split: bool = Field(
+        False,
+        description="gate on a split the version's published numbers came from (`wysiwyc evaluate` of the registered "
+        "version records its digest) or on data.test; refused by default: a number that chose is a validation number",
     )
     evaluate: EvaluateConfig = Field(
         default_factory=lambda: EvaluateConfig(methods=["explainer"]),

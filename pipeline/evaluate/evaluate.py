@@ -399,7 +399,8 @@ def evaluate(config, progress: bool = True) -> dict:
     Returns:
         The summary: ``metrics`` (URI of metrics.json), ``report`` (URI of metrics.md), ``output``,
         ``num_images``, ``skipped_unlabelled``, ``figures``, ``explainer``, ``explanandum``,
-        ``explanandum_sha256``, ``test``, ``classes`` (the classifier's matched by name to the split's:
+        ``explanandum_sha256``, ``test``, ``test_digest`` (its manifest's dataset digest), ``classes`` (the
+        classifier's matched by name to the split's:
         ``matched``, ``unmatched_classifier``, ``unmatched_split``), ``device``, ``seconds``, ``protocol`` and ``table``
         (``{method: {"cont_iou", "mean_f1"}}``).
 
@@ -457,6 +458,7 @@ def evaluate(config, progress: bool = True) -> dict:
         "explanandum": storage.redact(models.explanandum_uri),
         "explanandum_sha256": models.explanandum_sha256,
         "test": storage.redact(dataset.manifest["url"]),
+        "test_digest": dataset.manifest["digest"],
         "classes": match.summary(),
         "device": device.type,
         "seconds": round(time.perf_counter() - started, 3),

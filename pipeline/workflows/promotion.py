@@ -115,6 +115,53 @@ def ensure_evaluation(name: str, version: str, gate, split: str, config, progres
     return record
 
 
+#: the version tag `wysiwyc evaluate` of a registered version keeps: the digests of the splits it was evaluated on
+PUBLISHED_TAG = "wysiwyc.published_split_digests"
+
+
+def gate_split(gate, gate_path: str, config, tags: dict) -> str:
+    """The split ``gate`` evaluates on: its ``split`` (``train`` / ``val`` / ``test`` name that ``data.*`` key,
+    anything else is a URL), else ``data.val``. Refused, unless the gate sets ``allow_test_split``, when it is a
+    split the version's published numbers came from (its digest in :data:`PUBLISHED_TAG`) or ``data.test``."""
+    named = gate.split if gate.split in ("train", "val", "test") else None
+    split = getattr(config.data, named) if named else gate.split or config.data.val
+    if not split:
+        raise WysiwycError(
+            f"promote: gate {gate_path} has no split and data.val is not set: name the fixed validation "
+            f"split (with segmentation) in the gate file or as data.val=… (a gate chooses the champion, so it "
+            f"never evaluates on data.test, the split of the final numbers)"
+            if not named
+            else f"promote: gate {gate_path} evaluates on data.{named}, which is not set: set data.{named}=…"
+        )
+    if gate.allow_test_split:
+        return split
+    opts = config.storage.options()
+    digest = read_manifest(split, opts)["digest"]
+    published = json.loads(tags.get(PUBLISHED_TAG) or "[]")
+    is_test = named == "test" or (config.data.test and read_manifest(config.data.test, opts)["digest"] == digest)
+    if digest in published or is_test:
+        why = (
+            "the split this version's published numbers came from (wysiwyc evaluate)"
+            if digest in published
+            else ("data.test, the split of the final numbers")
+        )
+        raise WysiwycError(
+            f"promote: gate {gate_path} would choose on {storage.redact(split)}, {why}: a number that chooses a model "
+            f"is a validation number. Gate on data.val (the default), or set allow_test_split: true in a gate file "
+            f"of its own to do it on purpose"
+        )
+    return split
+
+
+def record_published_split(model_uri: str, digest: str, tracking_uri: str) -> None:
+    """Add ``digest`` to the :data:`PUBLISHED_TAG` of the registered version ``model_uri`` (``models:/NAME/V``)."""
+    name, version = resolve_model(model_uri, tracking_uri)
+    client = mlflow_client(tracking_uri)
+    published = json.loads(client.get_model_version(name, version).tags.get(PUBLISHED_TAG) or "[]")
+    if digest not in published:
+        client.set_model_version_tag(name, version, PUBLISHED_TAG, json.dumps([*published, digest]))
+
+
 def _check(metric: str, kind: str, value, bound: float, reference=None) -> dict:
     """One gate check as a record; ``kind``: ``minimum``, ``maximum`` or ``champion_margin``."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -238,13 +285,7 @@ def _promote(client, name: str, version: str, config, gate_path: str | None, pro
             f"variant on purpose)"
         )
     classifier_check = _classifier_check(client, name, version, tags, gate, gate_path)
-    split = gate.split or config.data.val
-    if not split:
-        raise WysiwycError(
-            f"promote: gate {gate_path} has no split and data.val is not set: name the fixed validation "
-            f"split (with segmentation) in the gate file or as data.val=… (a gate chooses the champion, so it "
-            f"never evaluates on data.test, the split of the final numbers)"
-        )
+    split = gate_split(gate, gate_path, config, tags)
     evaluation = ensure_evaluation(name, version, gate, split, config, progress)
     values = evaluation["metrics"]
     checks = [_check(m, "minimum", values.get(m), b) for m, b in gate.minimum.items()]

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -344,6 +345,47 @@ def test_evaluate_accepts_a_registry_uri(reg, promoted):
     stored = json.loads(reg["client"].get_model_version("expl", "3").tags[f"wysiwyc.eval.{digest[:16]}"])
     metrics = json.loads((out / "metrics.json").read_text())["methods"]["explainer"]
     assert metrics["cont_iou"] == pytest.approx(stored["metrics"]["cont_iou"])
+    # the version keeps the digest of the split its numbers came from (a gate on it will be refused)
+    assert summary["test_digest"] == digest
+    assert json.loads(reg["client"].get_model_version("expl", "3").tags["wysiwyc.published_split_digests"]) == [digest]
+
+
+def test_a_gate_never_chooses_on_a_split_the_numbers_come_from(reg, promoted):
+    """The test split is touched once: a gate is refused on the split a version's published numbers came from
+    (recorded by `wysiwyc evaluate`), and on data.test (named, or the same data under another URL); a gate file
+    that sets allow_test_split does it on purpose."""
+    from pipeline.workflows.promotion import PUBLISHED_TAG, gate_split, load_gate, promote
+
+    wysiwyc(
+        reg,
+        "evaluate",
+        "explainer.checkpoint=models:/expl/1",
+        f"data.test={reg['data']}",
+        "evaluate.methods=[explainer]",
+        "evaluate.batch_size=8",
+        f"output={reg['root'] / 'eval-v1'}",
+        *reg["overrides"],
+    )
+    digest = read_manifest(reg["data"], reg["s3"].opts)["digest"]
+    assert json.loads(reg["client"].get_model_version("expl", "1").tags[PUBLISHED_TAG]) == [digest]
+    before = dict(reg["client"].get_registered_model("expl").aliases)
+    with pytest.raises(WysiwycError, match=r"published numbers came from \(wysiwyc evaluate\).*allow_test_split: true"):
+        promote("expl", "1", reg["config"], reg["gate"], progress=False)
+    named = reg["root"] / "gate-on-test.yaml"
+    named.write_text("split: test\nevaluate:\n  methods: [explainer]\n  batch_size: 8\n")
+    with_test = load_config(None, [*reg["overrides"], f"data.test={reg['data']}"])
+    with pytest.raises(WysiwycError, match="data.test, the split of the final numbers"):
+        promote("expl", "2", with_test, str(named), progress=False)  # v2 was never evaluated: data.test itself
+    with pytest.raises(WysiwycError, match="data.test, the split of the final numbers"):
+        promote("expl", "2", with_test, reg["gate"], progress=False)  # the same data under its URL
+    assert dict(reg["client"].get_registered_model("expl").aliases) == before  # nothing moved
+    on_purpose = reg["root"] / "gate-on-purpose.yaml"
+    on_purpose.write_text(Path(reg["gate"]).read_text() + "allow_test_split: true\n")
+    tags = reg["client"].get_model_version("expl", "1").tags
+    assert gate_split(load_gate(str(on_purpose)), str(on_purpose), reg["config"], tags) == reg["data"]
+    val = load_config(None, [*reg["overrides"], f"data.val={reg['data']}"])
+    on_val = load_gate(str(named)).model_copy(update={"split": "val", "allow_test_split": True})
+    assert gate_split(on_val, "g", val, {}) == reg["data"]  # `val` names data.val
 
 
 def test_rollback_restores_the_previous_champion(reg):
@@ -454,12 +496,14 @@ def test_the_default_gate_refuses_a_white_box_explainer_unless_the_gate_file_all
 
 
 def test_a_gate_without_a_split_chooses_on_data_val_and_never_reads_data_test(reg):
-    """The default gate's ``split: null`` means the validation split: a gate chooses the champion, and the test
-    split reports the final numbers only. With only data.test set, promote refuses before any evaluation."""
+    """A gate's ``split: null`` means the validation split (the default gate names it: ``split: val``): a gate
+    chooses the champion, and the test split reports the final numbers only. With only data.test set, promote
+    refuses before any evaluation."""
     from pipeline.registry import register_checkpoint
     from pipeline.workflows.promotion import load_gate, promote
 
-    assert load_gate("gates/default").split is None  # the default gate: data.val
+    default = load_gate("gates/default")
+    assert default.split == "val" and default.allow_test_split is False  # the default gate: data.val
     version = register_checkpoint(reg["checkpoints"]["b"], "expl-val", reg["config"])["version"]
     text = open(reg["gate"]).read()
     gate = reg["root"] / "gate-no-split.yaml"
