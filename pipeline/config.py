@@ -310,11 +310,12 @@ class LossConfig(_Section):
     ncmask_total_area_regularizer: float = Field(0.3, ge=0, description="λ_n: mean of the non-target mask n")
     class_mask_min_area: float = Field(0.05, ge=0, le=1, description="smallest area fraction of a present class's mask")
     class_mask_max_area: float = Field(0.3, ge=0, le=1, description="largest area fraction of a present class's mask")
-    kind: Literal["paper", "rt_saliency"] = Field(
+    kind: Literal["paper", "rt_saliency", "supervised"] = Field(
         "paper",
         description="paper: the four-term loss of Stalder et al. (the λ above); rt_saliency: Dabkowski & Gal's "
         "(2017) real-time saliency loss with the same Explainer net (the rt_* weights below), a named variant "
-        "for the evaluate table's rt_saliency row",
+        "for the evaluate table's rt_saliency row; supervised: the masks learn the ground-truth segmentation and "
+        "never read the classifier (the sanity check's positive control; recorded as not black-box)",
     )
     rt_variation_regularizer: float = Field(10.0, ge=0, description="rt_saliency: λ of the masks' total variation")
     rt_area_regularizer: float = Field(1.0, ge=0, description="rt_saliency: λ of the masks' mean (area)")
@@ -657,6 +658,24 @@ class SanityConfig(_Section):
         le=1,
         description="verdict: their cont. IoU falls at least this share of the way from the real one's "
         "towards the constant-1 mask's",
+    )
+    min_fit: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="the permuted-labels classifier must reach this training F1 on its permuted labels, else the "
+        "verdict is inconclusive (it learned nothing, so that arm tests nothing); default: 0.8 × the real one's",
+    )
+    permuted_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="epochs of the permuted-labels classifier (default: the real classifier's recorded ones)",
+    )
+    positive_control: bool = Field(
+        True,
+        description="also run the check on an Explainer that ignores its classifier (loss.kind=supervised, trained "
+        "against the real and the randomized classifier): the check must report it failed, else the verdict is "
+        "inconclusive",
     )
 
 

@@ -166,6 +166,18 @@ def explainer_loss(
     }
 
 
+def supervised_mask_loss(S: torch.Tensor, seg: torch.Tensor, void: int = 255) -> torch.Tensor:
+    """``loss.kind: supervised``, the sanity check's positive control: the per-class masks sigmoid(S) (B, C, H, W)
+    learn the ground truth (class c's mask 1 on ``seg == c + 1``, 0 elsewhere), binary cross-entropy over the
+    pixels that are not ``void``. It never reads the classifier: an Explainer trained so encodes the labels,
+    which a sanity check must catch."""
+    classes = torch.arange(S.shape[1], device=S.device).view(1, -1, 1, 1)
+    target = (seg.unsqueeze(1).long() == classes + 1).to(S.dtype)
+    valid = (seg != void).unsqueeze(1).expand_as(S).to(S.dtype)
+    per_pixel = F.binary_cross_entropy_with_logits(S, target, reduction="none")
+    return (per_pixel * valid).sum() / valid.sum().clamp(min=1.0)
+
+
 RT_BLUR_SIGMA_AT_224 = 10.0  # Dabkowski & Gal's blurred alternative
 
 

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.method.losses import classifier_loss, distillation_loss, explainer_loss, rt_saliency_loss
+from pipeline.errors import WysiwycError
+from pipeline.method.losses import (
+    classifier_loss,
+    distillation_loss,
+    explainer_loss,
+    rt_saliency_loss,
+    supervised_mask_loss,
+)
 from pipeline.method.metrics import foreground_and_valid, segmentation_scores
 
 # a batch → (loss to backpropagate, {name: (sum over the batch, count)} for logging)
@@ -129,9 +136,16 @@ def explainer_loss_fn(
     ``single_label`` (a softmax F): L_c is the cross-entropy of the explained class, probabilities softmax.
     """
 
-    rt = getattr(weights, "kind", "paper") == "rt_saliency"
+    kind = getattr(weights, "kind", "paper")
+    rt = kind == "rt_saliency"
     paper_terms = ("classification", "entropy", "area_constraint", "ncmask_area")
-    terms = ("preserver", "destroyer", "area") if rt else paper_terms
+    terms = (
+        ("preserver", "destroyer", "area")
+        if rt
+        else (*paper_terms, "supervised")
+        if kind == "supervised"
+        else paper_terms
+    )
 
     def compute(batch: dict):
         x, y = batch["image"], batch["labels"]
@@ -141,6 +155,11 @@ def explainer_loss_fn(
                 out = rt_saliency_loss(explanandum, x, y, S.float(), weights)
             else:
                 out = explainer_loss(explanandum, x, y, S.float(), weights, single_label=single_label)
+            if kind == "supervised":  # the positive control: the paper's terms only logged, never learned from
+                if "seg" not in batch:
+                    raise WysiwycError("loss.kind=supervised needs a training split with segmentation (data.train)")
+                out["supervised"] = supervised_mask_loss(S.float(), batch["seg"])
+                out["total"] = out["supervised"]
         n = float(len(y))
         logged = {name: (float(out[name].detach()) * n, n) for name in ("total", *terms, "tv", "mask_area")}
         logged["loss"] = logged.pop("total")

@@ -184,7 +184,7 @@ def _build(kind: str, config: Config, classes: list[str], device: torch.device, 
     extra = {
         "arch": e.arch,
         "explainer_init": e.init,
-        "black_box": e.black_box,
+        "black_box": e.black_box and config.loss.kind != "supervised",  # supervised: learns from the labels
         "loss_kind": config.loss.kind,
         "labels": config.data.labels,
         "explanandum": f.record(),

@@ -20,9 +20,18 @@ continuous IoU of its merged present-class masks with the ground truth and its c
 retrained ones also the Spearman rank correlation and SSIM of their per-class masks with the real
 Explainer's, per (image, present class) pair, averaged. The constant-1 mask's IoU is the reference.
 
-Verdict (``passed``): for both retrained Explainers, Spearman < ``sanity.max_spearman`` (0.5) and
-continuous IoU ≤ real − ``sanity.iou_drop`` · (real − constant-1) (0.5: at least halfway towards the
-constant-1 mask's). An Explainer that passes depends on what its classifier computes.
+Verdict (``verdict``: ``passed | failed | inconclusive``; ``passed`` is ``verdict == "passed"``): for both
+retrained Explainers, Spearman < ``sanity.max_spearman`` (0.5) and continuous IoU ≤ real − ``sanity.iou_drop`` ·
+(real − constant-1) (0.5: at least halfway towards the constant-1 mask's). An Explainer that passes depends on what
+its classifier computes. The verdict is ``inconclusive`` when the check could not have failed:
+
+- the permuted-labels classifier did not fit its permuted training labels (``permuted_fit``: its training F1
+  against ``sanity.min_fit``, by default 0.8 × the real classifier's; a classifier that learned nothing makes
+  the masks collapse trivially, Adebayo's data-randomisation test needs memorisation), or
+- the **positive control** passed (``sanity.positive_control``, on by default): the same Explainer config
+  trained on the ground-truth masks (``loss.kind=supervised``, which never reads the classifier), once for the
+  real and once for the randomized classifier, judged by the same thresholds, must be reported ``failed``
+  (``positive_control``: its scores and verdict).
 
 The three trainings run as any training does (``trainer.backend``: Ray Train by default), one after the
 other, resumable: ``sanity.json`` under ``trainer.storage/RUN-sanity/`` records each finished step and a
@@ -260,12 +269,14 @@ def score_explainers(
     return out
 
 
-def verdict(scores: dict, max_spearman: float, iou_drop: float) -> tuple[bool, dict[str, dict]]:
+def verdict(
+    scores: dict, max_spearman: float, iou_drop: float, variants: tuple[str, ...] = VARIANTS
+) -> tuple[bool, dict[str, dict]]:
     """``(passed, {variant: {"spearman_ok", "iou_ok", "iou_bound"}})`` by the rule of the module docstring."""
     real, ones = scores["real"]["cont_iou"], scores["ones"]["cont_iou"]
     bound = real - iou_drop * (real - ones)
     checks = {}
-    for name in VARIANTS:
+    for name in variants:
         row = scores[name]
         checks[name] = {
             "spearman_ok": bool(math.isfinite(row["spearman"]) and row["spearman"] < max_spearman),
@@ -303,6 +314,7 @@ def _permuted_classifier(config, classifier_state: dict, root: str, run: str, pa
     for key in ("backend", "num_workers", "use_gpu", "cpus_per_worker", "storage", "cpu_amp"):
         setattr(cfg.trainer, key, getattr(config.trainer, key))
     cfg.trainer.run_name = run
+    cfg.trainer.epochs = config.sanity.permuted_epochs or cfg.trainer.epochs
     data = storage.join(root, "data")
     cfg.data.train = write_permuted_split(config.data.train, data, "train", config.sanity.seed, opts)
     cfg.data.val = (
@@ -317,10 +329,11 @@ def run_sanity(config, progress: bool = True) -> dict:
     """Stage: the sanity check of the module docstring for the Explainer of ``explainer.checkpoint``.
 
     Returns:
-        ``passed``, ``real``, ``randomized``, ``permuted_labels`` (each ``cont_iou``, ``spec_gap``; the last
-        two ``spearman``, ``ssim`` and ``checkpoint``), ``ones`` (``cont_iou``), ``criteria``, ``verdict``
-        (one line), ``split``, ``num_images``, ``randomized_layers``, ``output``, ``mlflow_run_id``,
-        ``seconds``.
+        ``passed``, ``verdict`` (``passed | failed | inconclusive``), ``verdict_line`` (one line), ``real``,
+        ``randomized``, ``permuted_labels`` (each ``cont_iou``, ``spec_gap``; the last two ``spearman``, ``ssim``
+        and ``checkpoint``), ``ones`` (``cont_iou``), ``criteria``, ``permuted_fit`` (``train_f1``, ``required``,
+        ``real_train_f1``, ``fitted``), ``positive_control`` (null when off), ``split``, ``num_images``,
+        ``randomized_layers``, ``output``, ``mlflow_run_id``, ``seconds``.
 
     Raises:
         WysiwycError: no ``explainer.checkpoint`` or ``data.train``, a split without segmentation, or a
@@ -374,15 +387,25 @@ def run_sanity(config, progress: bool = True) -> dict:
             match=match,
         )
         passed, checks = verdict(scores, s.max_spearman, s.iou_drop)
+        control = (
+            _positive_control(config, explainers, real, dataset, match, device, opts) if s.positive_control else None
+        )
         status = "FINISHED"
     finally:
         if tracker is not None and status == "FAILED":
             tracker.end(status)
 
     bound = checks["randomized"]["iou_bound"]
+    fit = state["permuted_fit"]
+    fitted = fit["train_f1"] is not None and fit["train_f1"] >= fit["required"]
+    caught = control is None or control["verdict"] == "failed"
+    outcome = "inconclusive" if not (fitted and caught) else "passed" if passed else "failed"
     result = {
-        "passed": passed,
-        "verdict": _verdict_line(passed, scores, bound, s.max_spearman),
+        "passed": outcome == "passed",
+        "verdict": outcome,
+        "verdict_line": _verdict_line(outcome, scores, bound, s.max_spearman, fit, control),
+        "permuted_fit": {**fit, "fitted": fitted},
+        "positive_control": control,
         "real": {**scores["real"], "checkpoint": storage.redact(real.explainer_uri)},
         **{v: {**scores[v], **checks[v], "checkpoint": storage.redact(explainers[v])} for v in VARIANTS},
         "ones": scores["ones"],
@@ -400,11 +423,11 @@ def run_sanity(config, progress: bool = True) -> dict:
     result = _jsonable(result)  # NaN → null
     storage.write_text(storage.join(root, "result.json"), json.dumps(result, indent=1), opts)
     if tracker is not None:
-        metrics = {"passed": float(passed)}
+        metrics = {"passed": float(outcome == "passed")}
         for row in ("real", *VARIANTS, "ones"):
             metrics.update({f"{row}.{k}": float(v) for k, v in scores[row].items() if math.isfinite(v)})
         tracker.log_epoch(0, metrics)
-        tracker.set_tags({"wysiwyc.sanity": "passed" if passed else "failed"})
+        tracker.set_tags({"wysiwyc.sanity": outcome})
         tracker.log_bytes(json.dumps(result, indent=1).encode(), "sanity.json")
         tracker.end("FINISHED")
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -457,11 +480,22 @@ def _control_explainers(config, real, name: str, root: str, state_file: _StateFi
             config, classifier_state, root, f"{name}-permuted-classifier", parent, opts
         )
         state_file.save()
+    if "permuted_fit" not in state:
+        real_f1, permuted_f1 = _train_f1(real.explanandum_uri, opts), _train_f1(state["permuted_classifier"], opts)
+        required = s.min_fit if s.min_fit is not None else 0.8 * real_f1 if real_f1 is not None else None
+        state["permuted_fit"] = {"train_f1": permuted_f1, "required": required, "real_train_f1": real_f1}
+        state_file.save()
     explainers = state.setdefault("explainers", {})
-    for variant, classifier in (
-        ("randomized", state["randomized_classifier"]),
-        ("permuted_labels", state["permuted_classifier"]),
-    ):
+    trainings = [
+        ("randomized", state["randomized_classifier"], None),
+        ("permuted_labels", state["permuted_classifier"], None),
+    ]
+    if s.positive_control:  # an Explainer that ignores its classifier: the check must fail it
+        trainings += [
+            ("supervised_real", real.explanandum_uri, "supervised"),
+            ("supervised_randomized", state["randomized_classifier"], "supervised"),
+        ]
+    for variant, classifier, loss_kind in trainings:
         if variant in explainers:
             continue
         cfg = config.model_copy(deep=True)
@@ -469,19 +503,66 @@ def _control_explainers(config, real, name: str, root: str, state_file: _StateFi
         cfg.explainer.checkpoint = None
         cfg.trainer.run_name = f"{name}-{variant}"
         cfg.tracking.parent_run_id = parent
+        if loss_kind:
+            cfg.loss.kind = loss_kind
         explainers[variant] = train_explainer(cfg)["checkpoint"]
         state_file.save()
     return explainers
 
 
-def _verdict_line(passed: bool, scores: dict, bound: float, max_spearman: float) -> str:
+def _train_f1(classifier_uri: str, opts) -> float | None:
+    """The training F1 of a classifier checkpoint's epoch (on the labels it was trained with), if recorded."""
+    state, _ = ckpt.load_checkpoint(classifier_uri, opts)
+    value = (state.get("metrics") or {}).get("train_f1")
+    return float(value) if value is not None else None
+
+
+def _positive_control(config, explainers: dict, real, dataset, match, device, opts) -> dict:
+    """The check run on the positive control: the supervised Explainer of the real classifier against the one
+    retrained for the randomized classifier, scored and judged as any Explainer (the same thresholds)."""
+    s = config.sanity
+    control = load_predictor(explainers["supervised_real"], None, opts, image_size=real.image_size).to(device)
+    retrained = load_predictor(explainers["supervised_randomized"], None, opts, image_size=real.image_size)
+    scores = score_explainers(
+        control,
+        {"randomized": retrained.explainer.to(device).eval()},
+        dataset,
+        batch_size=config.evaluate.batch_size,
+        max_images=config.evaluate.max_images,
+        device=device,
+        match=match,
+    )
+    passed, checks = verdict(scores, s.max_spearman, s.iou_drop, variants=("randomized",))
+    return {
+        "verdict": "passed" if passed else "failed",
+        "expected": "failed",
+        "real": {**scores["real"], "checkpoint": storage.redact(explainers["supervised_real"])},
+        "randomized": {**scores["randomized"], **checks["randomized"]},
+        "checkpoint": storage.redact(explainers["supervised_randomized"]),
+    }
+
+
+def _verdict_line(outcome: str, scores: dict, bound: float, max_spearman: float, fit: dict, control) -> str:
     def describe(v: str) -> str:
         row = scores[v]
         return f"{v}: Spearman {row['spearman']:.2f}, SSIM {row['ssim']:.2f}, cont. IoU {row['cont_iou']:.3f}"
 
-    return (
-        f"{'PASSED' if passed else 'FAILED'}: real cont. IoU {scores['real']['cont_iou']:.3f} "
+    line = (
+        f"{outcome.upper()}: real cont. IoU {scores['real']['cont_iou']:.3f} "
         f"(constant 1: {scores['ones']['cont_iou']:.3f}, bound {bound:.3f}); "
         + "; ".join(describe(v) for v in VARIANTS)
         + f" (needs Spearman < {max_spearman} and cont. IoU ≤ {bound:.3f})"
     )
+    f1, required = fit["train_f1"], fit["required"]
+    if f1 is None or required is None or f1 < required:
+        line += (
+            f". The permuted-labels classifier fit its labels to training F1 {f1 if f1 is None else round(f1, 3)} "
+            f"(needs {required if required is None else round(required, 3)}: sanity.min_fit): it learned nothing, so "
+            f"that arm tests nothing; train it longer (sanity.permuted_epochs)"
+        )
+    if control is not None and control["verdict"] != "failed":
+        line += (
+            ". The positive control (an Explainer trained on the ground-truth masks, loss.kind=supervised) PASSED: "
+            "the check cannot tell an Explainer that ignores its classifier, so its verdict means nothing here"
+        )
+    return line

@@ -60,7 +60,21 @@ def test_sanity_retrains_against_both_classifiers_and_gives_the_numbers_and_a_ve
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert isinstance(out["passed"], bool) and proc.returncode == (0 if out["passed"] else 1)
-    assert out["verdict"].startswith("PASSED" if out["passed"] else "FAILED")
+    assert out["verdict"] in ("passed", "failed", "inconclusive") and out["passed"] == (out["verdict"] == "passed")
+    assert out["verdict_line"].startswith(out["verdict"].upper())
+    # the positive control: the same net trained on the ground-truth masks ignores its classifier, so retrained
+    # against the randomized classifier it keeps its masks, and the check reports it failed
+    control = out["positive_control"]
+    assert control["verdict"] == control["expected"] == "failed", control
+    assert control["randomized"]["spearman"] > 0.5 and not control["randomized"]["spearman_ok"]
+    assert "supervised_real" in control["real"]["checkpoint"] and "supervised_randomized" in control["checkpoint"]
+    assert torch.load(control["checkpoint"], weights_only=True)["black_box"] is False  # learns from the labels
+    # the permuted-labels classifier's fit decides whether that arm tested anything
+    fit = out["permuted_fit"]
+    assert fit["required"] == pytest.approx(0.8 * fit["real_train_f1"]) and 0 <= fit["train_f1"] <= 1
+    assert fit["fitted"] == (fit["train_f1"] >= fit["required"])
+    if not fit["fitted"]:
+        assert out["verdict"] == "inconclusive" and "learned nothing" in out["verdict_line"]
     for row in ("real", "randomized", "permuted_labels"):
         assert 0.0 <= out[row]["cont_iou"] <= 1.0 and -1.0 <= out[row]["spec_gap"] <= 1.0, row
     for row in ("randomized", "permuted_labels"):
@@ -68,7 +82,8 @@ def test_sanity_retrains_against_both_classifiers_and_gives_the_numbers_and_a_ve
         assert out[row]["checkpoint"].endswith("best.pt") and f"exp-sanity-{row}" in out[row]["checkpoint"]
         expected = out[row]["spearman"] < 0.5 and out[row]["cont_iou"] <= out["criteria"]["iou_bound"]
         assert (out[row]["spearman_ok"] and out[row]["iou_ok"]) == expected
-    assert out["passed"] == all(out[r]["spearman_ok"] and out[r]["iou_ok"] for r in ("randomized", "permuted_labels"))
+    checks_pass = all(out[r]["spearman_ok"] and out[r]["iou_ok"] for r in ("randomized", "permuted_labels"))
+    assert out["passed"] == (checks_pass and fit["fitted"])
     bound = out["real"]["cont_iou"] - 0.5 * (out["real"]["cont_iou"] - out["ones"]["cont_iou"])
     assert out["criteria"]["iou_bound"] == pytest.approx(bound)
     assert 0 < out["num_images"] <= 16 and out["split"] == "test"
@@ -83,13 +98,19 @@ def test_sanity_retrains_against_both_classifiers_and_gives_the_numbers_and_a_ve
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
     sanity_run = client.get_run(out["mlflow_run_id"])
     assert sanity_run.data.tags["mlflow.parentRunId"] == exp["mlflow_run_id"]
-    assert sanity_run.data.tags["wysiwyc.sanity"] == ("passed" if out["passed"] else "failed")
+    assert sanity_run.data.tags["wysiwyc.sanity"] == out["verdict"]
     assert sanity_run.data.metrics["randomized.spearman"] == pytest.approx(out["randomized"]["spearman"])
     children = client.search_runs(
         [sanity_run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{out['mlflow_run_id']}'"
     )
     names = sorted(r.data.tags.get("wysiwyc.run_name", r.info.run_name) for r in children)
-    assert names == ["exp-sanity-permuted-classifier", "exp-sanity-permuted_labels", "exp-sanity-randomized"]
+    assert names == [
+        "exp-sanity-permuted-classifier",
+        "exp-sanity-permuted_labels",
+        "exp-sanity-randomized",
+        "exp-sanity-supervised_randomized",
+        "exp-sanity-supervised_real",
+    ]
 
     # relaunched: nothing is trained again, the same numbers come back
     state = (root / "ckpt" / "exp-sanity" / "sanity.json").read_text()

@@ -16,6 +16,7 @@ from pipeline.method.losses import (
     explainer_loss,
     rt_alternative,
     rt_saliency_loss,
+    supervised_mask_loss,
     total_variation,
 )
 from pipeline.models.explainer import CompactExplainer
@@ -230,3 +231,14 @@ def test_gradients_reach_the_explainer_and_never_change_the_frozen_explanandum()
     assert not any(m.training for m in explanandum.modules())
     assert explainer.training
     assert any(not torch.equal(explainer.state_dict()[k], v) for k, v in explainer_before.items())
+
+
+def test_the_supervised_positive_control_learns_the_ground_truth_masks_by_hand():
+    """loss.kind=supervised: binary cross-entropy of each class's mask against seg == c + 1, void pixels left out."""
+    S = torch.tensor([[[[2.0, -1.0]], [[0.5, 3.0]]]])  # (1, 2 classes, 1, 2 pixels)
+    seg = torch.tensor([[[1, 255]]])  # pixel 0: class 0; pixel 1: void
+    p0, p1 = torch.sigmoid(torch.tensor(2.0)), torch.sigmoid(torch.tensor(0.5))
+    expected = (-torch.log(p0) - torch.log(1 - p1)) / 2  # pixel 0 only: class 0 is 1 there, class 1 is 0
+    assert supervised_mask_loss(S, seg) == pytest.approx(float(expected))
+    perfect = torch.tensor([[[[20.0, 0.0]], [[-20.0, 0.0]]]])
+    assert supervised_mask_loss(perfect, seg) < 1e-8
