@@ -648,6 +648,11 @@ class SanityConfig(_Section):
     randomized_layers: int | None = Field(
         None, ge=1, description="conv/linear layers re-initialised from the output down (default: the top half)"
     )
+    levels: list[int] = Field(
+        default_factory=list,
+        description="cascading randomisation: also retrain against the classifier with its top 1, 2, … of these "
+        "layer counts re-initialised, each scored (levels in the output); empty: only randomized_layers",
+    )
     seed: int = Field(0, ge=0, description="the re-initialisation and the label permutation")
     max_spearman: float = Field(
         0.5, ge=-1, le=1, description="verdict: the retrained Explainers' masks correlate below this with the real ones"

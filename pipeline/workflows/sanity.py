@@ -7,7 +7,8 @@ that means something for a learned explainer retrains it: the same Explainer con
 
 - ``randomized``: the classifier with its top ``sanity.randomized_layers`` weight layers (conv/linear,
   counted from the output; default: the top half) and every normalisation layer above the lowest of them
-  re-initialised (cascading randomisation), and
+  re-initialised (cascading randomisation; ``sanity.levels`` adds one retrained Explainer per layer count,
+  reported in ``levels`` with its Spearman, SSIM and IoU), and
 - ``permuted_labels``: a classifier trained as the real one was (its checkpoint's recorded config: the
   same arch, epochs, batch, optimiser) on the same images with labels permuted across images (Adebayo
   et al.'s data randomisation test; training and validation splits each with their own permutation,
@@ -332,7 +333,8 @@ def run_sanity(config, progress: bool = True) -> dict:
         ``passed``, ``verdict`` (``passed | failed | inconclusive``), ``verdict_line`` (one line), ``real``,
         ``randomized``, ``permuted_labels`` (each ``cont_iou``, ``spec_gap``; the last two ``spearman``, ``ssim``
         and ``checkpoint``), ``ones`` (``cont_iou``), ``criteria``, ``permuted_fit`` (``train_f1``, ``required``,
-        ``real_train_f1``, ``fitted``), ``positive_control`` (null when off), ``split``, ``num_images``,
+        ``real_train_f1``, ``fitted``), ``positive_control`` (null when off), ``levels`` (per ``sanity.levels``:
+        ``layers``, ``randomized``, ``spearman``, ``ssim``, ``cont_iou``, ``spec_gap``), ``split``, ``num_images``,
         ``randomized_layers``, ``output``, ``mlflow_run_id``, ``seconds``.
 
     Raises:
@@ -373,9 +375,10 @@ def run_sanity(config, progress: bool = True) -> dict:
         explainers = _control_explainers(config, real, name, root, state_file, opts)
         device = evaluation_device(config.trainer.use_gpu)
         real.to(device)
+        scored = [*VARIANTS, *(f"level_{n}" for n in s.levels)]
         others = {
             v: load_predictor(explainers[v], None, opts, image_size=real.image_size).explainer.to(device).eval()
-            for v in VARIANTS
+            for v in scored
         }
         scores = score_explainers(
             real,
@@ -413,6 +416,9 @@ def run_sanity(config, progress: bool = True) -> dict:
         "split": split,
         "num_images": scores["num_images"],
         "randomized_layers": state["randomized_layers"],
+        "levels": [
+            {"layers": n, "randomized": state["levels"][str(n)]["layers"], **scores[f"level_{n}"]} for n in s.levels
+        ],
         "classifiers": {
             "randomized": storage.redact(state["randomized_classifier"]),
             "permuted_labels": storage.redact(state["permuted_classifier"]),
@@ -424,7 +430,7 @@ def run_sanity(config, progress: bool = True) -> dict:
     storage.write_text(storage.join(root, "result.json"), json.dumps(result, indent=1), opts)
     if tracker is not None:
         metrics = {"passed": float(outcome == "passed")}
-        for row in ("real", *VARIANTS, "ones"):
+        for row in ("real", *VARIANTS, *(f"level_{n}" for n in s.levels), "ones"):
             metrics.update({f"{row}.{k}": float(v) for k, v in scores[row].items() if math.isfinite(v)})
         tracker.log_epoch(0, metrics)
         tracker.set_tags({"wysiwyc.sanity": outcome})
@@ -490,6 +496,15 @@ def _control_explainers(config, real, name: str, root: str, state_file: _StateFi
         ("randomized", state["randomized_classifier"], None),
         ("permuted_labels", state["permuted_classifier"], None),
     ]
+    for n in s.levels:  # the cascade: the top n layers re-initialised, one Explainer each
+        level = state.setdefault("levels", {})
+        if str(n) not in level:
+            url, names = _randomized_classifier(
+                real.explanandum_uri, storage.join(root, f"randomized_classifier_{n}.pt"), n, s.seed, opts
+            )
+            level[str(n)] = {"classifier": url, "layers": names}
+            state_file.save()
+        trainings.append((f"level_{n}", level[str(n)]["classifier"], None))
     if s.positive_control:  # an Explainer that ignores its classifier: the check must fail it
         trainings += [
             ("supervised_real", real.explanandum_uri, "supervised"),

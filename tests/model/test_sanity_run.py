@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
 
 def _sanity(root, keys, checkpoint):
     cmd = [sys.executable, "-m", "pipeline.cli", "sanity", *keys, f"explainer.checkpoint={checkpoint}"]
-    cmd += [f"data.test={root}/data/test", "--json"]
+    cmd += [f"data.test={root}/data/test", "sanity.levels=[1,2]", "--json"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -69,6 +69,11 @@ def test_sanity_retrains_against_both_classifiers_and_gives_the_numbers_and_a_ve
     assert control["randomized"]["spearman"] > 0.5 and not control["randomized"]["spearman_ok"]
     assert "supervised_real" in control["real"]["checkpoint"] and "supervised_randomized" in control["checkpoint"]
     assert torch.load(control["checkpoint"], weights_only=True)["black_box"] is False  # learns from the labels
+    # the cascade: one retrained Explainer per level, the top 1 and 2 conv/linear layers re-initialised
+    levels = out["levels"]
+    assert [lv["layers"] for lv in levels] == [1, 2] and levels[0]["randomized"][-1] == "fc"
+    assert set(levels[0]["randomized"]) < set(levels[1]["randomized"])  # a cascade: each level adds layers
+    assert all(-1 <= lv["spearman"] <= 1 and 0 <= lv["cont_iou"] <= 1 for lv in levels)
     # the permuted-labels classifier's fit decides whether that arm tested anything
     fit = out["permuted_fit"]
     assert fit["required"] == pytest.approx(0.8 * fit["real_train_f1"]) and 0 <= fit["train_f1"] <= 1
@@ -105,6 +110,8 @@ def test_sanity_retrains_against_both_classifiers_and_gives_the_numbers_and_a_ve
     )
     names = sorted(r.data.tags.get("wysiwyc.run_name", r.info.run_name) for r in children)
     assert names == [
+        "exp-sanity-level_1",
+        "exp-sanity-level_2",
         "exp-sanity-permuted-classifier",
         "exp-sanity-permuted_labels",
         "exp-sanity-randomized",
