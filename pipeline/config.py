@@ -317,16 +317,18 @@ class LossConfig(_Section):
         "for the evaluate table's rt_saliency row; supervised: the masks learn the ground-truth segmentation and "
         "never read the classifier (the sanity check's positive control; recorded as not black-box)",
     )
-    rt_variation_regularizer: float = Field(10.0, ge=0, description="rt_saliency: λ of the masks' total variation")
+    rt_variation_regularizer: float = Field(
+        10.0, ge=0, description="rt_saliency: λ of the merged mask's squared total variation (10 at 224 px)"
+    )
     rt_area_regularizer: float = Field(1.0, ge=0, description="rt_saliency: λ of the masks' mean (area)")
     rt_destroyer_regularizer: float = Field(
-        5.0, ge=0, description="rt_saliency: λ of the destroyer term p_c(Φ(x, 1 − m))^power"
+        5.0, ge=0, description="rt_saliency: λ of the destroyer term (mean p_c(Φ(x, 1 − m)))^power"
     )
     rt_destroyer_power: float = Field(0.3, gt=0, description="rt_saliency: the destroyer term's power")
     rt_alternative: Literal["blur", "noise", "both"] = Field(
         "both",
         description="rt_saliency: what replaces the pixels a mask removes: a Gaussian blur (σ 10 px at 224 px), "
-        "Gaussian noise, or either, drawn per batch (the paper's)",
+        "coloured noise, or either, drawn per batch (the paper's)",
     )
 
 

@@ -70,11 +70,13 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     return (p * p.log()).mean()  # = −mean(−p log p)
 
 
-def total_variation(z: torch.Tensor) -> torch.Tensor:
-    """TV(z) for masks (B, H, W) (H, W ≥ 2): mean over all pixels of |Δ_right| + |Δ_down|, the
-    neighbour past the border reflected (the paper's reflect-padded difference convolution)."""
-    dx = (z[..., :, :-1] - z[..., :, 1:]).abs()  # (B, H, W-1)
-    dy = (z[..., :-1, :] - z[..., 1:, :]).abs()  # (B, H-1, W)
+def total_variation(z: torch.Tensor, squared: bool = False) -> torch.Tensor:
+    """TV(z) for masks (B, H, W) (H, W ≥ 2): mean over all pixels of |Δ_right| + |Δ_down| (``squared``: Δ², as
+    NN-Explainer's ``RTSalTotalVariationConv`` for RT-Saliency), the neighbour past the border reflected (the
+    paper's reflect-padded difference convolution)."""
+    dx = z[..., :, :-1] - z[..., :, 1:]  # (B, H, W-1)
+    dy = z[..., :-1, :] - z[..., 1:, :]  # (B, H-1, W)
+    dx, dy = (dx.square(), dy.square()) if squared else (dx.abs(), dy.abs())
     # last column: |z[i,W-1] − z[i,W-2]| = dx[..., -1]; last row likewise dy[..., -1, :]
     total = dx.sum() + dx[..., -1].sum() + dy.sum() + dy[..., -1, :].sum()
     return total / z.numel()
@@ -179,12 +181,14 @@ def supervised_mask_loss(S: torch.Tensor, seg: torch.Tensor, void: int = 255) ->
 
 
 RT_BLUR_SIGMA_AT_224 = 10.0  # Dabkowski & Gal's blurred alternative
+RT_NOISE_MEAN, RT_COLOUR_RANGE = 0.11, 0.66  # their coloured-noise alternative (pytorch-saliency, NN-Explainer)
 
 
 def rt_alternative(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """The image that replaces what a mask removes in Φ(x, m) = m·x + (1 − m)·A: ``blur`` (a Gaussian blur
-    of σ 10 px at 224 px, scaled), ``noise`` (Gaussian noise of the normalised images' unit variance), or
-    ``both`` (either, drawn per batch, as Dabkowski & Gal alternate them)."""
+    of σ 10 px at 224 px, scaled), ``noise`` (coloured noise, as Dabkowski & Gal's code and NN-Explainer's
+    ``generate_alternative_image``: N(0.11, 1) per pixel plus one U(−0.33, 0.33) per image and channel, in the
+    normalised space), or ``both`` (either, drawn per batch, as they alternate them)."""
     if kind == "both":
         kind = "blur" if torch.rand((), generator=generator).item() < 0.5 else "noise"
     if kind == "blur":
@@ -192,7 +196,8 @@ def rt_alternative(x: torch.Tensor, kind: str, generator: torch.Generator | None
         # the CPU minutes (the trainer's batches are channels_last under cpu_amp)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return gaussian_blur(x.float().contiguous(), scaled(RT_BLUR_SIGMA_AT_224, x.shape[-1]))
-    return torch.randn(x.shape, generator=generator).to(x.device)
+    colour = (torch.rand(x.shape[0], x.shape[1], 1, 1, generator=generator) - 0.5) * RT_COLOUR_RANGE
+    return (torch.randn(x.shape, generator=generator) + RT_NOISE_MEAN + colour).to(x.device)
 
 
 def rt_saliency_loss(
@@ -203,47 +208,49 @@ def rt_saliency_loss(
     weights: Any,
     alternative: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Dabkowski & Gal's real-time saliency objective for the Explainer's per-class masks m_c = sigmoid(S_c),
-    averaged over the present (image, class) pairs (multi-label: p = sigmoid of F's logit):
+    """Dabkowski & Gal's real-time saliency objective as NN-Explainer trained its RT-Saliency baseline
+    (``RTSalExplainerClassifierModel``, the paper's comparison), on the merged target mask m (the pixel-wise max
+    of the present classes' masks sigmoid(S_c); multi-label: p = sigmoid of F's logit):
 
-        L = λ_tv·TV(m_c) + λ_a·mean(m_c) − log p_c(Φ(x, m_c)) + λ_d·p_c(Φ(x, 1 − m_c))^power
+        L = λ_tv·TV²(m) + λ_a·mean(m) + P + λ_d·D^power,
+        P = mean over present (i, c) of −log p_c(Φ(x_i, m_i)),  D = mean over present (i, c) of p_c(Φ(x_i, 1 − m_i))
 
-    (preserver: the class survives the masked image; destroyer: it does not survive the inverted one),
-    Φ(x, m) = m·x + (1 − m)·A with A from :func:`rt_alternative`. Weights ``rt_variation_regularizer``,
-    ``rt_area_regularizer``, ``rt_destroyer_regularizer``, ``rt_destroyer_power``.
+    TV² squares the neighbour differences (:func:`total_variation` with ``squared``); the power applies to the
+    mean D (their ``torch.pow(destr_loss, 0.3)``); Φ(x, m) = m·x + (1 − m)·A with A from :func:`rt_alternative`.
+    Weights ``rt_variation_regularizer``, ``rt_area_regularizer``, ``rt_destroyer_regularizer``,
+    ``rt_destroyer_power``.
 
-    Returns the unweighted ``preserver``, ``destroyer``, ``tv``, ``area`` (mean of the m_c) and the
-    weighted ``total``, and, as :func:`explainer_loss`, ``m`` (the merged target mask), ``mask_area`` =
-    mean(m), ``logits_masked`` = F(m ⊙ x) and ``logits_inverted`` = F((1 − m) ⊙ x) for logging (no
-    gradient).
+    Returns the unweighted ``preserver`` (P), ``destroyer`` (D, before the power), ``tv``, ``area`` (mean of m)
+    and the weighted ``total``, and, as :func:`explainer_loss`, ``m``, ``mask_area`` = mean(m),
+    ``logits_masked`` = F(m ⊙ x) and ``logits_inverted`` = F((1 − m) ⊙ x) for logging (no gradient).
     """
     if alternative is None:
         alternative = rt_alternative(x, weights.rt_alternative)
     present = y > 0.5 if y.dtype != torch.bool else y
-    b_idx, c_idx = present.nonzero(as_tuple=True)
     m, _ = target_and_nontarget_masks(S, y)
     with torch.no_grad():  # the same logged quantities as the paper's loss (F1 of F(m ⊙ x), …)
         logits_masked = explanandum(m.unsqueeze(1) * x)
         logits_inverted = explanandum((1.0 - m).unsqueeze(1) * x)
-    if b_idx.numel() == 0:
+    if not present.any():
         zero = S.sum() * 0.0
         terms = {"preserver": zero, "destroyer": zero, "tv": zero, "area": zero}
+        destroyer = zero
     else:
-        masks = torch.sigmoid(S[b_idx, c_idx]).unsqueeze(1)  # (P, 1, H, W)
-        xs, alt = x[b_idx], alternative[b_idx]
-        kept = explanandum(masks * xs + (1 - masks) * alt)[torch.arange(len(c_idx)), c_idx]
-        removed = explanandum((1 - masks) * xs + masks * alt)[torch.arange(len(c_idx)), c_idx]
+        keep = m.unsqueeze(1)
+        kept = explanandum(keep * x + (1 - keep) * alternative)
+        removed = explanandum((1 - keep) * x + keep * alternative)
         terms = {
-            "preserver": -F.logsigmoid(kept.float()).mean(),
-            "destroyer": torch.sigmoid(removed.float()).pow(weights.rt_destroyer_power).mean(),
-            "tv": total_variation(masks[:, 0]),
-            "area": masks.mean(),
+            "preserver": -F.logsigmoid(kept.float())[present].mean(),
+            "destroyer": torch.sigmoid(removed.float())[present].mean(),
+            "tv": total_variation(m, squared=True),
+            "area": m.mean(),
         }
+        destroyer = terms["destroyer"].pow(weights.rt_destroyer_power)
     total = (
         weights.rt_variation_regularizer * terms["tv"]
         + weights.rt_area_regularizer * terms["area"]
         + terms["preserver"]
-        + weights.rt_destroyer_regularizer * terms["destroyer"]
+        + weights.rt_destroyer_regularizer * destroyer
     )
     return {
         **terms,
