@@ -11,13 +11,18 @@ of about a·HW pixels whose preserved image keeps the class's score highest:
 - m is a *smooth mask*: parameters on a grid every ``step`` pixels (7 at 224), each output pixel the
   smooth maximum (softmax pooling, coldness 20) of the parameters within ``radius`` cells, weighted by
   k(δ/σ) = exp(−2·max(0, δ/σ − 0.5)²) of their distance δ (σ = 21 px at 224), clamped to [0, 1].
-- Φ_c is the class's logit (the paper's reward), r_a the sorted reference mask with a·H·W ones (a is a
-  share of the image; TorchRay counts it over the mask with its margin, ~1.4× the image at 224 px); the
-  area weight λ_t starts at 300 and grows ×1.0035 per step (800 steps in the paper).
+- Φ_c is the **contrastive reward** TorchRay's ``contrastive_reward`` computes and NN-Explainer's comparison
+  used: the class's logit minus the largest other class's logit (what makes the mask class-specific; the
+  plain logit is ``reward="simple"``). r_a is the sorted reference mask over the whole generated mask, its
+  margin included, with a share a of ones (TorchRay's area rule: ``int(N·(1 − a))`` zeros of N). The area
+  weight λ_t starts at 300 and grows ×1.0035 per step (800 steps in the paper).
 - SGD, learning rate 0.01, momentum 0.9 (dampening 0.9), parameters start at 1 and are clamped to [0, 1]
   after each step; the perturbed batch is flipped horizontally every other step (jitter).
-- The paper's area rule picks the mask: the smallest area a* whose preserved image scores at least the
-  original, Φ_c(m_a* ⊗ x) ≥ Φ_c(x); when no area reaches it, the largest area's mask.
+- The final masks are smoothed as NN-Explainer ran TorchRay (``smooth=0.09``): a Gaussian of σ = 0.09 ·
+  min(H, W), zero beyond the border, kernel ±4σ.
+- The paper's area rule picks the mask, as NN-Explainer applied it: the smallest area a* whose smoothed
+  mask's preserved image keeps the class's logit at least the original's, y_c(m_a* ⊗ x) ≥ y_c(x); when no
+  area reaches it, the largest area's mask.
 
 Pixel settings are given at 224 px and scaled to the image size (the grid step rounded to a whole
 pixel, at least 1). With fewer steps than the paper's 800 the schedule is compressed, not cut: the
@@ -26,7 +31,8 @@ paper's does and the parameters can travel as far. Every (image, class) pair and
 optimised in one batch: each step is one forward and one backward pass of P·A images.
 
 TorchRay (the authors' reference code) is unmaintained and licensed for non-commercial use: this
-follows the paper and its published settings; nothing is copied.
+follows the paper, its published settings and the settings NN-Explainer passed to TorchRay (read, not
+copied).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 AREA_WEIGHT = 300.0
 AREA_GROWTH = 1.0035
+SMOOTH = 0.09  # the final masks' Gaussian, σ as a share of the image's shorter side (NN-Explainer's setting)
 
 
 def blur_pyramid(images: torch.Tensor, max_blur: float, levels: int = LEVELS) -> torch.Tensor:
@@ -130,6 +137,8 @@ def optimise_masks(
     areas=AREAS,
     steps: int = PAPER_STEPS,
     jitter: bool = True,
+    reward: str = "contrastive",
+    smooth: float = SMOOTH,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The preservation game for P (image, class) pairs and every area, in one batch.
 
@@ -140,11 +149,15 @@ def optimise_masks(
         areas: the target areas a, as shares of the image.
         steps: optimisation steps (the paper: 800).
         jitter: flip the perturbed batch horizontally every other step (the paper's).
+        reward: ``contrastive`` (TorchRay's, NN-Explainer's) or ``simple`` (the class's logit).
+        smooth: the final masks' Gaussian σ as a share of min(H, W) (0: none).
 
     Returns:
-        ``masks`` (P, A, H, W) in [0, 1], ``scores`` (P, A) = Φ_c(m_a ⊗ x) of the final masks (not
-        jittered) and ``original`` (P,) = Φ_c(x).
+        ``masks`` (P, A, H, W) in [0, 1] (smoothed), ``scores`` (P, A) = y_c(m_a ⊗ x), the class's logit on the
+        smoothed masks' preserved images (not jittered), and ``original`` (P,) = y_c(x).
     """
+    if reward not in ("contrastive", "simple"):
+        raise ValueError(f"extremal perturbation: reward {reward!r} is neither contrastive nor simple")
     _, _, H, W = x.shape
     P, A = image_of.shape[0], len(areas)
     device = x.device
@@ -158,9 +171,9 @@ def optimise_masks(
     target = class_of.repeat_interleave(A)  # (N,)
 
     full_pixels = generator.out[0] * generator.out[1]
-    reference = torch.zeros(A, full_pixels, device=device)
-    for i, a in enumerate(areas):  # ascending: zeros, then a·H·W ones (a share of the image, not of the margin)
-        reference[i, full_pixels - int(a * H * W) :] = 1.0
+    reference = torch.ones(A, full_pixels, device=device)
+    for i, a in enumerate(areas):  # ascending: TorchRay's int(N·(1 − a)) zeros over the mask with its margin
+        reference[i, : int(full_pixels * (1 - a))] = 0.0
     reference = reference.repeat(P, 1)  # (N, pixels)
 
     params = torch.ones(n, 1, *generator.params_shape, device=device, requires_grad=True)
@@ -175,9 +188,9 @@ def optimise_masks(
             images = perturb(pyramid, masks)
             if jitter and t % 2 == 0:
                 images = images.flip(dims=(3,))
-            reward = model(images).float()[rows, target]  # (N,)
+            gain = class_reward(model(images).float(), target, reward)  # (N,)
             regular = ((full.reshape(n, -1).sort(dim=1).values - reference) ** 2).mean(dim=1)
-            energy = reward - weight * regular
+            energy = gain - weight * regular
             # the gradient of the parameters only (a model whose weights require grad keeps none)
             (params.grad,) = torch.autograd.grad(-energy.sum(), params)
             optimizer.step()
@@ -186,8 +199,33 @@ def optimise_masks(
             weight *= growth
     with torch.no_grad():
         masks, _ = generator.generate(params)
+        if smooth > 0:
+            masks = smooth_masks(masks, smooth * min(H, W))
         scores = model(perturb(pyramid, masks)).float()[rows, target]
     return masks.reshape(P, A, H, W), scores.reshape(P, A), original
+
+
+def class_reward(logits: torch.Tensor, target: torch.Tensor, reward: str = "contrastive") -> torch.Tensor:
+    """(N, C) logits → (N,) reward of class ``target`` per row: its logit (``simple``), minus the largest other
+    class's logit (``contrastive``, TorchRay's ``contrastive_reward``)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    own = logits[rows, target]
+    if reward == "simple":
+        return own
+    others = logits.clone()
+    others[rows, target] = -torch.inf
+    return own - others.max(dim=1).values
+
+
+def smooth_masks(masks: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, H, W) masks blurred with a Gaussian of ``sigma`` pixels, kernel ±⌈4σ⌉, zero beyond the border
+    (TorchRay's ``imsmooth`` with constant padding, as NN-Explainer's ``smooth``)."""
+    radius = math.ceil(4 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=masks.dtype, device=masks.device)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = F.conv2d(masks.unsqueeze(1), kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    return F.conv2d(out, kernel.view(1, 1, 1, -1), padding=(0, radius)).squeeze(1)
 
 
 def pick_area(scores: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -200,7 +238,7 @@ def pick_area(scores: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
 
 def extremal_pairs(model: nn.Module, x: torch.Tensor, image_of: torch.Tensor, class_of: torch.Tensor, **settings):
     """The mask (P, H, W) of each (image, class) pair at the area the paper's rule picks; ``settings``:
-    ``areas``, ``steps``, ``jitter`` of :func:`optimise_masks`."""
+    ``areas``, ``steps``, ``jitter``, ``reward``, ``smooth`` of :func:`optimise_masks`."""
     settings["areas"] = sorted(float(a) for a in settings.get("areas", AREAS))
     masks, scores, original = optimise_masks(model, x, image_of, class_of, **settings)
     pick = pick_area(scores, original)  # (P,)
@@ -208,12 +246,20 @@ def extremal_pairs(model: nn.Module, x: torch.Tensor, image_of: torch.Tensor, cl
 
 
 def extremal_perturbation(
-    model: nn.Module, x: torch.Tensor, classes, areas=AREAS, steps: int = PAPER_STEPS, jitter: bool = True
+    model: nn.Module,
+    x: torch.Tensor,
+    classes,
+    areas=AREAS,
+    steps: int = PAPER_STEPS,
+    jitter: bool = True,
+    reward: str = "contrastive",
+    smooth: float = SMOOTH,
 ) -> torch.Tensor:
     """Extremal-perturbation masks (B, K, H, W) in [0, 1] of the requested classes (the common baseline
     signature of :mod:`pipeline.evaluate.baselines`), each at the area the paper's rule picks."""
     cls = class_index_tensor(classes, x.shape[0], device=x.device)
     B, K = cls.shape
     image_of = torch.arange(B, device=x.device).repeat_interleave(K)
-    masks = extremal_pairs(model, x, image_of, cls.reshape(-1), areas=areas, steps=steps, jitter=jitter)
+    settings = {"areas": areas, "steps": steps, "jitter": jitter, "reward": reward, "smooth": smooth}
+    masks = extremal_pairs(model, x, image_of, cls.reshape(-1), **settings)
     return masks.reshape(B, K, *x.shape[-2:])
