@@ -449,7 +449,8 @@ class EvaluateConfig(_Section):
     extremal_areas: list[float] = Field(
         default_factory=lambda: [0.05, 0.1, 0.2, 0.3],
         min_length=1,
-        description="Extremal Perturbations: the areas (shares of the image) the paper's rule picks from",
+        description="Extremal Perturbations: the areas (shares of the mask with its margin, TorchRay's) the paper's "
+        "rule picks from",
     )
     rt_saliency_checkpoint: str | None = Field(
         None,

@@ -60,7 +60,7 @@ from pipeline.data.transforms import IMAGENET, Normalization, decode_sample
 from pipeline.data.voc import paper_seg_luminance
 from pipeline.errors import WysiwycError
 from pipeline.evaluate import baselines, report
-from pipeline.evaluate.extremal import extremal_pairs
+from pipeline.evaluate.extremal import SMOOTH, extremal_pairs
 from pipeline.method.faithfulness import BLUR_SIGMA_AT_224, POINTING_TOLERANCE_AT_224, FaithfulnessAccumulator, scaled
 from pipeline.method.faithfulness import METRICS as FAITHFULNESS_METRICS
 from pipeline.method.masks import class_masks
@@ -367,6 +367,31 @@ def _mask_maker(
     return make
 
 
+def method_settings(name: str, models: Predictor, options: EvaluateConfig) -> dict:
+    """What a method ran with, for metrics.json (``settings``) and the tables: a baseline's own knobs, beside the
+    paper's values where ours differ."""
+    if name == "rise":
+        return {"masks": options.rise_masks, "paper_masks": 8000, "grid": options.rise_grid, "p": options.rise_p}
+    if name == "grad_cam":
+        layer = baselines.gradcam_target_layer(models.explanandum.module, options.gradcam_layer)
+        named = {module: path for path, module in models.explanandum.module.named_modules()}
+        return {"layer": named.get(layer, type(layer).__name__)}
+    if name == "extremal_perturbation":
+        return {
+            "steps": options.extremal_steps,
+            "paper_steps": 800,
+            "areas": list(options.extremal_areas),
+            "reward": "contrastive",
+            "smooth": SMOOTH,
+        }
+    if name == "rt_saliency":
+        return {"checkpoint": storage.redact(options.rt_saliency_checkpoint), "loss": "NN-Explainer's RT-Saliency"}
+    if name == "explainer":
+        state = models.checkpoint or {}
+        return {"arch": state.get("arch"), "loss": state.get("loss_kind", "paper")}
+    return {}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -500,6 +525,7 @@ class _Run:
         self.not_run = skipped_methods(options.chosen_methods(), models.explanandum)
         self.methods = [m for m in options.chosen_methods() if m not in self.not_run]
         self.makers = {name: _mask_maker(name, models, options, opts) for name in self.methods}
+        self.settings = {name: method_settings(name, models, options) for name in self.methods}
         size = models.image_size
         self.faithful = {
             "steps": options.faithfulness_steps,
@@ -636,6 +662,7 @@ class _Run:
             row["masks_per_second"] = result.masks_per_second()
             row["nan_masks"] = result.nan_masks
             row["ci95"] = {out: intervals.get(key, [math.nan, math.nan]) for key, out in METRIC_NAMES.items()}
+            row["settings"] = self.settings[name]
             if result.faithfulness is not None and self.faithfulness_images:
                 row.update(result.faithfulness.means())
                 row["faithfulness_ci95"] = result.faithfulness.intervals()

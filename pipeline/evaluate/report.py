@@ -170,6 +170,9 @@ def metrics_markdown(
             "(all classes of every image, scoring excluded)."
         ),
     ]
+    ran_with = settings_line(methods, black_box)
+    if ran_with:
+        lines += ["", ran_with]
     skipped = {m: v["skipped"] for m, v in methods.items() if "skipped" in v}
     if skipped:
         lines += ["", *(f"{_title(m, black_box)} was not run: {why}." for m, why in skipped.items())]
@@ -215,6 +218,26 @@ def metrics_markdown(
         lines += ["", f"## {_title('explainer', black_box)} − each baseline, paired", "", PAIRED_NOTE, ""]
         lines += _markdown_table(*paired_rows(paired, black_box))
     return "\n".join(lines) + "\n"
+
+
+def settings_line(methods: Mapping[str, Mapping], black_box: bool | None = None) -> str:
+    """One sentence naming each baseline's settings (metrics.json ``settings``), the paper's where ours differ."""
+    parts = []
+    for method, values in methods.items():
+        s = values.get("settings") or {}
+        if method == "rise" and s:
+            paper = f" (the paper's: {s['paper_masks']:,})" if s["masks"] != s["paper_masks"] else ""
+            parts.append(f"RISE {s['masks']:,} masks{paper}, {s['grid']}×{s['grid']} cells, p {s['p']}")
+        elif method == "grad_cam" and s:
+            parts.append(f"Grad-CAM at layer `{s['layer']}`")
+        elif method == "extremal_perturbation" and s:
+            paper = f" (the paper's: {s['paper_steps']})" if s["steps"] != s["paper_steps"] else ""
+            areas = ", ".join(f"{a:g}" for a in s["areas"])
+            parts.append(f"Extremal Perturbations {s['steps']} steps{paper}, areas {areas}, {s['reward']} reward, "
+                         f"smooth {s['smooth']:g}")  # fmt: skip
+        elif method == "rt_saliency" and s:
+            parts.append(f"RT-Saliency: {s['loss']} loss")
+    return ("Settings: " + "; ".join(parts) + ".") if parts else ""
 
 
 #: the columns of the paired table: (metrics.json key, label, which way favours the Explainer)

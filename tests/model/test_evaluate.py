@@ -71,6 +71,7 @@ CONTRACT_METRICS = {
     "road_lerf",
     "faithfulness_ci95",
     "ci95",  # every metric's 95% bootstrap interval over images
+    "settings",  # what the method ran with (a baseline's knobs, the paper's where ours differ)
 }
 
 
@@ -191,7 +192,14 @@ def test_every_metric_has_its_interval_and_the_explainer_its_paired_difference_t
         gap = deltas["gap"]
         assert gap["delta"] == pytest.approx(spec["explainer"]["gap"] - spec[baseline]["gap"], abs=1e-9)
         assert gap["ci95"][0] <= gap["delta"] <= gap["ci95"][1]
+    settings = {m: methods[m]["settings"] for m in ("rise", "grad_cam", "extremal_perturbation")}
+    assert settings["rise"] == {"masks": 48, "paper_masks": 8000, "grid": 7, "p": 0.5}
+    assert settings["grad_cam"] == {"layer": "blocks.3"}  # small_cnn's last block, the paper's choice
+    assert (
+        settings["extremal_perturbation"]["steps"] == 4 and settings["extremal_perturbation"]["reward"] == "contrastive"
+    )
     text = (workdir / "out" / "metrics.md").read_text()
+    assert "RISE 48 masks (the paper's: 8,000), 7×7 cells, p 0.5" in text and "4 steps (the paper's: 800)" in text
     assert "− each baseline, paired" in text and "| Grad-CAM |" in text.split("− each baseline, paired")[1]
 
 
@@ -363,7 +371,7 @@ def test_nan_masks_score_as_all_zero_masks_in_every_metric_and_are_counted(workd
         runs[label] = (json.loads((workdir / f"out-{label}" / "metrics.json").read_text()), touched)
     (nan, touched), (zero, _) = runs["nan"], runs["zero"]
     a, b = nan["methods"]["explainer"], zero["methods"]["explainer"]
-    for key in CONTRACT_METRICS - {"masks_per_second", "nan_masks", "faithfulness_ci95", "ci95"}:
+    for key in CONTRACT_METRICS - {"masks_per_second", "nan_masks", "faithfulness_ci95", "ci95", "settings"}:
         assert a[key] is not None and a[key] == pytest.approx(b[key], abs=1e-9), key
     assert nan["f1_curve"]["explainer"]["f1"] == pytest.approx(zero["f1_curve"]["explainer"]["f1"], abs=1e-9)
     sa, sb = nan["class_specificity"]["explainer"], zero["class_specificity"]["explainer"]
