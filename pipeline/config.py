@@ -458,6 +458,12 @@ class EvaluateConfig(_Section):
         f"(the checkpoint {RT_SALIENCY_HOWTO} printed)",
     )
     seed: int = Field(0, ge=0, description="RISE masks")
+    paper_table: bool = Field(
+        False,
+        description="also run the paper's protocol on the same images (a second pass, every method, no faithfulness) "
+        "and put its table beside ours (metrics.json paper_protocol, metrics.md): how much the protocol moves each "
+        "number",
+    )
     protocol: Literal["project", "paper"] = Field(
         "project",
         description="project: void pixels ignored, ground truth resized by nearest neighbour, sigmoid "

@@ -438,39 +438,14 @@ def evaluate(config, progress: bool = True) -> dict:
     options = config.evaluate
     opts = config.storage.options()
     models = load_models(config, opts)
-    dataset, match = open_test_split(
-        config, models.classes, models.image_size, opts, protocol=options.protocol, norm=models.norm
-    )
-    loader = make_loader(dataset, options.batch_size, min(config.data.loader_workers, len(dataset.urls)))
     device = evaluation_device(config.trainer.use_gpu)
     models.to(device)
-    run = _Run(models, options, opts, device)
-    total = dataset.manifest["num_samples"]
-    if options.max_images is not None:
-        total = min(total, options.max_images)
-    seen = 0
-    bar = progress_bar(total, "evaluate", unit="img", enabled=progress)
-    try:
-        for batch in loader:
-            if seen >= total:
-                break
-            take = min(batch["image"].shape[0], total - seen)
-            seen += take
-            bar.update(take)
-            run.add_batch(match.apply(batch), take)
-            if "explainer" in run.results:
-                running = run.results["explainer"].scores.compute()
-                bar.set_postfix(
-                    cont_iou=f"{running.get('c_iou', math.nan):.3f}", mean_f1=f"{running.get('d_f1', math.nan):.3f}"
-                )
-    finally:
-        bar.close()
-    if run.num_images == 0:
-        raise WysiwycError(
-            f"evaluate: no test image of {storage.redact(dataset.manifest['url'])} has a "
-            f"ground-truth class ({run.skipped} without one): nothing to evaluate"
-        )
+    run, dataset, match = _evaluation_pass(config, options, models, device, opts, progress)
     metrics = {**run.metrics(), "classes": match.summary()}
+    if options.paper_table and options.protocol == "project":  # the paper's protocol on the same images, beside
+        paper = options.model_copy(update={"protocol": "paper", "faithfulness_images": 0, "overlay_images": 0})
+        paper_run, _, _ = _evaluation_pass(config, paper, models, device, opts, progress, label="evaluate (paper)")
+        metrics["paper_protocol"] = paper_run.protocol_table()
     written = _write_outputs(config, metrics, models, run.overlay_rows, opts)
     return {
         "metrics": storage.redact(written["metrics.json"]),
@@ -495,6 +470,41 @@ def evaluate(config, progress: bool = True) -> dict:
             for name, row in metrics["methods"].items()
         },
     }
+
+
+def _evaluation_pass(config, options, models, device, opts, progress: bool, label: str = "evaluate"):
+    """One pass of ``options`` over the test split: ``(run, dataset, match)``."""
+    dataset, match = open_test_split(
+        config, models.classes, models.image_size, opts, protocol=options.protocol, norm=models.norm
+    )
+    loader = make_loader(dataset, options.batch_size, min(config.data.loader_workers, len(dataset.urls)))
+    run = _Run(models, options, opts, device)
+    total = dataset.manifest["num_samples"]
+    if options.max_images is not None:
+        total = min(total, options.max_images)
+    seen = 0
+    bar = progress_bar(total, label, unit="img", enabled=progress)
+    try:
+        for batch in loader:
+            if seen >= total:
+                break
+            take = min(batch["image"].shape[0], total - seen)
+            seen += take
+            bar.update(take)
+            run.add_batch(match.apply(batch), take)
+            if "explainer" in run.results:
+                running = run.results["explainer"].scores.compute()
+                bar.set_postfix(
+                    cont_iou=f"{running.get('c_iou', math.nan):.3f}", mean_f1=f"{running.get('d_f1', math.nan):.3f}"
+                )
+    finally:
+        bar.close()
+    if run.num_images == 0:
+        raise WysiwycError(
+            f"evaluate: no test image of {storage.redact(dataset.manifest['url'])} has a "
+            f"ground-truth class ({run.skipped} without one): nothing to evaluate"
+        )
+    return run, dataset, match
 
 
 def skipped_methods(methods: list[str], f) -> dict[str, str]:
@@ -705,6 +715,19 @@ class _Run:
             }
         )
 
+    def protocol_table(self) -> dict[str, dict]:
+        """``{method: {cont_iou, mean_f1, saliency, gap}}``: the headline numbers of this pass (metrics.json's
+        ``paper_protocol`` when it is the paper's protocol run beside ours)."""
+        out = {}
+        for name, result in self.results.items():
+            means = result.scores.compute()
+            row = {out_key: means.get(key, math.nan) for key, out_key in METRIC_NAMES.items()}
+            row = {k: row[k] for k in ("cont_iou", "mean_f1", "saliency")}
+            if result.specificity is not None:
+                row["gap"] = report.specificity_gap(result.specificity.matrix().tolist())
+            out[name] = row
+        return _jsonable(out)
+
     def paired(self) -> dict[str, dict[str, dict]]:
         """``{baseline: {metric: {"delta", "ci95", "images"}}}``: the Explainer's per-image value minus the
         baseline's on the same images, for the headline metrics each has (a paired bootstrap over images)."""
@@ -749,6 +772,7 @@ def _write_outputs(config, metrics: dict, models: Predictor, overlay_rows: list[
             protocol=metrics["protocol"],
             black_box=metrics["black_box"],
             paired=metrics.get("paired"),
+            paper_protocol=metrics.get("paper_protocol"),
         ).encode(),
     )
     put("f1_vs_threshold.png", report.f1_curve_png(metrics["f1_curve"]))

@@ -386,6 +386,31 @@ def test_nan_masks_score_as_all_zero_masks_in_every_metric_and_are_counted(workd
     assert "Masks holding NaN, scored as all-zero masks: Explainer" in (workdir / "out-nan" / "metrics.md").read_text()
 
 
+def test_the_papers_protocol_beside_ours_is_the_paper_protocol_run_on_the_same_images(workdir):
+    """evaluate.paper_table: a second pass under the paper's protocol, its headline numbers in metrics.json
+    (paper_protocol) equal to a run of its own with evaluate.protocol=paper, and the side-by-side table in
+    metrics.md."""
+    methods = ["explainer", "grad_cam", "zeros", "ideal"]
+    beside = _config(workdir, output=str(workdir / "out-beside"), evaluate__methods=methods, evaluate__paper_table=True)
+    run_evaluate(beside, progress=False)
+    metrics = json.loads((workdir / "out-beside" / "metrics.json").read_text())
+    alone = _config(workdir, output=str(workdir / "out-paper"), evaluate__methods=methods, evaluate__protocol="paper")
+    run_evaluate(alone, progress=False)
+    paper = json.loads((workdir / "out-paper" / "metrics.json").read_text())
+    assert metrics["protocol"] == "project" and set(metrics["paper_protocol"]) == set(methods)
+    for method in methods:
+        side = metrics["paper_protocol"][method]
+        for key in ("cont_iou", "mean_f1", "saliency"):
+            assert side[key] == pytest.approx(paper["methods"][method][key], abs=1e-9), (method, key)
+        if method in paper["class_specificity"]:
+            assert side["gap"] == pytest.approx(paper["class_specificity"][method]["gap"], abs=1e-9)
+    # the protocol moves the numbers: here (no void, no resizing) the saliency, softmax summed over the classes
+    moved = metrics["paper_protocol"]["explainer"]["saliency"] - metrics["methods"]["explainer"]["saliency"]
+    assert abs(moved) > 1e-3
+    text = (workdir / "out-beside" / "metrics.md").read_text()
+    assert "## Ours and the paper's protocol, the same images" in text and " → " in text
+
+
 def test_paper_protocol_reproduces_the_paper_evaluation(workdir):
     out = workdir / "out-paper"
     config = _config(
