@@ -82,14 +82,22 @@ def done_counts(root: str, opts) -> dict[str, list[int]]:
     return counts
 
 
-def chunk_parts(root: str, chunk: str, opts, columns: list[str] | None = None):
+def chunk_parts(root: str, chunk: str, opts, columns: list[str] | None = None, attempts: int = 5):
     """``(table of the chunk's index rows, part URLs)``; a source may appear in two parts (two launches
-    that joined one run), see :func:`dedup_chunk`."""
+    that joined one run), see :func:`dedup_chunk`. A part listed and then deleted before it is read (a joined
+    launch merged it: the merged part is written before its sources are deleted) makes the listing start over."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    urls = [u for u in storage.list_prefix(storage.join(root, PARTS, chunk), opts) if _PART.search(u)]
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u, opts)), columns=columns) for u in urls]
+    for attempt in range(attempts):
+        urls = [u for u in storage.list_prefix(storage.join(root, PARTS, chunk), opts) if _PART.search(u)]
+        try:
+            tables = [pq.read_table(io.BytesIO(storage.read_bytes(u, opts)), columns=columns) for u in urls]
+            break
+        except storage.NotFound:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     if not tables:
         schema = index_schema()
         return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table(), urls

@@ -120,6 +120,30 @@ def test_done_counts_come_from_the_part_names_and_dedup_merges_one_chunk(tmp_pat
     assert sorted(again["source"].to_pylist()) == ["a", "b", "c", "d"]
 
 
+def test_a_part_merged_away_between_listing_and_reading_makes_the_reader_list_again(tmp_path, monkeypatch):
+    """Two launches joined one run: one merges a chunk's parts (the merged part first, then it deletes the rest)
+    while the other lists and reads them. The reader that finds a listed part gone lists again, and gets every
+    row once (it used to die with an uncaught NotFound: exit 1, seen in `make test-slow`)."""
+    root = str(tmp_path / "run")
+    _write_part(root, "chunk-000000", _rows(["a", "b", "c"], "chunk-000000"))
+    _write_part(root, "chunk-000000", _rows(["c", "d"], "chunk-000000"))
+    real_list, merged = storage.list_prefix, {"done": False}
+
+    def listing_then_merge(prefix, opts=None):
+        listed = list(real_list(prefix, opts))
+        if not merged["done"] and "chunk-000000" in prefix:
+            merged["done"] = True
+            with monkeypatch.context() as inner:
+                inner.setattr(storage, "list_prefix", real_list)
+                dedup_chunk(root, "chunk-000000", None)  # the other launch, right after this listing
+        return listed
+
+    monkeypatch.setattr(storage, "list_prefix", listing_then_merge)
+    table, urls = chunk_parts(root, "chunk-000000", None)
+    assert merged["done"] and len(urls) == 1
+    assert sorted(table["source"].to_pylist()) == ["a", "b", "c", "d"]
+
+
 def test_psi_by_hand_and_its_edges():
     # p = 0.3 now, q = 0.1 before: (0.2·ln 3) + (−0.2·ln(0.7/0.9))
     assert psi(0.3, 0.1) == pytest.approx(0.2 * np.log(3) - 0.2 * np.log(0.7 / 0.9))
