@@ -190,7 +190,8 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> tuple[str,
                 f"register one with `wysiwyc register --checkpoint URI --name {name}` (or check "
                 f"tracking.uri / MLFLOW_TRACKING_URI)"
             ) from None
-        if getattr(exc, "error_code", "") == "PERMISSION_DENIED" or "403" in str(exc).split("\n")[0]:
+        code, first = getattr(exc, "error_code", ""), (str(exc).splitlines() or [""])[0]
+        if code == "PERMISSION_DENIED" or "403" in first:
             # MLflow's basic-auth answers 403 for a model the identity may not read and for one that does not exist
             raise WysiwycError(
                 f"{model_uri}: the registry at {storage.redact(uri)} refused {current_user()!r} (permission "
@@ -198,14 +199,14 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> tuple[str,
                 f"(MLFLOW_TRACKING_USERNAME / _PASSWORD), or have the model's owner grant READ (registry.readers); "
                 f"register one with `wysiwyc register --checkpoint URI --name {name}`"
             ) from None
-        if getattr(exc, "error_code", "") == "UNAUTHENTICATED" or "401" in str(exc).split("\n")[0]:
+        if code == "UNAUTHENTICATED" or "401" in first:
             raise WysiwycError(
                 f"{model_uri}: the registry at {storage.redact(uri)} needs credentials: set "
                 f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the local stack's: `source` its env file)"
             ) from None
         raise WysiwycError(
             f"{model_uri}: the registry at {storage.redact(uri)} did not answer "
-            f"({str(exc).splitlines()[0][:200]}); check tracking.uri / MLFLOW_TRACKING_URI"
+            f"({first[:200]}); check tracking.uri / MLFLOW_TRACKING_URI"
         ) from None
     found = aliases.get(alias) if alias else (version if int(version) in versions else None)
     if found is not None:

@@ -89,7 +89,6 @@ OVERLAY_METHODS = ("explainer", "grad_cam", "rise", "extremal_perturbation", "rt
 # per-image optimisation: masks of the image's present classes only (others are 0); masks/s counts those
 PRESENT_CLASS_METHODS = ("extremal_perturbation",)
 CONSTANT_METHODS = ("zeros", "half", "ones")  # maps that rank no pixel above another
-PAIRED_FAITHFULNESS = ("deletion_auc", "insertion_auc", "road_morf", "road_lerf")  # those of `paired` (headline)
 F1_CURVE_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95
 
 # metrics.py key → metrics.json key
@@ -105,6 +104,7 @@ METRIC_NAMES = {
     "object_coverage": "object_coverage",
 }
 METRIC_KEYS = (*METRIC_NAMES.values(), "masks_per_second", *FAITHFULNESS_METRICS)
+SCORE_KEYS = {out: key for key, out in METRIC_NAMES.items()}  # metrics.json name → the accumulator's
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -738,14 +738,16 @@ class _Run:
         for name, other in self.results.items():
             if name == "explainer" or name in report.REFERENCE_METHODS:
                 continue
-            deltas = {
-                out_key: paired_difference(ours.scores.per_image(key), other.scores.per_image(key))
-                for key, out_key in (("c_iou", "cont_iou"), ("d_f1", "mean_f1"))
-            }
-            if ours.specificity is not None and other.specificity is not None:
-                deltas["gap"] = ours.specificity.paired_gap(other.specificity)
-            if ours.faithfulness is not None and other.faithfulness is not None and other.faithfulness.ranking:
-                for key in PAIRED_FAITHFULNESS:
+            deltas = {}
+            for key, _, _ in report.PAIRED:  # the headline metrics, as metrics.md's paired table shows them
+                if key == "gap":
+                    if ours.specificity is not None and other.specificity is not None:
+                        deltas[key] = ours.specificity.paired_gap(other.specificity)
+                elif key in SCORE_KEYS:
+                    deltas[key] = paired_difference(
+                        ours.scores.per_image(SCORE_KEYS[key]), other.scores.per_image(SCORE_KEYS[key])
+                    )
+                elif ours.faithfulness is not None and other.faithfulness is not None and other.faithfulness.ranking:
                     deltas[key] = paired_difference(ours.faithfulness.per_image(key), other.faithfulness.per_image(key))
             out[name] = deltas
         return out

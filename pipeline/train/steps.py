@@ -139,13 +139,9 @@ def explainer_loss_fn(
     kind = getattr(weights, "kind", "paper")
     rt = kind == "rt_saliency"
     paper_terms = ("classification", "entropy", "area_constraint", "ncmask_area")
-    terms = (
-        ("preserver", "destroyer", "area")
-        if rt
-        else (*paper_terms, "supervised")
-        if kind == "supervised"
-        else paper_terms
-    )
+    terms = ("preserver", "destroyer", "area") if rt else paper_terms
+    if kind == "supervised":
+        terms = (*paper_terms, "supervised")
 
     def compute(batch: dict):
         x, y = batch["image"], batch["labels"]

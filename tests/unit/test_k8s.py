@@ -59,11 +59,8 @@ def _pod_specs(doc: dict) -> list[dict]:
         return [spec["template"]["spec"]]
     if doc["kind"] == "CronJob":
         return [spec["jobTemplate"]["spec"]["template"]["spec"]]
-    if doc["kind"] in ("RayJob", "RayService"):
-        cluster = spec["rayClusterSpec" if doc["kind"] == "RayJob" else "rayClusterConfig"]
-        return [cluster["headGroupSpec"]["template"]["spec"]] + [
-            g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])
-        ]
+    if doc["kind"] in ("RayJob", "RayService"):  # the Ray nodes (head, workers), not the submitter
+        return [t["spec"] for role, t in _ray_pod_templates(doc).items() if role != "submitter"]
     return []
 
 
