@@ -401,12 +401,21 @@ EVALUATE_METHODS = (
     "grad_cam",
     "rise",
     "extremal_perturbation",
+    "igos_pp",
     "rt_saliency",
     "zeros",
     "half",
     "ones",
     "ideal",
 )
+
+
+# evaluate.search: each baseline's main knob (issue 28), by the name a search gives it → the evaluate key it sets
+BASELINE_KNOBS = {
+    "grad_cam": {"layer": "gradcam_layer"},
+    "rise": {"grid": "rise_grid", "p": "rise_p"},
+    "extremal_perturbation": {"areas": "extremal_areas"},
+}
 
 
 class EvaluateConfig(_Section):
@@ -452,6 +461,12 @@ class EvaluateConfig(_Section):
         description="Extremal Perturbations: the areas (shares of the mask with its margin, TorchRay's) the paper's "
         "rule picks from",
     )
+    igos_iterations: int = Field(
+        20, ge=1, description="iGOS++: optimisation steps, each with a line search (NN-Explainer's run: 20)"
+    )
+    igos_ig_steps: int = Field(
+        15, ge=1, description="iGOS++: points of each integrated-gradient path (NN-Explainer's run: 15)"
+    )
     rt_saliency_checkpoint: str | None = Field(
         None,
         description="the rt_saliency row: an Explainer trained with loss.kind=rt_saliency for the same classifier "
@@ -483,6 +498,34 @@ class EvaluateConfig(_Section):
         if not value:
             raise ValueError(f"give at least one method from {', '.join(EVALUATE_METHODS)}")
         return [m for m in EVALUATE_METHODS if m in value]  # canonical order, no duplicates
+
+    search: dict[str, dict[str, list]] = Field(
+        default_factory=dict,
+        description="a search of each baseline's main knob on the validation split (data.val) before the test pass, "
+        "the best candidate by search_metric then run on test: method → knob → candidates, every combination "
+        "tried; knobs: "
+        + "; ".join(f"{m}: {', '.join(k)}" for m, k in BASELINE_KNOBS.items())
+        + " (e.g. {rise: {grid: [5, 7, 9], p: [0.3, 0.5]}}); metrics.json search records every candidate",
+    )
+    search_metric: Literal["cont_iou", "mean_f1", "gap"] = Field(
+        "cont_iou", description="what the search maximises on val: cont. IoU, mean F1 or the class-specificity gap"
+    )
+
+    @field_validator("search")
+    @classmethod
+    def _known_knobs(cls, value):
+        for method, knobs in value.items():
+            if method not in BASELINE_KNOBS:
+                raise ValueError(f"search: {method!r} has no knob to search; choose from {', '.join(BASELINE_KNOBS)}")
+            unknown = [k for k in knobs if k not in BASELINE_KNOBS[method]]
+            if unknown or not knobs:
+                raise ValueError(
+                    f"search.{method}: knobs {unknown or '{}'}; choose from {', '.join(BASELINE_KNOBS[method])}"
+                )
+            empty = [k for k, candidates in knobs.items() if not candidates]
+            if empty:
+                raise ValueError(f"search.{method}.{empty[0]}: give at least one candidate")
+        return value
 
     @field_validator("extremal_areas")
     @classmethod

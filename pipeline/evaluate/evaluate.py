@@ -3,14 +3,15 @@
 Inputs: an Explainer checkpoint (``explainer.checkpoint``), the Explanandum it explains (the one its
 checkpoint records, or ``explanandum.model``; its sha256 must match the record) and a split with
 segmentation (``data.test``). For every method (``explainer``, ``grad_cam``, ``rise``,
-``extremal_perturbation``, ``rt_saliency``, ``zeros``, ``half``, ``ones``, ``ideal``) and every image with
+``extremal_perturbation``, ``igos_pp``, ``rt_saliency``, ``zeros``, ``half``, ``ones``, ``ideal``) and every image with
 at least one ground-truth class:
 
 - per-class masks for **all** classes are produced and timed (the Explainer and RT-Saliency, an Explainer
   trained with Dabkowski & Gal's loss given as ``evaluate.rt_saliency_checkpoint``: one forward pass;
   Grad-CAM: one backward pass per class; RISE: one set of masked forward passes for all classes;
-  Extremal Perturbations, :mod:`pipeline.evaluate.extremal`: an optimisation per present class, so only
-  the present classes' masks, the others 0), which gives ``masks_per_second`` measured in the same run
+  Extremal Perturbations, :mod:`pipeline.evaluate.extremal`, and iGOS++, :mod:`pipeline.evaluate.igos`: an
+  optimisation per present class, so only the present classes' masks, the others 0), which gives
+  ``masks_per_second`` measured in the same run
   for every method (scoring excluded, the first batch left out as warm-up when there are more);
 - the masks of the image's ground-truth classes are merged by pixel-wise max and scored against the
   ground-truth foreground (:func:`~pipeline.method.metrics.segmentation_scores`, void ignored) and
@@ -41,6 +42,7 @@ Outputs under ``output`` (a local directory or ``s3://`` prefix): ``metrics.json
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -52,14 +54,14 @@ import numpy as np
 import torch
 
 from pipeline import storage, tracking
-from pipeline.config import EVALUATE_METHODS, RT_SALIENCY_HOWTO, EvaluateConfig, dump_config
+from pipeline.config import BASELINE_KNOBS, EVALUATE_METHODS, RT_SALIENCY_HOWTO, EvaluateConfig, dump_config
 from pipeline.data.classes import ClassMatch
 from pipeline.data.sample import decode_png
 from pipeline.data.shards import ShardDataset, make_loader, raw_samples, read_manifest, shard_sources
 from pipeline.data.transforms import IMAGENET, Normalization, decode_sample
 from pipeline.data.voc import paper_seg_luminance
 from pipeline.errors import WysiwycError
-from pipeline.evaluate import baselines, report
+from pipeline.evaluate import baselines, igos, report
 from pipeline.evaluate.extremal import SMOOTH, extremal_pairs
 from pipeline.method.faithfulness import BLUR_SIGMA_AT_224, POINTING_TOLERANCE_AT_224, FaithfulnessAccumulator, scaled
 from pipeline.method.faithfulness import METRICS as FAITHFULNESS_METRICS
@@ -84,10 +86,11 @@ log = logging.getLogger(__name__)
 METHODS = EVALUATE_METHODS
 # class-specificity matrices; ideal: the ground-truth masks, i.e. how class-specific the Explanandum itself is
 # (the reference for the others)
-PER_CLASS_METHODS = ("explainer", "grad_cam", "rise", "extremal_perturbation", "rt_saliency", "ideal")
-OVERLAY_METHODS = ("explainer", "grad_cam", "rise", "extremal_perturbation", "rt_saliency")  # overlays.png columns
+PER_CLASS_METHODS = ("explainer", "grad_cam", "rise", "extremal_perturbation", "igos_pp", "rt_saliency", "ideal")
+# overlays.png columns
+OVERLAY_METHODS = ("explainer", "grad_cam", "rise", "extremal_perturbation", "igos_pp", "rt_saliency")
 # per-image optimisation: masks of the image's present classes only (others are 0); masks/s counts those
-PRESENT_CLASS_METHODS = ("extremal_perturbation",)
+PRESENT_CLASS_METHODS = ("extremal_perturbation", "igos_pp")
 CONSTANT_METHODS = ("zeros", "half", "ones")  # maps that rank no pixel above another
 F1_CURVE_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95
 
@@ -334,6 +337,20 @@ def _mask_maker(
                 models.explanandum, x, image_of, class_of, areas=options.extremal_areas, steps=options.extremal_steps
             )
             return maps
+    elif name == "igos_pp":
+
+        def make(x, seg, y):
+            image_of, class_of = (y > 0.5).nonzero(as_tuple=True)
+            maps = torch.zeros(*y.shape, *x.shape[-2:], device=x.device)
+            maps[image_of, class_of] = igos.igos_pp_pairs(
+                models.explanandum,
+                x,
+                image_of,
+                class_of,
+                iterations=options.igos_iterations,
+                ig_steps=options.igos_ig_steps,
+            )
+            return maps
     elif name == "grad_cam":
         f = models.explanandum
         layer = baselines.gradcam_target_layer(f.module, options.gradcam_layer)
@@ -383,6 +400,16 @@ def method_settings(name: str, models: Predictor, options: EvaluateConfig) -> di
             "areas": list(options.extremal_areas),
             "reward": "contrastive",
             "smooth": SMOOTH,
+        }
+    if name == "igos_pp":
+        return {
+            "iterations": options.igos_iterations,
+            "paper_iterations": igos.ITERATIONS,
+            "ig_steps": options.igos_ig_steps,
+            "paper_ig_steps": igos.IG_STEPS,
+            "mask_side_at_224": igos.SIZE_AT_224,
+            "score": "softmax",
+            "baseline": "blur",
         }
     if name == "rt_saliency":
         return {"checkpoint": storage.redact(options.rt_saliency_checkpoint), "loss": "NN-Explainer's RT-Saliency"}
@@ -440,8 +467,9 @@ def evaluate(config, progress: bool = True) -> dict:
     models = load_models(config, opts)
     device = evaluation_device(config.trainer.use_gpu)
     models.to(device)
+    options, search = search_on_val(config, options, models, device, opts, progress)
     run, dataset, match = _evaluation_pass(config, options, models, device, opts, progress)
-    metrics = {**run.metrics(), "classes": match.summary()}
+    metrics = {**run.metrics(), "classes": match.summary(), **({"search": search} if search else {})}
     if options.paper_table and options.protocol == "project":  # the paper's protocol on the same images, beside
         paper = options.model_copy(update={"protocol": "paper", "faithfulness_images": 0, "overlay_images": 0})
         paper_run, _, _ = _evaluation_pass(config, paper, models, device, opts, progress, label="evaluate (paper)")
@@ -470,6 +498,52 @@ def evaluate(config, progress: bool = True) -> dict:
             for name, row in metrics["methods"].items()
         },
     }
+
+
+def search_on_val(config, options, models, device, opts, progress: bool) -> tuple[EvaluateConfig, dict]:
+    """``evaluate.search``: each listed baseline alone on the validation split, once per combination of its
+    candidates (no faithfulness, no pictures), the one with the highest ``search_metric`` kept. Returns the options
+    with the chosen values and metrics.json's ``search`` (method → ``split``, ``digest``, ``metric``, ``candidates``
+    [{``settings``, ``value``}], ``chosen``); ``(options, {})`` without a search. The test split is not read."""
+    if not options.search:
+        return options, {}
+    if not config.data.val:
+        raise WysiwycError("evaluate.search runs on the validation split: set data.val (a split with segmentation)")
+    on_val = config.model_copy(update={"data": config.data.model_copy(update={"test": config.data.val})})
+    chosen, record = {}, {}
+    for method, knobs in options.search.items():
+        fields = BASELINE_KNOBS[method]
+        candidates = []
+        for values in itertools.product(*knobs.values()):
+            settings = dict(zip(knobs, values))
+            trial = options.model_copy(
+                update={
+                    "methods": [method],
+                    "faithfulness_images": 0,
+                    "overlay_images": 0,
+                    "paper_table": False,
+                    **{fields[k]: v for k, v in settings.items()},
+                }
+            )
+            trial = EvaluateConfig.model_validate(trial.model_dump())  # the candidates validated as the config is
+            run, dataset, _ = _evaluation_pass(on_val, trial, models, device, opts, progress, f"search {method}")
+            result = run.metrics()
+            value = (
+                result["class_specificity"][method]["gap"]
+                if options.search_metric == "gap"
+                else result["methods"][method][options.search_metric]
+            )
+            candidates.append({"settings": settings, "value": value})
+        best = max(candidates, key=lambda c: -math.inf if c["value"] is None else c["value"])
+        chosen.update({fields[k]: v for k, v in best["settings"].items()})
+        record[method] = {
+            "split": storage.redact(config.data.val),
+            "digest": dataset.manifest["digest"],
+            "metric": options.search_metric,
+            "candidates": candidates,
+            "chosen": best["settings"],
+        }
+    return EvaluateConfig.model_validate({**options.model_dump(), **chosen}), record
 
 
 def _evaluation_pass(config, options, models, device, opts, progress: bool, label: str = "evaluate"):
@@ -775,6 +849,7 @@ def _write_outputs(config, metrics: dict, models: Predictor, overlay_rows: list[
             black_box=metrics["black_box"],
             paired=metrics.get("paired"),
             paper_protocol=metrics.get("paper_protocol"),
+            search=metrics.get("search"),
         ).encode(),
     )
     put("f1_vs_threshold.png", report.f1_curve_png(metrics["f1_curve"]))

@@ -50,6 +50,7 @@ METHOD_TITLES = {
     "grad_cam": "Grad-CAM",
     "rise": "RISE",
     "extremal_perturbation": "Extremal Perturbations",
+    "igos_pp": "iGOS++",
     "rt_saliency": "RT-Saliency",
     "zeros": "const. 0",
     "half": "const. 0.5",
@@ -133,6 +134,7 @@ def metrics_markdown(
     black_box: bool | None = None,
     paired: Mapping[str, Mapping[str, Mapping]] | None = None,
     paper_protocol: Mapping[str, Mapping] | None = None,
+    search: Mapping[str, Mapping] | None = None,
 ) -> str:
     """A Markdown report: methods × metrics (arrows say which way is better), the specificity gap and the
     Explainer's paired differences to each baseline.
@@ -146,6 +148,7 @@ def metrics_markdown(
         black_box: metrics.json's ``black_box``; False labels the Explainer row "Explainer (white-box init)".
         paired: metrics.json's ``paired`` (baseline → metric → ``delta``, ``ci95``).
         paper_protocol: metrics.json's ``paper_protocol`` (method → headline numbers under the paper's protocol).
+        search: metrics.json's ``search`` (method → the candidates tried on the validation split, the chosen one).
     """
     class_specificity = class_specificity or {}
     paper = protocol == "paper"
@@ -219,6 +222,16 @@ def metrics_markdown(
     if paired:
         lines += ["", f"## {_title('explainer', black_box)} − each baseline, paired", "", PAIRED_NOTE, ""]
         lines += _markdown_table(*paired_rows(paired, black_box))
+    if search:
+        lines += ["", "## Baseline settings chosen on the validation split", ""]
+        for method, entry in search.items():
+            lines += [f"{METHOD_TITLES.get(method, method)}, by {entry['metric']} on `{entry['split']}`:", ""]
+            knobs = list(entry["chosen"])
+            rows = []
+            for c in entry["candidates"]:
+                mark = " (chosen)" if c["settings"] == entry["chosen"] else ""
+                rows.append([*(str(c["settings"][k]) for k in knobs), _fmt(c["value"]) + mark])
+            lines += _markdown_table([*knobs, entry["metric"]], rows) + [""]
     if paper_protocol:
         lines += ["", "## Ours and the paper's protocol, the same images", "", PROTOCOL_NOTE, ""]
         lines += _markdown_table(*protocol_rows(methods, class_specificity, paper_protocol, black_box))
@@ -240,6 +253,14 @@ def settings_line(methods: Mapping[str, Mapping], black_box: bool | None = None)
             areas = ", ".join(f"{a:g}" for a in s["areas"])
             parts.append(f"Extremal Perturbations {s['steps']} steps{paper}, areas {areas}, {s['reward']} reward, "
                          f"smooth {s['smooth']:g}")  # fmt: skip
+        elif method == "igos_pp" and s:
+            paper = (
+                f" (NN-Explainer's: {s['paper_iterations']} of {s['paper_ig_steps']})"
+                if (s["iterations"], s["ig_steps"]) != (s["paper_iterations"], s["paper_ig_steps"])
+                else ""
+            )
+            parts.append(f"iGOS++ {s['iterations']} iterations of {s['ig_steps']} integration steps{paper}, "
+                         f"{s['score']} scores, blurred baseline")  # fmt: skip
         elif method == "rt_saliency" and s:
             parts.append(f"RT-Saliency: {s['loss']} loss")
     return ("Settings: " + "; ".join(parts) + ".") if parts else ""

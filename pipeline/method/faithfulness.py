@@ -84,11 +84,12 @@ def descending_ranks(maps: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Each channel blurred with a Gaussian of ``sigma`` pixels (kernel ±3σ, reflected borders)."""
+def gaussian_blur(images: torch.Tensor, sigma: float, radius: int | None = None) -> torch.Tensor:
+    """Each channel blurred with a Gaussian of ``sigma`` pixels, kernel ±``radius`` (default ±⌈3σ⌉), reflected
+    borders (OpenCV's default, ``BORDER_REFLECT_101``)."""
     if sigma <= 0:
         return images.clone()
-    radius = max(1, math.ceil(3 * sigma))
+    radius = max(1, math.ceil(3 * sigma)) if radius is None else max(1, int(radius))
     t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()

@@ -86,6 +86,8 @@ def _config(workdir, **overrides) -> Config:
             "batch_size": 8,
             "overlay_images": 4,
             "extremal_steps": 4,
+            "igos_iterations": 2,
+            "igos_ig_steps": 2,
             "rt_saliency_checkpoint": str(workdir / "rt_saliency.pt"),
         },
     }
@@ -155,6 +157,7 @@ def test_metrics_json_has_exactly_the_contract_keys_for_every_method(run):
         "grad_cam",
         "rise",
         "extremal_perturbation",
+        "igos_pp",
         "rt_saliency",
         "ideal",
     }
@@ -175,7 +178,7 @@ def test_every_metric_has_its_interval_and_the_explainer_its_paired_difference_t
                 continue
             assert lo - 1e-9 <= values[key] <= hi + 1e-9, (method, key)
         assert set(values["ci95"]) >= {"cont_iou", "mean_f1", "saliency", "deletion_auc", "insertion_auc"}
-    baselines = {"grad_cam", "rise", "extremal_perturbation", "rt_saliency"}
+    baselines = {"grad_cam", "rise", "extremal_perturbation", "igos_pp", "rt_saliency"}
     assert set(metrics["paired"]) == baselines
     for baseline, deltas in metrics["paired"].items():
         headline = {"cont_iou", "mean_f1", "gap", "deletion_auc", "insertion_auc", "road_morf", "road_lerf"}
@@ -192,13 +195,23 @@ def test_every_metric_has_its_interval_and_the_explainer_its_paired_difference_t
         gap = deltas["gap"]
         assert gap["delta"] == pytest.approx(spec["explainer"]["gap"] - spec[baseline]["gap"], abs=1e-9)
         assert gap["ci95"][0] <= gap["delta"] <= gap["ci95"][1]
-    settings = {m: methods[m]["settings"] for m in ("rise", "grad_cam", "extremal_perturbation")}
+    settings = {m: methods[m]["settings"] for m in ("rise", "grad_cam", "extremal_perturbation", "igos_pp")}
     assert settings["rise"] == {"masks": 48, "paper_masks": 8000, "grid": 7, "p": 0.5}
     assert settings["grad_cam"] == {"layer": "blocks.3"}  # small_cnn's last block, the paper's choice
     assert (
         settings["extremal_perturbation"]["steps"] == 4 and settings["extremal_perturbation"]["reward"] == "contrastive"
     )
+    assert settings["igos_pp"] == {
+        "iterations": 2,
+        "paper_iterations": 20,
+        "ig_steps": 2,
+        "paper_ig_steps": 15,
+        "mask_side_at_224": 28,
+        "score": "softmax",
+        "baseline": "blur",
+    }
     text = (workdir / "out" / "metrics.md").read_text()
+    assert "iGOS++ 2 iterations of 2 integration steps (NN-Explainer's: 20 of 15)" in text
     assert "RISE 48 masks (the paper's: 8,000), 7×7 cells, p 0.5" in text and "4 steps (the paper's: 800)" in text
     assert "− each baseline, paired" in text and "| Grad-CAM |" in text.split("− each baseline, paired")[1]
 
@@ -253,7 +266,7 @@ def test_pictures_are_written_and_open_at_a_reasonable_size(run, workdir):
     out = workdir / "out"
     names = ["f1_vs_threshold.png", "overlays.png", "faithfulness_curves.png"] + [
         f"class_specificity_{m}.png"
-        for m in ("explainer", "grad_cam", "rise", "extremal_perturbation", "rt_saliency", "ideal")
+        for m in ("explainer", "grad_cam", "rise", "extremal_perturbation", "igos_pp", "rt_saliency", "ideal")
     ]
     for name in names:
         with Image.open(out / name) as im:
@@ -501,22 +514,35 @@ def test_rt_saliency_row_needs_an_rt_saliency_explainer_of_the_same_classifier(w
     assert not (tmp_path / "out").exists()
 
 
-def test_extremal_perturbation_masks_only_the_present_classes(workdir, monkeypatch):
+@pytest.mark.parametrize(
+    ("method", "function", "overrides", "expected"),
+    [
+        # the areas sorted (by the config), the steps
+        (
+            "extremal_perturbation",
+            "extremal_pairs",
+            {"evaluate__extremal_areas": [0.3, 0.1]},
+            {"areas": [0.1, 0.3], "steps": 4},
+        ),
+        ("igos_pp", "igos.igos_pp_pairs", {}, {"iterations": 2, "ig_steps": 2}),
+    ],
+)
+def test_the_per_image_optimisations_mask_only_the_present_classes(
+    workdir, monkeypatch, method, function, overrides, expected
+):
+    """Extremal Perturbations and iGOS++ optimise one mask per (image, present class) pair, with their settings."""
+    owner = evaluate_module.igos if function.startswith("igos.") else evaluate_module  # the name evaluate calls
+    name = function.split(".")[-1]
     calls = []
-    original = evaluate_module.extremal_pairs
+    original = getattr(owner, name)
 
     def spy(model, x, image_of, class_of, **settings):
-        calls.append((image_of.tolist(), class_of.tolist(), list(settings["areas"]), settings["steps"]))
+        calls.append((image_of.tolist(), class_of.tolist(), settings))
         return original(model, x, image_of, class_of, **settings)
 
-    monkeypatch.setattr(evaluate_module, "extremal_pairs", spy)  # the name evaluate calls
-    config = _config(
-        workdir,
-        output=str(workdir / "out-ep"),
-        evaluate__methods=["extremal_perturbation"],
-        evaluate__max_images=8,
-        evaluate__extremal_areas=[0.3, 0.1],
-    )
+    monkeypatch.setattr(owner, name, spy)
+    out = workdir / f"out-{method}"
+    config = _config(workdir, output=str(out), evaluate__methods=[method], evaluate__max_images=8, **overrides)
     run_evaluate(config, progress=False)
     labels = _test_labels(workdir)[:8]
     labels = labels[labels.sum(1) > 0]
@@ -524,9 +550,72 @@ def test_extremal_perturbation_masks_only_the_present_classes(workdir, monkeypat
     assert [(i, c) for call in calls for i, c in zip(call[0], call[1])] == list(
         zip(image_of.tolist(), class_of.tolist())
     )
-    assert {(tuple(call[2]), call[3]) for call in calls} == {((0.1, 0.3), 4)}  # sorted (by the config), the steps
-    row = json.loads((workdir / "out-ep" / "metrics.json").read_text())["methods"]["extremal_perturbation"]
-    assert row["masks_per_second"] > 0 and row["nan_masks"] == 0
+    assert all(call[2] == expected for call in calls)
+    row = json.loads((out / "metrics.json").read_text())["methods"][method]
+    assert row["masks_per_second"] > 0 and row["nan_masks"] == 0 and 0 <= row["cont_iou"] <= 1
+
+
+def test_search_on_val_picks_each_baselines_knob_and_reads_test_once(workdir, monkeypatch):
+    """evaluate.search: every candidate on the validation split alone (its value what an evaluation of that split with
+    that setting gives), the best by the metric kept, the test split read once with it; metrics.json and metrics.md
+    record the candidates."""
+    val = str(workdir / "data" / "val")
+    reader = SyntheticReader(12, seed=4, split="val", image_size=SIZE)
+    ingest(reader, str(workdir / "data"), "val", IngestConfig(workers=1, shard_size=12), progress=False)
+    opened = []
+    original = evaluate_module.open_test_split
+
+    def spy(config, *args, **kwargs):
+        opened.append(config.data.test)
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "open_test_split", spy)
+    search = {"grad_cam": {"layer": ["blocks.2", "blocks.3"]}, "rise": {"grid": [3, 5], "p": [0.5]}}
+    common = {"evaluate__faithfulness_images": 0, "evaluate__max_images": 12}
+    config = _config(
+        workdir,
+        output=str(workdir / "out-search"),
+        data__val=val,
+        evaluate__methods=["explainer", "grad_cam", "rise"],
+        evaluate__search=search,
+        **common,
+    )
+    run_evaluate(config, progress=False)
+    assert opened == [val] * 4 + [config.data.test]
+    metrics = json.loads((workdir / "out-search" / "metrics.json").read_text())
+    record = metrics["search"]
+    assert set(record) == {"grad_cam", "rise"}
+    assert [c["settings"] for c in record["rise"]["candidates"]] == [{"grid": 3, "p": 0.5}, {"grid": 5, "p": 0.5}]
+    for entry in record.values():
+        assert entry["metric"] == "cont_iou" and entry["split"] == val
+        best = max(entry["candidates"], key=lambda c: c["value"])
+        assert entry["chosen"] == best["settings"]
+    assert metrics["methods"]["rise"]["settings"]["grid"] == record["rise"]["chosen"]["grid"]
+    assert metrics["methods"]["grad_cam"]["settings"]["layer"] == record["grad_cam"]["chosen"]["layer"]
+    # a candidate's value is the val split's own number with that setting
+    alone = _config(
+        workdir,
+        output=str(workdir / "out-val"),
+        data__test=val,
+        evaluate__methods=["rise"],
+        evaluate__rise_grid=3,
+        **common,
+    )
+    run_evaluate(alone, progress=False)
+    val_row = json.loads((workdir / "out-val" / "metrics.json").read_text())["methods"]["rise"]
+    assert record["rise"]["candidates"][0]["value"] == pytest.approx(val_row["cont_iou"], abs=1e-9)
+    text = (workdir / "out-search" / "metrics.md").read_text()
+    assert "## Baseline settings chosen on the validation split" in text and text.count("(chosen)") == 2
+
+
+def test_a_search_needs_a_validation_split_and_known_knobs(workdir):
+    with pytest.raises(ValueError, match="search.rise: knobs.*cells.*choose from grid, p"):
+        EvaluateConfig(search={"rise": {"cells": [5]}})
+    with pytest.raises(ValueError, match="'ideal' has no knob"):
+        EvaluateConfig(search={"ideal": {"layer": ["x"]}})
+    config = _config(workdir, output=str(workdir / "out-noval"), evaluate__search={"rise": {"grid": [3]}})
+    with pytest.raises(WysiwycError, match="set data.val"):
+        run_evaluate(config, progress=False)
 
 
 def test_unknown_method_is_a_config_error():
