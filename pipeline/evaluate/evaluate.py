@@ -329,20 +329,14 @@ def _mask_maker(
             with torch.no_grad():
                 return class_masks(rt.to(x.device)(x))  # one forward pass, every class
     elif name == "extremal_perturbation":
-
-        def make(x, seg, y):
-            image_of, class_of = (y > 0.5).nonzero(as_tuple=True)
-            maps = torch.zeros(*y.shape, *x.shape[-2:], device=x.device)
-            maps[image_of, class_of] = extremal_pairs(
+        make = _present_pairs(
+            lambda x, image_of, class_of: extremal_pairs(
                 models.explanandum, x, image_of, class_of, areas=options.extremal_areas, steps=options.extremal_steps
             )
-            return maps
+        )
     elif name == "igos_pp":
-
-        def make(x, seg, y):
-            image_of, class_of = (y > 0.5).nonzero(as_tuple=True)
-            maps = torch.zeros(*y.shape, *x.shape[-2:], device=x.device)
-            maps[image_of, class_of] = igos.igos_pp_pairs(
+        make = _present_pairs(
+            lambda x, image_of, class_of: igos.igos_pp_pairs(
                 models.explanandum,
                 x,
                 image_of,
@@ -350,7 +344,7 @@ def _mask_maker(
                 iterations=options.igos_iterations,
                 ig_steps=options.igos_ig_steps,
             )
-            return maps
+        )
     elif name == "grad_cam":
         f = models.explanandum
         layer = baselines.gradcam_target_layer(f.module, options.gradcam_layer)
@@ -381,6 +375,19 @@ def _mask_maker(
             return baselines.ideal(models.explanandum, x, all_classes, seg=seg)
     else:  # EvaluateConfig validates the names
         raise WysiwycError(f"evaluate: unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return make
+
+
+def _present_pairs(optimise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+    """``make(x, seg, y)`` of a :data:`PRESENT_CLASS_METHODS` method: ``optimise(x, image_of, class_of)`` → (P, H, W)
+    masks of the (image, present class) pairs, the other classes' masks 0."""
+
+    def make(x, seg, y):
+        image_of, class_of = (y > 0.5).nonzero(as_tuple=True)
+        maps = torch.zeros(*y.shape, *x.shape[-2:], device=x.device)
+        maps[image_of, class_of] = optimise(x, image_of, class_of)
+        return maps
+
     return make
 
 

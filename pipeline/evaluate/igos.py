@@ -65,10 +65,8 @@ def blurred_baseline(x: torch.Tensor) -> torch.Tensor:
 
 
 def upscale(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(…, 1, h, w) → (…, 1, H, W), bilinear with the corners aligned (``nn.UpsamplingBilinear2d``)."""
-    lead = masks.shape[:-3]
-    flat = masks.reshape(-1, 1, *masks.shape[-2:])
-    return F.interpolate(flat, size=size, mode="bilinear", align_corners=True).reshape(*lead, 1, *size)
+    """(P, 1, h, w) → (P, 1, H, W), bilinear with the corners aligned (``nn.UpsamplingBilinear2d``)."""
+    return F.interpolate(masks, size=size, mode="bilinear", align_corners=True)
 
 
 def path_score(
